@@ -1,0 +1,161 @@
+"""The agent's configuration: a TOML file where every key has a default.
+
+```toml
+socket = "/run/labrun/agent.sock"
+state_dir = "/var/lib/labrun"
+
+[agent]
+stop_grace_seconds = 10      # SIGTERM -> SIGKILL when a run is canceled
+max_frame_bytes = 16777216
+socket_group = "labrun"      # system agent: group that may use the socket
+admin_group = "labrun-admin" # members may cancel and read any run
+
+[resources]
+cpus = 2
+memory = "8G"
+gpus = ["0", "1"]
+max_concurrent_runs = 0
+
+[targets.MyCluster]
+kind = "local"
+```
+
+Unknown sections or keys are refused at start with the key named, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from labrun.protocol import DEFAULT_MAX_FRAME, parse_memory
+from labrun.protocol._paths import SYSTEM_SOCKET, SYSTEM_STATE_DIR, user_socket, user_state_dir
+
+
+class ConfigError(Exception):
+    """The configuration file is unreadable or holds an invalid key or value."""
+
+
+@dataclass
+class ResourceConfig:
+    cpus: int | None = None          # None: every core of the machine
+    memory: int | None = None        # bytes; None: the machine's memory
+    gpus: list[str] | None = None    # None: what NVML finds
+    max_concurrent_runs: int = 0     # 0: no limit besides resources
+
+
+@dataclass
+class TargetConfig:
+    name: str
+    kind: str = "local"
+    cpus: int | None = None
+    memory: int | None = None
+    gpus: int | None = None
+    image: str | None = None
+
+
+@dataclass
+class AgentConfig:
+    socket: Path
+    state_dir: Path
+    system: bool
+    stop_grace_seconds: float = 10.0
+    max_frame_bytes: int = DEFAULT_MAX_FRAME
+    socket_group: str | None = "labrun"
+    admin_group: str | None = "labrun-admin"
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+    targets: dict[str, TargetConfig] = field(default_factory=dict)
+
+
+def _expect(value, kinds, where):
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise ConfigError(f"{where}: expected {getattr(kinds, '__name__', kinds)}, got {value!r}")
+    if not isinstance(value, kinds):
+        raise ConfigError(f"{where}: expected {getattr(kinds, '__name__', kinds)}, got {value!r}")
+    return value
+
+
+def _check_keys(table: dict, allowed: set[str], where: str):
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(allowed))})")
+
+
+def _memory(value, where):
+    try:
+        return parse_memory(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Path | None = None) -> AgentConfig:
+    """Read the TOML file (if any) and apply command-line overrides.
+
+    Raises:
+        ConfigError: naming the file and the key.
+    """
+    data: dict = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets"}, "config")
+
+    system = os.geteuid() == 0
+    config = AgentConfig(
+        socket=Path(_expect(data["socket"], str, "socket")) if "socket" in data else (SYSTEM_SOCKET if system else user_socket()),
+        state_dir=Path(_expect(data["state_dir"], str, "state_dir")) if "state_dir" in data else (SYSTEM_STATE_DIR if system else user_state_dir()),
+        system=system,
+    )
+    agent = _expect(data.get("agent", {}), dict, "[agent]")
+    _check_keys(agent, {"stop_grace_seconds", "max_frame_bytes", "socket_group", "admin_group"}, "[agent]")
+    if "stop_grace_seconds" in agent:
+        config.stop_grace_seconds = float(_expect(agent["stop_grace_seconds"], (int, float), "agent.stop_grace_seconds"))
+    if "max_frame_bytes" in agent:
+        config.max_frame_bytes = _expect(agent["max_frame_bytes"], int, "agent.max_frame_bytes")
+    for key in ("socket_group", "admin_group"):
+        if key in agent:
+            setattr(config, key, _expect(agent[key], str, f"agent.{key}") or None)
+
+    resources = _expect(data.get("resources", {}), dict, "[resources]")
+    _check_keys(resources, {"cpus", "memory", "gpus", "max_concurrent_runs"}, "[resources]")
+    if "cpus" in resources:
+        config.resources.cpus = _expect(resources["cpus"], int, "resources.cpus")
+        if config.resources.cpus < 1:
+            raise ConfigError("resources.cpus: must be at least 1")
+    if "memory" in resources:
+        config.resources.memory = _memory(resources["memory"], "resources.memory")
+    if "gpus" in resources:
+        gpus = _expect(resources["gpus"], list, "resources.gpus")
+        config.resources.gpus = [str(_expect(g, (str, int), "resources.gpus[]")) for g in gpus]
+    if "max_concurrent_runs" in resources:
+        config.resources.max_concurrent_runs = _expect(resources["max_concurrent_runs"], int, "resources.max_concurrent_runs")
+
+    for name, table in _expect(data.get("targets", {}), dict, "[targets]").items():
+        where = f"targets.{name}"
+        _expect(table, dict, where)
+        _check_keys(table, {"kind", "cpus", "memory", "gpus", "image"}, where)
+        target = TargetConfig(name=name, kind=_expect(table.get("kind", "local"), str, f"{where}.kind"))
+        if target.kind not in ("local", "docker"):
+            raise ConfigError(f"{where}.kind: must be 'local' or 'docker', got {target.kind!r}")
+        if "cpus" in table:
+            target.cpus = _expect(table["cpus"], int, f"{where}.cpus")
+        if "gpus" in table:
+            target.gpus = _expect(table["gpus"], int, f"{where}.gpus")
+        if "memory" in table:
+            target.memory = _memory(table["memory"], f"{where}.memory")
+        if "image" in table:
+            target.image = _expect(table["image"], str, f"{where}.image")
+        config.targets[name] = target
+
+    if socket is not None:
+        config.socket = Path(socket)
+    if state_dir is not None:
+        config.state_dir = Path(state_dir)
+    return config

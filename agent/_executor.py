@@ -1,0 +1,59 @@
+"""The executor interface: how a run's process (or container) is started, awaited, stopped and recovered.
+
+Each executor is one module (``_local.py``; Docker and Slurm later). The supervisor
+owns the run's lifecycle and calls only these methods. Handles are plain maps the
+store persists, so a restarted agent can ask ``recover``.
+
+Cancellation: ``wait`` is cancelled when the run is killed or the agent stops;
+neither kills the process by itself. Killing is ``stop`` alone, so "cancel a run"
+and "stop the agent" stay different things.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ExitResult:
+    exit_code: int | None = None
+    signal: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass
+class LaunchSpec:
+    """Everything an executor needs to start one run's process."""
+
+    run_id: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    log_path: Path
+    uid: int
+    gid: int
+    groups: list[int] = field(default_factory=list)
+    cores: tuple[int, ...] = ()
+
+
+class StartFailed(Exception):
+    """The process could not be started (command not found, not executable)."""
+
+
+class Executor(Protocol):
+    name: str
+
+    async def start(self, launch: LaunchSpec) -> dict: ...
+
+    async def wait(self, handle: dict) -> ExitResult: ...
+
+    async def stop(self, handle: dict, grace: float) -> None: ...
+
+    async def recover(self, handle: dict) -> bool: ...
+
+    async def abandon(self, handle: dict, grace: float) -> None: ...

@@ -1,0 +1,209 @@
+"""One small handler per operation. Handlers check access, talk to the store and the supervisor,
+and return plain maps; the server turns them into replies.
+
+Access: everyone sees the queue (like ``squeue``); only a run's owner, root or the
+admin group may cancel it or read its logs and environment.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import trio
+
+from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Forbidden, NotFound, TooLarge, __version__
+from labrun.protocol._statuses import ACTIVE, QUEUED
+
+from ._peers import Peer
+from ._snapshot import MAX_ARCHIVE_BYTES
+from ._supervisor import Owner, Supervisor
+
+LOG_CHUNK = 1024 * 1024
+# Log files grow without waking anyone; a follower looks again this often.
+LOG_POLL_SECONDS = 0.1
+RECENT_FINISHED = 20
+
+SendItem = Callable[[object], Awaitable[None]]
+
+
+@dataclass
+class Session:
+    """Per-connection state: who the peer is, and the snapshot uploads it has in progress."""
+
+    peer: Peer
+    greeted: bool = False
+    uploads: dict[str, Path] = field(default_factory=dict)
+
+    def discard_uploads(self) -> None:
+        for path in self.uploads.values():
+            path.unlink(missing_ok=True)
+        self.uploads.clear()
+
+
+class Service:
+    def __init__(self, config, store, supervisor: Supervisor):
+        self.config = config
+        self.store = store
+        self.supervisor = supervisor
+        self.started = time.time()
+        self.uploads_dir = config.state_dir / "uploads"
+        self.uploads_dir.mkdir(mode=0o700, exist_ok=True)
+        for stale in self.uploads_dir.iterdir():
+            stale.unlink(missing_ok=True)
+        self.handlers = {
+            "hello": self.hello, "submit": self.submit, "upload": self.upload, "get": self.get,
+            "list": self.list, "cancel": self.cancel, "wait": self.wait, "logs": self.logs, "status": self.status,
+        }
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _record(self, run_id: str):
+        record = self.supervisor.live_record(run_id) or self.store.get_run(run_id)
+        if record is None:
+            raise NotFound(f"no run with id {run_id!r}")
+        return record
+
+    def _owned(self, session: Session, run_id: str, action: str):
+        record = self._record(run_id)
+        if not session.peer.may_manage(record.uid):
+            raise Forbidden(f"run {run_id} belongs to {record.user}; only its owner or an admin may {action}")
+        return record
+
+    def _show(self, session: Session, record) -> dict:
+        return record.public(privileged=session.peer.may_manage(record.uid))
+
+    # -- ops ---------------------------------------------------------------------------
+
+    async def hello(self, session: Session, args: dict) -> dict:
+        if args["protocol"] != PROTOCOL_VERSION:
+            raise BadRequest(f"protocol version {args['protocol']} is not supported; this agent speaks "
+                             f"version {PROTOCOL_VERSION} (labrun {__version__})", details={"field": "args.protocol"})
+        session.greeted = True
+        return {"agent_version": __version__, "protocol": PROTOCOL_VERSION, "uid": session.peer.uid,
+                "user": session.peer.user, "admin": session.peer.admin}
+
+    async def upload(self, session: Session, args: dict) -> dict:
+        token = args["upload"]
+        if token is None:
+            token = secrets.token_hex(16)
+            path = self.uploads_dir / token
+            path.touch(mode=0o600)
+            session.uploads[token] = path
+        elif token not in session.uploads:
+            raise NotFound(f"no upload {token!r} on this connection")
+        path = session.uploads[token]
+        size = path.stat().st_size + len(args["data"])
+        if size > MAX_ARCHIVE_BYTES:
+            session.uploads.pop(token).unlink(missing_ok=True)
+            raise TooLarge("snapshot upload exceeds the 300 MB limit")
+        with open(path, "ab") as f:
+            f.write(args["data"])
+        return {"upload": token, "size": size}
+
+    async def submit(self, session: Session, args: dict) -> dict:
+        spec = args["spec"]
+        snapshot = spec["snapshot"]
+        source = snapshot["inline"]
+        if source is None:
+            source = session.uploads.pop(snapshot["upload"], None)
+            if source is None:
+                raise NotFound(f"spec.snapshot.upload: no upload {snapshot['upload']!r} on this connection")
+        peer = session.peer
+        try:
+            record = await self.supervisor.submit(spec, source, Owner(peer.uid, peer.gid, peer.user, list(peer.groups)))
+        finally:
+            if isinstance(source, Path):
+                source.unlink(missing_ok=True)
+        return self._show(session, record)
+
+    async def get(self, session: Session, args: dict) -> dict:
+        return self._show(session, self._record(args["run_id"]))
+
+    async def list(self, session: Session, args: dict) -> list:
+        statuses = args["status"]
+        if args["all"] or statuses is not None:
+            records = self.store.list_runs(experiment=args["experiment"], statuses=statuses, limit=args["limit"])
+        else:
+            records = self.store.list_runs(experiment=args["experiment"], statuses=[QUEUED, *ACTIVE])
+            records += self.store.list_runs(experiment=args["experiment"], statuses=TERMINAL,
+                                            limit=args["limit"] or RECENT_FINISHED)
+            records.sort(key=lambda r: r.order, reverse=True)
+        return [self._show(session, self.supervisor.live_record(r.run_id) or r) for r in records]
+
+    async def cancel(self, session: Session, args: dict) -> dict:
+        record = self._owned(session, args["run_id"], "cancel it")
+        return self._show(session, self.supervisor.cancel(record))
+
+    async def wait(self, session: Session, args: dict) -> dict:
+        timeout = args["timeout"]
+        with trio.move_on_after(float("inf") if timeout is None else timeout):
+            while True:
+                record = self._record(args["run_id"])
+                if record.status in TERMINAL:
+                    break
+                await self.supervisor.changed.wait()
+        return self._show(session, self._record(args["run_id"]))
+
+    async def logs(self, session: Session, args: dict, send_item: SendItem) -> None:
+        record = self._owned(session, args["run_id"], "read its logs")
+        path = self.config.state_dir / "runs" / record.run_id / "logs" / args["name"]
+        offset = args["offset"]
+        while True:
+            ended = self._record(record.run_id).status in TERMINAL
+            offset = await self._send_file_from(path, offset, send_item)
+            if ended or not args["follow"]:
+                if not path.exists() and args["name"] != "std_log.txt":
+                    raise NotFound(f"run {record.run_id} has no log {args['name']!r}")
+                return
+            with trio.move_on_after(LOG_POLL_SECONDS):
+                await self.supervisor.changed.wait()
+
+    @staticmethod
+    async def _send_file_from(path: Path, offset: int, send_item: SendItem) -> int:
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            return offset
+        with f:
+            f.seek(offset)
+            while chunk := f.read(LOG_CHUNK):
+                await send_item({"offset": offset, "data": chunk})
+                offset += len(chunk)
+        return offset
+
+    async def status(self, session: Session, args: dict) -> dict:
+        capacity = self.supervisor.capacity
+        in_use = {"cpus": 0, "memory": 0, "gpus": []}
+        by_user: dict[str, dict] = {}
+        for active in self.supervisor.active.values():
+            a, user = active.allocation, active.record.user
+            in_use["cpus"] += a.cpus
+            in_use["memory"] += a.memory or 0
+            in_use["gpus"] += list(a.gpus)
+            mine = by_user.setdefault(user, {"runs": 0, "cpus": 0, "memory": 0, "gpus": []})
+            mine["runs"] += 1
+            mine["cpus"] += a.cpus
+            mine["memory"] += a.memory or 0
+            mine["gpus"] += list(a.gpus)
+        return {
+            "agent_version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "uptime_seconds": time.time() - self.started,
+            "socket": str(self.config.socket),
+            "state_dir": str(self.config.state_dir),
+            "system": self.config.system,
+            "capacity": {"cpus": capacity.cpus, "memory": capacity.memory, "gpus": list(capacity.gpus),
+                         "cores": list(capacity.cores), "max_concurrent_runs": capacity.max_runs},
+            "in_use": in_use,
+            "by_user": by_user,
+            "runs": self.store.counts_by_status(),
+            "queued": len(self.supervisor.queued),
+            "active": len(self.supervisor.active),
+            "targets": ["local", *sorted(self.config.targets)],
+        }

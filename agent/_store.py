@@ -1,0 +1,216 @@
+"""Durable state in SQLite (WAL): runs, per-experiment run numbers, and the event log.
+
+Every state change and the event describing it commit in one transaction, so the
+event log can never disagree with the runs table. Calls are synchronous: each is a
+handful of indexed statements on a local file, far shorter than a thread hop.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+import msgpack
+
+from ._model import RunRecord
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    ord INTEGER NOT NULL UNIQUE,
+    experiment TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    status TEXT NOT NULL,
+    spec BLOB NOT NULL,
+    environ BLOB NOT NULL,
+    submitted_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    exit_code INTEGER,
+    signal INTEGER,
+    reason TEXT,
+    error TEXT,
+    pid INTEGER,
+    allocation BLOB,
+    handle BLOB
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+CREATE INDEX IF NOT EXISTS runs_experiment ON runs(experiment, ord);
+CREATE TABLE IF NOT EXISTS experiments (
+    name TEXT PRIMARY KEY,
+    last_number INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL,
+    time REAL NOT NULL,
+    type TEXT NOT NULL,
+    run_id TEXT,
+    experiment TEXT,
+    user TEXT,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
+"""
+
+_COLUMNS = ("run_id", "ord", "experiment", "number", "uid", "gid", "user", "status", "spec", "environ",
+            "submitted_at", "started_at", "ended_at", "exit_code", "signal", "reason", "error", "pid",
+            "allocation", "handle")
+_UPDATABLE = {"status", "started_at", "ended_at", "exit_code", "signal", "reason", "error", "pid", "allocation", "handle"}
+_PACKED = {"spec", "environ", "allocation", "handle"}
+
+
+def _pack(value):
+    return None if value is None else msgpack.packb(value, use_bin_type=True)
+
+
+def _unpack(value):
+    return None if value is None else msgpack.unpackb(value, raw=False)
+
+
+def _record(row: tuple) -> RunRecord:
+    values = dict(zip(_COLUMNS, row))
+    for key in _PACKED:
+        values[key] = _unpack(values[key])
+    values["order"] = values.pop("ord")
+    return RunRecord(**values)
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives an agent crash; only a power cut can
+        # lose the last transactions. The fsync per commit of FULL would cap throughput.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- transactions ------------------------------------------------------------------
+
+    def _begin(self):
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def _event(self, type: str, *, run_id=None, experiment=None, user=None, data=None, now=None) -> int:
+        cursor = self._db.execute(
+            "INSERT INTO events (id, time, type, run_id, experiment, user, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (str(uuid.uuid4()), now or time.time(), type, run_id, experiment, user, _pack(data or {})),
+        )
+        return cursor.lastrowid
+
+    def add_run(self, record: RunRecord, event_type: str) -> RunRecord:
+        """Insert a new run (assigning its order and per-experiment number) with its event."""
+        self._begin()
+        try:
+            row = self._db.execute("SELECT last_number FROM experiments WHERE name = ?", (record.experiment,)).fetchone()
+            record.number = (row[0] if row else 0) + 1
+            self._db.execute(
+                "INSERT INTO experiments (name, last_number) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET last_number = excluded.last_number",
+                (record.experiment, record.number),
+            )
+            record.order = self._db.execute("SELECT COALESCE(MAX(ord), 0) + 1 FROM runs").fetchone()[0]
+            values = dict(record.__dict__, ord=record.order)
+            self._db.execute(
+                f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                [_pack(values[c]) if c in _PACKED else values[c] for c in _COLUMNS],
+            )
+            self._event(event_type, run_id=record.run_id, experiment=record.experiment, user=record.user,
+                        data={"status": record.status}, now=record.submitted_at)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return record
+
+    def update_run(self, record: RunRecord, event_type: str | None, event_data: dict | None = None,
+                   **changes) -> RunRecord:
+        """Apply ``changes`` to the run and append its event, atomically; updates ``record`` too."""
+        unknown = set(changes) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        self._begin()
+        try:
+            if changes:
+                assignments = ", ".join(f"{k} = ?" for k in changes)
+                values = [_pack(v) if k in _PACKED else v for k, v in changes.items()]
+                self._db.execute(f"UPDATE runs SET {assignments} WHERE run_id = ?", (*values, record.run_id))
+            if event_type is not None:
+                self._event(event_type, run_id=record.run_id, experiment=record.experiment, user=record.user,
+                            data=event_data or {})
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        for key, value in changes.items():
+            setattr(record, key, value)
+        return record
+
+    def add_event(self, type: str, data: dict | None = None) -> int:
+        """An event that belongs to no run (agent.started, agent.stopping)."""
+        self._begin()
+        try:
+            seq = self._event(type, data=data)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return seq
+
+    # -- queries -----------------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return _record(row) if row else None
+
+    def runs_with_status(self, statuses: Iterable[str]) -> list[RunRecord]:
+        statuses = list(statuses)
+        rows = self._db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE status IN ({', '.join('?' * len(statuses))}) ORDER BY ord",
+            statuses,
+        ).fetchall()
+        return [_record(r) for r in rows]
+
+    def list_runs(self, *, experiment: str | None = None, statuses: Iterable[str] | None = None,
+                  limit: int | None = None) -> list[RunRecord]:
+        """Runs, newest first."""
+        where, params = [], []
+        if experiment is not None:
+            where.append("experiment = ?")
+            params.append(experiment)
+        if statuses is not None:
+            statuses = list(statuses)
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            params.extend(statuses)
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY ord DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_record(r) for r in self._db.execute(sql, params).fetchall()]
+
+    def counts_by_status(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
+
+    def events_since(self, seq: int, limit: int = 1000) -> list[dict]:
+        rows = self._db.execute(
+            "SELECT seq, id, time, type, run_id, experiment, user, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        ).fetchall()
+        return [
+            {"seq": r[0], "id": r[1], "time": r[2], "type": r[3], "run_id": r[4], "experiment": r[5],
+             "user": r[6], "data": _unpack(r[7])}
+            for r in rows
+        ]

@@ -1,0 +1,352 @@
+"""The supervisor: owns the queue, asks the scheduler what starts, and runs each active run as one task.
+
+::
+
+    submit -> Queued --schedule--> Preparing -> Starting -> Running -> Finalizing -> Completed | Failed
+                 |                     |            |          |
+                 |  cancel             +------------+----------+--> CancelRequested -> Canceled
+                 +--> Canceled                                      (cancel, or max_run_duration_seconds)
+
+Each active run is a task in the supervisor's run nursery, with its own *kill scope*:
+``cancel()`` and the run's duration limit cancel that scope, and the task then stops
+the process (SIGTERM, grace, SIGKILL; shielded and bounded). Stopping the agent
+cancels the nursery instead: the tasks return without touching the processes,
+which keep running. A restarted agent asks the executor to ``recover`` them; until
+an executor can, they end ``Failed`` with the reason ``agent_lost``, and runs that
+had not started are queued again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal as signals
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import trio
+
+from labrun.protocol import BadRequest, Conflict
+from labrun.protocol._statuses import (
+    ACTIVE, CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING,
+)
+
+from ._config import AgentConfig
+from ._executor import ExitResult, LaunchSpec, StartFailed
+from ._model import RunRecord
+from ._notify import Notifier
+from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
+from ._snapshot import extract_snapshot
+from ._states import EVENT_TYPES, check_transition
+from ._store import Store
+
+log = structlog.get_logger("labrun.supervisor")
+
+# Stopping a run waits this long beyond the grace period for SIGKILL to take effect.
+KILL_WAIT_SECONDS = 5.0
+NOT_SUPPORTED_YET = {
+    "environment": "environments",
+    "distributed": "distributed runs (distributed_job_config)",
+    "resume_from": "resume_from",
+    "docker": "Docker runs (docker_runtime_config)",
+}
+
+
+@dataclass
+class Owner:
+    uid: int
+    gid: int
+    user: str
+    groups: list[int]
+
+
+@dataclass
+class _ActiveRun:
+    record: RunRecord
+    allocation: Allocation
+    kill_scope: trio.CancelScope
+    ends_by: float
+    cancel_reason: str | None = None
+
+
+class Supervisor:
+    def __init__(self, config: AgentConfig, store: Store, capacity: Capacity, executors: dict):
+        self.config = config
+        self.store = store
+        self.capacity = capacity
+        self.executors = executors
+        self.runs_dir = config.state_dir / "runs"
+        self.queued: dict[str, RunRecord] = {}
+        self.active: dict[str, _ActiveRun] = {}
+        self.changed = Notifier()
+        self._wakeup = trio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Recover what an earlier agent left, then schedule until cancelled (agent shutdown)."""
+        await self._recover()
+        for record in self.store.runs_with_status([QUEUED]):
+            self.queued[record.run_id] = record
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                self._schedule(nursery)
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def _recover(self) -> None:
+        for record in self.store.runs_with_status(ACTIVE):
+            executor = self.executors["local"]
+            if record.handle is None:
+                # Never launched: nothing ran, so it simply goes back in the queue.
+                if record.status == CANCEL_REQUESTED:
+                    self._transition(record, CANCELED, ended_at=time.time(), reason="canceled")
+                else:
+                    self._transition(record, QUEUED, allocation=None, event_type="run.requeued")
+                continue
+            if await executor.recover(record.handle):
+                continue   # no executor recovers yet; kept for the Docker executor
+            with trio.move_on_after(self.config.stop_grace_seconds + KILL_WAIT_SECONDS):
+                await executor.abandon(record.handle, self.config.stop_grace_seconds)
+            if record.status == CANCEL_REQUESTED:
+                self._transition(record, CANCELED, ended_at=time.time(), reason=record.reason or "canceled")
+            else:
+                self._transition(record, FAILED, ended_at=time.time(), reason="agent_lost",
+                                 error="the agent stopped while the run was active and could not reattach")
+            log.warning("run.lost", run_id=record.run_id, status=record.status)
+
+    # -- state changes -----------------------------------------------------------------
+
+    def _transition(self, record: RunRecord, status: str, *, event_type: str | None = None, **changes) -> None:
+        check_transition(record.status, status)
+        data = {"status": status, "previous": record.status}
+        for key in ("exit_code", "signal", "reason", "error"):
+            if changes.get(key) is not None:
+                data[key] = changes[key]
+        self.store.update_run(record, event_type or EVENT_TYPES[status], data, status=status, **changes)
+        log.info("run.status", run_id=record.run_id, status=status, reason=changes.get("reason"))
+        self.changed.notify()
+
+    # -- submit and cancel -------------------------------------------------------------
+
+    async def submit(self, spec: dict, snapshot: bytes | Path, owner: Owner) -> RunRecord:
+        """Check the spec against this agent, unpack the snapshot and queue the run (durably)."""
+        for field, what in NOT_SUPPORTED_YET.items():
+            if spec.get(field) is not None:
+                raise BadRequest(f"spec.{field}: {what} are not supported yet by this agent",
+                                 details={"field": f"spec.{field}"})
+        target = spec["compute_target"]
+        if target != "local":
+            configured = self.config.targets.get(target)
+            if configured is None:
+                known = ", ".join(["local", *sorted(self.config.targets)])
+                raise BadRequest(f"spec.compute_target: unknown compute target {target!r} (this agent has: {known})",
+                                 details={"field": "spec.compute_target"})
+            if configured.kind != "local":
+                raise BadRequest(f"spec.compute_target: target {target!r} is of kind {configured.kind!r}, "
+                                 "which this agent does not run yet", details={"field": "spec.compute_target"})
+        demand = Demand(**spec["resources"])
+        too_big = self.capacity.fits_ever(demand)
+        if too_big:
+            raise BadRequest(f"spec.resources: the run {too_big}; it could never start",
+                             details={"field": "spec.resources"})
+
+        now = time.time()
+        run_id = f"{spec['experiment']}_{int(now)}_{uuid.uuid4().hex[:8]}"
+        run_dir = self.runs_dir / run_id
+        chown = os.geteuid() == 0 and owner.uid != 0
+        try:
+            run_dir.mkdir(parents=True)
+            await extract_snapshot(snapshot, run_dir / "snapshot",
+                                   uid=owner.uid if chown else None, gid=owner.gid if chown else None)
+            if spec["script"] is not None and not (run_dir / "snapshot" / spec["script"]).is_file():
+                raise BadRequest(f"spec.script: {spec['script']!r} is not a file in the snapshot of the source "
+                                 "directory; the script must be inside source_directory",
+                                 details={"field": "spec.script"})
+            outputs = run_dir / "snapshot" / "outputs"
+            outputs.mkdir(exist_ok=True)
+            (run_dir / "outputs").symlink_to("snapshot/outputs")
+            (run_dir / "logs").mkdir()
+            if chown:
+                for path in (run_dir, outputs, run_dir / "logs"):
+                    os.chown(path, owner.uid, owner.gid)
+            environ = spec.pop("environ")
+            spec.pop("snapshot")
+            record = RunRecord(
+                run_id=run_id, order=0, experiment=spec["experiment"], number=0, uid=owner.uid, gid=owner.gid,
+                user=owner.user, status=QUEUED, spec=spec, environ=environ, submitted_at=now,
+            )
+            self.store.add_run(record, EVENT_TYPES[QUEUED])
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(shutil.rmtree, run_dir, True)
+            raise
+        log.info("run.submitted", run_id=run_id, user=owner.user)
+        self.queued[run_id] = record
+        self.changed.notify()
+        self.wake()
+        return record
+
+    def cancel(self, record: RunRecord) -> RunRecord:
+        """Cancel a queued run at once, or ask an active run's task to stop it."""
+        if record.run_id in self.queued:
+            record = self.queued.pop(record.run_id)
+            record.waiting = None
+            self._transition(record, CANCELED, ended_at=time.time(), reason="canceled")
+            self.wake()
+            return record
+        active = self.active.get(record.run_id)
+        if active is None:
+            raise Conflict(f"run {record.run_id} has already ended ({record.status})")
+        if active.cancel_reason is None and active.record.status != FINALIZING:
+            active.cancel_reason = "canceled"
+            self._transition(active.record, CANCEL_REQUESTED, reason="canceled")
+            active.kill_scope.cancel()
+        return active.record
+
+    def live_record(self, run_id: str) -> RunRecord | None:
+        """The in-memory record of a queued or active run (it carries ``waiting``)."""
+        if run_id in self.queued:
+            return self.queued[run_id]
+        active = self.active.get(run_id)
+        return active.record if active else None
+
+    # -- scheduling --------------------------------------------------------------------
+
+    def _schedule(self, nursery: trio.Nursery) -> None:
+        if not self.queued:
+            return
+        now = time.time()
+        pending = [
+            Pending(run_id=r.run_id, user=r.user, priority=r.spec["priority"], order=r.order,
+                    demand=Demand(**r.spec["resources"]), duration=r.spec["max_run_duration_seconds"])
+            for r in self.queued.values()
+        ]
+        active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by) for a in self.active.values()]
+        decision = schedule(pending, active, self.capacity, now)
+        for start in decision.starts:
+            record = self.queued.pop(start.run_id)
+            record.waiting = None
+            run = _ActiveRun(record, start.allocation, trio.CancelScope(),
+                             ends_by=now + record.spec["max_run_duration_seconds"])
+            self.active[record.run_id] = run
+            nursery.start_soon(self._run_one, run, name=f"run {record.run_id}")
+        for run_id, (reason, position) in decision.waiting.items():
+            self.queued[run_id].waiting = {"reason": reason, "position": position}
+
+    # -- one run -----------------------------------------------------------------------
+
+    def _advance(self, run: _ActiveRun, status: str, **changes) -> None:
+        """Move an active run forward unless a cancel got there first."""
+        if run.cancel_reason is None:
+            self._transition(run.record, status, **changes)
+        elif changes:
+            self.store.update_run(run.record, None, **changes)
+
+    def _launch_spec(self, record: RunRecord, allocation: Allocation) -> LaunchSpec:
+        spec = record.spec
+        run_dir = self.runs_dir / record.run_id
+        env = {k: v for k, v in record.environ.items() if k != "LABRUN_RUN_TOKEN"}
+        env.update(spec["environment_variables"])
+        env.update({
+            "LABRUN_RUN_ID": record.run_id,
+            "LABRUN_EXPERIMENT": record.experiment,
+            "LABRUN_SOCKET": str(self.config.socket),
+            "LABRUN_OUTPUT_DIR": str(run_dir / "snapshot" / "outputs"),
+        })
+        if self.capacity.gpus:
+            devices = ",".join(allocation.gpus)
+            env.update({"CUDA_VISIBLE_DEVICES": devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+                        "NVIDIA_VISIBLE_DEVICES": devices or "void"})
+        if spec["script"] is not None:
+            argv = [spec["interpreter"] or "python3", spec["script"], *spec["arguments"]]
+        elif isinstance(spec["command"], str):
+            argv = ["/bin/sh", "-c", spec["command"]]
+        else:
+            argv = list(spec["command"])
+        log_path = run_dir / "logs" / "std_log.txt"
+        log_path.touch()
+        groups = []
+        if os.geteuid() == 0 and record.uid != 0:
+            os.chown(log_path, record.uid, record.gid)
+            try:
+                groups = os.getgrouplist(record.user, record.gid)
+            except KeyError:
+                groups = [record.gid]
+        return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=run_dir / "snapshot", log_path=log_path,
+                          uid=record.uid, gid=record.gid, groups=groups, cores=allocation.cores)
+
+    async def _run_one(self, run: _ActiveRun) -> None:
+        record = run.record
+        executor = self.executors["local"]
+        handle = None
+        result: ExitResult | None = None
+        try:
+            with run.kill_scope:
+                self._advance(run, PREPARING, allocation=run.allocation.to_wire())
+                launch = self._launch_spec(record, run.allocation)
+                self._advance(run, STARTING)
+                try:
+                    handle = await executor.start(launch)
+                except StartFailed as exc:
+                    with open(launch.log_path, "a") as log_file:
+                        log_file.write(f"labrun: {exc}\n")
+                    self._finish(run, FAILED, reason="start_failed", error=str(exc))
+                    return
+                duration = record.spec["max_run_duration_seconds"]
+                run.ends_by = time.time() + duration
+                run.kill_scope.deadline = trio.current_time() + duration
+                self._advance(run, RUNNING, started_at=time.time(), pid=handle["pid"], handle=handle)
+                result = await executor.wait(handle)
+            if run.kill_scope.cancelled_caught:
+                if run.cancel_reason is None:
+                    run.cancel_reason = "max_run_duration_exceeded"
+                    self._transition(record, CANCEL_REQUESTED, reason=run.cancel_reason)
+                if handle is not None:
+                    with trio.move_on_after(self.config.stop_grace_seconds + KILL_WAIT_SECONDS, shield=True):
+                        await executor.stop(handle, self.config.stop_grace_seconds)
+                        result = await executor.wait(handle)
+                self._finish(run, CANCELED, reason=run.cancel_reason, result=result)
+            else:
+                self._finish(run, None, result=result)
+        except Exception as exc:
+            # A bug or an I/O error of the agent: the run fails, the agent goes on.
+            log.exception("run.supervise.failed", run_id=record.run_id)
+            if record.status not in (COMPLETED, FAILED, CANCELED):
+                self._finish(run, FAILED, reason="agent_error", error=f"agent error: {exc}")
+        finally:
+            del self.active[record.run_id]
+            self.wake()
+
+    def _finish(self, run: _ActiveRun, status: str | None, *, reason: str | None = None,
+                error: str | None = None, result: ExitResult | None = None) -> None:
+        record = run.record
+        exit_fields = {}
+        if result is not None:
+            exit_fields = {"exit_code": result.exit_code, "signal": result.signal}
+        if status is None and record.status == CANCEL_REQUESTED:
+            status = CANCELED   # it ended by itself just as the cancel arrived
+            reason = run.cancel_reason
+        if status is None:   # the process ended by itself
+            if result.ok:
+                status = COMPLETED
+            else:
+                status = FAILED
+                if result.signal is not None:
+                    reason, error = "signal", f"killed by signal {result.signal} ({signals.Signals(result.signal).name})"
+                else:
+                    reason, error = "exit_code", f"exited with code {result.exit_code}"
+            if record.status == RUNNING:
+                self._transition(record, FINALIZING, **exit_fields)
+                exit_fields = {}
+        elif status == CANCELED and error is None:
+            error = ("canceled: the run exceeded its max_run_duration_seconds"
+                     if reason == "max_run_duration_exceeded" else "canceled")
+        self._transition(record, status, ended_at=time.time(), reason=reason, error=error, **exit_fields)

@@ -1,0 +1,41 @@
+"""labrun: run scripts on this machine's labrun agent, with the Azure ML SDK v1 API.
+
+``from labrun import Workspace, Experiment, ScriptRunConfig`` where Azure ML code had
+``from azureml.core import ...``. This package imports only the standard library,
+msgpack and pathspec, and loads its submodules on first use so that ``import labrun``
+(and the CLI) start fast in any environment.
+"""
+
+from importlib import import_module
+
+from labrun.protocol._version import __version__
+
+_EXPORTS = {
+    "Workspace": "._workspace",
+    "Experiment": "._experiment",
+    "ScriptRunConfig": "._script_run_config",
+    "Run": "._run",
+    "ScriptRun": "._run",
+    "get_run": "._run",
+    "RunConfiguration": "._runconfig",
+    "DockerConfiguration": "._runconfig",
+    "PyTorchConfiguration": "._runconfig",
+    "MpiConfiguration": "._runconfig",
+    "TensorflowConfiguration": "._runconfig",
+    "Resources": "._runconfig",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'labrun' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,163 @@
+"""``ScriptRunConfig``: what to run, where, and with which limits, as in Azure ML SDK v1.
+
+Differences from Azure ML, on purpose (the README lists them):
+- the caller's ``arguments`` list is copied, never mutated;
+- a ``command`` list is exec'd as a list (no ``" ".join`` without quoting); a string
+  goes through ``/bin/sh -c``;
+- setting both ``command`` and ``script`` is an error at once, not a service error later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from labrun.protocol import MAX_DURATION_SECONDS_DEFAULT
+
+from ._runconfig import (
+    DockerConfiguration, MpiConfiguration, PyTorchConfiguration, Resources, RunConfiguration,
+    TensorflowConfiguration,
+)
+from .exceptions import ExperimentExecutionException, RunConfigurationException, UserErrorException
+
+_logger = logging.getLogger("labrun")
+
+_RUN_CONFIG_WARNING = ("If 'run_config' is specified, the following parameters will be ignored: 'compute_target', "
+                       "'environment', 'distributed_job_config', 'max_run_duration_seconds', and "
+                       "'docker_runtime_config'.")
+
+
+def _target_name(compute_target) -> str:
+    if compute_target is None:
+        return "local"
+    if isinstance(compute_target, str):
+        return compute_target
+    name = getattr(compute_target, "name", None)
+    if not isinstance(name, str):
+        raise RunConfigurationException("compute_target must be a name or an object with a 'name' attribute, "
+                                        f"got {type(compute_target).__name__}")
+    return name
+
+
+class ScriptRunConfig:
+    MAX_DURATION_SECONDS_DEFAULT = MAX_DURATION_SECONDS_DEFAULT
+
+    def __init__(self, source_directory, script=None, arguments=None, run_config=None, _telemetry_values=None,
+                 compute_target=None, environment=None, distributed_job_config=None, resume_from=None,
+                 max_run_duration_seconds=MAX_DURATION_SECONDS_DEFAULT, command=None, docker_runtime_config=None,
+                 *, resources=None, priority=None):
+        if script is not None and command:
+            raise RunConfigurationException("Both 'command' and 'script' are set; use either 'command', or "
+                                            "'script' with 'arguments'.")
+        self.source_directory = source_directory
+        self.script = script
+        self.command = command
+        self.arguments = list(arguments) if arguments is not None else None
+        self._telemetry_values = _telemetry_values
+        self._resume_from = resume_from
+        self._distributed_job_config = None
+
+        if run_config:
+            if (max_run_duration_seconds != MAX_DURATION_SECONDS_DEFAULT or compute_target or environment
+                    or distributed_job_config or docker_runtime_config):
+                _logger.warning(_RUN_CONFIG_WARNING)
+            for name in ("script", "arguments", "command"):
+                mine, theirs = getattr(self, name), getattr(run_config, name)
+                if mine and theirs:
+                    _logger.warning(f"If '{name}' has been provided here and in 'run_config', '{name}' provided "
+                                    "in ScriptRunConfig initialization will take precedence.")
+                elif not mine and theirs:
+                    setattr(self, name, list(theirs) if name == "arguments" else theirs)
+            self.run_config = run_config
+        else:
+            run_config = RunConfiguration()
+            run_config.target = _target_name(compute_target)
+            run_config.environment = environment
+            run_config.max_run_duration_seconds = max_run_duration_seconds
+            if distributed_job_config is not None:
+                if isinstance(distributed_job_config, TensorflowConfiguration):
+                    run_config.tensorflow, run_config.node_count = distributed_job_config, distributed_job_config.worker_count
+                    run_config.framework, run_config.communicator = "TensorFlow", "ParameterServer"
+                elif isinstance(distributed_job_config, MpiConfiguration):
+                    run_config.mpi, run_config.node_count = distributed_job_config, distributed_job_config.node_count
+                    run_config.framework, run_config.communicator = "Python", "IntelMpi"
+                elif isinstance(distributed_job_config, PyTorchConfiguration):
+                    run_config.pytorch, run_config.node_count = distributed_job_config, distributed_job_config.node_count
+                    run_config.framework = "PyTorch"
+                    run_config.communicator = distributed_job_config.communication_backend
+                else:
+                    raise RunConfigurationException(
+                        "'distributed_job_config' must be an 'azureml.core.runconfig.TensorflowConfiguration', "
+                        "'azureml.core.runconfig.MpiConfiguration', or 'azureml.core.runconfig.PyTorchConfiguration' "
+                        "object.")
+                self._distributed_job_config = distributed_job_config
+            if docker_runtime_config is not None:
+                if not isinstance(docker_runtime_config, DockerConfiguration):
+                    raise RunConfigurationException("'docker_runtime_config' must be a 'DockerConfiguration' object.")
+                run_config.docker = docker_runtime_config
+            self.run_config = run_config
+        if resources is not None:
+            self.run_config.resources = Resources.coerce(resources)
+        if priority is not None:
+            self.run_config.priority = priority
+
+    # -- building the wire spec ----------------------------------------------------------
+
+    def _unsupported(self) -> str | None:
+        rc = self.run_config
+        if rc.environment is not None:
+            return "environments ('environment')"
+        if self._distributed_job_config is not None or rc.node_count not in (1, None):
+            return "distributed runs ('distributed_job_config')"
+        if self._resume_from is not None:
+            return "'resume_from'"
+        if rc.docker is not None and rc.docker.use_docker:
+            return "Docker runs ('docker_runtime_config' with use_docker=True)"
+        return None
+
+    def _to_spec(self, experiment_name: str) -> dict:
+        """The submit spec, without the snapshot. Raises on anything the agent would refuse."""
+        unsupported = self._unsupported()
+        if unsupported:
+            raise UserErrorException(f"{unsupported} not supported yet by labrun")
+        rc = self.run_config
+        script, command = self.script or rc.script, self.command or rc.command or None
+        if script is not None and command:
+            raise RunConfigurationException("Both 'command' and 'script' are set; use either 'command', or "
+                                            "'script' with 'arguments'.")
+        if script is None and not command:
+            raise RunConfigurationException("Nothing to run: set 'script' (with 'arguments') or 'command'.")
+        arguments = [str(a) for a in (self.arguments if self.arguments else rc.arguments)]
+        if command and arguments:
+            raise RunConfigurationException("'arguments' go with 'script'; with 'command', put them in the command.")
+        source = self.source_directory or "."
+        if script is not None:
+            full = os.path.join(source, script)
+            if not os.path.isfile(full):
+                raise ExperimentExecutionException(
+                    f"{full} script path doesn't exist. The script should be inside the project folder")
+            script = os.path.relpath(os.path.normpath(full), source)
+        if isinstance(command, (list, tuple)):
+            if not all(isinstance(part, str) for part in command):
+                command = [str(part) for part in command]
+            command = list(command)
+        resources = Resources.coerce(rc.resources)
+        duration = rc.max_run_duration_seconds or MAX_DURATION_SECONDS_DEFAULT
+        return {
+            "experiment": experiment_name,
+            "script": script,
+            "arguments": arguments,
+            "command": command,
+            "interpreter": sys.executable,
+            "environ": dict(os.environ),
+            "environment_variables": {str(k): str(v) for k, v in (rc.environment_variables or {}).items()},
+            "max_run_duration_seconds": int(duration),
+            "resources": resources.to_wire(),
+            "priority": int(rc.priority or 0),
+            "compute_target": _target_name(rc.target),
+        }
+
+    def __repr__(self) -> str:
+        what = f"command={self.command!r}" if self.command else f"script={self.script!r}, arguments={self.arguments!r}"
+        return f"ScriptRunConfig(source_directory={self.source_directory!r}, {what}, target={self.run_config.target!r})"

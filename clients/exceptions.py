@@ -1,0 +1,61 @@
+"""Exceptions, named as in Azure ML SDK v1 so existing ``except`` clauses keep working.
+
+- ``AzureMLException`` (alias ``LabrunException``)
+    - ``UserErrorException``: a mistake in what the caller asked for.
+        - ``RunConfigurationException``, ``SnapshotException``, ``RunEnvironmentException``
+    - ``ExperimentExecutionException``: a submit that could not go through.
+    - ``ActivityFailedException``: ``wait_for_completion`` saw the run end ``Failed``.
+    - ``ActivityCanceledException``
+    - ``AgentUnavailable``: no agent answers on the socket.
+
+Errors the agent returns are ``labrun.protocol.AgentError`` subclasses
+(``BadRequest``, ``NotFound``, ``Forbidden``, ...), re-exported here.
+"""
+
+from labrun.protocol._errors import (  # noqa: F401  (re-exported)
+    AgentError, BadRequest, Conflict, Forbidden, NotFound, TooLarge, Unavailable,
+)
+
+
+class AzureMLException(Exception):
+    def __init__(self, exception_message: str = "", **kwargs):
+        super().__init__(exception_message)
+        self.message = exception_message
+
+
+LabrunException = AzureMLException
+
+
+class UserErrorException(AzureMLException):
+    pass
+
+
+class RunConfigurationException(UserErrorException):
+    pass
+
+
+class SnapshotException(UserErrorException):
+    pass
+
+
+class RunEnvironmentException(UserErrorException):
+    pass
+
+
+class ExperimentExecutionException(AzureMLException):
+    pass
+
+
+class ActivityFailedException(AzureMLException):
+    def __init__(self, error_details: str = ""):
+        super().__init__(f"Activity Failed:\n{error_details}")
+        self.error_details = error_details
+
+
+class ActivityCanceledException(AzureMLException):
+    def __init__(self, message: str = "Activity Canceled"):
+        super().__init__(message)
+
+
+class AgentUnavailable(AzureMLException):
+    """No labrun agent answers, and none could be started."""

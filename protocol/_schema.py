@@ -1,0 +1,269 @@
+"""Validation of every request's arguments, and of the run spec a submit carries.
+
+Validators are plain functions ``(value, path) -> value`` that raise ``BadRequest``
+naming the offending field by its path (``spec.resources.cpus``). Combinators
+build the per-op schemas in ``OP_SCHEMAS``. Unknown fields are refused, so a typo
+is an error rather than a silently ignored option.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+from ._errors import BadRequest
+from ._statuses import STATUSES
+
+Validator = Callable[[Any, str], Any]
+_MISSING = object()
+
+EXPERIMENT_NAME_RE = re.compile(r"^[a-zA-Z0-9][\w\-]{0,254}$")
+RUN_ID_RE = re.compile(r"^[\w\-.]{1,300}$")
+MAX_DURATION_SECONDS_DEFAULT = 2592000
+
+
+def _type_name(value: Any) -> str:
+    return "nil" if value is None else type(value).__name__
+
+
+def _fail(path: str, expected: str, value: Any) -> BadRequest:
+    return BadRequest(f"{path}: expected {expected}, got {_type_name(value)}", details={"field": path})
+
+
+def string(*, min_len: int = 0, max_len: int = 1 << 20, pattern: re.Pattern | None = None, what: str = "") -> Validator:
+    def check(value, path):
+        if not isinstance(value, str):
+            raise _fail(path, "a string", value)
+        if not min_len <= len(value) <= max_len:
+            raise BadRequest(f"{path}: length must be between {min_len} and {max_len}", details={"field": path})
+        if pattern is not None and not pattern.match(value):
+            raise BadRequest(f"{path}: {what or 'invalid value'}: {value[:80]!r}", details={"field": path})
+        return value
+
+    return check
+
+
+def integer(*, min: int | None = None, max: int | None = None) -> Validator:
+    def check(value, path):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(path, "an integer", value)
+        if (min is not None and value < min) or (max is not None and value > max):
+            bounds = f"at least {min}" if max is None else f"between {min} and {max}"
+            raise BadRequest(f"{path}: must be {bounds}, got {value}", details={"field": path})
+        return value
+
+    return check
+
+
+def number(*, min: float | None = None) -> Validator:
+    def check(value, path):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(path, "a number", value)
+        if min is not None and value < min:
+            raise BadRequest(f"{path}: must be at least {min}, got {value}", details={"field": path})
+        return value
+
+    return check
+
+
+def boolean(value, path):
+    if not isinstance(value, bool):
+        raise _fail(path, "a boolean", value)
+    return value
+
+
+def binary(value, path):
+    if not isinstance(value, (bytes, bytearray)):
+        raise _fail(path, "binary data", value)
+    return bytes(value)
+
+
+def anything(value, path):
+    return value
+
+
+def enum(values) -> Validator:
+    allowed = tuple(values)
+
+    def check(value, path):
+        if value not in allowed:
+            raise BadRequest(f"{path}: must be one of {', '.join(map(str, allowed))}; got {value!r}",
+                             details={"field": path})
+        return value
+
+    return check
+
+
+def nullable(inner: Validator) -> Validator:
+    return lambda value, path: None if value is None else inner(value, path)
+
+
+def list_of(inner: Validator, *, min_items: int = 0, max_items: int = 100_000) -> Validator:
+    def check(value, path):
+        if not isinstance(value, (list, tuple)):
+            raise _fail(path, "a list", value)
+        if not min_items <= len(value) <= max_items:
+            raise BadRequest(f"{path}: must have between {min_items} and {max_items} items", details={"field": path})
+        return [inner(item, f"{path}[{i}]") for i, item in enumerate(value)]
+
+    return check
+
+
+def map_of(inner: Validator, *, max_items: int = 100_000) -> Validator:
+    def check(value, path):
+        if not isinstance(value, dict):
+            raise _fail(path, "a map", value)
+        if len(value) > max_items:
+            raise BadRequest(f"{path}: at most {max_items} entries", details={"field": path})
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _fail(f"{path} key", "a string", key)
+            out[key] = inner(item, f"{path}.{key}")
+        return out
+
+    return check
+
+
+def one_of(*options: tuple[str, Validator]) -> Validator:
+    """Accept the first option whose validator passes; the error lists all of them."""
+
+    def check(value, path):
+        for _name, validator in options:
+            try:
+                return validator(value, path)
+            except BadRequest:
+                continue
+        expected = " or ".join(name for name, _ in options)
+        raise _fail(path, expected, value)
+
+    return check
+
+
+class Field:
+    __slots__ = ("validator", "default")
+
+    def __init__(self, validator: Validator, default: Any = _MISSING):
+        self.validator = validator
+        self.default = default
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+
+def struct(fields: dict[str, Field]) -> Validator:
+    """A map with known keys: missing required keys, unknown keys and bad values are errors."""
+
+    def check(value, path):
+        if not isinstance(value, dict):
+            raise _fail(path, "a map", value)
+        unknown = sorted(k for k in value if k not in fields)
+        if unknown:
+            raise BadRequest(f"{path}: unknown field {unknown[0]!r}", details={"field": f"{path}.{unknown[0]}"})
+        out = {}
+        for name, field in fields.items():
+            where = f"{path}.{name}"
+            if name not in value or (value[name] is None and not field.required and field.default is not None):
+                if field.required:
+                    raise BadRequest(f"{where}: missing required field", details={"field": where})
+                default = field.default
+                out[name] = default() if callable(default) else default
+            else:
+                out[name] = field.validator(value[name], where)
+        return out
+
+    return check
+
+
+def _relative_path(value, path):
+    string(min_len=1, max_len=4096)(value, path)
+    parts = value.replace("\\", "/").split("/")
+    if value.startswith("/") or ".." in parts:
+        raise BadRequest(f"{path}: must be a path inside the source directory, got {value!r}", details={"field": path})
+    return value
+
+
+RESOURCES = struct({
+    "cpus": Field(integer(min=1, max=4096), 1),
+    "memory": Field(nullable(integer(min=1)), None),
+    "gpus": Field(integer(min=0, max=64), 0),
+})
+
+SNAPSHOT = struct({
+    "inline": Field(nullable(binary), None),
+    "upload": Field(nullable(string(min_len=1, max_len=64)), None),
+})
+
+_ENV = map_of(string(max_len=1 << 17), max_items=10_000)
+_LABELS = map_of(string(max_len=4096), max_items=1000)
+
+RUN_SPEC = struct({
+    "experiment": Field(string(pattern=EXPERIMENT_NAME_RE, what=(
+        "experiment name must be 1 to 255 characters, start with a letter or digit, and contain only "
+        "letters, digits, hyphens and underscores"))),
+    "display_name": Field(nullable(string(max_len=1024)), None),
+    "script": Field(nullable(_relative_path), None),
+    "arguments": Field(list_of(string(max_len=1 << 17), max_items=10_000), list),
+    "command": Field(nullable(one_of(
+        ("a non-empty list of strings", list_of(string(max_len=1 << 17), min_items=1, max_items=10_000)),
+        ("a non-empty string", string(min_len=1, max_len=1 << 17)),
+    )), None),
+    "interpreter": Field(nullable(string(min_len=1, max_len=4096)), None),
+    "snapshot": Field(SNAPSHOT),
+    "environ": Field(_ENV, dict),
+    "environment_variables": Field(_ENV, dict),
+    "max_run_duration_seconds": Field(integer(min=1), MAX_DURATION_SECONDS_DEFAULT),
+    "tags": Field(_LABELS, dict),
+    "properties": Field(_LABELS, dict),
+    "resources": Field(RESOURCES, lambda: {"cpus": 1, "memory": None, "gpus": 0}),
+    "priority": Field(integer(min=-1_000_000, max=1_000_000), 0),
+    "compute_target": Field(string(min_len=1, max_len=255), "local"),
+    # Accepted on the wire so the agent can refuse them by name until they exist.
+    "environment": Field(anything, None),
+    "distributed": Field(anything, None),
+    "resume_from": Field(anything, None),
+    "docker": Field(anything, None),
+})
+
+_RUN_ID = string(pattern=RUN_ID_RE, what="not a run id")
+
+OP_SCHEMAS: dict[str, Validator] = {
+    "hello": struct({"protocol": Field(integer(min=0)), "client": Field(nullable(string(max_len=200)), None)}),
+    "submit": struct({"spec": Field(lambda value, path: validate_run_spec(value, path))}),
+    "upload": struct({"upload": Field(nullable(string(min_len=1, max_len=64)), None), "data": Field(binary)}),
+    "get": struct({"run_id": Field(_RUN_ID)}),
+    "list": struct({
+        "all": Field(boolean, False),
+        "experiment": Field(nullable(string(max_len=255)), None),
+        "status": Field(nullable(list_of(enum(STATUSES), max_items=len(STATUSES))), None),
+        "limit": Field(nullable(integer(min=1)), None),
+    }),
+    "cancel": struct({"run_id": Field(_RUN_ID)}),
+    "wait": struct({"run_id": Field(_RUN_ID), "timeout": Field(nullable(number(min=0)), None)}),
+    "logs": struct({
+        "run_id": Field(_RUN_ID),
+        "offset": Field(integer(min=0), 0),
+        "follow": Field(boolean, False),
+        "name": Field(_relative_path, "std_log.txt"),
+    }),
+    "status": struct({}),
+}
+
+
+def validate_run_spec(spec: Any, path: str = "spec") -> dict:
+    """Validate a run spec and its cross-field rules; return it with defaults filled in."""
+    spec = RUN_SPEC(spec, path)
+    if spec["command"] is not None and spec["script"] is not None:
+        raise BadRequest(f"{path}: set either 'command' or 'script' (with 'arguments'), not both",
+                         details={"field": f"{path}.command"})
+    if spec["command"] is None and spec["script"] is None:
+        raise BadRequest(f"{path}: a run needs a 'command' or a 'script'", details={"field": f"{path}.command"})
+    if spec["command"] is not None and spec["arguments"]:
+        raise BadRequest(f"{path}: 'arguments' go with 'script'; put them in the 'command' instead",
+                         details={"field": f"{path}.arguments"})
+    snapshot = spec["snapshot"]
+    if (snapshot["inline"] is None) == (snapshot["upload"] is None):
+        raise BadRequest(f"{path}.snapshot: give exactly one of 'inline' or 'upload'",
+                         details={"field": f"{path}.snapshot"})
+    return spec

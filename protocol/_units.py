@@ -1,0 +1,55 @@
+"""Human units shared by the CLI, the client and the agent's config: memory sizes and durations."""
+
+from __future__ import annotations
+
+import re
+
+_MEMORY_SUFFIX = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_DURATION_UNIT = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_memory(value: str | int) -> int:
+    """``"4G"``, ``"512M"``, ``"1.5g"``, ``"2GiB"`` or a byte count -> bytes (powers of 1024)."""
+    if isinstance(value, bool):
+        raise ValueError(f"memory must be a size like '4G', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"memory must not be negative, got {value}")
+        return value
+    match = _MEMORY_RE.match(str(value))
+    if not match:
+        raise ValueError(f"memory must be a size like '512M' or '4G', got {value!r}")
+    number, suffix = match.groups()
+    return int(float(number) * _MEMORY_SUFFIX[suffix.lower()])
+
+
+def parse_duration(value: str | int | float) -> int:
+    """``"90"``, ``"1h30m"``, ``"2d"``, ``"45s"`` or a number of seconds -> whole seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"duration must be seconds or like '1h30m', got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = value
+    else:
+        text = str(value).strip().lower()
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            seconds = float(text)
+        elif text and _DURATION_RE.sub("", text) == "":
+            seconds = sum(float(n) * _DURATION_UNIT[u] for n, u in _DURATION_RE.findall(text))
+        else:
+            raise ValueError(f"duration must be seconds or like '1h30m', got {value!r}")
+    seconds = int(seconds)
+    if seconds <= 0:
+        raise ValueError(f"duration must be positive, got {value!r}")
+    return seconds
+
+
+def format_memory(size: int | None) -> str:
+    if size is None:
+        return "-"
+    for suffix, factor in (("T", 1024**4), ("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if size >= factor:
+            value = size / factor
+            return f"{value:.0f}{suffix}" if value == int(value) else f"{value:.1f}{suffix}"
+    return f"{size}B"
