@@ -24,7 +24,7 @@ from ._capacity import discover_capacity
 from ._config import AgentConfig, ConfigError, load_config
 from ._local import LocalExecutor
 from ._logging import configure_logging
-from ._server import AgentAlreadyRunning, ConnectionHandler, open_unix_listener
+from ._server import AgentAlreadyRunning, ConnectionHandler, open_unix_listener, refuse_if_agent_answers
 from ._service import Service
 from ._store import Store
 from ._supervisor import Supervisor
@@ -63,12 +63,16 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
             capacity = discover_capacity(config.resources)
             supervisor = Supervisor(config, store, capacity, {"local": LocalExecutor()})
             service = Service(config, store, supervisor)
-            listener = await open_unix_listener(config.socket, system=config.system, group=config.socket_group)
-            socket_inode = os.stat(config.socket).st_ino
+            refuse_if_agent_answers(config.socket)
+            socket_inode = None
             try:
                 async with trio.open_nursery() as handlers:
                     async with trio.open_nursery() as nursery:
+                        # Recover first: a client that can connect sees the runs as they really are.
                         await nursery.start(supervisor.run)
+                        listener = await open_unix_listener(config.socket, system=config.system,
+                                                            group=config.socket_group)
+                        socket_inode = os.stat(config.socket).st_ino
                         await nursery.start(partial(trio.serve_listeners, ConnectionHandler(config, service),
                                                     [listener], handler_nursery=handlers))
                         store.add_event("agent.started", {"version": __version__, "pid": os.getpid()})
@@ -83,7 +87,7 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
                     handlers.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_SECONDS
             finally:
                 try:
-                    if os.stat(config.socket).st_ino == socket_inode:
+                    if socket_inode is not None and os.stat(config.socket).st_ino == socket_inode:
                         config.socket.unlink()
                 except FileNotFoundError:
                     pass

@@ -93,6 +93,7 @@ class Start:
 class Decision:
     starts: list[Start] = field(default_factory=list)
     waiting: dict[str, tuple[str, int]] = field(default_factory=dict)   # run_id -> (reason, position)
+    order: list[str] = field(default_factory=list)                     # every run, in the order considered
 
 
 @dataclass
@@ -196,6 +197,7 @@ def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, n
             if not queues[user]:
                 del queues[user]
             position += 1
+            decision.order.append(run.run_id)
             d = run.demand
             if capacity.fits_ever(d) is not None:
                 decision.waiting[run.run_id] = ("resources", position)

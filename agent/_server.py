@@ -48,6 +48,13 @@ def _socket_answers(path: Path) -> bool:
         probe.close()
 
 
+def refuse_if_agent_answers(path: Path) -> None:
+    """Raises ``AgentAlreadyRunning`` if a live agent answers on ``path``."""
+    if (path.exists() or path.is_symlink()) and _socket_answers(path):
+        raise AgentAlreadyRunning(f"another labrund is already listening on {path}; stop it first "
+                                  "(or pass --socket to use another path)")
+
+
 async def open_unix_listener(path: Path, *, system: bool, group: str | None) -> trio.SocketListener:
     """Bind the agent's socket, replacing one a dead agent left; refuse if a live agent answers there.
 
@@ -55,10 +62,8 @@ async def open_unix_listener(path: Path, *, system: bool, group: str | None) -> 
         AgentAlreadyRunning: another agent answers on ``path``.
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755 if system else 0o700)
+    refuse_if_agent_answers(path)
     if path.exists() or path.is_symlink():
-        if _socket_answers(path):
-            raise AgentAlreadyRunning(f"another labrund is already listening on {path}; stop it first "
-                                      "(or pass --socket to use another path)")
         path.unlink()
     sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
     # Bind under a restrictive umask so the socket is never briefly open to everyone.

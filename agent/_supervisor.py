@@ -204,6 +204,8 @@ class Supervisor:
             return record
         active = self.active.get(record.run_id)
         if active is None:
+            if record.status == CANCELED:
+                return record   # canceling twice is harmless
             raise Conflict(f"run {record.run_id} has already ended ({record.status})")
         if active.cancel_reason is None and active.record.status != FINALIZING:
             active.cancel_reason = "canceled"

@@ -35,6 +35,12 @@ class AgentConnection:
     def close(self) -> None:
         self._sock.close()
 
+    def __del__(self):
+        # Azure ML code never closes a workspace: a dropped connection closes quietly.
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            sock.close()
+
     def __enter__(self):
         return self
 

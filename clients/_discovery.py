@@ -23,11 +23,11 @@ AUTOSTART_TIMEOUT = 15.0
 
 
 def _try(path: Path) -> AgentConnection | None:
-    if not path.exists():
-        return None
     try:
+        if not path.exists():
+            return None
         return AgentConnection(path)
-    except AgentUnavailable:
+    except (AgentUnavailable, PermissionError):
         return None
 
 

@@ -21,11 +21,11 @@ MAX_SNAPSHOT_FILES = 2000
 IGNORE_FILES = (".labrunignore", ".amlignore", ".gitignore")
 
 
-def ignore_spec(root: Path) -> pathspec.PathSpec | None:
+def ignore_spec(root: Path) -> pathspec.GitIgnoreSpec | None:
     for name in IGNORE_FILES:
         path = root / name
         if path.is_file():
-            return pathspec.PathSpec.from_lines("gitwildmatch", path.read_text(errors="replace").splitlines())
+            return pathspec.GitIgnoreSpec.from_lines(path.read_text(errors="replace").splitlines())
     return None
 
 

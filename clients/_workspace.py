@@ -6,6 +6,10 @@ from pathlib import Path
 
 from ._connection import AgentConnection
 from ._discovery import connect
+from .exceptions import AgentUnavailable
+
+# Safe to send again after the agent restarted mid-call: they change nothing, or nothing twice.
+RETRYABLE_OPS = frozenset({"get", "list", "wait", "status", "cancel", "logs"})
 
 
 class Workspace:
@@ -41,8 +45,19 @@ class Workspace:
             self._socket = self._connection.path
         return self._connection
 
+    def _reconnect(self) -> None:
+        self.close()
+        self._connection = AgentConnection(self._socket)
+
     def _call(self, op: str, **args):
-        return self.connection.call(op, **args)
+        """One request. If the agent restarted meanwhile, a read-only or idempotent request is sent again."""
+        try:
+            return self.connection.call(op, **args)
+        except AgentUnavailable:
+            if op not in RETRYABLE_OPS or self._socket is None:
+                raise
+            self._reconnect()
+            return self._connection.call(op, **args)
 
     def _stream(self, op: str, **args):
         """Streams get a connection of their own, so a half-read stream never blocks other calls."""

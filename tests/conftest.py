@@ -1,0 +1,125 @@
+"""Shared fixtures: a real ``labrund`` process on a socket under a temporary directory, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 20.0
+
+
+def _answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+class AgentProcess:
+    """A real agent process. ``env`` is what a client needs to reach it."""
+
+    def __init__(self, root: Path, config: str | None = None):
+        self.root = root
+        self.socket = root / "agent.sock"
+        self.state_dir = root / "state"
+        self.config_path = None
+        if config is not None:
+            self.config_path = root / "agent.toml"
+            self.config_path.write_text(config)
+        self.log_path = root / "agent.log"
+        self.process: subprocess.Popen | None = None
+        self.env = dict(os.environ, LABRUN_SOCKET=str(self.socket), LABRUN_NO_AUTOSTART="1",
+                        PYTHONUNBUFFERED="1")
+
+    def command(self) -> list[str]:
+        argv = [sys.executable, "-m", "labrun.agent", "--socket", str(self.socket), "--state-dir", str(self.state_dir)]
+        if self.config_path:
+            argv += ["--config", str(self.config_path)]
+        return argv
+
+    def start(self) -> "AgentProcess":
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=log, env=self.env)
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _answers(self.socket):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"agent did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+    def restart(self) -> "AgentProcess":
+        assert self.stop() == 0, self.log_path.read_text()
+        return self.start()
+
+    def workspace(self):
+        from labrun import Workspace
+
+        return Workspace(socket=self.socket)
+
+    def cli(self, *args, input=None, timeout=60, env=None, check=False, **kwargs) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "labrun.cli", *args], env=env or self.env, input=input,
+                                capture_output=True, text=True, timeout=timeout, **kwargs)
+        if check and result.returncode != 0:
+            raise AssertionError(f"labrun {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        return result
+
+
+@pytest.fixture
+def make_agent(tmp_path_factory):
+    agents = []
+
+    def make(config: str | None = None, start: bool = True) -> AgentProcess:
+        # Unix socket paths are limited to 108 bytes: keep the directory short.
+        root = Path(tmp_path_factory.mktemp("a", numbered=True))
+        agent = AgentProcess(root, config)
+        agents.append(agent)
+        return agent.start() if start else agent
+
+    yield make
+    for agent in agents:
+        agent.stop()
+
+
+@pytest.fixture
+def agent(make_agent) -> AgentProcess:
+    return make_agent()
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    """A source directory with a script that prints its arguments and writes an output."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "train.py").write_text(
+        "import os, sys\n"
+        "print('args', sys.argv[1:])\n"
+        "print('cwd', os.getcwd())\n"
+        "os.makedirs('outputs', exist_ok=True)\n"
+        "open('outputs/model.txt', 'w').write('trained')\n"
+    )
+    return src
