@@ -210,7 +210,10 @@ def cmd_status(args) -> int:
 
 
 def cmd_agent(args) -> int:
-    from labrun.agent._main import main as agent_main
+    try:
+        from labrun.agent._main import main as agent_main
+    except ImportError as exc:
+        raise UsageError(f"the agent is not installed here ({exc}); install it with: pip install 'labrun[agent]'")
 
     return agent_main(args.agent_args)
 
