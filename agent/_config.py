@@ -45,6 +45,7 @@ class ResourceConfig:
     memory: int | None = None        # bytes; None: the machine's memory
     gpus: list[str] | None = None    # None: what NVML finds
     max_concurrent_runs: int = 0     # 0: no limit besides resources
+    memory_enforcement: str = "auto"  # "auto": cgroups where possible, else watchdog; or "watchdog"
 
 
 @dataclass
@@ -124,7 +125,12 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
             setattr(config, key, _expect(agent[key], str, f"agent.{key}") or None)
 
     resources = _expect(data.get("resources", {}), dict, "[resources]")
-    _check_keys(resources, {"cpus", "memory", "gpus", "max_concurrent_runs"}, "[resources]")
+    _check_keys(resources, {"cpus", "memory", "gpus", "max_concurrent_runs", "memory_enforcement"}, "[resources]")
+    if "memory_enforcement" in resources:
+        config.resources.memory_enforcement = _expect(resources["memory_enforcement"], str,
+                                                      "resources.memory_enforcement")
+        if config.resources.memory_enforcement not in ("auto", "watchdog"):
+            raise ConfigError("resources.memory_enforcement: must be 'auto' or 'watchdog'")
     if "cpus" in resources:
         config.resources.cpus = _expect(resources["cpus"], int, "resources.cpus")
         if config.resources.cpus < 1:

@@ -20,6 +20,7 @@ from typing import Protocol
 class ExitResult:
     exit_code: int | None = None
     signal: int | None = None
+    memory_exceeded: bool = False   # killed for using more memory than the run asked for
 
     @property
     def ok(self) -> bool:
@@ -39,6 +40,7 @@ class LaunchSpec:
     gid: int
     groups: list[int] = field(default_factory=list)
     cores: tuple[int, ...] = ()
+    memory: int | None = None       # bytes; enforced when set
 
 
 class StartFailed(Exception):

@@ -21,6 +21,7 @@ import trio
 from labrun.protocol import __version__
 
 from ._capacity import discover_capacity
+from ._cgroups import MemoryCgroups
 from ._config import AgentConfig, ConfigError, load_config
 from ._local import LocalExecutor
 from ._logging import configure_logging
@@ -61,7 +62,8 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
         store = Store(config.state_dir / "state.db")
         try:
             capacity = discover_capacity(config.resources)
-            supervisor = Supervisor(config, store, capacity, {"local": LocalExecutor()})
+            cgroups = MemoryCgroups.detect() if config.resources.memory_enforcement == "auto" else None
+            supervisor = Supervisor(config, store, capacity, {"local": LocalExecutor(cgroups)})
             service = Service(config, store, supervisor)
             refuse_if_agent_answers(config.socket)
             socket_inode = None

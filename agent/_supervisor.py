@@ -29,7 +29,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from labrun.protocol import BadRequest, Conflict
+from labrun.protocol import BadRequest, Conflict, format_memory
 from labrun.protocol._statuses import (
     ACTIVE, CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING,
 )
@@ -283,7 +283,8 @@ class Supervisor:
             except KeyError:
                 groups = [record.gid]
         return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=run_dir / "snapshot", log_path=log_path,
-                          uid=record.uid, gid=record.gid, groups=groups, cores=allocation.cores)
+                          uid=record.uid, gid=record.gid, groups=groups, cores=allocation.cores,
+                          memory=allocation.memory)
 
     async def _run_one(self, run: _ActiveRun) -> None:
         record = run.record
@@ -341,7 +342,11 @@ class Supervisor:
                 status = COMPLETED
             else:
                 status = FAILED
-                if result.signal is not None:
+                if result.memory_exceeded:
+                    reason = "memory_limit_exceeded"
+                    error = (f"the run used more than the {format_memory(run.allocation.memory)} of memory it "
+                             "asked for and was killed")
+                elif result.signal is not None:
                     reason, error = "signal", f"killed by signal {result.signal} ({signals.Signals(result.signal).name})"
                 else:
                     reason, error = "exit_code", f"exited with code {result.exit_code}"
