@@ -18,6 +18,15 @@ max_concurrent_runs = 0
 
 [targets.MyCluster]
 kind = "local"
+
+[events]
+retention_days = 30          # never deletes what the hub has not received
+subscriber_buffer = 1000     # events a slow subscriber may fall behind before it gets a gap
+
+[hub]
+url = "https://hub.example.org/v1/events"
+token_file = "/etc/labrun/hub.token"
+batch_max = 500
 ```
 
 Unknown sections or keys are refused at start with the key named, so a typo never
@@ -33,6 +42,8 @@ from pathlib import Path
 
 from labrun.protocol import DEFAULT_MAX_FRAME, parse_memory
 from labrun.protocol._paths import SYSTEM_SOCKET, SYSTEM_STATE_DIR, user_socket, user_state_dir
+
+from ._hub import HubConfig
 
 
 class ConfigError(Exception):
@@ -69,6 +80,9 @@ class AgentConfig:
     admin_group: str | None = "labrun-admin"
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     targets: dict[str, TargetConfig] = field(default_factory=dict)
+    retention_days: float = 30.0
+    subscriber_buffer: int = 1000
+    hub: HubConfig | None = None
 
 
 def _expect(value, kinds, where):
@@ -106,7 +120,7 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
             raise ConfigError(f"config file {path} does not exist") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
-    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets"}, "config")
+    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub"}, "config")
 
     system = os.geteuid() == 0
     config = AgentConfig(
@@ -159,6 +173,35 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
         if "image" in table:
             target.image = _expect(table["image"], str, f"{where}.image")
         config.targets[name] = target
+
+    events = _expect(data.get("events", {}), dict, "[events]")
+    _check_keys(events, {"retention_days", "subscriber_buffer"}, "[events]")
+    if "retention_days" in events:
+        config.retention_days = float(_expect(events["retention_days"], (int, float), "events.retention_days"))
+    if "subscriber_buffer" in events:
+        config.subscriber_buffer = _expect(events["subscriber_buffer"], int, "events.subscriber_buffer")
+        if config.subscriber_buffer < 1:
+            raise ConfigError("events.subscriber_buffer: must be at least 1")
+
+    if "hub" in data:
+        hub = _expect(data["hub"], dict, "[hub]")
+        numbers = {"batch_max", "timeout_seconds", "retry_initial_seconds", "retry_max_seconds", "pause_seconds"}
+        _check_keys(hub, {"url", "token_file", "source", *numbers}, "[hub]")
+        if "url" not in hub:
+            raise ConfigError("[hub]: 'url' is required")
+        url = _expect(hub["url"], str, "hub.url")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"hub.url: must be an http:// or https:// URL, got {url!r}")
+        config.hub = HubConfig(url=url)
+        if "token_file" in hub:
+            config.hub.token_file = Path(_expect(hub["token_file"], str, "hub.token_file"))
+        if "source" in hub:
+            config.hub.source = _expect(hub["source"], str, "hub.source")
+        for key in numbers & set(hub):
+            value = _expect(hub[key], (int, float), f"hub.{key}")
+            if value <= 0:
+                raise ConfigError(f"hub.{key}: must be positive")
+            setattr(config.hub, key, int(value) if key == "batch_max" else float(value))
 
     if socket is not None:
         config.socket = Path(socket)

@@ -11,6 +11,7 @@ import logging
 import sys
 
 import structlog
+import structlog.tracebacks
 
 
 def configure_logging(level: str = "info") -> None:
@@ -22,7 +23,9 @@ def configure_logging(level: str = "info") -> None:
     if sys.stderr.isatty():
         renderer = structlog.dev.ConsoleRenderer()
     else:
-        shared.append(structlog.processors.dict_tracebacks)
+        # Never the frames' locals: they may hold a client's environment or a run token.
+        shared.append(structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
         renderer = structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

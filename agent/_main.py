@@ -23,6 +23,8 @@ from labrun.protocol import __version__
 from ._capacity import discover_capacity
 from ._cgroups import MemoryCgroups
 from ._config import AgentConfig, ConfigError, load_config
+from ._events import EventLog
+from ._hub import HubSender
 from ._local import LocalExecutor
 from ._logging import configure_logging
 from ._server import AgentAlreadyRunning, ConnectionHandler, open_unix_listener, refuse_if_agent_answers
@@ -64,7 +66,9 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
             capacity = discover_capacity(config.resources)
             cgroups = MemoryCgroups.detect() if config.resources.memory_enforcement == "auto" else None
             supervisor = Supervisor(config, store, capacity, {"local": LocalExecutor(cgroups)})
-            service = Service(config, store, supervisor)
+            events = EventLog(store, buffer=config.subscriber_buffer)
+            hub = HubSender(config.hub, store, events) if config.hub is not None else None
+            service = Service(config, store, supervisor, events, hub)
             refuse_if_agent_answers(config.socket)
             socket_inode = None
             try:
@@ -72,6 +76,10 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
                     async with trio.open_nursery() as nursery:
                         # Recover first: a client that can connect sees the runs as they really are.
                         await nursery.start(supervisor.run)
+                        if hub is not None:
+                            await nursery.start(hub.run)
+                        await nursery.start(events.retain, config.retention_days,
+                                            (lambda: hub.delivered) if hub is not None else (lambda: None))
                         listener = await open_unix_listener(config.socket, system=config.system,
                                                             group=config.socket_group)
                         socket_inode = os.stat(config.socket).st_ino

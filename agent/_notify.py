@@ -17,3 +17,7 @@ class Notifier:
 
     async def wait(self) -> None:
         await self._event.wait()
+
+    def current(self) -> trio.Event:
+        """The event the next ``notify`` sets: take it *before* checking a condition, then wait on it."""
+        return self._event

@@ -19,6 +19,7 @@ import trio
 from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Forbidden, NotFound, TooLarge, __version__
 from labrun.protocol._statuses import ACTIVE, QUEUED
 
+from ._events import EventFilter, EventLog
 from ._peers import Peer
 from ._snapshot import MAX_ARCHIVE_BYTES
 from ._supervisor import Owner, Supervisor
@@ -46,10 +47,12 @@ class Session:
 
 
 class Service:
-    def __init__(self, config, store, supervisor: Supervisor):
+    def __init__(self, config, store, supervisor: Supervisor, events: EventLog, hub=None):
         self.config = config
         self.store = store
         self.supervisor = supervisor
+        self.events = events
+        self.hub = hub
         self.started = time.time()
         self.uploads_dir = config.state_dir / "uploads"
         self.uploads_dir.mkdir(mode=0o700, exist_ok=True)
@@ -58,6 +61,7 @@ class Service:
         self.handlers = {
             "hello": self.hello, "submit": self.submit, "upload": self.upload, "get": self.get,
             "list": self.list, "cancel": self.cancel, "wait": self.wait, "logs": self.logs, "status": self.status,
+            "watch": self.watch,
         }
 
     # -- helpers -----------------------------------------------------------------------
@@ -122,7 +126,8 @@ class Service:
         return self._show(session, record)
 
     async def get(self, session: Session, args: dict) -> dict:
-        return self._show(session, self._record(args["run_id"]))
+        # event_seq: watch from here and no later change of this run can be missed.
+        return {**self._show(session, self._record(args["run_id"])), "event_seq": self.store.last_seq()}
 
     async def list(self, session: Session, args: dict) -> list:
         statuses = args["status"]
@@ -176,6 +181,11 @@ class Service:
                 offset += len(chunk)
         return offset
 
+    async def watch(self, session: Session, args: dict, send_item: SendItem) -> None:
+        types = frozenset(args["types"]) if args["types"] is not None else None
+        filter = EventFilter(run_id=args["run_id"], experiment=args["experiment"], user=args["user"], types=types)
+        await self.events.watch(args["since"], filter, args["follow"], send_item)
+
     async def status(self, session: Session, args: dict) -> dict:
         capacity = self.supervisor.capacity
         in_use = {"cpus": 0, "memory": 0, "gpus": []}
@@ -206,4 +216,6 @@ class Service:
             "queued": len(self.supervisor.queued),
             "active": len(self.supervisor.active),
             "targets": ["local", *sorted(self.config.targets)],
+            "events": {"last_seq": self.store.last_seq(), "subscribers": len(self.events.subscriptions)},
+            "hub": self.hub.status() if self.hub is not None else None,
         }

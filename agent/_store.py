@@ -11,7 +11,7 @@ import sqlite3
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import msgpack
 
@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS events (
     user TEXT,
     data BLOB NOT NULL
 );
+CREATE INDEX IF NOT EXISTS events_run ON events(run_id, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
 """
 
@@ -92,6 +93,9 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        # Called with each transaction's events once it has committed (the event log's live feed).
+        self.on_events: Callable[[list[dict]], None] = lambda events: None
+        self._uncommitted: list[dict] = []
 
     def close(self) -> None:
         self._db.close()
@@ -100,13 +104,24 @@ class Store:
 
     def _begin(self):
         self._db.execute("BEGIN IMMEDIATE")
+        self._uncommitted = []
+
+    def _commit(self):
+        self._db.execute("COMMIT")
+        events, self._uncommitted = self._uncommitted, []
+        if events:
+            self.on_events(events)
 
     def _event(self, type: str, *, run_id=None, experiment=None, user=None, data=None, now=None) -> int:
+        event = {"id": str(uuid.uuid4()), "time": now or time.time(), "type": type, "run_id": run_id,
+                 "experiment": experiment, "user": user, "data": data or {}}
         cursor = self._db.execute(
             "INSERT INTO events (id, time, type, run_id, experiment, user, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (str(uuid.uuid4()), now or time.time(), type, run_id, experiment, user, _pack(data or {})),
+            (event["id"], event["time"], type, run_id, experiment, user, _pack(event["data"])),
         )
-        return cursor.lastrowid
+        event["seq"] = cursor.lastrowid
+        self._uncommitted.append(event)
+        return event["seq"]
 
     def add_run(self, record: RunRecord, event_type: str) -> RunRecord:
         """Insert a new run (assigning its order and per-experiment number) with its event."""
@@ -127,7 +142,7 @@ class Store:
             )
             self._event(event_type, run_id=record.run_id, experiment=record.experiment, user=record.user,
                         data={"status": record.status}, now=record.submitted_at)
-            self._db.execute("COMMIT")
+            self._commit()
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
@@ -148,7 +163,7 @@ class Store:
             if event_type is not None:
                 self._event(event_type, run_id=record.run_id, experiment=record.experiment, user=record.user,
                             data=event_data or {})
-            self._db.execute("COMMIT")
+            self._commit()
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
@@ -161,7 +176,7 @@ class Store:
         self._begin()
         try:
             seq = self._event(type, data=data)
-            self._db.execute("COMMIT")
+            self._commit()
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
@@ -204,13 +219,35 @@ class Store:
     def counts_by_status(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
 
-    def events_since(self, seq: int, limit: int = 1000) -> list[dict]:
-        rows = self._db.execute(
-            "SELECT seq, id, time, type, run_id, experiment, user, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-            (seq, limit),
-        ).fetchall()
+    def events_since(self, seq: int, limit: int = 1000, run_id: str | None = None) -> list[dict]:
+        """Events after ``seq``, oldest first (only ``run_id``'s when given)."""
+        sql = "SELECT seq, id, time, type, run_id, experiment, user, data FROM events WHERE seq > ?"
+        params: list = [seq]
+        if run_id is not None:
+            sql += " AND run_id = ?"
+            params.append(run_id)
+        rows = self._db.execute(sql + " ORDER BY seq LIMIT ?", (*params, limit)).fetchall()
         return [
             {"seq": r[0], "id": r[1], "time": r[2], "type": r[3], "run_id": r[4], "experiment": r[5],
              "user": r[6], "data": _unpack(r[7])}
             for r in rows
         ]
+
+    def last_seq(self) -> int:
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        return row[0] if row else 0
+
+    def delete_events(self, *, before_time: float, up_to_seq: int) -> int:
+        """Retention: drop events older than ``before_time`` whose seq is at most ``up_to_seq``."""
+        self._begin()
+        cursor = self._db.execute("DELETE FROM events WHERE time < ? AND seq <= ?", (before_time, up_to_seq))
+        self._commit()
+        return cursor.rowcount
+
+    def get_meta(self, key: str, default=None):
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return _unpack(row[0]) if row else default
+
+    def set_meta(self, key: str, value) -> None:
+        self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                         (key, _pack(value)))

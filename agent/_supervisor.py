@@ -352,7 +352,6 @@ class Supervisor:
                     reason, error = "exit_code", f"exited with code {result.exit_code}"
             if record.status == RUNNING:
                 self._transition(record, FINALIZING, **exit_fields)
-                exit_fields = {}
         elif status == CANCELED and error is None:
             error = ("canceled: the run exceeded its max_run_duration_seconds"
                      if reason == "max_run_duration_exceeded" else "canceled")

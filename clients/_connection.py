@@ -59,6 +59,8 @@ class AgentConnection:
         while not self._pending:
             try:
                 data = self._sock.recv(RECEIVE_SIZE)
+            except TimeoutError:
+                raise
             except OSError as exc:
                 raise AgentUnavailable(f"lost the connection to the agent at {self.path}: {exc}") from None
             if not data:
@@ -82,11 +84,13 @@ class AgentConnection:
         id = self._send(op, args)
         return self._reply_for(id)["result"]
 
-    def stream(self, op: str, **args: Any) -> Iterator[Any]:
+    def stream(self, op: str, *, timeout: float | None = None, **args: Any) -> Iterator[Any]:
         """Send one streaming request and yield its items until the stream ends.
 
         Closing the iterator early closes the connection, since the agent may still be sending.
+        ``timeout`` bounds the wait for each item (``TimeoutError`` past it).
         """
+        self._sock.settimeout(timeout)
         id = self._send(op, args)
         finished = False
         try:

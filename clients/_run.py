@@ -137,7 +137,7 @@ class Run:
                     "The output streaming for the run was interrupted; the run is still going. "
                     f"Cancel it with labrun cancel {self._id}.") from None
         else:
-            self.experiment.workspace._call("wait", run_id=self._id)
+            self.experiment.workspace.wait_for_run(self._id)
         details = self.get_details()
         if show_output:
             sys.stdout.write(f"\nExecution Summary\n=================\nRunId: {self._id}\nWeb View: None\n\n")

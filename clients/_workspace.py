@@ -59,13 +59,77 @@ class Workspace:
             self._reconnect()
             return self._connection.call(op, **args)
 
-    def _stream(self, op: str, **args):
+    def _stream(self, op: str, *, timeout: float | None = None, **args):
         """Streams get a connection of their own, so a half-read stream never blocks other calls."""
         connection = AgentConnection(self.connection.path)
         try:
-            yield from connection.stream(op, **args)
+            yield from connection.stream(op, timeout=timeout, **args)
         finally:
             connection.close()
+
+    def watch(self, since: int | None = None, *, run_id: str | None = None, experiment: str | None = None,
+              user: str | None = None, types=None, follow: bool = True, resume: bool = True,
+              timeout: float | None = None):
+        """Yield lifecycle events (``{"seq", "id", "time", "type", "run_id", "experiment", "user", "data"}``).
+
+        ``since``: replay events after this seq first (0: all that are kept); None: only new ones.
+        A subscriber that falls behind the agent's buffer gets a gap; with ``resume`` (the default)
+        this iterator reconnects from the last event it yielded, so nothing is skipped. Without it,
+        the gap is yielded as ``{"gap": {"first_missed": seq, "last_delivered": seq}}`` and the
+        iteration ends. The agent restarting is resumed from the same way.
+        """
+        filters = {"run_id": run_id, "experiment": experiment, "user": user,
+                   "types": list(types) if types is not None else None}
+        last = since
+        while True:
+            try:
+                for item in self._stream("watch", timeout=timeout, since=last, follow=follow, **filters):
+                    if "gap" in item:
+                        if not resume:
+                            yield item
+                            return
+                        last = item["gap"]["last_delivered"]
+                        break
+                    event = item["event"]
+                    last = event["seq"]
+                    yield event
+                else:
+                    return
+            except AgentUnavailable:
+                if not resume or not follow:
+                    raise
+                self._reconnect_when_back()
+
+    def _reconnect_when_back(self, attempts: int = 100, interval: float = 0.1) -> None:
+        import time
+
+        for _ in range(attempts):
+            try:
+                self._reconnect()
+                return
+            except AgentUnavailable:
+                time.sleep(interval)
+        raise AgentUnavailable(f"the agent at {self._socket} did not come back")
+
+    def wait_for_run(self, run_id: str, timeout: float | None = None) -> dict:
+        """Block until the run has ended, following its events; returns the run."""
+        import time
+
+        from labrun.protocol import TERMINAL
+
+        run = self._call("get", run_id=run_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if run["status"] not in TERMINAL:
+            try:
+                for event in self.watch(run["event_seq"], run_id=run_id, timeout=timeout):
+                    if event["data"].get("status") in TERMINAL:
+                        break
+                    if deadline is not None and time.monotonic() > deadline:
+                        break
+            except TimeoutError:
+                pass
+            run = self._call("get", run_id=run_id)
+        return run
 
     def status(self) -> dict:
         return self._call("status")

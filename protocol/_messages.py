@@ -23,7 +23,7 @@ from typing import Any
 from ._errors import AgentError, BadRequest
 from ._schema import OP_SCHEMAS
 
-STREAMING_OPS = frozenset({"logs"})
+STREAMING_OPS = frozenset({"logs", "watch"})
 
 
 @dataclass(frozen=True, slots=True)

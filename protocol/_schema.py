@@ -248,6 +248,14 @@ OP_SCHEMAS: dict[str, Validator] = {
         "name": Field(_relative_path, "std_log.txt"),
     }),
     "status": struct({}),
+    "watch": struct({
+        "since": Field(nullable(integer(min=0)), None),
+        "run_id": Field(nullable(_RUN_ID), None),
+        "experiment": Field(nullable(string(max_len=255)), None),
+        "user": Field(nullable(string(max_len=255)), None),
+        "types": Field(nullable(list_of(string(max_len=100), max_items=100)), None),
+        "follow": Field(boolean, True),
+    }),
 }
 
 

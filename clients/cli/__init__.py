@@ -116,7 +116,7 @@ def cmd_run(args) -> int:
         print(f"\nlabrun: canceling {run_id}", file=sys.stderr)
         workspace._call("cancel", run_id=run_id)
         _follow(workspace, run_id, out)
-    run = workspace._call("wait", run_id=run_id)
+    run = workspace.wait_for_run(run_id)
     if args.json:
         _print_json(run)
     if run["status"] != "Completed":
@@ -176,7 +176,7 @@ def cmd_wait(args) -> int:
     workspace = _workspace(args)
     code = 0
     for run_id in args.runs:
-        run = workspace._call("wait", run_id=run_id, timeout=args.timeout)
+        run = workspace.wait_for_run(run_id, timeout=args.timeout)
         if run["status"] not in TERMINAL:
             print(f"labrun: {run_id} is still {run['status']} after {args.timeout} s", file=sys.stderr)
             return 124
@@ -186,6 +186,25 @@ def cmd_wait(args) -> int:
             print(f"{run_id}: {run['status']}" + (f" ({run['error']})" if run["error"] else ""))
         code = code or exit_code_of(run)
     return code
+
+
+def cmd_events(args) -> int:
+    workspace = _workspace(args)
+    types = args.type or None
+    try:
+        for event in workspace.watch(args.since, run_id=args.run, experiment=args.experiment, types=types,
+                                     follow=args.follow):
+            if args.json:
+                sys.stdout.write(json.dumps(event, sort_keys=True, default=str) + "\n")
+            else:
+                data = event["data"]
+                detail = " ".join(f"{k}={v}" for k, v in sorted(data.items()) if k != "previous")
+                print(f"{event['seq']:>6}  {_format.age(event['time'])}  {event['type']:<22} "
+                      f"{event['run_id'] or '-'}  {event['user'] or '-'}  {detail}".rstrip())
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 def cmd_status(args) -> int:
@@ -202,6 +221,10 @@ def cmd_status(args) -> int:
           + (f" ({','.join(used['gpus'])} of {','.join(cap['gpus'])})" if cap["gpus"] else ""))
     counts = ", ".join(f"{k} {v}" for k, v in sorted(status["runs"].items())) or "none"
     print(f"runs      {counts}")
+    hub = status.get("hub")
+    if hub:
+        print(f"hub       {hub['url']}: {hub['state']}, delivered up to event {hub['delivered_seq']}, "
+              f"backlog {hub['backlog']}" + (f", last error: {hub['last_error']}" if hub["last_error"] else ""))
     for user, use in sorted(status["by_user"].items()):
         gpus = ",".join(use["gpus"]) or "-"
         print(f"  {user}: {use['runs']} running, cpus {use['cpus']}, "
@@ -287,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_duration)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_wait)
+
+    p = commands.add_parser("events", help="lifecycle events: the history, then (with --follow) new ones as they happen")
+    p.add_argument("--since", type=int, default=0, help="only events after this seq (default 0: all kept)")
+    p.add_argument("--run", help="only this run's events")
+    p.add_argument("-e", "--experiment")
+    p.add_argument("--type", action="append", help="only events of this type, e.g. run.completed (repeatable)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_events)
 
     p = commands.add_parser("status", help="the agent's capacity, what is in use, and by whom")
     p.add_argument("--json", action="store_true")

@@ -1,0 +1,114 @@
+"""The event log end to end: replay, cursors, filters, live follow, and a slow subscriber's gap."""
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from labrun import Experiment, ScriptRunConfig
+from labrun._connection import AgentConnection
+from tests.e2e.test_agent import hello, raw_connect, read_frame  # noqa: F401
+from labrun.protocol import pack_frame
+
+EMPTY_TAR = (lambda b: (tarfile.open(fileobj=b, mode="w").close(), b.getvalue())[1])(io.BytesIO())
+RUN_TYPES = ["run.queued", "run.preparing", "run.starting", "run.started", "run.finalizing", "run.completed"]
+
+
+def submit(agent, source, command, name="ev"):
+    return Experiment(agent.workspace(), name).submit(ScriptRunConfig(str(source), command=command))
+
+
+def test_replay_from_zero_and_resume_from_a_cursor(agent, source):
+    run = submit(agent, source, ["true"])
+    run.wait_for_completion()
+    workspace = agent.workspace()
+    events = list(workspace.watch(0, follow=False))
+    assert events[0]["type"] == "agent.started"
+    assert [e["seq"] for e in events] == list(range(events[0]["seq"], events[0]["seq"] + len(events)))
+    mine = [e for e in events if e["run_id"] == run.id]
+    assert [e["type"] for e in mine] == RUN_TYPES
+    assert mine[-1]["data"]["exit_code"] == 0 and mine[0]["user"] == "root" and mine[0]["experiment"] == "ev"
+    assert len({e["id"] for e in events}) == len(events)
+    cursor = mine[2]["seq"]
+    assert list(workspace.watch(cursor, follow=False)) == [e for e in events if e["seq"] > cursor]
+
+
+def test_seq_is_monotonic_across_restarts(agent, source):
+    submit(agent, source, ["true"]).wait_for_completion()
+    before = list(agent.workspace().watch(0, follow=False))
+    agent.restart()
+    after = list(agent.workspace().watch(before[-1]["seq"], follow=False))
+    assert [e["type"] for e in after] == ["agent.stopping", "agent.started"]
+    assert after[0]["seq"] == before[-1]["seq"] + 1
+
+
+def test_filters(agent, source):
+    a = submit(agent, source, ["true"], name="one")
+    b = submit(agent, source, ["false"], name="two")
+    a.wait_for_completion()
+    b.wait_for_completion(raise_on_error=False)
+    workspace = agent.workspace()
+    assert {e["run_id"] for e in workspace.watch(0, run_id=b.id, follow=False)} == {b.id}
+    assert {e["experiment"] for e in workspace.watch(0, experiment="one", follow=False)} == {"one"}
+    ended = list(workspace.watch(0, types=["run.completed", "run.failed"], follow=False))
+    assert [(e["type"], e["run_id"]) for e in ended] == [("run.completed", a.id), ("run.failed", b.id)]
+
+
+def test_cli_follows_live_events(agent, source):
+    last = list(agent.workspace().watch(0, follow=False))[-1]["seq"]
+    follower = subprocess.Popen([sys.executable, "-m", "labrun.cli", "events", "--follow", "--json", "--since",
+                                 str(last)], env=agent.env, stdout=subprocess.PIPE, text=True)
+    try:
+        run = submit(agent, source, ["true"])
+        seen = []
+        for line in follower.stdout:
+            seen.append(json.loads(line))
+            if seen[-1]["type"] == "run.completed":
+                break
+        assert [e["type"] for e in seen] == RUN_TYPES and {e["run_id"] for e in seen} == {run.id}
+    finally:
+        follower.terminate()
+        follower.wait()
+        follower.stdout.close()
+    human = agent.cli("events", "--run", run.id, check=True).stdout.splitlines()
+    assert len(human) == 6 and "run.completed" in human[-1] and "exit_code=0" in human[-1]
+
+
+@pytest.mark.slow
+def test_slow_subscriber_gets_a_gap_and_resumes_exactly(make_agent, raw_connect):
+    """A subscriber that stops reading is cut off with a gap, never blocks the agent, and resumes from it."""
+    agent = make_agent("[events]\nsubscriber_buffer = 5\n[resources]\nmax_concurrent_runs = 1\n")
+    slow = raw_connect(agent)
+    hello(slow)
+    slow.sendall(pack_frame({"id": 1, "op": "watch", "args": {"since": None, "follow": True}}))
+    spec = {"experiment": "flood", "command": ["sleep", "60"], "snapshot": {"inline": EMPTY_TAR}}
+    with AgentConnection(agent.socket) as connection:
+        blocker = connection.call("submit", spec=spec)
+        # Each queued-then-canceled run is two events; enough to fill the socket and then the buffer.
+        for _ in range(800):
+            run = connection.call("submit", spec=spec)
+            connection.call("cancel", run_id=run["run_id"])
+        connection.call("cancel", run_id=blocker["run_id"])
+        assert connection.call("status")["pid"] == agent.process.pid   # the agent kept serving
+    received, gap = [], None
+    while True:
+        frame = read_frame(slow)
+        if frame.get("end"):
+            break
+        if "gap" in frame["item"]:
+            gap = frame["item"]["gap"]
+        else:
+            received.append(frame["item"]["event"])
+    assert gap is not None and received
+    assert gap["last_delivered"] == received[-1]["seq"] and gap["first_missed"] > gap["last_delivered"]
+    seqs = [e["seq"] for e in received]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    everything = list(agent.workspace().watch(0, follow=False))
+    resumed = list(agent.workspace().watch(gap["last_delivered"], follow=False))
+    assert resumed == [e for e in everything if e["seq"] > gap["last_delivered"]]
+    # The client iterator resumes by itself: it sees every event, gap or not.
+    assert [e["seq"] for e in agent.workspace().watch(seqs[0] - 1, follow=False)] == \
+        [e["seq"] for e in everything if e["seq"] >= seqs[0]]
