@@ -28,14 +28,23 @@ class ExitResult:
 
 
 @dataclass
+class Rank:
+    """One process of a run: a plain run has one; a distributed run one per rank (or task)."""
+
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)   # on top of the run's environment
+    daemon: bool = False   # a TensorFlow parameter server: stopped when the others are done
+
+
+@dataclass
 class LaunchSpec:
-    """Everything an executor needs to start one run's process."""
+    """Everything an executor needs to start one run's processes."""
 
     run_id: str
     argv: list[str]
     env: dict[str, str]
     cwd: Path
-    log_path: Path
+    ranks: list[Rank]
     uid: int
     gid: int
     groups: list[int] = field(default_factory=list)

@@ -65,7 +65,7 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
         try:
             capacity = discover_capacity(config.resources)
             cgroups = MemoryCgroups.detect() if config.resources.memory_enforcement == "auto" else None
-            supervisor = Supervisor(config, store, capacity, {"local": LocalExecutor(cgroups)})
+            supervisor = Supervisor(config, store, capacity, {"local": LocalExecutor(cgroups, config.stop_grace_seconds)})
             events = EventLog(store, buffer=config.subscriber_buffer)
             hub = HubSender(config.hub, store, events) if config.hub is not None else None
             service = Service(config, store, supervisor, events, hub)

@@ -59,6 +59,10 @@ class RunRecord:
             "allocation": self.allocation,
             "waiting": self.waiting,
         }
+        environment = spec.get("environment")
+        shown["environment"] = environment if privileged or environment is None else \
+            {"name": environment["name"], "version": environment.get("version")}
+        shown["distributed"] = spec.get("distributed")
         if privileged:
             shown["environment_variables"] = spec.get("environment_variables", {})
         return shown

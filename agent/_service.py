@@ -16,9 +16,10 @@ from typing import Awaitable, Callable
 
 import trio
 
-from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Forbidden, NotFound, TooLarge, __version__
+from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Conflict, Forbidden, NotFound, TooLarge, __version__
 from labrun.protocol._statuses import ACTIVE, QUEUED
 
+from ._artifacts import LOGS, artifact_path, list_files
 from ._events import EventFilter, EventLog
 from ._peers import Peer
 from ._snapshot import MAX_ARCHIVE_BYTES
@@ -61,7 +62,9 @@ class Service:
         self.handlers = {
             "hello": self.hello, "submit": self.submit, "upload": self.upload, "get": self.get,
             "list": self.list, "cancel": self.cancel, "wait": self.wait, "logs": self.logs, "status": self.status,
-            "watch": self.watch,
+            "watch": self.watch, "log_metrics": self.log_metrics, "get_metrics": self.get_metrics,
+            "set_labels": self.set_labels, "files": self.files, "download": self.download, "put_file": self.put_file,
+            "env_register": self.env_register, "env_get": self.env_get, "env_list": self.env_list,
         }
 
     # -- helpers -----------------------------------------------------------------------
@@ -79,7 +82,26 @@ class Service:
         return record
 
     def _show(self, session: Session, record) -> dict:
-        return record.public(privileged=session.peer.may_manage(record.uid))
+        shown = record.public(privileged=session.peer.may_manage(record.uid))
+        labels = {kind: self.store.labels(record.run_id, kind) for kind in ("tags", "properties", "error")}
+        shown["tags"] = {**shown["tags"], **labels["tags"]}
+        shown["properties"] = {**shown["properties"], **labels["properties"]}
+        shown["reported_error"] = labels["error"] or None
+        return shown
+
+    def _writable(self, session: Session, run_id: str, token: str | None):
+        """The run, if the caller may change it: its own token while it is active, or its owner."""
+        record = self._record(run_id)
+        if token is not None:
+            if not self.supervisor.token_valid(run_id, token):
+                raise Forbidden(f"the run token is not valid for run {run_id} (it is only valid while the run is active)")
+            return record
+        if not session.peer.may_manage(record.uid):
+            raise Forbidden(f"run {run_id} belongs to {record.user}; only its owner or an admin may change it")
+        return record
+
+    def _run_dir(self, record) -> Path:
+        return self.config.state_dir / "runs" / record.run_id
 
     # -- ops ---------------------------------------------------------------------------
 
@@ -119,7 +141,7 @@ class Service:
                 raise NotFound(f"spec.snapshot.upload: no upload {snapshot['upload']!r} on this connection")
         peer = session.peer
         try:
-            record = await self.supervisor.submit(spec, source, Owner(peer.uid, peer.gid, peer.user, list(peer.groups)))
+            record = await self.supervisor.submit(spec, source, Owner(peer.uid, peer.gid, peer.user, list(peer.groups), peer.admin))
         finally:
             if isinstance(source, Path):
                 source.unlink(missing_ok=True)
@@ -186,6 +208,72 @@ class Service:
         filter = EventFilter(run_id=args["run_id"], experiment=args["experiment"], user=args["user"], types=types)
         await self.events.watch(args["since"], filter, args["follow"], send_item)
 
+    async def log_metrics(self, session: Session, args: dict) -> dict:
+        record = self._writable(session, args["run_id"], args["token"])
+        if args["metrics"]:
+            self.store.add_metrics(record, args["metrics"])
+        return {"count": len(args["metrics"])}
+
+    async def get_metrics(self, session: Session, args: dict) -> list:
+        record = self._owned(session, args["run_id"], "read its metrics")
+        return self.store.metrics(record.run_id, args["name"])
+
+    async def set_labels(self, session: Session, args: dict) -> dict:
+        record = self._writable(session, args["run_id"], args["token"])
+        values = {k: v for k, v in args["values"].items()}
+        if args["kind"] == "properties":
+            # Properties are add-only, as in Azure ML.
+            existing = {**record.spec.get("properties", {}), **self.store.labels(record.run_id, "properties")}
+            changed = sorted(k for k, v in values.items() if k in existing and existing[k] != v)
+            if changed:
+                raise Conflict(f"property {changed[0]!r} of run {record.run_id} is already set to "
+                               f"{existing[changed[0]]!r}; properties cannot be changed")
+        self.store.set_labels(record.run_id, args["kind"], values)
+        return self._show(session, record)
+
+    async def files(self, session: Session, args: dict) -> list:
+        record = self._owned(session, args["run_id"], "list its files")
+        return list_files(self._run_dir(record))
+
+    async def download(self, session: Session, args: dict, send_item: SendItem) -> None:
+        record = self._owned(session, args["run_id"], "read its files")
+        path = artifact_path(self._run_dir(record), args["name"])
+        if not path.is_file():
+            raise NotFound(f"run {record.run_id} has no file {args['name']!r}")
+        await self._send_file_from(path, args["offset"], send_item)
+
+    async def put_file(self, session: Session, args: dict) -> dict:
+        record = self._writable(session, args["run_id"], args["token"])
+        if args["name"].startswith(LOGS):
+            raise BadRequest(f"{LOGS} is kept by the agent; upload under another name")
+        path = artifact_path(self._run_dir(record), args["name"])
+        if not args["append"] and path.exists():
+            raise Conflict(f"run {record.run_id} already has a file {args['name']!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as f:
+            f.write(args["data"])
+        if os.geteuid() == 0 and record.uid != 0:
+            run_dir, node = self._run_dir(record), path
+            while node != run_dir:
+                os.chown(node, record.uid, record.gid)
+                node = node.parent
+        return {"name": args["name"], "size": path.stat().st_size}
+
+    async def env_register(self, session: Session, args: dict) -> dict:
+        environment = args["environment"]
+        version = self.store.register_environment(environment["name"], environment, session.peer.user)
+        return {**environment, "version": version}
+
+    async def env_get(self, session: Session, args: dict) -> dict:
+        found = self.store.get_environment(args["name"], args["version"])
+        if found is None:
+            which = f" version {args['version']}" if args["version"] else ""
+            raise NotFound(f"no environment {args['name']!r}{which} is registered")
+        return {**found["definition"], "version": found["version"]}
+
+    async def env_list(self, session: Session, args: dict) -> list:
+        return [{**e["definition"], "version": e["version"]} for e in self.store.list_environments()]
+
     async def status(self, session: Session, args: dict) -> dict:
         capacity = self.supervisor.capacity
         in_use = {"cpus": 0, "memory": 0, "gpus": []}
@@ -215,7 +303,9 @@ class Service:
             "runs": self.store.counts_by_status(),
             "queued": len(self.supervisor.queued),
             "active": len(self.supervisor.active),
-            "targets": ["local", *sorted(self.config.targets)],
+            "targets": {"local": {"kind": "local"}, **{name: {"kind": t.kind, "cpus": t.cpus, "memory": t.memory,
+                                                              "gpus": t.gpus, "image": t.image}
+                                                       for name, t in sorted(self.config.targets.items())}},
             "events": {"last_seq": self.store.last_seq(), "subscribers": len(self.events.subscriptions)},
             "hub": self.hub.status() if self.hub is not None else None,
         }

@@ -57,6 +57,32 @@ CREATE TABLE IF NOT EXISTS events (
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_run ON events(run_id, seq);
+CREATE TABLE IF NOT EXISTS metrics (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    step INTEGER,
+    time REAL NOT NULL,
+    value BLOB NOT NULL,
+    description TEXT
+);
+CREATE INDEX IF NOT EXISTS metrics_run ON metrics(run_id, name, id);
+CREATE TABLE IF NOT EXISTS labels (
+    run_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT,
+    PRIMARY KEY (run_id, kind, key)
+);
+CREATE TABLE IF NOT EXISTS environments (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    definition BLOB NOT NULL,
+    user TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (name, version)
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
 """
 
@@ -243,6 +269,78 @@ class Store:
         cursor = self._db.execute("DELETE FROM events WHERE time < ? AND seq <= ?", (before_time, up_to_seq))
         self._commit()
         return cursor.rowcount
+
+    # -- metrics, tags and properties ---------------------------------------------------
+
+    def add_metrics(self, record: RunRecord, metrics: list[dict]) -> None:
+        """A batch of metrics and its ``run.metrics_logged`` event, atomically."""
+        self._begin()
+        try:
+            self._db.executemany(
+                "INSERT INTO metrics (run_id, name, kind, step, time, value, description) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(record.run_id, m["name"], m["kind"], m.get("step"), m["time"], _pack(m["value"]),
+                  m.get("description") or "") for m in metrics],
+            )
+            self._event("run.metrics_logged", run_id=record.run_id, experiment=record.experiment, user=record.user,
+                        data={"count": len(metrics), "names": sorted({m["name"] for m in metrics})[:50]})
+            self._commit()
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def metrics(self, run_id: str, name: str | None = None) -> list[dict]:
+        sql = "SELECT name, kind, step, time, value, description FROM metrics WHERE run_id = ?"
+        params = [run_id]
+        if name is not None:
+            sql += " AND name = ?"
+            params.append(name)
+        return [{"name": r[0], "kind": r[1], "step": r[2], "time": r[3], "value": _unpack(r[4]), "description": r[5]}
+                for r in self._db.execute(sql + " ORDER BY id", params).fetchall()]
+
+    def labels(self, run_id: str, kind: str) -> dict[str, str]:
+        rows = self._db.execute("SELECT key, value FROM labels WHERE run_id = ? AND kind = ?", (run_id, kind))
+        return dict(rows.fetchall())
+
+    def set_labels(self, run_id: str, kind: str, values: dict[str, str]) -> None:
+        self._begin()
+        try:
+            self._db.executemany(
+                "INSERT INTO labels (run_id, kind, key, value) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(run_id, kind, key) DO UPDATE SET value = excluded.value",
+                [(run_id, kind, k, v) for k, v in values.items()])
+            self._commit()
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    # -- environments ------------------------------------------------------------------
+
+    def register_environment(self, name: str, definition: dict, user: str) -> int:
+        self._begin()
+        try:
+            row = self._db.execute("SELECT MAX(version) FROM environments WHERE name = ?", (name,)).fetchone()
+            version = (row[0] or 0) + 1
+            self._db.execute("INSERT INTO environments (name, version, definition, user, created_at) VALUES (?, ?, ?, ?, ?)",
+                             (name, version, _pack(definition), user, time.time()))
+            self._commit()
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return version
+
+    def get_environment(self, name: str, version: int | None = None) -> dict | None:
+        sql = "SELECT name, version, definition, user, created_at FROM environments WHERE name = ?"
+        params: list = [name]
+        if version is not None:
+            sql += " AND version = ?"
+            params.append(version)
+        row = self._db.execute(sql + " ORDER BY version DESC LIMIT 1", params).fetchone()
+        return None if row is None else {"name": row[0], "version": row[1], "definition": _unpack(row[2]),
+                                         "user": row[3], "created_at": row[4]}
+
+    def list_environments(self) -> list[dict]:
+        names = [r[0] for r in self._db.execute("SELECT DISTINCT name FROM environments ORDER BY name")]
+        return [self.get_environment(name) for name in names]
 
     def get_meta(self, key: str, default=None):
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

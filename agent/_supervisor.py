@@ -18,9 +18,13 @@ had not started are queued again.
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import shlex
 import shutil
 import signal as signals
+import socket as stdsocket
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,13 +33,15 @@ from pathlib import Path
 import structlog
 import trio
 
-from labrun.protocol import BadRequest, Conflict, format_memory
+from labrun.protocol import BadRequest, Conflict, Forbidden, format_memory
 from labrun.protocol._statuses import (
     ACTIVE, CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING,
 )
 
 from ._config import AgentConfig
-from ._executor import ExitResult, LaunchSpec, StartFailed
+from ._artifacts import artifact_path
+from ._environments import EnvironmentBuilder, PrepareFailed, needs_conda
+from ._executor import ExitResult, LaunchSpec, Rank, StartFailed
 from ._model import RunRecord
 from ._notify import Notifier
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
@@ -47,12 +53,8 @@ log = structlog.get_logger("labrun.supervisor")
 
 # Stopping a run waits this long beyond the grace period for SIGKILL to take effect.
 KILL_WAIT_SECONDS = 5.0
-NOT_SUPPORTED_YET = {
-    "environment": "environments",
-    "distributed": "distributed runs (distributed_job_config)",
-    "resume_from": "resume_from",
-    "docker": "Docker runs (docker_runtime_config)",
-}
+# Rendezvous for distributed runs on this machine.
+MASTER_ADDR = "127.0.0.1"
 
 
 @dataclass
@@ -61,6 +63,21 @@ class Owner:
     gid: int
     user: str
     groups: list[int]
+    admin: bool = False
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free right now on the loopback interface (for a run's rendezvous)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = stdsocket.socket()
+            sock.bind((MASTER_ADDR, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @dataclass
@@ -70,6 +87,7 @@ class _ActiveRun:
     kill_scope: trio.CancelScope
     ends_by: float
     cancel_reason: str | None = None
+    token: str = ""
 
 
 class Supervisor:
@@ -83,6 +101,11 @@ class Supervisor:
         self.active: dict[str, _ActiveRun] = {}
         self.changed = Notifier()
         self._wakeup = trio.Event()
+        self.environments = EnvironmentBuilder(config.state_dir / "envs")
+
+    def token_valid(self, run_id: str, token: str) -> bool:
+        active = self.active.get(run_id)
+        return active is not None and secrets.compare_digest(active.token, token)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -138,10 +161,7 @@ class Supervisor:
 
     async def submit(self, spec: dict, snapshot: bytes | Path, owner: Owner) -> RunRecord:
         """Check the spec against this agent, unpack the snapshot and queue the run (durably)."""
-        for field, what in NOT_SUPPORTED_YET.items():
-            if spec.get(field) is not None:
-                raise BadRequest(f"spec.{field}: {what} are not supported yet by this agent",
-                                 details={"field": f"spec.{field}"})
+        self._check_features(spec, owner)
         target = spec["compute_target"]
         if target != "local":
             configured = self.config.targets.get(target)
@@ -193,6 +213,39 @@ class Supervisor:
         self.changed.notify()
         self.wake()
         return record
+
+    def _check_features(self, spec: dict, owner: Owner) -> None:
+        """Refuse at submit what this machine cannot run, naming the field."""
+        def refuse(field, message):
+            raise BadRequest(f"spec.{field}: {message}", details={"field": f"spec.{field}"})
+
+        docker = spec.get("docker")
+        if docker is not None and docker["use_docker"]:
+            refuse("docker", "Docker runs are not supported yet by this agent")
+        environment = spec.get("environment")
+        if environment is not None and needs_conda(environment) and shutil.which("conda") is None:
+            refuse("environment", f"environment {environment['name']!r} is a conda specification, and this "
+                                  "machine has no 'conda' binary; use pip requirements or install conda")
+        distributed = spec.get("distributed")
+        if distributed is not None:
+            if distributed["node_count"] > 1:
+                refuse("distributed", f"node_count={distributed['node_count']}: this agent runs on one machine; "
+                                      "multi-node runs need a cluster compute target")
+            if distributed["kind"] == "mpi" and shutil.which("mpirun") is None:
+                refuse("distributed", "MPI runs need 'mpirun' on the agent's machine (e.g. Debian's openmpi-bin)")
+        resume = spec.get("resume_from")
+        if resume is not None:
+            if resume["run_id"] is not None:
+                source = self.store.get_run(resume["run_id"])
+                if source is None:
+                    refuse("resume_from", f"no run with id {resume['run_id']!r}")
+                if source.uid != owner.uid and not owner.admin:
+                    raise Forbidden(f"spec.resume_from: run {source.run_id} belongs to {source.user}")
+                path = artifact_path(self.runs_dir / source.run_id, resume["path"])
+                if not path.exists():
+                    refuse("resume_from", f"run {source.run_id} has no {resume['path']!r}")
+            elif not os.path.isabs(resume["path"]):
+                refuse("resume_from", f"a local path must be absolute, got {resume['path']!r}")
 
     def cancel(self, record: RunRecord) -> RunRecord:
         """Cancel a queued run at once, or ask an active run's task to stop it."""
@@ -252,37 +305,115 @@ class Supervisor:
         elif changes:
             self.store.update_run(run.record, None, **changes)
 
-    def _launch_spec(self, record: RunRecord, allocation: Allocation) -> LaunchSpec:
+    async def _resume_path(self, record: RunRecord, run_dir: Path) -> str:
+        """Copy what the run resumes from into ``resume_from/``, as its owner, and make it read-only."""
+        resume = record.spec["resume_from"]
+        if resume["run_id"] is not None:
+            source = artifact_path(self.runs_dir / resume["run_id"], resume["path"])
+        else:
+            source = Path(resume["path"])
+        target_dir = run_dir / "resume_from"
+        target_dir.mkdir()
+        target = target_dir / source.name
+        options = {}
+        if os.geteuid() == 0 and record.uid != 0:
+            os.chown(target_dir, record.uid, record.gid)
+            # Copying as the owner: a user can resume only from what they may read.
+            options = {"user": record.uid, "group": record.gid}
+        result = await trio.run_process(["cp", "-a", "--", str(source), str(target)], capture_stderr=True,
+                                        check=False, **options)
+        if result.returncode != 0:
+            raise PrepareFailed(f"cannot copy resume_from {str(source)!r}: "
+                                f"{result.stderr.decode(errors='replace').strip()}", reason="resume_from_failed")
+        await trio.run_process(["chmod", "-R", "a-w", str(target)], check=False, **options)
+        return str(target)
+
+    def _ranks(self, record: RunRecord, allocation: Allocation, logs: Path) -> list[Rank]:
+        """One rank per process, with the variables the frameworks expect."""
+        distributed = record.spec.get("distributed")
+        if distributed is None or distributed["kind"] == "mpi":
+            return [Rank(log_path=logs / "std_log.txt")]
+        gpus = list(allocation.gpus)
+        if distributed["kind"] == "pytorch":
+            count = distributed["process_count"] or 1
+            port = free_ports(1)[0]
+            ranks = []
+            for rank in range(count):
+                env = {"MASTER_ADDR": MASTER_ADDR, "MASTER_PORT": str(port), "WORLD_SIZE": str(count),
+                       "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0", "LOCAL_WORLD_SIZE": str(count)}
+                if len(gpus) >= count:
+                    env["CUDA_VISIBLE_DEVICES"] = env["NVIDIA_VISIBLE_DEVICES"] = gpus[rank]
+                ranks.append(Rank(log_path=logs / f"std_log_process_{rank}.txt", env=env))
+            return ranks
+        workers = distributed["worker_count"] or 1
+        servers = distributed["parameter_server_count"] if distributed["parameter_server_count"] is not None else 1
+        ports = free_ports(workers + servers)
+        cluster = {"worker": [f"{MASTER_ADDR}:{p}" for p in ports[:workers]]}
+        if servers:
+            cluster["ps"] = [f"{MASTER_ADDR}:{p}" for p in ports[workers:]]
+        tasks = [("worker", i) for i in range(workers)] + [("ps", i) for i in range(servers)]
+        return [Rank(log_path=logs / f"std_log_process_{n}.txt", daemon=kind == "ps",
+                     env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": kind, "index": index},
+                                                   "environment": "cloud"})})
+                for n, (kind, index) in enumerate(tasks)]
+
+    async def _prepare(self, run: _ActiveRun) -> LaunchSpec:
+        """Everything before the process starts: environment, resume_from, variables, ranks."""
+        record, allocation = run.record, run.allocation
         spec = record.spec
         run_dir = self.runs_dir / record.run_id
+        logs = run_dir / "logs"
+        owned = os.geteuid() == 0 and record.uid != 0
+        prepared = await self.environments.prepare(spec.get("environment"), spec["interpreter"] or "python3",
+                                                   logs / "environment_build.txt", run_dir / "snapshot")
         env = {k: v for k, v in record.environ.items() if k != "LABRUN_RUN_TOKEN"}
+        env.update(prepared.variables or {})
         env.update(spec["environment_variables"])
+        if prepared.bin_dir is not None:
+            env["PATH"] = f"{prepared.bin_dir}:{env.get('PATH', os.defpath)}"
+            env["VIRTUAL_ENV"] = str(prepared.bin_dir.parent)
+        run.token = secrets.token_urlsafe(24)
         env.update({
             "LABRUN_RUN_ID": record.run_id,
             "LABRUN_EXPERIMENT": record.experiment,
             "LABRUN_SOCKET": str(self.config.socket),
             "LABRUN_OUTPUT_DIR": str(run_dir / "snapshot" / "outputs"),
+            "LABRUN_RUN_TOKEN": run.token,
         })
         if self.capacity.gpus:
             devices = ",".join(allocation.gpus)
             env.update({"CUDA_VISIBLE_DEVICES": devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                         "NVIDIA_VISIBLE_DEVICES": devices or "void"})
+        extra: list[str] = []
+        if spec.get("resume_from") is not None:
+            path = await self._resume_path(record, run_dir)
+            env["LABRUN_RESUME_FROM"] = path
+            extra = ["--resume-from", path]
         if spec["script"] is not None:
-            argv = [spec["interpreter"] or "python3", spec["script"], *spec["arguments"]]
+            argv = [prepared.python, spec["script"], *spec["arguments"], *extra]
         elif isinstance(spec["command"], str):
-            argv = ["/bin/sh", "-c", spec["command"]]
+            line = spec["command"] + "".join(" " + shlex.quote(part) for part in extra)
+            argv = ["/bin/sh", "-c", line]
         else:
-            argv = list(spec["command"])
-        log_path = run_dir / "logs" / "std_log.txt"
-        log_path.touch()
+            argv = [*spec["command"], *extra]
+        distributed = spec.get("distributed")
+        if distributed is not None and distributed["kind"] == "mpi":
+            count = distributed["process_count_per_node"] or 1
+            argv = ["mpirun", "-np", str(count), *(["--allow-run-as-root"] if record.uid == 0 else []), *argv]
+        ranks = self._ranks(record, allocation, logs)
+        for rank in ranks:
+            rank.log_path.touch()
+            if owned:
+                os.chown(rank.log_path, record.uid, record.gid)
+        if len(ranks) > 1 and not (logs / "std_log.txt").exists():
+            (logs / "std_log.txt").symlink_to(ranks[0].log_path.name)   # the log `labrun run` follows
         groups = []
-        if os.geteuid() == 0 and record.uid != 0:
-            os.chown(log_path, record.uid, record.gid)
+        if owned:
             try:
                 groups = os.getgrouplist(record.user, record.gid)
             except KeyError:
                 groups = [record.gid]
-        return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=run_dir / "snapshot", log_path=log_path,
+        return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=run_dir / "snapshot", ranks=ranks,
                           uid=record.uid, gid=record.gid, groups=groups, cores=allocation.cores,
                           memory=allocation.memory)
 
@@ -294,12 +425,18 @@ class Supervisor:
         try:
             with run.kill_scope:
                 self._advance(run, PREPARING, allocation=run.allocation.to_wire())
-                launch = self._launch_spec(record, run.allocation)
+                try:
+                    launch = await self._prepare(run)
+                except PrepareFailed as exc:
+                    with open(self.runs_dir / record.run_id / "logs" / "std_log.txt", "a") as log_file:
+                        log_file.write(f"labrun: {exc}\n")
+                    self._finish(run, FAILED, reason=exc.reason, error=str(exc))
+                    return
                 self._advance(run, STARTING)
                 try:
                     handle = await executor.start(launch)
                 except StartFailed as exc:
-                    with open(launch.log_path, "a") as log_file:
+                    with open(launch.ranks[0].log_path, "a") as log_file:
                         log_file.write(f"labrun: {exc}\n")
                     self._finish(run, FAILED, reason="start_failed", error=str(exc))
                     return

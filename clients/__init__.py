@@ -23,6 +23,9 @@ _EXPORTS = {
     "MpiConfiguration": "._runconfig",
     "TensorflowConfiguration": "._runconfig",
     "Resources": "._runconfig",
+    "Environment": "._environment",
+    "DataPath": "._datapath",
+    "ComputeTarget": "._compute",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -1,16 +1,32 @@
-"""``Run`` and ``ScriptRun``: a handle to one run on the agent, as in Azure ML SDK v1."""
+"""``Run`` and ``ScriptRun``: a handle to one run on the agent, as in Azure ML SDK v1.
+
+Inside a submitted run, ``Run.get_context()`` returns the live run, authenticated by the run's
+token (``LABRUN_RUN_TOKEN``). Metrics are buffered and sent in batches (at 500 values, every second
+of logging, on ``flush``/``complete``, and at exit), so a loop logging thousands of values a second
+is not slowed. Outside a run, ``get_context`` returns an offline run that prints what it would log.
+"""
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
+import os
 import sys
+import time
+import uuid
 
 from labrun.protocol import TERMINAL
 
-from .exceptions import ActivityFailedException, ExperimentExecutionException
+from . import _metrics
+from .exceptions import (
+    ActivityFailedException, ExperimentExecutionException, RunEnvironmentException, UserErrorException,
+)
 
 LOG_NAME = "user_logs/std_log.txt"
+CHUNK = 8 * 1024 * 1024
+FLUSH_COUNT = 500
+FLUSH_SECONDS = 1.0
 
 
 def _utc(timestamp: float | None) -> str | None:
@@ -55,6 +71,12 @@ class Run:
     @property
     def type(self) -> str:
         return getattr(self, "RUN_TYPE", "labrun.run")
+
+    @property
+    def _workspace(self):
+        return self.experiment.workspace
+
+    _token = None   # set on the live run inside a submitted run
 
     def _refresh(self) -> dict:
         self._details = self.experiment.workspace._call("get", run_id=self._id)
@@ -105,10 +127,14 @@ class Run:
         }
         if d["ended_at"] is not None:
             details["endTimeUtc"] = _utc(d["ended_at"])
+        logs = [f["name"] for f in self.get_file_list() if f["name"].startswith("user_logs/")]
+        details["logFiles"] = {name: name for name in logs or [LOG_NAME]}
         if d["status"] in ("Failed", "Canceled") and d.get("error"):
-            details["error"] = {"error": {"code": "UserError" if d["reason"] in ("exit_code", "signal") else "SystemError",
-                                          "message": d["error"], "reason": d["reason"],
-                                          "exitCode": d["exit_code"], "signal": d["signal"]}}
+            error = {"code": "UserError" if d["reason"] in ("exit_code", "signal") else "SystemError",
+                     "message": d["error"], "reason": d["reason"], "exitCode": d["exit_code"], "signal": d["signal"]}
+            if d.get("reported_error"):
+                error["reported"] = d["reported_error"]
+            details["error"] = {"error": error}
         return details
 
     # -- waiting and logs --------------------------------------------------------------
@@ -158,6 +184,164 @@ class Run:
     def cancel(self) -> None:
         self._details = self.experiment.workspace._call("cancel", run_id=self._id)
 
+    # -- metrics, tags, properties -----------------------------------------------------
+
+    def _send_metrics(self, metrics: list[dict]) -> None:
+        self._workspace._call("log_metrics", run_id=self._id, token=self._token, metrics=metrics)
+
+    def _queue_metric(self, name: str, kind: str, value, description: str = "", step=None) -> None:
+        self._send_metrics([{"name": str(name), "kind": kind, "value": value, "step": step, "time": time.time(),
+                             "description": description or None}])
+
+    def log(self, name, value, description="", step=None):
+        _metrics.check_not_list(value)
+        self._queue_metric(name, "scalar", _metrics.scalar(value, name), description, step)
+
+    def log_list(self, name, value, description=""):
+        self._queue_metric(name, "list", [_metrics.scalar(v, name) for v in value], description)
+
+    def log_row(self, name, description=None, **kwargs):
+        row = {}
+        for key, value in kwargs.items():
+            if isinstance(value, (list, tuple)):
+                raise UserErrorException(f"log_row: column {key!r} must be a scalar, got a list")
+            row[key] = _metrics.scalar(value, f"{name}.{key}")
+        self._queue_metric(name, "row", row, description or "")
+
+    def log_table(self, name, value, description=""):
+        if not isinstance(value, dict):
+            raise UserErrorException("log_table: value must be a dict of column name -> list of values")
+        lengths = {len(v) for v in value.values() if isinstance(v, (list, tuple))}
+        if len(lengths) > 1:
+            raise UserErrorException(f"log_table: InvalidColumnLength: columns have different lengths {sorted(lengths)}")
+        table = {k: [_metrics.scalar(x, f"{name}.{k}") for x in v] if isinstance(v, (list, tuple))
+                 else _metrics.scalar(v, f"{name}.{k}") for k, v in value.items()}
+        self._queue_metric(name, "table", table, description)
+
+    def log_image(self, name, path=None, plot=None, description=""):
+        if (path is None) == (plot is None):
+            raise UserErrorException("log_image: give exactly one of 'path' or 'plot'")
+        if plot is not None:
+            artifact = f"{name}_{int(time.time())}.png"
+            import io
+
+            buffer = io.BytesIO()
+            plot.savefig(buffer, format="png")
+            self._put_bytes(artifact, buffer.getvalue())
+        else:
+            artifact = os.path.normpath(os.path.relpath(path)) if not os.path.isabs(path) else os.path.basename(path)
+            self.upload_file(artifact, path)
+        self._queue_metric(name, "image", f"aml://artifactId/ExperimentRun/dcid.{self._id}/{artifact}", description)
+
+    def get_metrics(self, name=None, recursive=False, run_type=None, populate=False) -> dict:
+        self.flush()
+        folded = _metrics.fold(self._workspace._call("get_metrics", run_id=self._id, name=name))
+        return {self._id: folded} if recursive else folded
+
+    def flush(self, timeout_seconds=300) -> None:
+        pass
+
+    def _set_labels(self, kind: str, values: dict) -> dict:
+        self._details = self._workspace._call("set_labels", run_id=self._id, token=self._token, kind=kind,
+                                              values=values)
+        return self._details
+
+    def tag(self, key, value=None):
+        self.set_tags({key: value})
+
+    def set_tags(self, tags):
+        if not isinstance(tags, dict):
+            raise UserErrorException("set_tags takes a dict of tag name -> value")
+        self._set_labels("tags", {str(k): None if v is None else str(v) for k, v in tags.items()})
+
+    def add_properties(self, properties):
+        if properties:
+            self._set_labels("properties", {str(k): str(v) for k, v in properties.items()})
+
+    # -- files ---------------------------------------------------------------------------
+
+    def _put_bytes(self, name: str, data: bytes) -> None:
+        for start in range(0, max(len(data), 1), CHUNK):
+            self._workspace._call("put_file", run_id=self._id, token=self._token, name=name,
+                                  data=data[start:start + CHUNK], append=start > 0)
+
+    def upload_file(self, name, path_or_stream, datastore_name=None):
+        if hasattr(path_or_stream, "read"):
+            data = path_or_stream.read()
+        else:
+            with open(path_or_stream, "rb") as f:
+                data = f.read()
+        self._put_bytes(str(name).replace(os.sep, "/"), data if isinstance(data, bytes) else data.encode())
+
+    def upload_files(self, names, paths, return_artifacts=False, timeout_seconds=None, datastore_name=None):
+        if len(names) != len(paths):
+            raise TypeError("names and paths must be lists of equal lengths. "
+                            f"Got {len(names)} names and {len(paths)} paths.")
+        for name, path in zip(names, paths):
+            self.upload_file(name, path)
+
+    def upload_folder(self, name, path, datastore_name=None):
+        for directory, _dirs, files in os.walk(path):
+            for file in sorted(files):
+                full = os.path.join(directory, file)
+                self.upload_file(name + full[len(path):].replace(os.sep, "/"), full)
+
+    def get_file_list(self) -> list[dict]:
+        return self._workspace._call("files", run_id=self._id)
+
+    def get_file_names(self) -> list[str]:
+        return [f["name"] for f in self.get_file_list()]
+
+    def download_file(self, name, output_file_path=None, _validate_checksum=False):
+        target = output_file_path or os.path.basename(name)
+        if os.path.isdir(target):
+            target = os.path.join(target, os.path.basename(name))
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        with open(target, "wb") as f:
+            for item in self._workspace._stream("download", run_id=self._id, name=name):
+                f.write(item["data"])
+        return target
+
+    def download_files(self, prefix=None, output_directory=None, output_paths=None, batch_size=100,
+                       append_prefix=True, timeout_seconds=None) -> list[str]:
+        names = [n for n in self.get_file_names() if prefix is None or n.startswith(prefix)]
+        if not names:
+            raise UserErrorException(f"run {self._id} has no files" + (f" under {prefix!r}" if prefix else ""))
+        output_directory = output_directory or os.getcwd()
+        written = []
+        for i, name in enumerate(names):
+            if output_paths is not None:
+                target = output_paths[i]
+            else:
+                relative = name if append_prefix or not prefix else name[len(prefix):].lstrip("/")
+                target = os.path.join(output_directory, relative)
+            written.append(self.download_file(name, target))
+        return written
+
+    def get_all_logs(self, destination=None) -> list[str]:
+        destination = destination or os.path.join(os.getcwd(), "assets", self._id)
+        return self.download_files(prefix="user_logs/", output_directory=destination)
+
+    def get_environment(self):
+        from ._environment import Environment
+
+        definition = self._refresh().get("environment")
+        return Environment._from_wire(definition) if definition else None
+
+    # -- inside a run --------------------------------------------------------------------
+
+    @classmethod
+    def get_context(cls, allow_offline=True, used_for_context_manager=False, **kwargs):
+        """The live run inside a submitted run; an offline run (or an error) elsewhere."""
+        run_id, token, socket = (os.environ.get(k) for k in ("LABRUN_RUN_ID", "LABRUN_RUN_TOKEN", "LABRUN_SOCKET"))
+        if run_id and token and socket:
+            return _SubmittedRun._for(run_id, token, socket, os.environ.get("LABRUN_EXPERIMENT", "default"))
+        if not allow_offline:
+            raise RunEnvironmentException(
+                "Could not load a submitted run, if outside of an execution context, use "
+                "experiment.start_logging to initialize an azureml.core.Run.")
+        return _OfflineRun(kwargs.get("run_id"))
+
     def __repr__(self) -> str:
         return f"Run(Experiment: {self.experiment.name},\nId: {self._id},\nType: {self.type},\nStatus: {self.status})"
 
@@ -172,3 +356,154 @@ class ScriptRun(Run):
 
 def get_run(experiment, run_id, rehydrate=True, clean_up=True) -> ScriptRun:
     return ScriptRun(experiment, run_id)
+
+
+class _SubmittedRun(Run):
+    """The run a submitted script is part of. Metrics are buffered and sent in batches."""
+
+    _instances: dict = {}
+
+    @classmethod
+    def _for(cls, run_id, token, socket, experiment_name):
+        key = (socket, run_id)
+        if key not in cls._instances:
+            from ._experiment import Experiment
+            from ._workspace import Workspace
+
+            experiment = Experiment(Workspace(socket=socket, autostart=False), experiment_name,
+                                    _skip_name_validation=True)
+            cls._instances[key] = cls(experiment, run_id, token)
+        return cls._instances[key]
+
+    def __init__(self, experiment, run_id, token):
+        self.experiment = experiment
+        self._id = run_id
+        self._token = token
+        self._details = None
+        self._buffer: list[dict] = []
+        self._last_flush = time.monotonic()
+        atexit.register(self.flush)
+
+    @property
+    def _details_now(self):
+        if self._details is None:
+            self._refresh()
+        return self._details
+
+    def _refresh(self) -> dict:
+        self._details = self._workspace._call("get", run_id=self._id)
+        return self._details
+
+    number = property(lambda self: self._details_now["number"])
+    status = property(lambda self: self._details_now["status"])
+    display_name = property(lambda self: self._details_now["display_name"])
+    tags = property(lambda self: dict(self._details_now["tags"]))
+    properties = property(lambda self: dict(self._details_now["properties"]))
+
+    def get_details(self) -> dict:
+        self._refresh()
+        return super().get_details()
+
+    def _queue_metric(self, name, kind, value, description="", step=None):
+        self._buffer.append({"name": str(name), "kind": kind, "value": value, "step": step, "time": time.time(),
+                             "description": description or None})
+        if len(self._buffer) >= FLUSH_COUNT or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self, timeout_seconds=300) -> None:
+        self._last_flush = time.monotonic()
+        if self._buffer:
+            batch, self._buffer = self._buffer, []
+            self._send_metrics(batch)
+
+    def complete(self, _set_status=True):
+        # The agent sets the status when the script exits; this only sends what is buffered.
+        self.flush()
+
+    def fail(self, error_details=None, error_code=None, _set_status=True):
+        self.flush()
+        if isinstance(error_details, BaseException):
+            message = f"User program failed with {type(error_details).__name__}: {error_details}"
+        elif error_details is None or isinstance(error_details, str):
+            message = error_details or ""
+        else:
+            raise TypeError("error_details must be instance of string or BaseException.")
+        self._set_labels("error", {"code": error_code or "UserError", "message": message})
+
+    def cancel(self):
+        print("cancel is not supported for submitted runs.", file=sys.stderr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None and not isinstance(exc, SystemExit):
+            self.fail(exc)
+        self.complete()
+        return False
+
+
+class _OfflineRun:
+    """Outside a submitted run: prints what it would have logged, as Azure ML's offline run does."""
+
+    def __init__(self, run_id=None):
+        self.id = run_id or f"OfflineRun_{uuid.uuid4()}"
+
+    def _print(self, kind, name, value):
+        print(f"Attempted to log {kind} metric {name}:\n{value}")
+
+    def log(self, name, value, description=""):
+        self._print("scalar", name, value)
+
+    def log_list(self, name, value, description=""):
+        self._print("list", name, value)
+
+    def log_table(self, name, value, description=""):
+        self._print("table", name, value)
+
+    def log_row(self, name, description=None, **kwargs):
+        self._print("row", name, kwargs)
+
+    def log_image(self, name, path=None, plot=None, description=""):
+        self._print("image", name, path if path is not None else plot)
+
+    def add_properties(self, properties):
+        print(f"Attempted to add properties {properties}")
+
+    def set_tags(self, tags):
+        print(f"Attempted to set tags {tags}")
+
+    def tag(self, key, value=None):
+        print(f"Attempted to add tag {key} with value {value}")
+
+    def upload_file(self, name, path_or_stream, datastore_name=None):
+        print(f"Attempted to track file {name} at {path_or_stream}")
+
+    def upload_files(self, names, paths, return_artifacts=False, timeout_seconds=None, datastore_name=None):
+        print(f"Attempted to track files {names} at {paths}")
+
+    def upload_folder(self, name, path, datastore_name=None):
+        print(f"Attempted to track folder {name} at {path}")
+
+    def flush(self, timeout_seconds=300):
+        print(f"Attempted to flush run with id {self.id}")
+
+    def complete(self, _set_status=True):
+        pass
+
+    def cancel(self):
+        pass
+
+    def fail(self, error_details=None, error_code=None, _set_status=True):
+        print(f"Run failed with error code {error_code}:\n{error_details}")
+
+    def child_run(self, name=None, run_id=None, outputs=None):
+        return _OfflineRun(f"{self.id}.{name or uuid.uuid4()}")
+
+    def __enter__(self):
+        print(f"[START] Run {self.id} context")
+        return self
+
+    def __exit__(self, *exc):
+        print(f"[STOP] Run {self.id} context")
+        return False

@@ -96,6 +96,11 @@ class ScriptRunConfig:
                 if not isinstance(docker_runtime_config, DockerConfiguration):
                     raise RunConfigurationException("'docker_runtime_config' must be a 'DockerConfiguration' object.")
                 run_config.docker = docker_runtime_config
+            elif environment is not None and getattr(environment, "docker", None) is not None:
+                section = environment.docker
+                run_config.docker = DockerConfiguration(use_docker=section.enabled, shm_size=section.shm_size,
+                                                        shared_volumes=section.shared_volumes,
+                                                        arguments=section.arguments)
             self.run_config = run_config
         if resources is not None:
             self.run_config.resources = Resources.coerce(resources)
@@ -104,23 +109,58 @@ class ScriptRunConfig:
 
     # -- building the wire spec ----------------------------------------------------------
 
-    def _unsupported(self) -> str | None:
+    def _distributed_wire(self) -> dict | None:
         rc = self.run_config
-        if rc.environment is not None:
-            return "environments ('environment')"
-        if self._distributed_job_config is not None or rc.node_count not in (1, None):
-            return "distributed runs ('distributed_job_config')"
-        if self._resume_from is not None:
-            return "'resume_from'"
-        if rc.docker is not None and rc.docker.use_docker:
-            return "Docker runs ('docker_runtime_config' with use_docker=True)"
+        config = self._distributed_job_config
+        if config is None and rc.framework in ("PyTorch", "TensorFlow") or rc.communicator in ("IntelMpi", "OpenMpi"):
+            config = {"PyTorch": rc.pytorch, "TensorFlow": rc.tensorflow}.get(rc.framework, rc.mpi)
+        if isinstance(config, PyTorchConfiguration):
+            return {"kind": "pytorch", "process_count": config.process_count, "node_count": config.node_count,
+                    "backend": config.communication_backend}
+        if isinstance(config, MpiConfiguration):
+            return {"kind": "mpi", "process_count_per_node": config.process_count_per_node,
+                    "node_count": config.node_count}
+        if isinstance(config, TensorflowConfiguration):
+            # Azure ML counts TensorFlow workers as nodes; here every task is a process on this machine.
+            return {"kind": "tensorflow", "worker_count": config.worker_count,
+                    "parameter_server_count": config.parameter_server_count, "node_count": 1}
+        if rc.node_count not in (1, None):
+            return {"kind": "pytorch", "process_count": None, "node_count": rc.node_count, "backend": None}
         return None
+
+    def _resume_wire(self) -> dict | None:
+        from ._datapath import DataPath
+
+        resume = self._resume_from
+        if resume is None:
+            return None
+        if isinstance(resume, (str, os.PathLike)):
+            resume = DataPath(resume)
+        if not isinstance(resume, DataPath):
+            raise UserErrorException(f"resume_from parameter should be of type DataPath or a path. "
+                                     f"Found {type(resume)}.")
+        wire = resume._to_wire()
+        if wire["run_id"] is None and not os.path.exists(wire["path"]):
+            raise UserErrorException(f"resume_from: {wire['path']} does not exist")
+        return wire
+
+    def _environment_wire(self) -> dict | None:
+        environment = self.run_config.environment
+        if environment is None:
+            return None
+        if not hasattr(environment, "_to_wire"):
+            raise RunConfigurationException(f"environment must be a labrun.Environment, got {type(environment).__name__}")
+        return environment._to_wire()
+
+    def _docker_wire(self) -> dict | None:
+        docker = self.run_config.docker
+        if docker is None:
+            return None
+        return {"use_docker": bool(docker.use_docker), "shm_size": docker.shm_size,
+                "shared_volumes": bool(docker.shared_volumes), "arguments": [str(a) for a in docker.arguments]}
 
     def _to_spec(self, experiment_name: str) -> dict:
         """The submit spec, without the snapshot. Raises on anything the agent would refuse."""
-        unsupported = self._unsupported()
-        if unsupported:
-            raise UserErrorException(f"{unsupported} not supported yet by labrun")
         rc = self.run_config
         script, command = self.script or rc.script, self.command or rc.command or None
         if script is not None and command:
@@ -156,6 +196,10 @@ class ScriptRunConfig:
             "resources": resources.to_wire(),
             "priority": int(rc.priority or 0),
             "compute_target": _target_name(rc.target),
+            "environment": self._environment_wire(),
+            "distributed": self._distributed_wire(),
+            "resume_from": self._resume_wire(),
+            "docker": self._docker_wire(),
         }
 
     def __repr__(self) -> str:

@@ -134,6 +134,20 @@ class Workspace:
     def status(self) -> dict:
         return self._call("status")
 
+    @property
+    def compute_targets(self) -> dict:
+        """The agent's named targets (its config's ``[targets.NAME]``), as ``ComputeTarget`` objects."""
+        from ._compute import ComputeTarget
+
+        targets = self._call("status")["targets"]
+        return {name: ComputeTarget(self, name, definition) for name, definition in targets.items() if name != "local"}
+
+    @property
+    def environments(self) -> dict:
+        from ._environment import Environment
+
+        return Environment.list(self)
+
     def close(self) -> None:
         if self._connection is not None:
             self._connection.close()

@@ -23,7 +23,7 @@ from typing import Any
 from ._errors import AgentError, BadRequest
 from ._schema import OP_SCHEMAS
 
-STREAMING_OPS = frozenset({"logs", "watch"})
+STREAMING_OPS = frozenset({"logs", "watch", "download"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -197,6 +197,44 @@ SNAPSHOT = struct({
 
 _ENV = map_of(string(max_len=1 << 17), max_items=10_000)
 _LABELS = map_of(string(max_len=4096), max_items=1000)
+_NAME = string(min_len=1, max_len=255)
+
+ENVIRONMENT = struct({
+    "name": Field(_NAME),
+    "version": Field(nullable(integer(min=1)), None),
+    "environment_variables": Field(_ENV, dict),
+    "python": Field(struct({
+        "user_managed_dependencies": Field(boolean, False),
+        "interpreter_path": Field(nullable(string(min_len=1, max_len=4096)), None),
+        "pip_requirements": Field(nullable(list_of(string(max_len=4096), max_items=10_000)), None),
+        "conda_specification": Field(nullable(string(max_len=1 << 20)), None),
+    }), lambda: {"user_managed_dependencies": False, "interpreter_path": None, "pip_requirements": None,
+                 "conda_specification": None}),
+    "docker": Field(struct({"base_image": Field(nullable(string(min_len=1, max_len=1024)), None)}),
+                    lambda: {"base_image": None}),
+})
+
+DISTRIBUTED = struct({
+    "kind": Field(enum(("pytorch", "mpi", "tensorflow"))),
+    "node_count": Field(integer(min=1), 1),
+    "process_count": Field(nullable(integer(min=1, max=1024)), None),
+    "backend": Field(nullable(enum(("nccl", "gloo"))), None),
+    "process_count_per_node": Field(nullable(integer(min=1, max=1024)), None),
+    "worker_count": Field(nullable(integer(min=1, max=1024)), None),
+    "parameter_server_count": Field(nullable(integer(min=0, max=1024)), None),
+})
+
+RESUME_FROM = struct({
+    "path": Field(string(min_len=1, max_len=4096)),
+    "run_id": Field(nullable(string(min_len=1, max_len=300)), None),
+})
+
+DOCKER = struct({
+    "use_docker": Field(boolean, False),
+    "shm_size": Field(nullable(string(min_len=1, max_len=32)), None),
+    "shared_volumes": Field(boolean, True),
+    "arguments": Field(list_of(string(max_len=4096), max_items=100), list),
+})
 
 RUN_SPEC = struct({
     "experiment": Field(string(pattern=EXPERIMENT_NAME_RE, what=(
@@ -219,11 +257,10 @@ RUN_SPEC = struct({
     "resources": Field(RESOURCES, lambda: {"cpus": 1, "memory": None, "gpus": 0}),
     "priority": Field(integer(min=-1_000_000, max=1_000_000), 0),
     "compute_target": Field(string(min_len=1, max_len=255), "local"),
-    # Accepted on the wire so the agent can refuse them by name until they exist.
-    "environment": Field(anything, None),
-    "distributed": Field(anything, None),
-    "resume_from": Field(anything, None),
-    "docker": Field(anything, None),
+    "environment": Field(nullable(ENVIRONMENT), None),
+    "distributed": Field(nullable(DISTRIBUTED), None),
+    "resume_from": Field(nullable(RESUME_FROM), None),
+    "docker": Field(nullable(DOCKER), None),
 })
 
 _RUN_ID = string(pattern=RUN_ID_RE, what="not a run id")
@@ -248,6 +285,37 @@ OP_SCHEMAS: dict[str, Validator] = {
         "name": Field(_relative_path, "std_log.txt"),
     }),
     "status": struct({}),
+    "log_metrics": struct({
+        "run_id": Field(_RUN_ID),
+        "token": Field(nullable(string(max_len=200)), None),
+        "metrics": Field(list_of(struct({
+            "name": Field(_NAME),
+            "kind": Field(enum(("scalar", "list", "row", "table", "image"))),
+            "value": Field(anything),
+            "step": Field(nullable(integer()), None),
+            "time": Field(number()),
+            "description": Field(nullable(string(max_len=4096)), None),
+        }), max_items=100_000)),
+    }),
+    "get_metrics": struct({"run_id": Field(_RUN_ID), "name": Field(nullable(_NAME), None)}),
+    "set_labels": struct({
+        "run_id": Field(_RUN_ID),
+        "token": Field(nullable(string(max_len=200)), None),
+        "kind": Field(enum(("tags", "properties", "error"))),
+        "values": Field(map_of(nullable(string(max_len=1 << 16)), max_items=1000)),
+    }),
+    "files": struct({"run_id": Field(_RUN_ID)}),
+    "download": struct({"run_id": Field(_RUN_ID), "name": Field(_relative_path), "offset": Field(integer(min=0), 0)}),
+    "put_file": struct({
+        "run_id": Field(_RUN_ID),
+        "token": Field(nullable(string(max_len=200)), None),
+        "name": Field(_relative_path),
+        "data": Field(binary),
+        "append": Field(boolean, False),
+    }),
+    "env_register": struct({"environment": Field(ENVIRONMENT)}),
+    "env_get": struct({"name": Field(_NAME), "version": Field(nullable(integer(min=1)), None)}),
+    "env_list": struct({}),
     "watch": struct({
         "since": Field(nullable(integer(min=0)), None),
         "run_id": Field(nullable(_RUN_ID), None),

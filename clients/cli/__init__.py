@@ -188,6 +188,39 @@ def cmd_wait(args) -> int:
     return code
 
 
+def _run_handle(args):
+    from .._experiment import Experiment
+    from .._run import ScriptRun
+
+    workspace = _workspace(args)
+    details = workspace._call("get", run_id=args.run)
+    return ScriptRun(Experiment(workspace, details["experiment"], _skip_name_validation=True), args.run,
+                     _details=details)
+
+
+def cmd_metrics(args) -> int:
+    metrics = _run_handle(args).get_metrics()
+    if args.json:
+        _print_json(metrics)
+        return 0
+    rows = []
+    for name, value in sorted(metrics.items()):
+        if isinstance(value, list):
+            shown = f"{len(value)} values, last {value[-1]!r}"
+        else:
+            shown = json.dumps(value, default=str)
+        rows.append([name, shown])
+    print(_format.table(["METRIC", "VALUE"], rows) if rows else "no metrics")
+    return 0
+
+
+def cmd_download(args) -> int:
+    run = _run_handle(args)
+    for path in run.download_files(prefix=args.prefix, output_directory=args.output):
+        print(path)
+    return 0
+
+
 def cmd_events(args) -> int:
     workspace = _workspace(args)
     types = args.type or None
@@ -310,6 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_duration)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_wait)
+
+    p = commands.add_parser("metrics", help="a run's metrics (Azure ML's get_metrics shape with --json)")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_metrics)
+
+    p = commands.add_parser("download", help="download a run's files (outputs, logs, uploads)")
+    p.add_argument("run")
+    p.add_argument("--prefix", help="only files whose name starts with this, e.g. outputs/")
+    p.add_argument("-o", "--output", default=".", help="directory to write into (default .)")
+    p.set_defaults(func=cmd_download)
 
     p = commands.add_parser("events", help="lifecycle events: the history, then (with --follow) new ones as they happen")
     p.add_argument("--since", type=int, default=0, help="only events after this seq (default 0: all kept)")

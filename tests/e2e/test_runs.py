@@ -138,16 +138,6 @@ def test_missing_script_and_both_command_and_script(agent, source):
         ScriptRunConfig(str(source), script="train.py", command=["ls"])
 
 
-def test_unsupported_parameters_are_refused_not_ignored(agent, source):
-    from labrun import PyTorchConfiguration
-    from labrun.exceptions import UserErrorException
-
-    for kwargs in ({"distributed_job_config": PyTorchConfiguration(process_count=2)},
-                   {"resume_from": "ckpt"}, {"environment": object()}):
-        with pytest.raises(UserErrorException, match="not supported yet"):
-            submit(agent, ScriptRunConfig(str(source), script="train.py", **kwargs))
-
-
 def test_unknown_compute_target_and_oversized_request(agent, source):
     from labrun.exceptions import BadRequest
 

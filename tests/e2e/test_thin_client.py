@@ -36,7 +36,8 @@ def test_exports_are_pinned():
     import labrun.protocol
 
     assert labrun.__all__ == sorted([
-        "DockerConfiguration", "Experiment", "MpiConfiguration", "PyTorchConfiguration", "Resources", "Run",
+        "ComputeTarget", "DataPath", "DockerConfiguration", "Environment", "Experiment", "MpiConfiguration",
+        "PyTorchConfiguration", "Resources", "Run",
         "RunConfiguration", "ScriptRun", "ScriptRunConfig", "TensorflowConfiguration", "Workspace", "__version__",
         "get_run"])
     for name in labrun.__all__:
