@@ -27,6 +27,12 @@ subscriber_buffer = 1000     # events a slow subscriber may fall behind before i
 url = "https://hub.example.org/v1/events"
 token_file = "/etc/labrun/hub.token"
 batch_max = 500
+
+[docker]
+allow_pull = false           # no registry is assumed reachable
+allow_host_network = false   # --network=host in DockerConfiguration.arguments
+allow_host_ipc = false       # --ipc=host
+volumes = ["/data"]          # host paths runs may mount with -v
 ```
 
 Unknown sections or keys are refused at start with the key named, so a typo never
@@ -43,6 +49,7 @@ from pathlib import Path
 from labrun.protocol import DEFAULT_MAX_FRAME, parse_memory
 from labrun.protocol._paths import SYSTEM_SOCKET, SYSTEM_STATE_DIR, user_socket, user_state_dir
 
+from ._docker_args import DockerPolicy
 from ._hub import HubConfig
 
 
@@ -83,6 +90,8 @@ class AgentConfig:
     retention_days: float = 30.0
     subscriber_buffer: int = 1000
     hub: HubConfig | None = None
+    docker: DockerPolicy = field(default_factory=DockerPolicy)
+    docker_url: str | None = None    # None: DOCKER_HOST, else the local engine's socket
 
 
 def _expect(value, kinds, where):
@@ -120,7 +129,7 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
             raise ConfigError(f"config file {path} does not exist") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
-    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub"}, "config")
+    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub", "docker"}, "config")
 
     system = os.geteuid() == 0
     config = AgentConfig(
@@ -202,6 +211,19 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
             if value <= 0:
                 raise ConfigError(f"hub.{key}: must be positive")
             setattr(config.hub, key, int(value) if key == "batch_max" else float(value))
+
+    docker = _expect(data.get("docker", {}), dict, "[docker]")
+    _check_keys(docker, {"url", "allow_pull", "allow_host_network", "allow_host_ipc", "volumes"}, "[docker]")
+    for key in ("allow_pull", "allow_host_network", "allow_host_ipc"):
+        if key in docker:
+            setattr(config.docker, key, _expect(docker[key], bool, f"docker.{key}"))
+    if "volumes" in docker:
+        config.docker.volumes = [_expect(v, str, "docker.volumes[]") for v in _expect(docker["volumes"], list, "docker.volumes")]
+        bad = [v for v in config.docker.volumes if not v.startswith("/")]
+        if bad:
+            raise ConfigError(f"docker.volumes: {bad[0]!r} must be an absolute host path")
+    if "url" in docker:
+        config.docker_url = _expect(docker["url"], str, "docker.url")
 
     if socket is not None:
         config.socket = Path(socket)

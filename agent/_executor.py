@@ -50,10 +50,16 @@ class LaunchSpec:
     groups: list[int] = field(default_factory=list)
     cores: tuple[int, ...] = ()
     memory: int | None = None       # bytes; enforced when set
+    container: dict | None = None   # Docker runs: image, mounts, limits, translated arguments
 
 
 class StartFailed(Exception):
-    """The process could not be started (command not found, not executable)."""
+    """The process could not be started (command not found, not executable, image missing).
+
+    ``reason`` is the run's failure reason.
+    """
+
+    reason = "start_failed"
 
 
 class Executor(Protocol):

@@ -20,7 +20,9 @@ import trio
 
 from labrun.protocol import __version__
 
+from ._asyncio_bridge import AsyncioBridge
 from ._capacity import discover_capacity
+from ._docker import DockerExecutor, agent_id
 from ._cgroups import MemoryCgroups
 from ._config import AgentConfig, ConfigError, load_config
 from ._events import EventLog
@@ -62,49 +64,56 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         lock = _lock_state_dir(config.state_dir, config.system)
         store = Store(config.state_dir / "state.db")
+        docker = DockerExecutor(AsyncioBridge(), config.docker, agent_id(config.state_dir), config.docker_url)
         try:
-            capacity = discover_capacity(config.resources)
-            cgroups = MemoryCgroups.detect() if config.resources.memory_enforcement == "auto" else None
-            supervisor = Supervisor(config, store, capacity, {"local": LocalExecutor(cgroups, config.stop_grace_seconds)})
-            events = EventLog(store, buffer=config.subscriber_buffer)
-            hub = HubSender(config.hub, store, events) if config.hub is not None else None
-            service = Service(config, store, supervisor, events, hub)
-            refuse_if_agent_answers(config.socket)
-            socket_inode = None
-            try:
-                async with trio.open_nursery() as handlers:
-                    async with trio.open_nursery() as nursery:
-                        # Recover first: a client that can connect sees the runs as they really are.
-                        await nursery.start(supervisor.run)
-                        if hub is not None:
-                            await nursery.start(hub.run)
-                        await nursery.start(events.retain, config.retention_days,
-                                            (lambda: hub.delivered) if hub is not None else (lambda: None))
-                        listener = await open_unix_listener(config.socket, system=config.system,
-                                                            group=config.socket_group)
-                        socket_inode = os.stat(config.socket).st_ino
-                        await nursery.start(partial(trio.serve_listeners, ConnectionHandler(config, service),
-                                                    [listener], handler_nursery=handlers))
-                        store.add_event("agent.started", {"version": __version__, "pid": os.getpid()})
-                        log.info("agent.started", socket=str(config.socket), state_dir=str(config.state_dir),
-                                 version=__version__, cpus=capacity.cpus, gpus=list(capacity.gpus))
-                        task_status.started()
-                        async for signum in signals:
-                            log.info("agent.stopping", signal=signal.Signals(signum).name)
-                            break
-                        store.add_event("agent.stopping", {"pid": os.getpid()})
-                        nursery.cancel_scope.cancel()
-                    handlers.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_SECONDS
-            finally:
-                try:
-                    if socket_inode is not None and os.stat(config.socket).st_ino == socket_inode:
-                        config.socket.unlink()
-                except FileNotFoundError:
-                    pass
+            await _serve(config, store, docker, signals, task_status)
         finally:
+            with trio.move_on_after(5, shield=True):
+                await docker.close()
             store.close()
             lock.close()
     log.info("agent.stopped")
+
+
+async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, signals, task_status) -> None:
+    capacity = discover_capacity(config.resources)
+    cgroups = MemoryCgroups.detect() if config.resources.memory_enforcement == "auto" else None
+    executors = {"local": LocalExecutor(cgroups, config.stop_grace_seconds), "docker": docker}
+    supervisor = Supervisor(config, store, capacity, executors)
+    events = EventLog(store, buffer=config.subscriber_buffer)
+    hub = HubSender(config.hub, store, events) if config.hub is not None else None
+    service = Service(config, store, supervisor, events, hub)
+    refuse_if_agent_answers(config.socket)
+    socket_inode = None
+    try:
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as nursery:
+                # Recover first: a client that can connect sees the runs as they really are.
+                await nursery.start(supervisor.run)
+                if hub is not None:
+                    await nursery.start(hub.run)
+                await nursery.start(events.retain, config.retention_days,
+                                    (lambda: hub.delivered) if hub is not None else (lambda: None))
+                listener = await open_unix_listener(config.socket, system=config.system, group=config.socket_group)
+                socket_inode = os.stat(config.socket).st_ino
+                await nursery.start(partial(trio.serve_listeners, ConnectionHandler(config, service),
+                                            [listener], handler_nursery=handlers))
+                store.add_event("agent.started", {"version": __version__, "pid": os.getpid()})
+                log.info("agent.started", socket=str(config.socket), state_dir=str(config.state_dir),
+                         version=__version__, cpus=capacity.cpus, gpus=list(capacity.gpus))
+                task_status.started()
+                async for signum in signals:
+                    log.info("agent.stopping", signal=signal.Signals(signum).name)
+                    break
+                store.add_event("agent.stopping", {"pid": os.getpid()})
+                nursery.cancel_scope.cancel()
+            handlers.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_SECONDS
+    finally:
+        try:
+            if socket_inode is not None and os.stat(config.socket).st_ino == socket_inode:
+                config.socket.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def build_parser() -> argparse.ArgumentParser:

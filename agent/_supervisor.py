@@ -33,14 +33,15 @@ from pathlib import Path
 import structlog
 import trio
 
-from labrun.protocol import BadRequest, Conflict, Forbidden, format_memory
+from labrun.protocol import BadRequest, Conflict, Forbidden, format_memory, parse_memory
 from labrun.protocol._statuses import (
     ACTIVE, CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING,
 )
 
 from ._config import AgentConfig
 from ._artifacts import artifact_path
-from ._environments import EnvironmentBuilder, PrepareFailed, needs_conda
+from ._docker_args import translate_arguments
+from ._environments import EnvironmentBuilder, PreparedEnvironment, PrepareFailed, needs_conda
 from ._executor import ExitResult, LaunchSpec, Rank, StartFailed
 from ._model import RunRecord
 from ._notify import Notifier
@@ -126,7 +127,9 @@ class Supervisor:
 
     async def _recover(self) -> None:
         for record in self.store.runs_with_status(ACTIVE):
-            executor = self.executors["local"]
+            executor = self.executors.get((record.handle or {}).get("executor", "local"))
+            if executor is None:   # a Docker run, and this agent has no Docker executor now
+                executor = self.executors["local"]
             if record.handle is None:
                 # Never launched: nothing ran, so it simply goes back in the queue.
                 if record.status == CANCEL_REQUESTED:
@@ -144,6 +147,8 @@ class Supervisor:
                 self._transition(record, FAILED, ended_at=time.time(), reason="agent_lost",
                                  error="the agent stopped while the run was active and could not reattach")
             log.warning("run.lost", run_id=record.run_id, status=record.status)
+        if "docker" in self.executors:
+            await self.executors["docker"].remove_orphans(self.config.stop_grace_seconds)
 
     # -- state changes -----------------------------------------------------------------
 
@@ -169,9 +174,6 @@ class Supervisor:
                 known = ", ".join(["local", *sorted(self.config.targets)])
                 raise BadRequest(f"spec.compute_target: unknown compute target {target!r} (this agent has: {known})",
                                  details={"field": "spec.compute_target"})
-            if configured.kind != "local":
-                raise BadRequest(f"spec.compute_target: target {target!r} is of kind {configured.kind!r}, "
-                                 "which this agent does not run yet", details={"field": "spec.compute_target"})
         demand = Demand(**spec["resources"])
         too_big = self.capacity.fits_ever(demand)
         if too_big:
@@ -219,10 +221,20 @@ class Supervisor:
         def refuse(field, message):
             raise BadRequest(f"spec.{field}: {message}", details={"field": f"spec.{field}"})
 
-        docker = spec.get("docker")
-        if docker is not None and docker["use_docker"]:
-            refuse("docker", "Docker runs are not supported yet by this agent")
         environment = spec.get("environment")
+        if self._executor_name(spec) == "docker":
+            if "docker" not in self.executors:
+                refuse("docker", "this agent has no Docker executor")
+            if self._image(spec) is None:
+                refuse("docker", "a Docker run needs an image: Environment.from_docker_image(name, image), "
+                                 "environment.docker.base_image, a target's image, or --image")
+            translate_arguments((spec.get("docker") or {}).get("arguments", []), self.config.docker)
+            if spec.get("distributed") is not None:
+                refuse("distributed", "distributed runs in Docker containers are not supported yet")
+            if environment is not None and not environment["python"]["user_managed_dependencies"] and (
+                    environment["python"].get("pip_requirements") or environment["python"].get("conda_specification")):
+                refuse("environment", "pip or conda dependencies on top of a Docker image are not built by this "
+                                      "agent: bake them into the image")
         if environment is not None and needs_conda(environment) and shutil.which("conda") is None:
             refuse("environment", f"environment {environment['name']!r} is a conda specification, and this "
                                   "machine has no 'conda' binary; use pip requirements or install conda")
@@ -246,6 +258,21 @@ class Supervisor:
                     refuse("resume_from", f"run {source.run_id} has no {resume['path']!r}")
             elif not os.path.isabs(resume["path"]):
                 refuse("resume_from", f"a local path must be absolute, got {resume['path']!r}")
+
+    def _target(self, spec: dict):
+        return self.config.targets.get(spec.get("compute_target", "local"))
+
+    def _executor_name(self, spec: dict) -> str:
+        docker = spec.get("docker")
+        target = self._target(spec)
+        if (docker is not None and docker["use_docker"]) or (target is not None and target.kind == "docker"):
+            return "docker"
+        return "local"
+
+    def _image(self, spec: dict) -> str | None:
+        environment = spec.get("environment") or {}
+        target = self._target(spec)
+        return (environment.get("docker") or {}).get("base_image") or (target.image if target else None)
 
     def cancel(self, record: RunRecord) -> RunRecord:
         """Cancel a queued run at once, or ask an active run's task to stop it."""
@@ -364,9 +391,17 @@ class Supervisor:
         run_dir = self.runs_dir / record.run_id
         logs = run_dir / "logs"
         owned = os.geteuid() == 0 and record.uid != 0
-        prepared = await self.environments.prepare(spec.get("environment"), spec["interpreter"] or "python3",
-                                                   logs / "environment_build.txt", run_dir / "snapshot")
-        env = {k: v for k, v in record.environ.items() if k != "LABRUN_RUN_TOKEN"}
+        in_docker = self._executor_name(spec) == "docker"
+        if in_docker:
+            # The image has its own Python and paths: the client's interpreter and environment mean nothing there.
+            environment = spec.get("environment") or {"python": {}}
+            interpreter = environment["python"].get("interpreter_path") or "python"
+            prepared = PreparedEnvironment(python=interpreter, variables=environment.get("environment_variables"))
+            env = {}
+        else:
+            prepared = await self.environments.prepare(spec.get("environment"), spec["interpreter"] or "python3",
+                                                       logs / "environment_build.txt", run_dir / "snapshot")
+            env = {k: v for k, v in record.environ.items() if k != "LABRUN_RUN_TOKEN"}
         env.update(prepared.variables or {})
         env.update(spec["environment_variables"])
         if prepared.bin_dir is not None:
@@ -413,13 +448,26 @@ class Supervisor:
                 groups = os.getgrouplist(record.user, record.gid)
             except KeyError:
                 groups = [record.gid]
+        container = None
+        if in_docker:
+            docker = spec.get("docker") or {"arguments": [], "shm_size": None}
+            translated = translate_arguments(docker["arguments"], self.config.docker)
+            read_only = [str(run_dir / "resume_from")] if spec.get("resume_from") is not None else []
+            if self.config.socket.exists():
+                read_only.append(str(self.config.socket))
+            container = {
+                "image": self._image(spec), "mounts": [str(run_dir / "snapshot"), str(logs)], "read_only": read_only,
+                "host": translated["host"], "env": translated["env"], "cpus": allocation.cpus,
+                "gpus": list(allocation.gpus),
+                "shm_size": parse_memory(docker["shm_size"]) if docker.get("shm_size") else None,
+            }
         return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=run_dir / "snapshot", ranks=ranks,
                           uid=record.uid, gid=record.gid, groups=groups, cores=allocation.cores,
-                          memory=allocation.memory)
+                          memory=allocation.memory, container=container)
 
     async def _run_one(self, run: _ActiveRun) -> None:
         record = run.record
-        executor = self.executors["local"]
+        executor = self.executors[self._executor_name(record.spec)]
         handle = None
         result: ExitResult | None = None
         try:
@@ -438,12 +486,12 @@ class Supervisor:
                 except StartFailed as exc:
                     with open(launch.ranks[0].log_path, "a") as log_file:
                         log_file.write(f"labrun: {exc}\n")
-                    self._finish(run, FAILED, reason="start_failed", error=str(exc))
+                    self._finish(run, FAILED, reason=exc.reason, error=str(exc))
                     return
                 duration = record.spec["max_run_duration_seconds"]
                 run.ends_by = time.time() + duration
                 run.kill_scope.deadline = trio.current_time() + duration
-                self._advance(run, RUNNING, started_at=time.time(), pid=handle["pid"], handle=handle)
+                self._advance(run, RUNNING, started_at=time.time(), pid=handle.get("pid"), handle=handle)
                 result = await executor.wait(handle)
             if run.kill_scope.cancelled_caught:
                 if run.cancel_reason is None:

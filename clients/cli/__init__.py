@@ -81,6 +81,15 @@ def _submit(args) -> tuple[object, dict]:
         rc.max_run_duration_seconds = args.max_duration
     rc.resources = {"cpus": args.cpus, "memory": args.memory, "gpus": args.gpus}
     rc.priority = args.priority
+    if args.image:
+        from .._environment import Environment
+        from .._runconfig import DockerConfiguration
+
+        rc.environment = Environment.from_docker_image(f"image-{args.image}", args.image)
+        rc.environment.environment_variables = {}
+        rc.docker = DockerConfiguration(use_docker=True, shm_size=args.shm_size or "2g")
+    elif args.shm_size:
+        raise UsageError("--shm-size goes with --image")
     spec = config._to_spec(args.experiment)
     spec["display_name"] = args.name
     spec["tags"] = _pairs(args.tag, "--tag")
@@ -311,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--memory", type=_memory, help="memory to reserve, like 4G")
         p.add_argument("--gpus", type=int, default=0, help="GPUs to reserve (default 0)")
         p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+        p.add_argument("--image", help="run in a container of this Docker image")
+        p.add_argument("--shm-size", help="with --image: size of /dev/shm, like 2g (default 2g)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
         p.set_defaults(func=func)

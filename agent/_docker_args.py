@@ -1,0 +1,98 @@
+"""The ``docker run`` arguments a run may pass (``DockerConfiguration.arguments``), and what they become.
+
+Pure: a list of strings in, a partial HostConfig/Config out, or ``BadRequest`` naming the first
+argument that is unknown or not allowed. Everything else a container gets is decided by the agent:
+never privileged, no added capabilities, no host network or IPC and no host mounts unless the
+agent's config allows them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from labrun.protocol import BadRequest, parse_memory
+
+
+@dataclass
+class DockerPolicy:
+    allow_host_network: bool = False
+    allow_host_ipc: bool = False
+    volumes: list[str] = field(default_factory=list)   # host paths (and what is under them) runs may mount
+    allow_pull: bool = False
+
+
+def _refuse(argument: str, why: str) -> BadRequest:
+    return BadRequest(f"spec.docker.arguments: {argument!r} {why}", details={"field": "spec.docker.arguments"})
+
+
+def _split(arguments: list[str]) -> list[tuple[str, str | None, str]]:
+    """``--opt=value``, ``--opt value`` and ``-e value`` -> (option, value, as written)."""
+    takes_value = {"--shm-size", "--ipc", "--network", "--net", "-e", "--env", "--ulimit", "-v", "--volume",
+                   "--tmpfs"}
+    out, i = [], 0
+    while i < len(arguments):
+        written = arguments[i]
+        option, sep, value = written.partition("=")
+        if not sep and option in takes_value:
+            if i + 1 >= len(arguments):
+                raise _refuse(written, "needs a value")
+            value = arguments[i + 1]
+            written = f"{written} {value}"
+            i += 1
+        out.append((option, value if (sep or option in takes_value) else None, written))
+        i += 1
+    return out
+
+
+def _allowed_volume(host: str, policy: DockerPolicy) -> bool:
+    host = host.rstrip("/")
+    return any(host == root.rstrip("/") or host.startswith(root.rstrip("/") + "/") for root in policy.volumes)
+
+
+def translate_arguments(arguments: list[str], policy: DockerPolicy) -> dict:
+    """Returns ``{"host": {...HostConfig...}, "env": [...]}`` for the allowed arguments."""
+    host: dict = {}
+    env: list[str] = []
+    for option, value, written in _split(arguments):
+        if option == "--shm-size":
+            try:
+                host["ShmSize"] = parse_memory(value)
+            except ValueError as exc:
+                raise _refuse(written, str(exc)) from None
+        elif option == "--ipc":
+            if value == "host" and not policy.allow_host_ipc:
+                raise _refuse(written, "is not allowed by this agent (allow_host_ipc)")
+            if value not in ("host", "private", "shareable", "none"):
+                raise _refuse(written, "must be host, private, shareable or none")
+            host["IpcMode"] = value
+        elif option in ("--network", "--net"):
+            if value == "host" and not policy.allow_host_network:
+                raise _refuse(written, "is not allowed by this agent (allow_host_network)")
+            if value not in ("host", "bridge", "none"):
+                raise _refuse(written, "must be bridge, none or host")
+            host["NetworkMode"] = value
+        elif option in ("-e", "--env"):
+            if "=" not in value:
+                raise _refuse(written, "must be KEY=VALUE")
+            env.append(value)
+        elif option == "--ulimit":
+            name, _, limits = value.partition("=")
+            soft, _, hard = limits.partition(":")
+            try:
+                host.setdefault("Ulimits", []).append({"Name": name, "Soft": int(soft), "Hard": int(hard or soft)})
+            except ValueError:
+                raise _refuse(written, "must be NAME=SOFT[:HARD]") from None
+        elif option in ("-v", "--volume"):
+            parts = value.split(":")
+            if len(parts) not in (2, 3) or not parts[0].startswith("/"):
+                raise _refuse(written, "must be /HOST/PATH:/CONTAINER/PATH[:ro]")
+            if not _allowed_volume(parts[0], policy):
+                raise _refuse(written, "mounts a host path this agent does not allow ([docker] volumes)")
+            host.setdefault("Binds", []).append(value)
+        elif option == "--tmpfs":
+            path, _, options = value.partition(":")
+            host.setdefault("Tmpfs", {})[path] = options
+        else:
+            raise _refuse(written, "is not a docker run argument this agent accepts "
+                                   "(it accepts --shm-size, --ipc, --network, -e/--env, --ulimit, --tmpfs, -v/--volume)")
+    return {"host": host, "env": env}
