@@ -188,7 +188,6 @@ def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, n
 
     head: Pending | None = None
     shadow: _Shadow | None = None
-    position = 0
     for priority in sorted(levels, reverse=True):
         queues = levels[priority]
         while queues:
@@ -196,7 +195,8 @@ def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, n
             run = queues[user].pop()
             if not queues[user]:
                 del queues[user]
-            position += 1
+            # A waiting run's position counts only the runs still waiting ahead of it.
+            position = len(decision.waiting) + 1
             decision.order.append(run.run_id)
             d = run.demand
             if capacity.fits_ever(d) is not None:

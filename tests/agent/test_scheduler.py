@@ -26,7 +26,7 @@ class TestOrder:
     def test_fifo_within_a_user(self):
         d = schedule([run(3), run(1), run(2)], [], cap(cpus=2), 0)
         assert started(d) == ["r1", "r2"]
-        assert d.waiting["r3"] == ("resources", 3)
+        assert d.waiting["r3"] == ("resources", 1)
 
     def test_priority_first(self):
         d = schedule([run(1), run(2, priority=5)], [], cap(cpus=1), 0)

@@ -53,7 +53,14 @@ class FakeExecutor:
 
 
 @pytest.fixture
-async def supervisor(tmp_path, nursery):
+async def supervisor(tmp_path, nursery, monkeypatch):
+    # No worker thread under the mock clock: while one runs, every task looks blocked and the clock jumps.
+    from labrun.agent import _snapshot
+
+    async def extract_here(source, dest, *, uid=None, gid=None):
+        return _snapshot._extract(source, dest, uid, gid)
+
+    monkeypatch.setattr("labrun.agent._supervisor.extract_snapshot", extract_here)
     config = load_config(None, socket=tmp_path / "s.sock", state_dir=tmp_path)
     config.stop_grace_seconds = 7
     store = Store(tmp_path / "state.db")
