@@ -7,6 +7,7 @@ handful of indexed statements on a local file, far shorter than a thread hop.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 import uuid
@@ -128,11 +129,17 @@ class Store:
 
     # -- transactions ------------------------------------------------------------------
 
-    def _begin(self):
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One write transaction; its events are published only once it has committed."""
         self._db.execute("BEGIN IMMEDIATE")
         self._uncommitted = []
-
-    def _commit(self):
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._uncommitted = []
+            raise
         self._db.execute("COMMIT")
         events, self._uncommitted = self._uncommitted, []
         if events:
@@ -151,8 +158,7 @@ class Store:
 
     def add_run(self, record: RunRecord, event_type: str) -> RunRecord:
         """Insert a new run (assigning its order and per-experiment number) with its event."""
-        self._begin()
-        try:
+        with self._transaction():
             row = self._db.execute("SELECT last_number FROM experiments WHERE name = ?", (record.experiment,)).fetchone()
             record.number = (row[0] if row else 0) + 1
             self._db.execute(
@@ -168,10 +174,6 @@ class Store:
             )
             self._event(event_type, run_id=record.run_id, experiment=record.experiment, user=record.user,
                         data={"status": record.status}, now=record.submitted_at)
-            self._commit()
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
         return record
 
     def update_run(self, record: RunRecord, event_type: str | None, event_data: dict | None = None,
@@ -180,8 +182,7 @@ class Store:
         unknown = set(changes) - _UPDATABLE
         if unknown:
             raise ValueError(f"not updatable: {sorted(unknown)}")
-        self._begin()
-        try:
+        with self._transaction():
             if changes:
                 assignments = ", ".join(f"{k} = ?" for k in changes)
                 values = [_pack(v) if k in _PACKED else v for k, v in changes.items()]
@@ -189,23 +190,14 @@ class Store:
             if event_type is not None:
                 self._event(event_type, run_id=record.run_id, experiment=record.experiment, user=record.user,
                             data=event_data or {})
-            self._commit()
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
         for key, value in changes.items():
             setattr(record, key, value)
         return record
 
     def add_event(self, type: str, data: dict | None = None) -> int:
         """An event that belongs to no run (agent.started, agent.stopping)."""
-        self._begin()
-        try:
+        with self._transaction():
             seq = self._event(type, data=data)
-            self._commit()
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
         return seq
 
     # -- queries -----------------------------------------------------------------------
@@ -265,17 +257,15 @@ class Store:
 
     def delete_events(self, *, before_time: float, up_to_seq: int) -> int:
         """Retention: drop events older than ``before_time`` whose seq is at most ``up_to_seq``."""
-        self._begin()
-        cursor = self._db.execute("DELETE FROM events WHERE time < ? AND seq <= ?", (before_time, up_to_seq))
-        self._commit()
+        with self._transaction():
+            cursor = self._db.execute("DELETE FROM events WHERE time < ? AND seq <= ?", (before_time, up_to_seq))
         return cursor.rowcount
 
     # -- metrics, tags and properties ---------------------------------------------------
 
     def add_metrics(self, record: RunRecord, metrics: list[dict]) -> None:
         """A batch of metrics and its ``run.metrics_logged`` event, atomically."""
-        self._begin()
-        try:
+        with self._transaction():
             self._db.executemany(
                 "INSERT INTO metrics (run_id, name, kind, step, time, value, description) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(record.run_id, m["name"], m["kind"], m.get("step"), m["time"], _pack(m["value"]),
@@ -283,10 +273,6 @@ class Store:
             )
             self._event("run.metrics_logged", run_id=record.run_id, experiment=record.experiment, user=record.user,
                         data={"count": len(metrics), "names": sorted({m["name"] for m in metrics})[:50]})
-            self._commit()
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     def metrics(self, run_id: str, name: str | None = None) -> list[dict]:
         sql = "SELECT name, kind, step, time, value, description FROM metrics WHERE run_id = ?"
@@ -302,30 +288,20 @@ class Store:
         return dict(rows.fetchall())
 
     def set_labels(self, run_id: str, kind: str, values: dict[str, str]) -> None:
-        self._begin()
-        try:
+        with self._transaction():
             self._db.executemany(
                 "INSERT INTO labels (run_id, kind, key, value) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(run_id, kind, key) DO UPDATE SET value = excluded.value",
                 [(run_id, kind, k, v) for k, v in values.items()])
-            self._commit()
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     # -- environments ------------------------------------------------------------------
 
     def register_environment(self, name: str, definition: dict, user: str) -> int:
-        self._begin()
-        try:
+        with self._transaction():
             row = self._db.execute("SELECT MAX(version) FROM environments WHERE name = ?", (name,)).fetchone()
             version = (row[0] or 0) + 1
             self._db.execute("INSERT INTO environments (name, version, definition, user, created_at) VALUES (?, ?, ?, ?, ?)",
                              (name, version, _pack(definition), user, time.time()))
-            self._commit()
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
         return version
 
     def get_environment(self, name: str, version: int | None = None) -> dict | None:
