@@ -9,7 +9,6 @@ asyncio or threads (besides ``trio.to_thread`` for tarfile).
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from typing import Any, Awaitable, Callable
 
@@ -20,10 +19,12 @@ class AsyncioBridge:
     """Started on first use, so an agent that never runs a container never starts the thread."""
 
     def __init__(self):
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop = None
         self._thread: threading.Thread | None = None
 
     def _start(self) -> None:
+        import asyncio   # only once a container is run: asyncio and ssl cost several MiB
+
         ready = threading.Event()
 
         def main():
@@ -47,6 +48,8 @@ class AsyncioBridge:
         """Run ``function(*args, **kwargs)`` on the asyncio loop; return or raise its outcome."""
         if self._thread is None:
             self._start()
+        import asyncio
+
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
         future = asyncio.run_coroutine_threadsafe(function(*args, **kwargs), self.loop)

@@ -29,6 +29,10 @@ def machine_memory() -> int | None:
 
 
 def discover_gpus() -> list[str]:
+    if not os.path.exists("/proc/driver/nvidia"):
+        # No NVIDIA kernel driver: skip loading NVML (and ctypes) altogether.
+        log.info("gpus.discovery.skipped", reason="no NVIDIA driver is loaded")
+        return []
     try:
         import pynvml
     except ImportError:

@@ -133,8 +133,10 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
 
     system = os.geteuid() == 0
     config = AgentConfig(
-        socket=Path(_expect(data["socket"], str, "socket")) if "socket" in data else (SYSTEM_SOCKET if system else user_socket()),
-        state_dir=Path(_expect(data["state_dir"], str, "state_dir")) if "state_dir" in data else (SYSTEM_STATE_DIR if system else user_state_dir()),
+        socket=Path(_expect(data["socket"], str, "socket") if "socket" in data else
+                    (SYSTEM_SOCKET if system else user_socket())),
+        state_dir=Path(_expect(data["state_dir"], str, "state_dir") if "state_dir" in data else
+                       (SYSTEM_STATE_DIR if system else user_state_dir())),
         system=system,
     )
     agent = _expect(data.get("agent", {}), dict, "[agent]")

@@ -46,12 +46,15 @@ def agent_id(state_dir) -> str:
 class DockerExecutor:
     name = "docker"
 
-    def __init__(self, bridge: AsyncioBridge, policy: DockerPolicy, agent: str, url: str | None = None):
+    def __init__(self, bridge: AsyncioBridge, policy: DockerPolicy, agent: str, url: str | None = None,
+                 on_first_container=lambda: None):
         self.bridge = bridge
         self.policy = policy
         self.agent = agent
         self.url = url
         self._docker = None
+        # Remembered in the agent's state, so only agents that ever made a container look for orphans.
+        self._on_first_container = on_first_container
 
     async def _client(self):
         if self._docker is None:
@@ -150,6 +153,7 @@ class DockerExecutor:
                 raise
             return container.id
 
+        self._on_first_container()
         # Shielded: a cancel landing mid-create must not leave a container no handle knows of.
         with trio.CancelScope(shield=True):
             try:

@@ -64,7 +64,8 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         lock = _lock_state_dir(config.state_dir, config.system)
         store = Store(config.state_dir / "state.db")
-        docker = DockerExecutor(AsyncioBridge(), config.docker, agent_id(config.state_dir), config.docker_url)
+        docker = DockerExecutor(AsyncioBridge(), config.docker, agent_id(config.state_dir), config.docker_url,
+                                on_first_container=lambda: store.set_meta("docker_used", True))
         try:
             await _serve(config, store, docker, signals, task_status)
         finally:
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 def default_config_path() -> Path | None:
     from labrun.protocol._paths import SYSTEM_CONFIG, user_config
 
-    path = SYSTEM_CONFIG if os.geteuid() == 0 else user_config()
+    path = Path(SYSTEM_CONFIG if os.geteuid() == 0 else user_config())
     return path if path.exists() else None
 
 

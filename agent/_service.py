@@ -81,12 +81,14 @@ class Service:
             raise Forbidden(f"run {run_id} belongs to {record.user}; only its owner or an admin may {action}")
         return record
 
-    def _show(self, session: Session, record) -> dict:
+    def _show(self, session: Session, record, labels: dict | None = None) -> dict:
+        """The run as this peer may see it, with the tags, properties and error set while it ran."""
         shown = record.public(privileged=session.peer.may_manage(record.uid))
-        labels = {kind: self.store.labels(record.run_id, kind) for kind in ("tags", "properties", "error")}
-        shown["tags"] = {**shown["tags"], **labels["tags"]}
-        shown["properties"] = {**shown["properties"], **labels["properties"]}
-        shown["reported_error"] = labels["error"] or None
+        if labels is None:
+            labels = self.store.labels_of([record.run_id]).get(record.run_id, {})
+        shown["tags"] = {**shown["tags"], **labels.get("tags", {})}
+        shown["properties"] = {**shown["properties"], **labels.get("properties", {})}
+        shown["reported_error"] = labels.get("error") or None
         return shown
 
     def _writable(self, session: Session, run_id: str, token: str | None):
@@ -160,7 +162,9 @@ class Service:
             records += self.store.list_runs(experiment=args["experiment"], statuses=TERMINAL,
                                             limit=args["limit"] or RECENT_FINISHED)
             records.sort(key=lambda r: r.order, reverse=True)
-        return [self._show(session, self.supervisor.live_record(r.run_id) or r) for r in records]
+        labels = self.store.labels_of([r.run_id for r in records])
+        return [self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}))
+                for r in records]
 
     async def cancel(self, session: Session, args: dict) -> dict:
         record = self._owned(session, args["run_id"], "cancel it")

@@ -283,6 +283,17 @@ class Store:
         return [{"name": r[0], "kind": r[1], "step": r[2], "time": r[3], "value": _unpack(r[4]), "description": r[5]}
                 for r in self._db.execute(sql + " ORDER BY id", params).fetchall()]
 
+    def labels_of(self, run_ids: list[str]) -> dict[str, dict[str, dict[str, str]]]:
+        """{run_id: {kind: {key: value}}} for many runs in one query (listing)."""
+        found: dict[str, dict[str, dict[str, str]]] = {}
+        for start in range(0, len(run_ids), 500):
+            chunk = run_ids[start:start + 500]
+            rows = self._db.execute(f"SELECT run_id, kind, key, value FROM labels WHERE run_id IN "
+                                    f"({', '.join('?' * len(chunk))})", chunk)
+            for run_id, kind, key, value in rows:
+                found.setdefault(run_id, {}).setdefault(kind, {})[key] = value
+        return found
+
     def labels(self, run_id: str, kind: str) -> dict[str, str]:
         rows = self._db.execute("SELECT key, value FROM labels WHERE run_id = ? AND kind = ?", (run_id, kind))
         return dict(rows.fetchall())

@@ -147,7 +147,7 @@ class Supervisor:
                 self._transition(record, FAILED, ended_at=time.time(), reason="agent_lost",
                                  error="the agent stopped while the run was active and could not reattach")
             log.warning("run.lost", run_id=record.run_id, status=record.status)
-        if "docker" in self.executors:
+        if "docker" in self.executors and self.store.get_meta("docker_used", False):
             await self.executors["docker"].remove_orphans(self.config.stop_grace_seconds)
 
     # -- state changes -----------------------------------------------------------------
@@ -159,7 +159,12 @@ class Supervisor:
             if changes.get(key) is not None:
                 data[key] = changes[key]
         self.store.update_run(record, event_type or EVENT_TYPES[status], data, status=status, **changes)
-        log.info("run.status", run_id=record.run_id, status=status, reason=changes.get("reason"))
+        if status in (COMPLETED, FAILED, CANCELED):
+            # One canonical line per run; every transition is in the event log anyway.
+            log.info("run.finished", run_id=record.run_id, user=record.user, status=status,
+                     reason=changes.get("reason"), exit_code=record.exit_code, signal=record.signal)
+        else:
+            log.debug("run.status", run_id=record.run_id, status=status)
         self.changed.notify()
 
     # -- submit and cancel -------------------------------------------------------------
@@ -210,7 +215,7 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(shutil.rmtree, run_dir, True)
             raise
-        log.info("run.submitted", run_id=run_id, user=owner.user)
+        log.debug("run.submitted", run_id=run_id, user=owner.user)
         self.queued[run_id] = record
         self.changed.notify()
         self.wake()

@@ -7,11 +7,14 @@ only, so it imports anywhere a training script runs.
 from __future__ import annotations
 
 import itertools
+import os
 import socket
-from pathlib import Path
 from typing import Any, Iterator
 
-from labrun.protocol import PROTOCOL_VERSION, AgentError, FrameDecoder, ProtocolError, pack_frame, request
+from labrun.protocol._errors import AgentError, ProtocolError
+from labrun.protocol._framing import FrameDecoder, pack_frame
+from labrun.protocol._messages import request
+from labrun.protocol._version import PROTOCOL_VERSION
 
 from .exceptions import AgentUnavailable
 
@@ -19,11 +22,11 @@ RECEIVE_SIZE = 256 * 1024
 
 
 class AgentConnection:
-    def __init__(self, path: str | Path, *, client: str = "labrun-python"):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, *, client: str = "labrun-python"):
+        self.path = os.fspath(path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._sock.connect(str(self.path))
+            self._sock.connect(self.path)
         except OSError as exc:
             self._sock.close()
             raise AgentUnavailable(f"no labrun agent answers on {self.path}: {exc.strerror or exc}") from None

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from labrun.protocol._paths import candidate_sockets, user_socket, user_state_dir
 
@@ -22,16 +21,16 @@ from .exceptions import AgentUnavailable
 AUTOSTART_TIMEOUT = 15.0
 
 
-def _try(path: Path) -> AgentConnection | None:
+def _try(path: str) -> AgentConnection | None:
     try:
-        if not path.exists():
+        if not os.path.exists(path):
             return None
         return AgentConnection(path)
     except (AgentUnavailable, PermissionError):
         return None
 
 
-def connect(socket: str | Path | None = None, *, autostart: bool | None = None) -> AgentConnection:
+def connect(socket: str | os.PathLike | None = None, *, autostart: bool | None = None) -> AgentConnection:
     """Connect to the agent at ``socket``, or find one (starting a per-user agent if allowed)."""
     if socket is not None:
         return AgentConnection(socket)
@@ -43,7 +42,7 @@ def connect(socket: str | Path | None = None, *, autostart: bool | None = None) 
     if autostart is None:
         autostart = os.environ.get("LABRUN_NO_AUTOSTART", "") in ("", "0")
     if not autostart or os.environ.get("LABRUN_SOCKET"):
-        tried = ", ".join(map(str, candidates))
+        tried = ", ".join(candidates)
         raise AgentUnavailable(f"no labrun agent answers (tried {tried}); start one with 'labrun agent'"
                                + ("" if autostart else " (autostart is off: LABRUN_NO_AUTOSTART is set)"))
     return start_user_agent()
@@ -52,15 +51,16 @@ def connect(socket: str | Path | None = None, *, autostart: bool | None = None) 
 def start_user_agent() -> AgentConnection:
     path = user_socket()
     state = user_state_dir()
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.makedirs(state, mode=0o700, exist_ok=True)
     try:
         import trio  # noqa: F401  (only to tell whether the agent's dependencies are installed)
     except ImportError:
         raise AgentUnavailable("no labrun agent answers and this environment cannot start one: "
                                "install 'labrun[agent]' or point LABRUN_SOCKET at a running agent") from None
-    with open(state / "agent.log", "ab") as log:
+    log_path = os.path.join(state, "agent.log")
+    with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "labrun.agent", "--socket", str(path), "--state-dir", str(state)],
+            [sys.executable, "-m", "labrun.agent", "--socket", path, "--state-dir", state],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
         )
     deadline = time.monotonic() + AUTOSTART_TIMEOUT
@@ -74,7 +74,7 @@ def start_user_agent() -> AgentConnection:
             if connection is not None:
                 return connection
             raise AgentUnavailable(f"the per-user agent exited with code {process.returncode}; "
-                                   f"see {state / 'agent.log'}")
+                                   f"see {log_path}")
         time.sleep(0.02)
     raise AgentUnavailable(f"the per-user agent did not answer on {path} within {AUTOSTART_TIMEOUT:.0f} s; "
-                           f"see {state / 'agent.log'}")
+                           f"see {log_path}")

@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import time
-import uuid
 
 from labrun.protocol import TERMINAL
 
@@ -447,6 +446,8 @@ class _OfflineRun:
     """Outside a submitted run: prints what it would have logged, as Azure ML's offline run does."""
 
     def __init__(self, run_id=None):
+        import uuid
+
         self.id = run_id or f"OfflineRun_{uuid.uuid4()}"
 
     def _print(self, kind, name, value):
@@ -498,6 +499,8 @@ class _OfflineRun:
         print(f"Run failed with error code {error_code}:\n{error_details}")
 
     def child_run(self, name=None, run_id=None, outputs=None):
+        import uuid
+
         return _OfflineRun(f"{self.id}.{name or uuid.uuid4()}")
 
     def __enter__(self):

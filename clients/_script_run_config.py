@@ -9,7 +9,6 @@ Differences from Azure ML, on purpose (the README lists them):
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -21,7 +20,12 @@ from ._runconfig import (
 )
 from .exceptions import ExperimentExecutionException, RunConfigurationException, UserErrorException
 
-_logger = logging.getLogger("labrun")
+
+
+def _warn(message: str) -> None:
+    import logging   # only when there is something to warn about
+
+    logging.getLogger("labrun").warning(message)
 
 _RUN_CONFIG_WARNING = ("If 'run_config' is specified, the following parameters will be ignored: 'compute_target', "
                        "'environment', 'distributed_job_config', 'max_run_duration_seconds', and "
@@ -61,11 +65,11 @@ class ScriptRunConfig:
         if run_config:
             if (max_run_duration_seconds != MAX_DURATION_SECONDS_DEFAULT or compute_target or environment
                     or distributed_job_config or docker_runtime_config):
-                _logger.warning(_RUN_CONFIG_WARNING)
+                _warn(_RUN_CONFIG_WARNING)
             for name in ("script", "arguments", "command"):
                 mine, theirs = getattr(self, name), getattr(run_config, name)
                 if mine and theirs:
-                    _logger.warning(f"If '{name}' has been provided here and in 'run_config', '{name}' provided "
+                    _warn(f"If '{name}' has been provided here and in 'run_config', '{name}' provided "
                                     "in ScriptRunConfig initialization will take precedence.")
                 elif not mine and theirs:
                     setattr(self, name, list(theirs) if name == "arguments" else theirs)

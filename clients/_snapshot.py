@@ -12,8 +12,6 @@ import os
 import tarfile
 from pathlib import Path
 
-import pathspec
-
 from .exceptions import SnapshotException
 
 MAX_SNAPSHOT_BYTES = 300 * 1024 * 1024
@@ -21,10 +19,13 @@ MAX_SNAPSHOT_FILES = 2000
 IGNORE_FILES = (".labrunignore", ".amlignore", ".gitignore")
 
 
-def ignore_spec(root: Path) -> pathspec.GitIgnoreSpec | None:
+def ignore_spec(root: Path):
+    """The root ignore file's rules as a ``pathspec.GitIgnoreSpec``, or None when there is no ignore file."""
     for name in IGNORE_FILES:
         path = root / name
         if path.is_file():
+            import pathspec   # slow to import: only when there are rules to match
+
             return pathspec.GitIgnoreSpec.from_lines(path.read_text(errors="replace").splitlines())
     return None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from ._connection import AgentConnection
 from ._discovery import connect
@@ -26,7 +26,7 @@ class Workspace:
         self.subscription_id = subscription_id
         self.resource_group = resource_group
         self.name = workspace_name or "local"
-        self._socket = Path(socket) if socket is not None else None
+        self._socket = os.fspath(socket) if socket is not None else None
         self._autostart = autostart
         self._connection: AgentConnection | None = None
 

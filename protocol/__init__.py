@@ -1,50 +1,39 @@
 """labrun's wire protocol, shared by the agent and the clients.
 
-Pure: the standard library and msgpack only. ``PROTOCOL.md`` beside this file is
-the language-neutral specification; the golden tests pin its bytes.
+Pure: the standard library and msgpack only. ``PROTOCOL.md`` beside this file is the
+language-neutral specification; the golden tests pin its bytes. Names load on first use, so a
+client that only sends frames never pays for the validators.
 """
 
-from ._errors import (
-    ERROR_CODES as ERROR_CODES,
-    AgentError as AgentError,
-    BadRequest as BadRequest,
-    Conflict as Conflict,
-    Forbidden as Forbidden,
-    FrameCorrupt as FrameCorrupt,
-    FrameTooLarge as FrameTooLarge,
-    NotFound as NotFound,
-    ProtocolError as ProtocolError,
-    TooLarge as TooLarge,
-    Unavailable as Unavailable,
-)
-from ._framing import DEFAULT_MAX_FRAME as DEFAULT_MAX_FRAME, FrameDecoder as FrameDecoder, pack_frame as pack_frame
-from ._messages import (
-    STREAMING_OPS as STREAMING_OPS,
-    Request as Request,
-    parse_request as parse_request,
-    reply_error as reply_error,
-    reply_ok as reply_ok,
-    request as request,
-    request_id as request_id,
-    stream_end as stream_end,
-    stream_item as stream_item,
-)
-from ._schema import (
-    EXPERIMENT_NAME_RE as EXPERIMENT_NAME_RE,
-    MAX_DURATION_SECONDS_DEFAULT as MAX_DURATION_SECONDS_DEFAULT,
-    OP_SCHEMAS as OP_SCHEMAS,
-    validate_run_spec as validate_run_spec,
-)
-from ._statuses import ACTIVE as ACTIVE, STATUSES as STATUSES, TERMINAL as TERMINAL
-from ._units import format_memory as format_memory, parse_duration as parse_duration, parse_memory as parse_memory
-from ._paths import candidate_sockets as candidate_sockets, user_socket as user_socket, user_state_dir as user_state_dir
-from ._version import PROTOCOL_VERSION as PROTOCOL_VERSION, __version__ as __version__
+from importlib import import_module
 
-__all__ = [
-    "ACTIVE", "DEFAULT_MAX_FRAME", "ERROR_CODES", "EXPERIMENT_NAME_RE", "MAX_DURATION_SECONDS_DEFAULT",
-    "OP_SCHEMAS", "PROTOCOL_VERSION", "STATUSES", "STREAMING_OPS", "TERMINAL", "AgentError", "BadRequest",
-    "Conflict", "Forbidden", "FrameCorrupt", "FrameDecoder", "FrameTooLarge", "NotFound", "ProtocolError",
-    "Request", "TooLarge", "Unavailable", "__version__", "format_memory", "pack_frame", "parse_duration",
-    "parse_memory", "parse_request", "reply_error", "reply_ok", "request", "request_id", "stream_end",
-    "stream_item", "validate_run_spec", "candidate_sockets", "user_socket", "user_state_dir",
-]
+_EXPORTS = {
+    "ERROR_CODES": "._errors", "AgentError": "._errors", "BadRequest": "._errors", "Conflict": "._errors",
+    "Forbidden": "._errors", "FrameCorrupt": "._errors", "FrameTooLarge": "._errors", "NotFound": "._errors",
+    "ProtocolError": "._errors", "TooLarge": "._errors", "Unavailable": "._errors",
+    "DEFAULT_MAX_FRAME": "._framing", "FrameDecoder": "._framing", "pack_frame": "._framing",
+    "STREAMING_OPS": "._messages", "Request": "._messages", "parse_request": "._messages",
+    "reply_error": "._messages", "reply_ok": "._messages", "request": "._messages", "request_id": "._messages",
+    "stream_end": "._messages", "stream_item": "._messages",
+    "EXPERIMENT_NAME_RE": "._constants", "MAX_DURATION_SECONDS_DEFAULT": "._constants",
+    "OP_SCHEMAS": "._schema", "validate_run_spec": "._schema",
+    "ACTIVE": "._statuses", "STATUSES": "._statuses", "TERMINAL": "._statuses",
+    "format_memory": "._units", "parse_duration": "._units", "parse_memory": "._units",
+    "candidate_sockets": "._paths", "user_socket": "._paths", "user_state_dir": "._paths",
+    "PROTOCOL_VERSION": "._version", "__version__": "._version",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'labrun.protocol' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

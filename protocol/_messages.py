@@ -17,20 +17,23 @@ Several requests may be in flight on one connection; replies carry the request's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from ._errors import AgentError, BadRequest
-from ._schema import OP_SCHEMAS
 
 STREAMING_OPS = frozenset({"logs", "watch", "download"})
 
 
-@dataclass(frozen=True, slots=True)
 class Request:
-    id: int
-    op: str
-    args: dict
+    """A validated request. (A plain class: the client imports this module, and dataclasses is slow to import.)"""
+
+    __slots__ = ("id", "op", "args")
+
+    def __init__(self, id: int, op: str, args: dict):
+        self.id, self.op, self.args = id, op, args
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Request) and (self.id, self.op, self.args) == (other.id, other.op, other.args)
 
     def __repr__(self) -> str:
         # Submit args carry the client's environment, which may hold secrets.
@@ -75,6 +78,8 @@ def parse_request(message: dict) -> Request:
     unknown = sorted(set(message) - {"id", "op", "args"})
     if unknown:
         raise BadRequest(f"request: unknown envelope field {unknown[0]!r}", details={"field": unknown[0]})
+    from ._schema import OP_SCHEMAS   # only the agent parses requests; the client never pays for this
+
     op = message.get("op")
     if not isinstance(op, str):
         raise BadRequest("request: 'op' must be a string", details={"field": "op"})

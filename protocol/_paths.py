@@ -10,35 +10,33 @@ socket, then the per-user socket.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-SYSTEM_SOCKET = Path("/run/labrun/agent.sock")
-SYSTEM_STATE_DIR = Path("/var/lib/labrun")
-SYSTEM_CONFIG = Path("/etc/labrun/agent.toml")
+# Plain strings: the CLI imports this module, and pathlib is slow to import.
+SYSTEM_SOCKET = "/run/labrun/agent.sock"
+SYSTEM_STATE_DIR = "/var/lib/labrun"
+SYSTEM_CONFIG = "/etc/labrun/agent.toml"
 
 
-def user_socket() -> Path:
+def user_socket() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
-        return Path(runtime) / "labrun" / "agent.sock"
-    return Path(f"/tmp/labrun-{os.getuid()}") / "agent.sock"
+        return os.path.join(runtime, "labrun", "agent.sock")
+    return f"/tmp/labrun-{os.getuid()}/agent.sock"
 
 
-def user_state_dir() -> Path:
-    state = os.environ.get("XDG_STATE_HOME")
-    base = Path(state) if state else Path.home() / ".local" / "state"
-    return base / "labrun"
+def user_state_dir() -> str:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "labrun")
 
 
-def user_config() -> Path:
-    config = os.environ.get("XDG_CONFIG_HOME")
-    base = Path(config) if config else Path.home() / ".config"
-    return base / "labrun" / "agent.toml"
+def user_config() -> str:
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(config, "labrun", "agent.toml")
 
 
-def candidate_sockets() -> list[Path]:
+def candidate_sockets() -> list[str]:
     """The sockets a client tries, in order."""
     explicit = os.environ.get("LABRUN_SOCKET")
     if explicit:
-        return [Path(explicit)]
+        return [explicit]
     return [SYSTEM_SOCKET, user_socket()]

@@ -11,15 +11,14 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
+from ._constants import EXPERIMENT_NAME_RE, MAX_DURATION_SECONDS_DEFAULT
 from ._errors import BadRequest
 from ._statuses import STATUSES
 
 Validator = Callable[[Any, str], Any]
 _MISSING = object()
 
-EXPERIMENT_NAME_RE = re.compile(r"^[a-zA-Z0-9][\w\-]{0,254}$")
 RUN_ID_RE = re.compile(r"^[\w\-.]{1,300}$")
-MAX_DURATION_SECONDS_DEFAULT = 2592000
 
 
 def _type_name(value: Any) -> str:

@@ -139,8 +139,10 @@ def test_refused_arguments(docker_agent, source):
 
 
 def test_orphans_are_removed_at_start(docker_agent, source):
+    """An agent that has made containers looks for its orphans when it starts (one that never did, does not)."""
     from labrun.agent._docker import LABEL_AGENT, LABEL_RUN, agent_id
 
+    container_run(docker_agent, source, ["true"]).wait_for_completion()
     orphan = _docker("run", "-d", "--label", f"{LABEL_AGENT}={agent_id(docker_agent.state_dir)}", "--label",
                      f"{LABEL_RUN}=ghost", IMAGE, "sleep", "300").stdout.strip()
     docker_agent.restart()
