@@ -34,6 +34,7 @@ class RunRecord:
         spec = self.spec
         shown = {
             "run_id": self.run_id,
+            "order": self.order,
             "number": self.number,
             "experiment": self.experiment,
             "display_name": spec.get("display_name") or self.run_id,

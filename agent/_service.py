@@ -29,6 +29,8 @@ LOG_CHUNK = 1024 * 1024
 # Log files grow without waking anyone; a follower looks again this often.
 LOG_POLL_SECONDS = 0.1
 RECENT_FINISHED = 20
+# A list reply is one frame: pages keep it well under the frame limit. Clients follow ``before``.
+LIST_PAGE = 1000
 
 SendItem = Callable[[object], Awaitable[None]]
 
@@ -154,14 +156,18 @@ class Service:
         return {**self._show(session, self._record(args["run_id"])), "event_seq": self.store.last_seq()}
 
     async def list(self, session: Session, args: dict) -> list:
-        statuses = args["status"]
+        """One page of runs, newest first; the next page is ``before`` the last run's ``order``."""
+        statuses, before = args["status"], args["before"]
+        limit = min(args["limit"] or LIST_PAGE, LIST_PAGE)
+        query = {"experiment": args["experiment"], "before": before}
         if args["all"] or statuses is not None:
-            records = self.store.list_runs(experiment=args["experiment"], statuses=statuses, limit=args["limit"])
+            records = self.store.list_runs(statuses=statuses, limit=limit, **query)
         else:
-            records = self.store.list_runs(experiment=args["experiment"], statuses=[QUEUED, *ACTIVE])
-            records += self.store.list_runs(experiment=args["experiment"], statuses=TERMINAL,
-                                            limit=args["limit"] or RECENT_FINISHED)
-            records.sort(key=lambda r: r.order, reverse=True)
+            # Queued and active runs, and the few most recent finished ones.
+            records = self.store.list_runs(statuses=[QUEUED, *ACTIVE], limit=limit, **query)
+            if before is None:
+                records += self.store.list_runs(statuses=TERMINAL, limit=RECENT_FINISHED, **query)
+            records = sorted(records, key=lambda r: r.order, reverse=True)[:limit]
         labels = self.store.labels_of([r.run_id for r in records])
         return [self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}))
                 for r in records]

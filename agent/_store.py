@@ -215,9 +215,12 @@ class Store:
         return [_record(r) for r in rows]
 
     def list_runs(self, *, experiment: str | None = None, statuses: Iterable[str] | None = None,
-                  limit: int | None = None) -> list[RunRecord]:
-        """Runs, newest first."""
+                  limit: int | None = None, before: int | None = None) -> list[RunRecord]:
+        """Runs, newest first; ``before``: only runs submitted before the one with that order."""
         where, params = [], []
+        if before is not None:
+            where.append("ord < ?")
+            params.append(before)
         if experiment is not None:
             where.append("experiment = ?")
             params.append(experiment)

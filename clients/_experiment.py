@@ -42,7 +42,7 @@ class Experiment:
 
     def get_runs(self, type=None, tags=None, properties=None, include_children=False, status=None):
         """Runs of this experiment, newest first (a generator, as in Azure ML)."""
-        for details in self.workspace._call("list", all=True, experiment=self.name):
+        for details in self.workspace.list_runs(all=True, experiment=self.name):
             if status is not None and details["status"] != status:
                 continue
             if not _matches(details["tags"], tags) or not _matches(details["properties"], properties):

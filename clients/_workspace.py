@@ -134,6 +134,16 @@ class Workspace:
     def status(self) -> dict:
         return self._call("status")
 
+    def list_runs(self, **filters):
+        """Every run matching ``filters`` (the ``list`` op's), newest first, following the agent's pages."""
+        before = None
+        while True:
+            page = self._call("list", before=before, **filters)
+            yield from page
+            if not page or before is not None and page[-1]["order"] >= before:
+                return
+            before = page[-1]["order"]
+
     @property
     def compute_targets(self) -> dict:
         """The agent's named targets (its config's ``[targets.NAME]``), as ``ComputeTarget`` objects."""

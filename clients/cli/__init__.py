@@ -137,7 +137,7 @@ def cmd_run(args) -> int:
 # -- inspecting --------------------------------------------------------------------------
 
 def cmd_ls(args) -> int:
-    runs = _workspace(args)._call("list", all=args.all, experiment=args.experiment)
+    runs = list(_workspace(args).list_runs(all=args.all, experiment=args.experiment))
     if args.json:
         _print_json(runs)
         return 0

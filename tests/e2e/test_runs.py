@@ -163,3 +163,16 @@ def test_get_runs_newest_first(agent, source):
     runs = list(experiment.get_runs())
     assert [r.id for r in runs] == ids[::-1]
     assert [r.id for r in experiment.get_runs(tags={"n": "1"})] == [ids[1]]
+
+
+def test_listing_comes_in_pages(agent, source):
+    """A list reply is one frame, so long listings come in pages that clients follow by ``before``."""
+    experiment = Experiment(agent.workspace(), "pages")
+    ids = [experiment.submit(ScriptRunConfig(str(source), command=["true"])).id for _ in range(5)]
+    workspace = agent.workspace()
+    first = workspace._call("list", all=True, limit=2)
+    assert [r["run_id"] for r in first] == ids[:-3:-1]
+    second = workspace._call("list", all=True, limit=2, before=first[-1]["order"])
+    assert [r["run_id"] for r in second] == ids[-3:-5:-1]
+    assert [r["run_id"] for r in workspace.list_runs(all=True, limit=2)] == ids[::-1]
+    assert [r.id for r in experiment.get_runs()] == ids[::-1]
