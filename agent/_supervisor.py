@@ -18,13 +18,10 @@ had not started are queued again.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import shlex
 import shutil
 import signal as signals
-import socket as stdsocket
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,16 +30,17 @@ from pathlib import Path
 import structlog
 import trio
 
-from labrun.protocol import BadRequest, Conflict, Forbidden, format_memory, parse_memory
+from labrun.protocol import BadRequest, Conflict, Forbidden, format_memory
 from labrun.protocol._statuses import (
     ACTIVE, CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING,
 )
 
-from ._config import AgentConfig
 from ._artifacts import artifact_path
+from ._config import AgentConfig
 from ._docker_args import translate_arguments
-from ._environments import EnvironmentBuilder, PreparedEnvironment, PrepareFailed, needs_conda
-from ._executor import ExitResult, LaunchSpec, Rank, StartFailed
+from ._environments import EnvironmentBuilder, PrepareFailed, needs_conda
+from ._executor import ExitResult, StartFailed
+from ._launch import LaunchPlanner
 from ._model import RunRecord
 from ._notify import Notifier
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
@@ -54,8 +52,6 @@ log = structlog.get_logger("labrun.supervisor")
 
 # Stopping a run waits this long beyond the grace period for SIGKILL to take effect.
 KILL_WAIT_SECONDS = 5.0
-# Rendezvous for distributed runs on this machine.
-MASTER_ADDR = "127.0.0.1"
 
 
 @dataclass
@@ -65,20 +61,6 @@ class Owner:
     user: str
     groups: list[int]
     admin: bool = False
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free right now on the loopback interface (for a run's rendezvous)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = stdsocket.socket()
-            sock.bind((MASTER_ADDR, 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @dataclass
@@ -102,7 +84,9 @@ class Supervisor:
         self.active: dict[str, _ActiveRun] = {}
         self.changed = Notifier()
         self._wakeup = trio.Event()
-        self.environments = EnvironmentBuilder(config.state_dir / "envs")
+        self._waiting_stale = False
+        self.launches = LaunchPlanner(config, capacity, EnvironmentBuilder(config.state_dir / "envs"),
+                                      self._executor_name, self._image)
 
     def token_valid(self, run_id: str, token: str) -> bool:
         active = self.active.get(run_id)
@@ -301,15 +285,21 @@ class Supervisor:
     def live_record(self, run_id: str) -> RunRecord | None:
         """The in-memory record of a queued or active run (it carries ``waiting``)."""
         if run_id in self.queued:
+            if self._waiting_stale:
+                self._decide()   # saturated, so this only explains the queue: nothing starts
             return self.queued[run_id]
         active = self.active.get(run_id)
         return active.record if active else None
 
     # -- scheduling --------------------------------------------------------------------
 
-    def _schedule(self, nursery: trio.Nursery) -> None:
-        if not self.queued:
-            return
+    def _saturated(self) -> bool:
+        """True when no queued run can start: every run needs a CPU, and none is free (or the run cap is hit)."""
+        if self.capacity.max_runs and len(self.active) >= self.capacity.max_runs:
+            return True
+        return sum(a.allocation.cpus for a in self.active.values()) >= self.capacity.cpus
+
+    def _decide(self):
         now = time.time()
         pending = [
             Pending(run_id=r.run_id, user=r.user, priority=r.spec["priority"], order=r.order,
@@ -318,6 +308,20 @@ class Supervisor:
         ]
         active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by) for a in self.active.values()]
         decision = schedule(pending, active, self.capacity, now)
+        for run_id, (reason, position) in decision.waiting.items():
+            self.queued[run_id].waiting = {"reason": reason, "position": position}
+        self._waiting_stale = False
+        return decision, now
+
+    def _schedule(self, nursery: trio.Nursery) -> None:
+        if not self.queued:
+            return
+        if self._saturated():
+            # Nothing can start, so skip the pass (a full queue makes it O(n) per submit); the waiting
+            # reasons are worked out when someone looks at the queue.
+            self._waiting_stale = True
+            return
+        decision, now = self._decide()
         for start in decision.starts:
             record = self.queued.pop(start.run_id)
             record.waiting = None
@@ -325,8 +329,6 @@ class Supervisor:
                              ends_by=now + record.spec["max_run_duration_seconds"])
             self.active[record.run_id] = run
             nursery.start_soon(self._run_one, run, name=f"run {record.run_id}")
-        for run_id, (reason, position) in decision.waiting.items():
-            self.queued[run_id].waiting = {"reason": reason, "position": position}
 
     # -- one run -----------------------------------------------------------------------
 
@@ -337,139 +339,6 @@ class Supervisor:
         elif changes:
             self.store.update_run(run.record, None, **changes)
 
-    async def _resume_path(self, record: RunRecord, run_dir: Path) -> str:
-        """Copy what the run resumes from into ``resume_from/``, as its owner, and make it read-only."""
-        resume = record.spec["resume_from"]
-        if resume["run_id"] is not None:
-            source = artifact_path(self.runs_dir / resume["run_id"], resume["path"])
-        else:
-            source = Path(resume["path"])
-        target_dir = run_dir / "resume_from"
-        target_dir.mkdir()
-        target = target_dir / source.name
-        options = {}
-        if os.geteuid() == 0 and record.uid != 0:
-            os.chown(target_dir, record.uid, record.gid)
-            # Copying as the owner: a user can resume only from what they may read.
-            options = {"user": record.uid, "group": record.gid}
-        result = await trio.run_process(["cp", "-a", "--", str(source), str(target)], capture_stderr=True,
-                                        check=False, **options)
-        if result.returncode != 0:
-            raise PrepareFailed(f"cannot copy resume_from {str(source)!r}: "
-                                f"{result.stderr.decode(errors='replace').strip()}", reason="resume_from_failed")
-        await trio.run_process(["chmod", "-R", "a-w", str(target)], check=False, **options)
-        return str(target)
-
-    def _ranks(self, record: RunRecord, allocation: Allocation, logs: Path) -> list[Rank]:
-        """One rank per process, with the variables the frameworks expect."""
-        distributed = record.spec.get("distributed")
-        if distributed is None or distributed["kind"] == "mpi":
-            return [Rank(log_path=logs / "std_log.txt")]
-        gpus = list(allocation.gpus)
-        if distributed["kind"] == "pytorch":
-            count = distributed["process_count"] or 1
-            port = free_ports(1)[0]
-            ranks = []
-            for rank in range(count):
-                env = {"MASTER_ADDR": MASTER_ADDR, "MASTER_PORT": str(port), "WORLD_SIZE": str(count),
-                       "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0", "LOCAL_WORLD_SIZE": str(count)}
-                if len(gpus) >= count:
-                    env["CUDA_VISIBLE_DEVICES"] = env["NVIDIA_VISIBLE_DEVICES"] = gpus[rank]
-                ranks.append(Rank(log_path=logs / f"std_log_process_{rank}.txt", env=env))
-            return ranks
-        workers = distributed["worker_count"] or 1
-        servers = distributed["parameter_server_count"] if distributed["parameter_server_count"] is not None else 1
-        ports = free_ports(workers + servers)
-        cluster = {"worker": [f"{MASTER_ADDR}:{p}" for p in ports[:workers]]}
-        if servers:
-            cluster["ps"] = [f"{MASTER_ADDR}:{p}" for p in ports[workers:]]
-        tasks = [("worker", i) for i in range(workers)] + [("ps", i) for i in range(servers)]
-        return [Rank(log_path=logs / f"std_log_process_{n}.txt", daemon=kind == "ps",
-                     env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": kind, "index": index},
-                                                   "environment": "cloud"})})
-                for n, (kind, index) in enumerate(tasks)]
-
-    async def _prepare(self, run: _ActiveRun) -> LaunchSpec:
-        """Everything before the process starts: environment, resume_from, variables, ranks."""
-        record, allocation = run.record, run.allocation
-        spec = record.spec
-        run_dir = self.runs_dir / record.run_id
-        logs = run_dir / "logs"
-        owned = os.geteuid() == 0 and record.uid != 0
-        in_docker = self._executor_name(spec) == "docker"
-        if in_docker:
-            # The image has its own Python and paths: the client's interpreter and environment mean nothing there.
-            environment = spec.get("environment") or {"python": {}}
-            interpreter = environment["python"].get("interpreter_path") or "python"
-            prepared = PreparedEnvironment(python=interpreter, variables=environment.get("environment_variables"))
-            env = {}
-        else:
-            prepared = await self.environments.prepare(spec.get("environment"), spec["interpreter"] or "python3",
-                                                       logs / "environment_build.txt", run_dir / "snapshot")
-            env = {k: v for k, v in record.environ.items() if k != "LABRUN_RUN_TOKEN"}
-        env.update(prepared.variables or {})
-        env.update(spec["environment_variables"])
-        if prepared.bin_dir is not None:
-            env["PATH"] = f"{prepared.bin_dir}:{env.get('PATH', os.defpath)}"
-            env["VIRTUAL_ENV"] = str(prepared.bin_dir.parent)
-        run.token = secrets.token_urlsafe(24)
-        env.update({
-            "LABRUN_RUN_ID": record.run_id,
-            "LABRUN_EXPERIMENT": record.experiment,
-            "LABRUN_SOCKET": str(self.config.socket),
-            "LABRUN_OUTPUT_DIR": str(run_dir / "snapshot" / "outputs"),
-            "LABRUN_RUN_TOKEN": run.token,
-        })
-        if self.capacity.gpus:
-            devices = ",".join(allocation.gpus)
-            env.update({"CUDA_VISIBLE_DEVICES": devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-                        "NVIDIA_VISIBLE_DEVICES": devices or "void"})
-        extra: list[str] = []
-        if spec.get("resume_from") is not None:
-            path = await self._resume_path(record, run_dir)
-            env["LABRUN_RESUME_FROM"] = path
-            extra = ["--resume-from", path]
-        if spec["script"] is not None:
-            argv = [prepared.python, spec["script"], *spec["arguments"], *extra]
-        elif isinstance(spec["command"], str):
-            line = spec["command"] + "".join(" " + shlex.quote(part) for part in extra)
-            argv = ["/bin/sh", "-c", line]
-        else:
-            argv = [*spec["command"], *extra]
-        distributed = spec.get("distributed")
-        if distributed is not None and distributed["kind"] == "mpi":
-            count = distributed["process_count_per_node"] or 1
-            argv = ["mpirun", "-np", str(count), *(["--allow-run-as-root"] if record.uid == 0 else []), *argv]
-        ranks = self._ranks(record, allocation, logs)
-        for rank in ranks:
-            rank.log_path.touch()
-            if owned:
-                os.chown(rank.log_path, record.uid, record.gid)
-        if len(ranks) > 1 and not (logs / "std_log.txt").exists():
-            (logs / "std_log.txt").symlink_to(ranks[0].log_path.name)   # the log `labrun run` follows
-        groups = []
-        if owned:
-            try:
-                groups = os.getgrouplist(record.user, record.gid)
-            except KeyError:
-                groups = [record.gid]
-        container = None
-        if in_docker:
-            docker = spec.get("docker") or {"arguments": [], "shm_size": None}
-            translated = translate_arguments(docker["arguments"], self.config.docker)
-            read_only = [str(run_dir / "resume_from")] if spec.get("resume_from") is not None else []
-            if self.config.socket.exists():
-                read_only.append(str(self.config.socket))
-            container = {
-                "image": self._image(spec), "mounts": [str(run_dir / "snapshot"), str(logs)], "read_only": read_only,
-                "host": translated["host"], "env": translated["env"], "cpus": allocation.cpus,
-                "gpus": list(allocation.gpus),
-                "shm_size": parse_memory(docker["shm_size"]) if docker.get("shm_size") else None,
-            }
-        return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=run_dir / "snapshot", ranks=ranks,
-                          uid=record.uid, gid=record.gid, groups=groups, cores=allocation.cores,
-                          memory=allocation.memory, container=container)
-
     async def _run_one(self, run: _ActiveRun) -> None:
         record = run.record
         executor = self.executors[self._executor_name(record.spec)]
@@ -478,8 +347,9 @@ class Supervisor:
         try:
             with run.kill_scope:
                 self._advance(run, PREPARING, allocation=run.allocation.to_wire())
+                run.token = secrets.token_urlsafe(24)
                 try:
-                    launch = await self._prepare(run)
+                    launch = await self.launches.prepare(record, run.allocation, run.token)
                 except PrepareFailed as exc:
                     with open(self.runs_dir / record.run_id / "logs" / "std_log.txt", "a") as log_file:
                         log_file.write(f"labrun: {exc}\n")
