@@ -42,8 +42,9 @@ def free_ports(count: int) -> list[int]:
 
 
 class LaunchPlanner:
-    def __init__(self, config, capacity: Capacity, environments: EnvironmentBuilder, executor_name, image):
+    def __init__(self, config, store, capacity: Capacity, environments: EnvironmentBuilder, executor_name, image):
         self.config = config
+        self.store = store
         self.capacity = capacity
         self.environments = environments
         self.runs_dir = config.state_dir / "runs"
@@ -118,7 +119,8 @@ class LaunchPlanner:
         else:
             prepared = await self.environments.prepare(spec.get("environment"), spec["interpreter"] or "python3",
                                                        logs / "environment_build.txt", run_dir / "snapshot")
-            env = {k: v for k, v in record.environ.items() if k != "LABRUN_RUN_TOKEN"}
+            environ = record.environ if record.environ is not None else self.store.environ(record.run_id)
+            env = {k: v for k, v in environ.items() if k != "LABRUN_RUN_TOKEN"}
         env.update(prepared.variables or {})
         env.update(spec["environment_variables"])
         if prepared.bin_dir is not None:

@@ -16,6 +16,8 @@ from typing import Callable, Iterable
 
 import msgpack
 
+from labrun.protocol._statuses import TERMINAL
+
 from ._model import RunRecord
 
 SCHEMA = """
@@ -226,7 +228,10 @@ class Store:
             params.append(experiment)
         if statuses is not None:
             statuses = list(statuses)
-            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            # Finished runs are most of a long history: walking the order index beats sorting them all,
+            # so the status index ("+status" turns it off) is used only for the few queued and active runs.
+            column = "+status" if set(statuses) & TERMINAL else "status"
+            where.append(f"{column} IN ({', '.join('?' * len(statuses))})")
             params.extend(statuses)
         sql = f"SELECT {', '.join(_COLUMNS)} FROM runs"
         if where:
@@ -236,6 +241,11 @@ class Store:
             sql += " LIMIT ?"
             params.append(limit)
         return [_record(r) for r in self._db.execute(sql, params).fetchall()]
+
+    def environ(self, run_id: str) -> dict:
+        """The client environment captured at submit (kept out of memory while a run waits)."""
+        row = self._db.execute("SELECT environ FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return _unpack(row[0]) if row else {}
 
     def counts_by_status(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())

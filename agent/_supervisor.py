@@ -85,7 +85,7 @@ class Supervisor:
         self.changed = Notifier()
         self._wakeup = trio.Event()
         self._waiting_stale = False
-        self.launches = LaunchPlanner(config, capacity, EnvironmentBuilder(config.state_dir / "envs"),
+        self.launches = LaunchPlanner(config, store, capacity, EnvironmentBuilder(config.state_dir / "envs"),
                                       self._executor_name, self._image)
 
     def token_valid(self, run_id: str, token: str) -> bool:
@@ -98,6 +98,7 @@ class Supervisor:
         """Recover what an earlier agent left, then schedule until cancelled (agent shutdown)."""
         await self._recover()
         for record in self.store.runs_with_status([QUEUED]):
+            record.environ = None
             self.queued[record.run_id] = record
         async with trio.open_nursery() as nursery:
             task_status.started()
@@ -200,6 +201,7 @@ class Supervisor:
                 await trio.to_thread.run_sync(shutil.rmtree, run_dir, True)
             raise
         log.debug("run.submitted", run_id=run_id, user=owner.user)
+        record.environ = None   # stored; read back at launch, so ten thousand queued runs stay small
         self.queued[run_id] = record
         self.changed.notify()
         self.wake()

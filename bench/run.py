@@ -297,8 +297,12 @@ def footprint(root: Path, queued: int, finished: int) -> list[tuple]:
         rows.append((f"`labrun ls` with {queued} queued", ms(time.time() - t0), "-", "-", "-", "-"))
     finally:
         agent.stop()
-    # History: finished runs are written straight into the store (running 100,000 real runs would take
-    # longer than the whole benchmark); the agent then starts on that state.
+    # History, on a fresh state: finished runs are written straight into the store (running 100,000
+    # real runs would take longer than the whole benchmark); an agent then starts on that state.
+    (root / "hist").mkdir()
+    agent = Agent(root / "hist")
+    agent.start()
+    agent.stop()
     add_finished_history(agent.state / "state.db", finished)
     agent.start()
     try:
