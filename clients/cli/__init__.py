@@ -56,8 +56,11 @@ def exit_code_of(run: dict) -> int:
 
 
 def _print_json(value) -> None:
-    json.dump(value, sys.stdout, indent=2, sort_keys=True, default=str)
-    sys.stdout.write("\n")
+    # One-shot dumps, compact for lists: only that uses json's C encoder (100,000 runs: seconds, not half a minute).
+    if isinstance(value, list):
+        sys.stdout.write(json.dumps(value, sort_keys=True, default=str, separators=(",", ":")) + "\n")
+    else:
+        sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
 # -- submit and run ----------------------------------------------------------------------
