@@ -142,17 +142,7 @@ class LaunchPlanner:
             path = await self._resume_path(record, run_dir)
             env["LABRUN_RESUME_FROM"] = path
             extra = ["--resume-from", path]
-        if spec["script"] is not None:
-            argv = [prepared.python, spec["script"], *spec["arguments"], *extra]
-        elif isinstance(spec["command"], str):
-            line = spec["command"] + "".join(" " + shlex.quote(part) for part in extra)
-            argv = ["/bin/sh", "-c", line]
-        else:
-            argv = [*spec["command"], *extra]
-        distributed = spec.get("distributed")
-        if distributed is not None and distributed["kind"] == "mpi":
-            count = distributed["process_count_per_node"] or 1
-            argv = ["mpirun", "-np", str(count), *(["--allow-run-as-root"] if record.uid == 0 else []), *argv]
+        argv = self._argv(record, prepared.python, extra)
         ranks = self._ranks(record, allocation, logs)
         for rank in ranks:
             rank.log_path.touch()
@@ -166,19 +156,37 @@ class LaunchPlanner:
                 groups = os.getgrouplist(record.user, record.gid)
             except KeyError:
                 groups = [record.gid]
-        container = None
-        if in_docker:
-            docker = spec.get("docker") or {"arguments": [], "shm_size": None}
-            translated = translate_arguments(docker["arguments"], self.config.docker)
-            read_only = [str(run_dir / "resume_from")] if spec.get("resume_from") is not None else []
-            if self.config.socket.exists():
-                read_only.append(str(self.config.socket))
-            container = {
-                "image": self.image(spec), "mounts": [str(run_dir / "snapshot"), str(logs)], "read_only": read_only,
-                "host": translated["host"], "env": translated["env"], "cpus": allocation.cpus,
-                "gpus": list(allocation.gpus),
-                "shm_size": parse_memory(docker["shm_size"]) if docker.get("shm_size") else None,
-            }
         return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=run_dir / "snapshot", ranks=ranks,
                           uid=record.uid, gid=record.gid, groups=groups, cores=allocation.cores,
-                          memory=allocation.memory, container=container)
+                          memory=allocation.memory,
+                          container=self._container(spec, run_dir, allocation) if in_docker else None)
+
+    @staticmethod
+    def _argv(record: RunRecord, python: str, extra: list[str]) -> list[str]:
+        """The command line: the script with its interpreter, or the command (a string through /bin/sh)."""
+        spec = record.spec
+        if spec["script"] is not None:
+            argv = [python, spec["script"], *spec["arguments"], *extra]
+        elif isinstance(spec["command"], str):
+            argv = ["/bin/sh", "-c", spec["command"] + "".join(" " + shlex.quote(part) for part in extra)]
+        else:
+            argv = [*spec["command"], *extra]
+        distributed = spec.get("distributed")
+        if distributed is not None and distributed["kind"] == "mpi":
+            count = distributed["process_count_per_node"] or 1
+            argv = ["mpirun", "-np", str(count), *(["--allow-run-as-root"] if record.uid == 0 else []), *argv]
+        return argv
+
+    def _container(self, spec: dict, run_dir: Path, allocation: Allocation) -> dict:
+        """What the Docker executor needs beyond the process: image, mounts, limits, allowed arguments."""
+        docker = spec.get("docker") or {"arguments": [], "shm_size": None}
+        translated = translate_arguments(docker["arguments"], self.config.docker)
+        read_only = [str(run_dir / "resume_from")] if spec.get("resume_from") is not None else []
+        if self.config.socket.exists():
+            read_only.append(str(self.config.socket))   # Run.get_context() inside the container
+        return {
+            "image": self.image(spec), "mounts": [str(run_dir / "snapshot"), str(run_dir / "logs")],
+            "read_only": read_only, "host": translated["host"], "env": translated["env"], "cpus": allocation.cpus,
+            "gpus": list(allocation.gpus),
+            "shm_size": parse_memory(docker["shm_size"]) if docker.get("shm_size") else None,
+        }

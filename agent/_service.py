@@ -95,14 +95,11 @@ class Service:
 
     def _writable(self, session: Session, run_id: str, token: str | None):
         """The run, if the caller may change it: its own token while it is active, or its owner."""
-        record = self._record(run_id)
-        if token is not None:
-            if not self.supervisor.token_valid(run_id, token):
-                raise Forbidden(f"the run token is not valid for run {run_id} (it is only valid while the run is active)")
-            return record
-        if not session.peer.may_manage(record.uid):
-            raise Forbidden(f"run {run_id} belongs to {record.user}; only its owner or an admin may change it")
-        return record
+        if token is None:
+            return self._owned(session, run_id, "change it")
+        if not self.supervisor.token_valid(run_id, token):
+            raise Forbidden(f"the run token is not valid for run {run_id} (it is only valid while the run is active)")
+        return self._record(run_id)
 
     def _run_dir(self, record) -> Path:
         return self.config.state_dir / "runs" / record.run_id

@@ -122,8 +122,8 @@ class Supervisor:
                 else:
                     self._transition(record, QUEUED, allocation=None, event_type="run.requeued")
                 continue
-            if await executor.recover(record.handle):
-                continue   # no executor recovers yet; kept for the Docker executor
+            # Reattaching (executor.recover, then a task that waits on the run) is not built yet:
+            # end what is left of the run, so it never stays Running with nobody watching it.
             with trio.move_on_after(self.config.stop_grace_seconds + KILL_WAIT_SECONDS):
                 await executor.abandon(record.handle, self.config.stop_grace_seconds)
             if record.status == CANCEL_REQUESTED:

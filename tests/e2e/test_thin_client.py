@@ -1,5 +1,6 @@
 """The client imports and works without the agent's dependencies, and starts a per-user agent on demand."""
 
+import json
 import os
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def test_autostart_of_a_per_user_agent(tmp_path, source):
         assert (runtime / "labrun" / "agent.sock").exists()
         again = subprocess.run([sys.executable, "-m", "labrun.cli", "ls", "--json"], env=env, capture_output=True,
                                text=True, timeout=60)
-        assert again.returncode == 0 and '"status": "Completed"' in again.stdout
+        assert again.returncode == 0 and [r["status"] for r in json.loads(again.stdout)] == ["Completed"]
     finally:
         pid = int(lock.read_text())
         os.kill(pid, 15)
