@@ -6,7 +6,7 @@ msgpack and pathspec, and loads its submodules on first use so that ``import lab
 (and the CLI) start fast in any environment.
 """
 
-from importlib import import_module
+from labrun.protocol._lazy import lazy_exports
 
 from labrun.protocol._version import __version__
 
@@ -31,14 +31,4 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'labrun' has no attribute {name!r}")
-    value = getattr(import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

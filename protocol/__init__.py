@@ -5,7 +5,7 @@ language-neutral specification; the golden tests pin its bytes. Names load on fi
 client that only sends frames never pays for the validators.
 """
 
-from importlib import import_module
+from ._lazy import lazy_exports
 
 _EXPORTS = {
     "ERROR_CODES": "._errors", "AgentError": "._errors", "BadRequest": "._errors", "Conflict": "._errors",
@@ -26,14 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'labrun.protocol' has no attribute {name!r}")
-    value = getattr(import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
