@@ -188,6 +188,7 @@ def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, n
 
     head: Pending | None = None
     shadow: _Shadow | None = None
+    started: list[Active] = []   # this pass's starts: they end (and free resources) too
     for priority in sorted(levels, reverse=True):
         queues = levels[priority]
         while queues:
@@ -208,7 +209,7 @@ def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, n
             if not free.fits(d):
                 decision.waiting[run.run_id] = ("resources", position)
                 if head is None:
-                    head, shadow = run, _reserve(run, free, active, now)
+                    head, shadow = run, _reserve(run, free, active + started, now)
                 continue
             if head is not None:
                 ends_before = now + run.duration <= shadow.time
@@ -231,6 +232,7 @@ def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, n
                         shadow.spare_memory -= d.memory
             allocation = free.take(d, pin)
             decision.starts.append(Start(run.run_id, allocation))
+            started.append(Active(run.run_id, run.user, allocation, now + run.duration))
             running += 1
             u = usage[run.user]
             u[0] += d.cpus

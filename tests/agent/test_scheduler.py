@@ -78,6 +78,13 @@ class TestBackfill:
         d = schedule([run(1, priority=9, cpus=4), run(2, duration=10**6)], [busy], cap(cpus=4), 0)
         assert started(d) == [] and d.waiting["r2"][0] == "priority"
 
+    def test_runs_started_in_the_same_pass_count_for_the_reservation(self):
+        """Found by the property below: the head's start is when a run started moments ago frees its CPU."""
+        busy = Active("x", "a", Allocation(cpus=4, memory=None), ends_by=2)
+        queue = [run(9, priority=1, duration=1), run(10, priority=1, cpus=3, duration=1), run(1, duration=2)]
+        d = schedule(queue, [busy], cap(cpus=7, gpus=(), pin=False), 0)
+        assert started(d) == ["r9"] and d.waiting["r1"][0] == "priority"
+
     def test_request_larger_than_machine_never_blocks_others(self):
         d = schedule([run(1, cpus=99), run(2)], [], cap(), 0)
         assert started(d) == ["r2"] and d.waiting["r1"][0] == "resources"
