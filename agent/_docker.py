@@ -15,11 +15,12 @@ The container gets:
 Stop: ``docker stop`` (SIGTERM, the grace period, SIGKILL), then remove. Containers are always
 removed when their run ends. Create and start are shielded from cancellation, so a cancel that
 lands then cannot leave a container nobody knows about. Handle: ``{"executor": "docker",
-"container": id}``; reattaching after a restart is left to a later change (``recover`` says no).
+"container": id}``; reattaching after a restart is left to a later change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import signal as signals
 
@@ -69,10 +70,19 @@ class DockerExecutor:
             self._docker = None
         self.bridge.close()
 
-    def _unavailable(self, exc: Exception) -> StartFailed:
-        failure = StartFailed(f"the Docker engine is not reachable: {exc}")
-        failure.reason = "docker_unavailable"
-        return failure
+    @contextlib.contextmanager
+    def _start_errors(self, what: str):
+        """Docker's errors while starting a run, as the run's failure: refused, or no engine at all."""
+        import aiodocker
+
+        try:
+            yield
+        except aiodocker.DockerError as exc:
+            raise StartFailed(f"{what}: {exc.message}") from None
+        except OSError as exc:
+            failure = StartFailed(f"the Docker engine is not reachable: {exc}")
+            failure.reason = "docker_unavailable"
+            raise failure from None
 
     async def _ensure_image(self, image: str) -> None:
         import aiodocker
@@ -90,12 +100,8 @@ class DockerExecutor:
             await docker.images.pull(image)
             return True
 
-        try:
+        with self._start_errors(f"cannot use image {image!r}"):
             found = await self.bridge.call(inspect)
-        except aiodocker.DockerError as exc:
-            raise StartFailed(f"cannot use image {image!r}: {exc.message}") from None
-        except OSError as exc:
-            raise self._unavailable(exc) from None
         if not found:
             failure = StartFailed(f"image {image!r} is not on this machine"
                                   + ("" if self.policy.allow_pull else " (and this agent does not pull images)"))
@@ -138,8 +144,6 @@ class DockerExecutor:
         }
 
     async def start(self, launch: LaunchSpec) -> dict:
-        import aiodocker
-
         await self._ensure_image(launch.container["image"])
         config = self._config(launch)
 
@@ -155,13 +159,8 @@ class DockerExecutor:
 
         self._on_first_container()
         # Shielded: a cancel landing mid-create must not leave a container no handle knows of.
-        with trio.CancelScope(shield=True):
-            try:
-                container_id = await self.bridge.call(create_and_start)
-            except aiodocker.DockerError as exc:
-                raise StartFailed(f"Docker refused the container: {exc.message}") from None
-            except OSError as exc:
-                raise self._unavailable(exc) from None
+        with trio.CancelScope(shield=True), self._start_errors("Docker refused the container"):
+            container_id = await self.bridge.call(create_and_start)
         return {"executor": "docker", "container": container_id, "pid": None}
 
     async def wait(self, handle: dict) -> ExitResult:
@@ -190,9 +189,6 @@ class DockerExecutor:
                     raise
 
         await self.bridge.call(stop)
-
-    async def recover(self, handle: dict) -> bool:
-        return False
 
     async def abandon(self, handle: dict, grace: float) -> None:
         await self._remove(handle["container"], grace)

@@ -1,8 +1,9 @@
-"""The executor interface: how a run's process (or container) is started, awaited, stopped and recovered.
+"""The executor interface: how a run's process (or container) is started, awaited, stopped and abandoned.
 
 Each executor is one module (``_local.py``; Docker and Slurm later). The supervisor
 owns the run's lifecycle and calls only these methods. Handles are plain maps the
-store persists, so a restarted agent can ask ``recover``.
+store persists, so a restarted agent can end what an earlier agent left (``abandon``); reattaching to it
+(DESIGN's ``recover``) is not built yet.
 
 Cancellation: ``wait`` is cancelled when the run is killed or the agent stops;
 neither kills the process by itself. Killing is ``stop`` alone, so "cancel a run"
@@ -70,7 +71,5 @@ class Executor(Protocol):
     async def wait(self, handle: dict) -> ExitResult: ...
 
     async def stop(self, handle: dict, grace: float) -> None: ...
-
-    async def recover(self, handle: dict) -> bool: ...
 
     async def abandon(self, handle: dict, grace: float) -> None: ...

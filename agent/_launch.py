@@ -119,8 +119,8 @@ class LaunchPlanner:
         else:
             prepared = await self.environments.prepare(spec.get("environment"), spec["interpreter"] or "python3",
                                                        logs / "environment_build.txt", run_dir / "snapshot")
-            environ = record.environ if record.environ is not None else self.store.environ(record.run_id)
-            env = {k: v for k, v in environ.items() if k != "LABRUN_RUN_TOKEN"}
+            # Queued runs keep the client's environment on disk only (see Supervisor.submit).
+            env = {k: v for k, v in self.store.environ(record.run_id).items() if k != "LABRUN_RUN_TOKEN"}
         env.update(prepared.variables or {})
         env.update(spec["environment_variables"])
         if prepared.bin_dir is not None:

@@ -34,18 +34,24 @@ WATCHDOG_INTERVAL = 0.5
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    # A raw read: a text-mode read of /proc/<pid>/stat costs about ten times as much (measured).
+def _read_proc(pid: int, name: str) -> str | None:
+    # A raw read: a text-mode read of a /proc file costs about ten times as much (measured).
     try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        fd = os.open(f"/proc/{pid}/{name}", os.O_RDONLY)
     except OSError:
         return None
     try:
-        raw = os.read(fd, 4096).decode(errors="replace")
+        return os.read(fd, 4096).decode(errors="replace")
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    raw = _read_proc(pid, "stat")
+    if raw is None:
+        return None
     # The command name is in parentheses and may hold spaces; fields follow the last ')'.
     return raw[raw.rindex(")") + 2:].split()
 
@@ -84,8 +90,8 @@ def resident_memory(pids: list[int]) -> int:
     total = 0
     for pid in pids:
         try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE_SIZE
-        except (OSError, IndexError, ValueError):
+            total += int(_read_proc(pid, "statm").split()[1]) * _PAGE_SIZE
+        except (AttributeError, IndexError, ValueError):   # gone meanwhile (None), or an empty read
             pass
     return total
 
@@ -224,11 +230,6 @@ class LocalExecutor:
                 await trio.sleep(0.05)
             return
         _signal_all(sids, signal.SIGKILL)
-
-    async def recover(self, handle: dict) -> bool:
-        # A process started by an earlier agent is not our child: its exit status
-        # cannot be collected, so reattaching is not implemented yet.
-        return False
 
     async def abandon(self, handle: dict, grace: float) -> None:
         """Terminate what is left of a run an earlier agent started, if it is still that run."""

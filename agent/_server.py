@@ -36,7 +36,8 @@ class AgentAlreadyRunning(Exception):
     pass
 
 
-def _socket_answers(path: Path) -> bool:
+def socket_answers(path: Path) -> bool:
+    """Whether something accepts connections on the Unix socket ``path``."""
     probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
     probe.settimeout(2)
     try:
@@ -50,7 +51,7 @@ def _socket_answers(path: Path) -> bool:
 
 def refuse_if_agent_answers(path: Path) -> None:
     """Raises ``AgentAlreadyRunning`` if a live agent answers on ``path``."""
-    if (path.exists() or path.is_symlink()) and _socket_answers(path):
+    if (path.exists() or path.is_symlink()) and socket_answers(path):
         raise AgentAlreadyRunning(f"another labrund is already listening on {path}; stop it first "
                                   "(or pass --socket to use another path)")
 

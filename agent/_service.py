@@ -185,7 +185,7 @@ class Service:
 
     async def logs(self, session: Session, args: dict, send_item: SendItem) -> None:
         record = self._owned(session, args["run_id"], "read its logs")
-        path = self.config.state_dir / "runs" / record.run_id / "logs" / args["name"]
+        path = artifact_path(self._run_dir(record), LOGS + args["name"])
         offset = args["offset"]
         while True:
             ended = self._record(record.run_id).status in TERMINAL
@@ -227,7 +227,7 @@ class Service:
 
     async def set_labels(self, session: Session, args: dict) -> dict:
         record = self._writable(session, args["run_id"], args["token"])
-        values = {k: v for k, v in args["values"].items()}
+        values = args["values"]
         if args["kind"] == "properties":
             # Properties are add-only, as in Azure ML.
             existing = {**record.spec.get("properties", {}), **self.store.labels(record.run_id, "properties")}

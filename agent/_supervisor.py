@@ -11,9 +11,9 @@ Each active run is a task in the supervisor's run nursery, with its own *kill sc
 ``cancel()`` and the run's duration limit cancel that scope, and the task then stops
 the process (SIGTERM, grace, SIGKILL; shielded and bounded). Stopping the agent
 cancels the nursery instead: the tasks return without touching the processes,
-which keep running. A restarted agent asks the executor to ``recover`` them; until
-an executor can, they end ``Failed`` with the reason ``agent_lost``, and runs that
-had not started are queued again.
+which keep running. A restarted agent cannot reattach to them yet: it ends them
+(``abandon``) and marks them ``Failed`` with the reason ``agent_lost``; runs that had
+not started are queued again.
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ class Supervisor:
                 else:
                     self._transition(record, QUEUED, allocation=None, event_type="run.requeued")
                 continue
-            # Reattaching (executor.recover, then a task that waits on the run) is not built yet:
-            # end what is left of the run, so it never stays Running with nobody watching it.
+            # Reattaching (and a task that waits on the run) is not built yet: end what is left of the
+            # run, so it never stays Running with nobody watching it.
             with trio.move_on_after(self.config.stop_grace_seconds + KILL_WAIT_SECONDS):
                 await executor.abandon(record.handle, self.config.stop_grace_seconds)
             if record.status == CANCEL_REQUESTED:

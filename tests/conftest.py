@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,19 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from labrun.agent._server import socket_answers
+
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
-
-
-def _answers(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 class AgentProcess:
@@ -54,7 +44,7 @@ class AgentProcess:
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=log, env=self.env)
         log.close()
         deadline = time.monotonic() + START_TIMEOUT
-        while not _answers(self.socket):
+        while not socket_answers(self.socket):
             if self.process.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.process.returncode}:\n{self.log_path.read_text()}")
             if time.monotonic() > deadline:

@@ -45,9 +45,6 @@ class FakeExecutor:
         await trio.sleep(grace)   # as if the process ignored SIGTERM
         self.finish(handle["pid"], ExitResult(signal=9))
 
-    async def recover(self, handle):
-        return False
-
     async def abandon(self, handle, grace):
         pass
 
