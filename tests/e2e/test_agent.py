@@ -2,7 +2,6 @@
 
 import os
 import pwd
-import signal
 import socket
 import struct
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 
 from labrun import Experiment, ScriptRunConfig
 from labrun._connection import AgentConnection
-from labrun.exceptions import BadRequest, Conflict, Forbidden, NotFound, TooLarge
+from labrun.exceptions import BadRequest, Conflict, TooLarge
 from labrun.protocol import PROTOCOL_VERSION, pack_frame
 
 GRACE_CONFIG = "[agent]\nstop_grace_seconds = 1\n"

@@ -3,11 +3,8 @@ launches, resume_from, in-run metrics, and reading a run's files afterwards."""
 
 import base64
 import hashlib
-import io
 import json
-import os
 import shutil
-import stat
 import zipfile
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from labrun import (
     DataPath, Environment, Experiment, MpiConfiguration, PyTorchConfiguration, Run, ScriptRunConfig,
     TensorflowConfiguration, get_run,
 )
-from labrun.exceptions import BadRequest, Conflict, UserErrorException
+from labrun.exceptions import BadRequest, UserErrorException
 
 TARGETS = '[targets.MyCluster]\nkind = "local"\n[resources]\ncpus = 2\ngpus = ["0", "1"]\n'
 

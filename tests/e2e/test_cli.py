@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 
 def test_run_streams_the_log_and_exits_with_the_runs_code(agent, source):

@@ -1,8 +1,5 @@
 """Scheduling end to end: declared capacity, exclusive GPUs, priorities, fair share between users, memory limits."""
 
-import json
-import time
-
 import pytest
 
 from labrun import Experiment, ScriptRunConfig
@@ -65,8 +62,8 @@ def test_priority_orders_the_starts_and_ls_says_why(make_agent, source):
     low = submit(agent, source, RECORD.format(body="true"))
     high = submit(agent, source, RECORD.format(body="true"), priority=10)
     listing = agent.cli("ls", check=True).stdout
-    assert f"waiting: resources (#1)" in next(line for line in listing.splitlines() if high.id in line)
-    assert f"waiting: resources (#2)" in next(line for line in listing.splitlines() if low.id in line)
+    assert "waiting: resources (#1)" in next(line for line in listing.splitlines() if high.id in line)
+    assert "waiting: resources (#2)" in next(line for line in listing.splitlines() if low.id in line)
     for run in (blocker, low, high):
         run.wait_for_completion()
     assert interval(agent, high)[0] < interval(agent, low)[0]
@@ -87,7 +84,7 @@ def test_fair_share_between_users(make_agent, shared_source, nobody_client):
     agent.root.chmod(0o755)
     (shared_source / "outputs").mkdir(exist_ok=True)
     long = submit(agent, shared_source, "sleep 30")
-    short = submit(agent, shared_source, "sleep 2")
+    submit(agent, shared_source, "sleep 2")   # frees a CPU in 2 s, while both wait
     root_run = submit(agent, shared_source, RECORD.format(body="true"))
     code = ("from labrun import Workspace, Experiment, ScriptRunConfig\n"
             f"run = Experiment(Workspace(), 'sched').submit(ScriptRunConfig('.', command={RECORD.format(body='true')!r}))\n"
