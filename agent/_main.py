@@ -20,6 +20,7 @@ import trio
 
 from labrun.protocol import __version__
 
+from ._asuser import agent_dir
 from ._asyncio_bridge import AsyncioBridge
 from ._capacity import discover_capacity
 from ._docker import DockerExecutor, agent_id
@@ -45,7 +46,8 @@ class StateDirLocked(Exception):
 
 
 def _lock_state_dir(state_dir: Path, system: bool):
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o755 if system else 0o700)
+    # Root's alone; a root agent's runs reach their own (0700) directories through it by path, so it is 0711.
+    agent_dir(state_dir, traversable=True)
     lock = open(state_dir / "agent.lock", "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -8,6 +8,8 @@ handful of indexed statements on a local file, far shorter than a thread hop.
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
 import sqlite3
 import time
 import uuid
@@ -16,6 +18,7 @@ from typing import Callable, Iterable
 
 import msgpack
 
+from labrun.protocol import Forbidden
 from labrun.protocol._statuses import TERMINAL
 
 from ._model import RunRecord
@@ -89,6 +92,15 @@ CREATE TABLE IF NOT EXISTS environments (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
 """
 
+# Who owns each environment name: only they (or an admin) may publish its versions.
+OWNERS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS environment_owners (
+    name TEXT PRIMARY KEY,
+    uid INTEGER NOT NULL,
+    user TEXT NOT NULL
+);
+"""
+
 _COLUMNS = ("run_id", "ord", "experiment", "number", "uid", "gid", "user", "status", "spec", "environ",
             "submitted_at", "started_at", "ended_at", "exit_code", "signal", "reason", "error", "pid",
             "allocation", "handle")
@@ -115,13 +127,20 @@ def _record(row: tuple) -> RunRecord:
 class Store:
     def __init__(self, path: Path):
         self.path = path
+        # Stored environments hold secrets: the database is its owner's alone (SQLite gives the -wal
+        # and -shm files the database's mode; older ones are narrowed too).
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{path}{suffix}", 0o600)
         # NORMAL in WAL mode: a commit survives an agent crash; only a power cut can
         # lose the last transactions. The fsync per commit of FULL would cap throughput.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._db.executescript(OWNERS_SCHEMA)
         # Called with each transaction's events once it has committed (the event log's live feed).
         self.on_events: Callable[[list[dict]], None] = lambda events: None
         self._uncommitted: list[dict] = []
@@ -320,13 +339,46 @@ class Store:
 
     # -- environments ------------------------------------------------------------------
 
-    def register_environment(self, name: str, definition: dict, user: str) -> int:
+    def register_environment(self, name: str, definition: dict, user: str, uid: int | None = None,
+                             *, admin: bool = False) -> int:
+        """Store the next version of ``name``. The first registrant owns the name.
+
+        Raises:
+            Forbidden: the name belongs to another user, and the caller is not an admin.
+        """
         with self._transaction():
+            owner = self.environment_owner(name)
+            if owner is None and uid is not None:
+                self._db.execute("INSERT INTO environment_owners (name, uid, user) VALUES (?, ?, ?)", (name, uid, user))
+            elif owner is not None and uid is not None and owner != uid and not admin:
+                raise Forbidden(f"environment name {name!r} belongs to {self._user_name(owner)}; only its owner or "
+                                "an admin may register new versions of it (choose another name)")
             row = self._db.execute("SELECT MAX(version) FROM environments WHERE name = ?", (name,)).fetchone()
             version = (row[0] or 0) + 1
             self._db.execute("INSERT INTO environments (name, version, definition, user, created_at) VALUES (?, ?, ?, ?, ?)",
                              (name, version, _pack(definition), user, time.time()))
         return version
+
+    @staticmethod
+    def _user_name(uid: int) -> str:
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return f"uid {uid}"
+
+    def environment_owner(self, name: str) -> int | None:
+        """The uid that owns an environment name (a name registered before names had owners: its first user's)."""
+        row = self._db.execute("SELECT uid FROM environment_owners WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            return row[0]
+        first = self._db.execute("SELECT user FROM environments WHERE name = ? ORDER BY version LIMIT 1",
+                                 (name,)).fetchone()
+        if first is None:
+            return None
+        try:
+            return pwd.getpwnam(first[0]).pw_uid
+        except KeyError:
+            return 0   # a user that no longer exists: only admins may publish it
 
     def get_environment(self, name: str, version: int | None = None) -> dict | None:
         sql = "SELECT name, version, definition, user, created_at FROM environments WHERE name = ?"

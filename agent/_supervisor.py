@@ -36,6 +36,7 @@ from labrun.protocol._statuses import (
 )
 
 from ._artifacts import artifact_path
+from ._asuser import Credentials, agent_dir, as_user, make_private_dir
 from ._config import AgentConfig
 from ._docker_args import translate_arguments
 from ._environments import EnvironmentBuilder, PrepareFailed, needs_conda
@@ -44,7 +45,7 @@ from ._launch import LaunchPlanner
 from ._model import RunRecord
 from ._notify import Notifier
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
-from ._snapshot import extract_snapshot
+from ._snapshot import extract_snapshot, lay_out_run_dir
 from ._states import EVENT_TYPES, check_transition
 from ._store import Store
 
@@ -80,6 +81,7 @@ class Supervisor:
         self.capacity = capacity
         self.executors = executors
         self.runs_dir = config.state_dir / "runs"
+        agent_dir(self.runs_dir, traversable=True)
         self.queued: dict[str, RunRecord] = {}
         self.active: dict[str, _ActiveRun] = {}
         self.changed = Notifier()
@@ -173,22 +175,12 @@ class Supervisor:
         now = time.time()
         run_id = f"{spec['experiment']}_{int(now)}_{uuid.uuid4().hex[:8]}"
         run_dir = self.runs_dir / run_id
-        chown = os.geteuid() == 0 and owner.uid != 0
+        creds = Credentials(owner.uid, owner.gid, tuple(owner.groups))
         try:
-            run_dir.mkdir(parents=True)
-            await extract_snapshot(snapshot, run_dir / "snapshot",
-                                   uid=owner.uid if chown else None, gid=owner.gid if chown else None)
-            if spec["script"] is not None and not (run_dir / "snapshot" / spec["script"]).is_file():
-                raise BadRequest(f"spec.script: {spec['script']!r} is not a file in the snapshot of the source "
-                                 "directory; the script must be inside source_directory",
-                                 details={"field": "spec.script"})
-            outputs = run_dir / "snapshot" / "outputs"
-            outputs.mkdir(exist_ok=True)
-            (run_dir / "outputs").symlink_to("snapshot/outputs")
-            (run_dir / "logs").mkdir()
-            if chown:
-                for path in (run_dir, outputs, run_dir / "logs"):
-                    os.chown(path, owner.uid, owner.gid)
+            make_private_dir(self.runs_dir, run_id, creds)
+            await extract_snapshot(snapshot, run_dir / "snapshot", creds)
+            with as_user(creds):
+                lay_out_run_dir(run_dir, spec["script"])
             environ = spec.pop("environ")
             spec.pop("snapshot")
             record = RunRecord(

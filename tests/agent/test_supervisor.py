@@ -54,8 +54,8 @@ async def supervisor(tmp_path, nursery, monkeypatch):
     # No worker thread under the mock clock: while one runs, every task looks blocked and the clock jumps.
     from labrun.agent import _snapshot
 
-    async def extract_here(source, dest, *, uid=None, gid=None):
-        return _snapshot._extract(source, dest, uid, gid)
+    async def extract_here(source, dest, creds=None):
+        return _snapshot._extract(source, dest, creds)
 
     monkeypatch.setattr("labrun.agent._supervisor.extract_snapshot", extract_here)
     config = load_config(None, socket=tmp_path / "s.sock", state_dir=tmp_path)
