@@ -21,7 +21,7 @@ from pathlib import Path
 
 from labrun.protocol import BadRequest, Conflict, Forbidden, NotFound
 
-from ._asuser import Credentials, make_dirs_beneath, open_beneath, open_directory, run_as
+from ._asuser import Credentials, make_dirs_beneath, open_beneath, open_directory, open_file_as, run_as
 
 OUTPUTS = "outputs/"
 LOGS = "user_logs/"
@@ -187,3 +187,21 @@ def artifact_path(run_dir: Path, name: str) -> Path:
     """The path of a run's file, for a process that runs as the owner (``cp`` for ``resume_from``)."""
     area, rest = parse_name(name)
     return run_dir / area / rest
+
+
+def note_in_log(record, log_path: Path, text: str) -> None:
+    """Append the agent's own line (why a run failed to start) to a run's log, as the run's owner.
+
+    Best effort: a log the user replaced by a link or made unwritable just does not get the line;
+    the run's error says the same.
+    """
+    try:
+        fd = open_file_as(owner_of(record), log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        os.write(fd, text.encode(errors="replace"))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -251,3 +251,19 @@ def agent_dir(path: str | os.PathLike, *, traversable: bool = False) -> None:
     mode = 0o711 if traversable and os.geteuid() == 0 else 0o700
     os.makedirs(path, mode=mode, exist_ok=True)
     os.chmod(path, mode)
+
+
+def open_file_as(creds: Credentials | None, path: str | os.PathLike, flags: int, mode: int = 0o640) -> int:
+    """Open ``path`` with ``creds``' rights, following no link at its last two components.
+
+    For a file in a directory of a user's run (``<run dir>/logs/std_log.txt``): the directories above
+    the run directory are the agent's, so only the last two components can be swapped by the user.
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(path)
+    with as_user(creds):
+        dir_fd = open_directory(directory)
+        try:
+            return open_beneath(dir_fd, name, flags, mode)
+        finally:
+            os.close(dir_fd)

@@ -35,7 +35,7 @@ from labrun.protocol._statuses import (
     ACTIVE, CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING,
 )
 
-from ._artifacts import artifact_path
+from ._artifacts import artifact_path, note_in_log
 from ._asuser import Credentials, agent_dir, as_user, make_private_dir
 from ._config import AgentConfig
 from ._docker_args import translate_arguments
@@ -237,7 +237,9 @@ class Supervisor:
                 if source.uid != owner.uid and not owner.admin:
                     raise Forbidden(f"spec.resume_from: run {source.run_id} belongs to {source.user}")
                 path = artifact_path(self.runs_dir / source.run_id, resume["path"])
-                if not path.exists():
+                with as_user(Credentials(owner.uid, owner.gid, tuple(owner.groups))):
+                    found = os.path.lexists(path)
+                if not found:
                     refuse("resume_from", f"run {source.run_id} has no {resume['path']!r}")
             elif not os.path.isabs(resume["path"]):
                 refuse("resume_from", f"a local path must be absolute, got {resume['path']!r}")
@@ -345,16 +347,14 @@ class Supervisor:
                 try:
                     launch = await self.launches.prepare(record, run.allocation, run.token)
                 except PrepareFailed as exc:
-                    with open(self.runs_dir / record.run_id / "logs" / "std_log.txt", "a") as log_file:
-                        log_file.write(f"labrun: {exc}\n")
+                    note_in_log(record, self.runs_dir / record.run_id / "logs" / "std_log.txt", f"labrun: {exc}\n")
                     self._finish(run, FAILED, reason=exc.reason, error=str(exc))
                     return
                 self._advance(run, STARTING)
                 try:
                     handle = await executor.start(launch)
                 except StartFailed as exc:
-                    with open(launch.ranks[0].log_path, "a") as log_file:
-                        log_file.write(f"labrun: {exc}\n")
+                    note_in_log(record, launch.ranks[0].log_path, f"labrun: {exc}\n")
                     self._finish(run, FAILED, reason=exc.reason, error=str(exc))
                     return
                 duration = record.spec["max_run_duration_seconds"]
