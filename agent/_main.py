@@ -30,7 +30,9 @@ from ._events import EventLog
 from ._hub import HubSender
 from ._local import LocalExecutor
 from ._logging import configure_logging
-from ._server import AgentAlreadyRunning, ConnectionHandler, open_unix_listener, refuse_if_agent_answers
+from ._server import (
+    AgentAlreadyRunning, ConnectionHandler, SocketDirectoryUnsafe, open_unix_listener, refuse_if_agent_answers,
+)
 from ._service import Service
 from ._store import Store
 from ._supervisor import Supervisor
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     refusals = []
     try:
         trio.run(run_agent, config)
-    except* (AgentAlreadyRunning, StateDirLocked) as group:
+    except* (AgentAlreadyRunning, SocketDirectoryUnsafe, StateDirLocked) as group:
         refusals = group.exceptions
     for exc in refusals:
         print(f"labrund: {exc}", file=sys.stderr)

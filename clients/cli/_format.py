@@ -1,11 +1,29 @@
-"""Human-readable output for the CLI: tables, times, sizes."""
+"""Human-readable output for the CLI: tables, times, sizes.
+
+Names, tags, descriptions and errors come from other users: every string shown to a human goes
+through ``escape``, so no control character (a terminal escape sequence, a carriage return that
+hides what came before) reaches the terminal raw. ``--json`` output is JSON-escaped already.
+"""
 
 from __future__ import annotations
 
 import datetime
+import re
 import time
 
 from labrun.protocol import format_memory
+
+
+# C0 and C1 controls, DEL, and the Unicode marks that reorder or hide text on a terminal.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
+
+
+def escape(value) -> str:
+    """``value`` as text that is safe to print: each control character as a visible escape (``\\e``, ``\\x07``)."""
+    text = str(value)
+    return _CONTROL.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                                             else f"\\u{ord(m.group()):04x}"), text)
 
 
 def age(timestamp: float | None) -> str:
@@ -48,8 +66,9 @@ def outcome(run: dict) -> str:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    rows = [[escape(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(c) for c in column) for column in zip(*rows)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)
 
 
@@ -98,4 +117,4 @@ def show(run: dict) -> str:
     for key, value in sorted(run["tags"].items()):
         rows.append(("Tag", f"{key}={value}"))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k + ':':<{width + 1}} {v if v is not None else '-'}" for k, v in rows)
+    return "\n".join(f"{k + ':':<{width + 1}} {escape(v) if v is not None else '-'}" for k, v in rows)
