@@ -29,6 +29,7 @@ import errno
 import os
 import platform
 import pwd
+import stat
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -184,13 +185,23 @@ def _seccomp_blocks_openat2(dirfd: int) -> bool:
     return ctypes.get_errno() in (errno.EPERM, errno.ENOSYS)
 
 
+def _open_subdirectory(dirfd: int, name: str) -> int:
+    """One directory component, never a link: a link is ``ELOOP`` (the kernel says ``ENOTDIR``)."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    except NotADirectoryError:
+        if stat.S_ISLNK(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+            raise OSError(errno.ELOOP, "is a symbolic link", name) from None
+        raise
+
+
 def _open_walking(dirfd: int, path: str, flags: int, mode: int) -> int:
     """The fallback: each directory opened with ``O_NOFOLLOW | O_DIRECTORY``, relative to the last."""
     *dirs, last = _components(path)
     current = dirfd
     try:
         for name in dirs:
-            following = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
+            following = _open_subdirectory(current, name)
             if current != dirfd:
                 os.close(current)
             current = following
@@ -214,7 +225,7 @@ def make_dirs_beneath(dirfd: int, path: str, mode: int = 0o755) -> int:
                 os.mkdir(name, mode, dir_fd=current)
             except FileExistsError:
                 pass
-            following = open_beneath(current, name, os.O_RDONLY | os.O_DIRECTORY)
+            following = _open_subdirectory(current, name)
             if current != dirfd:
                 os.close(current)
             current = following

@@ -60,7 +60,7 @@ def _access_denied_message(path: str) -> str:
     except (ImportError, KeyError, OSError):
         pass
     ask = f"ask an administrator to add you to the group '{group}'" if group else "ask an administrator for access"
-    return (f"the system labrun agent at {path} does not accept you: {ask}, then log in again. "
+    return (f"the labrun agent at {path} does not accept you: {ask}, then log in again. "
             "(labrun does not start a private agent beside the system one: its runs would share the same "
             "cores and GPUs without either agent knowing.)")
 
@@ -81,7 +81,7 @@ class AgentConnection:
             _check_server(self.path, self._sock)
         except OSError as exc:
             self._sock.close()
-            if exc.errno == errno.EACCES and self.path == SYSTEM_SOCKET:
+            if exc.errno == errno.EACCES:
                 raise AgentAccessDenied(_access_denied_message(self.path)) from None
             raise AgentUnavailable(f"no labrun agent answers on {self.path}: {exc.strerror or exc}") from None
         except AgentUntrusted:
