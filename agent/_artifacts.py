@@ -183,9 +183,9 @@ async def list_files(record, run_dir: Path) -> list[dict]:
         return []
 
 
-def artifact_path(run_dir: Path, name: str) -> Path:
+def artifact_path(run_dir: Path, name: str, field: str = "name") -> Path:
     """The path of a run's file, for a process that runs as the owner (``cp`` for ``resume_from``)."""
-    area, rest = parse_name(name)
+    area, rest = parse_name(name, field)
     return run_dir / area / rest
 
 

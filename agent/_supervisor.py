@@ -236,7 +236,7 @@ class Supervisor:
                     refuse("resume_from", f"no run with id {resume['run_id']!r}")
                 if source.uid != owner.uid and not owner.admin:
                     raise Forbidden(f"spec.resume_from: run {source.run_id} belongs to {source.user}")
-                path = artifact_path(self.runs_dir / source.run_id, resume["path"])
+                path = artifact_path(self.runs_dir / source.run_id, resume["path"], "spec.resume_from.path")
                 with as_user(Credentials(owner.uid, owner.gid, tuple(owner.groups))):
                     found = os.path.lexists(path)
                 if not found:

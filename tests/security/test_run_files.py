@@ -39,6 +39,21 @@ for name in names:
                                      append=False)
 out(found)
 """)
+    resumed = alice.json(f"""
+from labrun import DataPath, Experiment, ScriptRunConfig
+from labrun.exceptions import BadRequest
+class Source: id = {run_id!r}
+refused = []
+for name in {BAD_NAMES!r}:
+    try:
+        Experiment(ws, "sec").submit(ScriptRunConfig({str(shared_source)!r}, command=["true"],
+                                                     resume_from=DataPath.from_run(Source(), name)))
+        refused.append("accepted " + name)
+    except BadRequest as exc:
+        refused.append(str(exc))
+out(refused)
+""")
+    assert all("resume_from" in message for message in resumed), resumed
     for op, result in results.items():
         assert result.get("error") == "bad_request", (op, result)
         assert any(why in result["message"] for why in ("file name", "must be a path inside", "kept by the agent")), \
