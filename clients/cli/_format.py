@@ -8,22 +8,21 @@ hides what came before) reaches the terminal raw. ``--json`` output is JSON-esca
 from __future__ import annotations
 
 import datetime
-import re
 import time
 
 from labrun.protocol import format_memory
 
 
 # C0 and C1 controls, DEL, and the Unicode marks that reorder or hide text on a terminal.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
+_ESCAPES = {code: _NAMED.get(chr(code), f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+            for code in [*range(0x20), *range(0x7f, 0xa0), *range(0x200b, 0x2010), *range(0x202a, 0x202f),
+                         *range(0x2066, 0x206a)]}
 
 
 def escape(value) -> str:
     """``value`` as text that is safe to print: each control character as a visible escape (``\\e``, ``\\x07``)."""
-    text = str(value)
-    return _CONTROL.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
-                                             else f"\\u{ord(m.group()):04x}"), text)
+    return str(value).translate(_ESCAPES)
 
 
 def age(timestamp: float | None) -> str:

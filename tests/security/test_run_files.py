@@ -200,3 +200,19 @@ except Forbidden as exc:
                                   f"call('cancel', run_id={run_id!r})['ok']['status']])")
     assert admin[0] == {"SECRET_TOKEN": "alice-secret"} and admin[1] in ("CancelRequested", "Canceled")
     assert_still_serving(bob, shared_source)
+
+
+def test_a_source_with_an_outputs_file_is_a_clear_error(clients, shared_tmp):
+    source = shared_tmp("outputs-file")
+    (source / "outputs").write_text("not a directory\n")
+    (source / "outputs").chmod(0o644)
+    result = clients["alice"].json(f"""
+from labrun import Experiment, ScriptRunConfig
+from labrun.exceptions import BadRequest
+try:
+    Experiment(ws, "sec").submit(ScriptRunConfig({str(source)!r}, command=["true"]))
+    out("accepted")
+except BadRequest as exc:
+    out(str(exc))
+""")
+    assert "has an 'outputs' that is not a directory" in result
