@@ -50,7 +50,7 @@ class StateDirLocked(Exception):
 def _lock_state_dir(state_dir: Path, system: bool):
     # Root's alone; a root agent's runs reach their own (0700) directories through it by path, so it is 0711.
     agent_dir(state_dir, traversable=True)
-    lock = open(state_dir / "agent.lock", "a+")
+    lock = open(state_dir / "agent.lock", "a+", opener=lambda path, flags: os.open(path, flags, 0o600))
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -53,12 +53,17 @@ def _check_server(path: str, sock: socket.socket) -> None:
 
 def _access_denied_message(path: str) -> str:
     group = None
-    try:
-        import grp
+    # The socket's group, or its directory's when that is what keeps the user out.
+    for where in (path, os.path.dirname(path)):
+        try:
+            import grp
 
-        group = grp.getgrgid(os.stat(path).st_gid).gr_name
-    except (ImportError, KeyError, OSError):
-        pass
+            group = grp.getgrgid(os.stat(where).st_gid).gr_name
+            break
+        except (ImportError, KeyError, OSError):
+            pass
+    if group == "root":
+        group = None
     ask = f"ask an administrator to add you to the group '{group}'" if group else "ask an administrator for access"
     return (f"the labrun agent at {path} does not accept you: {ask}, then log in again. "
             "(labrun does not start a private agent beside the system one: its runs would share the same "
