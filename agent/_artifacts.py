@@ -73,6 +73,9 @@ def refusal(exc: OSError, name: str, run_id: str) -> Exception:
         return BadRequest(f"{name!r} of run {run_id} passes through something that is not a directory")
     if exc.errno == errno.EISDIR:
         return BadRequest(f"{name!r} of run {run_id} is a directory, not a file")
+    if exc.errno in (errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):
+        return BadRequest(f"{name!r} of run {run_id} is not a regular file (a FIFO, socket or device); "
+                          "labrun serves only files")
     if exc.errno == errno.EEXIST:
         return Conflict(f"run {run_id} already has a file {name!r}")
     if exc.errno in (errno.EACCES, errno.EPERM):
@@ -107,7 +110,7 @@ def _open_in_run(run_dir: Path, name: str, flags: int, mode: int = 0o644, *, cre
         raise OSError(errno.EISDIR, "is a directory", name)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise BadRequest(f"{name!r} is not a regular file (a FIFO, socket or device); labrun serves only files")
+        raise OSError(errno.ENODEV, "not a regular file", name)
     return fd
 
 

@@ -216,3 +216,15 @@ except BadRequest as exc:
     out(str(exc))
 """)
     assert "has an 'outputs' that is not a directory" in result
+
+
+def test_a_fifo_under_a_file_name_does_not_hang_the_agent(clients, shared_source, root_agent):
+    alice = clients["alice"]
+    run_id = alice.submit(shared_source, ["mkfifo", "outputs/fifo"])
+    assert alice.wait(run_id)["status"] == "Completed"
+    result = alice.json(f"out([stream('download', run_id={run_id!r}, name='outputs/fifo'), "
+                        f"call('put_file', run_id={run_id!r}, name='outputs/fifo', data=b'x', append=True)])",
+                        timeout=30)
+    for outcome in result:
+        assert outcome.get("error") == "bad_request" and "not a regular file" in outcome["message"], outcome
+    assert_still_serving(clients["bob"], shared_source)
