@@ -30,6 +30,7 @@ import os
 import platform
 import pwd
 import stat
+import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -64,6 +65,10 @@ def _syscall(number: int | None, *args) -> int:
     return result
 
 
+GROUPS_CACHE_SECONDS = 60.0
+_GROUPS_CACHE: dict[tuple, tuple[float, "Credentials"]] = {}
+
+
 @dataclass(frozen=True)
 class Credentials:
     """Whose rights file work runs with: a uid, its primary gid and its supplementary groups."""
@@ -74,13 +79,23 @@ class Credentials:
 
     @classmethod
     def of(cls, uid: int, gid: int, user: str | None = None) -> "Credentials":
-        """A user's credentials, with the groups the system gives them now."""
+        """A user's credentials, with the groups the system gives them (looked up at most once a minute:
+        with a directory service each lookup is a round trip)."""
+        key = (uid, gid, user)
+        cached = _GROUPS_CACHE.get(key)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
         try:
             name = user if user is not None else pwd.getpwuid(uid).pw_name
             groups = tuple(os.getgrouplist(name, gid))
         except (KeyError, OSError):
             groups = (gid,)
-        return cls(uid, gid, groups)
+        creds = cls(uid, gid, groups)
+        if len(_GROUPS_CACHE) > 1000:
+            _GROUPS_CACHE.clear()
+        _GROUPS_CACHE[key] = (now + GROUPS_CACHE_SECONDS, creds)
+        return creds
 
     @property
     def switches(self) -> bool:
