@@ -31,7 +31,8 @@ from ._hub import HubSender
 from ._local import LocalExecutor
 from ._logging import configure_logging
 from ._server import (
-    AgentAlreadyRunning, ConnectionHandler, SocketDirectoryUnsafe, open_unix_listener, refuse_if_agent_answers,
+    AgentAlreadyRunning, ConnectionHandler, SocketDirectoryUnsafe, check_socket_directory, open_unix_listener,
+    refuse_if_agent_answers,
 )
 from ._service import Service
 from ._store import Store
@@ -88,6 +89,7 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
     events = EventLog(store, buffer=config.subscriber_buffer)
     hub = HubSender(config.hub, store, events) if config.hub is not None else None
     service = Service(config, store, supervisor, events, hub)
+    check_socket_directory(config.socket, system=config.system)
     refuse_if_agent_answers(config.socket)
     socket_inode = None
     try:

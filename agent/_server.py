@@ -62,9 +62,16 @@ class SocketDirectoryUnsafe(Exception):
     """The socket's directory could let another user replace the socket."""
 
 
-def _refuse_foreign_directory(directory: Path) -> None:
-    """A socket's directory must be the agent's own (or root's), and only writable by its owner unless
-    sticky: otherwise another user could swap the socket for theirs and catch the clients."""
+def check_socket_directory(path: Path, *, system: bool) -> None:
+    """Create the socket's directory if needed; it must be the agent's own (or root's), and writable only
+    by its owner unless sticky: otherwise another user could swap the socket for theirs and catch the
+    clients.
+
+    Raises:
+        SocketDirectoryUnsafe: naming the directory and what is wrong with it.
+    """
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True, mode=0o755 if system else 0o700)
     info = directory.lstat()
     if (info.st_mode & 0o170000) != 0o040000:
         raise SocketDirectoryUnsafe(f"the socket directory {directory} is a symbolic link or not a directory")
@@ -86,8 +93,7 @@ async def open_unix_listener(path: Path, *, system: bool, group: str | None) -> 
     Raises:
         AgentAlreadyRunning: another agent answers on ``path``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755 if system else 0o700)
-    _refuse_foreign_directory(path.parent)
+    check_socket_directory(path, system=system)
     refuse_if_agent_answers(path)
     if path.exists() or path.is_symlink():
         path.unlink()

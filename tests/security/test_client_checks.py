@@ -127,3 +127,15 @@ print(sorted(os.listdir({str(runtime)!r})))
     assert "does not accept you" in message and "add you to the group 'lrsec-users'" in message
     assert "does not start a private agent" in message
     assert listing == "[]", "a private agent was started beside the system one"
+
+
+def test_an_agent_refuses_a_socket_directory_another_user_made(users, shared_tmp):
+    import sys
+
+    directory = shared_tmp("squatted-socket-dir")
+    os.chown(directory, users["lrsec-bob"].pw_uid, users["lrsec-bob"].pw_gid)
+    result = subprocess.run([sys.executable, "-m", "labrun.agent", "--socket", str(directory / "agent.sock"),
+                             "--state-dir", str(shared_tmp("state"))], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"the socket directory {directory} belongs to uid {users['lrsec-bob'].pw_uid}" in result.stderr, result.stderr
+    assert not (directory / "agent.sock").exists()
