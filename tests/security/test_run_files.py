@@ -228,3 +228,34 @@ def test_a_fifo_under_a_file_name_does_not_hang_the_agent(clients, shared_source
     for outcome in result:
         assert outcome.get("error") == "bad_request" and "not a regular file" in outcome["message"], outcome
     assert_still_serving(clients["bob"], shared_source)
+
+
+def test_links_swapped_in_while_the_agent_reads_and_writes_are_never_followed(clients, shared_source, root_agent,
+                                                                               scratch):
+    alice = clients["alice"]
+    victim = scratch / "race-victim"
+    victim.write_text("ROOT-SECRET\n")
+    victim.chmod(0o600)
+    before = _digest(str(victim))
+    # The run flips outputs/x between a file of its own and a link to root's file, as fast as it can.
+    flip = (f"echo mine > outputs/real; while :; do ln -sfn {victim} outputs/x; cp outputs/real outputs/x.new; "
+            "mv -f outputs/x.new outputs/x; done")
+    run_id = alice.submit(shared_source, ["sh", "-c", flip])
+    _wait_for(alice, run_id, "Running")
+    seen = alice.json(f"""
+seen = {{}}
+for i in range(300):
+    got = stream("download", run_id={run_id!r}, name="outputs/x")
+    put = call("put_file", run_id={run_id!r}, name="outputs/x", data=b"appended\\n", append=True)
+    for result in (got, put):
+        key = "ok" if "ok" in result else result["error"]
+        seen[key] = seen.get(key, 0) + 1
+        if "ok" in result and "ROOT-SECRET" in json.dumps(result, default=lambda b: b.decode(errors="replace")):
+            seen["LEAKED"] = seen.get("LEAKED", 0) + 1
+out(seen)
+""")
+    alice.json(f"out(call('cancel', run_id={run_id!r}))")
+    assert "LEAKED" not in seen and set(seen) <= {"ok", "bad_request", "not_found"}, seen
+    assert seen.get("bad_request", 0) > 0, f"the race never hit the link: {seen}"
+    assert _digest(str(victim)) == before and victim.stat().st_uid == 0
+    assert_still_serving(clients["bob"], shared_source)
