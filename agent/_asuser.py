@@ -3,14 +3,15 @@
 A root agent must never open, create, copy, chown or execute anything in a user-controlled tree with
 root's rights. Three tools, used by everything that works in a run's directory:
 
-- ``as_user(creds)`` switches the *calling thread's* filesystem credentials (fsuid, fsgid and the
+- ``acting_as(creds)`` switches the *calling thread's* filesystem credentials (fsuid, fsgid and the
   supplementary groups) with raw system calls: on Linux credentials belong to a thread, and only
   glibc's wrappers spread a change to every thread, so the raw calls leave the rest of the agent as
   it was. While switched, the kernel clears CAP_DAC_OVERRIDE, CAP_FOWNER and the other filesystem
   capabilities from the thread, so every open, mkdir and chmod is checked against the user's rights
   and whatever is created belongs to the user; nothing needs a chown afterwards. Use it only around
   synchronous code (no ``await`` inside): the thread is restored before anything else runs on it.
-  ``run_as`` does the same on a worker thread for blocking work.
+  ``run_as`` does the same on a worker thread for blocking work, and ``as_user(creds, work)``
+  calls ``work()`` so (from whatever thread calls it), reporting an ``OSError`` as ``AsUserFailed``.
 - ``Credentials.popen_options()``: processes started for a user (environment builds, copies) run with
   the user's uid, gid and groups from their first instruction.
 - ``open_beneath(dirfd, path, flags)`` opens a relative path with ``openat2`` and
@@ -100,7 +101,7 @@ class Credentials:
     @property
     def switches(self) -> bool:
         """Whether acting as this user means changing credentials (a root agent, a user other than root)."""
-        return os.geteuid() == 0 and self.uid != 0
+        return needs_switch(self.uid)
 
     def popen_options(self) -> dict:
         """Arguments for ``subprocess.Popen`` / ``trio.run_process`` that start a process as this user."""
@@ -123,7 +124,7 @@ def _set_fs_id(number: int | None, value: int) -> None:
 
 
 @contextlib.contextmanager
-def as_user(creds: Credentials | None):
+def acting_as(creds: Credentials | None):
     """Run the body with ``creds``' filesystem rights on this thread (a no-op when no switch is needed).
 
     Cancellation: none inside; the body must be synchronous.
@@ -144,10 +145,34 @@ def as_user(creds: Credentials | None):
         _set_groups(saved_groups)
 
 
+def needs_switch(uid: int) -> bool:
+    """Whether acting as ``uid`` means changing credentials."""
+    return os.geteuid() == 0 and uid != 0
+
+
+class AsUserFailed(Exception):
+    """Work done as a user failed with an OS error (the message names the error and the path)."""
+
+
+def as_user(creds: Credentials, work: Callable[[], T]) -> T:
+    """``work()`` with ``creds``' filesystem rights on the calling thread; blocking, so call it from a
+    worker thread for long work.
+
+    Raises:
+        AsUserFailed: ``work`` raised an ``OSError``.
+    """
+    try:
+        with acting_as(creds):
+            return work()
+    except OSError as exc:
+        name = exc.filename if exc.filename is not None else ""
+        raise AsUserFailed(f"{exc.strerror or exc}{f': {name}' if name else ''}") from None
+
+
 async def run_as(creds: Credentials | None, fn: Callable[..., T], *args) -> T:
     """``fn(*args)`` on a worker thread with ``creds``' filesystem rights."""
     def work():
-        with as_user(creds):
+        with acting_as(creds):
             return fn(*args)
     return await trio.to_thread.run_sync(work)
 
@@ -287,7 +312,7 @@ def open_file_as(creds: Credentials | None, path: str | os.PathLike, flags: int,
     """
     path = os.fspath(path)
     directory, name = os.path.split(path)
-    with as_user(creds):
+    with acting_as(creds):
         dir_fd = open_directory(directory)
         try:
             return open_beneath(dir_fd, name, flags, mode)

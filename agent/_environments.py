@@ -32,7 +32,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from ._asuser import Credentials, agent_dir, as_user, make_private_dir, open_file_as, run_as
+from ._asuser import Credentials, agent_dir, acting_as, make_private_dir, open_file_as, run_as
 
 log = structlog.get_logger("labrun.environments")
 
@@ -115,7 +115,7 @@ class EnvironmentBuilder:
         prefix = user_dir / key
         variables = definition.get("environment_variables") or {}
         async with self._locks[(creds.uid, key)]:
-            with as_user(creds):
+            with acting_as(creds):
                 complete = (prefix / ".labrun-complete").exists()
             if complete:
                 build_log.write(f"labrun: reusing environment {definition['name']} ({key})\n".encode())

@@ -16,7 +16,7 @@ import trio
 from labrun.protocol import parse_memory
 
 from ._artifacts import artifact_path, owner_of
-from ._asuser import Credentials, as_user, open_directory, open_file_as
+from ._asuser import Credentials, acting_as, open_directory, open_file_as
 from ._docker_args import translate_arguments
 from ._environments import EnvironmentBuilder, PreparedEnvironment, PrepareFailed
 from ._executor import LaunchSpec, Rank
@@ -79,7 +79,7 @@ class LaunchPlanner:
             source = Path(resume["path"])
         target_dir = run_dir / "resume_from"
         try:
-            with as_user(creds):
+            with acting_as(creds):
                 target_dir.mkdir()
         except OSError as exc:
             raise PrepareFailed(f"cannot create {target_dir.name}/ in the run directory: {exc.strerror or exc}",
@@ -168,7 +168,7 @@ class LaunchPlanner:
             for rank in ranks:
                 os.close(open_file_as(creds, rank.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND))
             if len(ranks) > 1:
-                with as_user(creds):
+                with acting_as(creds):
                     _link_first_log(logs, ranks[0].log_path.name)
         except OSError as exc:
             raise PrepareFailed(f"cannot create the run's logs: {exc.strerror or exc}", reason="agent_error") from None

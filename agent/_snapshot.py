@@ -20,7 +20,7 @@ import trio
 
 from labrun.protocol import TooLarge, BadRequest
 
-from ._asuser import Credentials, as_user
+from ._asuser import Credentials, acting_as
 
 MAX_SNAPSHOT_BYTES = 300 * 1024 * 1024
 # Smaller archives unpack in well under a millisecond: faster than the hop to a worker thread.
@@ -32,7 +32,7 @@ MAX_ARCHIVE_BYTES = MAX_SNAPSHOT_BYTES + MAX_SNAPSHOT_FILES * 1536 + 20480
 
 def _extract(source: bytes | BinaryIO, dest: Path, creds: Credentials | None) -> int:
     fileobj = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-    with as_user(creds), tarfile.open(fileobj=fileobj, mode="r:") as archive:
+    with acting_as(creds), tarfile.open(fileobj=fileobj, mode="r:") as archive:
         members = archive.getmembers()
         files = [m for m in members if m.isfile()]
         if len(files) > MAX_SNAPSHOT_FILES:
@@ -74,7 +74,7 @@ async def extract_snapshot(source: bytes | Path, dest: Path, creds: Credentials 
 def lay_out_run_dir(run_dir: Path, script: str | None) -> None:
     """After unpacking: ``snapshot/outputs``, the ``outputs`` link to it, ``logs/``; checks the script.
 
-    Runs with the owner's rights (the caller's ``as_user``), like the unpacking.
+    Runs with the owner's rights (the caller's ``acting_as``), like the unpacking.
     """
     snapshot = run_dir / "snapshot"
     if script is not None and not (snapshot / script).is_file():

@@ -36,7 +36,7 @@ from labrun.protocol._statuses import (
 )
 
 from ._artifacts import artifact_path, note_in_log
-from ._asuser import Credentials, agent_dir, as_user, make_private_dir
+from ._asuser import Credentials, agent_dir, acting_as, make_private_dir
 from ._config import AgentConfig
 from ._docker_args import translate_arguments
 from ._environments import EnvironmentBuilder, PrepareFailed, needs_conda
@@ -179,7 +179,7 @@ class Supervisor:
         try:
             make_private_dir(self.runs_dir, run_id, creds)
             await extract_snapshot(snapshot, run_dir / "snapshot", creds)
-            with as_user(creds):
+            with acting_as(creds):
                 lay_out_run_dir(run_dir, spec["script"])
             environ = spec.pop("environ")
             spec.pop("snapshot")
@@ -237,7 +237,7 @@ class Supervisor:
                 if source.uid != owner.uid and not owner.admin:
                     raise Forbidden(f"spec.resume_from: run {source.run_id} belongs to {source.user}")
                 path = artifact_path(self.runs_dir / source.run_id, resume["path"], "spec.resume_from.path")
-                with as_user(Credentials(owner.uid, owner.gid, tuple(owner.groups))):
+                with acting_as(Credentials(owner.uid, owner.gid, tuple(owner.groups))):
                     found = os.path.lexists(path)
                 if not found:
                     refuse("resume_from", f"run {source.run_id} has no {resume['path']!r}")

@@ -10,7 +10,7 @@ import pytest
 
 from labrun.agent import _asuser
 from labrun.agent._artifacts import parse_name
-from labrun.agent._asuser import Credentials, as_user, make_dirs_beneath, open_beneath, open_directory
+from labrun.agent._asuser import Credentials, acting_as, make_dirs_beneath, open_beneath, open_directory
 from labrun.protocol import BadRequest
 
 
@@ -101,7 +101,7 @@ def test_as_user_takes_the_users_rights_on_this_thread_only(shared_tmp, opener):
     switched, release = threading.Event(), threading.Event()
 
     def other_thread():
-        with as_user(creds):
+        with acting_as(creds):
             switched.set()
             release.wait(10)
 
@@ -112,7 +112,7 @@ def test_as_user_takes_the_users_rights_on_this_thread_only(shared_tmp, opener):
     seen["main reads"] = secret.read_text()
     release.set()
     worker.join()
-    with as_user(creds):
+    with acting_as(creds):
         with pytest.raises(PermissionError):
             secret.read_text()
         fd = open_directory(tmp_path / "theirs")
