@@ -36,7 +36,7 @@ from labrun.protocol._statuses import (
 )
 
 from ._artifacts import artifact_path, note_in_log
-from ._asuser import Credentials, agent_dir, acting_as, make_private_dir
+from ._asuser import Credentials, acting_as, agent_dir, make_private_dir, narrow_children
 from ._config import AgentConfig
 from ._docker_args import translate_arguments
 from ._environments import EnvironmentBuilder, PrepareFailed, needs_conda
@@ -82,6 +82,8 @@ class Supervisor:
         self.executors = executors
         self.runs_dir = config.state_dir / "runs"
         agent_dir(self.runs_dir, traversable=True)
+        if narrow_children(self.runs_dir):
+            log.info("runs.narrowed", detail="run directories an older agent left readable to others are now 0700")
         self.queued: dict[str, RunRecord] = {}
         self.active: dict[str, _ActiveRun] = {}
         self.changed = Notifier()

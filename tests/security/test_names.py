@@ -121,3 +121,22 @@ def test_as_user_takes_the_users_rights_on_this_thread_only(shared_tmp, opener):
     assert seen["main reads"] == "root only"
     assert (tmp_path / "theirs" / "made").stat().st_uid == nobody.pw_uid
     assert secret.read_text() == "root only"   # restored
+
+
+def test_run_directories_an_older_agent_left_open_are_narrowed(tmp_path):
+    from labrun.agent._asuser import narrow_children
+
+    (tmp_path / "open").mkdir(mode=0o755)
+    (tmp_path / "open").chmod(0o755)
+    (tmp_path / "private").mkdir(mode=0o700)
+    (tmp_path / "elsewhere").mkdir(mode=0o755)
+    (tmp_path / "elsewhere").chmod(0o755)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for name in ("open", "private"):
+        (tmp_path / name).rename(runs / name)
+    (runs / "link").symlink_to(tmp_path / "elsewhere")
+    assert narrow_children(runs) == 1
+    assert {p.name: p.stat().st_mode & 0o777 for p in runs.iterdir() if not p.is_symlink()} == \
+        {"open": 0o700, "private": 0o700}
+    assert (tmp_path / "elsewhere").stat().st_mode & 0o777 == 0o755   # a link is not followed
