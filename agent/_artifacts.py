@@ -83,6 +83,11 @@ def refusal(exc: OSError, name: str, run_id: str) -> Exception:
     return exc
 
 
+def _root(run_dir) -> Path:
+    """A run directory given as a path, or as the run-directory layout object (its ``root``)."""
+    return Path(getattr(run_dir, "root", run_dir))
+
+
 def owner_of(record) -> Credentials:
     return Credentials.of(record.uid, record.gid, record.user)
 
@@ -90,7 +95,7 @@ def owner_of(record) -> Credentials:
 def _open_in_run(run_dir: Path, name: str, flags: int, mode: int = 0o644, *, create_dirs: bool = False) -> int:
     """Open a run's file by its name (the caller has switched to the owner's rights)."""
     area, rest = parse_name(name)
-    run_fd = open_directory(run_dir)
+    run_fd = open_directory(_root(run_dir))
     try:
         path = f"{area}/{rest}"
         if create_dirs and "/" in path:
@@ -153,7 +158,7 @@ async def write_file(record, run_dir: Path, name: str, data: bytes, *, append: b
 
 def _list(run_dir: Path) -> list[dict]:
     found = []
-    run_fd = open_directory(run_dir)
+    run_fd = open_directory(_root(run_dir))
     try:
         for prefix, area in AREAS:
             try:
@@ -189,7 +194,7 @@ async def list_files(record, run_dir: Path) -> list[dict]:
 def artifact_path(run_dir: Path, name: str, field: str = "name") -> Path:
     """The path of a run's file, for a process that runs as the owner (``cp`` for ``resume_from``)."""
     area, rest = parse_name(name, field)
-    return run_dir / area / rest
+    return _root(run_dir) / area / rest
 
 
 def note_in_log(record, log_path: Path, text: str) -> None:
