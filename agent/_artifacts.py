@@ -85,7 +85,7 @@ def refusal(exc: OSError, name: str, run_id: str) -> Exception:
 
 def _root(run_dir) -> Path:
     """A run directory given as a path, or as the run-directory layout object (its ``root``)."""
-    return Path(getattr(run_dir, "root", run_dir))
+    return Path(run_dir if isinstance(run_dir, (str, os.PathLike)) else run_dir.root)
 
 
 def owner_of(record) -> Credentials:
