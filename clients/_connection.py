@@ -27,6 +27,7 @@ from labrun.protocol._version import PROTOCOL_VERSION
 from .exceptions import AgentAccessDenied, AgentUnavailable, AgentUntrusted
 
 RECEIVE_SIZE = 256 * 1024
+_UCRED = struct.Struct("3i")   # SO_PEERCRED: pid, uid, gid
 
 
 def _user_name(uid: int) -> str:
@@ -68,9 +69,6 @@ def _access_denied_message(path: str) -> str:
     return (f"the labrun agent at {path} does not accept you: {ask}, then log in again. "
             "(labrun does not start a private agent beside the system one: its runs would share the same "
             "cores and GPUs without either agent knowing.)")
-
-
-_UCRED = struct.Struct("3i")
 
 
 class AgentConnection:
