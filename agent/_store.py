@@ -89,6 +89,21 @@ CREATE TABLE IF NOT EXISTS environments (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
 """
 
+# Content-addressed snapshots (agent/_snapshot.py owns the files): each content's size and how many
+# trees use it, who has proven they hold it, each distinct manifest and which run uses which.
+CAS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cas_blobs (hash TEXT PRIMARY KEY, size INTEGER NOT NULL, refs INTEGER NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cas_holders (uid INTEGER NOT NULL, hash TEXT NOT NULL, PRIMARY KEY (uid, hash))
+    WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS cas_holders_hash ON cas_holders(hash);
+CREATE TABLE IF NOT EXISTS cas_trees (tree TEXT PRIMARY KEY, refs INTEGER NOT NULL, files BLOB NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cas_tree_holders (uid INTEGER NOT NULL, tree TEXT NOT NULL, PRIMARY KEY (uid, tree))
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cas_runs (run_id TEXT PRIMARY KEY, tree TEXT NOT NULL) WITHOUT ROWID;
+"""
+
 _COLUMNS = ("run_id", "ord", "experiment", "number", "uid", "gid", "user", "status", "spec", "environ",
             "submitted_at", "started_at", "ended_at", "exit_code", "signal", "reason", "error", "pid",
             "allocation", "handle")
@@ -122,6 +137,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._db.executescript(CAS_SCHEMA)
         # Called with each transaction's events once it has committed (the event log's live feed).
         self.on_events: Callable[[list[dict]], None] = lambda events: None
         self._uncommitted: list[dict] = []
@@ -349,3 +365,83 @@ class Store:
     def set_meta(self, key: str, value) -> None:
         self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                          (key, _pack(value)))
+
+    # -- content-addressed snapshots (agent/_snapshot.py) --------------------------------
+
+    def _chunks(self, sql: str, params: tuple, values: list):
+        """Rows of ``sql`` (with one ``{}`` for an IN list) over ``values`` in chunks SQLite accepts."""
+        for start in range(0, len(values), 500):
+            chunk = values[start:start + 500]
+            yield from self._db.execute(sql.format(", ".join("?" * len(chunk))), (*params, *chunk))
+
+    def cas_blob_size(self, digest: str) -> int | None:
+        row = self._db.execute("SELECT size FROM cas_blobs WHERE hash = ?", (digest,)).fetchone()
+        return row[0] if row else None
+
+    def cas_blobs_held(self, uid: int, digests: list[str]) -> dict[str, int]:
+        """{hash: size} of the contents ``uid`` has uploaded (and the store still has)."""
+        return dict(self._chunks("SELECT b.hash, b.size FROM cas_holders h JOIN cas_blobs b ON b.hash = h.hash "
+                                 "WHERE h.uid = ? AND h.hash IN ({})", (uid,), digests))
+
+    def cas_tree_held(self, uid: int, tree: str) -> bool:
+        return self._db.execute("SELECT 1 FROM cas_tree_holders WHERE uid = ? AND tree = ?",
+                                (uid, tree)).fetchone() is not None
+
+    def cas_add_blob(self, digest: str, size: int, uid: int) -> None:
+        with self._transaction():
+            self._db.execute("INSERT OR IGNORE INTO cas_blobs (hash, size, refs) VALUES (?, ?, 0)", (digest, size))
+            self._db.execute("INSERT OR IGNORE INTO cas_holders (uid, hash) VALUES (?, ?)", (uid, digest))
+
+    def cas_acquire(self, run_id: str, uid: int, tree: str, entries: list[tuple]) -> None:
+        """``run_id`` uses ``tree``: one more reference to it (a new tree references each of its contents)."""
+        with self._transaction():
+            if self._db.execute("SELECT 1 FROM cas_runs WHERE run_id = ?", (run_id,)).fetchone():
+                return
+            if self._db.execute("UPDATE cas_trees SET refs = refs + 1 WHERE tree = ?", (tree,)).rowcount == 0:
+                self._db.execute("INSERT INTO cas_trees (tree, refs, files) VALUES (?, 1, ?)",
+                                 (tree, _pack([list(e) for e in entries])))
+                self._db.executemany("UPDATE cas_blobs SET refs = refs + 1 WHERE hash = ?",
+                                     [(d,) for d in {e[3] for e in entries}])
+            self._db.execute("INSERT INTO cas_runs (run_id, tree) VALUES (?, ?)", (run_id, tree))
+            self._db.execute("INSERT OR IGNORE INTO cas_tree_holders (uid, tree) VALUES (?, ?)", (uid, tree))
+
+    def cas_release(self, run_id: str) -> list[str]:
+        """Drop ``run_id``'s reference; returns the contents no tree uses any more."""
+        with self._transaction():
+            row = self._db.execute("SELECT tree FROM cas_runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                return []
+            tree = row[0]
+            self._db.execute("DELETE FROM cas_runs WHERE run_id = ?", (run_id,))
+            self._db.execute("UPDATE cas_trees SET refs = refs - 1 WHERE tree = ?", (tree,))
+            refs, files = self._db.execute("SELECT refs, files FROM cas_trees WHERE tree = ?", (tree,)).fetchone()
+            if refs > 0:
+                return []
+            self._db.execute("DELETE FROM cas_trees WHERE tree = ?", (tree,))
+            self._db.execute("DELETE FROM cas_tree_holders WHERE tree = ?", (tree,))
+            digests = sorted({e[3] for e in _unpack(files)})
+            self._db.executemany("UPDATE cas_blobs SET refs = refs - 1 WHERE hash = ?", [(d,) for d in digests])
+            return [r[0] for r in self._chunks("SELECT hash FROM cas_blobs WHERE refs <= 0 AND hash IN ({})",
+                                               (), digests)]
+
+    def cas_unreferenced(self, digests: list[str] | None = None) -> list[str]:
+        """Contents no tree uses (among ``digests``, or all)."""
+        if digests is None:
+            return [r[0] for r in self._db.execute("SELECT hash FROM cas_blobs WHERE refs <= 0")]
+        return [r[0] for r in self._chunks("SELECT hash FROM cas_blobs WHERE refs <= 0 AND hash IN ({})",
+                                           (), sorted(set(digests)))]
+
+    def cas_forget(self, digests: list[str]) -> None:
+        if not digests:
+            return
+        with self._transaction():
+            for start in range(0, len(digests), 500):
+                chunk = digests[start:start + 500]
+                marks = ", ".join("?" * len(chunk))
+                self._db.execute(f"DELETE FROM cas_holders WHERE hash IN ({marks})", chunk)
+                self._db.execute(f"DELETE FROM cas_blobs WHERE refs <= 0 AND hash IN ({marks})", chunk)
+
+    def cas_tree_of(self, run_id: str) -> list[tuple] | None:
+        row = self._db.execute("SELECT t.files FROM cas_runs r JOIN cas_trees t ON t.tree = r.tree "
+                               "WHERE r.run_id = ?", (run_id,)).fetchone()
+        return None if row is None else [tuple(e) for e in _unpack(row[0])]

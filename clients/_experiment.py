@@ -6,12 +6,9 @@ from labrun.protocol import EXPERIMENT_NAME_RE
 
 from ._run import ScriptRun
 from ._script_run_config import ScriptRunConfig
-from ._snapshot import pack_snapshot
+from ._snapshot import submit_with_snapshot
 from ._workspace import Workspace
 from .exceptions import UserErrorException
-
-# Archives above this go up in chunks of this size (the frame limit is 16 MiB).
-UPLOAD_CHUNK = 8 * 1024 * 1024
 
 
 class Experiment:
@@ -37,7 +34,7 @@ class Experiment:
         spec = config._to_spec(self.name)
         if tags:
             spec["tags"] = {str(k): "" if v is None else str(v) for k, v in tags.items()}
-        details = submit_spec(self.workspace, spec, config.source_directory or ".")
+        details = submit_spec(self.workspace, spec, config.source_directory or ".", in_place=not config.snapshot)
         return ScriptRun(self, details["run_id"], directory=config.source_directory, _details=details)
 
     def get_runs(self, type=None, tags=None, properties=None, include_children=False, status=None):
@@ -53,18 +50,14 @@ class Experiment:
         return f"Experiment(Name: {self.name},\nWorkspace: {self.workspace.name})"
 
 
-def submit_spec(workspace: Workspace, spec: dict, source_directory) -> dict:
-    """Attach the snapshot of ``source_directory`` to ``spec`` and submit it; returns the run's details."""
-    archive = pack_snapshot(source_directory)
-    connection = workspace.connection
-    if len(archive) <= UPLOAD_CHUNK:
-        spec["snapshot"] = {"inline": archive}
-    else:
-        upload = None
-        for start in range(0, len(archive), UPLOAD_CHUNK):
-            upload = connection.call("upload", upload=upload, data=archive[start:start + UPLOAD_CHUNK])["upload"]
-        spec["snapshot"] = {"upload": upload}
-    return connection.call("submit", spec=spec)
+def submit_spec(workspace: Workspace, spec: dict, source_directory, *, in_place: bool = False) -> dict:
+    """Submit ``spec`` with the snapshot of ``source_directory`` (or, ``in_place``, to run in it); returns the run."""
+    if in_place:
+        import os
+
+        spec["snapshot"] = {"in_place": os.path.abspath(source_directory)}
+        return workspace.connection.call("submit", spec=spec)
+    return submit_with_snapshot(workspace.connection, spec, source_directory)
 
 
 def _matches(values: dict, wanted) -> bool:

@@ -1,0 +1,98 @@
+"""The client's cache of file content hashes, so that an unchanged file is never read twice.
+
+One file per source directory under ``$XDG_CACHE_HOME/labrun/hashes/`` (else
+``~/.cache/labrun/hashes/``): ``{name: [device, inode, size, mtime_ns, sha256]}`` in msgpack.
+An entry is used only while all four of the file's keys still match. A file modified in the
+same clock tick as it was hashed could keep its mtime, so (as git does with "racily clean"
+entries) a file whose mtime is too recent is hashed but not remembered. The cache is written
+atomically (a temporary file, then a rename) and a missing, unreadable or corrupt cache is
+simply an empty one: it can only cost time, never give a wrong hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import msgpack
+
+# Newer than this (against the clock at hashing), an mtime might not change with the next write.
+RACY_NS = 100_000_000
+READ_CHUNK = 1 << 20
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "labrun", "hashes")
+
+
+def hash_file(path: str) -> tuple[str, int]:
+    """The SHA-256 of a file's content and how many bytes were read."""
+    hasher = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(READ_CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+    return hasher.hexdigest(), size
+
+
+class HashCache:
+    def __init__(self, root: str):
+        key = hashlib.sha256(os.path.realpath(root).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        self.path = os.path.join(cache_dir(), key + ".msgpack")
+        self.entries = self._load()
+        self.seen: dict[str, list] = {}
+        self.changed = False
+        self.now_ns = time.time_ns()
+        self.hashed = 0   # files read this time
+
+    def _load(self) -> dict:
+        try:
+            with open(self.path, "rb") as f:
+                entries = msgpack.unpackb(f.read(), raw=False)
+        except Exception:   # noqa: BLE001 - missing, unreadable or corrupt: start empty
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+    def fresh(self, name: str, st: os.stat_result) -> bool:
+        entry = self.entries.get(name)
+        return (isinstance(entry, list) and len(entry) == 5 and
+                entry[:4] == [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns] and isinstance(entry[4], str))
+
+    def digest(self, name: str, path: str, st: os.stat_result) -> str:
+        """The file's hash: from the cache while its device, inode, size and mtime match, else read."""
+        if self.fresh(name, st):
+            entry = self.entries[name]
+        else:
+            digest, size = hash_file(path)
+            self.hashed += 1
+            if size != st.st_size:
+                raise OSError(f"{path} changed while it was being read; submit again")
+            entry = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, digest]
+            self.changed = True
+            if st.st_mtime_ns >= self.now_ns - RACY_NS:
+                self.seen[name] = None   # hashed, but not trusted next time
+                return digest
+        self.seen[name] = entry
+        return entry[4]
+
+    def save(self) -> None:
+        """Keep the entries of this walk (files gone since are dropped). Never raises."""
+        entries = {k: v for k, v in self.seen.items() if v is not None}
+        if not self.changed and len(entries) == len(self.entries):
+            return
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            tmp = f"{self.path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(msgpack.packb(entries, use_bin_type=True))
+                os.replace(tmp, self.path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError:
+            pass   # a read-only or full cache directory costs time, never correctness
