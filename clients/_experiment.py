@@ -6,7 +6,7 @@ from labrun.protocol import EXPERIMENT_NAME_RE
 
 from ._run import ScriptRun
 from ._script_run_config import ScriptRunConfig
-from ._snapshot import submit_with_snapshot
+from ._snapshot import submit_spec
 from ._workspace import Workspace
 from .exceptions import UserErrorException
 
@@ -48,16 +48,6 @@ class Experiment:
 
     def __repr__(self) -> str:
         return f"Experiment(Name: {self.name},\nWorkspace: {self.workspace.name})"
-
-
-def submit_spec(workspace: Workspace, spec: dict, source_directory, *, in_place: bool = False) -> dict:
-    """Submit ``spec`` with the snapshot of ``source_directory`` (or, ``in_place``, to run in it); returns the run."""
-    if in_place:
-        import os
-
-        spec["snapshot"] = {"in_place": os.path.abspath(source_directory)}
-        return workspace.connection.call("submit", spec=spec)
-    return submit_with_snapshot(workspace.connection, spec, source_directory)
 
 
 def _matches(values: dict, wanted) -> bool:

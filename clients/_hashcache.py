@@ -1,7 +1,8 @@
 """The client's cache of file content hashes, so that an unchanged file is never read twice.
 
 One file per source directory under ``$XDG_CACHE_HOME/labrun/hashes/`` (else
-``~/.cache/labrun/hashes/``): ``{name: [device, inode, size, mtime_ns, sha256]}`` in msgpack.
+``~/.cache/labrun/hashes/``): ``{"root": directory, "files": {name: [device, inode, size,
+mtime_ns, sha256]}}`` in msgpack. ``hashlib`` is imported only when a file must be read.
 An entry is used only while all four of the file's keys still match. A file modified in the
 same clock tick as it was hashed could keep its mtime, so (as git does with "racily clean"
 entries) a file whose mtime is too recent is hashed but not remembered. The cache is written
@@ -11,9 +12,9 @@ simply an empty one: it can only cost time, never give a wrong hash.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
+import zlib
 
 import msgpack
 
@@ -29,6 +30,8 @@ def cache_dir() -> str:
 
 def hash_file(path: str) -> tuple[str, int]:
     """The SHA-256 of a file's content and how many bytes were read."""
+    import hashlib
+
     hasher = hashlib.sha256()
     size = 0
     with open(path, "rb", buffering=0) as f:
@@ -40,8 +43,10 @@ def hash_file(path: str) -> tuple[str, int]:
 
 class HashCache:
     def __init__(self, root: str):
-        key = hashlib.sha256(os.path.realpath(root).encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        self.path = os.path.join(cache_dir(), key + ".msgpack")
+        self.root = os.path.realpath(root)
+        name = self.root.encode("utf-8", "surrogateescape")
+        # Two cheap checksums name the file; the directory inside it settles any collision.
+        self.path = os.path.join(cache_dir(), f"{zlib.crc32(name):08x}{zlib.adler32(name):08x}.msgpack")
         self.entries = self._load()
         self.seen: dict[str, list] = {}
         self.changed = False
@@ -51,10 +56,12 @@ class HashCache:
     def _load(self) -> dict:
         try:
             with open(self.path, "rb") as f:
-                entries = msgpack.unpackb(f.read(), raw=False)
+                cached = msgpack.unpackb(f.read(), raw=False)
+            if cached["root"] == self.root and isinstance(cached["files"], dict):
+                return cached["files"]
         except Exception:   # noqa: BLE001 - missing, unreadable or corrupt: start empty
-            return {}
-        return entries if isinstance(entries, dict) else {}
+            pass
+        return {}
 
     def fresh(self, name: str, st: os.stat_result) -> bool:
         entry = self.entries.get(name)
@@ -89,7 +96,7 @@ class HashCache:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 with os.fdopen(fd, "wb") as f:
-                    f.write(msgpack.packb(entries, use_bin_type=True))
+                    f.write(msgpack.packb({"root": self.root, "files": entries}, use_bin_type=True))
                 os.replace(tmp, self.path)
             except BaseException:
                 os.unlink(tmp)

@@ -110,8 +110,19 @@ def build_manifest(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
     return manifest, paths
 
 
-def submit_with_snapshot(connection, spec: dict, root: str | os.PathLike) -> dict:
-    """Submit ``spec`` with the manifest of ``root``, uploading what the agent lacks; returns the run."""
+def submit_spec(workspace, spec: dict, source_directory, *, in_place: bool = False) -> dict:
+    """Submit ``spec`` with the snapshot of ``source_directory`` (or, ``in_place``, to run in it); returns the run.
+
+    The CLI's path as well as ``Experiment.submit``'s: it imports neither ``Run`` nor the config classes.
+    """
+    connection = workspace.connection
+    if in_place:
+        spec["snapshot"] = {"in_place": os.path.abspath(source_directory)}
+        return connection.call("submit", spec=spec)
+    return _submit_manifest(connection, spec, source_directory)
+
+
+def _submit_manifest(connection, spec: dict, root: str | os.PathLike) -> dict:
     limits = connection.agent.get("snapshot") or {}
     manifest, paths = build_manifest(root, limits.get("max_files", DEFAULT_MAX_FILES),
                                      limits.get("max_bytes", DEFAULT_MAX_BYTES))

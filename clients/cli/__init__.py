@@ -66,7 +66,7 @@ def _print_json(value) -> None:
 # -- submit and run ----------------------------------------------------------------------
 
 def _submit(args) -> tuple[object, dict]:
-    from .._experiment import submit_spec
+    from .._snapshot import submit_spec
     from .._script_run_config import ScriptRunConfig
 
     command = list(args.command)
