@@ -118,22 +118,26 @@ class Service:
     async def blob_put(self, session: Session, args: dict) -> dict:
         """Contents for the store, whole or in chunks; each is checked against its hash before it is kept."""
         content = session.content = self.supervisor.snapshots
-        results = []
+        results, stored = [], []
         async with session.upload_lock:   # one writer per upload, even if a client sends chunks concurrently
-            for blob in args["blobs"]:
-                upload = content.begin(session.uploads, blob)
-                try:
-                    if len(blob["data"]) > THREAD_BYTES:
-                        complete = await trio.to_thread.run_sync(content.receive, upload, blob)
-                    else:
-                        complete = content.receive(upload, blob)
-                except BaseException:
-                    content.abort(session.uploads, blob["hash"])
-                    raise
-                if complete:
-                    content.commit(session.uploads, session.peer.uid, blob["hash"])
-                    session.uploaded.append(blob["hash"])
-                results.append({"hash": blob["hash"], "received": upload.received, "complete": complete})
+            try:
+                for blob in args["blobs"]:
+                    upload = content.begin(session.uploads, blob)
+                    try:
+                        if len(blob["data"]) > THREAD_BYTES:
+                            complete = await trio.to_thread.run_sync(content.receive, upload, blob)
+                        else:
+                            complete = content.receive(upload, blob)
+                    except BaseException:
+                        content.abort(session.uploads, blob["hash"])
+                        raise
+                    if complete:
+                        stored.append((blob["hash"], content.commit(session.uploads, blob["hash"])))
+                        session.uploaded.append(blob["hash"])
+                    results.append({"hash": blob["hash"], "received": upload.received, "complete": complete})
+            finally:
+                if stored:
+                    content.record(session.peer.uid, stored)
         return {"blobs": results}
 
     async def submit(self, session: Session, args: dict) -> dict:

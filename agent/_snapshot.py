@@ -62,6 +62,9 @@ class ContentStore:
         for path in (root, self.objects, self.tmp):
             path.mkdir(mode=0o700, exist_ok=True)
             os.chmod(path, 0o700)
+        if not (self.objects / "ff").is_dir():   # made once: no mkdir per upload
+            for i in range(256):
+                (self.objects / f"{i:02x}").mkdir(mode=0o700, exist_ok=True)
         for stale in self.tmp.iterdir():
             stale.unlink(missing_ok=True)
         # No connection survives a restart: what no tree uses is garbage now.
@@ -177,17 +180,22 @@ class ContentStore:
                              details={"field": "args.blobs.data"})
         return True
 
-    def commit(self, uploads: dict, uid: int, digest: str) -> None:
-        """A verified upload enters the store (or, when it was there already, the user is recorded as holding it)."""
+    def commit(self, uploads: dict, digest: str) -> int:
+        """A verified upload enters the store (unless it was there already); returns its size.
+
+        ``record`` it with the others of the same request afterwards: one transaction for them all.
+        """
         upload = uploads.pop(digest)
         if upload.fd is not None:
             os.close(upload.fd)
             upload.fd = None
-            target = self.blob_path(digest)
-            target.parent.mkdir(mode=0o700, exist_ok=True)
-            os.replace(upload.path, target)
-        self.store.cas_add_blob(digest, upload.size, uid)
+            os.replace(upload.path, self.blob_path(digest))
         self._pins[digest] += 1
+        return upload.size
+
+    def record(self, uid: int, blobs: list[tuple[str, int]]) -> None:
+        """``uid`` has proven it holds these contents (``(hash, size)``, committed just before)."""
+        self.store.cas_add_blobs(blobs, uid)
 
     def abort(self, uploads: dict, digest: str) -> None:
         upload = uploads.pop(digest, None)

@@ -387,10 +387,12 @@ class Store:
         return self._db.execute("SELECT 1 FROM cas_tree_holders WHERE uid = ? AND tree = ?",
                                 (uid, tree)).fetchone() is not None
 
-    def cas_add_blob(self, digest: str, size: int, uid: int) -> None:
+    def cas_add_blobs(self, blobs: list[tuple[str, int]], uid: int) -> None:
+        """Contents now in the store (``(hash, size)``), uploaded by ``uid``."""
         with self._transaction():
-            self._db.execute("INSERT OR IGNORE INTO cas_blobs (hash, size, refs) VALUES (?, ?, 0)", (digest, size))
-            self._db.execute("INSERT OR IGNORE INTO cas_holders (uid, hash) VALUES (?, ?)", (uid, digest))
+            self._db.executemany("INSERT OR IGNORE INTO cas_blobs (hash, size, refs) VALUES (?, ?, 0)", blobs)
+            self._db.executemany("INSERT OR IGNORE INTO cas_holders (uid, hash) VALUES (?, ?)",
+                                 [(uid, digest) for digest, _ in blobs])
 
     def cas_acquire(self, run_id: str, uid: int, tree: str, entries: list[tuple]) -> None:
         """``run_id`` uses ``tree``: one more reference to it (a new tree references each of its contents)."""

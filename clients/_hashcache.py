@@ -51,7 +51,6 @@ class HashCache:
         self.seen: dict[str, list] = {}
         self.changed = False
         self.now_ns = time.time_ns()
-        self.hashed = 0   # files read this time
 
     def _load(self) -> dict:
         try:
@@ -63,27 +62,29 @@ class HashCache:
             pass
         return {}
 
-    def fresh(self, name: str, st: os.stat_result) -> bool:
+    def cached(self, name: str, st: os.stat_result) -> str | None:
+        """The remembered hash, if the file's device, inode, size and mtime are still those it had."""
         entry = self.entries.get(name)
-        return (isinstance(entry, list) and len(entry) == 5 and
-                entry[:4] == [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns] and isinstance(entry[4], str))
+        try:
+            if (entry[3] == st.st_mtime_ns and entry[2] == st.st_size and entry[1] == st.st_ino
+                    and entry[0] == st.st_dev and type(entry[4]) is str):
+                self.seen[name] = entry
+                return entry[4]
+        except (TypeError, IndexError, KeyError):
+            pass   # no entry, or a corrupt one
+        return None
 
     def digest(self, name: str, path: str, st: os.stat_result) -> str:
-        """The file's hash: from the cache while its device, inode, size and mtime match, else read."""
-        if self.fresh(name, st):
-            entry = self.entries[name]
+        """Read and hash the file (``cached`` first), and remember the hash unless its mtime is too recent."""
+        digest, size = hash_file(path)
+        if size != st.st_size:
+            raise OSError(f"{path} changed while it was being read; submit again")
+        self.changed = True
+        if st.st_mtime_ns >= self.now_ns - RACY_NS:
+            self.seen[name] = None   # hashed, but not trusted next time
         else:
-            digest, size = hash_file(path)
-            self.hashed += 1
-            if size != st.st_size:
-                raise OSError(f"{path} changed while it was being read; submit again")
-            entry = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, digest]
-            self.changed = True
-            if st.st_mtime_ns >= self.now_ns - RACY_NS:
-                self.seen[name] = None   # hashed, but not trusted next time
-                return digest
-        self.seen[name] = entry
-        return entry[4]
+            self.seen[name] = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, digest]
+        return digest
 
     def save(self) -> None:
         """Keep the entries of this walk (files gone since are dropped). Never raises."""

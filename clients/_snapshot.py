@@ -75,7 +75,7 @@ def collect_files(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
                 if not stats.S_ISREG(st.st_mode):
                     continue
                 try:
-                    rel.encode("utf-8")
+                    rel.isascii() or rel.encode("utf-8")
                 except UnicodeEncodeError:
                     raise SnapshotException(f"file name {rel.encode('utf-8', 'surrogateescape')!r} in {root} is not "
                                             "UTF-8; rename it or exclude it with a .labrunignore file") from None
@@ -98,12 +98,14 @@ def build_manifest(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
     cache = HashCache(os.fspath(root))
     manifest, paths = [], {}
     for rel, path, st in files:
-        if not cache.fresh(rel, st) and not os.access(path, os.R_OK):
-            continue   # unreadable: skipped, as Azure ML does
-        try:
-            digest = cache.digest(rel, path, st)
-        except OSError as exc:
-            raise SnapshotException(f"cannot read {path}: {exc.strerror or exc}") from None
+        digest = cache.cached(rel, st)
+        if digest is None:
+            if not os.access(path, os.R_OK):
+                continue   # unreadable: skipped, as Azure ML does
+            try:
+                digest = cache.digest(rel, path, st)
+            except OSError as exc:
+                raise SnapshotException(f"cannot read {path}: {exc.strerror or exc}") from None
         manifest.append([rel, st.st_size, st.st_mode & 0o777, digest])
         paths.setdefault(digest, path)
     cache.save()

@@ -30,7 +30,7 @@ def put(content: ContentStore, session: dict, uploaded: list, data: bytes, uid: 
     blob = {"hash": sha(data), "size": len(data), "offset": 0, "data": data}
     upload = content.begin(session, blob)
     assert content.receive(upload, blob)
-    content.commit(session, uid, blob["hash"])
+    content.record(uid, [(blob["hash"], content.commit(session, blob["hash"]))])
     uploaded.append(blob["hash"])
     return blob["hash"]
 
