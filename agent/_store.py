@@ -3,6 +3,13 @@
 Every state change and the event describing it commit in one transaction, so the
 event log can never disagree with the runs table. Calls are synchronous: each is a
 handful of indexed statements on a local file, far shorter than a thread hop.
+
+Group commit: while the agent runs, ``writer`` (the single writer task) is attached. Writes
+then join one open transaction, each inside a savepoint (a write that fails undoes only
+itself), and the writer commits them together once per pass of the event loop. A write is
+durable once ``durable()`` returns: the server awaits it before any reply or stream item,
+the supervisor before starting or stopping a process, the hub before sending. Events reach
+subscribers only after their commit.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import msgpack
+import structlog
+import trio
 
 from labrun.protocol._statuses import TERMINAL
 
@@ -141,8 +150,13 @@ class Store:
         # Called with each transaction's events once it has committed (the event log's live feed).
         self.on_events: Callable[[list[dict]], None] = lambda events: None
         self._uncommitted: list[dict] = []
+        self._grouping = False              # a writer task is attached
+        self._batch_open = False            # writes wait in an open transaction for the writer
+        self._batch_opened = trio.Event()   # wakes the writer
+        self._committed = trio.Event()      # set when the open batch has committed
 
     def close(self) -> None:
+        self._commit_batch()
         self._db.close()
 
     # -- transactions ------------------------------------------------------------------
@@ -150,6 +164,10 @@ class Store:
     @contextlib.contextmanager
     def _transaction(self):
         """One write transaction; its events are published only once it has committed."""
+        if self._grouping:
+            with self._grouped():
+                yield
+            return
         self._db.execute("BEGIN IMMEDIATE")
         self._uncommitted = []
         try:
@@ -162,6 +180,70 @@ class Store:
         events, self._uncommitted = self._uncommitted, []
         if events:
             self.on_events(events)
+
+    @contextlib.contextmanager
+    def _grouped(self):
+        """One write in the open batch: a savepoint, so that its failure undoes only itself."""
+        if not self._batch_open:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._batch_open = True
+            self._batch_opened.set()
+        mark = len(self._uncommitted)
+        self._db.execute("SAVEPOINT write")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO write")
+            self._db.execute("RELEASE write")
+            del self._uncommitted[mark:]
+            raise
+        self._db.execute("RELEASE write")
+
+    def _commit_batch(self) -> None:
+        """Commit the open batch and publish its events (SQLite keeps a transaction whose COMMIT failed)."""
+        if not self._batch_open:
+            return
+        self._db.execute("COMMIT")
+        self._batch_open = False
+        self._batch_opened = trio.Event()
+        committed, self._committed = self._committed, trio.Event()
+        events, self._uncommitted = self._uncommitted, []
+        committed.set()
+        if events:
+            self.on_events(events)
+
+    async def writer(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The single writer: group-commits what the agent's tasks wrote in one pass of the event loop.
+
+        A commit that fails (a full disk) is retried, with the batch kept: until it succeeds,
+        nothing in it is replied to or acted on, and nothing is lost.
+        """
+        self._grouping = True
+        task_status.started()
+        delay = 0.05
+        try:
+            while True:
+                await self._batch_opened.wait()
+                await trio.sleep(0)   # tasks that are ready now add their writes to this batch first
+                try:
+                    self._commit_batch()
+                    delay = 0.05
+                except sqlite3.OperationalError as exc:
+                    if not self._db.in_transaction:   # SQLite rolled it back: those writes are gone
+                        raise
+                    structlog.get_logger("labrun.store").error("store.commit.failed", error=str(exc),
+                                                               retry_in=delay)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                self._commit_batch()
+            self._grouping = False
+
+    async def durable(self) -> None:
+        """Return once every write made so far has committed."""
+        if self._batch_open:
+            await self._committed.wait()
 
     def _event(self, type: str, *, run_id=None, experiment=None, user=None, data=None, now=None) -> int:
         event = {"id": str(uuid.uuid4()), "time": now or time.time(), "type": type, "run_id": run_id,

@@ -393,6 +393,7 @@ class Supervisor:
                     self._finish(run, FAILED, reason=exc.reason, error=str(exc))
                     return
                 self._advance(run, STARTING)
+                await self.store.durable()   # a process starts only for a run whose state is saved
                 try:
                     handle = await executor.start(launch)
                 except StartFailed as exc:
@@ -411,6 +412,7 @@ class Supervisor:
                     self._transition(record, CANCEL_REQUESTED, reason=run.cancel_reason)
                 if handle is not None:
                     with trio.move_on_after(self.config.stop_grace_seconds + KILL_WAIT_SECONDS, shield=True):
+                        await self.store.durable()
                         await executor.stop(handle, self.config.stop_grace_seconds)
                         result = await executor.wait(handle)
                 self._finish(run, CANCELED, reason=run.cancel_reason, result=result)

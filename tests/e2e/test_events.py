@@ -89,6 +89,7 @@ def test_slow_subscriber_gets_a_gap_and_resumes_exactly(make_agent, raw_connect)
             run = connection.call("submit", spec=spec)
             connection.call("cancel", run_id=run["run_id"])
         connection.call("cancel", run_id=blocker["run_id"])
+        connection.call("wait", run_id=blocker["run_id"])   # its last event is in before the histories are read
         assert connection.call("status")["pid"] == agent.process.pid   # the agent kept serving
     received, gap = [], None
     while True:
