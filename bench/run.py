@@ -125,44 +125,54 @@ def stamp_command(path: Path) -> str:
 # -- 1. submit-to-start latency ----------------------------------------------------------------
 
 def latency(root: Path, n: int) -> list[tuple]:
+    """Submit-to-start through the client, the CLI, task-spooler and a bare fork/exec, one of each per round."""
     from labrun import Experiment, ScriptRunConfig
 
     rows = []
     source = make_tree(root / "src", 60, 1024)
     (root / "lat").mkdir()
     agent = Agent(root / "lat").start()
+    env = tsp_env(root)
+    have_tsp = shutil.which("tsp") is not None
+    client, cli, tsp_times, floor = [], [], [], []
     try:
         experiment = Experiment(agent.workspace(), "bench")
         experiment.workspace.connection   # connect once, like a long-lived client
         # After its first submit: the agent has the tree's contents and the client its hashes.
         experiment.workspace.wait_for_run(experiment.submit(ScriptRunConfig(str(source), command=["true"])).id)
-        client, cli = [], []
         for i in range(n):
             stamp = root / f"c{i}"
             t0 = time.time()
             run = experiment.submit(ScriptRunConfig(str(source), command=stamp_command(stamp)))
             client.append(read_stamp(stamp) - t0)
             experiment.workspace.wait_for_run(run.id)
-        for i in range(n):
+
             stamp = root / f"l{i}"
             t0 = time.time()
             subprocess.run([*CLI, "submit", "--source-dir", str(source), "--",
                             stamp_command(stamp)], env=agent.env, check=True, capture_output=True)
             cli.append(read_stamp(stamp) - t0)
+
+            if have_tsp:
+                stamp = root / f"t{i}"
+                t0 = time.time()
+                job = subprocess.run(["tsp", "sh", "-c", stamp_command(stamp)], env=env, check=True,
+                                     capture_output=True, text=True).stdout.strip()
+                tsp_times.append(read_stamp(stamp) - t0)
+                subprocess.run(["tsp", "-w", job], env=env, capture_output=True)
+
+            stamp = root / f"f{i}"
+            t0 = time.time()
+            subprocess.Popen(["sh", "-c", stamp_command(stamp)]).wait()
+            floor.append(read_stamp(stamp) - t0)
     finally:
         agent.stop()
-
-    tsp_times = tsp_latency(root, n)
-    floor = []
-    for i in range(n):
-        stamp = root / f"f{i}"
-        t0 = time.time()
-        subprocess.Popen(["sh", "-c", stamp_command(stamp)]).wait()
-        floor.append(read_stamp(stamp) - t0)
+        if have_tsp:
+            subprocess.run(["tsp", "-K"], env=env, capture_output=True)
 
     reference = median_p95(tsp_times)[0] if tsp_times else None
     for name, values, target in (("submit-to-start, Python client, 60-file tree after its first submit", client, 1.5),
-                                 ("submit-to-start, CLI (`labrun submit`)", cli, 10.0)):
+                                 ("submit-to-start, CLI (`labrun submit`, same tree)", cli, 10.0)):
         med, p95 = median_p95(values)
         rows.append((name, f"{ms(med)} (p95 {ms(p95)})",
                      f"tsp {ms(reference)}" if reference else "tsp not available",
@@ -174,24 +184,6 @@ def latency(root: Path, n: int) -> list[tuple]:
         med, p95 = median_p95(tsp_times)
         rows.append(("submit-to-start, task-spooler (`tsp`)", f"{ms(med)} (p95 {ms(p95)})", "-", "-", "-", "-"))
     return rows
-
-
-def tsp_latency(root: Path, n: int) -> list[float]:
-    if shutil.which("tsp") is None:
-        return []
-    env = tsp_env(root)
-    times = []
-    try:
-        for i in range(n):
-            stamp = root / f"t{i}"
-            t0 = time.time()
-            job = subprocess.run(["tsp", "sh", "-c", stamp_command(stamp)], env=env, check=True,
-                                 capture_output=True, text=True).stdout.strip()
-            times.append(read_stamp(stamp) - t0)
-            subprocess.run(["tsp", "-w", job], env=env, capture_output=True)
-    finally:
-        subprocess.run(["tsp", "-K"], env=env, capture_output=True)
-    return times
 
 
 def verdict(ok: bool) -> str:
@@ -364,35 +356,38 @@ def cli_imports(root: Path, n: int) -> list[tuple]:
 
 # -- 2. throughput -----------------------------------------------------------------------------
 
-def throughput(root: Path, n: int) -> list[tuple]:
+def throughput(root: Path, n: int, rounds: int = 2) -> list[tuple]:
+    """Trivial runs, two at a time: labrun and task-spooler in alternating rounds of ``n // rounds`` runs each."""
     from labrun import Experiment, ScriptRunConfig
 
     (root / "thr").mkdir()
     source = root / "empty"
     agent = Agent(root / "thr", "[resources]\nmax_concurrent_runs = 2\n").start()
+    env = tsp_env(root)
+    have_tsp = shutil.which("tsp") is not None
+    per_round = n // rounds
+    labrun_rates, tsp_rates, submitting = [], [], []
     try:
         experiment = Experiment(agent.workspace(), "bench")
-        t0 = time.time()
-        ids = [experiment.submit(ScriptRunConfig(str(source), command=["true"])).id for _ in range(n)]
-        submitted = time.time() - t0
-        for run_id in ids:
-            experiment.workspace.wait_for_run(run_id)
-        labrun_rate = n / (time.time() - t0)
+        if have_tsp:
+            subprocess.run(["tsp", "-S", "2"], env=env, check=True, capture_output=True)
+        for _ in range(rounds):
+            t0 = time.time()
+            ids = [experiment.submit(ScriptRunConfig(str(source), command=["true"])).id for _ in range(per_round)]
+            submitting.append(time.time() - t0)
+            for run_id in ids:
+                experiment.workspace.wait_for_run(run_id)
+            labrun_rates.append(per_round / (time.time() - t0))
+            if have_tsp:
+                t0 = time.time()
+                jobs = [subprocess.run(["tsp", "true"], env=env, check=True, capture_output=True,
+                                       text=True).stdout.strip() for _ in range(per_round)]
+                for job in jobs:
+                    subprocess.run(["tsp", "-w", job], env=env, capture_output=True)
+                tsp_rates.append(per_round / (time.time() - t0))
     finally:
         agent.stop()
-
-    tsp_rate = None
-    if shutil.which("tsp"):
-        env = tsp_env(root)
-        try:
-            subprocess.run(["tsp", "-S", "2"], env=env, check=True, capture_output=True)
-            t0 = time.time()
-            jobs = [subprocess.run(["tsp", "true"], env=env, check=True, capture_output=True,
-                                   text=True).stdout.strip() for _ in range(n)]
-            for job in jobs:
-                subprocess.run(["tsp", "-w", job], env=env, capture_output=True)
-            tsp_rate = n / (time.time() - t0)
-        finally:
+        if have_tsp:
             subprocess.run(["tsp", "-K"], env=env, capture_output=True)
 
     t0 = time.time()
@@ -404,8 +399,11 @@ def throughput(root: Path, n: int) -> list[tuple]:
     for process in running:
         process.wait()
     floor_rate = n / (time.time() - t0)
-    rows = [(f"throughput, {n} trivial runs, 2 at a time", f"{labrun_rate:.0f} runs/s "
-             f"(submitting took {submitted:.1f} s)", f"tsp {tsp_rate:.0f} runs/s" if tsp_rate else "tsp not available",
+    labrun_rate = statistics.median(labrun_rates)
+    tsp_rate = statistics.median(tsp_rates) if tsp_rates else None
+    rows = [(f"throughput, {n} trivial runs, 2 at a time ({rounds} rounds, alternating)", f"{labrun_rate:.0f} runs/s "
+             f"(submitting {per_round} took {statistics.median(submitting):.1f} s)",
+             f"tsp {tsp_rate:.0f} runs/s" if tsp_rate else "tsp not available",
              f"{labrun_rate / tsp_rate:.2f}x" if tsp_rate else "-", ">= 1x tsp",
              verdict(labrun_rate >= tsp_rate) if tsp_rate else "-"),
             ("throughput, floor (fork/exec, 2 at a time)", f"{floor_rate:.0f} runs/s", "-", "-", "-", "-")]
@@ -621,7 +619,7 @@ def main() -> int:
     text = (f"# labrun benchmarks\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}, "
             f"{time.time() - started:.0f} s, labrun installed from a wheel. Medians (p95 where shown); ratios are to "
             f"the reference measured in the same run, interleaved with labrun where the section says so (snapshots, "
-            f"CLI submits), so a busy machine slows both alike; absolute numbers vary with the machine's load "
+            f"CLI submits, submit-to-start, throughput), so a busy machine slows both alike; absolute numbers vary with the machine's load "
             f"(load average at the end: {os.getloadavg()[0]:.1f}).\n\n" + "\n".join(lines) + f"\n\n{summary}\n")
     if not args.only:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
