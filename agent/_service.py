@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Conflict, Forbidden, NotFound, __version__
+from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Conflict, Forbidden, NotFound, TooLarge, __version__
 from labrun.protocol._statuses import ACTIVE, QUEUED
 
 from ._artifacts import LOGS, artifact_path, list_files
@@ -44,6 +44,7 @@ class Session:
     greeted: bool = False
     uploads: dict = field(default_factory=dict)          # hash -> upload in progress
     uploaded: list[str] = field(default_factory=list)    # kept from collection until the connection closes
+    unsubmitted_bytes: int = 0                           # uploaded since this connection's last submit
     upload_lock: trio.Lock = field(default_factory=trio.Lock)
     content: ContentStore | None = None
 
@@ -122,6 +123,12 @@ class Service:
         async with session.upload_lock:   # one writer per upload, even if a client sends chunks concurrently
             try:
                 for blob in args["blobs"]:
+                    if blob["offset"] == 0 and blob["size"] <= content.max_bytes:   # (larger: refused below)
+                        # A client uploads one snapshot's worth, then submits: no more waits unused on the disk.
+                        session.unsubmitted_bytes += blob["size"]
+                        if session.unsubmitted_bytes > content.max_bytes:
+                            raise TooLarge(f"blob_put: more than this agent's snapshot limit of {content.max_bytes} "
+                                           "bytes uploaded on this connection without a submit using them")
                     upload = content.begin(session.uploads, blob)
                     try:
                         if len(blob["data"]) > THREAD_BYTES:
@@ -144,6 +151,7 @@ class Service:
         peer = session.peer
         record = await self.supervisor.submit(args["spec"], Owner(peer.uid, peer.gid, peer.user, list(peer.groups),
                                                                   peer.admin))
+        session.unsubmitted_bytes = 0
         return self._show(session, record)
 
     async def get(self, session: Session, args: dict) -> dict:

@@ -36,6 +36,8 @@ FICLONE = 0x40049409
 _NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM}
 # Uploads in progress per connection: enough for any client that sends files in order.
 MAX_OPEN_UPLOADS = 64
+# Hashes named in one "missing" answer, so that the answer fits in a frame; the client asks again for the rest.
+MAX_MISSING = 50_000
 COPY_CHUNK = 1 << 30
 
 
@@ -104,7 +106,8 @@ class ContentStore:
         missing = sorted(set(declared) - set(held))
         if missing:
             raise NotFound(f"spec.snapshot.files: {len(missing)} contents are not in the agent's store yet; "
-                           "upload them with blob_put", details={"field": "spec.snapshot.files", "missing": missing})
+                           "upload them with blob_put",
+                           details={"field": "spec.snapshot.files", "missing": missing[:MAX_MISSING]})
         return tree
 
     def acquire(self, run_id: str, uid: int, tree: str, entries: list[tuple]) -> None:

@@ -130,14 +130,17 @@ def _submit_manifest(connection, spec: dict, root: str | os.PathLike) -> dict:
                                      limits.get("max_bytes", DEFAULT_MAX_BYTES))
     spec["snapshot"] = {"files": manifest}
     sizes = {entry[3]: entry[1] for entry in manifest}
-    for attempt in range(3):
+    uploaded: set[str] = set()
+    while True:
         try:
             return connection.call("submit", spec=spec)
         except NotFound as exc:
+            # A long list comes in parts; asked for the same content twice, something else is wrong.
             missing = exc.details.get("missing")
-            if not missing or attempt == 2:
+            if not missing or uploaded.intersection(missing) or not set(missing) <= sizes.keys():
                 raise
             upload(connection, [(digest, paths[digest], sizes[digest]) for digest in missing])
+            uploaded.update(missing)
 
 
 def upload(connection, blobs: list[tuple[str, str, int]]) -> None:

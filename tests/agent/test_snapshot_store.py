@@ -89,6 +89,14 @@ def test_holding_a_hash_is_per_user(content):
     assert info.value.details["missing"] == [sha(b"secret")]
 
 
+def test_a_long_missing_list_comes_in_parts(content, monkeypatch):
+    monkeypatch.setattr(_snapshot, "MAX_MISSING", 2)
+    tree = manifest(b"a", b"b", b"c")
+    with pytest.raises(NotFound) as info:
+        content.check(0, tree)
+    assert info.value.details["missing"] == sorted(e[3] for e in tree)[:2]
+
+
 def test_a_restart_collects_contents_no_tree_uses(tmp_path):
     store = Store(tmp_path / "state.db")
     content = ContentStore(tmp_path / "cas", store, 100, 1 << 20)

@@ -206,6 +206,14 @@ def test_snapshot_limits_come_from_the_agent_config(make_agent, tmp_path):
             connection.call("submit", spec=spec([["big", 2000, 0o644, empty]]))
         with pytest.raises(TooLarge, match="over this agent's snapshot limit"):
             connection.call("blob_put", blobs=[blob(b"y" * 10, size=2000)])
+    # Uploads that no submit uses are bounded too: one snapshot's worth per connection at a time.
+    with AgentConnection(agent.socket) as connection:
+        first, second = os.urandom(600), os.urandom(600)
+        connection.call("blob_put", blobs=[blob(first)])
+        with pytest.raises(TooLarge, match="without a submit using them"):
+            connection.call("blob_put", blobs=[blob(second)])
+        connection.call("submit", spec=spec([["first", 600, 0o644, sha(first)]]))
+        connection.call("blob_put", blobs=[blob(second)])
 
 
 def test_over_the_default_limit_the_error_points_to_in_place(agent, tmp_path):
