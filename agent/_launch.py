@@ -211,9 +211,11 @@ class LaunchPlanner:
         read_only = [str(run_dir / "resume_from")] if spec.get("resume_from") is not None else []
         if self.config.socket.exists():
             read_only.append(str(self.config.socket))   # Run.get_context() inside the container
+        mounts = [str(workdir), str(run_dir / "logs")]
+        if workdir != run_dir / "snapshot":   # in place: the run's outputs directory is still its record's
+            mounts.append(str(run_dir / "snapshot"))
         return {
-            "image": self.image(spec),
-            "mounts": [str(workdir), str(run_dir / "logs"), *([str(run_dir / "snapshot")] if workdir != run_dir / "snapshot" else [])],
+            "image": self.image(spec), "mounts": mounts,
             "read_only": read_only, "host": translated["host"], "env": translated["env"], "cpus": allocation.cpus,
             "gpus": list(allocation.gpus),
             "shm_size": parse_memory(docker["shm_size"]) if docker.get("shm_size") else None,

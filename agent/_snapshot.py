@@ -60,7 +60,7 @@ class ContentStore:
         self.store = store
         self.max_files = max_files
         self.max_bytes = max_bytes
-        self._pins: Counter[str] = Counter()   # blobs uploaded on live connections, not yet in a tree
+        self._pins: Counter[str] = Counter()   # contents live connections are uploading or have uploaded
         for path in (root, self.objects, self.tmp):
             path.mkdir(mode=0o700, exist_ok=True)
             os.chmod(path, 0o700)
@@ -151,6 +151,7 @@ class ContentStore:
                 path = self.tmp / f"{digest}.{os.urandom(8).hex()}"
                 upload = _Upload(size, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400), path)
             uploads[digest] = upload
+            self._pins[digest] += 1   # from now on, nobody's release deletes the stored copy it relies on
         elif size != upload.size:
             raise BadRequest(f"blob_put: {digest} was started with size {upload.size}, not {size}",
                              details={"field": "args.blobs.size"})
@@ -193,8 +194,7 @@ class ContentStore:
             os.close(upload.fd)
             upload.fd = None
             os.replace(upload.path, self.blob_path(digest))
-        self._pins[digest] += 1
-        return upload.size
+        return upload.size   # still pinned: until the connection closes (``end_session``)
 
     def record(self, uid: int, blobs: list[tuple[str, int]]) -> None:
         """``uid`` has proven it holds these contents (``(hash, size)``, committed just before)."""
@@ -202,16 +202,20 @@ class ContentStore:
 
     def abort(self, uploads: dict, digest: str) -> None:
         upload = uploads.pop(digest, None)
-        if upload is not None and upload.fd is not None:
+        if upload is None:
+            return
+        self._pins -= Counter([digest])
+        if upload.fd is not None:
             os.close(upload.fd)
             upload.path.unlink(missing_ok=True)
 
     def end_session(self, uploads: dict, pinned: list[str]) -> None:
         """A connection closed: its unfinished uploads go, and what it uploaded but never used is collected."""
-        for digest in list(uploads):
+        unfinished = list(uploads)
+        for digest in unfinished:
             self.abort(uploads, digest)
         self._pins -= Counter(pinned)
-        self._delete(self.store.cas_unreferenced(pinned))
+        self._delete(self.store.cas_unreferenced(pinned + unfinished))
 
 
 # -- a run's copy ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ not started are queued again.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -36,6 +37,7 @@ from labrun.protocol._statuses import (
 )
 
 from ._artifacts import artifact_path
+from ._asuser import AsUserFailed, Credentials, as_user
 from ._config import AgentConfig
 from ._docker_args import translate_arguments
 from ._environments import EnvironmentBuilder, PrepareFailed, needs_conda
@@ -44,7 +46,6 @@ from ._launch import LaunchPlanner
 from ._model import RunRecord
 from ._notify import Notifier
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
-from ._asuser import AsUserFailed, Credentials, as_user
 from ._snapshot import ContentStore
 from ._states import EVENT_TYPES, check_transition
 from ._store import Store
@@ -224,23 +225,20 @@ class Supervisor:
     async def _check_in_place(self, directory: str, script: str | None, owner: Owner) -> None:
         """An in-place run works in ``directory``: its user must be able to enter and read it (checked as them)."""
         def check() -> str:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                if script is not None and not os.path.isfile(os.path.join(directory, script)):
-                    return f"spec.script: {script!r} is not a file in {directory}"
-                if not os.access(directory, os.R_OK | os.X_OK):
-                    return f"{directory}: permission denied"
-                return ""
-            finally:
-                os.close(fd)
+            os.close(os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            if not os.access(directory, os.R_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "Permission denied", directory)
+            if script is not None and not os.path.isfile(os.path.join(directory, script)):
+                return "no script"
+            return ""
 
         try:
             problem = await trio.to_thread.run_sync(as_user, owner.credentials(), check)
         except AsUserFailed as exc:
-            problem = f"spec.snapshot.in_place: {owner.user} cannot use {directory!r} as the run's directory: {exc}"
+            raise BadRequest(f"spec.snapshot.in_place: {owner.user} cannot use {directory!r} as the run's "
+                             f"directory: {exc}", details={"field": "spec.snapshot.in_place"}) from None
         if problem:
-            raise BadRequest(problem, details={"field": "spec.script" if problem.startswith("spec.script")
-                                               else "spec.snapshot.in_place"})
+            raise BadRequest(f"spec.script: {script!r} is not a file in {directory}", details={"field": "spec.script"})
 
     def _check_features(self, spec: dict, owner: Owner) -> None:
         """Refuse at submit what this machine cannot run, naming the field."""

@@ -79,6 +79,26 @@ def test_an_upload_in_use_by_another_connection_survives_a_release(content):
     assert not content.blob_path(digest).exists()
 
 
+def test_a_content_being_uploaded_again_is_not_collected_meanwhile(content, tmp_path):
+    first, first_uploaded = {}, []
+    data = b"x" * 1000
+    digest = put(content, first, first_uploaded, data)   # stored, used by no tree
+    second = {}
+    half = {"hash": digest, "size": len(data), "offset": 0, "data": data[:500]}
+    assert not content.receive(content.begin(second, half), half)   # another connection proves it holds it
+    content.end_session(first, first_uploaded)
+    assert content.blob_path(digest).exists()   # the second upload relies on the stored copy
+    rest = {**half, "offset": 500, "data": data[500:]}
+    assert content.receive(content.begin(second, rest), rest)
+    content.record(1, [(digest, content.commit(second, digest))])
+    tree = manifest(data)
+    content.acquire("run", 1, content.check(1, tree), tree)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    materialize(content.objects, tree, run_dir, ME)
+    assert (run_dir / "snapshot" / "f0").read_bytes() == data
+
+
 def test_holding_a_hash_is_per_user(content):
     session, uploaded = {}, []
     put(content, session, uploaded, b"secret", uid=0)
