@@ -483,7 +483,7 @@ class Store:
                 return
             if self._db.execute("UPDATE cas_trees SET refs = refs + 1 WHERE tree = ?", (tree,)).rowcount == 0:
                 self._db.execute("INSERT INTO cas_trees (tree, refs, files) VALUES (?, 1, ?)",
-                                 (tree, _pack([list(e) for e in entries])))
+                                 (tree, _pack(entries)))
                 self._db.executemany("UPDATE cas_blobs SET refs = refs + 1 WHERE hash = ?",
                                      [(d,) for d in {e[3] for e in entries}])
             self._db.execute("INSERT INTO cas_runs (run_id, tree) VALUES (?, ?)", (run_id, tree))

@@ -613,8 +613,8 @@ def main() -> int:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     slower = [row[0] for row in rows if "slower" in str(row[5])]
-    summary = ("labrun is slower than its target on: " + "; ".join(slower) + ".") if slower else \
-        "labrun meets every target measured here."
+    summary = ("labrun is slower than its target on: " + "; ".join(slower) + ". Profiles of why: "
+               "[profiles.md](profiles.md).") if slower else "labrun meets every target measured here."
     machine = f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, {'quick' if args.quick else 'full'} run"
     text = (f"# labrun benchmarks\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}, "
             f"{time.time() - started:.0f} s, labrun installed from a wheel. Medians (p95 where shown); ratios are to "

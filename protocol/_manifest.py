@@ -105,4 +105,4 @@ def validate_manifest(value, path: str = "spec.snapshot.files", max_files: int |
 
 def tree_hash(entries: list[tuple]) -> str:
     """The identity of a validated (sorted) manifest: equal trees share one stored copy of their list."""
-    return hashlib.sha256(msgpack.packb([list(e) for e in entries], use_bin_type=True)).hexdigest()
+    return hashlib.sha256(msgpack.packb(entries, use_bin_type=True)).hexdigest()   # tuples pack as arrays
