@@ -290,3 +290,19 @@ def test_snapshots_are_made_as_the_user_and_in_place_is_checked_as_the_user(agen
         "snapshot=False))\n"
         "except BadRequest as exc:\n    print(exc.message)\n"), shared_source)
     assert "nobody cannot use" in probe.stdout and "Permission denied" in probe.stdout, probe.stdout + probe.stderr
+
+
+def test_a_queued_run_keeps_its_snapshot_across_a_restart_and_edits(make_agent, tmp_path):
+    agent = make_agent("[resources]\nmax_concurrent_runs = 1\n")
+    tree = make_tree(tmp_path / "src", {"config.txt": b"as submitted\n"})
+    experiment = Experiment(agent.workspace(), "cas")
+    blocker = experiment.submit(ScriptRunConfig(str(tree), command=["sleep", "300"]))
+    queued = experiment.submit(ScriptRunConfig(str(tree), command="cat config.txt"))
+    (tree / "config.txt").write_bytes(b"edited later\n")   # a queued run never sees later edits
+    agent.restart()
+    experiment = Experiment(agent.workspace(), "cas")
+    assert experiment.workspace._call("get", run_id=blocker.id)["status"] == "Failed"   # agent_lost: it was running
+    details = experiment.workspace.wait_for_run(queued.id)
+    assert details["status"] == "Completed"
+    assert (agent.state_dir / "runs" / queued.id / "logs" / "std_log.txt").read_text() == "as submitted\n"
+    assert objects(agent) == {sha(b"as submitted\n")}   # the edit was never uploaded
