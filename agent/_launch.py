@@ -5,6 +5,7 @@ from, and for Docker runs the container's image, mounts and limits. The supervis
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -22,7 +23,11 @@ from ._environments import EnvironmentBuilder, PreparedEnvironment, PrepareFaile
 from ._executor import LaunchSpec, Rank
 from ._model import RunRecord
 from ._scheduler import Allocation, Capacity
+from ._snapshot import ContentStore, SnapshotFailed, materialize
 
+# Snapshots this small are made inline: faster than the hop to a worker thread.
+INLINE_MATERIALIZE_FILES = 100
+INLINE_MATERIALIZE_BYTES = 4 * 1024 * 1024
 # Rendezvous for distributed runs on this machine.
 MASTER_ADDR = "127.0.0.1"
 
@@ -57,8 +62,10 @@ def _link_first_log(logs: Path, first: str) -> None:
 
 
 class LaunchPlanner:
-    def __init__(self, config, store, capacity: Capacity, environments: EnvironmentBuilder, executor_name, image):
+    def __init__(self, config, store, capacity: Capacity, environments: EnvironmentBuilder, executor_name, image,
+                 snapshots: ContentStore):
         self.config = config
+        self.snapshots = snapshots
         self.store = store
         self.capacity = capacity
         self.environments = environments
@@ -130,6 +137,8 @@ class LaunchPlanner:
         logs = run_dir / "logs"
         creds = owner_of(record)
         in_docker = self.executor_name(spec) == "docker"
+        await self._materialize(record, run_dir)
+        workdir = Path(spec["in_place"]) if spec.get("in_place") else run_dir / "snapshot"
         if in_docker:
             # The image has its own Python and paths: the client's interpreter and environment mean nothing there.
             environment = spec.get("environment") or {"python": {}}
@@ -173,10 +182,10 @@ class LaunchPlanner:
         except OSError as exc:
             raise PrepareFailed(f"cannot create the run's logs: {exc.strerror or exc}", reason="agent_error") from None
         groups = list(creds.groups) if creds.switches else []
-        return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=run_dir / "snapshot", ranks=ranks,
+        return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=workdir, ranks=ranks,
                           uid=record.uid, gid=record.gid, groups=groups, cores=allocation.cores,
                           memory=allocation.memory,
-                          container=self._container(spec, run_dir, allocation) if in_docker else None)
+                          container=self._container(spec, run_dir, workdir, allocation) if in_docker else None)
 
     @staticmethod
     def _argv(record: RunRecord, python: str, extra: list[str]) -> list[str]:
@@ -194,15 +203,30 @@ class LaunchPlanner:
             argv = ["mpirun", "-np", str(count), *(["--allow-run-as-root"] if record.uid == 0 else []), *argv]
         return argv
 
-    def _container(self, spec: dict, run_dir: Path, allocation: Allocation) -> dict:
+    async def _materialize(self, record: RunRecord, run_dir: Path) -> None:
+        """The run's ``snapshot/`` from the contents stored at submit (only ``outputs/`` for an in-place run)."""
+        entries = self.snapshots.entries(record.run_id) or []
+        work = functools.partial(materialize, self.snapshots.objects, entries, run_dir, owner_of(record))
+        try:
+            if len(entries) <= INLINE_MATERIALIZE_FILES and sum(e[1] for e in entries) <= INLINE_MATERIALIZE_BYTES:
+                work()
+            else:
+                await trio.to_thread.run_sync(work)
+        except SnapshotFailed as exc:
+            raise PrepareFailed(str(exc), reason="snapshot_failed") from None
+
+    def _container(self, spec: dict, run_dir: Path, workdir: Path, allocation: Allocation) -> dict:
         """What the Docker executor needs beyond the process: image, mounts, limits, allowed arguments."""
         docker = spec.get("docker") or {"arguments": [], "shm_size": None}
         translated = translate_arguments(docker["arguments"], self.config.docker)
         read_only = [str(run_dir / "resume_from")] if spec.get("resume_from") is not None else []
         if self.config.socket.exists():
             read_only.append(str(self.config.socket))   # Run.get_context() inside the container
+        mounts = [str(workdir), str(run_dir / "logs")]
+        if workdir != run_dir / "snapshot":   # in place: the run's outputs directory is still its record's
+            mounts.append(str(run_dir / "snapshot"))
         return {
-            "image": self.image(spec), "mounts": [str(run_dir / "snapshot"), str(run_dir / "logs")],
+            "image": self.image(spec), "mounts": mounts,
             "read_only": read_only, "host": translated["host"], "env": translated["env"], "cpus": allocation.cpus,
             "gpus": list(allocation.gpus),
             "shm_size": parse_memory(docker["shm_size"]) if docker.get("shm_size") else None,
