@@ -17,6 +17,14 @@ BAD_NAMES = ["user_logs//etc/shadow", "outputs//etc/shadow", "/etc/shadow", "out
              "user_logs/../../../../etc/shadow", "artifacts//etc/passwd", "outputs/./x", "outputs/a\0b", "x/../y"]
 
 
+def _victim(scratch: Path, name: str, text: str, mode: int) -> tuple[Path, tuple]:
+    """A root-owned file a user must never get the agent to read, write or chown; and its fingerprint."""
+    victim = scratch / name
+    victim.write_text(text)
+    victim.chmod(mode)
+    return victim, _digest(str(victim))
+
+
 def _digest(path: str) -> tuple:
     info = os.stat(path)
     return hashlib.sha256(Path(path).read_bytes()).hexdigest(), info.st_uid, info.st_mode, info.st_mtime_ns
@@ -67,10 +75,7 @@ out(refused)
 
 def test_links_a_run_plants_are_never_followed(clients, shared_source, root_agent, scratch):
     alice = clients["alice"]
-    victim = scratch / "victim"
-    victim.write_text("root's file\n")
-    victim.chmod(0o644)
-    before = _digest(str(victim))
+    victim, before = _victim(scratch, "victim", "root's file\n", 0o644)
     plant = ("ln -s /etc/shadow outputs/shadow && ln -s /etc outputs/etc && ln -s ../train.py outputs/inside && "
              f"ln -s {victim} outputs/victim && mkdir outputs/real && echo real > outputs/real/file && "
              "ln -s real outputs/dirlink")
@@ -121,12 +126,9 @@ def _wait_for(client, run_id: str, status: str, timeout: float = 30) -> None:
 def test_logs_swapped_for_links_while_queued_are_not_appended_or_chowned(clients, shared_source, root_agent,
                                                                          scratch):
     alice = clients["alice"]
-    victim = scratch / "victim-log"
-    victim.write_text("root's\n")
-    victim.chmod(0o644)
+    victim, before = _victim(scratch, "victim-log", "root's\n", 0o644)
     victim_dir = scratch / "victim-dir"
     victim_dir.mkdir(mode=0o755)
-    before = _digest(str(victim))
     # The blocker holds both cores, so the next runs wait in the queue.
     blocker = alice.submit(shared_source, ["sleep", "60"], resources={"cpus": 2})
     _wait_for(alice, blocker, "Running")
@@ -233,10 +235,7 @@ def test_a_fifo_under_a_file_name_does_not_hang_the_agent(clients, shared_source
 def test_links_swapped_in_while_the_agent_reads_and_writes_are_never_followed(clients, shared_source, root_agent,
                                                                                scratch):
     alice = clients["alice"]
-    victim = scratch / "race-victim"
-    victim.write_text("ROOT-SECRET\n")
-    victim.chmod(0o600)
-    before = _digest(str(victim))
+    victim, before = _victim(scratch, "race-victim", "ROOT-SECRET\n", 0o600)
     # The run flips outputs/x between a file of its own and a link to root's file, as fast as it can.
     flip = (f"echo mine > outputs/real; while :; do ln -sfn {victim} outputs/x; cp outputs/real outputs/x.new; "
             "mv -f outputs/x.new outputs/x; done")
