@@ -170,9 +170,7 @@ def test_mlflow_autolog_with_scikit_learn_writes_into_the_same_run(make_agent, m
     assert {"training_score", "training_accuracy_score"} <= metrics
     files = api.artifacts(twin["info"]["run_id"])
     assert "outputs/done.txt" in files
-    assert "training_confusion_matrix.png" in files
-    assert any(name.startswith("model/") or name.endswith("MLmodel") for name in files) or \
-        api.get("logged-models/search", experiment_ids=[twin["info"]["experiment_id"]]) is not None
+    assert "training_confusion_matrix.png" in files   # written by autolog through MLflow's artifact proxy
 
 
 SLOW = """
