@@ -1,8 +1,8 @@
 """The agent's MLflow side, put together: which tracking server, the embedded one if asked, the mirror.
 
 Turned on by the config's ``[mlflow]`` (``tracking_uri`` for an existing server, ``embedded = true``
-for the agent's own), or on a per-user agent by ``labrun ui`` (the ``ui`` op), which is remembered
-so the UI comes back with the agent. ``prepare_env`` is what a starting run gets from it.
+for the agent's own), or by ``labrun ui`` (the ``ui`` op: a per-user agent's owner, or a system
+agent's administrator), which is remembered so the UI comes back with the agent. ``prepare_env`` is what a starting run gets from it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Mlflow:
         self.server: EmbeddedServer | None = None
         self.mirror: MlflowMirror | None = None
         self._enabled = trio.Event()
-        if self.config is None and not agent_config.system and store.get_meta(UI_META, False) and mlflow_installed():
+        if self.config is None and store.get_meta(UI_META, False) and mlflow_installed():
             self.config = MlflowConfig(embedded=True)
 
     @property
@@ -61,13 +61,13 @@ class Mlflow:
             await nursery.start(mirror.run)
             self.mirror = mirror
 
-    def enable_ui(self) -> None:
-        """``labrun ui``: start the embedded server on a per-user agent that has no MLflow yet."""
+    def enable_ui(self, admin: bool) -> None:
+        """``labrun ui``: start the embedded server on an agent that has no MLflow yet (its owner or an admin)."""
         if self.config is not None:
             return
-        if self.agent_config.system:
-            raise Forbidden("this agent has no MLflow server; an administrator enables one with [mlflow] "
-                            "embedded = true (or tracking_uri = ...) in the agent's configuration")
+        if not admin:
+            raise Forbidden("this agent has no MLflow server; an administrator starts one with 'labrun ui', or "
+                            "with [mlflow] embedded = true (or tracking_uri = ...) in the agent's configuration")
         if not mlflow_installed():
             raise Forbidden("the MLflow UI needs MLflow next to the agent: pip install 'labrun[mlflow]'")
         self.config = MlflowConfig(embedded=True)

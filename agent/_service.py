@@ -326,6 +326,6 @@ class Service:
     async def ui(self, session: Session, args: dict) -> dict:
         """``labrun ui``: the MLflow UI's address, starting the embedded server on a per-user agent."""
         if args["start"]:
-            self.mlflow.enable_ui()
+            self.mlflow.enable_ui(session.peer.admin)
         ready = await self.mlflow.wait_ready(args["timeout"]) if args["start"] else self.mlflow.mirror is not None
         return {"url": self.mlflow.tracking_uri, "ready": ready, "mlflow": self.mlflow.status()}

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from labrun import Experiment, ScriptRunConfig
-from tests.e2e.test_agent import wait_until
+from tests.e2e.test_agent import as_nobody, nobody_client, wait_until  # noqa: F401 (a fixture)
 from tests.mlflow_server import MlflowApi, MlflowServer, answers, free_port, params, tags
 
 MIRRORED = 120.0   # MLflow on a busy 2-core machine answers in tens of milliseconds, sometimes seconds
@@ -263,10 +263,15 @@ def test_embedded_server_starts_with_the_agent_and_comes_back_after_being_killed
 
 
 @pytest.mark.slow
-def test_labrun_ui_starts_the_embedded_server_on_a_per_user_agent(make_agent):
+def test_labrun_ui_starts_the_embedded_server(make_agent, nobody_client, tmp_path):
+    """The agent's owner (or an admin) starts the UI with ``labrun ui``; nobody else may."""
     agent = make_agent()
     assert agent.workspace().status()["mlflow"] is None
     assert agent.cli("ui", "--no-start").returncode == 1
+    if os.geteuid() == 0:
+        agent.root.chmod(0o755)
+        refused = as_nobody(agent, nobody_client, "from labrun import Workspace\nWorkspace()._call('ui')", tmp_path)
+        assert refused.returncode != 0 and "an administrator starts one" in refused.stderr
     url = agent.cli("ui", timeout=300, check=True).stdout.strip()
     assert url.startswith("http://127.0.0.1:") and answers(url)
     agent.restart()   # remembered
