@@ -187,6 +187,12 @@ class MlflowMirror:
             # MLflow will not take it (a run deleted in its UI, a param the script set first): say so, go on.
             self._failed(f"run {run_id}: {exc}", "refused")
             log.warning("mlflow.run.refused", run_id=run_id, error=str(exc))
+        except (Unavailable, trio.Cancelled):
+            raise
+        except Exception as exc:
+            # A bug or an I/O error here must not stop the agent, nor every later run's mirroring.
+            log.exception("mlflow.run.failed", run_id=run_id)
+            self._failed(f"run {run_id}: {type(exc).__name__}: {exc}", "refused")
 
     # -- one run -----------------------------------------------------------------------
 

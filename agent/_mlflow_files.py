@@ -34,7 +34,10 @@ class RunFile:
 
 
 def _open_dir_beneath(run_dir: Path, relative: str) -> int | None:
-    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:   # removed (labrun rm), or not a directory
+        return None
     try:
         for part in relative.split("/"):
             child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)

@@ -16,13 +16,6 @@ from tests.mlflow_server import MlflowApi, MlflowServer, answers, free_port, par
 MIRRORED = 120.0   # MLflow on a busy 2-core machine answers in tens of milliseconds, sometimes seconds
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
-    yield server
-    server.stop()
-
-
 def config(url: str, **extra) -> str:
     lines = [f'tracking_uri = "{url}"', "retry_initial_seconds = 0.2", "retry_max_seconds = 1",
              *(f"{k} = {json.dumps(v)}" for k, v in extra.items())]
