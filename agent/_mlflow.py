@@ -34,7 +34,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from labrun.protocol._statuses import QUEUED, TERMINAL
+from labrun.protocol._statuses import TERMINAL
 
 from . import _mlflow_map as mapping
 from ._events import EventLog
@@ -173,6 +173,13 @@ class MlflowMirror:
             return
         try:
             entry = await self._ensure(record)
+            if not entry.params_sent:
+                # The script's own arguments wait for its end when it may log into this run itself:
+                # MLflow params never change, and autolog's C=1.0 must not collide with our C=1.
+                await self._send_params(record, entry, mapping.config_params(record.spec) if self.config.run_env
+                                        else mapping.params(record.spec))
+                entry.params_sent = True
+                self.ledger.put(entry)
             await self._send_tags(record, entry)
             await self._send_metrics(record, entry)
             await self._send_status(record, entry)
@@ -237,15 +244,7 @@ class MlflowMirror:
                 entry.artifact_uri = info.get("artifact_uri")
                 self.ledger.put(entry)
                 log.debug("mlflow.run.created", run_id=record.run_id, mlflow_run_id=entry.mlflow_run_id)
-                # The script's own arguments wait for its end when it may log into this run itself:
-                # MLflow params never change, and autolog's C=1.0 must not collide with our C=1.
-                await self._send_params(record, entry, mapping.config_params(record.spec) if self.config.run_env
-                                        else mapping.params(record.spec))
-                if record.status == QUEUED:
-                    await self._rest.update_run(entry.mlflow_run_id, "SCHEDULED")
-                    entry.status_sent = "SCHEDULED"
-                    self.ledger.put(entry)
-                return entry
+                return entry   # all the rest is _sync's: a starting run waits for this much only
         finally:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._locks.pop(record.run_id, None)

@@ -6,7 +6,7 @@ accepted what it records, so a restart resumes exactly where delivery stood:
 
 - ``mlflow_runs``: the MLflow run of each labrun run (``mlflow_run_id`` NULL while its creation
   is unconfirmed: the next attempt looks for it before creating another), the last metric row
-  sent, the next step per metric name, what was sent of tags, status and artifacts;
+  sent, the next step per metric name, what was sent of params, tags, status and artifacts;
 - ``mlflow_cursor``: the last event seq whose runs are fully mirrored.
 """
 
@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS mlflow_runs (
     artifact_uri TEXT,
     metric_id INTEGER NOT NULL DEFAULT 0,
     counters TEXT NOT NULL DEFAULT '{}',
+    params_sent INTEGER NOT NULL DEFAULT 0,
     tags_hash TEXT,
     status_sent TEXT,
     artifacts_sent INTEGER NOT NULL DEFAULT 0,
@@ -35,8 +36,9 @@ CREATE TABLE IF NOT EXISTS mlflow_runs (
 CREATE TABLE IF NOT EXISTS mlflow_cursor (tracking_uri TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 """
 
-_FIELDS = ("mlflow_run_id", "experiment_id", "artifact_uri", "metric_id", "counters", "tags_hash", "status_sent",
-           "artifacts_sent", "done")
+_FIELDS = ("mlflow_run_id", "experiment_id", "artifact_uri", "metric_id", "counters", "params_sent", "tags_hash",
+           "status_sent", "artifacts_sent", "done")
+_FLAGS = ("params_sent", "artifacts_sent", "done")
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Entry:
     artifact_uri: str | None = None
     metric_id: int = 0
     counters: dict = field(default_factory=dict)
+    params_sent: bool = False
     tags_hash: str | None = None
     status_sent: str | None = None
     artifacts_sent: bool = False
@@ -77,7 +80,8 @@ class Ledger:
             return None
         values = dict(zip(_FIELDS, row))
         values["counters"] = json.loads(values["counters"])
-        values["artifacts_sent"], values["done"] = bool(values["artifacts_sent"]), bool(values["done"])
+        for flag in _FLAGS:
+            values[flag] = bool(values[flag])
         return Entry(run_id, **values)
 
     def put(self, entry: Entry) -> None:

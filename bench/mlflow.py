@@ -1,0 +1,107 @@
+"""What mirroring into MLflow costs a run: submit-to-start latency and log capture, mirroring off and on.
+
+    python bench/mlflow.py [--quick]
+
+One real ``mlflow server`` (SQLite, on 127.0.0.1) serves the agents that mirror. Three agents run side by
+side, and each measurement goes round them in turn, so that they share the machine's ups and downs:
+mirroring off; on, with ``MLFLOW_*`` in runs (the default: the MLflow run must exist before the run
+starts); on, with ``run_env = false``. Writes bench/results/mlflow.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from run import Agent, median_p95, ms, read_stamp, stamp_command  # noqa: E402  (bench/run.py's helpers)
+from tests.mlflow_server import MlflowServer  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "mlflow.md"
+
+
+def within(value: float, reference: float, higher_is_better: bool) -> str:
+    ratio = value / reference
+    ok = ratio >= 0.95 if higher_is_better else ratio <= 1.05
+    return f"{ratio:.2f}x", "within 5%" if ok else "**outside 5%**"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    n, log_mib, rounds = (15, 256, 2) if args.quick else (40, 1024, 3)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="labrun-bench-mlflow-") as tmp:
+        root = Path(tmp)
+        server = MlflowServer(root / "mlflow").start()
+        source = root / "src"
+        source.mkdir()
+        agents = {}
+        try:
+            for name, config in (("off", ""),
+                                 ("on", f'[mlflow]\ntracking_uri = "{server.url}"\n'),
+                                 ("on, run_env = false", f'[mlflow]\ntracking_uri = "{server.url}"\nrun_env = false\n')):
+                (root / name).mkdir()
+                agents[name] = Agent(root / name, config).start()
+            from labrun import Experiment, ScriptRunConfig
+
+            experiments = {name: Experiment(agent.workspace(), "bench") for name, agent in agents.items()}
+            latency = {name: [] for name in agents}
+            print("bench: latency...", file=sys.stderr, flush=True)
+            for i in range(n):
+                for name, experiment in experiments.items():
+                    stamp = root / f"stamp-{i}-{len(name)}"
+                    t0 = time.time()
+                    run = experiment.submit(ScriptRunConfig(str(source), command=stamp_command(stamp)))
+                    latency[name].append(read_stamp(stamp) - t0)
+                    experiment.workspace.wait_for_run(run.id)
+            print("bench: log capture...", file=sys.stderr, flush=True)
+            capture = {name: [] for name in ("off", "on")}
+            for _ in range(rounds):
+                for name in capture:
+                    subprocess.run(["sync"], check=True)
+                    t0 = time.time()
+                    run = experiments[name].submit(ScriptRunConfig(str(source), command=f"head -c {log_mib}M /dev/zero"))
+                    experiments[name].workspace.wait_for_run(run.id)
+                    capture[name].append(time.time() - t0)
+                    log = agents[name].state / "runs" / run.id / "logs" / "std_log.txt"
+                    assert log.stat().st_size == log_mib << 20
+                    log.unlink()
+        finally:
+            for agent in agents.values():
+                agent.stop()
+            server.stop()
+
+    rows = []
+    off = median_p95(latency["off"])[0]
+    for name, values in latency.items():
+        med, p95 = median_p95(values)
+        ratio, verdict = within(med, off, False) if name != "off" else ("-", "-")
+        rows.append((f"submit-to-start, mirroring {name}", f"{ms(med)} (p95 {ms(p95)})", ratio, verdict))
+    rates = {name: log_mib / statistics.median(values) for name, values in capture.items()}
+    for name, rate in rates.items():
+        ratio, verdict = within(rate, rates["off"], True) if name != "off" else ("-", "-")
+        rows.append((f"log capture, {log_mib} MiB, mirroring {name}", f"{rate:.0f} MiB/s", ratio, verdict))
+    lines = ["| measurement | median | ratio to mirroring off | verdict |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    machine = f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, {'quick' if args.quick else 'full'} run"
+    text = (f"# labrun benchmarks: mirroring into MLflow\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"{machine}, {n} runs per agent, {time.time() - started:.0f} s. The agents took turns, against one "
+            f"`mlflow server` on 127.0.0.1.\n\n" + "\n".join(lines) + "\n")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
