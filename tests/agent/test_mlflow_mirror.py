@@ -70,3 +70,30 @@ async def test_child_runs_are_nested_under_their_parent(tmp_path, mlflow_server)
     assert api.run_by_labrun_id("nest_1_child")["info"]["run_id"] == nested["info"]["run_id"]
     assert api.history(nested["info"]["run_id"], "acc_top-1") == [(0, 0.5)]
     store.close()
+
+
+async def test_a_run_deleted_in_mlflow_does_not_stop_the_others(tmp_path, mlflow_server):
+    """Editing or deleting in MLflow never reaches labrun, and never stalls the mirror."""
+    import httpx
+
+    store = Store(tmp_path / "state.db")
+    events = EventLog(store)
+    (tmp_path / "runs").mkdir()
+    first = add_run(store, "nest_2_first", "Running")
+    mirror = MlflowMirror(MlflowConfig(tracking_uri=mlflow_server.url), mlflow_server.url, store, events,
+                          tmp_path / "runs")
+    api = MlflowApi(mlflow_server.url)
+    await mirror_until(mirror, store, lambda: mirror.delivered == store.last_seq())
+    twin = api.run_by_labrun_id("nest_2_first")
+    httpx.post(f"{mlflow_server.url}/api/2.0/mlflow/runs/delete", json={"run_id": twin["info"]["run_id"]}).raise_for_status()
+
+    store.add_metrics(first, [{"name": "loss", "kind": "scalar", "value": 1.0, "step": None, "time": time.time()}])
+    store.update_run(first, "run.completed", status="Completed", ended_at=time.time())
+    add_run(store, "nest_2_second", "Queued")
+    again = MlflowMirror(MlflowConfig(tracking_uri=mlflow_server.url), mlflow_server.url, store, events,
+                         tmp_path / "runs")
+    await mirror_until(again, store, lambda: again.delivered == store.last_seq())
+    assert api.run_by_labrun_id("nest_2_second")["info"]["status"] == "SCHEDULED"
+    assert again.state == "refused" and "nest_2_first" in again.last_error
+    assert store.get_run("nest_2_first").status == "Completed"   # labrun's run is untouched
+    store.close()
