@@ -32,6 +32,7 @@ batch_max = 500
 tracking_uri = "http://127.0.0.1:5000"   # mirror runs into this MLflow server
 # embedded = true            # or: the agent runs its own MLflow server (needs labrun[mlflow])
 # port = 5000                # embedded: default a free port, chosen once
+# user = "labrun-mlflow"     # embedded: the account it runs as (default: the agent's)
 run_env = true               # runs get MLFLOW_TRACKING_URI, MLFLOW_RUN_ID, MLFLOW_EXPERIMENT_ID
 artifacts = true             # outputs/ and uploaded files go to MLflow when a run ends
 max_artifact_mb = 1024       # per run
@@ -50,6 +51,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import os
+import pwd
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,8 +252,8 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
 def _mlflow_config(table: dict) -> MlflowConfig:
     numbers = {"prepare_timeout_seconds", "timeout_seconds", "retry_initial_seconds", "retry_max_seconds"}
     flags = {"embedded", "run_env", "artifacts"}
-    _check_keys(table, {"tracking_uri", "port", "username", "password_file", "max_artifact_mb", *numbers, *flags},
-                "[mlflow]")
+    _check_keys(table, {"tracking_uri", "port", "user", "username", "password_file", "max_artifact_mb", *numbers,
+                        *flags}, "[mlflow]")
     config = MlflowConfig()
     for key in flags & set(table):
         setattr(config, key, _expect(table[key], bool, f"mlflow.{key}"))
@@ -272,6 +274,12 @@ def _mlflow_config(table: dict) -> MlflowConfig:
         config.port = _expect(table["port"], int, "mlflow.port")
         if not 0 <= config.port <= 65535:
             raise ConfigError("mlflow.port: must be between 0 and 65535")
+    if "user" in table:
+        config.user = _expect(table["user"], str, "mlflow.user")
+        try:
+            pwd.getpwnam(config.user)
+        except KeyError:
+            raise ConfigError(f"mlflow.user: no account {config.user!r} on this machine") from None
     if "username" in table:
         config.username = _expect(table["username"], str, "mlflow.username")
     if "password_file" in table:

@@ -55,6 +55,7 @@ class MlflowConfig:
     embedded: bool = False
     port: int = 0                       # embedded: 0 picks a free port once, kept across restarts
     host: str = "127.0.0.1"
+    user: str | None = None             # embedded: the account the server runs as (default: the agent's)
     username: str | None = None         # basic auth towards the server (its auth app), for the agent only
     password_file: Path | None = None
     run_env: bool = True                # give runs MLFLOW_* (their MLflow run is then created before they start)

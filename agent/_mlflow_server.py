@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -53,12 +54,14 @@ def _answers(host: str, port: int) -> bool:
 
 
 class EmbeddedServer:
-    def __init__(self, directory: Path, host: str, port: int):
+    def __init__(self, directory: Path, host: str, port: int, user: str | None = None):
         self.directory = directory
         self.host = host
         self.port = port
+        self.user = user   # run it as this account rather than the agent's (a system agent is root)
         self.pid: int | None = None
         self.restarts = 0
+        self.last_error: str | None = None
         self.state = "starting"
         self.ready = trio.Event()
 
@@ -68,7 +71,7 @@ class EmbeddedServer:
 
     def status(self) -> dict:
         return {"url": self.url, "state": self.state, "pid": self.pid, "restarts": self.restarts,
-                "directory": str(self.directory)}
+                "last_error": self.last_error, "directory": str(self.directory)}
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "mlflow", "server",
@@ -79,11 +82,19 @@ class EmbeddedServer:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep the server up until cancelled (agent shutdown), then stop it."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.user is not None:
+            account = pwd.getpwnam(self.user)
+            for path in (self.directory, *self.directory.iterdir()):
+                os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
         task_status.started()
         backoff = 1.0
         while True:
             started = time.monotonic()
-            await self._run_once()
+            try:
+                await self._run_once()
+            except (OSError, KeyError) as exc:   # cannot start it (permissions, no interpreter, no account): retry
+                log.error("mlflow.server.start_failed", error=f"{type(exc).__name__}: {exc}")
+                self.last_error = f"{type(exc).__name__}: {exc}"
             if time.monotonic() - started > STABLE_SECONDS:
                 backoff = 1.0
             self.restarts += 1
@@ -96,10 +107,15 @@ class EmbeddedServer:
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", PYTHONUNBUFFERED="1")
         for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
             env.pop(key, None)
+        identity = {}
+        if self.user is not None:
+            account = pwd.getpwnam(self.user)
+            identity = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+            env.update(HOME=str(self.directory), USER=self.user, LOGNAME=self.user)
         with open(self.directory / "server.log", "ab") as output:
             process = await trio.lowlevel.open_process(
                 self.command(), stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=env,
-                cwd=self.directory, start_new_session=True)
+                cwd=self.directory, start_new_session=True, **identity)
         self.pid = process.pid
         try:
             async with trio.open_nursery() as nursery:

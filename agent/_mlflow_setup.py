@@ -53,7 +53,7 @@ class Mlflow:
             if config.embedded:
                 port = config.port or self.store.get_meta(PORT_META) or free_port(config.host)
                 self.store.set_meta(PORT_META, port)
-                self.server = EmbeddedServer(self.agent_config.state_dir / "mlflow", config.host, port)
+                self.server = EmbeddedServer(self.agent_config.state_dir / "mlflow", config.host, port, config.user)
                 await nursery.start(self.server.run)
                 uri = self.server.url
             mirror = MlflowMirror(config, uri, self.store, self.events, self.agent_config.state_dir / "runs",

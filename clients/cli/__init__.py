@@ -275,6 +275,10 @@ def cmd_status(args) -> int:
         mirror = mlflow.get("mirror") or {"state": "starting", "delivered_seq": 0, "backlog": 0, "last_error": None}
         print(f"mlflow    {mlflow['tracking_uri']}: {mirror['state']}, mirrored up to event {mirror['delivered_seq']}, "
               f"backlog {mirror['backlog']}" + (f", last error: {mirror['last_error']}" if mirror["last_error"] else ""))
+        server = mlflow.get("server")
+        if server:
+            print(f"          embedded server: {server['state']}, pid {server['pid'] or '-'}, {server['restarts']} restarts"
+                  + (f", last error: {server['last_error']}" if server["last_error"] else ""))
     for user, use in sorted(status["by_user"].items()):
         gpus = ",".join(use["gpus"]) or "-"
         print(f"  {user}: {use['runs']} running, cpus {use['cpus']}, "

@@ -22,8 +22,9 @@ def test_an_existing_server(tmp_path):
 
 
 def test_embedded(tmp_path):
-    config = load(tmp_path, "[mlflow]\nembedded = true\nport = 5123\n")
+    config = load(tmp_path, '[mlflow]\nembedded = true\nport = 5123\nuser = "nobody"\n')
     assert config.mlflow.embedded and config.mlflow.port == 5123 and config.mlflow.tracking_uri is None
+    assert config.mlflow.user == "nobody"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -33,6 +34,7 @@ def test_embedded(tmp_path):
     ('[mlflow]\ntracking_uri = "http://x"\nport = 70000\n', "between 0 and 65535"),
     ('[mlflow]\ntracking_uri = "http://x"\nembeded = true\n', "unknown key 'embeded'"),
     ('[mlflow]\ntracking_uri = "http://x"\ntimeout_seconds = 0\n', "must be positive"),
+    ('[mlflow]\nembedded = true\nuser = "no-such-user-here"\n', "no account"),
 ])
 def test_mistakes_are_named(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
