@@ -144,7 +144,7 @@ class Run:
         """
         if show_output:
             out = sys.stdout
-            out.write(f"RunId: {self._id}\nWeb View: {self.get_portal_url()}\n\nStreaming {LOG_NAME}\n"
+            out.write(f"RunId: {self._id}\nWeb View: {self.get_portal_url(_wait_seconds=2)}\n\nStreaming {LOG_NAME}\n"
                       f"{'=' * (len('Streaming ') + len(LOG_NAME))}\n\n")
             out.flush()
             try:
@@ -171,10 +171,17 @@ class Run:
             raise ActivityFailedException(error_details=text)
         return details
 
-    def get_portal_url(self) -> str | None:
-        """The run's page in the MLflow UI (None when the agent mirrors into no MLflow server)."""
-        link = self._refresh().get("mlflow")
-        return link["url"] if link else None
+    def get_portal_url(self, _wait_seconds: float = 0.0) -> str | None:
+        """The run's page in the MLflow UI (None when the agent mirrors into no MLflow server).
+
+        Until the run exists in MLflow (moments after it is queued), this is the experiment's page.
+        """
+        deadline = time.monotonic() + _wait_seconds
+        while True:
+            link = self._refresh().get("mlflow")
+            if link is None or link["run_id"] is not None or time.monotonic() >= deadline:
+                return link["url"] if link else None
+            time.sleep(0.1)
 
     def get_log(self) -> str:
         """The whole of the run's log so far."""
