@@ -116,7 +116,12 @@ class MlflowMirror:
     def _auth(self):
         if self.config.username is None:
             return None
-        password = self.config.password_file.read_text().strip() if self.config.password_file else ""
+        password = ""
+        if self.config.password_file is not None:
+            try:
+                password = self.config.password_file.read_text().strip()
+            except OSError as exc:   # the server will refuse us, and status says why; the agent goes on
+                self._failed(f"cannot read mlflow.password_file: {exc}", "refused")
         return (self.config.username, password)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

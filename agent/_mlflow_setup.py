@@ -44,22 +44,26 @@ class Mlflow:
         return self.server.url if self.server is not None else self.config.tracking_uri
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        """Serve MLflow until cancelled; started (for ``nursery.start``) once the mirror has its cursor."""
         if self.config is None:
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
             await self._enabled.wait()
         config = self.config
+        uri = config.tracking_uri
+        if config.embedded:
+            port = config.port or self.store.get_meta(PORT_META) or free_port(config.host)
+            self.store.set_meta(PORT_META, port)
+            self.server = EmbeddedServer(self.agent_config.state_dir / "mlflow", config.host, port, config.user)
+            uri = self.server.url
+        # Made before it runs: retention asks it at once what it has not taken yet.
+        self.mirror = MlflowMirror(config, uri, self.store, self.events, self.agent_config.state_dir / "runs",
+                                   live_record=self.supervisor.live_record)
         async with trio.open_nursery() as nursery:
-            uri = config.tracking_uri
-            if config.embedded:
-                port = config.port or self.store.get_meta(PORT_META) or free_port(config.host)
-                self.store.set_meta(PORT_META, port)
-                self.server = EmbeddedServer(self.agent_config.state_dir / "mlflow", config.host, port, config.user)
+            if self.server is not None:
                 await nursery.start(self.server.run)
-                uri = self.server.url
-            mirror = MlflowMirror(config, uri, self.store, self.events, self.agent_config.state_dir / "runs",
-                                  live_record=self.supervisor.live_record)
-            await nursery.start(mirror.run)
-            self.mirror = mirror
+            await nursery.start(self.mirror.run)
+            task_status.started()
 
     def enable_ui(self, admin: bool) -> None:
         """``labrun ui``: start the embedded server on an agent that has no MLflow yet (its owner or an admin)."""
@@ -79,7 +83,7 @@ class Mlflow:
         if self.config is None:
             return False
         with trio.move_on_after(timeout):
-            while self.mirror is None:
+            while self.mirror is None:   # ``run`` is being woken up by enable_ui
                 await trio.sleep(0.05)
             if self.server is not None:
                 await self.server.ready.wait()
