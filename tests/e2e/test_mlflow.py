@@ -22,6 +22,13 @@ def config(url: str, **extra) -> str:
     return "[mlflow]\n" + "\n".join(lines) + "\n"
 
 
+def source_with(tmp_path, name: str, text: str):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / name).write_text(text)
+    return source
+
+
 def mirrored(api: MlflowApi, run_id: str, status: str) -> dict:
     """The run's MLflow twin once it has reached ``status``."""
     found = {}
@@ -61,9 +68,7 @@ def test_logged_metrics_params_status_and_artifacts(make_agent, mlflow_server, t
     """Run.log/log_list/log_row reach MLflow with full history; params, tags, files; FINISHED and FAILED."""
     agent = make_agent(config(mlflow_server.url))
     api = MlflowApi(mlflow_server.url)
-    source = tmp_path / "src"
-    source.mkdir()
-    (source / "train.py").write_text(TRAIN)
+    source = source_with(tmp_path, "train.py", TRAIN)
     experiment = Experiment(agent.workspace(), "mirror")
     run = experiment.submit(ScriptRunConfig(str(source), script="train.py",
                                             arguments=["data.csv", "--lr", 0.01, "--epochs=3", "--verbose"]),
@@ -148,9 +153,7 @@ open("outputs/done.txt", "w").write("ok")
 def test_mlflow_autolog_with_scikit_learn_writes_into_the_same_run(make_agent, mlflow_server, tmp_path):
     agent = make_agent(config(mlflow_server.url))
     api = MlflowApi(mlflow_server.url)
-    source = tmp_path / "src"
-    source.mkdir()
-    (source / "fit.py").write_text(AUTOLOG)
+    source = source_with(tmp_path, "fit.py", AUTOLOG)
     run = Experiment(agent.workspace(), "autolog").submit(
         ScriptRunConfig(str(source), script="fit.py", arguments=["--C", "0.5", "--max_iter", "300"]))
     run.wait_for_completion()
@@ -190,9 +193,7 @@ def test_mlflow_down_mid_run_and_an_agent_restart_lose_nothing(make_agent, tmp_p
     api = MlflowApi(server.url)
     try:
         agent = make_agent(config(server.url, prepare_timeout_seconds=1.0))
-        source = tmp_path / "src"
-        source.mkdir()
-        (source / "slow.py").write_text(SLOW)
+        source = source_with(tmp_path, "slow.py", SLOW)
         go = tmp_path / "go"
         rc = ScriptRunConfig(str(source), script="slow.py")
         rc.run_config.environment_variables = {"GO_FILE": str(go)}
