@@ -47,6 +47,9 @@ log = structlog.get_logger("labrun.mlflow")
 
 ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
 METRIC_PAGE = 1000
+# Woken by new events, the mirror first lets this much time pass: the scheduler starts the run just
+# submitted without the mirror's HTTP work beside it, and what follows comes as one batch.
+SETTLE_SECONDS = 0.25
 
 
 @dataclass
@@ -148,6 +151,7 @@ class MlflowMirror:
                 if self.last_error is None:
                     self.state = "idle"
                 await wakeup.wait()
+                await trio.sleep(SETTLE_SECONDS)
                 continue
             recovering = self.state == "retrying"
             self.state = "sending"
@@ -179,15 +183,7 @@ class MlflowMirror:
             return
         try:
             entry = await self._ensure(record)
-            if not entry.params_sent:
-                # The script's own arguments wait for its end when it may log into this run itself:
-                # MLflow params never change, and autolog's C=1.0 must not collide with our C=1.
-                await self._send_params(record, entry, mapping.config_params(record.spec) if self.config.run_env
-                                        else mapping.params(record.spec))
-                entry.params_sent = True
-                self.ledger.put(entry)
-            await self._send_tags(record, entry)
-            await self._send_metrics(record, entry)
+            await self._send_data(record, entry)
             await self._send_status(record, entry)
         except Refused as exc:
             if exc.code == "RESOURCE_DOES_NOT_EXIST" and again:
@@ -233,8 +229,7 @@ class MlflowMirror:
                         parent = await self._ensure(parent_record)
                 experiment_id = parent.experiment_id if parent is not None else \
                     await self._experiment_id(record.experiment)
-                tags = mapping.tags(record, self.store.labels(record.run_id, "tags"),
-                                    parent.mlflow_run_id if parent else None)
+                tags, digest = self._tags(record, parent.mlflow_run_id if parent else None)
                 info = None
                 if entry is not None:   # an earlier attempt's answer was lost: the run may exist
                     info = await self._find(experiment_id, record.run_id)
@@ -242,10 +237,10 @@ class MlflowMirror:
                     entry = Entry(record.run_id, experiment_id=experiment_id)
                     self.ledger.put(entry)
                 if info is None:
-                    identity = {k: v for k, v in tags.items() if k.startswith(("labrun.", "mlflow."))}
                     info = await self._rest.create_run(
                         experiment_id, user=record.user, start_ms=int(record.submitted_at * 1000),
-                        run_name=tags["mlflow.runName"], tags=identity)
+                        run_name=tags["mlflow.runName"], tags=tags)
+                    entry.tags_hash, entry.status_sent = digest, "RUNNING"   # what a new MLflow run has
                 entry.mlflow_run_id, entry.experiment_id = info["run_id"], experiment_id
                 entry.artifact_uri = info.get("artifact_uri")
                 self.ledger.put(entry)
@@ -255,18 +250,13 @@ class MlflowMirror:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._locks.pop(record.run_id, None)
 
-    async def _send_params(self, record, entry: Entry, found: dict[str, str]) -> None:
-        params = [{"key": k, "value": v} for k, v in found.items()]
-        for start in range(0, len(params), mapping.BATCH_PARAMS):
+    async def _send_params(self, record, entry: Entry, params: list[dict]) -> None:
+        """One at a time: MLflow refuses a whole batch for one param already set (by the script, as 1.0 for 1)."""
+        for param in params:
             try:
-                await self._rest.log_batch(entry.mlflow_run_id, params=params[start:start + mapping.BATCH_PARAMS])
-            except Refused:
-                # One of them is already set (by the script, perhaps with 1.0 for our 1): keep the others.
-                for param in params[start:start + mapping.BATCH_PARAMS]:
-                    try:
-                        await self._rest.log_batch(entry.mlflow_run_id, params=[param])
-                    except Refused as exc:
-                        log.debug("mlflow.param.refused", run_id=record.run_id, error=str(exc))
+                await self._rest.log_batch(entry.mlflow_run_id, params=[param])
+            except Refused as exc:
+                log.debug("mlflow.param.refused", run_id=record.run_id, error=str(exc))
 
     async def _find(self, experiment_id: str, run_id: str) -> dict | None:
         found = await self._rest.call("POST", "runs/search", {
@@ -275,31 +265,57 @@ class MlflowMirror:
         runs = found.get("runs") or []
         return runs[0]["info"] if runs else None
 
-    async def _send_tags(self, record, entry: Entry) -> None:
-        tags = mapping.tags(record, self.store.labels(record.run_id, "tags"), None)
-        tags.pop("mlflow.parentRunId", None)   # set at creation; never changed
-        digest = hashlib.sha256(json.dumps(tags, sort_keys=True).encode()).hexdigest()
-        if digest == entry.tags_hash:
-            return
-        items = [{"key": k, "value": v} for k, v in tags.items()]
-        for start in range(0, len(items), mapping.BATCH_TAGS):
-            await self._rest.log_batch(entry.mlflow_run_id, tags=items[start:start + mapping.BATCH_TAGS])
-        entry.tags_hash = digest
-        self.ledger.put(entry)
+    def _tags(self, record, parent_mlflow_id: str | None = None) -> tuple[dict[str, str], str]:
+        """The run's tags and their digest (without the parent link, which is set once, at creation)."""
+        tags = mapping.tags(record, self.store.labels(record.run_id, "tags"), parent_mlflow_id)
+        plain = {k: v for k, v in tags.items() if k != "mlflow.parentRunId"}
+        return tags, hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
 
-    async def _send_metrics(self, record, entry: Entry) -> None:
+    async def _send_data(self, record, entry: Entry) -> None:
+        """New metrics, and params and tags not yet sent: for most syncs, one request."""
+        # The script's own arguments wait for its end when it may log into this run itself:
+        # MLflow params never change, and autolog's C=1.0 must not collide with our C=1.
+        stage = 2 if record.status in TERMINAL or not self.config.run_env else 1
+        params = []
+        if entry.params_sent < stage:
+            found = mapping.params(record.spec) if stage == 2 else mapping.config_params(record.spec)
+            params = [{"key": k, "value": v} for k, v in found.items()]
+        tags, digest = self._tags(record)
+        tags = [] if digest == entry.tags_hash else [{"key": k, "value": v} for k, v in tags.items()]
+        if len(params) > mapping.BATCH_PARAMS:   # rare: more than a batch goes on its own
+            await self._send_params(record, entry, params)
+            params = []
+        if len(tags) > mapping.BATCH_TAGS:
+            for start in range(0, len(tags), mapping.BATCH_TAGS):
+                await self._rest.log_batch(entry.mlflow_run_id, tags=tags[start:start + mapping.BATCH_TAGS])
+            tags = []
         while True:
             rows = self.store.metrics_after(record.run_id, entry.metric_id, METRIC_PAGE)
-            if not rows:
-                return
+            if not rows and not params and not tags:
+                break
             counters = dict(entry.counters)
             converted = mapping.metrics(rows, counters)
-            for start in range(0, len(converted), mapping.BATCH_METRICS):
-                await self._rest.log_batch(entry.mlflow_run_id, metrics=converted[start:start + mapping.BATCH_METRICS])
-            # A page is recorded once all of it is accepted: a retry may send a part again, and
-            # MLflow keeps identical (key, step, timestamp, value) points once.
-            entry.metric_id, entry.counters = rows[-1]["id"], counters
+            for start in range(0, max(len(converted), 1), mapping.BATCH_METRICS):
+                await self._log_batch(record, entry, converted[start:start + mapping.BATCH_METRICS], params, tags)
+                params = tags = []
+            # Recorded once all of it is accepted: a retry may send a part again, and MLflow keeps
+            # identical (key, step, timestamp, value) points once.
+            if rows:
+                entry.metric_id, entry.counters = rows[-1]["id"], counters
+            entry.params_sent, entry.tags_hash = max(entry.params_sent, stage), digest
             self.ledger.put(entry)
+            if not rows:
+                break
+
+    async def _log_batch(self, record, entry: Entry, metrics: list, params: list, tags: list) -> None:
+        try:
+            await self._rest.log_batch(entry.mlflow_run_id, metrics=metrics, params=params, tags=tags)
+        except Refused:
+            if not params:
+                raise
+            await self._send_params(record, entry, params)
+            if metrics or tags:
+                await self._rest.log_batch(entry.mlflow_run_id, metrics=metrics, tags=tags)
 
     async def _send_status(self, record, entry: Entry) -> None:
         status = mapping.mlflow_status(record.status)
@@ -309,8 +325,6 @@ class MlflowMirror:
                 entry.status_sent = status
                 self.ledger.put(entry)
             return
-        if self.config.run_env:
-            await self._send_params(record, entry, mapping.params(record.spec))
         if self.config.artifacts and not entry.artifacts_sent:
             await self._send_artifacts(record, entry)
             entry.artifacts_sent = True

@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS mlflow_cursor (tracking_uri TEXT PRIMARY KEY, seq INT
 
 _FIELDS = ("mlflow_run_id", "experiment_id", "artifact_uri", "metric_id", "counters", "params_sent", "tags_hash",
            "status_sent", "artifacts_sent", "done")
-_FLAGS = ("params_sent", "artifacts_sent", "done")
+_FLAGS = ("artifacts_sent", "done")
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Entry:
     artifact_uri: str | None = None
     metric_id: int = 0
     counters: dict = field(default_factory=dict)
-    params_sent: bool = False
+    params_sent: int = 0           # 1: the run configuration's; 2: the script's arguments too
     tags_hash: str | None = None
     status_sent: str | None = None
     artifacts_sent: bool = False

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ STARTUP_TIMEOUT_SECONDS = 120.0
 STOP_GRACE_SECONDS = 5.0
 STABLE_SECONDS = 60.0
 BACKOFF_MAX_SECONDS = 30.0
+NICENESS = 10
 
 
 def mlflow_installed() -> bool:
@@ -74,7 +76,9 @@ class EmbeddedServer:
                 "last_error": self.last_error, "directory": str(self.directory)}
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "mlflow", "server",
+        # At a lower priority than the runs: the UI must never take CPU from training.
+        nice = ["nice", "-n", str(NICENESS)] if shutil.which("nice") else []
+        return [*nice, sys.executable, "-m", "mlflow", "server",
                 "--backend-store-uri", f"sqlite:///{self.directory / 'mlflow.db'}",
                 "--artifacts-destination", str(self.directory / "artifacts"),
                 "--serve-artifacts", "--host", self.host, "--port", str(self.port), "--workers", "1"]

@@ -2,10 +2,11 @@
 
     python bench/mlflow.py [--quick]
 
-One real ``mlflow server`` (SQLite, on 127.0.0.1) serves the agents that mirror. Three agents run side by
-side, and each measurement goes round them in turn, so that they share the machine's ups and downs:
-mirroring off; on, with ``MLFLOW_*`` in runs (the default: the MLflow run must exist before the run
-starts); on, with ``run_env = false``. Writes bench/results/mlflow.md.
+Three agents run side by side, and each measurement goes round them, each first in turn, so that they
+share the machine's ups and downs: mirroring off; on, with ``MLFLOW_*`` in runs (the default: the MLflow
+run must exist before the run starts); on, with ``run_env = false``. The two that mirror each run their
+embedded MLflow server (a real ``mlflow server``, SQLite, on 127.0.0.1), as ``labrun ui`` sets up.
+Writes bench/results/mlflow.md.
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from run import Agent, median_p95, ms, read_stamp, stamp_command  # noqa: E402  (bench/run.py's helpers)
-from tests.mlflow_server import MlflowServer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mlflow.md"
 
@@ -38,27 +37,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    n, log_mib, rounds = (15, 256, 2) if args.quick else (40, 1024, 3)
+    n, log_mib, rounds = (15, 256, 2) if args.quick else (100, 1024, 6)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="labrun-bench-mlflow-") as tmp:
         root = Path(tmp)
-        server = MlflowServer(root / "mlflow").start()
         source = root / "src"
         source.mkdir()
         agents = {}
         try:
             for name, config in (("off", ""),
-                                 ("on", f'[mlflow]\ntracking_uri = "{server.url}"\n'),
-                                 ("on, run_env = false", f'[mlflow]\ntracking_uri = "{server.url}"\nrun_env = false\n')):
+                                 ("on", "[mlflow]\nembedded = true\n"),
+                                 ("on, run_env = false", "[mlflow]\nembedded = true\nrun_env = false\n")):
                 (root / name).mkdir()
                 agents[name] = Agent(root / name, config).start()
+                if config:   # until its MLflow server answers
+                    subprocess.run([sys.executable, "-m", "labrun.cli", "ui"], env=agents[name].env, check=True,
+                                   capture_output=True)
             from labrun import Experiment, ScriptRunConfig
 
             experiments = {name: Experiment(agent.workspace(), "bench") for name, agent in agents.items()}
             latency = {name: [] for name in agents}
             print("bench: latency...", file=sys.stderr, flush=True)
+            names = list(agents)
             for i in range(n):
-                for name, experiment in experiments.items():
+                for name in names[i % 3:] + names[:i % 3]:   # each agent goes first in turn
+                    experiment = experiments[name]
                     stamp = root / f"stamp-{i}-{len(name)}"
                     t0 = time.time()
                     run = experiment.submit(ScriptRunConfig(str(source), command=stamp_command(stamp)))
@@ -66,8 +69,8 @@ def main() -> int:
                     experiment.workspace.wait_for_run(run.id)
             print("bench: log capture...", file=sys.stderr, flush=True)
             capture = {name: [] for name in ("off", "on")}
-            for _ in range(rounds):
-                for name in capture:
+            for round_ in range(rounds):
+                for name in (("off", "on") if round_ % 2 else ("on", "off")):
                     subprocess.run(["sync"], check=True)
                     t0 = time.time()
                     run = experiments[name].submit(ScriptRunConfig(str(source), command=f"head -c {log_mib}M /dev/zero"))
@@ -79,7 +82,6 @@ def main() -> int:
         finally:
             for agent in agents.values():
                 agent.stop()
-            server.stop()
 
     rows = []
     off = median_p95(latency["off"])[0]
@@ -95,8 +97,8 @@ def main() -> int:
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     machine = f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, {'quick' if args.quick else 'full'} run"
     text = (f"# labrun benchmarks: mirroring into MLflow\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-            f"{machine}, {n} runs per agent, {time.time() - started:.0f} s. The agents took turns, against one "
-            f"`mlflow server` on 127.0.0.1.\n\n" + "\n".join(lines) + "\n")
+            f"{machine}, {n} runs per agent, {time.time() - started:.0f} s. The agents took turns; those that mirror "
+            f"each had their embedded `mlflow server`.\n\n" + "\n".join(lines) + "\n")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text)
     print(text)

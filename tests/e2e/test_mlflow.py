@@ -29,11 +29,13 @@ def source_with(tmp_path, name: str, text: str):
     return source
 
 
-def mirrored(api: MlflowApi, run_id: str, status: str) -> dict:
-    """The run's MLflow twin once it has reached ``status``."""
+def mirrored(agent, api: MlflowApi, run_id: str, status: str) -> dict:
+    """The run's MLflow twin once the agent has mirrored all there is (a script's mlflow may set FINISHED first)."""
     found = {}
 
     def done():
+        if agent.workspace().status()["mlflow"]["mirror"]["backlog"]:
+            return False
         twin = api.run_by_labrun_id(run_id)
         found["run"] = twin
         return twin is not None and twin["info"]["status"] == status
@@ -79,7 +81,7 @@ def test_logged_metrics_params_status_and_artifacts(make_agent, mlflow_server, t
     failed = experiment.submit(config_failing)
     failed.wait_for_completion(raise_on_error=False)
 
-    twin = mirrored(api, run.id, "FINISHED")
+    twin = mirrored(agent, api, run.id, "FINISHED")
     info = twin["info"]
     details = agent.workspace()._call("get", run_id=run.id)
     assert info["start_time"] == int(details["submitted_at"] * 1000)   # queued runs are SCHEDULED from submit on
@@ -117,7 +119,7 @@ def test_logged_metrics_params_status_and_artifacts(make_agent, mlflow_server, t
     assert "MLflow:" in (shown := agent.cli("show", run.id, check=True).stdout) and page in shown
     assert agent.workspace().get_mlflow_tracking_uri() == mlflow_server.url
 
-    failed_twin = mirrored(api, failed.id, "FAILED")
+    failed_twin = mirrored(agent, api, failed.id, "FAILED")
     assert failed_twin["info"]["experiment_id"] == info["experiment_id"]
     assert len(api.history(failed_twin["info"]["run_id"], "loss")) == 50
 
@@ -157,7 +159,7 @@ def test_mlflow_autolog_with_scikit_learn_writes_into_the_same_run(make_agent, m
     run = Experiment(agent.workspace(), "autolog").submit(
         ScriptRunConfig(str(source), script="fit.py", arguments=["--C", "0.5", "--max_iter", "300"]))
     run.wait_for_completion()
-    twin = mirrored(api, run.id, "FINISHED")
+    twin = mirrored(agent, api, run.id, "FINISHED")
     found = params(twin)
     # sklearn's own params (autolog) and the script's arguments side by side; C=0.5 was logged by autolog first.
     assert found["max_iter"] == "300" and found["C"] == "0.5" and found["solver"] == "lbfgs"
@@ -217,11 +219,11 @@ def test_mlflow_down_mid_run_and_an_agent_restart_lose_nothing(make_agent, tmp_p
 
         agent.restart()   # the backlog survives the agent too
         server.start()
-        twin = mirrored(api, run.id, "FINISHED")
+        twin = mirrored(agent, api, run.id, "FINISHED")
         assert twin["info"]["run_id"] == mlflow_id   # the same MLflow run, not a second one
         assert api.history(mlflow_id, "step_loss") == [(i, float(i)) for i in range(30)]
         assert api.artifacts(mlflow_id) == {"late/notes.txt", "outputs/final.txt"}
-        assert mirrored(api, later.id, "FINISHED") is not None
+        assert mirrored(agent, api, later.id, "FINISHED") is not None
         wait_until(lambda: agent.workspace().status()["mlflow"]["mirror"]["backlog"] == 0, MIRRORED, "no backlog")
     finally:
         server.stop()
@@ -247,7 +249,7 @@ def test_embedded_server_starts_with_the_agent_and_comes_back_after_being_killed
     # A run mirrored into it; its page is on the embedded server.
     run = Experiment(agent.workspace(), "embedded").submit(ScriptRunConfig(str(agent.root), command=["true"]))
     run.wait_for_completion()
-    twin = mirrored(MlflowApi(url), run.id, "FINISHED")
+    twin = mirrored(agent, MlflowApi(url), run.id, "FINISHED")
     assert run.get_portal_url() == f"{url}/#/experiments/{twin['info']['experiment_id']}/runs/{twin['info']['run_id']}"
 
     # The agent stops it on the way out, and starts it again on the same port.
