@@ -76,9 +76,10 @@ class EmbeddedServer:
                 "last_error": self.last_error, "directory": str(self.directory)}
 
     def command(self) -> list[str]:
-        # At a lower priority than the runs: the UI must never take CPU from training.
+        # At a lower priority than the runs, for CPU and disk: the UI must never slow training down.
         nice = ["nice", "-n", str(NICENESS)] if shutil.which("nice") else []
-        return [*nice, sys.executable, "-m", "mlflow", "server",
+        ionice = ["ionice", "-c", "3"] if shutil.which("ionice") else []
+        return [*nice, *ionice, sys.executable, "-m", "mlflow", "server",
                 "--backend-store-uri", f"sqlite:///{self.directory / 'mlflow.db'}",
                 "--artifacts-destination", str(self.directory / "artifacts"),
                 "--serve-artifacts", "--host", self.host, "--port", str(self.port), "--workers", "1"]
