@@ -80,7 +80,7 @@ class MlflowMirror:
         self.events = events
         self.runs_dir = runs_dir
         self.live_record = live_record
-        self.ledger = Ledger(store.path, self.tracking_uri)
+        self.ledger = Ledger(store, self.tracking_uri)
         self.delivered = self.ledger.cursor()
         self.state = "starting"
         self.last_error: str | None = None
@@ -140,7 +140,6 @@ class MlflowMirror:
                 await self._deliver()
         finally:
             self._nursery = None
-            self.ledger.close()
 
     async def _deliver(self) -> None:
         delay = self.config.retry_initial_seconds
@@ -153,6 +152,7 @@ class MlflowMirror:
                 await wakeup.wait()
                 await trio.sleep(SETTLE_SECONDS)
                 continue
+            await self.store.durable()   # only what is committed goes out
             recovering = self.state == "retrying"
             self.state = "sending"
             try:
@@ -308,6 +308,8 @@ class MlflowMirror:
                 break
 
     async def _log_batch(self, record, entry: Entry, metrics: list, params: list, tags: list) -> None:
+        if not (metrics or params or tags):   # a page of strings and tables only
+            return
         try:
             await self._rest.log_batch(entry.mlflow_run_id, metrics=metrics, params=params, tags=tags)
         except Refused:

@@ -1,8 +1,9 @@
 """What the MLflow mirror has delivered, per tracking server: its event cursor and, per run, how far it got.
 
-Two tables of the mirror's own in the agent's database, on a connection of their own (the agent is
-one thread, so it never meets the store's transactions). A row is written only after MLflow
-accepted what it records, so a restart resumes exactly where delivery stood:
+Two tables of the mirror's own in the agent's database, written through the store's connection so
+that they join its group commits (a second connection would wait on the store's open batch). A
+row is written only after MLflow accepted what it records, so a restart resumes where delivery
+stood:
 
 - ``mlflow_runs``: the MLflow run of each labrun run (``mlflow_run_id`` NULL while its creation
   is unconfirmed: the next attempt looks for it before creating another), the last metric row
@@ -13,11 +14,9 @@ accepted what it records, so a restart resumes exactly where delivery stood:
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass, field
-from pathlib import Path
 
-SCHEMA = """
+SCHEMA = ("""
 CREATE TABLE IF NOT EXISTS mlflow_runs (
     tracking_uri TEXT NOT NULL,
     run_id TEXT NOT NULL,
@@ -32,9 +31,7 @@ CREATE TABLE IF NOT EXISTS mlflow_runs (
     artifacts_sent INTEGER NOT NULL DEFAULT 0,
     done INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (tracking_uri, run_id)
-);
-CREATE TABLE IF NOT EXISTS mlflow_cursor (tracking_uri TEXT PRIMARY KEY, seq INTEGER NOT NULL);
-"""
+)""", "CREATE TABLE IF NOT EXISTS mlflow_cursor (tracking_uri TEXT PRIMARY KEY, seq INTEGER NOT NULL)")
 
 _FIELDS = ("mlflow_run_id", "experiment_id", "artifact_uri", "metric_id", "counters", "params_sent", "tags_hash",
            "status_sent", "artifacts_sent", "done")
@@ -57,13 +54,11 @@ class Entry:
 
 
 class Ledger:
-    def __init__(self, path: Path, tracking_uri: str):
+    def __init__(self, store, tracking_uri: str):
         self.tracking_uri = tracking_uri
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        self._db.close()
+        self._db = store._db   # the store's connection, on purpose: see above
+        for statement in SCHEMA:   # one by one: executescript would commit the store's open batch
+            self._db.execute(statement)
 
     def cursor(self) -> int:
         row = self._db.execute("SELECT seq FROM mlflow_cursor WHERE tracking_uri = ?", (self.tracking_uri,)).fetchone()
