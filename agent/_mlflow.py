@@ -182,9 +182,12 @@ class MlflowMirror:
         if record is None:
             return
         try:
+            # The live record changes while this awaits MLflow: one status for the whole sync (a run
+            # that ends meanwhile has a later event, and so a later sync).
+            status = record.status
             entry = await self._ensure(record)
-            await self._send_data(record, entry)
-            await self._send_status(record, entry)
+            await self._send_data(record, entry, status)
+            await self._send_status(record, entry, status)
         except Refused as exc:
             if exc.code == "RESOURCE_DOES_NOT_EXIST" and again:
                 # Gone for good (a wiped server, a purged run or experiment): mirror the run afresh.
@@ -271,11 +274,11 @@ class MlflowMirror:
         plain = {k: v for k, v in tags.items() if k != "mlflow.parentRunId"}
         return tags, hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
 
-    async def _send_data(self, record, entry: Entry) -> None:
+    async def _send_data(self, record, entry: Entry, status: str) -> None:
         """New metrics, and params and tags not yet sent: for most syncs, one request."""
         # The script's own arguments wait for its end when it may log into this run itself:
         # MLflow params never change, and autolog's C=1.0 must not collide with our C=1.
-        stage = 2 if record.status in TERMINAL or not self.config.run_env else 1
+        stage = 2 if status in TERMINAL or not self.config.run_env else 1
         params = []
         if entry.params_sent < stage:
             found = mapping.params(record.spec) if stage == 2 else mapping.config_params(record.spec)
@@ -319,9 +322,9 @@ class MlflowMirror:
             if metrics or tags:
                 await self._rest.log_batch(entry.mlflow_run_id, metrics=metrics, tags=tags)
 
-    async def _send_status(self, record, entry: Entry) -> None:
-        status = mapping.mlflow_status(record.status)
-        if record.status not in TERMINAL:
+    async def _send_status(self, record, entry: Entry, labrun_status: str) -> None:
+        status = mapping.mlflow_status(labrun_status)
+        if labrun_status not in TERMINAL:
             if status != entry.status_sent:
                 await self._rest.update_run(entry.mlflow_run_id, status)
                 entry.status_sent = status
