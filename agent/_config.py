@@ -33,6 +33,10 @@ allow_pull = false           # no registry is assumed reachable
 allow_host_network = false   # --network=host in DockerConfiguration.arguments
 allow_host_ipc = false       # --ipc=host
 volumes = ["/data"]          # host paths runs may mount with -v
+
+[runs]
+retention_days = 14          # delete run directories 14 days after the run ended (default: keep)
+purge = false                # true: forget the runs too (rows, metrics); false keeps them for ls/metrics
 ```
 
 Unknown sections or keys are refused at start with the key named, so a typo never
@@ -77,6 +81,14 @@ class TargetConfig:
 
 
 @dataclass
+class RunsConfig:
+    """``[runs]``: how long finished runs keep their directory."""
+
+    retention_days: float | None = None   # None: run directories are kept until ``labrun rm``/``clean``
+    purge: bool = False                   # also forget the run (row, metrics, tags), not only its files
+
+
+@dataclass
 class AgentConfig:
     socket: Path
     state_dir: Path
@@ -92,6 +104,7 @@ class AgentConfig:
     hub: HubConfig | None = None
     docker: DockerPolicy = field(default_factory=DockerPolicy)
     docker_url: str | None = None    # None: DOCKER_HOST, else the local engine's socket
+    runs: RunsConfig = field(default_factory=RunsConfig)
 
 
 def _expect(value, kinds, where):
@@ -129,7 +142,8 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
             raise ConfigError(f"config file {path} does not exist") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
-    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub", "docker"}, "config")
+    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub", "docker",
+                       "runs"}, "config")
 
     system = os.geteuid() == 0
     config = AgentConfig(
@@ -226,6 +240,16 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
             raise ConfigError(f"docker.volumes: {bad[0]!r} must be an absolute host path")
     if "url" in docker:
         config.docker_url = _expect(docker["url"], str, "docker.url")
+
+    runs = _expect(data.get("runs", {}), dict, "[runs]")
+    _check_keys(runs, {"retention_days", "purge"}, "[runs]")
+    if "retention_days" in runs:
+        days = float(_expect(runs["retention_days"], (int, float), "runs.retention_days"))
+        if days <= 0:
+            raise ConfigError(f"runs.retention_days: must be more than 0 (leave it out to keep runs), got {days}")
+        config.runs.retention_days = days
+    if "purge" in runs:
+        config.runs.purge = _expect(runs["purge"], bool, "runs.purge")
 
     if socket is not None:
         config.socket = Path(socket)

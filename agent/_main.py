@@ -29,6 +29,7 @@ from ._events import EventLog
 from ._hub import HubSender
 from ._local import LocalExecutor
 from ._logging import configure_logging
+from ._retention import RunFiles
 from ._server import AgentAlreadyRunning, ConnectionHandler, open_unix_listener, refuse_if_agent_answers
 from ._service import Service
 from ._store import Store
@@ -83,7 +84,8 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
     supervisor = Supervisor(config, store, capacity, executors)
     events = EventLog(store, buffer=config.subscriber_buffer)
     hub = HubSender(config.hub, store, events) if config.hub is not None else None
-    service = Service(config, store, supervisor, events, hub)
+    run_files = RunFiles(config, store, supervisor)
+    service = Service(config, store, supervisor, events, hub, run_files)
     refuse_if_agent_answers(config.socket)
     socket_inode = None
     try:
@@ -95,6 +97,7 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
                     await nursery.start(hub.run)
                 await nursery.start(events.retain, config.retention_days,
                                     (lambda: hub.delivered) if hub is not None else (lambda: None))
+                await nursery.start(run_files.retain, config.runs.retention_days, config.runs.purge)
                 listener = await open_unix_listener(config.socket, system=config.system, group=config.socket_group)
                 socket_inode = os.stat(config.socket).st_ino
                 await nursery.start(partial(trio.serve_listeners, ConnectionHandler(config, service),

@@ -82,6 +82,8 @@ class Supervisor:
         self.runs_dir = config.state_dir / "runs"
         self.queued: dict[str, RunRecord] = {}
         self.active: dict[str, _ActiveRun] = {}
+        # Queued runs with dependencies (--after/--afterok): the only ones each pass checks for readiness.
+        self.waiting_on_others: set[str] = set()
         self.changed = Notifier()
         self._wakeup = trio.Event()
         self._waiting_stale = False
@@ -99,7 +101,7 @@ class Supervisor:
         await self._recover()
         for record in self.store.runs_with_status([QUEUED]):
             record.environ = None
-            self.queued[record.run_id] = record
+            self._enqueue(record)
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
@@ -156,6 +158,13 @@ class Supervisor:
 
     async def submit(self, spec: dict, snapshot: bytes | Path, owner: Owner) -> RunRecord:
         """Check the spec against this agent, unpack the snapshot and queue the run (durably)."""
+        return (await self._queue(spec, snapshot, owner, None))[0]
+
+    async def submit_array(self, spec: dict, snapshot: bytes | Path, owner: Owner, array: dict) -> list[RunRecord]:
+        """Queue one run per index of ``array`` (``indices``, ``throttle``), sharing an array id: all or none."""
+        return await self._queue(spec, snapshot, owner, array)
+
+    async def _queue(self, spec: dict, snapshot: bytes | Path, owner: Owner, array: dict | None) -> list[RunRecord]:
         self._check_features(spec, owner)
         target = spec["compute_target"]
         if target != "local":
@@ -170,42 +179,86 @@ class Supervisor:
             raise BadRequest(f"spec.resources: the run {too_big}; it could never start",
                              details={"field": "spec.resources"})
 
+        self._resolve_dependencies(spec)
+
         now = time.time()
         run_id = f"{spec['experiment']}_{int(now)}_{uuid.uuid4().hex[:8]}"
-        run_dir = self.runs_dir / run_id
-        chown = os.geteuid() == 0 and owner.uid != 0
+        environ = spec.pop("environ")
+        spec.pop("snapshot")
+        if array is None:
+            members = [(run_id, spec)]
+        else:
+            # Members are <array id>_<index>, as Slurm names array tasks <job id>_<index>.
+            members = [(f"{run_id}_{index}", {**spec, "array": {"id": run_id, "index": index, "size": len(array["indices"]),
+                                                                   "throttle": array["throttle"]}})
+                       for index in array["indices"]]
+        created: list[Path] = []
         try:
-            run_dir.mkdir(parents=True)
-            await extract_snapshot(snapshot, run_dir / "snapshot",
-                                   uid=owner.uid if chown else None, gid=owner.gid if chown else None)
-            if spec["script"] is not None and not (run_dir / "snapshot" / spec["script"]).is_file():
-                raise BadRequest(f"spec.script: {spec['script']!r} is not a file in the snapshot of the source "
-                                 "directory; the script must be inside source_directory",
-                                 details={"field": "spec.script"})
-            outputs = run_dir / "snapshot" / "outputs"
-            outputs.mkdir(exist_ok=True)
-            (run_dir / "outputs").symlink_to("snapshot/outputs")
-            (run_dir / "logs").mkdir()
-            if chown:
-                for path in (run_dir, outputs, run_dir / "logs"):
-                    os.chown(path, owner.uid, owner.gid)
-            environ = spec.pop("environ")
-            spec.pop("snapshot")
-            record = RunRecord(
-                run_id=run_id, order=0, experiment=spec["experiment"], number=0, uid=owner.uid, gid=owner.gid,
-                user=owner.user, status=QUEUED, spec=spec, environ=environ, submitted_at=now,
-            )
-            self.store.add_run(record, EVENT_TYPES[QUEUED])
+            records = []
+            for member_id, member_spec in members:
+                created.append(self.runs_dir / member_id)
+                await self._make_run_dir(created[-1], snapshot, member_spec, owner)
+                records.append(RunRecord(
+                    run_id=member_id, order=0, experiment=spec["experiment"], number=0, uid=owner.uid,
+                    gid=owner.gid, user=owner.user, status=QUEUED, spec=member_spec, environ=environ,
+                    submitted_at=now,
+                ))
+            if array is None:
+                self.store.add_run(records[0], EVENT_TYPES[QUEUED])
+            else:
+                self.store.add_array(records, EVENT_TYPES[QUEUED])
         except BaseException:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(shutil.rmtree, run_dir, True)
+                for run_dir in created:
+                    await trio.to_thread.run_sync(shutil.rmtree, run_dir, True)
             raise
-        log.debug("run.submitted", run_id=run_id, user=owner.user)
-        record.environ = None   # stored; read back at launch, so ten thousand queued runs stay small
-        self.queued[run_id] = record
+        for record in records:
+            log.debug("run.submitted", run_id=record.run_id, user=owner.user)
+            record.environ = None   # stored; read back at launch, so ten thousand queued runs stay small
+            self._enqueue(record)
         self.changed.notify()
         self.wake()
-        return record
+        return records
+
+    async def _make_run_dir(self, run_dir: Path, snapshot: bytes | Path, spec: dict, owner: Owner) -> None:
+        chown = os.geteuid() == 0 and owner.uid != 0
+        run_dir.mkdir(parents=True)
+        await extract_snapshot(snapshot, run_dir / "snapshot",
+                               uid=owner.uid if chown else None, gid=owner.gid if chown else None)
+        if spec["script"] is not None and not (run_dir / "snapshot" / spec["script"]).is_file():
+            raise BadRequest(f"spec.script: {spec['script']!r} is not a file in the snapshot of the source "
+                             "directory; the script must be inside source_directory",
+                             details={"field": "spec.script"})
+        outputs = run_dir / "snapshot" / "outputs"
+        outputs.mkdir(exist_ok=True)
+        (run_dir / "outputs").symlink_to("snapshot/outputs")
+        (run_dir / "logs").mkdir()
+        if chown:
+            for path in (run_dir, outputs, run_dir / "logs"):
+                os.chown(path, owner.uid, owner.gid)
+
+    def _resolve_dependencies(self, spec: dict) -> None:
+        """Expand array ids in ``after``/``afterok`` into their members; refuse unknown runs.
+
+        A run can only wait for runs that exist when it is submitted, and its own id is new, so the
+        dependency graph can never hold a cycle.
+        """
+        for key in ("after", "afterok"):
+            resolved: list[str] = []
+            for wanted in spec.get(key, []):
+                members = self.store.array_members(wanted)
+                if not members:
+                    if wanted not in self.queued and wanted not in self.active and self.store.get_run(wanted) is None:
+                        raise BadRequest(f"spec.{key}: no run or array with id {wanted!r}",
+                                         details={"field": f"spec.{key}"})
+                    members = [wanted]
+                resolved += [m for m in members if m not in resolved]
+            spec[key] = resolved
+
+    def _enqueue(self, record: RunRecord) -> None:
+        self.queued[record.run_id] = record
+        if record.spec.get("after") or record.spec.get("afterok"):
+            self.waiting_on_others.add(record.run_id)
 
     def _check_features(self, spec: dict, owner: Owner) -> None:
         """Refuse at submit what this machine cannot run, naming the field."""
@@ -269,6 +322,7 @@ class Supervisor:
         """Cancel a queued run at once, or ask an active run's task to stop it."""
         if record.run_id in self.queued:
             record = self.queued.pop(record.run_id)
+            self.waiting_on_others.discard(record.run_id)
             record.waiting = None
             self._transition(record, CANCELED, ended_at=time.time(), reason="canceled")
             self.wake()
@@ -301,21 +355,54 @@ class Supervisor:
             return True
         return sum(a.allocation.cpus for a in self.active.values()) >= self.capacity.cpus
 
+    def _unmet(self, record: RunRecord) -> tuple[str, ...]:
+        """The runs ``record`` waits for that have not ended (every unended run is queued or active)."""
+        if record.run_id not in self.waiting_on_others:
+            return ()
+        return tuple(r for r in (*record.spec["after"], *record.spec["afterok"])
+                     if r in self.queued or r in self.active)
+
+    def _cancel_failed_dependents(self) -> None:
+        """``--afterok`` runs whose dependency ended without completing can never start: cancel them."""
+        for run_id in sorted(self.waiting_on_others):
+            record = self.queued[run_id]
+            ended = [r for r in record.spec["afterok"] if r not in self.queued and r not in self.active]
+            failed = sorted(r for r, status in self.store.statuses_of(ended).items() if status != COMPLETED)
+            if failed:
+                self.queued.pop(run_id)
+                self.waiting_on_others.discard(run_id)
+                record.waiting = None
+                self._transition(record, CANCELED, ended_at=time.time(), reason="dependency_failed",
+                                 error=f"canceled: run {failed[0]} did not complete (--afterok)")
+                self.wake()   # its own --afterok dependents go next
+
+    def _array_of(self, spec: dict) -> str | None:
+        return (spec.get("array") or {}).get("id")
+
     def _decide(self):
         now = time.time()
-        pending = [
-            Pending(run_id=r.run_id, user=r.user, priority=r.spec["priority"], order=r.order,
-                    demand=Demand(**r.spec["resources"]), duration=r.spec["max_run_duration_seconds"])
-            for r in self.queued.values()
-        ]
-        active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by) for a in self.active.values()]
-        decision = schedule(pending, active, self.capacity, now)
+        pending, limits = [], {}
+        for r in self.queued.values():
+            array = self._array_of(r.spec)
+            if array is not None:
+                limits[array] = r.spec["array"]["throttle"]
+            pending.append(Pending(run_id=r.run_id, user=r.user, priority=r.spec["priority"], order=r.order,
+                                   demand=Demand(**r.spec["resources"]), duration=r.spec["max_run_duration_seconds"],
+                                   blocked_by=self._unmet(r), array=array))
+        active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by, self._array_of(a.record.spec))
+                  for a in self.active.values()]
+        decision = schedule(pending, active, self.capacity, now, limits)
         for run_id, (reason, position) in decision.waiting.items():
-            self.queued[run_id].waiting = {"reason": reason, "position": position}
+            record = self.queued[run_id]
+            record.waiting = {"reason": reason, "position": position}
+            if reason == "dependency":
+                record.waiting["on"] = list(self._unmet(record))
         self._waiting_stale = False
         return decision, now
 
     def _schedule(self, nursery: trio.Nursery) -> None:
+        if self.waiting_on_others:
+            self._cancel_failed_dependents()
         if not self.queued:
             return
         if self._saturated():
@@ -326,6 +413,7 @@ class Supervisor:
         decision, now = self._decide()
         for start in decision.starts:
             record = self.queued.pop(start.run_id)
+            self.waiting_on_others.discard(start.run_id)
             record.waiting = None
             run = _ActiveRun(record, start.allocation, trio.CancelScope(),
                              ends_by=now + record.spec["max_run_duration_seconds"])
