@@ -53,8 +53,11 @@ class Experiment:
         return f"Experiment(Name: {self.name},\nWorkspace: {self.workspace.name})"
 
 
-def submit_spec(workspace: Workspace, spec: dict, source_directory) -> dict:
-    """Attach the snapshot of ``source_directory`` to ``spec`` and submit it; returns the run's details."""
+def submit_spec(workspace: Workspace, spec: dict, source_directory, array: dict | None = None) -> dict:
+    """Attach the snapshot of ``source_directory`` to ``spec`` and submit it; returns the run's details.
+
+    With ``array`` (``indices``, ``throttle``): one run per index; returns ``{"array_id", "runs"}``.
+    """
     archive = pack_snapshot(source_directory)
     connection = workspace.connection
     if len(archive) <= UPLOAD_CHUNK:
@@ -64,7 +67,7 @@ def submit_spec(workspace: Workspace, spec: dict, source_directory) -> dict:
         for start in range(0, len(archive), UPLOAD_CHUNK):
             upload = connection.call("upload", upload=upload, data=archive[start:start + UPLOAD_CHUNK])["upload"]
         spec["snapshot"] = {"upload": upload}
-    return connection.call("submit", spec=spec)
+    return connection.call("submit", spec=spec, **({"array": array} if array is not None else {}))
 
 
 def _matches(values: dict, wanted) -> bool:
