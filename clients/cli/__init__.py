@@ -131,7 +131,7 @@ def _submit(args) -> tuple[object, dict]:
         raise UsageError("--shm-size goes with --image")
     spec = config._to_spec(args.experiment)
     spec["display_name"] = args.name
-    spec["tags"] = _pairs(args.tag, "--tag")
+    spec["tags"] = {k: v or "" for k, v in _pairs_or_keys(args.tag).items()}   # --tag K: a tag without value
     spec["after"] = _split_ids(args.after)
     spec["afterok"] = _split_ids(args.afterok)
     array = None
@@ -485,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--env", action="append", metavar="K=V", help="environment variable for the run (repeatable)")
         p.add_argument("--max-duration", type=_duration, metavar="DURATION",
                        help="time limit: seconds or like 1h30m (default 30 days)")
-        p.add_argument("--tag", action="append", metavar="K=V", help="tag (repeatable)")
+        p.add_argument("--tag", action="append", metavar="K[=V]", help="tag (repeatable)")
         p.add_argument("--cpus", type=int, default=1, help="CPU cores to reserve (default 1)")
         p.add_argument("--memory", type=_memory, help="memory to reserve, like 4G")
         p.add_argument("--gpus", type=int, default=0, help="GPUs to reserve (default 0)")
