@@ -14,6 +14,11 @@ cancels the nursery instead: the tasks return without touching the processes,
 which keep running. A restarted agent cannot reattach to them yet: it ends them
 (``abandon``) and marks them ``Failed`` with the reason ``agent_lost``; runs that had
 not started are queued again.
+
+Dependencies (``after``/``afterok`` in the spec) and arrays (``spec["array"]``, with its
+``%N`` limit) are inputs to the pure scheduler: each pass tells it which queued runs
+still wait for an unended run, and each array's limit. A queued ``afterok`` run whose
+dependency ended without completing is canceled (``dependency_failed``) before the pass.
 """
 
 from __future__ import annotations
