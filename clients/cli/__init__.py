@@ -90,12 +90,18 @@ def _split_ids(values: list[str] | None) -> list[str]:
     return [part for value in values or [] for part in value.split(",") if part]
 
 
-def _expand(workspace, ids: list[str]) -> list[str]:
-    """Run ids, with each array id replaced by its members in index order."""
+def _expand(workspace, ids: list[str], *, queued_first: bool = False) -> list[str]:
+    """Run ids, with each array id replaced by its members in index order.
+
+    ``queued_first``: an array's queued runs before its running ones, so canceling it never frees a
+    slot that one of its queued runs could take.
+    """
     runs = []
     for run_id in ids:
-        members = list(workspace.list_runs(array=run_id))
-        runs += [m["run_id"] for m in sorted(members, key=lambda m: m["array"]["index"])] or [run_id]
+        members = sorted(workspace.list_runs(array=run_id), key=lambda m: m["array"]["index"])
+        if queued_first:
+            members.sort(key=lambda m: m["status"] != "Queued")
+        runs += [m["run_id"] for m in members] or [run_id]
     return runs
 
 
@@ -254,7 +260,7 @@ def cmd_logs(args) -> int:
 def cmd_cancel(args) -> int:
     workspace = _workspace(args)
     failed, canceled = 0, []
-    for run_id in _expand(workspace, args.runs):
+    for run_id in _expand(workspace, args.runs, queued_first=True):
         try:
             run = workspace._call("cancel", run_id=run_id)
         except AgentError as exc:
@@ -381,41 +387,6 @@ def cmd_status(args) -> int:
     return 0
 
 
-# -- removing runs ------------------------------------------------------------------------
-
-def _report_removed(args, result: dict) -> int:
-    """Print what ``rm``/``clean`` removed; 125 if any run could not be."""
-    if args.json:
-        _print_json(result)
-    failed = [r for r in result["removed"] if r.get("error")]
-    if not args.json:
-        for removed in result["removed"]:
-            if removed.get("error"):
-                print(f"labrun: {removed['run_id']}: {removed['error']}", file=sys.stderr)
-            else:
-                print(f"removed {removed['run_id']} ({_format.format_memory(removed['freed_bytes'])})")
-        print(f"freed {_format.format_memory(result['freed_bytes'])} in {len(result['removed']) - len(failed)} runs",
-              file=sys.stderr)
-    return EXIT_LABRUN if failed else 0
-
-
-def cmd_rm(args) -> int:
-    workspace = _workspace(args)
-    removed = []
-    for run_id in _expand(workspace, args.runs):
-        try:
-            removed.append(workspace._call("remove", run_id=run_id, purge=args.purge))
-        except AgentError as exc:
-            removed.append({"run_id": run_id, "freed_bytes": 0, "error": exc.message})
-    return _report_removed(args, {"removed": removed, "freed_bytes": sum(r["freed_bytes"] for r in removed)})
-
-
-def cmd_clean(args) -> int:
-    result = _workspace(args)._call("clean", older_than=args.older_than, status=args.status or None,
-                                    all_users=args.all_users, purge=args.purge)
-    return _report_removed(args, result)
-
-
 def cmd_completion(args) -> int:
     from . import _completion
 
@@ -468,6 +439,8 @@ def _memory(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from labrun.protocol import __version__
+
+    from . import _cleanup
 
     parser = argparse.ArgumentParser(prog="labrun", description="Submit and watch runs on this machine's labrun agent.")
     parser.add_argument("--version", action="version", version=f"labrun {__version__}")
@@ -549,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN|ARRAY")
     p.add_argument("--purge", action="store_true", help="forget the runs too: details, metrics and tags")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_rm)
+    p.set_defaults(func=_cleanup.cmd_rm)
 
     p = commands.add_parser("clean", help="delete the directories of your finished runs, like pueue clean")
     p.add_argument("--older-than", type=_duration, metavar="DURATION",
@@ -559,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-users", action="store_true", help="everyone's runs (admins only)")
     p.add_argument("--purge", action="store_true", help="forget the runs too: details, metrics and tags")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_clean)
+    p.set_defaults(func=_cleanup.cmd_clean)
 
     p = commands.add_parser("download", help="download a run's files (outputs, logs, uploads)")
     p.add_argument("run")

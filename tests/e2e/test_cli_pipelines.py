@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 
 from labrun import Experiment, ScriptRunConfig
 
@@ -100,9 +101,13 @@ def test_array_of_ten_runs_two_at_a_time(make_agent, source):
 
 def test_array_cancel_and_forms(agent, source):
     array_id = submit(agent, source, "--array", "1,3,5%1", "--", "sleep", "60")
+    while show(agent, f"{array_id}_1")["status"] != "Running":
+        time.sleep(0.05)
     canceled = json.loads(agent.cli("cancel", array_id, "--json", check=True).stdout)
-    assert [r["array"]["index"] for r in canceled] == [1, 3, 5]
+    # The queued runs go first, so canceling the running one frees no slot for them.
+    assert [r["array"]["index"] for r in canceled] == [3, 5, 1]
     assert agent.cli("wait", array_id).returncode == 130
+    assert [show(agent, f"{array_id}_{i}")["started_at"] is None for i in (1, 3, 5)] == [False, True, True]
     stepped = json.loads(agent.cli("submit", "--source-dir", str(source), "--array", "0-15:4", "--json", "--",
                                    "true", check=True).stdout)
     assert [r["array"]["index"] for r in stepped["runs"]] == [0, 4, 8, 12]
