@@ -314,23 +314,20 @@ class Store:
         rows = self._db.execute("SELECT run_id FROM run_arrays WHERE array_id = ? ORDER BY idx", (array_id,))
         return [r[0] for r in rows.fetchall()]
 
-    def statuses_of(self, run_ids: Iterable[str]) -> dict[str, str]:
-        run_ids = list(run_ids)
-        found = {}
+    def _by_run(self, select: str, run_ids: Iterable[str]) -> dict:
+        """``{run_id: value}`` from ``select`` (``SELECT run_id, value FROM ... WHERE run_id IN``), in chunks."""
+        run_ids, found = list(run_ids), {}
         for start in range(0, len(run_ids), 500):
             chunk = run_ids[start:start + 500]
-            found.update(self._db.execute(f"SELECT run_id, status FROM runs WHERE run_id IN "
-                                          f"({', '.join('?' * len(chunk))})", chunk).fetchall())
+            found.update(self._db.execute(f"{select} ({', '.join('?' * len(chunk))})", chunk).fetchall())
         return found
 
-    def removed_of(self, run_ids: list[str]) -> dict[str, float]:
+    def statuses_of(self, run_ids: Iterable[str]) -> dict[str, str]:
+        return self._by_run("SELECT run_id, status FROM runs WHERE run_id IN", run_ids)
+
+    def removed_of(self, run_ids: Iterable[str]) -> dict[str, float]:
         """{run_id: when its directory was removed} for those of ``run_ids`` whose directory is gone."""
-        found = {}
-        for start in range(0, len(run_ids), 500):
-            chunk = run_ids[start:start + 500]
-            found.update(self._db.execute(f"SELECT run_id, removed_at FROM removed_run_dirs WHERE run_id IN "
-                                          f"({', '.join('?' * len(chunk))})", chunk).fetchall())
-        return found
+        return self._by_run("SELECT run_id, removed_at FROM removed_run_dirs WHERE run_id IN", run_ids)
 
     def finished_runs_to_remove(self, *, ended_before: float, statuses: Iterable[str] = TERMINAL,
                                 uid: int | None = None, limit: int = 1000,

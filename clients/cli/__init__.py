@@ -137,7 +137,7 @@ def _submit(args) -> tuple[object, dict]:
         raise UsageError("--shm-size goes with --image")
     spec = config._to_spec(args.experiment)
     spec["display_name"] = args.name
-    spec["tags"] = {k: v or "" for k, v in _pairs_or_keys(args.tag).items()}   # --tag K: a tag without value
+    spec["tags"] = {k: v or "" for k, v in _tag_options(args.tag).items()}   # --tag K: a tag without value
     spec["after"] = _split_ids(args.after)
     spec["afterok"] = _split_ids(args.afterok)
     array = None
@@ -192,7 +192,7 @@ def cmd_ls(args) -> int:
     if args.array:
         filters = {"array": args.array}
     runs = list(_workspace(args).list_runs(**filters))
-    wanted = _pairs_or_keys(args.tag)
+    wanted = _tag_options(args.tag)
     runs = [r for r in runs if all(k in r["tags"] and (v is None or r["tags"][k] == v) for k, v in wanted.items())]
     if args.json:
         _print_json(runs)
@@ -208,7 +208,7 @@ def cmd_ls(args) -> int:
     return 0
 
 
-def _pairs_or_keys(values: list[str] | None) -> dict[str, str | None]:
+def _tag_options(values: list[str] | None) -> dict[str, str | None]:
     """``--tag K=V`` (that value) and ``--tag K`` (any value) filters."""
     found = {}
     for value in values or []:
