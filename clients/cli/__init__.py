@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("wait", help="wait for runs or arrays to end; exit with the first failure's code")
     p.add_argument("runs", nargs="+", metavar="RUN|ARRAY")
     p.add_argument("--timeout", type=_duration)
-    _json_options(p, "an array of the ended runs", "each run as it ends, one per line")
+    _json_options(p, "an array of the ended runs", "each run once it has ended, one per line")
     p.set_defaults(func=cmd_wait)
 
     p = commands.add_parser("metrics", help="metrics of runs: one column per run, with the last and best values")

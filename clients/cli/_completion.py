@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 # Subcommands whose positional arguments are runs (or arrays), and options whose values are.
 RUN_COMMANDS = frozenset({"show", "logs", "cancel", "wait", "metrics", "download", "rm"})
-RUN_OPTIONS = frozenset({"--after", "--afterok", "--array"})
+RUN_OPTIONS = frozenset({"--after", "--afterok"})
 # How many recent runs to offer: a completion list of thousands helps nobody.
 MAX_RUNS = 200
 
@@ -98,7 +98,7 @@ def candidates(parser: argparse.ArgumentParser, words: list[str], workspace: Cal
         return []   # an unknown command, or the run's own command line: the shell completes files
     previous = rest[-1] if rest else None
     if previous is not None and (action := _takes_value(sub, previous)) is not None:
-        if previous in RUN_OPTIONS and previous != "--array":
+        if previous in RUN_OPTIONS:
             return _prefixed(_run_ids(workspace, before), current)
         return _prefixed(sorted(action.choices), current) if action.choices else []
     if current.startswith("-"):

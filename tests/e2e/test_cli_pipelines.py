@@ -84,7 +84,11 @@ def test_array_of_ten_runs_two_at_a_time(make_agent, source):
     grouped = agent.cli("ls", check=True).stdout
     assert f"{array_id}_[0-9%2]" in grouped and f"{array_id}_3 " not in grouped
 
-    assert agent.cli("wait", array_id, check=True).stdout.count("Completed") == 10
+    follower = submit(agent, source, "--afterok", array_id, "--", "echo", "all done")
+    assert show(agent, follower)["afterok"] == [f"{array_id}_{i}" for i in range(10)]   # the array's runs
+    assert agent.cli("wait", array_id, follower, check=True).stdout.count("Completed") == 11
+    assert show(agent, follower)["started_at"] >= max(m["ended_at"] for m in
+                                                     json.loads(agent.cli("ls", "--array", array_id, "--json").stdout))
     logs = agent.cli("logs", array_id, check=True).stdout
     spans = []
     for index, chunk in enumerate(logs.split("==> ")[1:]):
