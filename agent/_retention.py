@@ -24,7 +24,7 @@ from typing import Callable
 import structlog
 import trio
 
-from labrun.protocol import Conflict, NotFound
+from labrun.protocol import AgentError, Conflict, NotFound
 from labrun.protocol._statuses import TERMINAL
 
 log = structlog.get_logger("labrun.retention")
@@ -138,7 +138,11 @@ class RunFiles:
                                                   *self.supervisor.queued[r].spec["afterok"]))
             if waiting:
                 raise Conflict(f"run {waiting[0]} waits for run {record.run_id}; it cannot be purged yet")
-        freed = await trio.to_thread.run_sync(remove_tree, self.runs_dir, record.run_id)
+        try:
+            freed = await trio.to_thread.run_sync(remove_tree, self.runs_dir, record.run_id)
+        except OSError as exc:
+            # What was deleted stays deleted; the run keeps its directory's record, so it can be tried again.
+            raise AgentError(f"could not remove the directory of run {record.run_id}: {exc.strerror or exc}") from None
         self.store.mark_removed(record, freed, purge=purge)
         for release in self.on_removed:
             release(record.run_id)
@@ -159,9 +163,9 @@ class RunFiles:
             for record in batch:
                 try:
                     freed = await self.remove(record, purge=purge)
-                except (Conflict, OSError) as exc:
-                    log.warning("run.files.remove_failed", run_id=record.run_id, error=str(exc))
-                    removed.append({"run_id": record.run_id, "freed_bytes": 0, "error": str(exc)})
+                except AgentError as exc:
+                    log.warning("run.files.remove_failed", run_id=record.run_id, error=exc.message)
+                    removed.append({"run_id": record.run_id, "freed_bytes": 0, "error": exc.message})
                     continue
                 removed.append({"run_id": record.run_id, "freed_bytes": freed})
 
