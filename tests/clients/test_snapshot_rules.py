@@ -32,3 +32,15 @@ def test_over_the_file_limit_names_the_count_the_heaviest_directories_and_the_wa
     assert "Your project has 2,203 files, more than 2000 files" in message
     assert "the most are in node_modules/ (1,500 files), data/ (700 files), src/ (3 files)" in message
     assert ".labrunignore" in message and "labrun run --in-place" in message
+
+
+def test_over_the_size_limit_names_the_largest(tmp_path):
+    (tmp_path / "data").mkdir()
+    with open(tmp_path / "data" / "huge.bin", "wb") as f:   # sparse: no real disk used
+        f.truncate(310 * 1000 * 1000)
+    (tmp_path / "train.py").write_text("print()\n")
+    with pytest.raises(SnapshotException) as info:
+        collect_files(tmp_path)
+    message = str(info.value)
+    assert "Your total snapshot size is 310.0 MB and exceeds the limit of 300.0 MB" in message
+    assert "the largest are data/ (310.0 MB), train.py (0.0 MB)" in message and "--in-place" in message
