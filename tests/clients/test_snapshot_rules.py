@@ -37,10 +37,10 @@ def test_over_the_file_limit_names_the_count_the_heaviest_directories_and_the_wa
 def test_over_the_size_limit_names_the_largest(tmp_path):
     (tmp_path / "data").mkdir()
     with open(tmp_path / "data" / "huge.bin", "wb") as f:   # sparse: no real disk used
-        f.truncate(310 * 1000 * 1000)
+        f.truncate(320 * 1000 * 1000)
     (tmp_path / "train.py").write_text("print()\n")
     with pytest.raises(SnapshotException) as info:
         collect_files(tmp_path)
     message = str(info.value)
-    assert "Your total snapshot size is 310.0 MB and exceeds the limit of 300.0 MB" in message
-    assert "the largest are data/ (310.0 MB), train.py (0.0 MB)" in message and "--in-place" in message
+    assert "Your total snapshot size is 320.0 MB and exceeds the limit of 300.0 MB" in message
+    assert "the largest are data/ (320.0 MB), train.py (0.0 MB)" in message and "--in-place" in message
