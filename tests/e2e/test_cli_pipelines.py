@@ -15,14 +15,23 @@ def show(agent, run_id) -> dict:
     return json.loads(agent.cli("show", run_id, "--json", check=True).stdout)
 
 
+# Runs until the test lets it go (a file in its working directory), so "still running" never depends on timing.
+HELD = "while [ ! -e go ]; do sleep 0.05; done"
+
+
+def let_go(agent, run_id):
+    (agent.state_dir / "runs" / run_id / "snapshot" / "go").touch()
+
+
 def test_afterok_chain_where_the_middle_run_fails(agent, source):
-    first = submit(agent, source, "--", "sh", "-c", "sleep 2; echo first")
+    first = submit(agent, source, "--", "sh", "-c", HELD)
     middle = submit(agent, source, "--afterok", first, "--", "sh", "-c", "exit 3")
     last = submit(agent, source, "--afterok", middle, "--", "echo", "never")
     anyway = submit(agent, source, "--after", middle, "--", "echo", "cleanup")
     listing = agent.cli("ls", check=True).stdout
     assert re.search(rf"{middle} .*waiting: dependency \({first}\)", listing), listing
     assert re.search(rf"{last} .*waiting: dependency \({middle}\)", listing), listing
+    let_go(agent, first)
 
     assert agent.cli("wait", first, middle, last, anyway).returncode == 3
     first_run, middle_run, last_run, anyway_run = (show(agent, r) for r in (first, middle, last, anyway))
@@ -45,11 +54,12 @@ def test_unknown_dependency_is_refused_at_submit(agent, source):
 def test_dependencies_survive_an_agent_restart(make_agent, source):
     agent = make_agent("[resources]\ncpus = 1\n")
     blocker = submit(agent, source, "--", "sleep", "60")
-    first = submit(agent, source, "--", "sh", "-c", "sleep 1")
+    first = submit(agent, source, "--", "sh", "-c", HELD)
     second = submit(agent, source, "--afterok", first, "--", "echo", "second")
-    agent.restart()
+    agent.restart()   # ends the blocker (agent_lost), so first starts
     assert show(agent, second)["status"] == "Queued" and show(agent, second)["afterok"] == [first]
-    agent.cli("cancel", blocker)
+    assert show(agent, blocker)["status"] in ("Failed", "Canceled")
+    let_go(agent, first)
     assert agent.cli("wait", first, second, check=True).stdout.count("Completed") == 2
     assert show(agent, second)["started_at"] >= show(agent, first)["ended_at"]
 
