@@ -90,6 +90,21 @@ def _split_ids(values: list[str] | None) -> list[str]:
     return [part for value in values or [] for part in value.split(",") if part]
 
 
+def _slurm_dependency(value: str | None) -> tuple[list[str], list[str]]:
+    """Slurm's ``--dependency afterok:A:B,afterany:C`` -> (after, afterok) run ids."""
+    after: list[str] = []
+    afterok: list[str] = []
+    for part in (value or "").split(","):
+        if not part:
+            continue
+        kind, _, ids = part.partition(":")
+        if kind not in ("afterany", "afterok") or not ids:
+            raise UsageError(f"--dependency: labrun supports afterok:RUN[:RUN...] and afterany:RUN[:RUN...], "
+                             f"got {part!r}")
+        (after if kind == "afterany" else afterok).extend(i for i in ids.split(":") if i)
+    return after, afterok
+
+
 def _expand(workspace, ids: list[str], *, queued_first: bool = False) -> list[str]:
     """Run ids, with each array id replaced by its members in index order.
 
@@ -138,8 +153,9 @@ def _submit(args) -> tuple[object, dict]:
     spec = config._to_spec(args.experiment)
     spec["display_name"] = args.name
     spec["tags"] = {k: v or "" for k, v in _tag_options(args.tag).items()}   # --tag K: a tag without value
-    spec["after"] = _split_ids(args.after)
-    spec["afterok"] = _split_ids(args.afterok)
+    after, afterok = _slurm_dependency(args.dependency)
+    spec["after"] = _split_ids(args.after) + after
+    spec["afterok"] = _split_ids(args.afterok) + afterok
     array = None
     if getattr(args, "array", None):
         indices, throttle = args.array
@@ -469,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start once these runs (or arrays) have ended, whatever their outcome (repeatable)")
         p.add_argument("--afterok", action="append", metavar="RUN[,RUN...]",
                        help="start only if these runs (or arrays) all completed; else end Canceled (repeatable)")
+        p.add_argument("-d", "--dependency", metavar="afterok:RUN[:RUN],afterany:RUN",
+                       help="Slurm's spelling of --afterok and --after")
         p.add_argument("--json", action="store_true", help="print the run as one JSON object")
         p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
         p.set_defaults(func=func)

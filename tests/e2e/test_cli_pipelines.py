@@ -45,6 +45,16 @@ def test_afterok_chain_where_the_middle_run_fails(agent, source):
     assert agent.cli("wait", last).returncode == 130
 
 
+def test_slurm_dependency_spelling(agent, source):
+    first = submit(agent, source, "--", "true")
+    second = submit(agent, source, "--", "true")
+    both = show(agent, submit(agent, source, "--dependency", f"afterok:{first}:{second},afterany:{first}", "--",
+                              "true"))
+    assert (both["afterok"], both["after"]) == ([first, second], [first])
+    refused = agent.cli("submit", "--source-dir", str(source), "-d", f"afternotok:{first}", "--", "true")
+    assert refused.returncode == 2 and "afterok:RUN" in refused.stderr
+
+
 def test_unknown_dependency_is_refused_at_submit(agent, source):
     refused = agent.cli("submit", "--source-dir", str(source), "--after", "default_1_deadbeef", "--", "true")
     assert refused.returncode == 125 and "no run or array with id 'default_1_deadbeef'" in refused.stderr
