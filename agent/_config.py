@@ -34,6 +34,10 @@ allow_host_network = false   # --network=host in DockerConfiguration.arguments
 allow_host_ipc = false       # --ipc=host
 volumes = ["/data"]          # host paths runs may mount with -v
 
+[snapshot]
+max_files = 2000             # files in one run's snapshot (Azure ML's limit)
+max_bytes = "300M"           # bytes in one run's snapshot (Azure ML's limit); a number or like "2G"
+
 [runs]
 retention_days = 14          # delete run directories 14 days after the run ended (default: keep)
 purge = false                # true: forget the runs too (rows, metrics); false keeps them for ls/metrics
@@ -81,6 +85,13 @@ class TargetConfig:
 
 
 @dataclass
+class SnapshotLimits:
+    """What one run's snapshot may hold. Azure ML's limits by default; --in-place runs have none."""
+    max_files: int = 2000
+    max_bytes: int = 300 * 1024 * 1024
+
+
+@dataclass
 class RunsConfig:
     """``[runs]``: how long finished runs keep their directory."""
 
@@ -104,6 +115,7 @@ class AgentConfig:
     hub: HubConfig | None = None
     docker: DockerPolicy = field(default_factory=DockerPolicy)
     docker_url: str | None = None    # None: DOCKER_HOST, else the local engine's socket
+    snapshot: SnapshotLimits = field(default_factory=lambda: SnapshotLimits())
     runs: RunsConfig = field(default_factory=RunsConfig)
 
 
@@ -142,7 +154,7 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
             raise ConfigError(f"config file {path} does not exist") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
-    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub", "docker",
+    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub", "docker", "snapshot",
                        "runs"}, "config")
 
     system = os.geteuid() == 0
@@ -241,6 +253,8 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
     if "url" in docker:
         config.docker_url = _expect(docker["url"], str, "docker.url")
 
+    _load_snapshot(config, _expect(data.get("snapshot", {}), dict, "[snapshot]"))
+
     runs = _expect(data.get("runs", {}), dict, "[runs]")
     _check_keys(runs, {"retention_days", "purge"}, "[runs]")
     if "retention_days" in runs:
@@ -256,3 +270,13 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
     if state_dir is not None:
         config.state_dir = Path(state_dir)
     return config
+
+
+def _load_snapshot(config: AgentConfig, table: dict) -> None:
+    _check_keys(table, {"max_files", "max_bytes"}, "[snapshot]")
+    if "max_files" in table:
+        config.snapshot.max_files = _expect(table["max_files"], int, "snapshot.max_files")
+        if config.snapshot.max_files < 1:
+            raise ConfigError("snapshot.max_files: must be at least 1")
+    if "max_bytes" in table:
+        config.snapshot.max_bytes = _memory(table["max_bytes"], "snapshot.max_bytes")

@@ -8,9 +8,9 @@ is the one it looked at, and deletes links as links. That is safe with root's
 rights, so the agent needs no per-user helper for it.
 
 Only the directory goes; the run's row, metrics and events stay (``ls``, ``show``
-and ``metrics`` keep working) unless ``purge`` is asked for. Content shared through
-the snapshot store is released with the last run using it: ``RunFiles.on_removed``
-is that call site.
+and ``metrics`` keep working) unless ``purge`` is asked for. The run's reference to
+the content-addressed snapshot store is released with it, so content goes with the
+last run using it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import Callable
 
 import structlog
 import trio
@@ -117,10 +116,7 @@ class RunFiles:
         self.store = store
         self.supervisor = supervisor
         self.runs_dir = config.state_dir / "runs"
-        # Called with each run whose directory is gone: the snapshot store releases the run's shared
-        # content here, so content goes with the last run using it.
-        self.on_removed: list[Callable[[str], None]] = []
-        self._usage: tuple[float, int] | None = None
+        self._usage: tuple[float, tuple[int, int]] | None = None
         self._usage_lock = trio.Lock()
 
     async def remove(self, record, *, purge: bool = False) -> int:
@@ -144,8 +140,7 @@ class RunFiles:
             # What was deleted stays deleted; the run keeps its directory's record, so it can be tried again.
             raise AgentError(f"could not remove the directory of run {record.run_id}: {exc.strerror or exc}") from None
         self.store.mark_removed(record, freed, purge=purge)
-        for release in self.on_removed:
-            release(record.run_id)
+        self.supervisor.snapshots.release_snapshot(record.run_id)
         self._usage = None
         log.info("run.files.removed", run_id=record.run_id, bytes=freed, purged=purge)
         return freed
@@ -175,12 +170,14 @@ class RunFiles:
             raise NotFound(f"the files of run {record.run_id} were removed (labrun rm, clean or retention); "
                            "its metrics and details are kept")
 
-    async def disk_used(self) -> int:
-        """Bytes under the runs directory, measured at most once a minute."""
+    async def disk_used(self) -> tuple[int, int]:
+        """Bytes under the runs directory and in the snapshot store, measured at most once a minute."""
         async with self._usage_lock:
             now = time.monotonic()
             if self._usage is None or now - self._usage[0] > DISK_USAGE_TTL_SECONDS:
-                self._usage = (now, await trio.to_thread.run_sync(disk_usage, self.runs_dir))
+                runs = await trio.to_thread.run_sync(disk_usage, self.runs_dir)
+                snapshots = await trio.to_thread.run_sync(disk_usage, self.supervisor.snapshots.root)
+                self._usage = (now, (runs, snapshots))
             return self._usage[1]
 
     async def retain(self, retention_days: float | None, purge: bool, *,

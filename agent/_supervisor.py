@@ -23,6 +23,7 @@ dependency ended without completing is canceled (``dependency_failed``) before t
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -41,6 +42,7 @@ from labrun.protocol._statuses import (
 )
 
 from ._artifacts import artifact_path
+from ._asuser import AsUserFailed, Credentials, as_user
 from ._config import AgentConfig
 from ._docker_args import translate_arguments
 from ._environments import EnvironmentBuilder, PrepareFailed, needs_conda
@@ -49,7 +51,7 @@ from ._launch import LaunchPlanner
 from ._model import RunRecord
 from ._notify import Notifier
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
-from ._snapshot import extract_snapshot
+from ._snapshot import ContentStore
 from ._states import EVENT_TYPES, check_transition
 from ._store import Store
 
@@ -66,6 +68,9 @@ class Owner:
     user: str
     groups: list[int]
     admin: bool = False
+
+    def credentials(self) -> Credentials:
+        return Credentials(self.uid, self.gid, tuple(self.groups))
 
 
 @dataclass
@@ -92,8 +97,11 @@ class Supervisor:
         self.changed = Notifier()
         self._wakeup = trio.Event()
         self._waiting_stale = False
+        # The content store of snapshots; ``snapshots.release_snapshot(run_id)`` when a run is removed.
+        self.snapshots = ContentStore(config.state_dir / "cas", store, config.snapshot.max_files,
+                                      config.snapshot.max_bytes)
         self.launches = LaunchPlanner(config, store, capacity, EnvironmentBuilder(config.state_dir / "envs"),
-                                      self._executor_name, self._image)
+                                      self._executor_name, self._image, self.snapshots)
 
     def token_valid(self, run_id: str, token: str) -> bool:
         active = self.active.get(run_id)
@@ -161,15 +169,15 @@ class Supervisor:
 
     # -- submit and cancel -------------------------------------------------------------
 
-    async def submit(self, spec: dict, snapshot: bytes | Path, owner: Owner) -> RunRecord:
-        """Check the spec against this agent, unpack the snapshot and queue the run (durably)."""
-        return (await self._queue(spec, snapshot, owner, None))[0]
+    async def submit(self, spec: dict, owner: Owner) -> RunRecord:
+        """Check the spec and its snapshot against this agent and queue the run (durably)."""
+        return (await self._queue(spec, owner, None))[0]
 
-    async def submit_array(self, spec: dict, snapshot: bytes | Path, owner: Owner, array: dict) -> list[RunRecord]:
+    async def submit_array(self, spec: dict, owner: Owner, array: dict) -> list[RunRecord]:
         """Queue one run per index of ``array`` (``indices``, ``throttle``), sharing an array id: all or none."""
-        return await self._queue(spec, snapshot, owner, array)
+        return await self._queue(spec, owner, array)
 
-    async def _queue(self, spec: dict, snapshot: bytes | Path, owner: Owner, array: dict | None) -> list[RunRecord]:
+    async def _queue(self, spec: dict, owner: Owner, array: dict | None) -> list[RunRecord]:
         self._check_features(spec, owner)
         target = spec["compute_target"]
         if target != "local":
@@ -183,13 +191,23 @@ class Supervisor:
         if too_big:
             raise BadRequest(f"spec.resources: the run {too_big}; it could never start",
                              details={"field": "spec.resources"})
-
         self._resolve_dependencies(spec)
+
+        snapshot = spec.pop("snapshot")
+        entries, in_place = snapshot["files"], snapshot["in_place"]
+        if entries is not None:
+            tree = self.snapshots.check(owner.uid, entries)
+            if spec["script"] is not None and os.path.normpath(spec["script"]) not in {e[0] for e in entries}:
+                raise BadRequest(f"spec.script: {spec['script']!r} is not a file in the snapshot of the source "
+                                 "directory; the script must be inside source_directory",
+                                 details={"field": "spec.script"})
+        else:
+            await self._check_in_place(in_place, spec["script"], owner)
+        spec["in_place"] = in_place
 
         now = time.time()
         run_id = f"{spec['experiment']}_{int(now)}_{uuid.uuid4().hex[:8]}"
         environ = spec.pop("environ")
-        spec.pop("snapshot")
         if array is None:
             members = [(run_id, spec)]
         else:
@@ -197,12 +215,15 @@ class Supervisor:
             members = [(f"{run_id}_{index}", {**spec, "array": {"id": run_id, "index": index, "size": len(array["indices"]),
                                                                    "throttle": array["throttle"]}})
                        for index in array["indices"]]
-        created: list[Path] = []
+        created: list[str] = []
         try:
+            # No await from the snapshot check to the last acquire (ContentStore.acquire's contract).
             records = []
             for member_id, member_spec in members:
-                created.append(self.runs_dir / member_id)
-                await self._make_run_dir(created[-1], snapshot, member_spec, owner)
+                created.append(member_id)
+                self._make_run_dir(self.runs_dir / member_id, owner)
+                if entries is not None:
+                    self.snapshots.acquire(member_id, owner.uid, tree, entries)
                 records.append(RunRecord(
                     run_id=member_id, order=0, experiment=spec["experiment"], number=0, uid=owner.uid,
                     gid=owner.gid, user=owner.user, status=QUEUED, spec=member_spec, environ=environ,
@@ -214,8 +235,9 @@ class Supervisor:
                 self.store.add_array(records, EVENT_TYPES[QUEUED])
         except BaseException:
             with trio.CancelScope(shield=True):
-                for run_dir in created:
-                    await trio.to_thread.run_sync(shutil.rmtree, run_dir, True)
+                for member_id in created:
+                    self.snapshots.release_snapshot(member_id)
+                    await trio.to_thread.run_sync(shutil.rmtree, self.runs_dir / member_id, True)
             raise
         for record in records:
             log.debug("run.submitted", run_id=record.run_id, user=owner.user)
@@ -225,21 +247,13 @@ class Supervisor:
         self.wake()
         return records
 
-    async def _make_run_dir(self, run_dir: Path, snapshot: bytes | Path, spec: dict, owner: Owner) -> None:
-        chown = os.geteuid() == 0 and owner.uid != 0
+    def _make_run_dir(self, run_dir: Path, owner: Owner) -> None:
         run_dir.mkdir(parents=True)
-        await extract_snapshot(snapshot, run_dir / "snapshot",
-                               uid=owner.uid if chown else None, gid=owner.gid if chown else None)
-        if spec["script"] is not None and not (run_dir / "snapshot" / spec["script"]).is_file():
-            raise BadRequest(f"spec.script: {spec['script']!r} is not a file in the snapshot of the source "
-                             "directory; the script must be inside source_directory",
-                             details={"field": "spec.script"})
-        outputs = run_dir / "snapshot" / "outputs"
-        outputs.mkdir(exist_ok=True)
+        # The snapshot itself is made when the run starts (Launch), from the contents stored now.
         (run_dir / "outputs").symlink_to("snapshot/outputs")
         (run_dir / "logs").mkdir()
-        if chown:
-            for path in (run_dir, outputs, run_dir / "logs"):
+        if os.geteuid() == 0 and owner.uid != 0:
+            for path in (run_dir, run_dir / "logs"):
                 os.chown(path, owner.uid, owner.gid)
 
     def _resolve_dependencies(self, spec: dict) -> None:
@@ -264,6 +278,24 @@ class Supervisor:
         self.queued[record.run_id] = record
         if record.spec.get("after") or record.spec.get("afterok"):
             self.waiting_on_others.add(record.run_id)
+
+    async def _check_in_place(self, directory: str, script: str | None, owner: Owner) -> None:
+        """An in-place run works in ``directory``: its user must be able to enter and read it (checked as them)."""
+        def check() -> str:
+            os.close(os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            if not os.access(directory, os.R_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "Permission denied", directory)
+            if script is not None and not os.path.isfile(os.path.join(directory, script)):
+                return "no script"
+            return ""
+
+        try:
+            problem = await trio.to_thread.run_sync(as_user, owner.credentials(), check)
+        except AsUserFailed as exc:
+            raise BadRequest(f"spec.snapshot.in_place: {owner.user} cannot use {directory!r} as the run's "
+                             f"directory: {exc}", details={"field": "spec.snapshot.in_place"}) from None
+        if problem:
+            raise BadRequest(f"spec.script: {script!r} is not a file in {directory}", details={"field": "spec.script"})
 
     def _check_features(self, spec: dict, owner: Owner) -> None:
         """Refuse at submit what this machine cannot run, naming the field."""
@@ -451,6 +483,7 @@ class Supervisor:
                     self._finish(run, FAILED, reason=exc.reason, error=str(exc))
                     return
                 self._advance(run, STARTING)
+                await self.store.durable()   # a process starts only for a run whose state is saved
                 try:
                     handle = await executor.start(launch)
                 except StartFailed as exc:
@@ -469,6 +502,7 @@ class Supervisor:
                     self._transition(record, CANCEL_REQUESTED, reason=run.cancel_reason)
                 if handle is not None:
                     with trio.move_on_after(self.config.stop_grace_seconds + KILL_WAIT_SECONDS, shield=True):
+                        await self.store.durable()
                         await executor.stop(handle, self.config.stop_grace_seconds)
                         result = await executor.wait(handle)
                 self._finish(run, CANCELED, reason=run.cancel_reason, result=result)

@@ -123,7 +123,7 @@ def _expand(workspace, ids: list[str], *, queued_first: bool = False) -> list[st
 # -- submit and run ----------------------------------------------------------------------
 
 def _submit(args) -> tuple[object, dict]:
-    from .._experiment import submit_spec
+    from .._snapshot import submit_spec
     from .._script_run_config import ScriptRunConfig
 
     command = list(args.command)
@@ -161,7 +161,7 @@ def _submit(args) -> tuple[object, dict]:
         indices, throttle = args.array
         array = {"indices": indices, "throttle": throttle}
     workspace = _workspace(args)
-    return workspace, submit_spec(workspace, spec, args.source_dir, array=array)
+    return workspace, submit_spec(workspace, spec, args.source_dir, in_place=args.in_place, array=array)
 
 
 def cmd_submit(args) -> int:
@@ -389,7 +389,8 @@ def cmd_status(args) -> int:
     if disk:
         kept = (f"run directories kept {disk['retention_days']:g} days" if disk["retention_days"]
                 else "run directories kept until labrun rm/clean")
-        print(f"disk      runs use {_format.format_memory(disk['runs_bytes'])}, "
+        print(f"disk      runs use {_format.format_memory(disk['runs_bytes'])}, snapshot store "
+              f"{_format.format_memory(disk['snapshot_store_bytes'])}, "
               f"{_format.format_memory(disk['free_bytes'])} free of {_format.format_memory(disk['total_bytes'])}; "
               f"{kept}")
     hub = status.get("hub")
@@ -470,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-e", "--experiment", default=DEFAULT_EXPERIMENT, help="experiment name (default: default)")
         p.add_argument("--name", help="display name")
         p.add_argument("--source-dir", default=".", help="directory to snapshot as the run's working directory")
+        p.add_argument("--in-place", action="store_true",
+                       help="run in --source-dir itself instead of a snapshot of it (no copy, no size limits; "
+                            "later edits are seen by the run)")
         p.add_argument("--script", help="run this Python script (in --source-dir); what follows -- are its arguments")
         p.add_argument("--env", action="append", metavar="K=V", help="environment variable for the run (repeatable)")
         p.add_argument("--max-duration", type=_duration, metavar="DURATION",

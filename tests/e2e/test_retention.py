@@ -70,10 +70,13 @@ def test_rm_frees_the_disk_and_keeps_the_run(agent, source, tmp_path):
     assert rows(agent, "runs", run_id) == 1 and rows(agent, "metrics", run_id) == 1
 
     agent.cli("wait", running)
+    assert [p for p in (agent.state_dir / "cas" / "objects").rglob("*") if p.is_file()] != []
     purged = agent.cli("rm", "--purge", run_id, running, check=True)
     assert purged.stdout.count("removed ") == 2
     assert rows(agent, "runs", run_id) == rows(agent, "metrics", run_id) == rows(agent, "removed_run_dirs", run_id) == 0
     assert agent.cli("show", run_id).returncode == 125
+    # The snapshot store's contents went with the last runs using them.
+    assert [p for p in (agent.state_dir / "cas" / "objects").rglob("*") if p.is_file()] == []
 
 
 @needs_root
