@@ -20,6 +20,7 @@ since boot, from /proc, so a recycled pid is never mistaken for the run).
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -148,7 +149,10 @@ class LocalExecutor:
                 stderr=log, start_new_session=True, close_fds=True, **options,
             )
         except OSError as exc:
-            raise StartFailed(f"cannot start {launch.argv[0]!r}: {exc.strerror or exc}") from None
+            failure = StartFailed(f"cannot start {launch.argv[0]!r}: {exc.strerror or exc}")
+            if exc.errno == errno.ENOENT:
+                failure.reason = "command_not_found"
+            raise failure from None
         finally:
             if launch.cores:
                 os.sched_setaffinity(0, previous)
