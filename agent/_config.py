@@ -28,6 +28,23 @@ url = "https://hub.example.org/v1/events"
 token_file = "/etc/labrun/hub.token"
 batch_max = 500
 
+[limits]                     # what one connection or user can make the agent hold
+buffer_bytes_per_connection = 16777216  # partial frames; also the largest frame accepted
+buffer_bytes_per_user = 67108864
+buffer_bytes_total = 268435456
+requests_per_connection = 128
+requests_per_user = 1024
+connections_per_user = 256
+idle_timeout_seconds = 900   # a connection with nothing in flight is closed after this long
+frame_timeout_seconds = 60   # a frame that has begun must end within this
+reserved_fds = 128           # file descriptors kept for the agent itself and its runs
+label_key_chars = 255
+label_value_chars = 4096
+labels_bytes_per_run = 262144
+display_name_chars = 1024
+description_chars = 4096
+list_page_bytes = 4194304    # a `list` reply stops growing here (clients follow the next page)
+
 [docker]
 allow_pull = false           # no registry is assumed reachable
 allow_host_network = false   # --network=host in DockerConfiguration.arguments
@@ -51,6 +68,7 @@ from labrun.protocol._paths import SYSTEM_SOCKET, SYSTEM_STATE_DIR, user_socket,
 
 from ._docker_args import DockerPolicy
 from ._hub import HubConfig
+from ._limits import LimitsConfig, load_limits
 
 
 class ConfigError(Exception):
@@ -92,6 +110,7 @@ class AgentConfig:
     hub: HubConfig | None = None
     docker: DockerPolicy = field(default_factory=DockerPolicy)
     docker_url: str | None = None    # None: DOCKER_HOST, else the local engine's socket
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 def _expect(value, kinds, where):
@@ -129,7 +148,8 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
             raise ConfigError(f"config file {path} does not exist") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
-    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub", "docker"}, "config")
+    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub", "docker", "limits"},
+                "config")
 
     system = os.geteuid() == 0
     config = AgentConfig(
@@ -226,6 +246,10 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
             raise ConfigError(f"docker.volumes: {bad[0]!r} must be an absolute host path")
     if "url" in docker:
         config.docker_url = _expect(docker["url"], str, "docker.url")
+
+    config.limits = load_limits(_expect(data.get("limits", {}), dict, "[limits]"), config.max_frame_bytes,
+                                ConfigError)
+    config.max_frame_bytes = config.limits.buffer_bytes_per_connection
 
     if socket is not None:
         config.socket = Path(socket)

@@ -27,6 +27,7 @@ from ._cgroups import MemoryCgroups
 from ._config import AgentConfig, ConfigError, load_config
 from ._events import EventLog
 from ._hub import HubSender
+from ._limits import Limits, raise_fd_limit
 from ._local import LocalExecutor
 from ._logging import configure_logging
 from ._server import AgentAlreadyRunning, ConnectionHandler, open_unix_listener, refuse_if_agent_answers
@@ -83,7 +84,8 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
     supervisor = Supervisor(config, store, capacity, executors)
     events = EventLog(store, buffer=config.subscriber_buffer)
     hub = HubSender(config.hub, store, events) if config.hub is not None else None
-    service = Service(config, store, supervisor, events, hub)
+    limits = Limits(config.limits)
+    service = Service(config, store, supervisor, events, hub, limits=limits)
     refuse_if_agent_answers(config.socket)
     socket_inode = None
     try:
@@ -97,7 +99,7 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
                                     (lambda: hub.delivered) if hub is not None else (lambda: None))
                 listener = await open_unix_listener(config.socket, system=config.system, group=config.socket_group)
                 socket_inode = os.stat(config.socket).st_ino
-                await nursery.start(partial(trio.serve_listeners, ConnectionHandler(config, service),
+                await nursery.start(partial(trio.serve_listeners, ConnectionHandler(config, service, limits),
                                             [listener], handler_nursery=handlers))
                 store.add_event("agent.started", {"version": __version__, "pid": os.getpid()})
                 log.info("agent.started", socket=str(config.socket), state_dir=str(config.state_dir),
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"labrund: {exc}", file=sys.stderr)
         return 2
     configure_logging(args.log_level)
+    raise_fd_limit()
     refusals = []
     try:
         trio.run(run_agent, config)

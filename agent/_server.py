@@ -1,6 +1,10 @@
 """The Unix socket server: one task per connection, one task per request.
 
-A connection must open with ``hello``; ten seconds without one closes it. Frames
+A connection must open with ``hello``; ten seconds without one closes it. After it,
+a connection with nothing in flight is closed after ``limits.idle_timeout_seconds``,
+and a frame must finish within ``limits.frame_timeout_seconds``; the agent says why
+in a last error frame (id nil) before closing. Bytes buffered, requests in flight
+and connections are counted by ``Limits``, which refuses past its budgets. Frames
 are decoded with the shared sans-I/O decoder; an oversize frame gets a ``too_large``
 error and undecodable bytes close the connection, since the stream is then out of
 sync. Nothing a client sends can take down another connection or the agent: every
@@ -20,9 +24,10 @@ import trio
 
 from labrun.protocol import (
     STREAMING_OPS, AgentError, BadRequest, Forbidden, FrameCorrupt, FrameDecoder, FrameTooLarge, TooLarge,
-    pack_frame, parse_request, reply_error, reply_ok, request_id, stream_end, stream_item,
+    Unavailable, pack_frame, parse_request, reply_error, reply_ok, request_id, stream_end, stream_item,
 )
 
+from ._limits import Limits
 from ._peers import peer_credentials, resolve_peer
 from ._service import Service, Session
 
@@ -90,10 +95,49 @@ async def open_unix_listener(path: Path, *, system: bool, group: str | None) -> 
     return trio.SocketListener(sock)
 
 
+class _Timers:
+    """When a connection's receive loop gives up: handshake, idle (nothing in flight) or an unfinished frame."""
+
+    def __init__(self, limits, scope: trio.CancelScope):
+        self.limits = limits
+        self.scope = scope
+        self.greeted = False
+        self.in_flight = 0
+        self.handshake_by = trio.current_time() + HANDSHAKE_TIMEOUT
+        self.last_activity = trio.current_time()
+        self.frame_started: float | None = None
+
+    def rearm(self) -> None:
+        if not self.greeted:
+            deadline = self.handshake_by
+        elif self.in_flight:
+            deadline = float("inf")
+        else:
+            deadline = self.last_activity + self.limits.idle_timeout_seconds
+        if self.frame_started is not None:
+            deadline = min(deadline, self.frame_started + self.limits.frame_timeout_seconds)
+        self.scope.deadline = deadline
+
+    def reason(self) -> str:
+        now = trio.current_time()
+        if self.frame_started is not None and now >= self.frame_started + self.limits.frame_timeout_seconds:
+            return "frame_timeout"
+        return "idle_timeout" if self.greeted else "handshake_timeout"
+
+
+_TIMEOUT_MESSAGES = {
+    "handshake_timeout": f"no 'hello' within {HANDSHAKE_TIMEOUT:g} seconds; closing",
+    "idle_timeout": "connection idle for {idle:g} seconds with nothing in flight (limits.idle_timeout_seconds); "
+                    "closing. Clients reconnect on their next call",
+    "frame_timeout": "a frame begun {frame:g} seconds ago is still unfinished (limits.frame_timeout_seconds); closing",
+}
+
+
 class ConnectionHandler:
-    def __init__(self, config, service: Service):
+    def __init__(self, config, service: Service, limits: Limits):
         self.config = config
         self.service = service
+        self.limits = limits
 
     async def __call__(self, stream: trio.SocketStream) -> None:
         try:
@@ -107,7 +151,6 @@ class ConnectionHandler:
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         pid, uid, gid = peer_credentials(stream.socket)
-        peer = resolve_peer(pid, uid, gid, self.config.admin_group)
         send_lock = trio.Lock()
 
         async def send(message: dict) -> None:
@@ -115,36 +158,73 @@ class ConnectionHandler:
             async with send_lock:
                 await stream.send_all(data)
 
-        if not self.config.system and uid not in (os.geteuid(), 0):
-            await send(reply_error(None, Forbidden("this is a per-user agent; it serves only its owner")))
-            return
-        session = Session(peer=peer)
-        decoder = FrameDecoder(self.config.max_frame_bytes)
-        with structlog.contextvars.bound_contextvars(peer_uid=uid, peer_pid=pid):
-            try:
-                async with trio.open_nursery() as requests:
-                    handshake = trio.move_on_after(HANDSHAKE_TIMEOUT)
-                    with handshake:
-                        await self._receive_loop(stream, decoder, session, send, requests, handshake)
-                    if handshake.cancelled_caught:
-                        log.info("connection.handshake.timeout")
-                    requests.cancel_scope.cancel()
-            finally:
-                session.discard_uploads()
+        async def refuse(error: AgentError) -> None:
+            # The peer may not be reading: a refusal never holds the connection open for long.
+            with trio.move_on_after(1):
+                await send(reply_error(None, error))
 
-    async def _receive_loop(self, stream, decoder, session, send, requests, handshake) -> None:
+        if not self.config.system and uid not in (os.geteuid(), 0):
+            await refuse(Forbidden("this is a per-user agent; it serves only its owner"))
+            return
+        try:
+            self.limits.admit(uid, stream.socket.fileno())
+        except AgentError as exc:
+            log.warning("connection.refused", peer_uid=uid, limit=exc.details.get("limit"))
+            await refuse(exc)
+            return
+        try:
+            peer = resolve_peer(pid, uid, gid, self.config.admin_group)
+            session = Session(peer=peer)
+            decoder = FrameDecoder(self.config.max_frame_bytes)
+            with structlog.contextvars.bound_contextvars(peer_uid=uid, peer_pid=pid):
+                try:
+                    async with trio.open_nursery() as requests:
+                        timers = _Timers(self.limits.config, trio.CancelScope())
+                        with timers.scope:
+                            timers.rearm()
+                            await self._receive_loop(stream, decoder, session, send, requests, timers)
+                        if timers.scope.cancelled_caught:
+                            reason = timers.reason()
+                            log.info("connection.closed", reason=reason)
+                            await refuse(Unavailable(_TIMEOUT_MESSAGES[reason].format(
+                                idle=self.limits.config.idle_timeout_seconds,
+                                frame=self.limits.config.frame_timeout_seconds), details={"reason": reason}))
+                        requests.cancel_scope.cancel()
+                finally:
+                    self.limits.buffer(uid, decoder.pending, 0)
+                    session.discard_uploads()
+        finally:
+            self.limits.release(uid)
+
+    async def _receive_loop(self, stream, decoder, session, send, requests, timers: _Timers) -> None:
+        uid = session.peer.uid
         while True:
             data = await stream.receive_some(RECEIVE_SIZE)
             if not data:
                 return
+            before = decoder.pending
+            try:
+                # Counted before it is buffered: a refused frame never costs the agent its bytes.
+                self.limits.buffer(uid, before, before + len(data))
+            except AgentError as exc:
+                log.warning("connection.refused", limit=exc.details.get("limit"))
+                await send(reply_error(None, exc))
+                return
             try:
                 messages = decoder.feed(data)
             except FrameTooLarge as exc:
-                await send(reply_error(None, TooLarge(str(exc))))
+                await send(reply_error(None, TooLarge(f"{exc} (limits.buffer_bytes_per_connection)")))
                 return
             except FrameCorrupt as exc:
                 log.info("connection.corrupt", error=str(exc))
                 return
+            finally:
+                self.limits.buffer(uid, before + len(data), decoder.pending)
+            timers.last_activity = trio.current_time()
+            if decoder.pending == 0:
+                timers.frame_started = None
+            elif messages or timers.frame_started is None:
+                timers.frame_started = timers.last_activity
             for message in messages:
                 id = request_id(message)
                 try:
@@ -154,12 +234,27 @@ class ConnectionHandler:
                     continue
                 if request.op == "hello":
                     await self._serve_request(session, request, send)
-                    if session.greeted:
-                        handshake.deadline = float("inf")
+                    timers.greeted = session.greeted
                 elif not session.greeted:
                     await send(reply_error(id, BadRequest("send 'hello' before any other request")))
                 else:
-                    requests.start_soon(self._serve_request, session, request, send)
+                    try:
+                        self.limits.start_request(uid, timers.in_flight)
+                    except AgentError as exc:
+                        await send(reply_error(id, exc))
+                        continue
+                    timers.in_flight += 1
+                    requests.start_soon(self._counted_request, session, request, send, timers)
+            timers.rearm()
+
+    async def _counted_request(self, session: Session, request, send, timers: _Timers) -> None:
+        try:
+            await self._serve_request(session, request, send)
+        finally:
+            timers.in_flight -= 1
+            self.limits.end_request(session.peer.uid)
+            timers.last_activity = trio.current_time()
+            timers.rearm()
 
     async def _serve_request(self, session: Session, request, send) -> None:
         handler = self.service.handlers[request.op]

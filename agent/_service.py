@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
+import msgpack
 import trio
 
 from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Conflict, Forbidden, NotFound, TooLarge, __version__
@@ -21,6 +22,7 @@ from labrun.protocol._statuses import ACTIVE, QUEUED
 
 from ._artifacts import LOGS, artifact_path, list_files
 from ._events import EventFilter, EventLog
+from ._limits import LimitsConfig, check_labels, check_text, labels_size
 from ._peers import Peer
 from ._snapshot import MAX_ARCHIVE_BYTES
 from ._supervisor import Owner, Supervisor
@@ -50,8 +52,10 @@ class Session:
 
 
 class Service:
-    def __init__(self, config, store, supervisor: Supervisor, events: EventLog, hub=None):
+    def __init__(self, config, store, supervisor: Supervisor, events: EventLog, hub=None, *, limits=None):
         self.config = config
+        self.limits = limits
+        self.bounds: LimitsConfig = config.limits
         self.store = store
         self.supervisor = supervisor
         self.events = events
@@ -134,6 +138,9 @@ class Service:
 
     async def submit(self, session: Session, args: dict) -> dict:
         spec = args["spec"]
+        check_text(self.bounds, "spec.display_name", spec["display_name"], "display_name_chars")
+        check_labels(self.bounds, "spec.tags", spec["tags"])
+        check_labels(self.bounds, "spec.properties", spec["properties"], labels_size(spec["tags"]))
         snapshot = spec["snapshot"]
         source = snapshot["inline"]
         if source is None:
@@ -166,8 +173,16 @@ class Service:
                 records += self.store.list_runs(statuses=TERMINAL, limit=RECENT_FINISHED, **query)
             records = sorted(records, key=lambda r: r.order, reverse=True)[:limit]
         labels = self.store.labels_of([r.run_id for r in records])
-        return [self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}))
-                for r in records]
+        # A page ends at limits.list_page_bytes as well, so runs with many large labels never make a
+        # reply larger than a frame; the client follows ``before`` as for any page.
+        page, size = [], 0
+        for r in records:
+            shown = self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}))
+            size += len(msgpack.packb(shown, use_bin_type=True))
+            if page and size > self.bounds.list_page_bytes:
+                break
+            page.append(shown)
+        return page
 
     async def cancel(self, session: Session, args: dict) -> dict:
         record = self._owned(session, args["run_id"], "cancel it")
@@ -217,6 +232,8 @@ class Service:
 
     async def log_metrics(self, session: Session, args: dict) -> dict:
         record = self._writable(session, args["run_id"], args["token"])
+        for i, metric in enumerate(args["metrics"]):
+            check_text(self.bounds, f"args.metrics[{i}].description", metric["description"], "description_chars")
         if args["metrics"]:
             self.store.add_metrics(record, args["metrics"])
         return {"count": len(args["metrics"])}
@@ -228,6 +245,14 @@ class Service:
     async def set_labels(self, session: Session, args: dict) -> dict:
         record = self._writable(session, args["run_id"], args["token"])
         values = args["values"]
+        if args["kind"] != "error":
+            # The run's labels after this change, less the keys it replaces, against limits.labels_bytes_per_run.
+            current = self.store.labels_of([record.run_id]).get(record.run_id, {})
+            others = 0
+            for kind in ("tags", "properties"):
+                labels = {**record.spec.get(kind, {}), **current.get(kind, {})}
+                others += labels_size({k: v for k, v in labels.items() if kind != args["kind"] or k not in values})
+            check_labels(self.bounds, "args.values", values, others)
         if args["kind"] == "properties":
             # Properties are add-only, as in Azure ML.
             existing = {**record.spec.get("properties", {}), **self.store.labels(record.run_id, "properties")}
@@ -315,4 +340,5 @@ class Service:
                                                        for name, t in sorted(self.config.targets.items())}},
             "events": {"last_seq": self.store.last_seq(), "subscribers": len(self.events.subscriptions)},
             "hub": self.hub.status() if self.hub is not None else None,
+            "limits": self.limits.status() if self.limits is not None else None,
         }

@@ -46,6 +46,10 @@ def _extract(source: bytes | Path, dest: Path, uid: int | None, gid: int | None)
         for m in members:
             if not (m.isfile() or m.isdir()):
                 raise BadRequest(f"snapshot member {m.name!r} is not a regular file or directory")
+            # The agent makes outputs/ the run's artifact directory: a file of that name cannot be one.
+            if m.name.strip("/").removeprefix("./") == "outputs" and not m.isdir():
+                raise BadRequest("snapshot member 'outputs' is a file; the run's outputs/ directory must be a "
+                                 "directory (rename the file, or add it to .labrunignore)")
         dest.mkdir(parents=True, exist_ok=True)
         try:
             archive.extractall(dest, filter="data")

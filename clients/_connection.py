@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import socket
 from typing import Any, Iterator
 
@@ -24,6 +25,11 @@ RECEIVE_SIZE = 256 * 1024
 class AgentConnection:
     def __init__(self, path: str | os.PathLike, *, client: str = "labrun-python"):
         self.path = os.fspath(path)
+        self._client = client
+        self._ids = itertools.count(1)
+        self._open()
+
+    def _open(self) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.connect(self.path)
@@ -32,8 +38,23 @@ class AgentConnection:
             raise AgentUnavailable(f"no labrun agent answers on {self.path}: {exc.strerror or exc}") from None
         self._decoder = FrameDecoder()
         self._pending: list[dict] = []
-        self._ids = itertools.count(1)
-        self.agent = self.call("hello", protocol=PROTOCOL_VERSION, client=client)
+        self.agent = self.call("hello", protocol=PROTOCOL_VERSION, client=self._client)
+
+    def _closed_by_agent(self) -> bool:
+        """Whether the agent has closed this idle connection (or said it is about to: its idle notice)."""
+        if self._pending:
+            return False
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def _refresh(self) -> None:
+        """Reconnect first if the agent closed the connection while we were not using it (idle timeout)."""
+        if self._closed_by_agent():
+            self._sock.close()
+            self._open()
 
     def close(self) -> None:
         self._sock.close()
@@ -84,6 +105,8 @@ class AgentConnection:
 
     def call(self, op: str, **args: Any) -> Any:
         """Send one request and return its result; an error reply raises its ``AgentError``."""
+        if op != "hello":
+            self._refresh()
         id = self._send(op, args)
         return self._reply_for(id)["result"]
 
@@ -93,6 +116,7 @@ class AgentConnection:
         Closing the iterator early closes the connection, since the agent may still be sending.
         ``timeout`` bounds the wait for each item (``TimeoutError`` past it).
         """
+        self._refresh()
         self._sock.settimeout(timeout)
         id = self._send(op, args)
         finished = False
