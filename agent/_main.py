@@ -26,12 +26,14 @@ from ._docker import DockerExecutor, agent_id
 from ._cgroups import MemoryCgroups
 from ._config import AgentConfig, ConfigError, load_config
 from ._events import EventLog
+from ._faults import Faults, is_disk_error
 from ._hub import HubSender
 from ._limits import Limits, raise_fd_limit
 from ._local import LocalExecutor
 from ._logging import configure_logging
 from ._server import AgentAlreadyRunning, ConnectionHandler, open_unix_listener, refuse_if_agent_answers
 from ._service import Service
+from ._statecheck import EXIT_STATE_DAMAGED, StateDamaged, check_state, clean_orphans
 from ._store import Store
 from ._supervisor import Supervisor
 
@@ -53,10 +55,13 @@ def _lock_state_dir(state_dir: Path, system: bool):
     except BlockingIOError:
         lock.close()
         raise StateDirLocked(f"another labrund is using the state directory {state_dir}") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+    except OSError as exc:   # a full disk: the lock is what matters, the pid in it is for people
+        log.warning("state.lock.pid_not_written", error=str(exc))
     return lock
 
 
@@ -64,7 +69,13 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
     """Run the agent until SIGTERM or SIGINT (or cancellation)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         lock = _lock_state_dir(config.state_dir, config.system)
+        try:
+            check_state(config.state_dir)
+        except StateDamaged:
+            lock.close()
+            raise
         store = Store(config.state_dir / "state.db")
+        clean_orphans(config.state_dir, lambda run_id: store.get_run(run_id) is not None)
         docker = DockerExecutor(AsyncioBridge(), config.docker, agent_id(config.state_dir), config.docker_url,
                                 on_first_container=lambda: store.set_meta("docker_used", True))
         try:
@@ -81,7 +92,8 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
     capacity = discover_capacity(config.resources)
     cgroups = MemoryCgroups.detect() if config.resources.memory_enforcement == "auto" else None
     executors = {"local": LocalExecutor(cgroups, config.stop_grace_seconds), "docker": docker}
-    supervisor = Supervisor(config, store, capacity, executors)
+    faults = Faults()
+    supervisor = Supervisor(config, store, capacity, executors, faults)
     events = EventLog(store, buffer=config.subscriber_buffer)
     hub = HubSender(config.hub, store, events) if config.hub is not None else None
     limits = Limits(config.limits)
@@ -101,14 +113,14 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
                 socket_inode = os.stat(config.socket).st_ino
                 await nursery.start(partial(trio.serve_listeners, ConnectionHandler(config, service, limits),
                                             [listener], handler_nursery=handlers))
-                store.add_event("agent.started", {"version": __version__, "pid": os.getpid()})
+                _lifecycle_event(store, faults, "agent.started", {"version": __version__, "pid": os.getpid()})
                 log.info("agent.started", socket=str(config.socket), state_dir=str(config.state_dir),
                          version=__version__, cpus=capacity.cpus, gpus=list(capacity.gpus))
                 task_status.started()
                 async for signum in signals:
                     log.info("agent.stopping", signal=signal.Signals(signum).name)
                     break
-                store.add_event("agent.stopping", {"pid": os.getpid()})
+                _lifecycle_event(store, faults, "agent.stopping", {"pid": os.getpid()})
                 nursery.cancel_scope.cancel()
             handlers.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_SECONDS
     finally:
@@ -117,6 +129,16 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
                 config.socket.unlink()
         except FileNotFoundError:
             pass
+
+
+def _lifecycle_event(store: Store, faults: Faults, type: str, data: dict) -> None:
+    """The agent's own events are worth a line, not a crash, when the disk is full."""
+    try:
+        store.add_event(type, data)
+    except Exception as exc:
+        if not is_disk_error(exc):
+            raise
+        faults.report("store", exc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,13 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     raise_fd_limit()
     refusals = []
+    code = 0
     try:
         trio.run(run_agent, config)
     except* (AgentAlreadyRunning, StateDirLocked) as group:
-        refusals = group.exceptions
+        refusals, code = group.exceptions, 1
+    except* StateDamaged as group:
+        refusals, code = group.exceptions, EXIT_STATE_DAMAGED
     for exc in refusals:
         print(f"labrund: {exc}", file=sys.stderr)
-    return 1 if refusals else 0
+    return code
 
 
 if __name__ == "__main__":

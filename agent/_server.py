@@ -23,10 +23,11 @@ import structlog
 import trio
 
 from labrun.protocol import (
-    STREAMING_OPS, AgentError, BadRequest, Forbidden, FrameCorrupt, FrameDecoder, FrameTooLarge, TooLarge,
-    Unavailable, pack_frame, parse_request, reply_error, reply_ok, request_id, stream_end, stream_item,
+    STREAMING_OPS, AgentError, BadRequest, Forbidden, FrameCorrupt, FrameDecoder, FrameTooLarge, NotFound,
+    TooLarge, Unavailable, pack_frame, parse_request, reply_error, reply_ok, request_id, stream_end, stream_item,
 )
 
+from ._faults import DISK_ERRNOS, is_disk_error
 from ._limits import Limits
 from ._peers import peer_credentials, resolve_peer
 from ._service import Service, Session
@@ -131,6 +132,26 @@ _TIMEOUT_MESSAGES = {
                     "closing. Clients reconnect on their next call",
     "frame_timeout": "a frame begun {frame:g} seconds ago is still unfinished (limits.frame_timeout_seconds); closing",
 }
+
+
+# What a request's file name or offset did wrong, as the kernel said it: the client's mistake, not the agent's.
+_CLIENT_ERRNOS = {errno.ENAMETOOLONG: "name too long", errno.EISDIR: "is a directory",
+                  errno.ENOTDIR: "a path component is not a directory", errno.EINVAL: "invalid name or offset",
+                  errno.ELOOP: "too many levels of symbolic links", errno.EFBIG: "file too large"}
+
+
+def os_error_reply(exc: OSError) -> AgentError:
+    """The error reply for an ``OSError`` met while serving a request."""
+    if exc.errno in _CLIENT_ERRNOS:
+        return BadRequest(f"{_CLIENT_ERRNOS[exc.errno]}: {Path(exc.filename or '').name[:80]!r}")
+    if exc.errno == errno.ENOENT:
+        return NotFound(f"no such file: {Path(exc.filename or '').name[:80]!r}")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return Forbidden(f"permission denied: {Path(exc.filename or '').name[:80]!r}")
+    if exc.errno in DISK_ERRNOS:
+        return Unavailable(f"the agent cannot write to its state directory ({exc.strerror}); try again "
+                           "later. 'labrun status' shows the problem while it lasts")
+    return AgentError(f"agent I/O error: {exc.strerror or exc}")
 
 
 class ConnectionHandler:
@@ -271,8 +292,18 @@ class ConnectionHandler:
         except OSError as exc:
             if exc.errno in (errno.EPIPE, errno.ECONNRESET):
                 raise
-            log.exception("request.failed", op=request.op)
-            await send(reply_error(request.id, AgentError(f"agent I/O error: {exc.strerror or exc}")))
-        except Exception:
+            error = os_error_reply(exc)
+            if exc.errno in DISK_ERRNOS:
+                self.service.supervisor.faults.report("files", exc)
+            if error.code == "internal":
+                log.exception("request.failed", op=request.op)
+            else:
+                log.info("request.refused", op=request.op, error=str(exc))
+            await send(reply_error(request.id, error))
+        except Exception as exc:
+            if is_disk_error(exc):
+                self.service.supervisor.faults.report("store", exc)
+                await send(reply_error(request.id, os_error_reply(OSError(errno.ENOSPC, str(exc)))))
+                return
             log.exception("request.failed", op=request.op)
             await send(reply_error(request.id, AgentError("internal error; the agent's log has the details")))

@@ -56,6 +56,7 @@ class Service:
         self.config = config
         self.limits = limits
         self.bounds: LimitsConfig = config.limits
+        self._submitting: dict[tuple[int, str], trio.Event] = {}
         self.store = store
         self.supervisor = supervisor
         self.events = events
@@ -137,6 +138,26 @@ class Service:
         return {"upload": token, "size": size}
 
     async def submit(self, session: Session, args: dict) -> dict:
+        key = args["idempotency_key"]
+        if key is None:
+            return await self._submit(session, args)
+        # One submit per key at a time: a retry that arrives while the first is still unpacking waits for it.
+        owner_key = (session.peer.uid, key)
+        while owner_key in self._submitting:
+            await self._submitting[owner_key].wait()
+        existing = self.store.run_for_key(session.peer.uid, key)
+        if existing is not None:
+            upload = session.uploads.pop(args["spec"]["snapshot"]["upload"], None)
+            if upload is not None:
+                upload.unlink(missing_ok=True)
+            return self._show(session, self.supervisor.live_record(existing.run_id) or existing)
+        self._submitting[owner_key] = trio.Event()
+        try:
+            return await self._submit(session, args)
+        finally:
+            self._submitting.pop(owner_key).set()
+
+    async def _submit(self, session: Session, args: dict) -> dict:
         spec = args["spec"]
         check_text(self.bounds, "spec.display_name", spec["display_name"], "display_name_chars")
         check_labels(self.bounds, "spec.tags", spec["tags"])
@@ -149,7 +170,8 @@ class Service:
                 raise NotFound(f"spec.snapshot.upload: no upload {snapshot['upload']!r} on this connection")
         peer = session.peer
         try:
-            record = await self.supervisor.submit(spec, source, Owner(peer.uid, peer.gid, peer.user, list(peer.groups), peer.admin))
+            record = await self.supervisor.submit(spec, source, Owner(peer.uid, peer.gid, peer.user, list(peer.groups),
+                                                                      peer.admin), args["idempotency_key"])
         finally:
             if isinstance(source, Path):
                 source.unlink(missing_ok=True)
@@ -341,4 +363,5 @@ class Service:
             "events": {"last_seq": self.store.last_seq(), "subscribers": len(self.events.subscriptions)},
             "hub": self.hub.status() if self.hub is not None else None,
             "limits": self.limits.status() if self.limits is not None else None,
+            "faults": self.supervisor.faults.status(),
         }

@@ -87,6 +87,12 @@ CREATE TABLE IF NOT EXISTS environments (
     PRIMARY KEY (name, version)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
+CREATE TABLE IF NOT EXISTS submit_keys (
+    uid INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    PRIMARY KEY (uid, key)
+);
 """
 
 _COLUMNS = ("run_id", "ord", "experiment", "number", "uid", "gid", "user", "status", "spec", "environ",
@@ -138,11 +144,13 @@ class Store:
         self._uncommitted = []
         try:
             yield
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # On a full disk SQLite may have rolled back already; a failed COMMIT leaves the transaction open.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             self._uncommitted = []
             raise
-        self._db.execute("COMMIT")
         events, self._uncommitted = self._uncommitted, []
         if events:
             self.on_events(events)
@@ -158,9 +166,15 @@ class Store:
         self._uncommitted.append(event)
         return event["seq"]
 
-    def add_run(self, record: RunRecord, event_type: str) -> RunRecord:
-        """Insert a new run (assigning its order and per-experiment number) with its event."""
+    def add_run(self, record: RunRecord, event_type: str, submit_key: str | None = None) -> RunRecord:
+        """Insert a new run (assigning its order and per-experiment number) with its event.
+
+        ``submit_key``: the client's idempotency key; ``run_for_key`` finds the run by it later.
+        """
         with self._transaction():
+            if submit_key is not None:
+                self._db.execute("INSERT OR REPLACE INTO submit_keys (uid, key, run_id) VALUES (?, ?, ?)",
+                                 (record.uid, submit_key, record.run_id))
             row = self._db.execute("SELECT last_number FROM experiments WHERE name = ?", (record.experiment,)).fetchone()
             record.number = (row[0] if row else 0) + 1
             self._db.execute(
@@ -203,6 +217,11 @@ class Store:
         return seq
 
     # -- queries -----------------------------------------------------------------------
+
+    def run_for_key(self, uid: int, submit_key: str) -> RunRecord | None:
+        """The run ``uid`` submitted with this idempotency key, if it still exists."""
+        row = self._db.execute("SELECT run_id FROM submit_keys WHERE uid = ? AND key = ?", (uid, submit_key)).fetchone()
+        return self.get_run(row[0]) if row else None
 
     def get_run(self, run_id: str) -> RunRecord | None:
         row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)).fetchone()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 from labrun.protocol import EXPERIMENT_NAME_RE
 
 from ._run import ScriptRun
 from ._script_run_config import ScriptRunConfig
 from ._snapshot import pack_snapshot
 from ._workspace import Workspace
-from .exceptions import UserErrorException
+from .exceptions import AgentUnavailable, UserErrorException
 
 # Archives above this go up in chunks of this size (the frame limit is 16 MiB).
 UPLOAD_CHUNK = 8 * 1024 * 1024
@@ -54,9 +56,24 @@ class Experiment:
 
 
 def submit_spec(workspace: Workspace, spec: dict, source_directory) -> dict:
-    """Attach the snapshot of ``source_directory`` to ``spec`` and submit it; returns the run's details."""
+    """Attach the snapshot of ``source_directory`` to ``spec`` and submit it; returns the run's details.
+
+    The submit carries a fresh idempotency key. If the connection is lost before the reply
+    (the agent restarted, say), it is sent once more on a new connection with the same key:
+    the agent returns the run it already made, or makes it if it had not.
+    """
     archive = pack_snapshot(source_directory)
-    connection = workspace.connection
+    key = os.urandom(16).hex()
+    try:
+        return _submit_once(workspace.connection, spec, archive, key)
+    except AgentUnavailable:
+        if workspace._socket is None:
+            raise
+        workspace._reconnect()
+        return _submit_once(workspace.connection, spec, archive, key)
+
+
+def _submit_once(connection, spec: dict, archive: bytes, key: str) -> dict:
     if len(archive) <= UPLOAD_CHUNK:
         spec["snapshot"] = {"inline": archive}
     else:
@@ -64,7 +81,7 @@ def submit_spec(workspace: Workspace, spec: dict, source_directory) -> dict:
         for start in range(0, len(archive), UPLOAD_CHUNK):
             upload = connection.call("upload", upload=upload, data=archive[start:start + UPLOAD_CHUNK])["upload"]
         spec["snapshot"] = {"upload": upload}
-    return connection.call("submit", spec=spec)
+    return connection.call("submit", spec=spec, idempotency_key=key)
 
 
 def _matches(values: dict, wanted) -> bool:

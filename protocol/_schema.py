@@ -286,7 +286,11 @@ _RUN_ID = string(pattern=RUN_ID_RE, what="not a run id")
 
 OP_SCHEMAS: dict[str, Validator] = {
     "hello": struct({"protocol": Field(integer(min=0)), "client": Field(nullable(string(max_len=200)), None)}),
-    "submit": struct({"spec": Field(lambda value, path: validate_run_spec(value, path))}),
+    "submit": struct({
+        "spec": Field(lambda value, path: validate_run_spec(value, path)),
+        # The client's idempotency key: the same key from the same user returns the run it already made.
+        "idempotency_key": Field(nullable(string(min_len=1, max_len=128, nul=False)), None),
+    }),
     "upload": struct({"upload": Field(nullable(string(min_len=1, max_len=64)), None), "data": Field(binary)}),
     "get": struct({"run_id": Field(_RUN_ID)}),
     "list": struct({

@@ -270,11 +270,19 @@ def cmd_status(args) -> int:
     if hub:
         print(f"hub       {hub['url']}: {hub['state']}, delivered up to event {hub['delivered_seq']}, "
               f"backlog {hub['backlog']}" + (f", last error: {hub['last_error']}" if hub["last_error"] else ""))
+    _print_faults(status.get("faults") or [])
     for user, use in sorted(status["by_user"].items()):
         gpus = ",".join(use["gpus"]) or "-"
         print(f"  {user}: {use['runs']} running, cpus {use['cpus']}, "
               f"memory {_format.format_memory(use['memory'] or None)}, gpus {gpus}")
     return 0
+
+
+def _print_faults(faults: list) -> None:
+    """Problems the agent is living through (a full state disk); it retries and says when they clear."""
+    for fault in faults:
+        print(f"FAULT     {fault['where']}: {fault['error']} (since {_format.age(fault['since'])}, "
+              f"{fault['count']} failed writes; the agent retries, runs go on, queued runs wait)")
 
 
 def cmd_agent(args) -> int:

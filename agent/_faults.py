@@ -1,0 +1,97 @@
+"""Faults the agent lives through instead of crashing: a full disk, I/O errors, a read-only state filesystem.
+
+A write that meets one of these is retried with a capped backoff (``Faults.retry``)
+where losing it is not an option (a run's status), or refused with ``unavailable``
+where a client can try again (a submit). Each fault is recorded under the name of
+the place it hit (``store``, ``events.retention``...): logged when it starts and when it
+clears, and shown by ``labrun status`` while it lasts. The supervisor starts no new
+run while the state disk is failing, and catches up when writes succeed again.
+"""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+import time
+from typing import Callable
+
+import structlog
+import trio
+
+log = structlog.get_logger("labrun.faults")
+
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+# SQLite's primary result codes for "disk full", "disk I/O error", "read-only" and "cannot open".
+_SQLITE_DISK_CODES = frozenset({13, 10, 8, 14})
+RETRY_INITIAL_SECONDS = 0.5
+RETRY_MAX_SECONDS = 10.0
+
+
+def is_disk_error(exc: BaseException) -> bool:
+    """Whether ``exc`` means the state filesystem cannot take writes now (not a bug, not the client's fault)."""
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_ERRNOS
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in _SQLITE_DISK_CODES
+        return any(text in str(exc) for text in ("disk is full", "disk I/O error", "readonly database"))
+    return False
+
+
+class Faults:
+    """The faults present now, by where they hit."""
+
+    def __init__(self):
+        self.current: dict[str, dict] = {}
+        self.on_clear: Callable[[], None] = lambda: None
+
+    @property
+    def disk_failing(self) -> bool:
+        return bool(self.current)
+
+    def report(self, where: str, exc: BaseException) -> None:
+        now = time.time()
+        fault = self.current.get(where)
+        if fault is None:
+            self.current[where] = {"where": where, "error": _describe(exc), "since": now, "last": now, "count": 1}
+            log.error("fault.started", where=where, error=_describe(exc),
+                      detail="the agent keeps running and retries; free space on the state filesystem")
+        else:
+            fault.update(error=_describe(exc), last=now, count=fault["count"] + 1)
+
+    def clear(self, where: str) -> None:
+        fault = self.current.pop(where, None)
+        if fault is not None:
+            log.warning("fault.cleared", where=where, lasted_seconds=round(time.time() - fault["since"], 1),
+                        failures=fault["count"])
+            if not self.current:
+                self.on_clear()
+
+    async def retry(self, where: str, write: Callable, *args, **kwargs):
+        """Call ``write`` until it gets past disk errors, with a capped backoff; other errors propagate.
+
+        Cancellation: the wait between attempts is a checkpoint, so agent shutdown is never held up.
+        """
+        delay = RETRY_INITIAL_SECONDS
+        while True:
+            try:
+                result = write(*args, **kwargs)
+            except (OSError, sqlite3.OperationalError) as exc:
+                if not is_disk_error(exc):
+                    raise
+                self.report(where, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                continue
+            self.clear(where)
+            return result
+
+    def status(self) -> list[dict]:
+        return [dict(fault) for fault in self.current.values()]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    return str(exc)
