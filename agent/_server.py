@@ -96,8 +96,9 @@ async def open_unix_listener(path: Path, *, system: bool, group: str | None) -> 
     return trio.SocketListener(sock)
 
 
-class _Timers:
-    """When a connection's receive loop gives up: handshake, idle (nothing in flight) or an unfinished frame."""
+class _ConnectionState:
+    """A connection's counters, and when its receive loop gives up: handshake, idle (nothing in flight) or an
+    unfinished frame."""
 
     def __init__(self, limits, scope: trio.CancelScope):
         self.limits = limits
@@ -107,6 +108,7 @@ class _Timers:
         self.handshake_by = trio.current_time() + HANDSHAKE_TIMEOUT
         self.last_activity = trio.current_time()
         self.frame_started: float | None = None
+        self.buffered = 0   # bytes of an unfinished frame counted against the limits
 
     def rearm(self) -> None:
         if not self.greeted:
@@ -197,39 +199,31 @@ class ConnectionHandler:
             peer = resolve_peer(pid, uid, gid, self.config.admin_group)
             session = Session(peer=peer)
             decoder = FrameDecoder(self.config.max_frame_bytes)
+            state = _ConnectionState(self.limits.config, trio.CancelScope())
             with structlog.contextvars.bound_contextvars(peer_uid=uid, peer_pid=pid):
                 try:
                     async with trio.open_nursery() as requests:
-                        timers = _Timers(self.limits.config, trio.CancelScope())
-                        with timers.scope:
-                            timers.rearm()
-                            await self._receive_loop(stream, decoder, session, send, requests, timers)
-                        if timers.scope.cancelled_caught:
-                            reason = timers.reason()
+                        with state.scope:
+                            state.rearm()
+                            await self._receive_loop(stream, decoder, session, send, requests, state)
+                        if state.scope.cancelled_caught:
+                            reason = state.reason()
                             log.info("connection.closed", reason=reason)
                             await refuse(Unavailable(_TIMEOUT_MESSAGES[reason].format(
                                 idle=self.limits.config.idle_timeout_seconds,
                                 frame=self.limits.config.frame_timeout_seconds), details={"reason": reason}))
                         requests.cancel_scope.cancel()
                 finally:
-                    self.limits.buffer(uid, decoder.pending, 0)
+                    self.limits.buffer(uid, state.buffered, 0)
                     session.discard_uploads()
         finally:
             self.limits.release(uid)
 
-    async def _receive_loop(self, stream, decoder, session, send, requests, timers: _Timers) -> None:
+    async def _receive_loop(self, stream, decoder, session, send, requests, state: _ConnectionState) -> None:
         uid = session.peer.uid
         while True:
             data = await stream.receive_some(RECEIVE_SIZE)
             if not data:
-                return
-            before = decoder.pending
-            try:
-                # Counted before it is buffered: a refused frame never costs the agent its bytes.
-                self.limits.buffer(uid, before, before + len(data))
-            except AgentError as exc:
-                log.warning("connection.refused", limit=exc.details.get("limit"))
-                await send(reply_error(None, exc))
                 return
             try:
                 messages = decoder.feed(data)
@@ -239,13 +233,20 @@ class ConnectionHandler:
             except FrameCorrupt as exc:
                 log.info("connection.corrupt", error=str(exc))
                 return
-            finally:
-                self.limits.buffer(uid, before + len(data), decoder.pending)
-            timers.last_activity = trio.current_time()
+            try:
+                # What stays buffered is an unfinished frame: it counts against the user's and the agent's
+                # budgets until it completes (at most one read's worth is held beyond them).
+                self.limits.buffer(uid, state.buffered, decoder.pending)
+                state.buffered = decoder.pending
+            except AgentError as exc:
+                log.warning("connection.refused", limit=exc.details.get("limit"))
+                await send(reply_error(None, exc))
+                return
+            state.last_activity = trio.current_time()
             if decoder.pending == 0:
-                timers.frame_started = None
-            elif messages or timers.frame_started is None:
-                timers.frame_started = timers.last_activity
+                state.frame_started = None
+            elif messages or state.frame_started is None:
+                state.frame_started = state.last_activity
             for message in messages:
                 id = request_id(message)
                 try:
@@ -255,27 +256,27 @@ class ConnectionHandler:
                     continue
                 if request.op == "hello":
                     await self._serve_request(session, request, send)
-                    timers.greeted = session.greeted
+                    state.greeted = session.greeted
                 elif not session.greeted:
                     await send(reply_error(id, BadRequest("send 'hello' before any other request")))
                 else:
                     try:
-                        self.limits.start_request(uid, timers.in_flight)
+                        self.limits.start_request(uid, state.in_flight)
                     except AgentError as exc:
                         await send(reply_error(id, exc))
                         continue
-                    timers.in_flight += 1
-                    requests.start_soon(self._counted_request, session, request, send, timers)
-            timers.rearm()
+                    state.in_flight += 1
+                    requests.start_soon(self._counted_request, session, request, send, state)
+            state.rearm()
 
-    async def _counted_request(self, session: Session, request, send, timers: _Timers) -> None:
+    async def _counted_request(self, session: Session, request, send, state: _ConnectionState) -> None:
         try:
             await self._serve_request(session, request, send)
         finally:
-            timers.in_flight -= 1
+            state.in_flight -= 1
             self.limits.end_request(session.peer.uid)
-            timers.last_activity = trio.current_time()
-            timers.rearm()
+            state.last_activity = trio.current_time()
+            state.rearm()
 
     async def _serve_request(self, session: Session, request, send) -> None:
         handler = self.service.handlers[request.op]

@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from run import rss_mib  # noqa: E402  (bench/run.py: the same RSS reader as the benchmarks)
 
+from labrun.agent._server import socket_answers  # noqa: E402
 from labrun.protocol import PROTOCOL_VERSION  # noqa: E402
 from labrun.protocol._schema import OP_SCHEMAS, RUN_SPEC  # noqa: E402
 
@@ -336,7 +337,7 @@ def start_agent(root: Path, config: str) -> tuple[subprocess.Popen, Path]:
                                 str(root / "state"), "--config", str(root / "agent.toml"), "--log-level", "warning"],
                                stdout=log, stderr=log, env=env)
     deadline = time.monotonic() + 30
-    while not sock.exists():
+    while not socket_answers(sock):
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the agent did not start:\n{(root / 'agent.log').read_text()}")
         time.sleep(0.05)
