@@ -11,7 +11,9 @@ import argparse
 import fcntl
 import os
 import signal
+import sqlite3
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -74,12 +76,14 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
         except StateDamaged:
             lock.close()
             raise
-        store = Store(config.state_dir / "state.db")
+        faults = Faults(config.state_dir / "reserve")
+        store = await _open_store(config.state_dir / "state.db", faults)
+        faults.keep_reserve()
         clean_orphans(config.state_dir, lambda run_id: store.get_run(run_id) is not None)
         docker = DockerExecutor(AsyncioBridge(), config.docker, agent_id(config.state_dir), config.docker_url,
                                 on_first_container=lambda: store.set_meta("docker_used", True))
         try:
-            await _serve(config, store, docker, signals, task_status)
+            await _serve(config, store, faults, docker, signals, task_status)
         finally:
             with trio.move_on_after(5, shield=True):
                 await docker.close()
@@ -88,11 +92,22 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
     log.info("agent.stopped")
 
 
-async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, signals, task_status) -> None:
+async def _open_store(path: Path, faults: Faults) -> Store:
+    """Open the database; on a full disk give up the reserve and retry until it opens (never a crash)."""
+    try:
+        return Store(path)
+    except sqlite3.OperationalError as exc:
+        if not is_disk_error(exc):
+            raise
+        faults.report("store", exc)
+    return await faults.retry("store", Store, path)
+
+
+async def _serve(config: AgentConfig, store: Store, faults: Faults, docker: DockerExecutor, signals,
+                 task_status) -> None:
     capacity = discover_capacity(config.resources)
     cgroups = MemoryCgroups.detect() if config.resources.memory_enforcement == "auto" else None
     executors = {"local": LocalExecutor(cgroups, config.stop_grace_seconds), "docker": docker}
-    faults = Faults()
     supervisor = Supervisor(config, store, capacity, executors, faults)
     events = EventLog(store, buffer=config.subscriber_buffer)
     hub = HubSender(config.hub, store, events) if config.hub is not None else None
@@ -107,6 +122,7 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
                 await nursery.start(supervisor.run)
                 if hub is not None:
                     await nursery.start(hub.run)
+                await nursery.start(faults.watch, partial(_probe_disk, config.state_dir, store))
                 await nursery.start(events.retain, config.retention_days,
                                     (lambda: hub.delivered) if hub is not None else (lambda: None))
                 listener = await open_unix_listener(config.socket, system=config.system, group=config.socket_group)
@@ -129,6 +145,19 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
                 config.socket.unlink()
         except FileNotFoundError:
             pass
+
+
+def _probe_disk(state_dir: Path, store: Store) -> None:
+    """A small file write and a database write where the agent keeps its state: both pass once space is back."""
+    probe = state_dir / ".disk-probe"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(64 * 1024))
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
+    store.set_meta("disk_probe", time.time())
 
 
 def _lifecycle_event(store: Store, faults: Faults, type: str, data: dict) -> None:

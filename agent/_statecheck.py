@@ -20,6 +20,7 @@ from pathlib import Path
 
 import structlog
 
+from ._faults import is_disk_error
 from ._store import SCHEMA
 
 log = structlog.get_logger("labrun.state")
@@ -75,6 +76,10 @@ def check_state(state_dir: Path) -> None:
         finally:
             probe.close()
     except sqlite3.DatabaseError as exc:
+        if is_disk_error(exc):
+            # A full disk is not damage: start, serve what can be read, and retry writes (see _faults).
+            log.warning("state.check.skipped", error=str(exc), detail="the state disk is full or failing")
+            return
         raise StateDamaged(f"the state database {db} cannot be read ({exc}). {_advice(db, runs)}") from None
     if problems != ["ok"]:
         raise StateDamaged(f"the state database {db} is corrupt (integrity check: {'; '.join(problems)}). "
