@@ -42,7 +42,9 @@ def string(*, min_len: int = 0, max_len: int = 1 << 20, pattern: re.Pattern | No
         if not min_len <= len(value) <= max_len:
             raise BadRequest(f"{path}: length must be between {min_len} and {max_len}", details={"field": path})
         if not nul and "\0" in value:
-            raise BadRequest(f"{path}: must not contain a NUL character", details={"field": path})
+            error = BadRequest(f"{path}: must not contain a NUL character", details={"field": path})
+            error.nul = True   # one_of reports this rather than a type mismatch
+            raise error
         if pattern is not None and not pattern.match(value):
             raise BadRequest(f"{path}: {what or 'invalid value'}: {value[:80]!r}", details={"field": path})
         return value
@@ -143,11 +145,16 @@ def one_of(*options: tuple[str, Validator]) -> Validator:
     """Accept the first option whose validator passes; the error lists all of them."""
 
     def check(value, path):
+        errors = []
         for _name, validator in options:
             try:
                 return validator(value, path)
-            except BadRequest:
-                continue
+            except BadRequest as exc:
+                errors.append(exc)
+        # A NUL inside an option of the right type says more than "expected X or Y".
+        for exc in errors:
+            if getattr(exc, "nul", False):
+                raise exc
         expected = " or ".join(name for name, _ in options)
         raise _fail(path, expected, value)
 

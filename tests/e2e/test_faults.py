@@ -283,3 +283,21 @@ def test_the_client_retries_a_submit_whose_reply_was_lost(agent, source, tmp_pat
         assert [r["run_id"] for r in agent.workspace().list_runs(all=True) if r["experiment"] == "lost"] == [run.id]
     finally:
         proxy.close()
+
+
+def test_a_snapshot_file_named_outputs_is_a_bad_request(agent):
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo("outputs")
+        info.size = 1
+        archive.addfile(info, io.BytesIO(b"x"))
+    spec = {"experiment": "e", "command": ["true"], "snapshot": {"inline": buffer.getvalue()}}
+    with AgentConnection(agent.socket) as connection:
+        with pytest.raises(AgentError) as refused:
+            connection.call("submit", spec=spec)
+        assert refused.value.code == "bad_request" and "'outputs' is a file" in refused.value.message
+        assert connection.call("status")["runs"] == {}
+    assert not list((agent.state_dir / "runs").iterdir())
