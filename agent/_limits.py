@@ -88,6 +88,13 @@ def _open_fds() -> int:
         return 0
 
 
+def _add(counter: Counter, uid: int, delta: int) -> None:
+    """Change one user's count; users at zero leave the counter, so it never grows with uids seen."""
+    counter[uid] += delta
+    if counter[uid] <= 0:
+        del counter[uid]
+
+
 class Limits:
     """Counters shared by every connection: buffered bytes (per user and in total) and connections per user."""
 
@@ -122,9 +129,7 @@ class Limits:
         self.connections_by_user[uid] += 1
 
     def release(self, uid: int) -> None:
-        self.connections_by_user[uid] -= 1
-        if self.connections_by_user[uid] <= 0:
-            del self.connections_by_user[uid]
+        _add(self.connections_by_user, uid, -1)
 
     # -- requests in flight ------------------------------------------------------------
 
@@ -145,9 +150,7 @@ class Limits:
         self.requests_by_user[uid] += 1
 
     def end_request(self, uid: int) -> None:
-        self.requests_by_user[uid] -= 1
-        if self.requests_by_user[uid] <= 0:
-            del self.requests_by_user[uid]
+        _add(self.requests_by_user, uid, -1)
 
     # -- buffered bytes ----------------------------------------------------------------
 
@@ -169,9 +172,7 @@ class Limits:
                                   f"clients, its limit (limits.buffer_bytes_total); try again shortly",
                                   details={"limit": "buffer_bytes_total"})
         self.buffered_total += delta
-        self.buffered_by_user[uid] += delta
-        if self.buffered_by_user[uid] <= 0:
-            del self.buffered_by_user[uid]
+        _add(self.buffered_by_user, uid, delta)
 
     def status(self) -> dict:
         return {"buffered_bytes": self.buffered_total,
