@@ -14,6 +14,7 @@ agent itself (its database, run log files, pipes of starting runs) never meets
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 from collections import Counter
@@ -79,6 +80,26 @@ def raise_fd_limit() -> tuple[int, int]:
         except (ValueError, OSError):
             pass
     return soft, hard
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+def tune_malloc() -> None:
+    """Make memory the agent frees go back to the system, so a burst of large frames does not stay in its RSS.
+
+    glibc raises its mmap threshold after each large free (up to 32 MiB), after which large buffers come from the
+    heap and fragment it; a thread's arena keeps what a worker thread freed. A fixed threshold, a low trim
+    threshold and two arenas keep the agent's RSS near what it holds. Elsewhere than glibc this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    for parameter, value in ((_M_MMAP_THRESHOLD, 128 * 1024), (_M_TRIM_THRESHOLD, 256 * 1024), (_M_ARENA_MAX, 2)):
+        mallopt(ctypes.c_int(parameter), ctypes.c_int(value))
 
 
 def _open_fds() -> int:

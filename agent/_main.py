@@ -30,7 +30,7 @@ from ._config import AgentConfig, ConfigError, load_config
 from ._events import EventLog
 from ._faults import Faults, is_disk_error
 from ._hub import HubSender
-from ._limits import Limits, raise_fd_limit
+from ._limits import Limits, raise_fd_limit, tune_malloc
 from ._local import LocalExecutor
 from ._logging import configure_logging
 from ._server import AgentAlreadyRunning, ConnectionHandler, open_unix_listener, refuse_if_agent_answers
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(args.log_level)
     raise_fd_limit()
+    tune_malloc()
     refusals = []
     code = 0
     try:
