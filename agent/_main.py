@@ -77,7 +77,10 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
             lock.close()
             raise
         faults = Faults(config.state_dir / "reserve")
-        store = await _open_store(config.state_dir / "state.db", faults)
+        store = await _open_store(config.state_dir / "state.db", faults, signals)
+        if store is None:
+            lock.close()
+            return
         faults.keep_reserve()
         clean_orphans(config.state_dir, lambda run_id: store.get_run(run_id) is not None)
         docker = DockerExecutor(AsyncioBridge(), config.docker, agent_id(config.state_dir), config.docker_url,
@@ -92,15 +95,27 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
     log.info("agent.stopped")
 
 
-async def _open_store(path: Path, faults: Faults) -> Store:
-    """Open the database; on a full disk give up the reserve and retry until it opens (never a crash)."""
+async def _open_store(path: Path, faults: Faults, signals) -> Store | None:
+    """Open the database; on a full disk give up the reserve and retry until it opens (never a crash).
+
+    Returns None if a stop signal came while waiting for space.
+    """
     try:
         return Store(path)
     except sqlite3.OperationalError as exc:
         if not is_disk_error(exc):
             raise
         faults.report("store", exc)
-    return await faults.retry("store", Store, path)
+    store = None
+    async with trio.open_nursery() as nursery:
+        async def stop_on_signal():
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(stop_on_signal)
+        store = await faults.retry("store", Store, path)
+        nursery.cancel_scope.cancel()
+    return store
 
 
 async def _serve(config: AgentConfig, store: Store, faults: Faults, docker: DockerExecutor, signals,
