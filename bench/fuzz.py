@@ -187,6 +187,8 @@ def frame(message) -> bytes:
 
 
 HELLO = frame({"id": 0, "op": "hello", "args": {"protocol": PROTOCOL_VERSION, "client": "fuzz"}})
+SENTINEL_ID = 10**6
+SENTINEL = frame({"id": SENTINEL_ID, "op": "status", "args": {}})
 
 
 class Fuzzer:
@@ -221,7 +223,7 @@ class Fuzzer:
             kind = rng.choices(["bytes", "truncated", "oversized", "envelope", "requests"], [1, 1, 1, 2, 10])[0]
             try:
                 await getattr(self, f"_{kind}")(rng, values)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 self.closed_by_agent += 1
             if not warmed and self.total >= WARMUP_FRAMES and self.on_warm is not None:
                 warmed = True
@@ -256,35 +258,46 @@ class Fuzzer:
     async def _envelope(self, rng, values) -> None:
         stream = await self._connect()
         async with stream:
-            await stream.send_all(HELLO)
+            data = bytearray(HELLO)
             for _ in range(BATCH // 4):
                 message = {values.text()[:10]: values.anything() for _ in range(rng.randint(0, 4))}
                 if rng.random() < 0.7:
                     message.update({"id": values.anything(), "op": rng.choice([*OP_SCHEMAS, values.text()]),
                                     "args": values.anything()})
-                await stream.send_all(frame(message))
+                data += frame(message)
                 self.sent["envelope"] += 1
-            await self._sentinel(stream)
+            await self._exchange(stream, bytes(data))
 
     async def _requests(self, rng, values) -> None:
         stream = await self._connect()
         async with stream:
-            await stream.send_all(HELLO)
-            data = bytearray()
+            data = bytearray(HELLO)
             for i in range(BATCH):
                 data += frame(values.request(i + 1))
                 self.sent["requests"] += 1
-            await stream.send_all(bytes(data))
-            await self._sentinel(stream)
+            await self._exchange(stream, bytes(data))
 
-    async def _sentinel(self, stream) -> None:
-        """Ask ``status`` last: its answer proves the connection (and the agent) still serve."""
-        await stream.send_all(frame({"id": 10**6, "op": "status", "args": {}}))
-        await self._drain(stream, 10**6)
+    async def _exchange(self, stream, data: bytes) -> None:
+        """Send a batch, then ``status`` last, while reading the replies; the answer to ``status`` must come
+        within ``HANG_SECONDS`` of the last byte sent. (Reading while sending matters: a client that only
+        writes fills both socket buffers and then waits forever on an agent waiting for it to read.)"""
+        async with trio.open_nursery() as nursery:
+            async def read() -> None:
+                await self._drain(stream, SENTINEL_ID, timeout=float("inf"))
+                nursery.cancel_scope.cancel()
 
-    async def _drain(self, stream, until_id) -> None:
+            nursery.start_soon(read)
+            try:
+                await stream.send_all(data + SENTINEL)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return   # the agent closed the connection (the reader sees it too)
+            await trio.sleep(HANG_SECONDS)
+            self.hangs.append(f"no answer to the sentinel status within {HANG_SECONDS:g} s")
+            nursery.cancel_scope.cancel()
+
+    async def _drain(self, stream, until_id, timeout: float = HANG_SECONDS) -> None:
         buffer = bytearray()
-        with trio.move_on_after(HANG_SECONDS) as scope:
+        with trio.move_on_after(timeout) as scope:
             while True:
                 data = await stream.receive_some(1 << 20)
                 if not data:
@@ -327,12 +340,20 @@ class Fuzzer:
                 with trio.fail_after(HANG_SECONDS):
                     stream = await self._connect()
                     async with stream:
-                        await stream.send_all(HELLO + frame({"id": 10**6, "op": "status", "args": {}}))
-                        await self._drain(stream, 10**6)
+                        await stream.send_all(HELLO + SENTINEL)
+                        await self._drain(stream, SENTINEL_ID)
             except (trio.TooSlowError, OSError, trio.BrokenResourceError) as exc:
                 self.hangs.append(f"status probe failed: {exc!r}")
                 return
             await trio.sleep(1)
+
+
+def anon_mib(pid: int) -> float:
+    """The part of the RSS that is the process's own memory (not mapped files such as its libraries)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def start_agent(root: Path, config: str) -> tuple[subprocess.Popen, Path]:
@@ -354,7 +375,13 @@ def start_agent(root: Path, config: str) -> tuple[subprocess.Popen, Path]:
 async def fuzz(args, process: subprocess.Popen, sock: Path) -> dict:
     fuzzer = Fuzzer(str(sock), args.seed, args.frames, args.seconds, args.max_frame)
     rss = {"launch": rss_mib(process.pid)}
-    fuzzer.on_warm = lambda: rss.setdefault("start", rss_mib(process.pid))
+    anon = {"launch": anon_mib(process.pid)}
+
+    def warm():
+        rss.setdefault("start", rss_mib(process.pid))
+        anon.setdefault("start", anon_mib(process.pid))
+
+    fuzzer.on_warm = warm
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fuzzer.probe, process)
@@ -362,10 +389,12 @@ async def fuzz(args, process: subprocess.Popen, sock: Path) -> dict:
             nursery.start_soon(fuzzer.worker, index)
     duration = time.monotonic() - started
     rss.setdefault("start", rss["launch"])
+    anon.setdefault("start", anon["launch"])
     crashed = process.poll() is not None
     if not crashed:
         await trio.sleep(2)   # in-flight work settles
         rss["end"] = rss_mib(process.pid)
+        anon["end"] = anon_mib(process.pid)
     growth = (rss["end"] / rss["start"] - 1) if "end" in rss else None
     return {
         "seed": args.seed, "frames": fuzzer.total, "by_kind": dict(fuzzer.sent), "replies": dict(fuzzer.replies),
@@ -373,6 +402,7 @@ async def fuzz(args, process: subprocess.Popen, sock: Path) -> dict:
         "duration_seconds": round(duration, 1), "frames_per_second": round(fuzzer.total / duration),
         "crashes": int(crashed), "crash_exit": process.returncode, "hangs": fuzzer.hangs,
         "rss_mib": {k: round(v, 1) for k, v in rss.items()},
+        "rss_anon_mib": {k: round(v, 1) for k, v in anon.items()},
         "rss_growth": None if growth is None else round(growth, 4),
         "passed": not crashed and not fuzzer.hangs and growth is not None and growth <= 0.10,
     }
@@ -395,7 +425,7 @@ def markdown(result: dict) -> str:
         f"| by kind | {', '.join(f'{k} {v:,}' for k, v in sorted(result['by_kind'].items()))} |",
         f"| replies | {', '.join(f'{k} {v:,}' for k, v in sorted(result['replies'].items()))} |",
         f"| connections closed by the agent | {result['connections_closed_by_agent']:,} |",
-        f"| runs created (valid submits) | {result['runs_created']:,} |",
+        f"| run ids met in replies (up to 1,000 kept to aim requests at) | {result['runs_created']:,} |",
         f"| duration | {result['duration_seconds']:,} s |",
         f"| rate | {result['frames_per_second']:,} frames/s |",
         f"| crashes | {result['crashes']} |",
@@ -403,6 +433,9 @@ def markdown(result: dict) -> str:
         f"| agent RSS at launch / after warm-up / at the end | {result['rss_mib'].get('launch')} / "
         f"{result['rss_mib'].get('start')} / {result['rss_mib'].get('end')} MiB |",
         f"| RSS growth since warm-up | {growth} |",
+        f"| of which anonymous memory (heap), at launch / after warm-up / at the end | "
+        f"{result['rss_anon_mib'].get('launch')} / {result['rss_anon_mib'].get('start')} / "
+        f"{result['rss_anon_mib'].get('end')} MiB |",
         "",
     ]
     return "\n".join(lines)
