@@ -100,7 +100,11 @@ class AgentConnection:
         if message.get("id") not in (id, None):
             raise AgentUnavailable(f"the agent answered request {message.get('id')} while we waited for {id}")
         if message.get("ok") is False:
-            raise AgentError.from_wire(message.get("error") or {})
+            error = message.get("error") or {}
+            if message.get("id") is None and (error.get("details") or {}).get("reason"):
+                # The agent closed this connection (idle, say) just as we sent: as if it had gone away.
+                raise AgentUnavailable(f"the agent at {self.path} closed the connection: {error.get('message')}")
+            raise AgentError.from_wire(error)
         return message
 
     def call(self, op: str, **args: Any) -> Any:
