@@ -102,6 +102,47 @@ def test_a_run_that_ends_on_a_full_disk_is_recorded_when_space_returns(make_agen
     assert "fault.started" in log and "fault.cleared" in log and "fault.reserve.released" in log
 
 
+METRICS_SCRIPT = """
+import os, sys, time
+from labrun import Run
+run = Run.get_context()
+flags = sys.argv[1]
+def wait(name):
+    while not os.path.exists(os.path.join(flags, name)):
+        time.sleep(0.05)
+wait("full")
+run.log("during", 2.0)
+run.flush()
+open(os.path.join(flags, "logged"), "w").close()
+wait("freed")
+run.flush()
+"""
+
+
+@needs_root
+def test_metrics_logged_on_a_full_disk_are_held_and_arrive(make_agent, small_disk, tmp_path):
+    agent = start_on(make_agent, small_disk)
+    source = tmp_path / "metrics-src"
+    source.mkdir()
+    (source / "metrics.py").write_text(METRICS_SCRIPT)
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    experiment = Experiment(agent.workspace(), "exp")
+    run = experiment.submit(ScriptRunConfig(str(source), command=[sys.executable, "metrics.py", str(flags)]))
+    wait_until(lambda: run.get_status() == "Running", what="the run to start")
+    small_disk.fill()
+    with pytest.raises(AgentError):   # the first fault gives up the agent's reserve...
+        experiment.submit(ScriptRunConfig(str(source), command=["true"]))
+    small_disk.fill()                 # ...which the disk's other writers take
+    (flags / "full").touch()
+    wait_until(lambda: (flags / "logged").exists(), timeout=30, what="the script to log on a full disk")
+    assert run.get_metrics() == {}    # held by the script, not lost, and the script went on
+    small_disk.free()
+    (flags / "freed").touch()
+    assert run.wait_for_completion()["status"] == "Completed"
+    assert run.get_metrics() == {"during": 2.0}
+
+
 @needs_root
 def test_the_agent_starts_and_serves_on_a_full_disk(make_agent, small_disk, source):
     agent = start_on(make_agent, small_disk)
