@@ -14,10 +14,11 @@ passed). Each client connection gets a random *kind*:
   for every argument, derived from the protocol's own schemas (random types, edge
   integers such as 2**63, NaN, infinities, NUL and control characters, huge strings).
 
-Submits are fuzzed too. One in ten has its command, environment, Docker, distribution
+Submits are fuzzed too. One in twenty has its command, environment, Docker, distribution
 and ``resume_from`` fields pinned (it runs ``true``, if the rest of its random spec is
 valid), so the fuzzer never makes the machine build environments or copy trees; the
-other nine are random throughout, and refused.
+others are random throughout, and refused. Nine watches in ten start from now: a replay of
+the whole history is fuzzed too, but costs time in proportion to the history.
 
 Every batch on a live connection ends with a ``status`` request that must be answered
 within ``HANG_SECONDS``, and a separate probe asks ``status`` every second: a missing
@@ -79,7 +80,11 @@ def _tar(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-SNAPSHOTS = [_tar({}), _tar({"a.py": b"print(1)\n"}), _tar({"outputs": b"x"}), _tar({"../x": b"x"}), b"", b"not a tar"]
+SNAPSHOTS = [_tar({}), _tar({"a.py": b"print(1)\n"}), b"", b"not a tar"]
+EMPTY_HASH = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"   # sha256 of nothing
+# Manifests for pinned submits: empty, one empty file, and two the agent must refuse.
+MANIFESTS = [[], [["a.py", 0, 0o644, EMPTY_HASH]], [["outputs", 0, 0o644, EMPTY_HASH]],
+             [["../x", 0, 0o644, EMPTY_HASH]]]
 
 
 class Values:
@@ -159,16 +164,19 @@ class Values:
                 args["timeout"] = self.rng.choice([0, 0.01, 0.5])
             if op in ("watch", "logs"):
                 args["follow"] = False
+            # A replay of the whole event history is legitimate but costs O(history): mostly watch from now.
+            if op == "watch" and self.rng.random() < 0.9:
+                args["since"] = None
         return {"id": id, "op": op, "args": args}
 
     def spec(self) -> dict:
         spec = self.for_validator(RUN_SPEC)
-        # One submit in ten is pinned to be harmless and likely valid: enough runs to fuzz every op against
+        # One submit in twenty is pinned to be harmless and likely valid: enough runs to fuzz every op against
         # real ones, few enough that the history (which list and watch walk) stays small.
-        if isinstance(spec, dict) and self.rng.random() < 0.1:
+        if isinstance(spec, dict) and self.rng.random() < 0.05:
             spec["experiment"] = spec.get("experiment") if self.rng.random() < 0.3 else "fuzz"
             spec.update({k: v for k, v in PINNED_SPEC.items()})
-            spec["snapshot"] = {"inline": self.rng.choice(SNAPSHOTS[:3])}
+            spec["snapshot"] = {"files": self.rng.choice(MANIFESTS)}
             if self.rng.random() < 0.5:
                 spec.pop("environ", None)
                 spec.pop("environment_variables", None)

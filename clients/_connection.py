@@ -10,7 +10,7 @@ import itertools
 import os
 import select
 import socket
-from typing import Any, Iterator
+from collections.abc import Iterator
 
 from labrun.protocol._errors import AgentError, ProtocolError
 from labrun.protocol._framing import FrameDecoder, pack_frame
@@ -107,14 +107,14 @@ class AgentConnection:
             raise AgentError.from_wire(error)
         return message
 
-    def call(self, op: str, **args: Any) -> Any:
+    def call(self, op: str, **args) -> object:
         """Send one request and return its result; an error reply raises its ``AgentError``."""
         if op != "hello":
             self._refresh()
         id = self._send(op, args)
         return self._reply_for(id)["result"]
 
-    def stream(self, op: str, *, timeout: float | None = None, **args: Any) -> Iterator[Any]:
+    def stream(self, op: str, *, timeout: float | None = None, **args) -> Iterator:
         """Send one streaming request and yield its items until the stream ends.
 
         Closing the iterator early closes the connection, since the agent may still be sending.

@@ -235,12 +235,7 @@ def test_orphan_run_directories_are_removed_at_start(agent_with_history):
 
 
 def test_a_submit_key_returns_the_run_it_made(agent, source):
-    import io
-    import tarfile
-
-    buffer = io.BytesIO()
-    tarfile.open(fileobj=buffer, mode="w").close()
-    spec = {"experiment": "idem", "command": ["true"], "snapshot": {"inline": buffer.getvalue()}}
+    spec = {"experiment": "idem", "command": ["true"], "snapshot": {"files": []}}
     first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     first.connect(str(agent.socket))
     first.sendall(pack_frame({"id": 0, "op": "hello", "args": {"protocol": 1}}))
@@ -327,15 +322,7 @@ def test_the_client_retries_a_submit_whose_reply_was_lost(agent, source, tmp_pat
 
 
 def test_a_snapshot_file_named_outputs_is_a_bad_request(agent):
-    import io
-    import tarfile
-
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        info = tarfile.TarInfo("outputs")
-        info.size = 1
-        archive.addfile(info, io.BytesIO(b"x"))
-    spec = {"experiment": "e", "command": ["true"], "snapshot": {"inline": buffer.getvalue()}}
+    spec = {"experiment": "e", "command": ["true"], "snapshot": {"files": [["outputs", 1, 0o644, "0" * 64]]}}
     with AgentConnection(agent.socket) as connection:
         with pytest.raises(AgentError) as refused:
             connection.call("submit", spec=spec)

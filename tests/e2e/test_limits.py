@@ -216,7 +216,7 @@ def test_label_limits_name_their_key(make_agent, source):
 
 def test_raw_oversized_numbers_and_env_keys_are_bad_requests(agent):
     sock = connect(agent)
-    spec = {"experiment": "e", "command": ["true"], "snapshot": {"inline": b""}}
+    spec = {"experiment": "e", "command": ["true"], "snapshot": {"files": []}}
     cases = [
         ({"spec": {**spec, "max_run_duration_seconds": 2**63}}, "args.spec.max_run_duration_seconds"),
         ({"spec": {**spec, "environment_variables": {"A=B": "1"}}}, "args.spec.environment_variables key 'A=B'"),

@@ -6,7 +6,7 @@ import pytest
 
 from labrun.protocol import BadRequest, parse_request
 
-SPEC = {"experiment": "exp", "command": ["true"], "snapshot": {"inline": b""}}
+SPEC = {"experiment": "exp", "command": ["true"], "snapshot": {"files": []}}
 
 
 def submit(**changes):
@@ -45,6 +45,8 @@ def submit(**changes):
     (submit(tags={"k" * 256: "v"}), "args.spec.tags key '" + "k" * 80 + "'"),
     (submit(tags={"k": "v" * 4097}), "args.spec.tags.k"),
     (submit(display_name="d" * 1025), "args.spec.display_name"),
+    # A file named outputs where the run's outputs/ directory goes.
+    (submit(snapshot={"files": [["outputs", 1, 0o644, "0" * 64]]}), "args.spec.snapshot.files"),
 ])
 def test_refused_with_the_field_named(message, field):
     with pytest.raises(BadRequest) as info:
