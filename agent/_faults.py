@@ -31,6 +31,7 @@ _SQLITE_DISK_CODES = frozenset({13, 10, 8, 14})
 # Kept free for the agent's own writes: released at the first fault, so the database can still open
 # and record what runs do; made again once the disk takes writes.
 RESERVE_BYTES = 4 * 1024 * 1024
+LOW_WATER_BYTES = 2 * 1024 * 1024
 RETRY_INITIAL_SECONDS = 0.5
 RETRY_MAX_SECONDS = 10.0
 
@@ -123,10 +124,26 @@ class Faults:
                     self.clear(where)
                 self.keep_reserve()
 
+    def make_room(self) -> None:
+        """Before a database commit: with less than ``LOW_WATER_BYTES`` free, give up the reserve first, so the
+        commit finds room (SQLite may roll back a commit that meets a full disk, and its writes are lost)."""
+        if self.reserve is None or not self.reserve.exists():
+            return
+        if self._free_bytes() < LOW_WATER_BYTES:
+            self.report("store", OSError(errno.ENOSPC, "the state filesystem is almost full",
+                                         str(self.reserve.parent)))
+
+    def _free_bytes(self) -> int:
+        try:
+            stats = os.statvfs(self.reserve.parent)
+        except OSError:
+            return 0
+        return stats.f_bavail * stats.f_frsize
+
     def keep_reserve(self) -> None:
         """Write the reserve file if it is missing and there is room for it."""
-        if self.reserve is None or self.reserve.exists():
-            return
+        if self.reserve is None or self.reserve.exists() or self._free_bytes() < RESERVE_BYTES + 2 * LOW_WATER_BYTES:
+            return   # (with less room, making it would only hand the disk back to whoever filled it)
         partial = self.reserve.with_name(self.reserve.name + ".new")
         try:
             with open(partial, "wb") as f:

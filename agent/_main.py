@@ -41,6 +41,8 @@ from ._supervisor import Supervisor
 
 log = structlog.get_logger("labrun.agent")
 
+# Free pages kept in the database (and written WAL), so commits on a full disk reuse space (Store.reserve_space).
+DATABASE_RESERVE_BYTES = 8 * 1024 * 1024
 # In-flight requests (log followers, waits) get this long after a shutdown signal.
 SHUTDOWN_GRACE_SECONDS = 2.0
 
@@ -82,6 +84,14 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
             lock.close()
             return
         faults.keep_reserve()
+        try:
+            store.reserve_space(DATABASE_RESERVE_BYTES)
+        except sqlite3.OperationalError as exc:
+            if not is_disk_error(exc):
+                raise
+            faults.report("store", exc)
+        store.before_commit = faults.make_room
+        store.on_commit_failed = lambda exc: faults.report("store", exc) if is_disk_error(exc) else None
         clean_orphans(config.state_dir, lambda run_id: store.get_run(run_id) is not None)
         docker = DockerExecutor(AsyncioBridge(), config.docker, agent_id(config.state_dir), config.docker_url,
                                 on_first_container=lambda: store.set_meta("docker_used", True))

@@ -160,9 +160,25 @@ class Store:
         self._batch_open = False            # writes wait in an open transaction for the writer
         self._batch_opened = trio.Event()   # wakes the writer
         self._committed = trio.Event()      # set when the open batch has committed
+        # Fault hooks (see _faults): make room before a commit; hear of a commit that failed.
+        self.before_commit: Callable[[], None] = lambda: None
+        self.on_commit_failed: Callable[[Exception], None] = lambda exc: None
+        self._lost: dict[trio.Event, Exception] = {}   # batches SQLite rolled back, by their commit event
+
+    def reserve_space(self, nbytes: int) -> None:
+        """Keep ``nbytes`` of free pages in the database and of written WAL: later commits then overwrite
+        space the files already own instead of asking the filesystem for more, so a full disk does not
+        make SQLite roll a commit back (which loses its writes). Called at start, before the writer runs."""
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0] * self._db.execute("PRAGMA page_size").fetchone()[0]
+        if free >= nbytes:
+            return
+        self._db.execute("CREATE TABLE IF NOT EXISTS space_reserve (data BLOB)")
+        self._db.execute("INSERT INTO space_reserve VALUES (zeroblob(?))", (nbytes - free,))
+        self._db.execute("DELETE FROM space_reserve")
 
     def close(self) -> None:
-        self._commit_batch()
+        with contextlib.suppress(sqlite3.Error):   # a full disk: what could not commit is logged already
+            self._commit_batch()
         self._db.close()
 
     # -- transactions ------------------------------------------------------------------
@@ -234,11 +250,16 @@ class Store:
                 await self._batch_opened.wait()
                 await trio.sleep(0)   # tasks that are ready now add their writes to this batch first
                 try:
+                    self.before_commit()
                     self._commit_batch()
                     delay = 0.05
                 except sqlite3.OperationalError as exc:
-                    if not self._db.in_transaction:   # SQLite rolled it back: those writes are gone
-                        raise
+                    self.on_commit_failed(exc)
+                    if not self._db.in_transaction:
+                        # SQLite rolled the batch back (it may, on a full disk): its writes are gone. The agent
+                        # goes on (a crash would lose more); before_commit's room check makes this rare.
+                        self._drop_batch(exc)
+                        continue
                     structlog.get_logger("labrun.store").error("store.commit.failed", error=str(exc),
                                                                retry_in=delay)
                     await trio.sleep(delay)
@@ -248,10 +269,24 @@ class Store:
                 self._commit_batch()
             self._grouping = False
 
+    def _drop_batch(self, exc: Exception) -> None:
+        structlog.get_logger("labrun.store").error("store.commit.lost", error=str(exc),
+                                                   events=len(self._uncommitted))
+        self._batch_open = False
+        self._batch_opened = trio.Event()
+        self._uncommitted = []
+        self._lost[self._committed] = exc   # durable() raises it to those who waited for this batch
+        committed, self._committed = self._committed, trio.Event()
+        committed.set()
+
     async def durable(self) -> None:
         """Return once every write made so far has committed."""
         if self._batch_open:
-            await self._committed.wait()
+            batch = self._committed
+            await batch.wait()
+            lost = self._lost.get(batch)   # (a rare case; the few entries are kept, identity keys stay unique)
+            if lost is not None:
+                raise lost
 
     def _event(self, type: str, *, run_id=None, experiment=None, user=None, data=None, now=None) -> int:
         event = {"id": str(uuid.uuid4()), "time": now or time.time(), "type": type, "run_id": run_id,
