@@ -23,7 +23,7 @@ import structlog
 import trio
 
 from labrun.protocol import (
-    STREAMING_OPS, AgentError, BadRequest, Forbidden, FrameCorrupt, FrameDecoder, FrameTooLarge, NotFound,
+    STREAMING_OPS, AgentError, BadRequest, Conflict, Forbidden, FrameCorrupt, FrameDecoder, FrameTooLarge, NotFound,
     TooLarge, Unavailable, pack_frame, parse_request, reply_error, reply_ok, request_id, stream_end, stream_item,
 )
 
@@ -148,6 +148,8 @@ def os_error_reply(exc: OSError) -> AgentError:
         return BadRequest(f"{_CLIENT_ERRNOS[exc.errno]}: {Path(exc.filename or '').name[:80]!r}")
     if exc.errno == errno.ENOENT:
         return NotFound(f"no such file: {Path(exc.filename or '').name[:80]!r}")
+    if exc.errno == errno.EEXIST:   # e.g. a file where a name needs a directory
+        return Conflict(f"already exists, and is not a directory: {Path(exc.filename or '').name[:80]!r}")
     if exc.errno in (errno.EACCES, errno.EPERM):
         return Forbidden(f"permission denied: {Path(exc.filename or '').name[:80]!r}")
     if exc.errno in DISK_ERRNOS:

@@ -12,7 +12,7 @@ import pytest
 
 from labrun import Experiment, ScriptRunConfig
 from labrun._connection import AgentConnection
-from labrun.exceptions import BadRequest, TooLarge
+from labrun.exceptions import AgentError, BadRequest, TooLarge
 from labrun.protocol import PROTOCOL_VERSION, pack_frame
 from tests.e2e.test_agent import as_nobody, needs_root, nobody_client, read_frame, shared_source  # noqa: F401
 
@@ -229,3 +229,14 @@ def test_raw_oversized_numbers_and_env_keys_are_bad_requests(agent):
     body = msgpack.packb({"id": 9, "op": "wait", "args": {"run_id": "x", "timeout": float("nan")}})
     sock.sendall(struct.pack(">I", len(body)) + body)
     assert read_frame(sock)["error"]["details"]["field"] == "args.timeout"
+
+
+def test_a_file_where_a_directory_is_needed_is_a_conflict(agent, source):
+    """Found by the fuzzer: put_file of "a/b" after "a" was an internal error."""
+    run = Experiment(agent.workspace(), "exp").submit(ScriptRunConfig(str(source), command=["sleep", "30"]))
+    with AgentConnection(agent.socket) as connection:
+        connection.call("put_file", run_id=run.id, name="a", data=b"x")
+        with pytest.raises(AgentError) as refused:
+            connection.call("put_file", run_id=run.id, name="a/b", data=b"y")
+        assert refused.value.code == "conflict"
+    run.cancel()
