@@ -22,6 +22,7 @@ import trio
 
 from labrun.protocol import __version__
 
+from ._asuser import agent_dir
 from ._asyncio_bridge import AsyncioBridge
 from ._capacity import discover_capacity
 from ._docker import DockerExecutor, agent_id
@@ -34,7 +35,10 @@ from ._limits import Limits, raise_fd_limit, tune_malloc
 from ._local import LocalExecutor
 from ._logging import configure_logging
 from ._mlflow_setup import Mlflow
-from ._server import AgentAlreadyRunning, ConnectionHandler, open_unix_listener, refuse_if_agent_answers
+from ._server import (
+    AgentAlreadyRunning, ConnectionHandler, SocketDirectoryUnsafe, check_socket_directory, open_unix_listener,
+    refuse_if_agent_answers,
+)
 from ._service import Service
 from ._statecheck import EXIT_STATE_DAMAGED, StateDamaged, check_state, clean_orphans
 from ._store import Store
@@ -53,8 +57,9 @@ class StateDirLocked(Exception):
 
 
 def _lock_state_dir(state_dir: Path, system: bool):
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o755 if system else 0o700)
-    lock = open(state_dir / "agent.lock", "a+")
+    # Root's alone; a root agent's runs reach their own (0700) directories through it by path, so it is 0711.
+    agent_dir(state_dir, traversable=True)
+    lock = open(state_dir / "agent.lock", "a+", opener=lambda path, flags: os.open(path, flags, 0o600))
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -143,6 +148,7 @@ async def _serve(config: AgentConfig, store: Store, faults: Faults, docker: Dock
     hub = HubSender(config.hub, store, events) if config.hub is not None else None
     limits = Limits(config.limits)
     service = Service(config, store, supervisor, events, hub, limits=limits)
+    check_socket_directory(config.socket, system=config.system)
     mlflow = Mlflow(config, store, events, supervisor)
     service.mlflow = supervisor.launches.mlflow = mlflow
     refuse_if_agent_answers(config.socket)
@@ -244,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         trio.run(run_agent, config)
-    except* (AgentAlreadyRunning, StateDirLocked) as group:
+    except* (AgentAlreadyRunning, SocketDirectoryUnsafe, StateDirLocked) as group:
         refusals, code = group.exceptions, 1
     except* StateDamaged as group:
         refusals, code = group.exceptions, EXIT_STATE_DAMAGED

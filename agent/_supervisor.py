@@ -36,8 +36,8 @@ from labrun.protocol._statuses import (
     ACTIVE, CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING,
 )
 
-from ._artifacts import artifact_path
-from ._asuser import AsUserFailed, Credentials, as_user
+from ._artifacts import artifact_path, note_in_log
+from ._asuser import AsUserFailed, Credentials, acting_as, agent_dir, as_user, make_private_dir, narrow_children
 from ._config import AgentConfig
 from ._docker_args import translate_arguments
 from ._environments import EnvironmentBuilder, PrepareFailed, needs_conda
@@ -91,6 +91,9 @@ class Supervisor:
         self.capacity = capacity
         self.executors = executors
         self.runs_dir = config.state_dir / "runs"
+        agent_dir(self.runs_dir, traversable=True)
+        if narrow_children(self.runs_dir):
+            log.info("runs.narrowed", detail="run directories an older agent left readable to others are now 0700")
         self.queued: dict[str, RunRecord] = {}
         self.active: dict[str, _ActiveRun] = {}
         self.changed = Notifier()
@@ -196,6 +199,10 @@ class Supervisor:
         entries, in_place = snapshot["files"], snapshot["in_place"]
         if entries is not None:
             tree = self.snapshots.check(owner.uid, entries)
+            if any(os.path.normpath(e[0]) == "outputs" for e in entries):
+                raise BadRequest("the source directory has an 'outputs' that is not a directory; labrun keeps the "
+                                 "run's outputs there: rename it or add it to .labrunignore",
+                                 details={"field": "spec.snapshot"})
             if spec["script"] is not None and os.path.normpath(spec["script"]) not in {e[0] for e in entries}:
                 raise BadRequest(f"spec.script: {spec['script']!r} is not a file in the snapshot of the source "
                                  "directory; the script must be inside source_directory",
@@ -207,17 +214,16 @@ class Supervisor:
         now = time.time()
         run_id = f"{spec['experiment']}_{int(now)}_{uuid.uuid4().hex[:8]}"
         run_dir = self.runs_dir / run_id
-        chown = os.geteuid() == 0 and owner.uid != 0
+        creds = owner.credentials()
         # Until the row commits, the run directory is marked: a killed agent's next start removes it.
         mark = mark_submitting(self.config.state_dir, run_id)
         try:
-            run_dir.mkdir(parents=True)
-            # The snapshot itself is made when the run starts (Launch), from the contents stored now.
-            (run_dir / "outputs").symlink_to("snapshot/outputs")
-            (run_dir / "logs").mkdir()
-            if chown:
-                for path in (run_dir, run_dir / "logs"):
-                    os.chown(path, owner.uid, owner.gid)
+            # The run directory is its owner's (0700); what is in it is created with their rights.
+            make_private_dir(self.runs_dir, run_id, creds)
+            with acting_as(creds):
+                # The snapshot itself is made when the run starts (Launch), from the contents stored now.
+                (run_dir / "outputs").symlink_to("snapshot/outputs")
+                (run_dir / "logs").mkdir()
             if entries is not None:
                 self.snapshots.acquire(run_id, owner.uid, tree, entries)
             environ = spec.pop("environ")
@@ -295,8 +301,10 @@ class Supervisor:
                     refuse("resume_from", f"no run with id {resume['run_id']!r}")
                 if source.uid != owner.uid and not owner.admin:
                     raise Forbidden(f"spec.resume_from: run {source.run_id} belongs to {source.user}")
-                path = artifact_path(self.runs_dir / source.run_id, resume["path"])
-                if not path.exists():
+                path = artifact_path(self.runs_dir / source.run_id, resume["path"], "spec.resume_from.path")
+                with acting_as(owner.credentials()):
+                    found = os.path.lexists(path)
+                if not found:
                     refuse("resume_from", f"run {source.run_id} has no {resume['path']!r}")
             elif not os.path.isabs(resume["path"]):
                 refuse("resume_from", f"a local path must be absolute, got {resume['path']!r}")
@@ -404,8 +412,7 @@ class Supervisor:
                 try:
                     launch = await self.launches.prepare(record, run.allocation, run.token)
                 except PrepareFailed as exc:
-                    with open(self.runs_dir / record.run_id / "logs" / "std_log.txt", "a") as log_file:
-                        log_file.write(f"labrun: {exc}\n")
+                    note_in_log(record, self.runs_dir / record.run_id / "logs" / "std_log.txt", f"labrun: {exc}\n")
                     await self._durably(self._finish, run, FAILED, reason=exc.reason, error=str(exc))
                     return
                 await self._durably(self._advance, run, STARTING)
@@ -413,8 +420,7 @@ class Supervisor:
                 try:
                     handle = await executor.start(launch)
                 except StartFailed as exc:
-                    with open(launch.ranks[0].log_path, "a") as log_file:
-                        log_file.write(f"labrun: {exc}\n")
+                    note_in_log(record, launch.ranks[0].log_path, f"labrun: {exc}\n")
                     await self._durably(self._finish, run, FAILED, reason=exc.reason, error=str(exc))
                     return
                 duration = record.spec["max_run_duration_seconds"]
