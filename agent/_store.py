@@ -99,6 +99,12 @@ CREATE TABLE IF NOT EXISTS environments (
     PRIMARY KEY (name, version)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
+CREATE TABLE IF NOT EXISTS submit_keys (
+    uid INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    PRIMARY KEY (uid, key)
+);
 """
 
 # Who owns each environment name: only they (or an admin) may publish its versions.
@@ -193,9 +199,25 @@ class Store:
         self._batch_open = False            # writes wait in an open transaction for the writer
         self._batch_opened = trio.Event()   # wakes the writer
         self._committed = trio.Event()      # set when the open batch has committed
+        # Fault hooks (see _faults): make room before a commit; hear of a commit that failed.
+        self.before_commit: Callable[[], None] = lambda: None
+        self.on_commit_failed: Callable[[Exception], None] = lambda exc: None
+        self._lost: dict[trio.Event, Exception] = {}   # batches SQLite rolled back, by their commit event
+
+    def reserve_space(self, nbytes: int) -> None:
+        """Keep ``nbytes`` of free pages in the database and of written WAL: later commits then overwrite
+        space the files already own instead of asking the filesystem for more, so a full disk does not
+        make SQLite roll a commit back (which loses its writes). Called at start, before the writer runs."""
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0] * self._db.execute("PRAGMA page_size").fetchone()[0]
+        if free >= nbytes:
+            return
+        self._db.execute("CREATE TABLE IF NOT EXISTS space_reserve (data BLOB)")
+        self._db.execute("INSERT INTO space_reserve VALUES (zeroblob(?))", (nbytes - free,))
+        self._db.execute("DELETE FROM space_reserve")
 
     def close(self) -> None:
-        self._commit_batch()
+        with contextlib.suppress(sqlite3.Error):   # a full disk: what could not commit is logged already
+            self._commit_batch()
         self._db.close()
 
     # -- transactions ------------------------------------------------------------------
@@ -211,11 +233,13 @@ class Store:
         self._uncommitted = []
         try:
             yield
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # On a full disk SQLite may have rolled back already; a failed COMMIT leaves the transaction open.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             self._uncommitted = []
             raise
-        self._db.execute("COMMIT")
         events, self._uncommitted = self._uncommitted, []
         if events:
             self.on_events(events)
@@ -265,11 +289,16 @@ class Store:
                 await self._batch_opened.wait()
                 await trio.sleep(0)   # tasks that are ready now add their writes to this batch first
                 try:
+                    self.before_commit()
                     self._commit_batch()
                     delay = 0.05
                 except sqlite3.OperationalError as exc:
-                    if not self._db.in_transaction:   # SQLite rolled it back: those writes are gone
-                        raise
+                    self.on_commit_failed(exc)
+                    if not self._db.in_transaction:
+                        # SQLite rolled the batch back (it may, on a full disk): its writes are gone. The agent
+                        # goes on (a crash would lose more); before_commit's room check makes this rare.
+                        self._drop_batch(exc)
+                        continue
                     structlog.get_logger("labrun.store").error("store.commit.failed", error=str(exc),
                                                                retry_in=delay)
                     await trio.sleep(delay)
@@ -279,10 +308,24 @@ class Store:
                 self._commit_batch()
             self._grouping = False
 
+    def _drop_batch(self, exc: Exception) -> None:
+        structlog.get_logger("labrun.store").error("store.commit.lost", error=str(exc),
+                                                   events=len(self._uncommitted))
+        self._batch_open = False
+        self._batch_opened = trio.Event()
+        self._uncommitted = []
+        self._lost[self._committed] = exc   # durable() raises it to those who waited for this batch
+        committed, self._committed = self._committed, trio.Event()
+        committed.set()
+
     async def durable(self) -> None:
         """Return once every write made so far has committed."""
         if self._batch_open:
-            await self._committed.wait()
+            batch = self._committed
+            await batch.wait()
+            lost = self._lost.get(batch)   # (a rare case; the few entries are kept, identity keys stay unique)
+            if lost is not None:
+                raise lost
 
     def _event(self, type: str, *, run_id=None, experiment=None, user=None, data=None, now=None) -> int:
         event = {"id": str(uuid.uuid4()), "time": now or time.time(), "type": type, "run_id": run_id,
@@ -295,23 +338,32 @@ class Store:
         self._uncommitted.append(event)
         return event["seq"]
 
-    def add_run(self, record: RunRecord, event_type: str) -> RunRecord:
-        """Insert a new run (assigning its order and per-experiment number) with its event."""
+    def add_run(self, record: RunRecord, event_type: str, submit_key: str | None = None) -> RunRecord:
+        """Insert a new run (assigning its order and per-experiment number) with its event.
+
+        ``submit_key``: the client's idempotency key; ``run_for_key`` finds the run by it later.
+        """
         with self._transaction():
-            self._insert_run(record, event_type)
+            self._insert_run(record, event_type, submit_key)
         return record
 
-    def add_array(self, records: list[RunRecord], event_type: str) -> list[RunRecord]:
-        """Insert the members of an array (each spec's ``array`` says which) in one transaction."""
+    def add_array(self, records: list[RunRecord], event_type: str, submit_key: str | None = None) -> list[RunRecord]:
+        """Insert the members of an array (each spec's ``array`` says which) in one transaction.
+
+        ``submit_key`` is kept with the first member; a retried submit finds the array through it.
+        """
         with self._transaction():
             for record in records:
-                self._insert_run(record, event_type)
+                self._insert_run(record, event_type, submit_key if record is records[0] else None)
                 array = record.spec["array"]
                 self._db.execute("INSERT INTO run_arrays (run_id, array_id, idx, throttle) VALUES (?, ?, ?, ?)",
                                  (record.run_id, array["id"], array["index"], array["throttle"]))
         return records
 
-    def _insert_run(self, record: RunRecord, event_type: str) -> None:
+    def _insert_run(self, record: RunRecord, event_type: str, submit_key: str | None = None) -> None:
+        if submit_key is not None:
+            self._db.execute("INSERT OR REPLACE INTO submit_keys (uid, key, run_id) VALUES (?, ?, ?)",
+                             (record.uid, submit_key, record.run_id))
         row = self._db.execute("SELECT last_number FROM experiments WHERE name = ?", (record.experiment,)).fetchone()
         record.number = (row[0] if row else 0) + 1
         self._db.execute(
@@ -353,6 +405,11 @@ class Store:
         return seq
 
     # -- queries -----------------------------------------------------------------------
+
+    def run_for_key(self, uid: int, submit_key: str) -> RunRecord | None:
+        """The run ``uid`` submitted with this idempotency key, if it still exists."""
+        row = self._db.execute("SELECT run_id FROM submit_keys WHERE uid = ? AND key = ?", (uid, submit_key)).fetchone()
+        return self.get_run(row[0]) if row else None
 
     def get_run(self, run_id: str) -> RunRecord | None:
         row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)).fetchone()

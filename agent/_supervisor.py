@@ -47,11 +47,13 @@ from ._config import AgentConfig
 from ._docker_args import translate_arguments
 from ._environments import EnvironmentBuilder, PrepareFailed, needs_conda
 from ._executor import ExitResult, StartFailed
+from ._faults import Faults
 from ._launch import LaunchPlanner
 from ._model import RunRecord
 from ._notify import Notifier
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
 from ._snapshot import ContentStore
+from ._statecheck import mark_submitting
 from ._states import EVENT_TYPES, check_transition
 from ._store import Store
 
@@ -84,8 +86,12 @@ class _ActiveRun:
 
 
 class Supervisor:
-    def __init__(self, config: AgentConfig, store: Store, capacity: Capacity, executors: dict):
+    def __init__(self, config: AgentConfig, store: Store, capacity: Capacity, executors: dict,
+                 faults: Faults | None = None):
         self.config = config
+        # A full or failing state disk: runs keep running, their status writes are retried, nothing new starts.
+        self.faults = faults or Faults()
+        self.faults.on_clear = self.wake
         self.store = store
         self.capacity = capacity
         self.executors = executors
@@ -136,24 +142,29 @@ class Supervisor:
             if record.handle is None:
                 # Never launched: nothing ran, so it simply goes back in the queue.
                 if record.status == CANCEL_REQUESTED:
-                    self._transition(record, CANCELED, ended_at=time.time(), reason="canceled")
+                    await self._durably(self._transition, record, CANCELED, ended_at=time.time(), reason="canceled")
                 else:
-                    self._transition(record, QUEUED, allocation=None, event_type="run.requeued")
+                    await self._durably(self._transition, record, QUEUED, allocation=None, event_type="run.requeued")
                 continue
             # Reattaching (and a task that waits on the run) is not built yet: end what is left of the
             # run, so it never stays Running with nobody watching it.
             with trio.move_on_after(self.config.stop_grace_seconds + KILL_WAIT_SECONDS):
                 await executor.abandon(record.handle, self.config.stop_grace_seconds)
             if record.status == CANCEL_REQUESTED:
-                self._transition(record, CANCELED, ended_at=time.time(), reason=record.reason or "canceled")
+                await self._durably(self._transition, record, CANCELED, ended_at=time.time(),
+                                    reason=record.reason or "canceled")
             else:
-                self._transition(record, FAILED, ended_at=time.time(), reason="agent_lost",
-                                 error="the agent stopped while the run was active and could not reattach")
+                await self._durably(self._transition, record, FAILED, ended_at=time.time(), reason="agent_lost",
+                                    error="the agent stopped while the run was active and could not reattach")
             log.warning("run.lost", run_id=record.run_id, status=record.status)
         if "docker" in self.executors and self.store.get_meta("docker_used", False):
             await self.executors["docker"].remove_orphans(self.config.stop_grace_seconds)
 
     # -- state changes -----------------------------------------------------------------
+
+    async def _durably(self, write, *args, **kwargs):
+        """A status write that must not be lost: retried through a full or failing disk (see ``_faults``)."""
+        return await self.faults.retry("store", write, *args, **kwargs)
 
     def _transition(self, record: RunRecord, status: str, *, event_type: str | None = None, **changes) -> None:
         check_transition(record.status, status)
@@ -172,15 +183,18 @@ class Supervisor:
 
     # -- submit and cancel -------------------------------------------------------------
 
-    async def submit(self, spec: dict, owner: Owner) -> RunRecord:
-        """Check the spec and its snapshot against this agent and queue the run (durably)."""
-        return (await self._queue(spec, owner, None))[0]
+    async def submit(self, spec: dict, owner: Owner, submit_key: str | None = None) -> RunRecord:
+        """Check the spec and its snapshot against this agent and queue the run (durably).
 
-    async def submit_array(self, spec: dict, owner: Owner, array: dict) -> list[RunRecord]:
+        ``submit_key``: the client's idempotency key, stored with the run in the same transaction.
+        """
+        return (await self._queue(spec, owner, None, submit_key))[0]
+
+    async def submit_array(self, spec: dict, owner: Owner, array: dict, submit_key: str | None = None) -> list[RunRecord]:
         """Queue one run per index of ``array`` (``indices``, ``throttle``), sharing an array id: all or none."""
-        return await self._queue(spec, owner, array)
+        return await self._queue(spec, owner, array, submit_key)
 
-    async def _queue(self, spec: dict, owner: Owner, array: dict | None) -> list[RunRecord]:
+    async def _queue(self, spec: dict, owner: Owner, array: dict | None, submit_key: str | None) -> list[RunRecord]:
         self._check_features(spec, owner)
         target = spec["compute_target"]
         if target != "local":
@@ -223,11 +237,14 @@ class Supervisor:
                                                                    "throttle": array["throttle"]}})
                        for index in array["indices"]]
         created: list[str] = []
+        marks: list[Path] = []
         try:
             # No await from the snapshot check to the last acquire (ContentStore.acquire's contract).
             records = []
             for member_id, member_spec in members:
                 created.append(member_id)
+                # Until the row commits, the run directory is marked: a killed agent's next start removes it.
+                marks.append(mark_submitting(self.config.state_dir, member_id))
                 self._make_run_dir(member_id, owner)
                 if entries is not None:
                     self.snapshots.acquire(member_id, owner.uid, tree, entries)
@@ -237,15 +254,18 @@ class Supervisor:
                     submitted_at=now,
                 ))
             if array is None:
-                self.store.add_run(records[0], EVENT_TYPES[QUEUED])
+                self.store.add_run(records[0], EVENT_TYPES[QUEUED], submit_key=submit_key)
             else:
-                self.store.add_array(records, EVENT_TYPES[QUEUED])
+                self.store.add_array(records, EVENT_TYPES[QUEUED], submit_key=submit_key)
         except BaseException:
             with trio.CancelScope(shield=True):
                 for member_id in created:
                     self.snapshots.release_snapshot(member_id)
                     await trio.to_thread.run_sync(shutil.rmtree, self.runs_dir / member_id, True)
             raise
+        finally:
+            for mark in marks:
+                mark.unlink(missing_ok=True)
         for record in records:
             log.debug("run.submitted", run_id=record.run_id, user=owner.user)
             record.environ = None   # stored; read back at launch, so ten thousand queued runs stay small
@@ -450,8 +470,8 @@ class Supervisor:
     def _schedule(self, nursery: trio.Nursery) -> None:
         if self.waiting_on_others:
             self._cancel_failed_dependents()
-        if not self.queued:
-            return
+        if not self.queued or self.faults.disk_failing:
+            return   # with a failing state disk, queued runs wait; clearing the fault wakes the scheduler
         if self._saturated():
             # Nothing can start, so skip the pass (a full queue makes it O(n) per submit); the waiting
             # reasons are worked out when someone looks at the queue.
@@ -483,44 +503,45 @@ class Supervisor:
         result: ExitResult | None = None
         try:
             with run.kill_scope:
-                self._advance(run, PREPARING, allocation=run.allocation.to_wire())
+                await self._durably(self._advance, run, PREPARING, allocation=run.allocation.to_wire())
                 run.token = secrets.token_urlsafe(24)
                 try:
                     launch = await self.launches.prepare(record, run.allocation, run.token)
                 except PrepareFailed as exc:
                     note_in_log(record, self.runs_dir / record.run_id / "logs" / "std_log.txt", f"labrun: {exc}\n")
-                    self._finish(run, FAILED, reason=exc.reason, error=str(exc))
+                    await self._durably(self._finish, run, FAILED, reason=exc.reason, error=str(exc))
                     return
-                self._advance(run, STARTING)
+                await self._durably(self._advance, run, STARTING)
                 await self.store.durable()   # a process starts only for a run whose state is saved
                 try:
                     handle = await executor.start(launch)
                 except StartFailed as exc:
                     note_in_log(record, launch.ranks[0].log_path, f"labrun: {exc}\n")
-                    self._finish(run, FAILED, reason=exc.reason, error=str(exc))
+                    await self._durably(self._finish, run, FAILED, reason=exc.reason, error=str(exc))
                     return
                 duration = record.spec["max_run_duration_seconds"]
                 run.ends_by = time.time() + duration
                 run.kill_scope.deadline = trio.current_time() + duration
-                self._advance(run, RUNNING, started_at=time.time(), pid=handle.get("pid"), handle=handle)
+                await self._durably(self._advance, run, RUNNING, started_at=time.time(), pid=handle.get("pid"),
+                                    handle=handle)
                 result = await executor.wait(handle)
             if run.kill_scope.cancelled_caught:
                 if run.cancel_reason is None:
                     run.cancel_reason = "max_run_duration_exceeded"
-                    self._transition(record, CANCEL_REQUESTED, reason=run.cancel_reason)
+                    await self._durably(self._transition, record, CANCEL_REQUESTED, reason=run.cancel_reason)
                 if handle is not None:
                     with trio.move_on_after(self.config.stop_grace_seconds + KILL_WAIT_SECONDS, shield=True):
                         await self.store.durable()
                         await executor.stop(handle, self.config.stop_grace_seconds)
                         result = await executor.wait(handle)
-                self._finish(run, CANCELED, reason=run.cancel_reason, result=result)
+                await self._durably(self._finish, run, CANCELED, reason=run.cancel_reason, result=result)
             else:
-                self._finish(run, None, result=result)
+                await self._durably(self._finish, run, None, result=result)
         except Exception as exc:
             # A bug or an I/O error of the agent: the run fails, the agent goes on.
             log.exception("run.supervise.failed", run_id=record.run_id)
             if record.status not in (COMPLETED, FAILED, CANCELED):
-                self._finish(run, FAILED, reason="agent_error", error=f"agent error: {exc}")
+                await self._durably(self._finish, run, FAILED, reason="agent_error", error=f"agent error: {exc}")
         finally:
             del self.active[record.run_id]
             self.wake()

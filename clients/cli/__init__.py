@@ -406,6 +406,7 @@ def cmd_status(args) -> int:
         if server:
             print(f"          embedded server: {server['state']}, pid {server['pid'] or '-'}, {server['restarts']} restarts"
                   + (f", last error: {server['last_error']}" if server["last_error"] else ""))
+    _print_faults(status.get("faults") or [])
     for user, use in sorted(status["by_user"].items()):
         gpus = ",".join(use["gpus"]) or "-"
         print(f"  {_format.escape(user)}: {use['runs']} running, cpus {use['cpus']}, "
@@ -429,6 +430,13 @@ def cmd_complete(args) -> int:
     for word in _completion.candidates(build_parser(), words, lambda: _workspace(args)):
         print(word)
     return 0
+
+
+def _print_faults(faults: list) -> None:
+    """Problems the agent is living through (a full state disk); it retries and says when they clear."""
+    for fault in faults:
+        print(f"FAULT     {fault['where']}: {fault['error']} (since {_format.age(fault['since'])}, "
+              f"{fault['count']} failed writes; the agent retries, runs go on, queued runs wait)")
 
 
 def cmd_ui(args) -> int:
