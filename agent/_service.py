@@ -22,6 +22,7 @@ from labrun.protocol._statuses import ACTIVE, QUEUED
 from ._artifacts import LOGS, artifact_path, list_files
 from ._events import EventFilter, EventLog
 from ._peers import Peer
+from ._rundir import RunDir
 from ._snapshot import MAX_ARCHIVE_BYTES
 from ._supervisor import Owner, Supervisor
 
@@ -101,8 +102,8 @@ class Service:
             raise Forbidden(f"the run token is not valid for run {run_id} (it is only valid while the run is active)")
         return self._record(run_id)
 
-    def _run_dir(self, record) -> Path:
-        return self.config.state_dir / "runs" / record.run_id
+    def _run_dir(self, record) -> RunDir:
+        return RunDir.of(self.config.state_dir, record.run_id)
 
     # -- ops ---------------------------------------------------------------------------
 
@@ -260,7 +261,7 @@ class Service:
         with open(path, "ab") as f:
             f.write(args["data"])
         if os.geteuid() == 0 and record.uid != 0:
-            run_dir, node = self._run_dir(record), path
+            run_dir, node = self._run_dir(record).root, path
             while node != run_dir:
                 os.chown(node, record.uid, record.gid)
                 node = node.parent

@@ -50,7 +50,7 @@ def image():
 def docker_agent(make_agent, image):
     agent = make_agent("[agent]\nstop_grace_seconds = 1\n[docker]\nvolumes = [\"/srv/labrun-test\"]\n")
     yield agent
-    from labrun.agent._docker import LABEL_AGENT, agent_id
+    from labrun.agent.executors._docker import LABEL_AGENT, agent_id
 
     left = _docker("ps", "-aq", "--filter", f"label={LABEL_AGENT}={agent_id(agent.state_dir)}").stdout.split()
     assert left == [], "no container is left behind"
@@ -140,7 +140,7 @@ def test_refused_arguments(docker_agent, source):
 
 def test_orphans_are_removed_at_start(docker_agent, source):
     """An agent that has made containers looks for its orphans when it starts (one that never did, does not)."""
-    from labrun.agent._docker import LABEL_AGENT, LABEL_RUN, agent_id
+    from labrun.agent.executors._docker import LABEL_AGENT, LABEL_RUN, agent_id
 
     container_run(docker_agent, source, ["true"]).wait_for_completion()
     orphan = _docker("run", "-d", "--label", f"{LABEL_AGENT}={agent_id(docker_agent.state_dir)}", "--label",

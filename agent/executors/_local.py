@@ -14,21 +14,25 @@
   one, else by a watchdog that sums the resident memory of the run's processes twice a second and
   SIGKILLs them all past the limit, as the kernel would.
 
-Handle: ``{"pid", "pids", "daemons", "start_time", "memory", "cgroup"}`` (start time in clock ticks
-since boot, from /proc, so a recycled pid is never mistaken for the run).
+Handle: ``LocalHandle`` (the ranks' pids, the leader's start time in clock ticks since boot, from
+/proc, so a recycled pid is never mistaken for the run; the memory limit and cgroup).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import trio
 
-from ._cgroups import MemoryCgroups
-from ._executor import ExitResult, LaunchSpec, StartFailed
+from .._cgroups import MemoryCgroups
+from .._environments import needs_conda
+from ._base import Capabilities, Executor, ExitResult, Handle, LaunchSpec, Lost, Recovery, StartFailed, refuse
 
 WATCHDOG_INTERVAL = 0.5
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -122,13 +126,51 @@ def _result(returncode: int, memory_exceeded: bool) -> ExitResult:
     return ExitResult(exit_code=returncode, memory_exceeded=memory_exceeded)
 
 
-class LocalExecutor:
-    name = "local"
+@dataclass(frozen=True)
+class LocalHandle(Handle):
+    kind = "local"
+    VERSION = 1
+
+    pids: tuple[int, ...]
+    daemons: tuple[bool, ...]
+    start_time: int | None
+    memory: int | None = None
+    cgroup: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.pids[0]
+
+    @classmethod
+    def upgrade(cls, data: dict, version: int) -> dict:
+        # Version 0: the untyped map of earlier agents, with the same keys.
+        pids = data.get("pids") or [data["pid"]]
+        return {**data, "pids": pids, "daemons": data.get("daemons") or [False] * len(pids)}
+
+
+class LocalExecutor(Executor):
+    kind = "local"
+    capabilities = Capabilities(gpus=True, distributed=True)
+    handle_type = LocalHandle
 
     def __init__(self, cgroups: MemoryCgroups | None = None, grace: float = 10.0):
         self.cgroups = cgroups
         self.grace = grace
         self._children: dict[int, subprocess.Popen] = {}
+
+    def admit(self, spec: dict, target) -> None:
+        super().admit(spec, target)
+        environment = spec.get("environment")
+        if environment is not None and needs_conda(environment) and shutil.which("conda") is None:
+            refuse("environment", f"environment {environment['name']!r} is a conda specification, and this "
+                                  "machine has no 'conda' binary; use pip requirements or install conda")
+        distributed = spec.get("distributed")
+        if distributed is not None:
+            if distributed["node_count"] > 1:
+                refuse("distributed", f"node_count={distributed['node_count']}: this agent runs on one machine; "
+                                      "multi-node runs need a cluster compute target")
+            if distributed["kind"] == "mpi" and shutil.which("mpirun") is None:
+                refuse("distributed", "MPI runs need 'mpirun' on the agent's machine (e.g. Debian's openmpi-bin)")
 
     def _spawn(self, launch: LaunchSpec, argv: list[str], rank) -> subprocess.Popen:
         log = os.open(rank.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
@@ -151,7 +193,7 @@ class LocalExecutor:
                 os.sched_setaffinity(0, previous)
             os.close(log)
 
-    async def start(self, launch: LaunchSpec) -> dict:
+    async def start(self, launch: LaunchSpec) -> LocalHandle:
         argv, group = launch.argv, None
         if launch.memory is not None and self.cgroups is not None:
             group = self.cgroups.create(launch.run_id, launch.memory, launch.uid, launch.gid)
@@ -169,28 +211,27 @@ class LocalExecutor:
             raise
         for process in processes:
             self._children[process.pid] = process
-        pids = [p.pid for p in processes]
-        return {"pid": pids[0], "pids": pids, "daemons": [r.daemon for r in launch.ranks],
-                "start_time": process_start_time(pids[0]), "memory": launch.memory,
-                "cgroup": str(group) if group else None}
+        pids = tuple(p.pid for p in processes)
+        return LocalHandle(pids=pids, daemons=tuple(r.daemon for r in launch.ranks),
+                           start_time=process_start_time(pids[0]), memory=launch.memory,
+                           cgroup=str(group) if group else None)
 
-    async def wait(self, handle: dict) -> ExitResult:
+    async def wait(self, handle: LocalHandle) -> ExitResult:
         """Until every rank has exited; a failing rank stops the others."""
-        pids = handle.get("pids") or [handle["pid"]]
-        daemons = handle.get("daemons") or [False] * len(pids)
+        pids, daemons = handle.pids, handle.daemons
         processes = [self._children[pid] for pid in pids]
         exceeded = False
         failure: subprocess.Popen | None = None
 
         async def watchdog():
             nonlocal exceeded
-            while resident_memory(session_processes(pids)) <= handle["memory"]:
+            while resident_memory(session_processes(list(pids))) <= handle.memory:
                 await trio.sleep(WATCHDOG_INTERVAL)
             exceeded = True
-            _signal_all(pids, signal.SIGKILL)
+            _signal_all(list(pids), signal.SIGKILL)
 
         async with trio.open_nursery() as guard:
-            if handle.get("memory") is not None and handle.get("cgroup") is None:
+            if handle.memory is not None and handle.cgroup is None:
                 guard.start_soon(watchdog)
             done = trio.Event()
 
@@ -208,20 +249,22 @@ class LocalExecutor:
                     ranks.start_soon(rank_exited, process, daemon)
                 await done.wait()
                 if any(p.returncode is None for p in processes):
-                    await self.stop({"pids": [p.pid for p in processes if p.returncode is None]}, self.grace)
+                    await self._stop([p.pid for p in processes if p.returncode is None], self.grace)
             guard.cancel_scope.cancel()
         for pid in pids:
             self._children.pop(pid, None)
-        if handle.get("cgroup"):
-            group = Path(handle["cgroup"])
+        if handle.cgroup:
+            group = Path(handle.cgroup)
             code = (failure or processes[0]).returncode
             exceeded = exceeded or (code != 0 and self.cgroups.oom_killed(group))
             self.cgroups.remove(group)
         return _result((failure or processes[0]).returncode, exceeded)
 
-    async def stop(self, handle: dict, grace: float) -> None:
+    async def stop(self, handle: LocalHandle, grace: float) -> None:
         """SIGTERM the run's processes, give them ``grace`` seconds, then SIGKILL the rest."""
-        sids = handle.get("pids") or [handle["pid"]]
+        await self._stop(list(handle.pids), grace)
+
+    async def _stop(self, sids: list[int], grace: float) -> None:
         if not _signal_all(sids, signal.SIGTERM):
             return
         # Zombies are not listed, so an exited leader awaiting its reaper counts as gone.
@@ -231,10 +274,10 @@ class LocalExecutor:
             return
         _signal_all(sids, signal.SIGKILL)
 
-    async def abandon(self, handle: dict, grace: float) -> None:
-        """Terminate what is left of a run an earlier agent started, if it is still that run."""
-        pid = handle.get("pid")
-        if pid and handle.get("start_time") == process_start_time(pid):
-            await self.stop(handle, grace)
-        if handle.get("cgroup") and self.cgroups is not None:
-            self.cgroups.remove(Path(handle["cgroup"]))
+    async def recover(self, handle: LocalHandle) -> Recovery:
+        """Runs started directly by an earlier agent cannot be awaited: end what is left of them."""
+        if handle.start_time == process_start_time(handle.pid):
+            await self.stop(handle, self.grace)
+        if handle.cgroup and self.cgroups is not None:
+            self.cgroups.remove(Path(handle.cgroup))
+        return Lost("the agent stopped while the run was active and could not reattach")
