@@ -99,6 +99,8 @@ class Supervisor:
         self._wakeup = trio.Event()
         self._waiting_stale = False
         self._recovering = 0
+        # Draining: no run starts (an admin's choice for upgrades and maintenance; kept across restarts).
+        self.draining = bool(store.get_meta("draining", False))
         self.launches = LaunchPlanner(config, store, capacity, EnvironmentBuilder(config.state_dir / "envs"))
 
     def token_valid(self, run_id: str, token: str) -> bool:
@@ -132,6 +134,17 @@ class Supervisor:
 
     def wake(self) -> None:
         self._wakeup.set()
+
+    def set_draining(self, draining: bool) -> None:
+        if draining == self.draining:
+            return
+        self.draining = draining
+        self.store.set_meta("draining", draining)
+        self.store.add_event("agent.draining" if draining else "agent.resumed", {"active": len(self.active)})
+        log.info("agent.draining" if draining else "agent.resumed", active=len(self.active))
+        self._waiting_stale = True
+        self.changed.notify()
+        self.wake()
 
     def _recover(self, nursery: trio.Nursery) -> None:
         """Hold every active run's allocation again and start a task recovering each (see the module doc)."""
@@ -321,14 +334,17 @@ class Supervisor:
         active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by) for a in self.active.values()]
         decision = schedule(pending, active, self.capacity, now)
         for run_id, (reason, position) in decision.waiting.items():
-            self.queued[run_id].waiting = {"reason": reason, "position": position}
+            self.queued[run_id].waiting = {"reason": "draining" if self.draining else reason, "position": position}
+        if self.draining:
+            for start in decision.starts:
+                self.queued[start.run_id].waiting = {"reason": "draining", "position": 0}
         self._waiting_stale = False
         return decision, now
 
     def _schedule(self, nursery: trio.Nursery) -> None:
         if not self.queued:
             return
-        if self._saturated():
+        if self._saturated() or self.draining:
             # Nothing can start, so skip the pass (a full queue makes it O(n) per submit); the waiting
             # reasons are worked out when someone looks at the queue.
             self._waiting_stale = True

@@ -15,6 +15,10 @@ The container gets:
 Stop: ``docker stop`` (SIGTERM, the grace period, SIGKILL), then remove. Containers are always
 removed when their run ends. Create and start are shielded from cancellation, so a cancel that
 lands then cannot leave a container nobody knows about. Handle: ``DockerHandle`` (the container id).
+
+Containers outlive the agent: a restarted agent reattaches by container id (``recover``:
+inspect, then wait), records the exit code of one that ended meanwhile, and at start removes
+only the labelled containers no run owns (``reconcile``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from labrun.protocol import parse_memory
 from .._asyncio_bridge import AsyncioBridge
 from .._docker_args import DockerPolicy, translate_arguments
 from ._base import (
-    Capabilities, Executor, ExitResult, Handle, LaunchSpec, Lost, Preparation, Recovery, StartFailed, refuse,
+    Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Preparation, Recovery, StartFailed,
+    refuse,
 )
 
 log = structlog.get_logger("labrun.docker")
@@ -66,9 +71,15 @@ class DockerHandle(Handle):
         return data   # version 0: {"executor": "docker", "container": id}
 
 
+def _exit_result(code: int, oom: bool) -> ExitResult:
+    if code > SIGNAL_EXIT_BASE and code - SIGNAL_EXIT_BASE in signals.valid_signals():
+        return ExitResult(signal=code - SIGNAL_EXIT_BASE, memory_exceeded=oom)
+    return ExitResult(exit_code=code, memory_exceeded=oom)
+
+
 class DockerExecutor(Executor):
     kind = "docker"
-    capabilities = Capabilities(gpus=True, containers=True)
+    capabilities = Capabilities(gpus=True, containers=True, outlives_agent=True)
     handle_type = DockerHandle
 
     def __init__(self, bridge: AsyncioBridge, policy: DockerPolicy, agent: str, url: str | None = None, *,
@@ -227,10 +238,7 @@ class DockerExecutor(Executor):
             await container.delete(force=True)
             return status.get("StatusCode", state.get("ExitCode", 1)), bool(state.get("OOMKilled"))
 
-        code, oom = await self.bridge.call(wait_and_remove)
-        if code > SIGNAL_EXIT_BASE and code - SIGNAL_EXIT_BASE in signals.valid_signals():
-            return ExitResult(signal=code - SIGNAL_EXIT_BASE, memory_exceeded=oom)
-        return ExitResult(exit_code=code, memory_exceeded=oom)
+        return _exit_result(*await self.bridge.call(wait_and_remove))
 
     async def stop(self, handle: DockerHandle, grace: float) -> None:
         import aiodocker
@@ -246,8 +254,28 @@ class DockerExecutor(Executor):
         await self.bridge.call(stop)
 
     async def recover(self, handle: DockerHandle) -> Recovery:
+        """By container id: running (or about to) is ``Live``; exited is ``Ended`` (and removed)."""
+        import aiodocker
+
+        async def inspect():
+            docker = await self._client()
+            try:
+                return (await docker.containers.container(handle.container).show()).get("State", {})
+            except aiodocker.DockerError as exc:
+                if exc.status == 404:
+                    return None
+                raise
+
+        try:
+            state = await self.bridge.call(inspect)
+        except Exception as exc:
+            return Lost(f"the Docker engine does not answer: {exc}")
+        if state is None:
+            return Lost("its container is gone")
+        if state.get("Running") or state.get("Status") in ("created", "restarting", "paused"):
+            return Live(handle)
         await self._remove(handle.container, self.grace)
-        return Lost("the agent stopped while the run was active and could not reattach")
+        return Ended(_exit_result(state.get("ExitCode", 1), bool(state.get("OOMKilled"))))
 
     async def reconcile(self, owned: list[Handle]) -> None:
         if self._used():

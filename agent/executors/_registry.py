@@ -16,10 +16,10 @@ if TYPE_CHECKING:
 
 
 def _local(config: "AgentConfig", store: "Store") -> "Executor":
-    from .._cgroups import MemoryCgroups
+    from .._cgroups import RunCgroups
     from ._local import LocalExecutor
 
-    cgroups = MemoryCgroups.detect() if config.resources.memory_enforcement == "auto" else None
+    cgroups = RunCgroups.detect(memory=config.resources.memory_enforcement == "auto")
     return LocalExecutor(cgroups, config.stop_grace_seconds)
 
 

@@ -149,8 +149,25 @@ def test_orphans_are_removed_at_start(docker_agent, source):
     assert _docker("ps", "-aq", "--filter", f"id={orphan}").stdout.strip() == ""
 
 
-def test_agent_restart_removes_a_running_container(docker_agent, source):
-    run = container_run(docker_agent, source, ["sleep", "300"])
+def test_agent_restart_reattaches_to_a_running_container(docker_agent, source):
+    run = container_run(docker_agent, source, ["sh", "-c", "echo before; while [ ! -e go ]; do sleep 0.1; done; "
+                                                           "echo after; exit 7"])
     wait_until(lambda: run.get_status() == "Running", what="running")
     docker_agent.restart()
-    assert run.get_status() == "Failed" and run._details["reason"] == "agent_lost"
+    assert run.get_status() == "Running"
+    (docker_agent.state_dir / "runs" / run.id / "snapshot" / "go").touch()
+    details = run.wait_for_completion(raise_on_error=False)
+    assert details["status"] == "Failed" and run._details["exit_code"] == 7
+    assert run.get_log() == "before\nafter\n"
+
+
+def test_a_container_that_ended_while_the_agent_was_away_gets_its_exit_code(docker_agent, source):
+    run = container_run(docker_agent, source, ["sh", "-c", "while [ ! -e go ]; do sleep 0.1; done; exit 3"])
+    wait_until(lambda: run.get_status() == "Running", what="running")
+    assert docker_agent.stop() == 0
+    (docker_agent.state_dir / "runs" / run.id / "snapshot" / "go").touch()
+    container = f"labrun-{run.id}"[:120]
+    wait_until(lambda: _docker("inspect", "-f", "{{.State.Running}}", container).stdout.strip() == "false",
+               what="the container to exit")
+    docker_agent.start()
+    assert run.get_status() == "Failed" and run._details["exit_code"] == 3
