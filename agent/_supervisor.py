@@ -356,6 +356,8 @@ class Supervisor:
             run = _ActiveRun(record, start.allocation, trio.CancelScope(),
                              ends_by=now + record.spec["max_run_duration_seconds"])
             self.active[record.run_id] = run
+            # Here, not in the task: the events then show the order in which the scheduler took the runs.
+            self._transition(record, PREPARING, allocation=start.allocation.to_wire())
             nursery.start_soon(self._run_one, run, name=f"run {record.run_id}")
 
     # -- one run -----------------------------------------------------------------------
@@ -404,7 +406,6 @@ class Supervisor:
         """Preparing and Starting: returns the started run's handle, or None once a failure is recorded."""
         record = run.record
         run_dir = self._run_dir(record.run_id)
-        self._advance(run, PREPARING, allocation=run.allocation.to_wire())
         token = secrets.token_urlsafe(24)
         run.token_hash = token_hash(token)
         self.store.set_token_hash(record.run_id, run.token_hash)
