@@ -160,18 +160,17 @@ class LocalExecutor(Executor):
         return json.dumps(plan).encode()
 
     def _spawn_shim(self, launch: LaunchSpec, plan: bytes, status_fd: int) -> subprocess.Popen:
-        log_fd = os.open(launch.ranks[0].log_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        # The shim opens the run's files itself, once it is the run's user: the agent opens none of them.
         previous = os.sched_getaffinity(0)
         try:
             if launch.cores:
                 os.sched_setaffinity(0, launch.cores)
-            shim = subprocess.Popen([sys.executable, "-I", "-S", str(SHIM), str(status_fd)], cwd=launch.cwd, env={},
-                                    stdin=subprocess.PIPE, stdout=log_fd, stderr=log_fd, start_new_session=True,
-                                    close_fds=True, pass_fds=(status_fd,))
+            shim = subprocess.Popen([sys.executable, "-I", "-S", str(SHIM), str(status_fd)], cwd="/", env={},
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True, close_fds=True, pass_fds=(status_fd,))
         finally:
             if launch.cores:
                 os.sched_setaffinity(0, previous)
-            os.close(log_fd)
         try:
             shim.stdin.write(plan)
             shim.stdin.close()

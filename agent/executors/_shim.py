@@ -299,6 +299,11 @@ def main(argv: list[str]) -> int:
     try:
         shim.join_groups()
         _drop_privileges(plan)
+        # Anything the shim itself has to say (a crash) goes to the run's log, opened as the run's user.
+        log = os.open(plan["ranks"][0]["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o640)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
         shim.start()
     except (StartError, OSError) as exc:
         os.write(status, (json.dumps({"error": str(exc)}) + "\n").encode())
