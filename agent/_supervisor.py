@@ -216,7 +216,7 @@ class Supervisor:
                 known = ", ".join(["local", *sorted(self.config.targets)])
                 raise BadRequest(f"spec.compute_target: unknown compute target {target!r} (this agent has: {known})",
                                  details={"field": "spec.compute_target"})
-        demand = Demand(**spec["resources"])
+        demand = self._demand(spec)
         too_big = self.capacity.fits_ever(demand)
         if too_big:
             raise BadRequest(f"spec.resources: the run {too_big}; it could never start",
@@ -318,17 +318,29 @@ class Supervisor:
 
     # -- scheduling --------------------------------------------------------------------
 
+    def _demand(self, spec: dict) -> Demand:
+        """What a run takes from this machine: nothing when its executor runs it elsewhere (a cluster)."""
+        executor = self.executors.get(kind_for(spec, self._target(spec)))
+        if executor is not None and not executor.capabilities.counted_locally:
+            return Demand(cpus=0, memory=None, gpus=0)
+        return Demand(**spec["resources"])
+
     def _saturated(self) -> bool:
         """True when no queued run can start: every run needs a CPU, and none is free (or the run cap is hit)."""
         if self.capacity.max_runs and len(self.active) >= self.capacity.max_runs:
             return True
-        return sum(a.allocation.cpus for a in self.active.values()) >= self.capacity.cpus
+        if sum(a.allocation.cpus for a in self.active.values()) < self.capacity.cpus:
+            return False
+        # Runs that take no local CPU may still start; only agents with such an executor pay for this scan.
+        if any(not e.capabilities.counted_locally for e in self.executors.values()):
+            return all(self._demand(r.spec).cpus for r in self.queued.values())
+        return True
 
     def _decide(self):
         now = time.time()
         pending = [
             Pending(run_id=r.run_id, user=r.user, priority=r.spec["priority"], order=r.order,
-                    demand=Demand(**r.spec["resources"]), duration=r.spec["max_run_duration_seconds"])
+                    demand=self._demand(r.spec), duration=r.spec["max_run_duration_seconds"])
             for r in self.queued.values()
         ]
         active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by) for a in self.active.values()]

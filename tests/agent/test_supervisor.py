@@ -268,3 +268,35 @@ async def test_events_have_no_gap_across_a_restart(harness, autojump_clock):
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert [e["type"] for e in events] == ["run.queued", "run.preparing", "run.starting", "run.started",
                                            "run.finalizing", "run.completed"]
+
+
+async def test_runs_of_an_executor_the_local_scheduler_does_not_count_need_no_local_cpu(harness, autojump_clock):
+    from labrun.agent._config import TargetConfig
+    from labrun.agent.executors import Capabilities
+
+    harness.config.targets["cluster"] = TargetConfig(name="cluster", kind="remote")
+    supervisor = await harness.start()
+    supervisor.executors["remote"] = FakeExecutor(harness.machine, kind="remote",
+                                                  capabilities=Capabilities(counted_locally=False))
+    local = await supervisor.submit(spec(), EMPTY_TAR, OWNER)
+    await settle(supervisor, local.run_id, "Running")   # the only local CPU is taken
+    remote = [await supervisor.submit(spec(compute_target="cluster", resources={"cpus": 64, "memory": None, "gpus": 0}),
+                                      EMPTY_TAR, OWNER) for _ in range(2)]
+    for record in remote:
+        assert (await settle(supervisor, record.run_id, "Running")).allocation["cpus"] == 0
+
+
+async def test_a_hundred_running_runs_are_recovered_with_their_allocations(harness, autojump_clock):
+    harness.cpus = 100
+    first = await harness.start()
+    records = [await first.submit(spec(), EMPTY_TAR, OWNER) for _ in range(100)]
+    for record in records:
+        await settle(first, record.run_id, "Running")
+    before = {r.run_id: harness.store.get_run(r.run_id).allocation for r in records}
+    await harness.stop(first)
+    second = await harness.start()
+    assert len(second.active) == 100 and len(harness.machine.launches) == 100
+    assert {run_id: active.allocation.to_wire() for run_id, active in second.active.items()} == before
+    extra = await second.submit(spec(), EMPTY_TAR, OWNER)
+    await trio.sleep(10)
+    assert second.store.get_run(extra.run_id).status == "Queued"   # all 100 CPUs are still taken
