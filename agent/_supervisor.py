@@ -131,6 +131,9 @@ class Supervisor:
                     task_status.started()
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
+                # A wake-up and the agent's shutdown can arrive together (a run task ending because it was
+                # cancelled wakes us): start nothing then, or a freed slot would go to a second run.
+                await trio.lowlevel.checkpoint_if_cancelled()
 
     def wake(self) -> None:
         self._wakeup.set()

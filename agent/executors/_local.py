@@ -239,14 +239,11 @@ class LocalExecutor(Executor):
         own = self._shims.pop(handle.shim, None)
         if own is not None:
             own.wait()   # reap it (it has exited: no blocking)
-        result = read_exit_record(handle.exit_path)
+        result = self._exit_record(handle)
         with trio.CancelScope(shield=True):
             await self._release(handle)
         if result is None:
             raise RuntimeError("the run's shim ended without recording how the run ended")
-        if not result.memory_exceeded and not result.ok and self.cgroups is not None \
-                and self.cgroups.oom_killed(list(handle.cgroups)):
-            result = ExitResult(exit_code=result.exit_code, signal=result.signal, memory_exceeded=True)
         return result
 
     async def stop(self, handle: LocalHandle, grace: float) -> None:
@@ -270,13 +267,21 @@ class LocalExecutor(Executor):
     async def recover(self, handle: LocalHandle) -> Recovery:
         if _shim_alive(handle):
             return Live(handle)
-        result = read_exit_record(handle.exit_path)
+        result = self._exit_record(handle)
         # Nothing watches what is left of the run any more (a version 1 run, or a killed shim): end it.
         await self._kill_left(handle)
         await self._release(handle)
         if result is not None:
             return Ended(result)
         return Lost("its shim is gone and left no exit status (the machine restarted, or it was killed)")
+
+    def _exit_record(self, handle: LocalHandle) -> ExitResult | None:
+        """The shim's record, and whether the kernel killed the run for its memory (read before its cgroup goes)."""
+        result = read_exit_record(handle.exit_path)
+        if result is not None and not result.memory_exceeded and not result.ok and self.cgroups is not None \
+                and self.cgroups.oom_killed(list(handle.cgroups)):
+            result = ExitResult(exit_code=result.exit_code, signal=result.signal, memory_exceeded=True)
+        return result
 
     # -- what is left of a run --------------------------------------------------------------
 
