@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from labrun._connection import AgentConnection
+from labrun.exceptions import AgentUnavailable
 
 RESULTS = Path(__file__).resolve().parent / "results" / "recovery.md"
 EMPTY_TAR = (lambda b: (tarfile.open(fileobj=b, mode="w").close(), b.getvalue())[1])(io.BytesIO())
@@ -30,7 +31,7 @@ def answers(socket: Path) -> bool:
         with AgentConnection(socket) as connection:
             connection.call("status")
         return True
-    except OSError:
+    except (OSError, AgentUnavailable):
         return False
 
 
