@@ -179,7 +179,10 @@ class LocalExecutor(Executor):
         return shim
 
     async def start(self, launch: LaunchSpec) -> LocalHandle:
-        groups = self.cgroups.create(launch.run_id, launch.memory) if self.cgroups is not None else []
+        try:
+            groups = self.cgroups.create(launch.run_id, launch.memory) if self.cgroups is not None else []
+        except OSError as exc:
+            raise StartFailed(f"cannot make the run's cgroup: {exc}") from None
         exit_path = launch.run_dir.exit_status
         exit_path.unlink(missing_ok=True)
         read_end, write_end = os.pipe()
@@ -189,7 +192,8 @@ class LocalExecutor(Executor):
             finally:
                 os.close(write_end)
             report = b""
-            with trio.move_on_after(SHIM_REPORT_SECONDS):
+            # Shielded (and bounded): a cancel landing now must not leave a started run without a handle.
+            with trio.CancelScope(shield=True), trio.move_on_after(SHIM_REPORT_SECONDS):
                 async with trio.lowlevel.FdStream(read_end) as stream:
                     read_end = None
                     while chunk := await stream.receive_some(4096):
