@@ -125,10 +125,13 @@ class Supervisor:
                 self.queued[record.run_id] = record
             ready = False
             while True:
-                self._schedule(nursery)
-                if not ready and self._recovering == 0:
-                    ready = True
-                    task_status.started()
+                # Allocations are held again at once; new runs start once recovery is done, so nothing
+                # an earlier agent left (an orphan of a run queued again) is running beside them.
+                if self._recovering == 0:
+                    self._schedule(nursery)
+                    if not ready:
+                        ready = True
+                        task_status.started()
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 # A wake-up and the agent's shutdown can arrive together (a run task ending because it was

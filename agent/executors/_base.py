@@ -25,6 +25,7 @@ stay different things, and a stopped agent leaves its runs running for ``recover
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -223,6 +224,11 @@ class Executor:
 
     async def aclose(self) -> None:
         """Release the executor's own resources (connections); never touches runs."""
+
+
+def agent_id(state_dir) -> str:
+    """This agent's name among others on the machine (for its containers and cgroups): from its state directory."""
+    return hashlib.sha256(str(state_dir).encode()).hexdigest()[:16]
 
 
 def refuse(field: str, message: str):

@@ -287,6 +287,17 @@ class LocalExecutor(Executor):
             result = ExitResult(exit_code=result.exit_code, signal=result.signal, memory_exceeded=True)
         return result
 
+    async def reconcile(self, owned: list[Handle]) -> None:
+        """Kill and remove the cgroups of runs no active run owns: a run whose agent died between starting
+        it and recording its handle (it is queued again, and must not run twice)."""
+        if self.cgroups is None:
+            return
+        keep = {Path(group).name for handle in owned for group in handle.cgroups}
+        for groups in self.cgroups.orphans(keep):
+            log.warning("run.orphan.killed", group=groups[0])
+            await self._kill_groups(groups)
+            self.cgroups.remove(groups)
+
     # -- what is left of a run --------------------------------------------------------------
 
     async def _kill_left(self, handle: LocalHandle) -> None:

@@ -7,6 +7,7 @@ test creates it), so nothing here depends on how long a restart takes.
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,27 @@ def test_drain_waits_for_active_runs_and_starts_none_until_resumed(make_agent, s
     assert queued.wait_for_completion()["status"] == "Completed"
     types = [e["type"] for e in agent.workspace().watch(0, follow=False)]
     assert "agent.draining" in types and "agent.resumed" in types
+
+
+def test_a_run_no_record_owns_is_killed_at_start(make_agent, source):
+    """The agent died between starting a run and recording it: the run is queued again, and what it had
+    started must not keep running beside its second start."""
+    from labrun.agent._cgroups import RunCgroups
+    from labrun.agent.executors._base import agent_id
+
+    agent = make_agent()
+    cgroups = RunCgroups.detect(name=agent_id(agent.state_dir))
+    if cgroups is None:
+        pytest.skip("no cgroup can be made here: orphans are found through cgroups")
+    group = cgroups.tracking / "exp_1_deadbeef"
+    group.mkdir()
+    orphan = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        (group / "cgroup.procs").write_text(str(orphan.pid))
+        agent.stop(signal.SIGKILL)
+        agent.start()
+        assert orphan.wait(timeout=10) == -signal.SIGKILL
+        assert not group.exists()
+    finally:
+        orphan.kill()
+        orphan.wait()
