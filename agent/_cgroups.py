@@ -189,6 +189,16 @@ class RunCgroups:
                     found.setdefault(entry.name, []).append(str(entry))
         return list(found.values())
 
+    def remove_roots(self) -> None:
+        """At the agent's exit: its v1 roots, when no run is left in them (the next agent makes them again)."""
+        if self.version == 1:
+            for root in (self.tracking, self.memory):
+                try:
+                    if root is not None:
+                        root.rmdir()
+                except OSError:
+                    pass   # runs are still in it: they outlive the agent
+
     @staticmethod
     def remove(groups: list[str]) -> None:
         for group in groups:

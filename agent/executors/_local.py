@@ -287,6 +287,10 @@ class LocalExecutor(Executor):
             result = ExitResult(exit_code=result.exit_code, signal=result.signal, memory_exceeded=True)
         return result
 
+    async def aclose(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.remove_roots()
+
     async def reconcile(self, owned: list[Handle]) -> None:
         """Kill and remove the cgroups of runs no active run owns: a run whose agent died between starting
         it and recording its handle (it is queued again, and must not run twice)."""
