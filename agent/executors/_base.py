@@ -12,6 +12,8 @@ The supervisor owns a run's lifecycle and calls only this interface; it knows no
     wait(handle)     -> ExitResult until the run's processes have ended
     stop(handle, grace)            SIGTERM (or the kind's equivalent), grace, then kill
     recover(handle)  -> Live | Ended | Lost   after an agent restart, for each run still active
+    reconcile(owned)               at start: clean up what no active run owns (orphans)
+    aclose()                       at the agent's exit: the executor's own resources, never runs
 
 Handles are typed and versioned (``Handle`` subclasses, one per kind). The store keeps
 ``handle.to_store()``; ``load_handle`` reads it back, upgrading older versions or refusing

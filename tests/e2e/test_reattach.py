@@ -17,13 +17,19 @@ from tests.e2e.test_agent import processes_of, submit, wait_until
 from tests.e2e.test_docker import container_run, image  # noqa: F401 (a fixture)
 
 GATED = "echo start; while [ ! -e go ]; do sleep 0.05; done; echo end; exit {code}"
+# Rank 1 of the failing run fails only once rank 0 is done: a failing rank stops the others.
 GATED_RANKS = ("import os, sys, time\n"
                "rank = os.environ['RANK']\n"
                "print('start', rank, flush=True)\n"
                "while not os.path.exists('go'):\n"
                "    time.sleep(0.05)\n"
                "print('end', rank, flush=True)\n"
-               "sys.exit(6 if rank == '1' and 'fail' in sys.argv else 0)\n")
+               "if rank == '0':\n"
+               "    open('rank0-done', 'w').close()\n"
+               "elif 'fail' in sys.argv:\n"
+               "    while not os.path.exists('rank0-done'):\n"
+               "        time.sleep(0.05)\n"
+               "    sys.exit(6)\n")
 
 
 def ranks_of(run_id: str) -> list[int]:
