@@ -62,6 +62,8 @@ log = structlog.get_logger("labrun.supervisor")
 
 # Stopping a run waits this long beyond the grace period for SIGKILL to take effect.
 KILL_WAIT_SECONDS = 5.0
+# At start, how long an executor may take to say what became of one run (or to clean up orphans).
+RECOVER_SECONDS = 60.0
 
 
 @dataclass
@@ -186,7 +188,10 @@ class Supervisor:
 
     async def _reconcile(self, executor: Executor, owned: list[Handle]) -> None:
         try:
-            await executor.reconcile(owned)
+            with trio.move_on_after(RECOVER_SECONDS) as scope:
+                await executor.reconcile(owned)
+            if scope.cancelled_caught:
+                log.warning("executor.reconcile.timeout", kind=executor.kind, seconds=RECOVER_SECONDS)
         except Exception:
             log.exception("executor.reconcile.failed", kind=executor.kind)
         finally:
@@ -461,7 +466,11 @@ class Supervisor:
             elif executor is None or handle is None:
                 state = Lost(why)
             else:
-                state = await executor.recover(handle)
+                # Bounded: new runs wait for recovery. An executor that cannot tell in time (a Docker engine
+                # that does not answer) keeps its run, watched as if live, rather than declaring it lost.
+                state = Live(handle)
+                with trio.move_on_after(RECOVER_SECONDS):
+                    state = await executor.recover(handle)
         except Exception as exc:
             log.exception("run.recover.failed", run_id=record.run_id)
             state = Lost(f"recovering it failed: {exc}")
