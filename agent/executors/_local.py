@@ -20,6 +20,7 @@ Handle: ``LocalHandle``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -215,7 +216,7 @@ class LocalExecutor(Executor):
             message = str(answer.get("error"))
             if not message.startswith("cannot start"):
                 message = f"cannot start {launch.argv[0]!r}: {message}"
-            raise StartFailed(message)
+            raise StartFailed(message, "command_not_found" if answer.get("errno") == errno.ENOENT else "start_failed")
         self._shims[shim.pid] = shim
         return LocalHandle(pids=tuple(answer["pids"]), daemons=tuple(r.daemon for r in launch.ranks),
                            start_time=process_start_time(shim.pid), memory=launch.memory, shim=shim.pid,

@@ -241,3 +241,14 @@ def test_a_run_no_record_owns_is_killed_at_start(make_agent, source):
     finally:
         orphan.kill()
         orphan.wait()
+
+
+def test_a_command_that_cannot_start_fails_the_run_and_its_log_says_why(agent, source):
+    missing = submit(agent, source, ["/no/such/program", "x"])
+    assert missing.wait_for_completion(raise_on_error=False)["status"] == "Failed"
+    assert missing._details["reason"] == "command_not_found"
+    assert "cannot start '/no/such/program': No such file or directory" in missing.get_log()
+    (source / "plain.txt").write_text("not a program")
+    refused = submit(agent, source, ["./plain.txt"])
+    assert refused.wait_for_completion(raise_on_error=False)["status"] == "Failed"
+    assert refused._details["reason"] == "start_failed" and "Permission denied" in refused.get_log()
