@@ -52,6 +52,7 @@ class LaunchPlanner:
         self.store = store
         self.capacity = capacity
         self.environments = environments
+        self.mlflow = None                   # the agent's MLflow side (_mlflow_setup.Mlflow), if any
 
     async def _resume_path(self, record: RunRecord, run_dir: RunDir) -> str:
         """Copy what the run resumes from into ``resume_from/``, as its owner, and make it read-only."""
@@ -129,6 +130,9 @@ class LaunchPlanner:
             env = {k: v for k, v in self.store.environ(record.run_id).items() if k != "LABRUN_RUN_TOKEN"}
         env.update(prepared.variables or {})
         env.update(spec["environment_variables"])
+        if self.mlflow is not None and not in_container:   # 127.0.0.1 is not the agent's inside a container
+            await self.mlflow.prepare_env(record, env, {**(prepared.variables or {}), **spec["environment_variables"]},
+                                          run_dir.std_log)
         if prepared.bin_dir is not None:
             env["PATH"] = f"{prepared.bin_dir}:{env.get('PATH', os.defpath)}"
             env["VIRTUAL_ENV"] = str(prepared.bin_dir.parent)

@@ -152,6 +152,20 @@ class Workspace:
                 return
             before = page[-1]["order"]
 
+    def get_mlflow_tracking_uri(self) -> str:
+        """The MLflow tracking server this agent mirrors runs into, as Azure ML's method returns the workspace's.
+
+        Raises:
+            UserErrorException: the agent has no MLflow server (``[mlflow]`` in its config, or ``labrun ui``).
+        """
+        mlflow = self._call("status").get("mlflow")
+        if not mlflow:
+            from .exceptions import UserErrorException
+
+            raise UserErrorException("this labrun agent has no MLflow tracking server: set [mlflow] tracking_uri "
+                                     "or embedded = true in its config, or run 'labrun ui' for a per-user agent")
+        return mlflow["tracking_uri"]
+
     @property
     def compute_targets(self) -> dict:
         """The agent's named targets (its config's ``[targets.NAME]``), as ``ComputeTarget`` objects."""

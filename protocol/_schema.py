@@ -334,6 +334,7 @@ OP_SCHEMAS: dict[str, Validator] = {
     "env_register": struct({"environment": Field(ENVIRONMENT)}),
     "env_get": struct({"name": Field(_NAME), "version": Field(nullable(integer(min=1)), None)}),
     "env_list": struct({}),
+    "ui": struct({"start": Field(boolean, True), "timeout": Field(number(min=0), 120.0)}),
     "watch": struct({
         "since": Field(nullable(integer(min=0)), None),
         "run_id": Field(nullable(_RUN_ID), None),
