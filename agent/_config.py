@@ -41,7 +41,8 @@ max_artifact_mb = 1024       # per run
 allow_pull = false           # no registry is assumed reachable
 allow_host_network = false   # --network=host in DockerConfiguration.arguments
 allow_host_ipc = false       # --ipc=host
-volumes = ["/data"]          # host paths runs may mount with -v
+volumes = ["/data"]          # host paths runs may mount with -v (resolved: links and .. cannot escape)
+pids_limit = 4096            # processes and threads per container
 
 [snapshot]
 max_files = 2000             # files in one run's snapshot (Azure ML's limit)
@@ -241,7 +242,12 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
             setattr(config.hub, key, int(value) if key == "batch_max" else float(value))
 
     docker = _expect(data.get("docker", {}), dict, "[docker]")
-    _check_keys(docker, {"url", "allow_pull", "allow_host_network", "allow_host_ipc", "volumes"}, "[docker]")
+    _check_keys(docker, {"url", "allow_pull", "allow_host_network", "allow_host_ipc", "volumes", "pids_limit"},
+                "[docker]")
+    if "pids_limit" in docker:
+        config.docker.pids_limit = _expect(docker["pids_limit"], int, "docker.pids_limit")
+        if config.docker.pids_limit < 1:
+            raise ConfigError("docker.pids_limit: must be at least 1")
     for key in ("allow_pull", "allow_host_network", "allow_host_ipc"):
         if key in docker:
             setattr(config.docker, key, _expect(docker[key], bool, f"docker.{key}"))

@@ -20,13 +20,17 @@ import trio
 
 from labrun.protocol import __version__
 
+from ._asuser import agent_dir
 from ._capacity import discover_capacity
 from ._config import AgentConfig, ConfigError, load_config
 from ._events import EventLog
 from ._hub import HubSender
 from ._logging import configure_logging
 from ._mlflow_setup import Mlflow
-from ._server import AgentAlreadyRunning, ConnectionHandler, open_unix_listener, refuse_if_agent_answers
+from ._server import (
+    AgentAlreadyRunning, ConnectionHandler, SocketDirectoryUnsafe, check_socket_directory, open_unix_listener,
+    refuse_if_agent_answers,
+)
 from ._service import Service
 from ._store import SchemaTooNew, Store
 from ._supervisor import Supervisor
@@ -43,8 +47,9 @@ class StateDirLocked(Exception):
 
 
 def _lock_state_dir(state_dir: Path, system: bool):
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o755 if system else 0o700)
-    lock = open(state_dir / "agent.lock", "a+")
+    # Root's alone; a root agent's runs reach their own (0700) directories through it by path, so it is 0711.
+    agent_dir(state_dir, traversable=True)
+    lock = open(state_dir / "agent.lock", "a+", opener=lambda path, flags: os.open(path, flags, 0o600))
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -94,6 +99,7 @@ async def _serve(config: AgentConfig, store: Store, executors: dict[str, Executo
     events = EventLog(store, buffer=config.subscriber_buffer)
     hub = HubSender(config.hub, store, events) if config.hub is not None else None
     service = Service(config, store, supervisor, events, hub)
+    check_socket_directory(config.socket, system=config.system)
     mlflow = Mlflow(config, store, events, supervisor)
     service.mlflow = supervisor.launches.mlflow = mlflow
     refuse_if_agent_answers(config.socket)
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     refusals = []
     try:
         trio.run(run_agent, config)
-    except* (AgentAlreadyRunning, StateDirLocked, SchemaTooNew) as group:
+    except* (AgentAlreadyRunning, SocketDirectoryUnsafe, StateDirLocked, SchemaTooNew) as group:
         refusals = group.exceptions
     for exc in refusals:
         print(f"labrund: {exc}", file=sys.stderr)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Awaitable, Callable
 
 import trio
@@ -18,7 +17,7 @@ import trio
 from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Conflict, Forbidden, NotFound, TooLarge, __version__
 from labrun.protocol._statuses import ACTIVE, QUEUED
 
-from ._artifacts import LOGS, artifact_path, list_files
+from ._artifacts import LOGS, list_files, open_for_reading, write_file
 from ._events import EventFilter, EventLog
 from ._peers import Peer
 from ._rundir import RunDir
@@ -198,29 +197,32 @@ class Service:
 
     async def logs(self, session: Session, args: dict, send_item: SendItem) -> None:
         record = self._owned(session, args["run_id"], "read its logs")
-        path = artifact_path(self._run_dir(record), LOGS + args["name"])
+        name = LOGS + args["name"]
+        run_dir = self._run_dir(record)
         offset = args["offset"]
-        while True:
-            ended = self._record(record.run_id).status in TERMINAL
-            offset = await self._send_file_from(path, offset, send_item)
-            if ended or not args["follow"]:
-                if not path.exists() and args["name"] != "std_log.txt":
-                    raise NotFound(f"run {record.run_id} has no log {args['name']!r}")
-                return
-            with trio.move_on_after(LOG_POLL_SECONDS):
-                await self.supervisor.changed.wait()
+        fd = None
+        try:
+            while True:
+                ended = self._record(record.run_id).status in TERMINAL
+                if fd is None:
+                    fd = await open_for_reading(record, run_dir, name)
+                if fd is not None:
+                    offset = await self._send_fd_from(fd, offset, send_item)
+                if ended or not args["follow"]:
+                    if fd is None and args["name"] != "std_log.txt":
+                        raise NotFound(f"run {record.run_id} has no log {args['name']!r}")
+                    return
+                with trio.move_on_after(LOG_POLL_SECONDS):
+                    await self.supervisor.changed.wait()
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     @staticmethod
-    async def _send_file_from(path: Path, offset: int, send_item: SendItem) -> int:
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError:
-            return offset
-        with f:
-            f.seek(offset)
-            while chunk := f.read(LOG_CHUNK):
-                await send_item({"offset": offset, "data": chunk})
-                offset += len(chunk)
+    async def _send_fd_from(fd: int, offset: int, send_item: SendItem) -> int:
+        while chunk := os.pread(fd, LOG_CHUNK, offset):
+            await send_item({"offset": offset, "data": chunk})
+            offset += len(chunk)
         return offset
 
     async def watch(self, session: Session, args: dict, send_item: SendItem) -> None:
@@ -253,46 +255,50 @@ class Service:
 
     async def files(self, session: Session, args: dict) -> list:
         record = self._owned(session, args["run_id"], "list its files")
-        return list_files(self._run_dir(record))
+        return await list_files(record, self._run_dir(record))
 
     async def download(self, session: Session, args: dict, send_item: SendItem) -> None:
         record = self._owned(session, args["run_id"], "read its files")
-        path = artifact_path(self._run_dir(record), args["name"])
-        if not path.is_file():
+        fd = await open_for_reading(record, self._run_dir(record), args["name"])
+        if fd is None:
             raise NotFound(f"run {record.run_id} has no file {args['name']!r}")
-        await self._send_file_from(path, args["offset"], send_item)
+        try:
+            await self._send_fd_from(fd, args["offset"], send_item)
+        finally:
+            os.close(fd)
 
     async def put_file(self, session: Session, args: dict) -> dict:
         record = self._writable(session, args["run_id"], args["token"])
         if args["name"].startswith(LOGS):
             raise BadRequest(f"{LOGS} is kept by the agent; upload under another name")
-        path = artifact_path(self._run_dir(record), args["name"])
-        if not args["append"] and path.exists():
-            raise Conflict(f"run {record.run_id} already has a file {args['name']!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as f:
-            f.write(args["data"])
-        if os.geteuid() == 0 and record.uid != 0:
-            run_dir, node = self._run_dir(record).root, path
-            while node != run_dir:
-                os.chown(node, record.uid, record.gid)
-                node = node.parent
-        return {"name": args["name"], "size": path.stat().st_size}
+        size = await write_file(record, self._run_dir(record), args["name"], args["data"], append=args["append"])
+        return {"name": args["name"], "size": size}
 
     async def env_register(self, session: Session, args: dict) -> dict:
         environment = args["environment"]
-        version = self.store.register_environment(environment["name"], environment, session.peer.user)
+        peer = session.peer
+        version = self.store.register_environment(environment["name"], environment, peer.user, peer.uid,
+                                                  admin=peer.admin)
         return {**environment, "version": version}
+
+    def _env_shown(self, session: Session, found: dict) -> dict:
+        """An environment as this peer may see it: its variables (often secrets) only to its owner and admins."""
+        shown = {**found["definition"], "version": found["version"], "owner": found["user"]}
+        owner = self.store.environment_owner(found["name"])
+        if not session.peer.may_manage(owner if owner is not None else 0) and shown.get("environment_variables"):
+            shown["environment_variables"] = {}
+            shown["environment_variables_hidden"] = True
+        return shown
 
     async def env_get(self, session: Session, args: dict) -> dict:
         found = self.store.get_environment(args["name"], args["version"])
         if found is None:
             which = f" version {args['version']}" if args["version"] else ""
             raise NotFound(f"no environment {args['name']!r}{which} is registered")
-        return {**found["definition"], "version": found["version"]}
+        return self._env_shown(session, found)
 
     async def env_list(self, session: Session, args: dict) -> list:
-        return [{**e["definition"], "version": e["version"]} for e in self.store.list_environments()]
+        return [self._env_shown(session, e) for e in self.store.list_environments()]
 
     # -- draining ----------------------------------------------------------------------
 

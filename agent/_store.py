@@ -22,6 +22,8 @@ subscribers only after their commit.
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
 import sqlite3
 import time
 import uuid
@@ -32,6 +34,7 @@ import msgpack
 import structlog
 import trio
 
+from labrun.protocol import Forbidden
 from labrun.protocol._statuses import TERMINAL
 
 from ._model import RunRecord
@@ -107,6 +110,15 @@ CREATE TABLE IF NOT EXISTS environments (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
 """
 
+# Who owns each environment name: only they (or an admin) may publish its versions.
+OWNERS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS environment_owners (
+    name TEXT PRIMARY KEY,
+    uid INTEGER NOT NULL,
+    user TEXT NOT NULL
+);
+"""
+
 # Content-addressed snapshots (agent/_snapshot.py owns the files): each content's size and how many
 # trees use it, who has proven they hold it, each distinct manifest and which run uses which.
 CAS_SCHEMA = """
@@ -142,6 +154,8 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     "CREATE TABLE IF NOT EXISTS run_tokens (run_id TEXT PRIMARY KEY, token_hash BLOB NOT NULL);",
     # 3: content-addressed snapshots.
     CAS_SCHEMA,
+    # 4: who owns each environment name.
+    OWNERS_SCHEMA,
 ]
 
 
@@ -207,8 +221,14 @@ def _record(row: tuple) -> RunRecord:
 class Store:
     def __init__(self, path: Path):
         self.path = path
+        # Stored environments hold secrets: the database is its owner's alone (SQLite gives the -wal
+        # and -shm files the database's mode; older ones are narrowed too).
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{path}{suffix}", 0o600)
         # NORMAL in WAL mode: a commit survives an agent crash; only a power cut can
         # lose the last transactions. The fsync per commit of FULL would cap throughput.
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -496,13 +516,46 @@ class Store:
 
     # -- environments ------------------------------------------------------------------
 
-    def register_environment(self, name: str, definition: dict, user: str) -> int:
+    def register_environment(self, name: str, definition: dict, user: str, uid: int | None = None,
+                             *, admin: bool = False) -> int:
+        """Store the next version of ``name``. The first registrant owns the name.
+
+        Raises:
+            Forbidden: the name belongs to another user, and the caller is not an admin.
+        """
         with self._transaction():
+            owner = self.environment_owner(name)
+            if owner is None and uid is not None:
+                self._db.execute("INSERT INTO environment_owners (name, uid, user) VALUES (?, ?, ?)", (name, uid, user))
+            elif owner is not None and uid is not None and owner != uid and not admin:
+                raise Forbidden(f"environment name {name!r} belongs to {self._user_name(owner)}; only its owner or "
+                                "an admin may register new versions of it (choose another name)")
             row = self._db.execute("SELECT MAX(version) FROM environments WHERE name = ?", (name,)).fetchone()
             version = (row[0] or 0) + 1
             self._db.execute("INSERT INTO environments (name, version, definition, user, created_at) VALUES (?, ?, ?, ?, ?)",
                              (name, version, _pack(definition), user, time.time()))
         return version
+
+    @staticmethod
+    def _user_name(uid: int) -> str:
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return f"uid {uid}"
+
+    def environment_owner(self, name: str) -> int | None:
+        """The uid that owns an environment name (a name registered before names had owners: its first user's)."""
+        row = self._db.execute("SELECT uid FROM environment_owners WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            return row[0]
+        first = self._db.execute("SELECT user FROM environments WHERE name = ? ORDER BY version LIMIT 1",
+                                 (name,)).fetchone()
+        if first is None:
+            return None
+        try:
+            return pwd.getpwnam(first[0]).pw_uid
+        except KeyError:
+            return 0   # a user that no longer exists: only admins may publish it
 
     def get_environment(self, name: str, version: int | None = None) -> dict | None:
         sql = "SELECT name, version, definition, user, created_at FROM environments WHERE name = ?"

@@ -46,14 +46,14 @@ from labrun.protocol._statuses import (
     ACTIVE, CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING, TERMINAL,
 )
 
-from ._artifacts import artifact_path
-from ._asuser import AsUserFailed, Credentials, as_user
+from ._artifacts import artifact_path, note_in_log
+from ._asuser import AsUserFailed, Credentials, acting_as, agent_dir, as_user, make_private_dir, narrow_children
 from ._config import AgentConfig
 from ._environments import EnvironmentBuilder, PrepareFailed
 from ._launch import LaunchPlanner
 from ._model import RunRecord
 from ._notify import Notifier
-from ._rundir import RunDir
+from ._rundir import RunDir, runs_root
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
 from ._snapshot import ContentStore
 from ._states import EVENT_TYPES, ExitResult, check_transition, outcome
@@ -100,6 +100,10 @@ class Supervisor:
         self.store = store
         self.capacity = capacity
         self.executors = executors
+        runs = runs_root(config.state_dir)
+        agent_dir(runs, traversable=True)
+        if narrow_children(runs):
+            log.info("runs.narrowed", detail="run directories an older agent left readable to others are now 0700")
         self.queued: dict[str, RunRecord] = {}
         self.active: dict[str, _ActiveRun] = {}
         self.changed = Notifier()
@@ -246,6 +250,10 @@ class Supervisor:
         entries, in_place = snapshot["files"], snapshot["in_place"]
         if entries is not None:
             tree = self.snapshots.check(owner.uid, entries)
+            if any(os.path.normpath(e[0]) == "outputs" for e in entries):
+                raise BadRequest("the source directory has an 'outputs' that is not a directory; labrun keeps the "
+                                 "run's outputs there: rename it or add it to .labrunignore",
+                                 details={"field": "spec.snapshot"})
             if spec["script"] is not None and os.path.normpath(spec["script"]) not in {e[0] for e in entries}:
                 raise BadRequest(f"spec.script: {spec['script']!r} is not a file in the snapshot of the source "
                                  "directory; the script must be inside source_directory",
@@ -258,15 +266,14 @@ class Supervisor:
         run_id = f"{spec['experiment']}_{int(now)}_{uuid.uuid4().hex[:8]}"
         layout = self._run_dir(run_id)
         run_dir = layout.root
-        chown = os.geteuid() == 0 and owner.uid != 0
+        creds = owner.credentials()
         try:
-            run_dir.mkdir(parents=True)
-            # The snapshot itself is made when the run starts (Launch), from the contents stored now.
-            layout.outputs_link.symlink_to(layout.outputs.relative_to(run_dir))
-            layout.logs.mkdir()
-            if chown:
-                for path in (run_dir, layout.logs):
-                    os.chown(path, owner.uid, owner.gid)
+            # The run directory is its owner's (0700); what is in it is created with their rights.
+            make_private_dir(run_dir.parent, run_id, creds)
+            with acting_as(creds):
+                # The snapshot itself is made when the run starts (Launch), from the contents stored now.
+                layout.outputs_link.symlink_to(layout.outputs.relative_to(run_dir))
+                layout.logs.mkdir()
             if entries is not None:
                 self.snapshots.acquire(run_id, owner.uid, tree, entries)
             environ = spec.pop("environ")
@@ -324,8 +331,10 @@ class Supervisor:
                     refuse("resume_from", f"no run with id {resume['run_id']!r}")
                 if source.uid != owner.uid and not owner.admin:
                     raise Forbidden(f"spec.resume_from: run {source.run_id} belongs to {source.user}")
-                path = artifact_path(self._run_dir(source.run_id), resume["path"])
-                if not path.exists():
+                path = artifact_path(self._run_dir(source.run_id), resume["path"], "spec.resume_from.path")
+                with acting_as(owner.credentials()):
+                    found = os.path.lexists(path)
+                if not found:
                     refuse("resume_from", f"run {source.run_id} has no {resume['path']!r}")
             elif not os.path.isabs(resume["path"]):
                 refuse("resume_from", f"a local path must be absolute, got {resume['path']!r}")
@@ -487,8 +496,7 @@ class Supervisor:
         return handle
 
     def _fail_to_start(self, run: _ActiveRun, log_path: Path, reason: str, error: str) -> None:
-        with open(log_path, "a") as log_file:
-            log_file.write(f"labrun: {error}\n")
+        note_in_log(run.record, log_path, f"labrun: {error}\n")
         self._fail(run, reason, error)
 
     async def _recover_one(self, run: _ActiveRun, executor: Executor | None, handle: Handle | None,

@@ -132,7 +132,7 @@ def cmd_run(args) -> int:
     if args.json:
         _print_json(run)
     if run["status"] != "Completed":
-        print(f"labrun: run {run_id} {run['status']}: {run['error'] or run['reason'] or ''}".rstrip(": "),
+        print(_format.escape(f"labrun: run {run_id} {run['status']}: {run['error'] or run['reason'] or ''}".rstrip(": ")),
               file=sys.stderr)
     return exit_code_of(run)
 
@@ -195,7 +195,7 @@ def cmd_wait(args) -> int:
         if args.json:
             _print_json(run)
         else:
-            print(f"{run_id}: {run['status']}" + (f" ({run['error']})" if run["error"] else ""))
+            print(_format.escape(f"{run_id}: {run['status']}" + (f" ({run['error']})" if run["error"] else "")))
         code = code or exit_code_of(run)
     return code
 
@@ -244,8 +244,8 @@ def cmd_events(args) -> int:
             else:
                 data = event["data"]
                 detail = " ".join(f"{k}={v}" for k, v in sorted(data.items()) if k != "previous")
-                print(f"{event['seq']:>6}  {_format.age(event['time'])}  {event['type']:<22} "
-                      f"{event['run_id'] or '-'}  {event['user'] or '-'}  {detail}".rstrip())
+                print(_format.escape(f"{event['seq']:>6}  {_format.age(event['time'])}  {event['type']:<22} "
+                                     f"{event['run_id'] or '-'}  {event['user'] or '-'}  {detail}".rstrip()))
             sys.stdout.flush()
     except KeyboardInterrupt:
         return 130
@@ -287,7 +287,7 @@ def cmd_status(args) -> int:
                   + (f", last error: {server['last_error']}" if server["last_error"] else ""))
     for user, use in sorted(status["by_user"].items()):
         gpus = ",".join(use["gpus"]) or "-"
-        print(f"  {user}: {use['runs']} running, cpus {use['cpus']}, "
+        print(f"  {_format.escape(user)}: {use['runs']} running, cpus {use['cpus']}, "
               f"memory {_format.format_memory(use['memory'] or None)}, gpus {gpus}")
     return 0
 
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"labrun: {exc}\n")
     except (AgentError, AzureMLException) as exc:
         message = exc.message if isinstance(exc, AgentError) else str(exc)
-        print(f"labrun: {message}", file=sys.stderr)
+        print(f"labrun: {_format.escape(message)}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return 1

@@ -1,4 +1,9 @@
-"""Human-readable output for the CLI: tables, times, sizes."""
+"""Human-readable output for the CLI: tables, times, sizes.
+
+Names, tags, descriptions and errors come from other users: every string shown to a human goes
+through ``escape``, so no control character (a terminal escape sequence, a carriage return that
+hides what came before) reaches the terminal raw. ``--json`` output is JSON-escaped already.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,18 @@ import datetime
 import time
 
 from labrun.protocol import format_memory
+
+
+# C0 and C1 controls, DEL, and the Unicode marks that reorder or hide text on a terminal.
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
+_ESCAPES = {code: _NAMED.get(chr(code), f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+            for code in [*range(0x20), *range(0x7f, 0xa0), *range(0x200b, 0x2010), *range(0x202a, 0x202f),
+                         *range(0x2066, 0x206a)]}
+
+
+def escape(value) -> str:
+    """``value`` as text that is safe to print: each control character as a visible escape (``\\e``, ``\\x07``)."""
+    return str(value).translate(_ESCAPES)
 
 
 def age(timestamp: float | None) -> str:
@@ -48,8 +65,9 @@ def outcome(run: dict) -> str:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    rows = [[escape(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(c) for c in column) for column in zip(*rows)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)
 
 
@@ -100,4 +118,4 @@ def show(run: dict) -> str:
     if run.get("mlflow"):
         rows.append(("MLflow", run["mlflow"]["url"]))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k + ':':<{width + 1}} {v if v is not None else '-'}" for k, v in rows)
+    return "\n".join(f"{k + ':':<{width + 1}} {escape(v) if v is not None else '-'}" for k, v in rows)
