@@ -162,6 +162,8 @@ class LaunchPlanner:
             "LABRUN_OUTPUT_DIR": str(run_dir.outputs),
             "LABRUN_RUN_TOKEN": token,
         })
+        if spec.get("array") is not None:
+            env.update(array_environment(spec["array"]))
         if self.capacity.gpus:
             devices = ",".join(allocation.gpus)
             env.update({"CUDA_VISIBLE_DEVICES": devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
@@ -213,3 +215,12 @@ class LaunchPlanner:
         except SnapshotFailed as exc:
             raise PrepareFailed(str(exc), reason="snapshot_failed") from None
 
+def array_environment(array: dict) -> dict[str, str]:
+    """What an array member sees: labrun's names, and Slurm's so Slurm scripts work unchanged."""
+    return {
+        "LABRUN_ARRAY_ID": array["id"],
+        "LABRUN_ARRAY_INDEX": str(array["index"]),
+        "SLURM_ARRAY_JOB_ID": array["id"],
+        "SLURM_ARRAY_TASK_ID": str(array["index"]),
+        "SLURM_ARRAY_TASK_COUNT": str(array["size"]),
+    }

@@ -27,6 +27,7 @@ from ._events import EventLog
 from ._hub import HubSender
 from ._logging import configure_logging
 from ._mlflow_setup import Mlflow
+from ._retention import RunFiles
 from ._server import (
     AgentAlreadyRunning, ConnectionHandler, SocketDirectoryUnsafe, check_socket_directory, open_unix_listener,
     refuse_if_agent_answers,
@@ -98,7 +99,8 @@ async def _serve(config: AgentConfig, store: Store, executors: dict[str, Executo
     supervisor = Supervisor(config, store, capacity, executors)
     events = EventLog(store, buffer=config.subscriber_buffer)
     hub = HubSender(config.hub, store, events) if config.hub is not None else None
-    service = Service(config, store, supervisor, events, hub)
+    run_files = RunFiles(config, store, supervisor)
+    service = Service(config, store, supervisor, events, hub, run_files)
     check_socket_directory(config.socket, system=config.system)
     mlflow = Mlflow(config, store, events, supervisor)
     service.mlflow = supervisor.launches.mlflow = mlflow
@@ -120,6 +122,7 @@ async def _serve(config: AgentConfig, store: Store, executors: dict[str, Executo
                     return min((c for c in cursors if c is not None), default=None)
 
                 await nursery.start(events.retain, config.retention_days, delivered)
+                await nursery.start(run_files.retain, config.runs.retention_days, config.runs.purge)
                 listener = await open_unix_listener(config.socket, system=config.system, group=config.socket_group)
                 socket_inode = os.stat(config.socket).st_ino
                 await nursery.start(partial(trio.serve_listeners, ConnectionHandler(config, service),

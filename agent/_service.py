@@ -20,6 +20,7 @@ from labrun.protocol._statuses import ACTIVE, QUEUED
 from ._artifacts import LOGS, list_files, open_for_reading, write_file
 from ._events import EventFilter, EventLog
 from ._peers import Peer
+from ._retention import RunFiles
 from ._rundir import RunDir
 from ._snapshot import ContentStore
 from ._supervisor import Owner, Supervisor
@@ -56,8 +57,9 @@ class Session:
 class Service:
     mlflow = None   # the agent's MLflow side (_mlflow_setup.Mlflow)
 
-    def __init__(self, config, store, supervisor: Supervisor, events: EventLog, hub=None):
+    def __init__(self, config, store, supervisor: Supervisor, events: EventLog, hub, run_files: RunFiles):
         self.config = config
+        self.run_files = run_files
         self.store = store
         self.supervisor = supervisor
         self.events = events
@@ -70,7 +72,7 @@ class Service:
             "set_labels": self.set_labels, "files": self.files, "download": self.download, "put_file": self.put_file,
             "env_register": self.env_register, "env_get": self.env_get, "env_list": self.env_list,
             "drain": self.drain, "resume": self.resume,
-            "ui": self.ui,
+            "remove": self.remove, "clean": self.clean, "ui": self.ui,
         }
 
     # -- helpers -----------------------------------------------------------------------
@@ -87,11 +89,14 @@ class Service:
             raise Forbidden(f"run {run_id} belongs to {record.user}; only its owner or an admin may {action}")
         return record
 
-    def _show(self, session: Session, record, labels: dict | None = None) -> dict:
+    def _show(self, session: Session, record, labels: dict | None = None, removed: dict | None = None) -> dict:
         """The run as this peer may see it, with the tags, properties and error set while it ran."""
         shown = record.public(privileged=session.peer.may_manage(record.uid))
         if labels is None:
             labels = self.store.labels_of([record.run_id]).get(record.run_id, {})
+        if removed is None:
+            removed = self.store.removed_of([record.run_id])
+        shown["files_removed_at"] = removed.get(record.run_id)
         shown["tags"] = {**shown["tags"], **labels.get("tags", {})}
         shown["properties"] = {**shown["properties"], **labels.get("properties", {})}
         shown["reported_error"] = labels.get("error") or None
@@ -106,6 +111,7 @@ class Service:
         return self._record(run_id)
 
     def _run_dir(self, record) -> RunDir:
+        self.run_files.check_present(record)
         return RunDir.of(self.config.state_dir, record.run_id)
 
     # -- ops ---------------------------------------------------------------------------
@@ -153,10 +159,15 @@ class Service:
 
     async def submit(self, session: Session, args: dict) -> dict:
         peer = session.peer
-        record = await self.supervisor.submit(args["spec"], Owner(peer.uid, peer.gid, peer.user, list(peer.groups),
-                                                                  peer.admin))
+        owner = Owner(peer.uid, peer.gid, peer.user, list(peer.groups), peer.admin)
+        if args["array"] is None:
+            record = await self.supervisor.submit(args["spec"], owner)
+        else:
+            records = await self.supervisor.submit_array(args["spec"], owner, args["array"])
         session.unsubmitted_bytes = 0
-        return self._show(session, record)
+        if args["array"] is None:
+            return self._show(session, record)
+        return {"array_id": records[0].spec["array"]["id"], "runs": [self._show(session, r) for r in records]}
 
     async def get(self, session: Session, args: dict) -> dict:
         # event_seq: watch from here and no later change of this run can be missed.
@@ -169,7 +180,12 @@ class Service:
         statuses, before = args["status"], args["before"]
         limit = min(args["limit"] or LIST_PAGE, LIST_PAGE)
         query = {"experiment": args["experiment"], "before": before}
-        if args["all"] or statuses is not None:
+        if args["array"] is not None:
+            # An array is one page: its members, newest (highest index) first like every listing.
+            records = [self.store.get_run(r) for r in reversed(self.store.array_members(args["array"]))]
+            records = [r for r in records if r is not None and (before is None or r.order < before)
+                       and (statuses is None or r.status in statuses)][:limit]
+        elif args["all"] or statuses is not None:
             records = self.store.list_runs(statuses=statuses, limit=limit, **query)
         else:
             # Queued and active runs, and the few most recent finished ones.
@@ -177,8 +193,9 @@ class Service:
             if before is None:
                 records += self.store.list_runs(statuses=TERMINAL, limit=RECENT_FINISHED, **query)
             records = sorted(records, key=lambda r: r.order, reverse=True)[:limit]
-        labels = self.store.labels_of([r.run_id for r in records])
-        return [self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}))
+        ids = [r.run_id for r in records]
+        labels, removed = self.store.labels_of(ids), self.store.removed_of(ids)
+        return [self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}), removed)
                 for r in records]
 
     async def cancel(self, session: Session, args: dict) -> dict:
@@ -274,6 +291,21 @@ class Service:
         size = await write_file(record, self._run_dir(record), args["name"], args["data"], append=args["append"])
         return {"name": args["name"], "size": size}
 
+    async def remove(self, session: Session, args: dict) -> dict:
+        """``labrun rm``: delete a finished run's directory (owner or admin)."""
+        record = self._owned(session, args["run_id"], "remove it")
+        freed = await self.run_files.remove(record, purge=args["purge"])
+        return {"run_id": record.run_id, "freed_bytes": freed, "purged": args["purge"]}
+
+    async def clean(self, session: Session, args: dict) -> dict:
+        """``labrun clean``: remove the caller's finished runs (everyone's with ``all_users``, admins only)."""
+        if args["all_users"] and not session.peer.admin:
+            raise Forbidden("only an admin may clean every user's runs")
+        removed = await self.run_files.clean(older_than=args["older_than"], statuses=args["status"],
+                                             uid=None if args["all_users"] else session.peer.uid,
+                                             purge=args["purge"])
+        return {"removed": removed, "freed_bytes": sum(r["freed_bytes"] for r in removed)}
+
     async def env_register(self, session: Session, args: dict) -> dict:
         environment = args["environment"]
         peer = session.peer
@@ -361,7 +393,15 @@ class Service:
                             for kind, executor in self.supervisor.executors.items()},
             "hub": self.hub.status() if self.hub is not None else None,
             "mlflow": self.mlflow.status() if self.mlflow is not None else None,
+            "disk": await self._disk(),
         }
+
+    async def _disk(self) -> dict:
+        fs = os.statvfs(self.config.state_dir)
+        runs, snapshots = await self.run_files.disk_used()
+        return {"runs_bytes": runs, "snapshot_store_bytes": snapshots, "free_bytes": fs.f_bavail * fs.f_frsize,
+                "total_bytes": fs.f_blocks * fs.f_frsize, "retention_days": self.config.runs.retention_days,
+                "purge": self.config.runs.purge}
 
     async def ui(self, session: Session, args: dict) -> dict:
         """``labrun ui``: the MLflow UI's address, starting the embedded server on a per-user agent."""

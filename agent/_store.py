@@ -134,6 +134,24 @@ CREATE TABLE IF NOT EXISTS cas_tree_holders (uid INTEGER NOT NULL, tree TEXT NOT
 CREATE TABLE IF NOT EXISTS cas_runs (run_id TEXT PRIMARY KEY, tree TEXT NOT NULL) WITHOUT ROWID;
 """
 
+# Arrays and removed run directories: tables of their own, so the runs table keeps its shape. (A run's
+# dependencies are part of its spec: ``after`` and ``afterok`` lists of run ids.)
+# ``run_arrays``: the members of an array, with the array's concurrency limit (``throttle``, 0: none).
+# ``removed_run_dirs``: runs whose directory ``labrun rm``, ``clean`` or retention deleted.
+RELATIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS run_arrays (
+    run_id TEXT PRIMARY KEY,
+    array_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    throttle INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_arrays_array ON run_arrays(array_id, idx);
+CREATE TABLE IF NOT EXISTS removed_run_dirs (
+    run_id TEXT PRIMARY KEY,
+    removed_at REAL NOT NULL,
+    bytes INTEGER NOT NULL
+);
+"""
 class SchemaTooNew(Exception):
     """The database was written by a newer agent."""
 
@@ -156,6 +174,8 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     CAS_SCHEMA,
     # 4: who owns each environment name.
     OWNERS_SCHEMA,
+    # 5: dependencies between runs, and arrays.
+    RELATIONS_SCHEMA,
 ]
 
 
@@ -350,22 +370,35 @@ class Store:
     def add_run(self, record: RunRecord, event_type: str) -> RunRecord:
         """Insert a new run (assigning its order and per-experiment number) with its event."""
         with self._transaction():
-            row = self._db.execute("SELECT last_number FROM experiments WHERE name = ?", (record.experiment,)).fetchone()
-            record.number = (row[0] if row else 0) + 1
-            self._db.execute(
-                "INSERT INTO experiments (name, last_number) VALUES (?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET last_number = excluded.last_number",
-                (record.experiment, record.number),
-            )
-            record.order = self._db.execute("SELECT COALESCE(MAX(ord), 0) + 1 FROM runs").fetchone()[0]
-            values = dict(record.__dict__, ord=record.order)
-            self._db.execute(
-                f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                [_pack(values[c]) if c in _PACKED else values[c] for c in _COLUMNS],
-            )
-            self._event(event_type, run_id=record.run_id, experiment=record.experiment, user=record.user,
-                        data={"status": record.status}, now=record.submitted_at)
+            self._insert_run(record, event_type)
         return record
+
+    def add_array(self, records: list[RunRecord], event_type: str) -> list[RunRecord]:
+        """Insert the members of an array (each spec's ``array`` says which) in one transaction."""
+        with self._transaction():
+            for record in records:
+                self._insert_run(record, event_type)
+                array = record.spec["array"]
+                self._db.execute("INSERT INTO run_arrays (run_id, array_id, idx, throttle) VALUES (?, ?, ?, ?)",
+                                 (record.run_id, array["id"], array["index"], array["throttle"]))
+        return records
+
+    def _insert_run(self, record: RunRecord, event_type: str) -> None:
+        row = self._db.execute("SELECT last_number FROM experiments WHERE name = ?", (record.experiment,)).fetchone()
+        record.number = (row[0] if row else 0) + 1
+        self._db.execute(
+            "INSERT INTO experiments (name, last_number) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET last_number = excluded.last_number",
+            (record.experiment, record.number),
+        )
+        record.order = self._db.execute("SELECT COALESCE(MAX(ord), 0) + 1 FROM runs").fetchone()[0]
+        values = dict(record.__dict__, ord=record.order)
+        self._db.execute(
+            f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+            [_pack(values[c]) if c in _PACKED else values[c] for c in _COLUMNS],
+        )
+        self._event(event_type, run_id=record.run_id, experiment=record.experiment, user=record.user,
+                    data={"status": record.status}, now=record.submitted_at)
 
     def update_run(self, record: RunRecord, event_type: str | None, event_data: dict | None = None,
                    **changes) -> RunRecord:
@@ -462,6 +495,56 @@ class Store:
         with self._transaction():
             cursor = self._db.execute("DELETE FROM events WHERE time < ? AND seq <= ?", (before_time, up_to_seq))
         return cursor.rowcount
+
+    # -- arrays, dependencies and removed run directories --------------------------------
+
+    def array_members(self, array_id: str) -> list[str]:
+        """The run ids of an array, by index; empty when there is no such array."""
+        rows = self._db.execute("SELECT run_id FROM run_arrays WHERE array_id = ? ORDER BY idx", (array_id,))
+        return [r[0] for r in rows.fetchall()]
+
+    def _by_run(self, select: str, run_ids: Iterable[str]) -> dict:
+        """``{run_id: value}`` from ``select`` (``SELECT run_id, value FROM ... WHERE run_id IN``), in chunks."""
+        run_ids, found = list(run_ids), {}
+        for start in range(0, len(run_ids), 500):
+            chunk = run_ids[start:start + 500]
+            found.update(self._db.execute(f"{select} ({', '.join('?' * len(chunk))})", chunk).fetchall())
+        return found
+
+    def statuses_of(self, run_ids: Iterable[str]) -> dict[str, str]:
+        return self._by_run("SELECT run_id, status FROM runs WHERE run_id IN", run_ids)
+
+    def removed_of(self, run_ids: Iterable[str]) -> dict[str, float]:
+        """{run_id: when its directory was removed} for those of ``run_ids`` whose directory is gone."""
+        return self._by_run("SELECT run_id, removed_at FROM removed_run_dirs WHERE run_id IN", run_ids)
+
+    def finished_runs_to_remove(self, *, ended_before: float, statuses: Iterable[str] = TERMINAL,
+                                uid: int | None = None, limit: int = 1000,
+                                include_removed: bool = False) -> list[RunRecord]:
+        """Finished runs that ended before ``ended_before`` and still have their directory, oldest first."""
+        statuses = [s for s in statuses if s in TERMINAL]
+        sql = (f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE +status IN ({', '.join('?' * len(statuses))}) "
+               "AND ended_at < ?")
+        if not include_removed:
+            sql += " AND run_id NOT IN (SELECT run_id FROM removed_run_dirs)"
+        params: list = [*statuses, ended_before]
+        if uid is not None:
+            sql += " AND uid = ?"
+            params.append(uid)
+        rows = self._db.execute(sql + " ORDER BY ord LIMIT ?", (*params, limit)).fetchall()
+        return [_record(r) for r in rows]
+
+    def mark_removed(self, record: RunRecord, freed: int, *, purge: bool) -> None:
+        """Record that a run's directory is gone (``run.removed`` event); ``purge``: forget the run as well."""
+        with self._transaction():
+            if purge:
+                for table in ("runs", "metrics", "labels", "run_arrays", "removed_run_dirs"):
+                    self._db.execute(f"DELETE FROM {table} WHERE run_id = ?", (record.run_id,))
+            else:
+                self._db.execute("INSERT OR REPLACE INTO removed_run_dirs (run_id, removed_at, bytes) VALUES (?, ?, ?)",
+                                 (record.run_id, time.time(), freed))
+            self._event("run.removed", run_id=record.run_id, experiment=record.experiment, user=record.user,
+                        data={"bytes": freed, "purged": purge})
 
     # -- metrics, tags and properties ---------------------------------------------------
 

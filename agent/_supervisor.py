@@ -21,6 +21,11 @@ hash is in the store), a run that ended meanwhile gets its real exit status, and
 run whose executor finds nothing left is ``Failed`` with ``agent_lost``. Runs that had
 not started are queued again.
 
+Dependencies (``after``/``afterok`` in the spec) and arrays (``spec["array"]``, with its
+``%N`` limit) are inputs to the pure scheduler: each pass tells it which queued runs
+still wait for an unended run, and each array's limit. A queued ``afterok`` run whose
+dependency ended without completing is canceled (``dependency_failed``) before the pass.
+
 The supervisor knows no executor by name: ``executors`` maps target kinds to executors,
 and ``kind_for`` says which one a run needs.
 """
@@ -106,6 +111,8 @@ class Supervisor:
             log.info("runs.narrowed", detail="run directories an older agent left readable to others are now 0700")
         self.queued: dict[str, RunRecord] = {}
         self.active: dict[str, _ActiveRun] = {}
+        # Queued runs with dependencies (--after/--afterok): the only ones each pass checks for readiness.
+        self.waiting_on_others: set[str] = set()
         self.changed = Notifier()
         self._wakeup = trio.Event()
         self._waiting_stale = False
@@ -137,7 +144,7 @@ class Supervisor:
             self._recover(nursery)
             for record in self.store.runs_with_status([QUEUED]):
                 record.environ = None
-                self.queued[record.run_id] = record
+                self._enqueue(record)
             ready = False
             while True:
                 # Allocations are held again at once; new runs start once recovery is done, so nothing
@@ -232,6 +239,13 @@ class Supervisor:
 
     async def submit(self, spec: dict, owner: Owner) -> RunRecord:
         """Check the spec and its snapshot against this agent and queue the run (durably)."""
+        return (await self._queue(spec, owner, None))[0]
+
+    async def submit_array(self, spec: dict, owner: Owner, array: dict) -> list[RunRecord]:
+        """Queue one run per index of ``array`` (``indices``, ``throttle``), sharing an array id: all or none."""
+        return await self._queue(spec, owner, array)
+
+    async def _queue(self, spec: dict, owner: Owner, array: dict | None) -> list[RunRecord]:
         self._check_features(spec, owner)
         target = spec["compute_target"]
         if target != "local":
@@ -245,6 +259,7 @@ class Supervisor:
         if too_big:
             raise BadRequest(f"spec.resources: the run {too_big}; it could never start",
                              details={"field": "spec.resources"})
+        self._resolve_dependencies(spec)
 
         snapshot = spec.pop("snapshot")
         entries, in_place = snapshot["files"], snapshot["in_place"]
@@ -264,35 +279,78 @@ class Supervisor:
 
         now = time.time()
         run_id = f"{spec['experiment']}_{int(now)}_{uuid.uuid4().hex[:8]}"
-        layout = self._run_dir(run_id)
-        run_dir = layout.root
-        creds = owner.credentials()
+        environ = spec.pop("environ")
+        if array is None:
+            members = [(run_id, spec)]
+        else:
+            # Members are <array id>_<index>, as Slurm names array tasks <job id>_<index>.
+            members = [(f"{run_id}_{index}", {**spec, "array": {"id": run_id, "index": index, "size": len(array["indices"]),
+                                                                   "throttle": array["throttle"]}})
+                       for index in array["indices"]]
+        created: list[str] = []
         try:
-            # The run directory is its owner's (0700); what is in it is created with their rights.
-            make_private_dir(run_dir.parent, run_id, creds)
-            with acting_as(creds):
-                # The snapshot itself is made when the run starts (Launch), from the contents stored now.
-                layout.outputs_link.symlink_to(layout.outputs.relative_to(run_dir))
-                layout.logs.mkdir()
-            if entries is not None:
-                self.snapshots.acquire(run_id, owner.uid, tree, entries)
-            environ = spec.pop("environ")
-            record = RunRecord(
-                run_id=run_id, order=0, experiment=spec["experiment"], number=0, uid=owner.uid, gid=owner.gid,
-                user=owner.user, status=QUEUED, spec=spec, environ=environ, submitted_at=now,
-            )
-            self.store.add_run(record, EVENT_TYPES[QUEUED])
+            # No await from the snapshot check to the last acquire (ContentStore.acquire's contract).
+            records = []
+            for member_id, member_spec in members:
+                created.append(member_id)
+                self._make_run_dir(member_id, owner)
+                if entries is not None:
+                    self.snapshots.acquire(member_id, owner.uid, tree, entries)
+                records.append(RunRecord(
+                    run_id=member_id, order=0, experiment=spec["experiment"], number=0, uid=owner.uid,
+                    gid=owner.gid, user=owner.user, status=QUEUED, spec=member_spec, environ=environ,
+                    submitted_at=now,
+                ))
+            if array is None:
+                self.store.add_run(records[0], EVENT_TYPES[QUEUED])
+            else:
+                self.store.add_array(records, EVENT_TYPES[QUEUED])
         except BaseException:
             with trio.CancelScope(shield=True):
-                self.snapshots.release_snapshot(run_id)
-                await trio.to_thread.run_sync(shutil.rmtree, run_dir, True)
+                for member_id in created:
+                    self.snapshots.release_snapshot(member_id)
+                    await trio.to_thread.run_sync(shutil.rmtree, self._run_dir(member_id).root, True)
             raise
-        log.debug("run.submitted", run_id=run_id, user=owner.user)
-        record.environ = None   # stored; read back at launch, so ten thousand queued runs stay small
-        self.queued[run_id] = record
+        for record in records:
+            log.debug("run.submitted", run_id=record.run_id, user=owner.user)
+            record.environ = None   # stored; read back at launch, so ten thousand queued runs stay small
+            self._enqueue(record)
         self.changed.notify()
         self.wake()
-        return record
+        return records
+
+    def _make_run_dir(self, run_id: str, owner: Owner) -> None:
+        creds = owner.credentials()
+        layout = self._run_dir(run_id)
+        # The run directory is its owner's (0700); what is in it is created with their rights.
+        make_private_dir(layout.root.parent, run_id, creds)
+        with acting_as(creds):
+            # The snapshot itself is made when the run starts (Launch), from the contents stored now.
+            layout.outputs_link.symlink_to(layout.outputs.relative_to(layout.root))
+            layout.logs.mkdir()
+
+    def _resolve_dependencies(self, spec: dict) -> None:
+        """Expand array ids in ``after``/``afterok`` into their members; refuse unknown runs.
+
+        A run can only wait for runs that exist when it is submitted, and its own id is new, so the
+        dependency graph can never hold a cycle.
+        """
+        for key in ("after", "afterok"):
+            resolved: list[str] = []
+            for wanted in spec.get(key, []):
+                members = self.store.array_members(wanted)
+                if not members:
+                    if wanted not in self.queued and wanted not in self.active and self.store.get_run(wanted) is None:
+                        raise BadRequest(f"spec.{key}: no run or array with id {wanted!r}",
+                                         details={"field": f"spec.{key}"})
+                    members = [wanted]
+                resolved += [m for m in members if m not in resolved]
+            spec[key] = resolved
+
+    def _enqueue(self, record: RunRecord) -> None:
+        self.queued[record.run_id] = record
+        if record.spec.get("after") or record.spec.get("afterok"):
+            self.waiting_on_others.add(record.run_id)
 
     async def _check_in_place(self, directory: str, script: str | None, owner: Owner) -> None:
         """An in-place run works in ``directory``: its user must be able to enter and read it (checked as them)."""
@@ -346,6 +404,7 @@ class Supervisor:
         """Cancel a queued run at once, or ask an active run's task to stop it."""
         if record.run_id in self.queued:
             record = self.queued.pop(record.run_id)
+            self.waiting_on_others.discard(record.run_id)
             record.waiting = None
             self._transition(record, CANCELED, ended_at=time.time(), reason="canceled")
             self.wake()
@@ -390,17 +449,48 @@ class Supervisor:
             return all(self._demand(r.spec).cpus for r in self.queued.values())
         return True
 
+    def _unmet(self, record: RunRecord) -> tuple[str, ...]:
+        """The runs ``record`` waits for that have not ended (every unended run is queued or active)."""
+        if record.run_id not in self.waiting_on_others:
+            return ()
+        return tuple(r for r in (*record.spec["after"], *record.spec["afterok"])
+                     if r in self.queued or r in self.active)
+
+    def _cancel_failed_dependents(self) -> None:
+        """``--afterok`` runs whose dependency ended without completing can never start: cancel them."""
+        for run_id in sorted(self.waiting_on_others):
+            record = self.queued[run_id]
+            ended = [r for r in record.spec["afterok"] if r not in self.queued and r not in self.active]
+            failed = sorted(r for r, status in self.store.statuses_of(ended).items() if status != COMPLETED)
+            if failed:
+                self.queued.pop(run_id)
+                self.waiting_on_others.discard(run_id)
+                record.waiting = None
+                self._transition(record, CANCELED, ended_at=time.time(), reason="dependency_failed",
+                                 error=f"canceled: run {failed[0]} did not complete (--afterok)")
+                self.wake()   # its own --afterok dependents go next
+
+    def _array_of(self, spec: dict) -> str | None:
+        return (spec.get("array") or {}).get("id")
+
     def _decide(self):
         now = time.time()
-        pending = [
-            Pending(run_id=r.run_id, user=r.user, priority=r.spec["priority"], order=r.order,
-                    demand=self._demand(r.spec), duration=r.spec["max_run_duration_seconds"])
-            for r in self.queued.values()
-        ]
-        active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by) for a in self.active.values()]
-        decision = schedule(pending, active, self.capacity, now)
+        pending, limits = [], {}
+        for r in self.queued.values():
+            array = self._array_of(r.spec)
+            if array is not None:
+                limits[array] = r.spec["array"]["throttle"]
+            pending.append(Pending(run_id=r.run_id, user=r.user, priority=r.spec["priority"], order=r.order,
+                                   demand=self._demand(r.spec), duration=r.spec["max_run_duration_seconds"],
+                                   blocked_by=self._unmet(r), array=array))
+        active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by, self._array_of(a.record.spec))
+                  for a in self.active.values()]
+        decision = schedule(pending, active, self.capacity, now, limits)
         for run_id, (reason, position) in decision.waiting.items():
-            self.queued[run_id].waiting = {"reason": "draining" if self.draining else reason, "position": position}
+            record = self.queued[run_id]
+            record.waiting = {"reason": "draining" if self.draining else reason, "position": position}
+            if reason == "dependency":
+                record.waiting["on"] = list(self._unmet(record))
         if self.draining:
             for start in decision.starts:
                 self.queued[start.run_id].waiting = {"reason": "draining", "position": 0}
@@ -408,6 +498,8 @@ class Supervisor:
         return decision, now
 
     def _schedule(self, nursery: trio.Nursery) -> None:
+        if self.waiting_on_others:
+            self._cancel_failed_dependents()
         if not self.queued:
             return
         if self._saturated() or self.draining:
@@ -418,6 +510,7 @@ class Supervisor:
         decision, now = self._decide()
         for start in decision.starts:
             record = self.queued.pop(start.run_id)
+            self.waiting_on_others.discard(start.run_id)
             record.waiting = None
             run = _ActiveRun(record, start.allocation, trio.CancelScope(),
                              ends_by=now + record.spec["max_run_duration_seconds"])

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ._constants import EXPERIMENT_NAME_RE, MAX_DURATION_SECONDS_DEFAULT
 from ._errors import BadRequest
 from ._manifest import check_hash, validate_manifest
-from ._statuses import STATUSES
+from ._statuses import CANCELED, COMPLETED, FAILED, STATUSES
 
 Validator = Callable[[Any, str], Any]
 _MISSING = object()
@@ -276,13 +276,26 @@ RUN_SPEC = struct({
     "distributed": Field(nullable(DISTRIBUTED), None),
     "resume_from": Field(nullable(RESUME_FROM), None),
     "docker": Field(nullable(DOCKER), None),
+    # Dependencies (labrun's own, after Slurm's --dependency): start once these runs (or arrays) have ended
+    # whatever their outcome (``after``), or only if they all Completed (``afterok``).
+    "after": Field(list_of(string(pattern=RUN_ID_RE, what="not a run id"), max_items=1000), list),
+    "afterok": Field(list_of(string(pattern=RUN_ID_RE, what="not a run id"), max_items=1000), list),
 })
 
 _RUN_ID = string(pattern=RUN_ID_RE, what="not a run id")
 
+# ``labrun submit --array 1-20%4``: one run per index, at most ``throttle`` running at once (0: no limit).
+MAX_ARRAY_SIZE = 10_000
+ARRAY = struct({
+    "indices": Field(list_of(integer(min=0, max=4_000_000), min_items=1, max_items=MAX_ARRAY_SIZE)),
+    "throttle": Field(integer(min=0, max=MAX_ARRAY_SIZE), 0),
+})
+_FINISHED = (COMPLETED, FAILED, CANCELED)
+
 OP_SCHEMAS: dict[str, Validator] = {
     "hello": struct({"protocol": Field(integer(min=0)), "client": Field(nullable(string(max_len=200)), None)}),
-    "submit": struct({"spec": Field(lambda value, path: validate_run_spec(value, path))}),
+    "submit": struct({"spec": Field(lambda value, path: validate_run_spec(value, path)),
+                      "array": Field(nullable(ARRAY), None)}),
     "blob_put": struct({"blobs": Field(list_of(BLOB, min_items=1, max_items=100_000))}),
     "get": struct({"run_id": Field(_RUN_ID)}),
     "list": struct({
@@ -291,8 +304,16 @@ OP_SCHEMAS: dict[str, Validator] = {
         "status": Field(nullable(list_of(enum(STATUSES), max_items=len(STATUSES))), None),
         "limit": Field(nullable(integer(min=1, max=10_000)), None),
         "before": Field(nullable(integer(min=1)), None),
+        "array": Field(nullable(_RUN_ID), None),
     }),
     "cancel": struct({"run_id": Field(_RUN_ID)}),
+    "remove": struct({"run_id": Field(_RUN_ID), "purge": Field(boolean, False)}),
+    "clean": struct({
+        "older_than": Field(nullable(number(min=0)), None),
+        "status": Field(nullable(list_of(enum(_FINISHED), min_items=1, max_items=3)), None),
+        "all_users": Field(boolean, False),
+        "purge": Field(boolean, False),
+    }),
     "wait": struct({"run_id": Field(_RUN_ID), "timeout": Field(nullable(number(min=0)), None)}),
     "logs": struct({
         "run_id": Field(_RUN_ID),

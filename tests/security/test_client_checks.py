@@ -67,7 +67,7 @@ def test_a_socket_served_by_another_user_gets_nothing(clients, scratch, squatter
     record = squatter(socket)
     result = alice.cli("run", "--source-dir", str(shared_source), "--", "echo", "secret",
                        env=alice.env(LABRUN_SOCKET=str(socket), AWS_SECRET_ACCESS_KEY="alice-secret"))
-    assert result.returncode == 1
+    assert result.returncode == 125   # labrun refused (docker's code)
     assert "runs as lrsec-bob" in result.stderr and "not as you or root" in result.stderr, result.stderr
     assert not record.exists() or record.read_bytes() == b"", "the client sent bytes to the squatter"
     assert_still_serving(alice, shared_source)
@@ -89,13 +89,13 @@ def test_a_squatted_tmp_fallback_directory_is_refused(clients, squatter, shared_
         result = alice.cli("run", "--source-dir", str(shared_source), "--", "echo", "secret", env=env)
         if Path("/run/labrun/agent.sock").exists():
             pytest.fail("a system agent answers on this machine; this test needs the per-user fallback")
-        assert result.returncode == 1
+        assert result.returncode == 125
         assert f"{fallback} belongs to uid {bob.entry.pw_uid}, not to you" in result.stderr, result.stderr
         assert not record.exists() or record.read_bytes() == b"", "the client sent bytes to the squatter"
         # Bob makes it 0700 and his: alice cannot even reach it, and still starts nothing.
         os.chmod(fallback, 0o700)
         again = alice.cli("ls", env=env)
-        assert again.returncode == 1 and "not to you" in again.stderr, again.stderr
+        assert again.returncode == 125 and "not to you" in again.stderr, again.stderr
     finally:
         shutil.rmtree(fallback, ignore_errors=True)
 
