@@ -23,16 +23,12 @@ import trio
 from labrun.protocol import __version__
 
 from ._asuser import agent_dir
-from ._asyncio_bridge import AsyncioBridge
 from ._capacity import discover_capacity
-from ._docker import DockerExecutor, agent_id
-from ._cgroups import MemoryCgroups
 from ._config import AgentConfig, ConfigError, load_config
 from ._events import EventLog
 from ._faults import Faults, is_disk_error
 from ._hub import HubSender
 from ._limits import Limits, raise_fd_limit, tune_malloc
-from ._local import LocalExecutor
 from ._logging import configure_logging
 from ._mlflow_setup import Mlflow
 from ._retention import RunFiles
@@ -42,8 +38,9 @@ from ._server import (
 )
 from ._service import Service
 from ._statecheck import EXIT_STATE_DAMAGED, StateDamaged, check_state, clean_orphans
-from ._store import Store
+from ._store import SchemaTooNew, Store
 from ._supervisor import Supervisor
+from .executors import Executor, build_executors
 
 log = structlog.get_logger("labrun.agent")
 
@@ -76,17 +73,22 @@ def _lock_state_dir(state_dir: Path, system: bool):
     return lock
 
 
-async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run the agent until SIGTERM or SIGINT (or cancellation)."""
+async def run_agent(config: AgentConfig, *, executors: dict[str, Executor] | None = None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run the agent until SIGTERM or SIGINT (or cancellation).
+
+    Args:
+        executors: by target kind; default: every registered kind (``executors.FACTORIES``).
+    """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         lock = _lock_state_dir(config.state_dir, config.system)
         try:
             check_state(config.state_dir)
-        except StateDamaged:
+            faults = Faults(config.state_dir / "reserve")
+            store = await _open_store(config.state_dir / "state.db", faults, signals)
+        except BaseException:
             lock.close()
             raise
-        faults = Faults(config.state_dir / "reserve")
-        store = await _open_store(config.state_dir / "state.db", faults, signals)
         if store is None:
             lock.close()
             return
@@ -100,17 +102,18 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
         store.before_commit = faults.make_room
         store.on_commit_failed = lambda exc: faults.report("store", exc) if is_disk_error(exc) else None
         clean_orphans(config.state_dir, lambda run_id: store.get_run(run_id) is not None)
-        docker = DockerExecutor(AsyncioBridge(), config.docker, agent_id(config.state_dir), config.docker_url,
-                                on_first_container=lambda: store.set_meta("docker_used", True))
+        if executors is None:
+            executors = build_executors(config, store)
         try:
             async with trio.open_nursery() as writer:
                 # The store's single writer (group commits) outlives every task that writes.
                 await writer.start(store.writer)
-                await _serve(config, store, faults, docker, signals, task_status)
+                await _serve(config, store, faults, executors, signals, task_status)
                 writer.cancel_scope.cancel()
         finally:
             with trio.move_on_after(5, shield=True):
-                await docker.close()
+                for executor in executors.values():
+                    await executor.aclose()
             store.close()
             lock.close()
     log.info("agent.stopped")
@@ -139,11 +142,9 @@ async def _open_store(path: Path, faults: Faults, signals) -> Store | None:
     return store
 
 
-async def _serve(config: AgentConfig, store: Store, faults: Faults, docker: DockerExecutor, signals,
+async def _serve(config: AgentConfig, store: Store, faults: Faults, executors: dict[str, Executor], signals,
                  task_status) -> None:
     capacity = discover_capacity(config.resources)
-    cgroups = MemoryCgroups.detect() if config.resources.memory_enforcement == "auto" else None
-    executors = {"local": LocalExecutor(cgroups, config.stop_grace_seconds), "docker": docker}
     supervisor = Supervisor(config, store, capacity, executors, faults)
     events = EventLog(store, buffer=config.subscriber_buffer)
     hub = HubSender(config.hub, store, events) if config.hub is not None else None
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         trio.run(run_agent, config)
-    except* (AgentAlreadyRunning, SocketDirectoryUnsafe, StateDirLocked) as group:
+    except* (AgentAlreadyRunning, SocketDirectoryUnsafe, StateDirLocked, SchemaTooNew) as group:
         refusals, code = group.exceptions, 1
     except* StateDamaged as group:
         refusals, code = group.exceptions, EXIT_STATE_DAMAGED

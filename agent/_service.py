@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Awaitable, Callable
 
 import msgpack
@@ -24,6 +23,7 @@ from ._events import EventFilter, EventLog
 from ._limits import LimitsConfig, check_labels, check_text, labels_size
 from ._peers import Peer
 from ._retention import RunFiles
+from ._rundir import RunDir
 from ._snapshot import ContentStore
 from ._supervisor import Owner, Supervisor
 
@@ -77,6 +77,7 @@ class Service:
             "watch": self.watch, "log_metrics": self.log_metrics, "get_metrics": self.get_metrics,
             "set_labels": self.set_labels, "files": self.files, "download": self.download, "put_file": self.put_file,
             "env_register": self.env_register, "env_get": self.env_get, "env_list": self.env_list,
+            "drain": self.drain, "resume": self.resume,
             "remove": self.remove, "clean": self.clean, "ui": self.ui,
         }
 
@@ -115,9 +116,9 @@ class Service:
             raise Forbidden(f"the run token is not valid for run {run_id} (it is only valid while the run is active)")
         return self._record(run_id)
 
-    def _run_dir(self, record) -> Path:
+    def _run_dir(self, record) -> RunDir:
         self.run_files.check_present(record)
-        return self.config.state_dir / "runs" / record.run_id
+        return RunDir.of(self.config.state_dir, record.run_id)
 
     # -- ops ---------------------------------------------------------------------------
 
@@ -382,6 +383,28 @@ class Service:
     async def env_list(self, session: Session, args: dict) -> list:
         return [self._env_shown(session, e) for e in self.store.list_environments()]
 
+    # -- draining ----------------------------------------------------------------------
+
+    def _admin(self, session: Session, action: str) -> None:
+        if not session.peer.admin:
+            raise Forbidden(f"only root or the admin group may {action} the agent")
+
+    async def drain(self, session: Session, args: dict) -> dict:
+        """Start no more runs; with ``wait``, return once no run is active (or at the timeout)."""
+        self._admin(session, "drain")
+        self.supervisor.set_draining(True)
+        if args["wait"]:
+            timeout = args["timeout"]
+            with trio.move_on_after(float("inf") if timeout is None else timeout):
+                while self.supervisor.active:
+                    await self.supervisor.changed.wait()
+        return {"draining": self.supervisor.draining, "active": len(self.supervisor.active)}
+
+    async def resume(self, session: Session, args: dict) -> dict:
+        self._admin(session, "resume")
+        self.supervisor.set_draining(False)
+        return {"draining": self.supervisor.draining, "active": len(self.supervisor.active)}
+
     async def status(self, session: Session, args: dict) -> dict:
         capacity = self.supervisor.capacity
         in_use = {"cpus": 0, "memory": 0, "gpus": []}
@@ -415,6 +438,10 @@ class Service:
                                                               "gpus": t.gpus, "image": t.image}
                                                        for name, t in sorted(self.config.targets.items())}},
             "events": {"last_seq": self.store.last_seq(), "subscribers": len(self.events.subscriptions)},
+            "draining": self.supervisor.draining,
+            "drained": self.supervisor.draining and not self.supervisor.active,
+            "containment": {kind: getattr(executor, "containment", None)
+                            for kind, executor in self.supervisor.executors.items()},
             "hub": self.hub.status() if self.hub is not None else None,
             "limits": self.limits.status() if self.limits is not None else None,
             "faults": self.supervisor.faults.status(),
