@@ -2,7 +2,7 @@
 
 The client filters and packs ``source_directory``; the agent checks the same limits
 again (a client's mistake or malice must not fill the disk), refuses links and
-special files, and unpacks with tarfile's ``data`` filter (no absolute paths, no
+special files, and unpacks with tarfile's ``data`` filter's rules (``_tarcompat``) (no absolute paths, no
 ``..``, no device files). Unpacking runs in a worker thread: tarfile is blocking and
 a 300 MB snapshot must not stall the event loop. This module is that thread's only seam.
 """
@@ -17,6 +17,8 @@ from pathlib import Path
 import trio
 
 from labrun.protocol import TooLarge, BadRequest
+
+from ._tarcompat import ArchiveRefused, extract_data
 
 MAX_SNAPSHOT_BYTES = 300 * 1024 * 1024
 # Smaller archives unpack in well under a millisecond: faster than the hop to a worker thread.
@@ -48,8 +50,8 @@ def _extract(source: bytes | Path, dest: Path, uid: int | None, gid: int | None)
                 raise BadRequest(f"snapshot member {m.name!r} is not a regular file or directory")
         dest.mkdir(parents=True, exist_ok=True)
         try:
-            archive.extractall(dest, filter="data")
-        except tarfile.FilterError as exc:
+            extract_data(archive, dest)
+        except ArchiveRefused as exc:
             raise BadRequest(f"snapshot refused: {exc}") from None
     if uid is not None:
         _chown_tree(dest, uid, gid)
