@@ -19,6 +19,7 @@ import structlog
 import trio
 
 from labrun.protocol import __version__
+from labrun.protocol._statuses import QUEUED, TERMINAL
 
 from ._asyncio_bridge import AsyncioBridge
 from ._capacity import discover_capacity
@@ -29,10 +30,13 @@ from ._events import EventLog
 from ._hub import HubSender
 from ._local import LocalExecutor
 from ._logging import configure_logging
-from ._server import AgentAlreadyRunning, ConnectionHandler, open_unix_listener, refuse_if_agent_answers
+from ._server import (
+    AgentAlreadyRunning, ConnectionHandler, listener_from_socket, open_unix_listener, refuse_if_agent_answers,
+)
 from ._service import Service
 from ._store import Store
 from ._supervisor import Supervisor
+from ._systemd import SocketActivationError, SystemdNotifier, take_listen_socket
 
 log = structlog.get_logger("labrun.agent")
 
@@ -61,14 +65,20 @@ def _lock_state_dir(state_dir: Path, system: bool):
 
 async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run the agent until SIGTERM or SIGINT (or cancellation)."""
+    activated = take_listen_socket()
+    if activated is not None:
+        # The socket unit owns the path, its mode and group; runs are told where it is.
+        config.socket = Path(activated.getsockname())
+    notifier = SystemdNotifier()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         lock = _lock_state_dir(config.state_dir, config.system)
         store = Store(config.state_dir / "state.db")
         docker = DockerExecutor(AsyncioBridge(), config.docker, agent_id(config.state_dir), config.docker_url,
                                 on_first_container=lambda: store.set_meta("docker_used", True))
         try:
-            await _serve(config, store, docker, signals, task_status)
+            await _serve(config, store, docker, signals, task_status, activated, notifier)
         finally:
+            notifier.close()
             with trio.move_on_after(5, shield=True):
                 await docker.close()
             store.close()
@@ -76,7 +86,15 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
     log.info("agent.stopped")
 
 
-async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, signals, task_status) -> None:
+def status_line(store: Store) -> str:
+    """The one-line summary systemd shows (``systemctl status labrund``)."""
+    counts = store.counts_by_status()
+    active = sum(n for status, n in counts.items() if status != QUEUED and status not in TERMINAL)
+    return f"{active} active, {counts.get(QUEUED, 0)} queued"
+
+
+async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, signals, task_status,
+                 activated, notifier: SystemdNotifier) -> None:
     capacity = discover_capacity(config.resources)
     cgroups = MemoryCgroups.detect() if config.resources.memory_enforcement == "auto" else None
     executors = {"local": LocalExecutor(cgroups, config.stop_grace_seconds), "docker": docker}
@@ -84,7 +102,9 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
     events = EventLog(store, buffer=config.subscriber_buffer)
     hub = HubSender(config.hub, store, events) if config.hub is not None else None
     service = Service(config, store, supervisor, events, hub)
-    refuse_if_agent_answers(config.socket)
+    if activated is None:
+        # Under socket activation the path is systemd's, and connecting to it would only queue.
+        refuse_if_agent_answers(config.socket)
     socket_inode = None
     try:
         async with trio.open_nursery() as handlers:
@@ -95,17 +115,23 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
                     await nursery.start(hub.run)
                 await nursery.start(events.retain, config.retention_days,
                                     (lambda: hub.delivered) if hub is not None else (lambda: None))
-                listener = await open_unix_listener(config.socket, system=config.system, group=config.socket_group)
-                socket_inode = os.stat(config.socket).st_ino
+                if activated is not None:
+                    listener = listener_from_socket(activated)
+                else:
+                    listener = await open_unix_listener(config.socket, system=config.system, group=config.socket_group)
+                    socket_inode = os.stat(config.socket).st_ino
                 await nursery.start(partial(trio.serve_listeners, ConnectionHandler(config, service),
                                             [listener], handler_nursery=handlers))
                 store.add_event("agent.started", {"version": __version__, "pid": os.getpid()})
                 log.info("agent.started", socket=str(config.socket), state_dir=str(config.state_dir),
                          version=__version__, cpus=capacity.cpus, gpus=list(capacity.gpus))
+                await nursery.start(notifier.run_watchdog, partial(status_line, store))
                 task_status.started()
+                notifier.notify(ready=1, status=status_line(store))
                 async for signum in signals:
                     log.info("agent.stopping", signal=signal.Signals(signum).name)
                     break
+                notifier.notify(stopping=1, status="stopping; runs keep running")
                 store.add_event("agent.stopping", {"pid": os.getpid()})
                 nursery.cancel_scope.cancel()
             handlers.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_SECONDS
@@ -149,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     refusals = []
     try:
         trio.run(run_agent, config)
-    except* (AgentAlreadyRunning, StateDirLocked) as group:
+    except* (AgentAlreadyRunning, StateDirLocked, SocketActivationError) as group:
         refusals = group.exceptions
     for exc in refusals:
         print(f"labrund: {exc}", file=sys.stderr)

@@ -90,6 +90,11 @@ async def open_unix_listener(path: Path, *, system: bool, group: str | None) -> 
     return trio.SocketListener(sock)
 
 
+def listener_from_socket(sock: stdsocket.socket) -> trio.SocketListener:
+    """A listener on a socket someone else bound (systemd's socket activation): its path, mode and group are theirs."""
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
 class ConnectionHandler:
     def __init__(self, config, service: Service):
         self.config = config
