@@ -51,6 +51,7 @@ from labrun.protocol._paths import SYSTEM_SOCKET, SYSTEM_STATE_DIR, user_socket,
 
 from ._docker_args import DockerPolicy
 from ._hub import HubConfig
+from .executors._registry import KINDS
 
 
 class ConfigError(Exception):
@@ -173,8 +174,8 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
         _expect(table, dict, where)
         _check_keys(table, {"kind", "cpus", "memory", "gpus", "image"}, where)
         target = TargetConfig(name=name, kind=_expect(table.get("kind", "local"), str, f"{where}.kind"))
-        if target.kind not in ("local", "docker"):
-            raise ConfigError(f"{where}.kind: must be 'local' or 'docker', got {target.kind!r}")
+        if target.kind not in KINDS:
+            raise ConfigError(f"{where}.kind: must be one of {', '.join(map(repr, KINDS))}, got {target.kind!r}")
         if "cpus" in table:
             target.cpus = _expect(table["cpus"], int, f"{where}.cpus")
         if "gpus" in table:
