@@ -93,11 +93,12 @@ async def run_agent(config: AgentConfig, *, executors: dict[str, Executor] | Non
     log.info("agent.stopped")
 
 
-def status_line(store: Store) -> str:
+def status_line(store: Store, supervisor: Supervisor) -> str:
     """The one-line summary systemd shows (``systemctl status labrund``)."""
     counts = store.counts_by_status()
     active = sum(n for status, n in counts.items() if status != QUEUED and status not in TERMINAL)
-    return f"{active} active, {counts.get(QUEUED, 0)} queued"
+    line = f"{active} active, {counts.get(QUEUED, 0)} queued"
+    return line + ", draining (labrun agent resume starts runs again)" if supervisor.draining else line
 
 
 async def _serve(config: AgentConfig, store: Store, executors: dict[str, Executor], signals, task_status,
@@ -130,9 +131,9 @@ async def _serve(config: AgentConfig, store: Store, executors: dict[str, Executo
                 store.add_event("agent.started", {"version": __version__, "pid": os.getpid()})
                 log.info("agent.started", socket=str(config.socket), state_dir=str(config.state_dir),
                          version=__version__, cpus=capacity.cpus, gpus=list(capacity.gpus))
-                await nursery.start(notifier.run_watchdog, partial(status_line, store))
+                await nursery.start(notifier.run_watchdog, partial(status_line, store, supervisor))
                 task_status.started()
-                notifier.notify(ready=1, status=status_line(store))
+                notifier.notify(ready=1, status=status_line(store, supervisor))
                 async for signum in signals:
                     log.info("agent.stopping", signal=signal.Signals(signum).name)
                     break

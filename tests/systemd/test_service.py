@@ -181,3 +181,22 @@ def test_stop_leaves_runs_running_and_the_next_start_reattaches(system):
                       timeout=90, what="run to end")
     assert record["status"] == "Failed" and record.get("exit_code") == 4, record
     assert "done" in system.labrun("logs", run_id)
+
+
+def test_upgrade_as_the_readme_says_drain_install_restart_resume(system):
+    running = submit(system, "sleep 6; echo old-run-done; exit 5")
+    wait_for(lambda: system.run_record(running)["status"] == "Running", what="run to start")
+    system.run("labrun", "agent", "drain", "--no-wait")
+    waiting = submit(system, "echo after-resume")
+    assert "draining" in system.run("labrun", "status")
+    system.run("/root/labrun/scripts/install-system", "--offline", "/root/wheels", timeout=600)
+    system.run("systemctl", "restart", "labrund.service")
+    record = wait_for(lambda: (rec := system.run_record(running))["status"] in ("Completed", "Failed") and rec,
+                      timeout=90, what="the running run to end")
+    assert record["exit_code"] == 5 and "old-run-done" in system.labrun("logs", running)
+    # Draining is kept across the restart: nothing new starts until an admin resumes.
+    assert system.run_record(waiting)["status"] == "Queued"
+    system.run("labrun", "agent", "resume")
+    record = wait_for(lambda: (rec := system.run_record(waiting))["status"] == "Completed" and rec, timeout=60,
+                      what="the queued run to complete after resume")
+    assert "after-resume" in system.labrun("logs", waiting)
