@@ -62,6 +62,8 @@ log = structlog.get_logger("labrun.supervisor")
 
 # Stopping a run waits this long beyond the grace period for SIGKILL to take effect.
 KILL_WAIT_SECONDS = 5.0
+# How long the executor may take to start a run (spawn the shim, create the container).
+START_SECONDS = 120.0
 
 
 @dataclass
@@ -131,6 +133,9 @@ class Supervisor:
                     task_status.started()
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
+                # A wake-up (a run task ending as the agent stops) can arrive together with the shutdown:
+                # this raises Cancelled then, so nothing starts on resources the surviving runs still hold.
+                await trio.lowlevel.checkpoint()
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -415,10 +420,17 @@ class Supervisor:
             self._fail_to_start(run, run_dir.std_log, exc.reason, str(exc))
             return None
         self._advance(run, STARTING)
-        try:
-            handle = await executor.start(launch)
-        except StartFailed as exc:
-            self._fail_to_start(run, launch.ranks[0].log_path, exc.reason, str(exc))
+        # Shielded: a cancel or time limit arriving while the executor starts the run must not lose the
+        # handle of processes that already exist. The cancel then takes effect at the wait that follows.
+        with trio.move_on_after(START_SECONDS, shield=True) as starting:
+            try:
+                handle = await executor.start(launch)
+            except StartFailed as exc:
+                self._fail_to_start(run, launch.ranks[0].log_path, exc.reason, str(exc))
+                return None
+        if starting.cancelled_caught:
+            self._fail_to_start(run, launch.ranks[0].log_path, "start_failed",
+                                f"the run did not start within {START_SECONDS:.0f} seconds")
             return None
         duration = record.spec["max_run_duration_seconds"]
         run.ends_by = time.time() + duration

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from labrun import Experiment, ScriptRunConfig, Workspace
 from labrun.exceptions import AzureMLException
 from labrun.protocol import TERMINAL
 
-MARKER = "labrun-soak-marker"
+# Unique to this soak, so processes of another soak or an earlier, interrupted one never count here.
+MARKER = f"labrun-soak-{uuid.uuid4().hex[:12]}"
 KINDS = ("ok", "fail", "cancel", "timeout")
 
 
@@ -123,13 +125,14 @@ def command_for(index: int, kind: str, rng: random.Random) -> tuple[list[str], d
     return ["sh", "-c", f"{prologue} sleep 60"], {"status": "Canceled", "reason": "max_run_duration_exceeded"}
 
 
-def call_until_up(action, attempts: int = 600):
-    """Run ``action`` (a client call), retrying while the agent is down or restarting."""
+def call_until_up(ws: Workspace, action, attempts: int = 600):
+    """Run ``action`` (a client call), retrying on a new connection while the agent is down or restarting."""
     for _ in range(attempts):
         try:
             return action()
         except (AzureMLException, OSError, ConnectionError) as exc:
             last = exc
+            ws.close()
             time.sleep(0.1)
     raise RuntimeError(f"the agent did not answer: {last}")
 
@@ -173,19 +176,19 @@ def main() -> int:
         config = ScriptRunConfig(str(source), command=argv)
         if kind == "timeout":
             config.run_config.max_run_duration_seconds = 1
-        call_until_up(lambda: experiment.submit(config, tags={"soak": str(index)}))
+        call_until_up(ws, lambda: experiment.submit(config, tags={"soak": str(index)}))
         expected[str(index)] = dict(outcome, kind=kind)
         if kind == "cancel":
             to_cancel.append(index)
         if to_cancel and rng.random() < 0.3:
             victim = to_cancel.pop(0)
-            runs = call_until_up(lambda: [r for r in ws.list_runs(experiment="soak", all=True) if r["tags"].get("soak") == str(victim)])
+            runs = call_until_up(ws, lambda: [r for r in ws.list_runs(experiment="soak", all=True) if r["tags"].get("soak") == str(victim)])
             for run in runs:
-                call_until_up(lambda: ws._call("cancel", run_id=run["run_id"]))
+                call_until_up(ws, lambda: ws._call("cancel", run_id=run["run_id"]))
         time.sleep(rng.uniform(0, 0.02))
     for victim in to_cancel:
-        for run in call_until_up(lambda: [r for r in ws.list_runs(experiment="soak", all=True) if r["tags"].get("soak") == str(victim)]):
-            call_until_up(lambda: ws._call("cancel", run_id=run["run_id"]))
+        for run in call_until_up(ws, lambda: [r for r in ws.list_runs(experiment="soak", all=True) if r["tags"].get("soak") == str(victim)]):
+            call_until_up(ws, lambda: ws._call("cancel", run_id=run["run_id"]))
     while agent.kills < args.kills:
         time.sleep(0.5)
     stop_killing.set()
@@ -194,7 +197,7 @@ def main() -> int:
     # Everything ends, then the hub catches up (it is left up from here on).
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        runs = call_until_up(lambda: list(ws.list_runs(experiment="soak", all=True)))
+        runs = call_until_up(ws, lambda: list(ws.list_runs(experiment="soak", all=True)))
         if len(runs) >= len(expected) and all(r["status"] in TERMINAL for r in runs):
             break
         time.sleep(1)
