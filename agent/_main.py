@@ -21,6 +21,7 @@ import structlog
 import trio
 
 from labrun.protocol import __version__
+from labrun.protocol._statuses import QUEUED, TERMINAL
 
 from ._asuser import agent_dir
 from ._capacity import discover_capacity
@@ -33,13 +34,14 @@ from ._logging import configure_logging
 from ._mlflow_setup import Mlflow
 from ._retention import RunFiles
 from ._server import (
-    AgentAlreadyRunning, ConnectionHandler, SocketDirectoryUnsafe, check_socket_directory, open_unix_listener,
-    refuse_if_agent_answers,
+    AgentAlreadyRunning, ConnectionHandler, SocketDirectoryUnsafe, check_socket_directory, listener_from_socket,
+    open_unix_listener, refuse_if_agent_answers,
 )
 from ._service import Service
 from ._statecheck import EXIT_STATE_DAMAGED, StateDamaged, check_state, clean_orphans
 from ._store import SchemaTooNew, Store
 from ._supervisor import Supervisor
+from ._systemd import SocketActivationError, SystemdNotifier, take_listen_socket
 from .executors import Executor, build_executors
 
 log = structlog.get_logger("labrun.agent")
@@ -80,6 +82,11 @@ async def run_agent(config: AgentConfig, *, executors: dict[str, Executor] | Non
     Args:
         executors: by target kind; default: every registered kind (``executors.FACTORIES``).
     """
+    activated = take_listen_socket()
+    if activated is not None:
+        # The socket unit owns the path, its mode and group; runs are told where it is.
+        config.socket = Path(activated.getsockname())
+    notifier = SystemdNotifier()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         lock = _lock_state_dir(config.state_dir, config.system)
         try:
@@ -108,9 +115,10 @@ async def run_agent(config: AgentConfig, *, executors: dict[str, Executor] | Non
             async with trio.open_nursery() as writer:
                 # The store's single writer (group commits) outlives every task that writes.
                 await writer.start(store.writer)
-                await _serve(config, store, faults, executors, signals, task_status)
+                await _serve(config, store, faults, executors, signals, task_status, activated, notifier)
                 writer.cancel_scope.cancel()
         finally:
+            notifier.close()
             with trio.move_on_after(5, shield=True):
                 for executor in executors.values():
                     await executor.aclose()
@@ -142,8 +150,16 @@ async def _open_store(path: Path, faults: Faults, signals) -> Store | None:
     return store
 
 
+def status_line(store: Store, supervisor: Supervisor) -> str:
+    """The one-line summary systemd shows (``systemctl status labrund``)."""
+    counts = store.counts_by_status()
+    active = sum(n for status, n in counts.items() if status != QUEUED and status not in TERMINAL)
+    line = f"{active} active, {counts.get(QUEUED, 0)} queued"
+    return line + ", draining (labrun agent resume starts runs again)" if supervisor.draining else line
+
+
 async def _serve(config: AgentConfig, store: Store, faults: Faults, executors: dict[str, Executor], signals,
-                 task_status) -> None:
+                 task_status, activated, notifier: SystemdNotifier) -> None:
     capacity = discover_capacity(config.resources)
     supervisor = Supervisor(config, store, capacity, executors, faults)
     events = EventLog(store, buffer=config.subscriber_buffer)
@@ -151,10 +167,12 @@ async def _serve(config: AgentConfig, store: Store, faults: Faults, executors: d
     run_files = RunFiles(config, store, supervisor)
     limits = Limits(config.limits)
     service = Service(config, store, supervisor, events, hub, run_files, limits=limits)
-    check_socket_directory(config.socket, system=config.system)
     mlflow = Mlflow(config, store, events, supervisor)
     service.mlflow = supervisor.launches.mlflow = mlflow
-    refuse_if_agent_answers(config.socket)
+    if activated is None:
+        # Under socket activation the path is systemd's, and connecting to it would only queue.
+        check_socket_directory(config.socket, system=config.system)
+        refuse_if_agent_answers(config.socket)
     socket_inode = None
     try:
         async with trio.open_nursery() as handlers:
@@ -174,17 +192,23 @@ async def _serve(config: AgentConfig, store: Store, faults: Faults, executors: d
 
                 await nursery.start(events.retain, config.retention_days, delivered)
                 await nursery.start(run_files.retain, config.runs.retention_days, config.runs.purge)
-                listener = await open_unix_listener(config.socket, system=config.system, group=config.socket_group)
-                socket_inode = os.stat(config.socket).st_ino
+                if activated is not None:
+                    listener = listener_from_socket(activated)
+                else:
+                    listener = await open_unix_listener(config.socket, system=config.system, group=config.socket_group)
+                    socket_inode = os.stat(config.socket).st_ino
                 await nursery.start(partial(trio.serve_listeners, ConnectionHandler(config, service, limits),
                                             [listener], handler_nursery=handlers))
                 _lifecycle_event(store, faults, "agent.started", {"version": __version__, "pid": os.getpid()})
                 log.info("agent.started", socket=str(config.socket), state_dir=str(config.state_dir),
                          version=__version__, cpus=capacity.cpus, gpus=list(capacity.gpus))
+                await nursery.start(notifier.run_watchdog, partial(status_line, store, supervisor))
                 task_status.started()
+                notifier.notify(ready=1, status=status_line(store, supervisor))
                 async for signum in signals:
                     log.info("agent.stopping", signal=signal.Signals(signum).name)
                     break
+                notifier.notify(stopping=1, status="stopping; runs keep running")
                 _lifecycle_event(store, faults, "agent.stopping", {"pid": os.getpid()})
                 nursery.cancel_scope.cancel()
             handlers.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_SECONDS
@@ -254,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         trio.run(run_agent, config)
-    except* (AgentAlreadyRunning, SocketDirectoryUnsafe, StateDirLocked, SchemaTooNew) as group:
+    except* (AgentAlreadyRunning, SocketDirectoryUnsafe, StateDirLocked, SchemaTooNew, SocketActivationError) as group:
         refusals, code = group.exceptions, 1
     except* StateDamaged as group:
         refusals, code = group.exceptions, EXIT_STATE_DAMAGED

@@ -189,6 +189,11 @@ def os_error_reply(exc: OSError) -> AgentError:
     return AgentError(f"agent I/O error: {exc.strerror or exc}")
 
 
+def listener_from_socket(sock: stdsocket.socket) -> trio.SocketListener:
+    """A listener on a socket someone else bound (systemd's socket activation): its path, mode and group are theirs."""
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
 class ConnectionHandler:
     def __init__(self, config, service: Service, limits: Limits):
         self.config = config

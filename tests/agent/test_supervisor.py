@@ -148,6 +148,27 @@ async def test_cancel_while_preparing_never_starts_the_run(harness, autojump_clo
     assert final.reason == "canceled" and harness.machine.launches == [] and final.exit_code is None
 
 
+async def test_cancel_while_starting_stops_what_was_started(harness, autojump_clock, monkeypatch):
+    # The executor has spawned the run's processes and is still waiting for them to report in.
+    supervisor = await harness.start()
+    spawned = trio.Event()
+    start = supervisor.fake.start
+
+    async def slow_start(launch):
+        handle = await start(launch)
+        spawned.set()
+        await trio.sleep(5)
+        return handle
+
+    monkeypatch.setattr(supervisor.fake, "start", slow_start)
+    record = await supervisor.submit(spec(), OWNER)
+    await spawned.wait()
+    supervisor.cancel(record)
+    final = await settle(supervisor, record.run_id, "Canceled")
+    assert final.reason == "canceled"
+    assert harness.machine.running() == [] and [pid for pid, _, _ in harness.machine.stops] == [1000]
+
+
 # -- recovery: a supervisor stops, another starts on the same store and machine ----------
 
 async def test_a_live_run_is_reattached_and_ends_with_its_real_exit_code(harness, autojump_clock):
