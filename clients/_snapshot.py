@@ -17,7 +17,7 @@ import stat as stats
 
 from labrun.protocol._errors import NotFound
 
-from ._hashcache import HashCache
+from ._hashcache import HashCache, cache_dir
 from .exceptions import AgentUnavailable, SnapshotException
 
 DEFAULT_MAX_FILES = 2000
@@ -117,8 +117,12 @@ def build_manifest(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
     """The manifest ``[[name, size, mode, hash], ...]`` and, for uploads, the path of each hash's file."""
     files = collect_files(root, max_files, max_bytes)
     cache = HashCache(os.fspath(root))
+    # The hash cache itself changes while a tree that holds it (a home directory) is submitted: never part of it.
+    own = os.path.relpath(os.path.realpath(cache_dir()), os.path.realpath(root)) + os.sep
     manifest, paths = [], {}
     for rel, path, st in files:
+        if rel.startswith(own):
+            continue
         digest = cache.cached(rel, st)
         if digest is None:
             if not os.access(path, os.R_OK):

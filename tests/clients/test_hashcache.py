@@ -110,3 +110,15 @@ def test_manifest_modes_links_and_ignores(tmp_path):
     modes = {entry[0]: entry[2] for entry in manifest}
     assert modes["run.sh"] == 0o755
     assert digests(manifest)["link"] == digests(manifest)["sub/data"]
+
+
+def test_a_tree_holding_the_hash_cache_never_snapshots_it(tmp_path, monkeypatch):
+    # Submitting from a home directory: the cache under ~/.cache changes while the tree is read.
+    from labrun._snapshot import build_manifest
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / ".cache"))
+    (tmp_path / "train.py").write_text("print(1)\n")
+    build_manifest(tmp_path)
+    assert any((tmp_path / ".cache" / "labrun" / "hashes").iterdir())
+    names = [entry[0] for entry in build_manifest(tmp_path)[0]]
+    assert names == ["train.py"]
