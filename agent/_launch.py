@@ -148,7 +148,7 @@ class LaunchPlanner:
             rank.log_path.touch()
             if owned:
                 os.chown(rank.log_path, record.uid, record.gid)
-        if len(ranks) > 1 and not (logs / "std_log.txt").exists():
+        if ranks[0].log_path.name != "std_log.txt" and not (logs / "std_log.txt").exists():
             (logs / "std_log.txt").symlink_to(ranks[0].log_path.name)   # the log `labrun run` follows
         groups = []
         if owned:

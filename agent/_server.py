@@ -131,6 +131,7 @@ class ConnectionHandler:
                     requests.cancel_scope.cancel()
             finally:
                 session.discard_uploads()
+                self.service.disconnected(session)
 
     async def _receive_loop(self, stream, decoder, session, send, requests, handshake) -> None:
         while True:

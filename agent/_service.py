@@ -21,6 +21,7 @@ from labrun.protocol._statuses import ACTIVE, QUEUED
 
 from ._artifacts import LOGS, artifact_path, list_files
 from ._events import EventFilter, EventLog
+from ._interactive import is_interactive
 from ._peers import Peer
 from ._snapshot import MAX_ARCHIVE_BYTES
 from ._supervisor import Owner, Supervisor
@@ -42,6 +43,7 @@ class Session:
     peer: Peer
     greeted: bool = False
     uploads: dict[str, Path] = field(default_factory=dict)
+    bound_runs: set[str] = field(default_factory=set)   # interactive runs that fail if this connection closes
 
     def discard_uploads(self) -> None:
         for path in self.uploads.values():
@@ -67,6 +69,8 @@ class Service:
             "watch": self.watch, "log_metrics": self.log_metrics, "get_metrics": self.get_metrics,
             "set_labels": self.set_labels, "files": self.files, "download": self.download, "put_file": self.put_file,
             "env_register": self.env_register, "env_get": self.env_get, "env_list": self.env_list,
+            "start_run": self.start_run, "finish": self.finish, "experiments": self.experiments,
+            "experiment_update": self.experiment_update,
         }
 
     # -- helpers -----------------------------------------------------------------------
@@ -83,15 +87,30 @@ class Service:
             raise Forbidden(f"run {run_id} belongs to {record.user}; only its owner or an admin may {action}")
         return record
 
-    def _show(self, session: Session, record, labels: dict | None = None) -> dict:
+    def _show(self, session: Session, record, labels: dict | None = None, parent: str | None = ...) -> dict:
         """The run as this peer may see it, with the tags, properties and error set while it ran."""
-        shown = record.public(privileged=session.peer.may_manage(record.uid))
+        privileged = session.peer.may_manage(record.uid)
+        shown = record.public(privileged=privileged)
         if labels is None:
             labels = self.store.labels_of([record.run_id]).get(record.run_id, {})
         shown["tags"] = {**shown["tags"], **labels.get("tags", {})}
         shown["properties"] = {**shown["properties"], **labels.get("properties", {})}
         shown["reported_error"] = labels.get("error") or None
+        self._show_hierarchy(shown, record, labels, parent, privileged)
         return shown
+
+    def _show_hierarchy(self, shown: dict, record, labels: dict, parent, privileged: bool) -> None:
+        """Azure ML's extras: parent, interactive flag, display name and description, runDefinition, run dir."""
+        if parent is ...:
+            parent = self.store.parents_of([record.run_id]).get(record.run_id)
+        attributes = labels.get("attributes", {})
+        shown["parent_run_id"] = parent
+        shown["interactive"] = is_interactive(record)
+        shown["display_name"] = attributes.get("display_name") or shown["display_name"]
+        shown["description"] = attributes.get("description", record.spec.get("description"))
+        if privileged:
+            shown["run_definition"] = record.spec.get("run_definition")
+            shown["run_dir"] = str(self._run_dir(record))
 
     def _writable(self, session: Session, run_id: str, token: str | None):
         """The run, if the caller may change it: its own token while it is active, or its owner."""
@@ -157,7 +176,9 @@ class Service:
         statuses, before = args["status"], args["before"]
         limit = min(args["limit"] or LIST_PAGE, LIST_PAGE)
         query = {"experiment": args["experiment"], "before": before}
-        if args["all"] or statuses is not None:
+        if args["parent"] is not None:
+            records = self._children_page(args)
+        elif args["all"] or statuses is not None:
             records = self.store.list_runs(statuses=statuses, limit=limit, **query)
         else:
             # Queued and active runs, and the few most recent finished ones.
@@ -165,13 +186,75 @@ class Service:
             if before is None:
                 records += self.store.list_runs(statuses=TERMINAL, limit=RECENT_FINISHED, **query)
             records = sorted(records, key=lambda r: r.order, reverse=True)[:limit]
-        labels = self.store.labels_of([r.run_id for r in records])
-        return [self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}))
-                for r in records]
+        ids = [r.run_id for r in records]
+        labels, parents = self.store.labels_of(ids), self.store.parents_of(ids)
+        return [self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}),
+                           parents.get(r.run_id)) for r in records]
+
+    def _children_page(self, args: dict) -> list:
+        """A run's children, newest first, one page before ``args["before"]``."""
+        records = [self.store.get_run(run_id) for run_id in reversed(self.store.children_of(args["parent"]))]
+        before, limit = args["before"], min(args["limit"] or LIST_PAGE, LIST_PAGE)
+        records = [r for r in records if r is not None and (before is None or r.order < before)
+                   and (args["status"] is None or r.status in args["status"])]
+        return records[:limit]
 
     async def cancel(self, session: Session, args: dict) -> dict:
+        """Cancel a run and, as in Azure ML, every run below it that has not ended."""
         record = self._owned(session, args["run_id"], "cancel it")
-        return self._show(session, self.supervisor.cancel(record))
+        canceled = self.supervisor.cancel(record)
+        for child_id in self.store.children_of(record.run_id, recursive=True):
+            child = self.supervisor.live_record(child_id) or self.store.get_run(child_id)
+            if child is not None and child.status not in TERMINAL:
+                self.supervisor.cancel(child)
+        return self._show(session, canceled)
+
+    # -- interactive runs and experiments ------------------------------------------------
+
+    async def start_run(self, session: Session, args: dict) -> dict:
+        parent = None
+        if args["parent_run_id"] is not None:
+            parent = self._owned(session, args["parent_run_id"], "add a child run to it")
+        peer = session.peer
+        record = self.supervisor.interactive.start(
+            Owner(peer.uid, peer.gid, peer.user, list(peer.groups), peer.admin), args, parent)
+        session.bound_runs.add(record.run_id)
+        return self._show(session, record, parent=parent.run_id if parent else None)
+
+    async def finish(self, session: Session, args: dict) -> dict:
+        """complete(), fail() and cancel() of an interactive run; fail() of a submitted one from outside it."""
+        record = self._writable(session, args["run_id"], args["token"])
+        status, error = args["status"], args["error"]
+        if is_interactive(record):
+            self.supervisor.interactive.finish(record, status, error=error)
+            session.bound_runs.discard(record.run_id)
+        elif status == "Completed":
+            raise BadRequest(f"run {record.run_id} completes when its program exits; use cancel() or fail() "
+                             "to end it early", details={"field": "args.status"})
+        else:
+            record = self.supervisor.cancel(record, error=(error or "failed") if status == "Failed" else None)
+        if status == "Failed":
+            self.store.set_labels(record.run_id, "error", {"code": args["error_code"] or "UserError",
+                                                           "message": error or ""})
+        return self._show(session, record)
+
+    def disconnected(self, session: Session) -> None:
+        """A connection closed: the interactive runs it opened and did not end fail."""
+        self.supervisor.interactive.disconnected(sorted(session.bound_runs))
+        session.bound_runs.clear()
+
+    async def experiments(self, session: Session, args: dict) -> list:
+        return self.store.experiments()
+
+    async def experiment_update(self, session: Session, args: dict) -> dict:
+        name = args["name"]
+        current = next((e for e in self.store.experiments() if e["name"] == name), None)
+        if current is not None and current.get("user") not in (None, session.peer.user) and not session.peer.admin:
+            raise Forbidden(f"experiment {name!r}'s tags and archive state belong to {current['user']}")
+        archived = ... if args["archived"] is None else (time.time() if args["archived"] else None)
+        self.store.update_experiment(name, session.peer.user, tags=args["tags"], remove_tags=args["remove_tags"] or (),
+                                     archived_at=archived)
+        return next(e for e in self.store.experiments() if e["name"] == name)
 
     async def wait(self, session: Session, args: dict) -> dict:
         timeout = args["timeout"]

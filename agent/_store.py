@@ -89,6 +89,22 @@ CREATE TABLE IF NOT EXISTS environments (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
 """
 
+# Run hierarchies and experiment metadata (Azure ML's child runs, experiment tags and archiving):
+# tables of their own, so the runs table keeps its shape.
+HIERARCHY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS run_parents (
+    run_id TEXT PRIMARY KEY,
+    parent_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_parents_parent ON run_parents(parent_id);
+CREATE TABLE IF NOT EXISTS experiment_meta (
+    name TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    tags BLOB NOT NULL,
+    archived_at REAL
+);
+"""
+
 _COLUMNS = ("run_id", "ord", "experiment", "number", "uid", "gid", "user", "status", "spec", "environ",
             "submitted_at", "started_at", "ended_at", "exit_code", "signal", "reason", "error", "pid",
             "allocation", "handle")
@@ -122,6 +138,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._db.executescript(HIERARCHY_SCHEMA)
         # Called with each transaction's events once it has committed (the event log's live feed).
         self.on_events: Callable[[list[dict]], None] = lambda events: None
         self._uncommitted: list[dict] = []
@@ -158,9 +175,11 @@ class Store:
         self._uncommitted.append(event)
         return event["seq"]
 
-    def add_run(self, record: RunRecord, event_type: str) -> RunRecord:
+    def add_run(self, record: RunRecord, event_type: str, parent_id: str | None = None) -> RunRecord:
         """Insert a new run (assigning its order and per-experiment number) with its event."""
         with self._transaction():
+            if parent_id is not None:
+                self._db.execute("INSERT INTO run_parents (run_id, parent_id) VALUES (?, ?)", (record.run_id, parent_id))
             row = self._db.execute("SELECT last_number FROM experiments WHERE name = ?", (record.experiment,)).fetchone()
             record.number = (row[0] if row else 0) + 1
             self._db.execute(
@@ -341,6 +360,53 @@ class Store:
     def list_environments(self) -> list[dict]:
         names = [r[0] for r in self._db.execute("SELECT DISTINCT name FROM environments ORDER BY name")]
         return [self.get_environment(name) for name in names]
+
+    # -- run hierarchies and experiments -------------------------------------------------
+
+    def parents_of(self, run_ids: list[str]) -> dict[str, str]:
+        """{run_id: parent_id} for those of ``run_ids`` that have a parent."""
+        found = {}
+        for start in range(0, len(run_ids), 500):
+            chunk = run_ids[start:start + 500]
+            found.update(self._db.execute(f"SELECT run_id, parent_id FROM run_parents WHERE run_id IN "
+                                          f"({', '.join('?' * len(chunk))})", chunk).fetchall())
+        return found
+
+    def children_of(self, run_id: str, recursive: bool = False) -> list[str]:
+        """The ids of ``run_id``'s children (all descendants with ``recursive``), oldest first."""
+        children, frontier = [], [run_id]
+        while frontier:
+            rows = self._db.execute(
+                f"SELECT p.run_id FROM run_parents p JOIN runs r ON r.run_id = p.run_id WHERE p.parent_id IN "
+                f"({', '.join('?' * len(frontier))}) ORDER BY r.ord", frontier).fetchall()
+            frontier = [r[0] for r in rows]
+            children.extend(frontier)
+            if not recursive:
+                break
+        return children
+
+    def experiments(self) -> list[dict]:
+        """Every experiment with runs or metadata: ``{"name", "runs", "user", "tags", "archived_at"}``."""
+        found = {name: {"name": name, "runs": count, "user": None, "tags": {}, "archived_at": None}
+                 for name, count in self._db.execute("SELECT name, last_number FROM experiments")}
+        for name, user, tags, archived_at in self._db.execute("SELECT name, user, tags, archived_at FROM experiment_meta"):
+            entry = found.setdefault(name, {"name": name, "runs": 0})
+            entry.update(user=user, tags=_unpack(tags), archived_at=archived_at)
+        return sorted(found.values(), key=lambda e: e["name"])
+
+    def update_experiment(self, name: str, user: str, *, tags: dict | None = None, remove_tags=(),
+                          archived_at=..., ) -> None:
+        with self._transaction():
+            row = self._db.execute("SELECT tags, archived_at FROM experiment_meta WHERE name = ?", (name,)).fetchone()
+            current, archived = (_unpack(row[0]), row[1]) if row else ({}, None)
+            current.update(tags or {})
+            for key in remove_tags:
+                current.pop(key, None)
+            if archived_at is not ...:
+                archived = archived_at
+            self._db.execute("INSERT INTO experiment_meta (name, user, tags, archived_at) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT(name) DO UPDATE SET tags = excluded.tags, archived_at = excluded.archived_at",
+                             (name, user, _pack(current), archived))
 
     def get_meta(self, key: str, default=None):
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -30,7 +30,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from labrun.protocol import BadRequest, Conflict, Forbidden, format_memory
+from labrun.protocol import BadRequest, Conflict, Forbidden, _conda, format_memory
 from labrun.protocol._statuses import (
     ACTIVE, CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING,
 )
@@ -38,8 +38,10 @@ from labrun.protocol._statuses import (
 from ._artifacts import artifact_path
 from ._config import AgentConfig
 from ._docker_args import translate_arguments
-from ._environments import EnvironmentBuilder, PrepareFailed, needs_conda
+from ._environments import EnvironmentBuilder, PrepareFailed
 from ._executor import ExitResult, StartFailed
+from ._failure import failure_message
+from ._interactive import InteractiveRuns, is_interactive
 from ._launch import LaunchPlanner
 from ._model import RunRecord
 from ._notify import Notifier
@@ -71,6 +73,7 @@ class _ActiveRun:
     ends_by: float
     cancel_reason: str | None = None
     token: str = ""
+    fail_error: str | None = None   # set by Run.fail() from outside: the run ends Failed with this error
 
 
 class Supervisor:
@@ -85,6 +88,7 @@ class Supervisor:
         self.changed = Notifier()
         self._wakeup = trio.Event()
         self._waiting_stale = False
+        self.interactive = InteractiveRuns(store, self.runs_dir, self._transition)
         self.launches = LaunchPlanner(config, store, capacity, EnvironmentBuilder(config.state_dir / "envs"),
                                       self._executor_name, self._image)
 
@@ -112,6 +116,11 @@ class Supervisor:
 
     async def _recover(self) -> None:
         for record in self.store.runs_with_status(ACTIVE):
+            if is_interactive(record):
+                # Its client's connection went with the old agent.
+                self._transition(record, FAILED, ended_at=time.time(), reason="agent_lost",
+                                 error="the agent stopped while this interactive run was open")
+                continue
             executor = self.executors.get((record.handle or {}).get("executor", "local"))
             if executor is None:   # a Docker run, and this agent has no Docker executor now
                 executor = self.executors["local"]
@@ -157,6 +166,14 @@ class Supervisor:
     async def submit(self, spec: dict, snapshot: bytes | Path, owner: Owner) -> RunRecord:
         """Check the spec against this agent, unpack the snapshot and queue the run (durably)."""
         self._check_features(spec, owner)
+        parent_id = spec.pop("parent_run_id", None)
+        if parent_id is not None:
+            parent = self.store.get_run(parent_id)
+            if parent is None:
+                raise BadRequest(f"spec.parent_run_id: no run with id {parent_id!r}",
+                                 details={"field": "spec.parent_run_id"})
+            if parent.uid != owner.uid and not owner.admin:
+                raise Forbidden(f"spec.parent_run_id: run {parent_id} belongs to {parent.user}")
         target = spec["compute_target"]
         if target != "local":
             configured = self.config.targets.get(target)
@@ -195,7 +212,7 @@ class Supervisor:
                 run_id=run_id, order=0, experiment=spec["experiment"], number=0, uid=owner.uid, gid=owner.gid,
                 user=owner.user, status=QUEUED, spec=spec, environ=environ, submitted_at=now,
             )
-            self.store.add_run(record, EVENT_TYPES[QUEUED])
+            self.store.add_run(record, EVENT_TYPES[QUEUED], parent_id=parent_id)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(shutil.rmtree, run_dir, True)
@@ -226,9 +243,11 @@ class Supervisor:
                     environment["python"].get("pip_requirements") or environment["python"].get("conda_specification")):
                 refuse("environment", "pip or conda dependencies on top of a Docker image are not built by this "
                                       "agent: bake them into the image")
-        if environment is not None and needs_conda(environment) and shutil.which("conda") is None:
-            refuse("environment", f"environment {environment['name']!r} is a conda specification, and this "
-                                  "machine has no 'conda' binary; use pip requirements or install conda")
+        if environment is not None and environment["python"].get("conda_specification"):
+            try:
+                _conda.parse(environment["python"]["conda_specification"])
+            except ValueError as exc:
+                refuse("environment.python.conda_specification", f"not a conda specification: {exc}")
         distributed = spec.get("distributed")
         if distributed is not None:
             if distributed["node_count"] > 1:
@@ -265,12 +284,20 @@ class Supervisor:
         target = self._target(spec)
         return (environment.get("docker") or {}).get("base_image") or (target.image if target else None)
 
-    def cancel(self, record: RunRecord) -> RunRecord:
-        """Cancel a queued run at once, or ask an active run's task to stop it."""
+    def cancel(self, record: RunRecord, error: str | None = None) -> RunRecord:
+        """Cancel a queued run at once, or ask an active run's task to stop it.
+
+        With ``error`` (``Run.fail()`` from outside the run) the run ends ``Failed`` with that error instead.
+        """
+        if is_interactive(record):
+            return self.interactive.finish(record, FAILED if error else CANCELED, error=error)
         if record.run_id in self.queued:
             record = self.queued.pop(record.run_id)
             record.waiting = None
-            self._transition(record, CANCELED, ended_at=time.time(), reason="canceled")
+            if error:
+                self._transition(record, FAILED, ended_at=time.time(), reason="failed", error=error)
+            else:
+                self._transition(record, CANCELED, ended_at=time.time(), reason="canceled")
             self.wake()
             return record
         active = self.active.get(record.run_id)
@@ -279,8 +306,9 @@ class Supervisor:
                 return record   # canceling twice is harmless
             raise Conflict(f"run {record.run_id} has already ended ({record.status})")
         if active.cancel_reason is None and active.record.status != FINALIZING:
-            active.cancel_reason = "canceled"
-            self._transition(active.record, CANCEL_REQUESTED, reason="canceled")
+            active.cancel_reason = "failed" if error else "canceled"
+            active.fail_error = error
+            self._transition(active.record, CANCEL_REQUESTED, reason=active.cancel_reason)
             active.kill_scope.cancel()
         return active.record
 
@@ -378,7 +406,8 @@ class Supervisor:
                     with trio.move_on_after(self.config.stop_grace_seconds + KILL_WAIT_SECONDS, shield=True):
                         await executor.stop(handle, self.config.stop_grace_seconds)
                         result = await executor.wait(handle)
-                self._finish(run, CANCELED, reason=run.cancel_reason, result=result)
+                self._finish(run, FAILED if run.fail_error else CANCELED, reason=run.cancel_reason,
+                             error=run.fail_error, result=result)
             else:
                 self._finish(run, None, result=result)
         except Exception as exc:
@@ -397,8 +426,8 @@ class Supervisor:
         if result is not None:
             exit_fields = {"exit_code": result.exit_code, "signal": result.signal}
         if status is None and record.status == CANCEL_REQUESTED:
-            status = CANCELED   # it ended by itself just as the cancel arrived
-            reason = run.cancel_reason
+            # It ended by itself just as the cancel (or fail) arrived.
+            status, reason, error = (FAILED if run.fail_error else CANCELED), run.cancel_reason, run.fail_error
         if status is None:   # the process ended by itself
             if result.ok:
                 status = COMPLETED
@@ -411,7 +440,8 @@ class Supervisor:
                 elif result.signal is not None:
                     reason, error = "signal", f"killed by signal {result.signal} ({signals.Signals(result.signal).name})"
                 else:
-                    reason, error = "exit_code", f"exited with code {result.exit_code}"
+                    reason = "exit_code"
+                    error = failure_message(self.runs_dir / record.run_id) or f"exited with code {result.exit_code}"
             if record.status == RUNNING:
                 self._transition(record, FINALIZING, **exit_fields)
         elif status == CANCELED and error is None:

@@ -104,7 +104,11 @@ class SubmittedRun(Run):
 
 
 class OfflineRun:
-    """Outside a submitted run: prints what it would have logged, as Azure ML's offline run does."""
+    """Outside a submitted run: prints what it would have logged, as Azure ML's offline run does.
+
+    Each logging method takes exactly the live run's arguments (``log(..., step=3)`` included, which
+    Azure ML's offline run refuses), so a script runs the same inside and outside a run.
+    """
 
     def __init__(self, run_id=None):
         import uuid
@@ -114,8 +118,8 @@ class OfflineRun:
     def _print(self, kind, name, value):
         print(f"Attempted to log {kind} metric {name}:\n{value}")
 
-    def log(self, name, value, description=""):
-        self._print("scalar", name, value)
+    def log(self, name, value, description="", step=None):
+        self._print("scalar", name, value if step is None else f"{value} (step {step})")
 
     def log_list(self, name, value, description=""):
         self._print("list", name, value)

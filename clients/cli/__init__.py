@@ -79,6 +79,7 @@ def _submit(args) -> tuple[object, dict]:
         shell_line = len(command) == 1 and any(c in command[0] for c in " \t;&|<>$`*?")
         config = ScriptRunConfig(args.source_dir, command=command[0] if shell_line else command)
     rc = config.run_config
+    rc.environment = None   # the CLI's runs use the caller's interpreter and variables, without Azure ML's defaults
     rc.environment_variables = _pairs(args.env, "--env")
     if args.max_duration is not None:
         rc.max_run_duration_seconds = args.max_duration
@@ -94,6 +95,8 @@ def _submit(args) -> tuple[object, dict]:
     elif args.shm_size:
         raise UsageError("--shm-size goes with --image")
     spec = config._to_spec(args.experiment)
+    if not args.script and not shell_line:
+        spec["command"] = command   # exec'd as an argv, as `docker run` does (the Python API joins it for a shell)
     spec["display_name"] = args.name
     spec["tags"] = _pairs(args.tag, "--tag")
     workspace = _workspace(args)

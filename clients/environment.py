@@ -1,0 +1,5 @@
+"""``azureml.core.environment``, for ``from labrun.environment import Environment`` (the import rule)."""
+
+from ._environment import DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, DockerSection, Environment, PythonSection
+
+__all__ = ["DEFAULT_CPU_IMAGE", "DEFAULT_GPU_IMAGE", "DockerSection", "Environment", "PythonSection"]
