@@ -147,8 +147,9 @@ def cmd_ls(args) -> int:
     if args.json:
         _print_json(runs)
         return 0
-    rows = [[r["run_id"], r["status"], r["user"], r["experiment"], _format.age(r["submitted_at"]),
-             _format.run_duration(r), _format.outcome(r)] for r in runs]
+    # Child runs (Azure ML's run hierarchies) are shown under their parent.
+    rows = [[prefix + r["run_id"], r["status"], r["user"], r["experiment"], _format.age(r["submitted_at"]),
+             _format.run_duration(r), _format.outcome(r)] for prefix, r in _format.tree(runs)]
     print(_format.table(["RUN", "STATUS", "USER", "EXPERIMENT", "SUBMITTED", "TIME", "INFO"], rows))
     return 0
 
