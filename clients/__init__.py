@@ -13,6 +13,8 @@ from labrun.protocol._lazy import lazy_exports
 
 from labrun.protocol._version import __version__
 
+VERSION = __version__   # azureml.core.VERSION
+
 _EXPORTS = {
     "Workspace": "._workspace",
     "Experiment": "._experiment",
@@ -36,7 +38,7 @@ _EXPORTS = {
         "is_compute_target_prepared", "prepare_compute_target", "remove_legacy_compute_target", "diagnostic_log")},
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = sorted([*_EXPORTS, "__version__", "VERSION"])
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

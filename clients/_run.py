@@ -241,6 +241,12 @@ class Run:
     def submit_child(self, config, tags=None, **kwargs) -> "Run":
         return self.experiment.submit(config, tags, _parent_run_id=self._id, **kwargs)
 
+    def register_model(self, model_name, model_path=None, tags=None, properties=None, **kwargs):
+        """The model registry is an Azure ML cloud service: refused, saying what to do instead."""
+        from ._refused import Model
+
+        return Model.register
+
     def restore_snapshot(self, snapshot_id=None, path=None) -> str:
         return _hierarchy.restore_snapshot(self, snapshot_id, path)
 
