@@ -149,6 +149,16 @@ def test_failed_environment_build(agent, project, tmp_path):
                                                                  str(tmp_path / "b.txt"))).read_text()
 
 
+# -- distributed runs on one machine ------------------------------------------------------------
+
+RANK_DUMP = ("import json, os\n"
+             "keys = ['MASTER_ADDR', 'MASTER_PORT', 'WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'NODE_RANK', 'CUDA_VISIBLE_DEVICES', 'TF_CONFIG']\n"
+             "os.makedirs('outputs', exist_ok=True)\n"
+             "name = os.environ.get('RANK') or json.loads(os.environ.get('TF_CONFIG', '{}')).get('task', {}).get('type', 'x') + str(json.loads(os.environ.get('TF_CONFIG', '{}')).get('task', {}).get('index', ''))\n"
+             "json.dump({k: os.environ.get(k) for k in keys}, open(f'outputs/rank_{name}.json', 'w'))\n"
+             "print('hello from', name)\n")
+
+
 def test_pytorch_style_launch(make_agent, project):
     agent = make_agent(TARGETS)
     (project / "dist.py").write_text(RANK_DUMP)
