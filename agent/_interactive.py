@@ -42,6 +42,9 @@ class InteractiveRuns:
         """A new ``Running`` run of ``args["experiment"]``; ``parent``: the parent's record, if any."""
         now = time.time()
         run_id = args.get("run_id") or f"{args['experiment']}_{int(now)}_{uuid.uuid4().hex[:8]}"
+        if run_id.startswith("."):
+            raise BadRequest(f"args.run_id: a run id cannot start with '.', got {run_id!r}",
+                             details={"field": "args.run_id"})
         if self.store.get_run(run_id) is not None:
             raise Conflict(f"a run with id {run_id!r} already exists")
         spec = {

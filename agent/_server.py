@@ -131,7 +131,10 @@ class ConnectionHandler:
                     requests.cancel_scope.cancel()
             finally:
                 session.discard_uploads()
-                self.service.disconnected(session)
+                # The client went away (a cancel here means the agent is stopping: its interactive runs
+                # are failed as agent_lost when it starts again).
+                if trio.current_effective_deadline() != float("-inf"):
+                    self.service.disconnected(session)
 
     async def _receive_loop(self, stream, decoder, session, send, requests, handshake) -> None:
         while True:

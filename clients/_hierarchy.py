@@ -32,12 +32,18 @@ def start_run(experiment, *, parent=None, run_id=None, display_name=None, descri
               properties=None, outputs=None):
     """A new interactive run of ``experiment`` (a child of ``parent``), ``Running`` until it ends."""
     from ._run import Run
+    from .exceptions import AgentUnavailable
 
-    details = _binding(experiment.workspace).call(
-        "start_run", experiment=experiment.name, run_id=run_id, display_name=display_name, description=description,
-        tags={str(k): "" if v is None else str(v) for k, v in (tags or {}).items()},
-        properties={str(k): str(v) for k, v in (properties or {}).items()},
-        parent_run_id=parent.id if parent is not None else None)
+    args = dict(experiment=experiment.name, run_id=run_id, display_name=display_name, description=description,
+                tags={str(k): "" if v is None else str(v) for k, v in (tags or {}).items()},
+                properties={str(k): str(v) for k, v in (properties or {}).items()},
+                parent_run_id=parent.id if parent is not None else None)
+    try:
+        details = _binding(experiment.workspace).call("start_run", **args)
+    except AgentUnavailable:
+        # The agent restarted since this process last opened a run: bind to the new one.
+        _BINDINGS.pop(experiment.workspace.connection.path, None)
+        details = _binding(experiment.workspace).call("start_run", **args)
     run = Run(experiment, details["run_id"], _details=details)
     # None or True: ./outputs is uploaded on complete(); a path names another folder; False: nothing.
     run._outputs = "./outputs" if outputs in (None, True) else (outputs or None)

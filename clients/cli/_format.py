@@ -80,6 +80,8 @@ def command_line(run: dict) -> str:
     if run["script"] is not None:
         return " ".join(["python", run["script"], *run["arguments"]])
     command = run["command"]
+    if command is None:
+        return "(interactive: start_logging or child_run)"
     return command if isinstance(command, str) else " ".join(command)
 
 

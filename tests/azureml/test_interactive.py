@@ -202,3 +202,15 @@ def test_failing_a_submitted_run_from_outside(agent, tmp_path):
     assert details["status"] == "Failed" and details["error"]["error"]["message"] == "stopped by the operator"
     with pytest.raises(AgentError, match="already ended"):
         run.cancel()
+
+
+def test_an_agent_restart_fails_open_interactive_runs(agent):
+    run = Experiment(agent.workspace(), "restart").start_logging()
+    assert "(interactive: start_logging or child_run)" in agent.cli("show", run.id, check=True).stdout
+    agent.restart()
+    again = Run.get(agent.workspace(), run.id)
+    assert again.get_status() == "Failed" and again._details["reason"] == "agent_lost"
+    # This process binds its next interactive run to the new agent.
+    fresh = Experiment(agent.workspace(), "restart").start_logging()
+    fresh.complete()
+    assert fresh.get_status() == "Completed"
