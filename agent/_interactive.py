@@ -87,7 +87,7 @@ class InteractiveRuns:
         now = time.time()
         if status == COMPLETED:
             self.transition(record, FINALIZING)
-            self.transition(record, COMPLETED, ended_at=now, reason="completed")
+            self.transition(record, COMPLETED, ended_at=now)
         elif status == CANCELED:
             self.transition(record, CANCEL_REQUESTED, reason="canceled")
             self.transition(record, CANCELED, ended_at=now, reason="canceled", error="canceled")

@@ -37,32 +37,32 @@ class NotSupportedError(UserErrorException, NotImplementedError):
     """An Azure ML cloud feature that labrun does not provide."""
 
 
-def _message(name: str) -> str:
+def refusal(name: str) -> str:
     return f"labrun does not provide {name}: it is an Azure ML cloud service. Instead, {REFUSED[name]}."
 
 
 class _RefusedMeta(type):
     def __call__(cls, *args, **kwargs):
-        raise NotSupportedError(_message(cls.__name__))
+        raise NotSupportedError(refusal(cls.__name__))
 
     def __getattr__(cls, attribute):
         if attribute.startswith("__"):
             raise AttributeError(attribute)
-        raise NotSupportedError(_message(cls.__name__))
+        raise NotSupportedError(refusal(cls.__name__))
 
 
 def _refused_function(name: str):
     def refused(*args, **kwargs):
-        raise NotSupportedError(_message(name))
+        raise NotSupportedError(refusal(name))
 
     refused.__name__ = refused.__qualname__ = name
-    refused.__doc__ = _message(name)
+    refused.__doc__ = refusal(name)
     return refused
 
 
 def __getattr__(name: str):
     if name not in REFUSED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = _refused_function(name) if name[0].islower() else _RefusedMeta(name, (), {"__doc__": _message(name)})
+    value = _refused_function(name) if name[0].islower() else _RefusedMeta(name, (), {"__doc__": refusal(name)})
     globals()[name] = value
     return value

@@ -243,9 +243,9 @@ class Run:
 
     def register_model(self, model_name, model_path=None, tags=None, properties=None, **kwargs):
         """The model registry is an Azure ML cloud service: refused, saying what to do instead."""
-        from ._refused import Model
+        from ._refused import NotSupportedError, refusal
 
-        return Model.register
+        raise NotSupportedError(refusal("Model"))
 
     def restore_snapshot(self, snapshot_id=None, path=None) -> str:
         return _hierarchy.restore_snapshot(self, snapshot_id, path)
