@@ -115,9 +115,11 @@ def test_cancel(agent, project):
 PER_PROCESS = textwrap.dedent("""
     import json, os
     keys = ["MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"]
-    print(json.dumps({k: os.environ.get(k) for k in keys}))
+    seen = json.dumps({k: os.environ.get(k) for k in keys})
+    print(seen)
     os.makedirs("outputs", exist_ok=True)
-    open(f"outputs/rank{os.environ['RANK']}.txt", "w").write("ok")
+    with open(f"outputs/rank{os.environ['RANK']}.json", "w") as f:
+        f.write(seen)
 """)
 
 # A stand-in for torch.distributed.launch: it reads its arguments as the real one does, and starts
@@ -156,7 +158,7 @@ def test_pytorch_per_process_launch(agent, project, capsys):
     definition = details["runDefinition"]
     assert (definition["framework"], definition["communicator"], definition["nodeCount"]) == ("PyTorch", "nccl", 1)
     assert definition["pytorch"]["processCount"] == 2
-    assert {"outputs/rank0.txt", "outputs/rank1.txt"} <= set(run.get_file_names())
+    assert {"outputs/rank0.json", "outputs/rank1.json"} <= set(run.get_file_names())
 
 
 def test_per_node_torch_distributed_launch_through_a_command(agent, project):
@@ -171,8 +173,9 @@ def test_per_node_torch_distributed_launch_through_a_command(agent, project):
                           distributed_job_config=PyTorchConfiguration(communication_backend="Gloo", node_count=1))
     run = Experiment(agent.workspace(), "pytorch-launch").submit(src)
     assert run.wait_for_completion()["status"] == "Completed", run.get_log()
-    ranks = sorted((json.loads(line) for line in run.get_log().splitlines() if line.startswith("{")),
-                   key=lambda r: r["RANK"])
+    # Both processes write to the one log: each leaves its view in a file of its own as well.
+    outputs = Path(run.get_details()["logFiles"]["user_logs/std_log.txt"]).parent.parent / "outputs"
+    ranks = [json.loads((outputs / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["RANK"], r["LOCAL_RANK"], r["NODE_RANK"]) for r in ranks] == [("0", "0", "0"), ("1", "1", "0")]
     assert ranks[0]["MASTER_ADDR"] == "127.0.0.1" and ranks[0]["MASTER_PORT"].isdigit()
     assert run.get_details()["runDefinition"]["command"] == " ".join(launch_cmd)
