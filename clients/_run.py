@@ -442,6 +442,17 @@ class Run:
     def __repr__(self) -> str:
         return f"Run(Experiment: {self.experiment.name},\nId: {self._id},\nType: {self.type},\nStatus: {self.status})"
 
+    def _repr_html_(self) -> str:
+        """The table a notebook shows for a run, as Azure ML's does."""
+        import html
+
+        link = self.get_portal_url()
+        cells = [self.experiment.name, self._id, self.type, self.status]
+        row = "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
+        page = f"<a href='{html.escape(link)}' target='_blank'>Link to the run</a>" if link else "-"
+        return ("<table><tr><th>Experiment</th><th>Id</th><th>Type</th><th>Status</th><th>Details Page</th></tr>"
+                f"<tr>{row}<td>{page}</td></tr></table>")
+
 
 class ScriptRun(Run):
     RUN_TYPE = "azureml.scriptrun"

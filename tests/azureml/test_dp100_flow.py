@@ -91,6 +91,7 @@ def test_dp100_train_models_flow(agent, tmp_path, monkeypatch, capsys):
     script_config = ScriptRunConfig(source_directory=str(training_folder), script="diabetes_training.py",
                                     arguments=["--reg-rate", 0.1], environment=env)
     run = experiment.submit(config=script_config)
+    assert f"<td>{run.id}</td>" in run._repr_html_() and "Link to the run" in run._repr_html_()
     widget_data = RunDetails(run).get_widget_data()
     assert widget_data["run_id"] == run.id and widget_data["status"] in (
         "Queued", "Preparing", "Starting", "Running", "Finalizing", "Completed")

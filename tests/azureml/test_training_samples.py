@@ -194,3 +194,18 @@ def test_tensorflow_tf_config(agent, project):
     definition = details["runDefinition"]
     assert (definition["framework"], definition["communicator"], definition["nodeCount"]) == \
         ("TensorFlow", "ParameterServer", 2)
+
+
+def test_the_compute_target_pattern_of_the_samples(make_agent):
+    from labrun.compute import AmlCompute, ComputeTarget
+    from labrun.compute_target import ComputeTargetException
+    from labrun.exceptions import UserErrorException
+
+    agent = make_agent('[targets.cpu-cluster]\nkind = "local"\n')
+    ws = agent.workspace()
+    assert ComputeTarget(workspace=ws, name="cpu-cluster").name == "cpu-cluster"
+    with pytest.raises(ComputeTargetException, match="not defined by the agent"):
+        ComputeTarget(workspace=ws, name="gpu-cluster")
+    # The samples' except branch provisions a cluster: a cloud service, refused with what to do instead.
+    with pytest.raises(UserErrorException, match=r"declare compute targets in the agent's config \(\[targets.NAME\]\)"):
+        AmlCompute.provisioning_configuration(vm_size="STANDARD_D2_V2", max_nodes=4)
