@@ -15,7 +15,7 @@ import copy
 
 from ._conda_dependencies import CondaDependencies
 from ._runconfig import _ConfigElement
-from .exceptions import UserErrorException
+from .exceptions import NotFound, UserErrorException
 
 DEFAULT_CPU_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:20251130.v1"
 DEFAULT_GPU_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-cuda11.8-cudnn8-ubuntu22.04"
@@ -140,8 +140,15 @@ class Environment(_ConfigElement):
             raise UserErrorException("Only one of version or label can be specified")
         if label is not None:
             raise UserErrorException("environment labels are not supported by labrun; use a version")
-        return Environment._from_wire(workspace._call("env_get", name=name,
-                                                      version=int(version) if version is not None else None))
+        try:
+            return Environment._from_wire(workspace._call("env_get", name=name,
+                                                          version=int(version) if version is not None else None))
+        except NotFound as exc:
+            if not name.startswith(("AzureML-", "Microsoft")):
+                raise
+            raise NotFound(f"{exc.message}. Azure ML's curated environments are not on this machine: describe the "
+                           "packages yourself (CondaDependencies.create, Environment.from_pip_requirements) or "
+                           "register one under this name with env.register(ws)") from None
 
     @staticmethod
     def list(workspace) -> dict:

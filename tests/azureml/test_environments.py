@@ -146,3 +146,10 @@ def test_scikit_learn_with_arguments_and_a_pip_environment(agent, tmp_path):
     assert "outputs/model.joblib" in run.get_file_names()
     assert details["runDefinition"]["arguments"] == ["--kernel", "linear", "--penalty", 1.0]
     assert "Accuracy of SVM classifier on test set" in run.get_log()
+
+
+def test_a_curated_environment_says_what_to_do(agent):
+    from labrun.exceptions import NotFound
+
+    with pytest.raises(NotFound, match="curated environments are not on this machine"):
+        Environment.get(workspace=agent.workspace(), name="AzureML-sklearn-0.24-ubuntu18.04-py37-cpu")
