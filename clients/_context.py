@@ -54,11 +54,6 @@ class SubmittedRun(Run):
         self._details = self._workspace._call("get", run_id=self._id)
         return self._details
 
-    number = property(lambda self: self._details_now["number"])
-    status = property(lambda self: self._details_now["status"])
-    display_name = property(lambda self: self._details_now["display_name"])
-    tags = property(lambda self: dict(self._details_now["tags"]))
-    properties = property(lambda self: dict(self._details_now["properties"]))
 
     def get_details(self) -> dict:
         self._refresh()

@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 
 def run_link(run) -> str | None:
-    run_dir = run._details.get("run_dir")
+    run_dir = run._details_now.get("run_dir")
     return f"file://{quote(run_dir)}" if run_dir else None
 
 

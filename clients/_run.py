@@ -45,15 +45,15 @@ class Run:
 
     @property
     def number(self) -> int:
-        return self._details["number"]
+        return self._details_now["number"]
 
     @property
     def status(self) -> str:
-        return self._details["status"]
+        return self._details_now["status"]
 
     @property
     def display_name(self) -> str:
-        return self._details["display_name"]
+        return self._details_now["display_name"]
 
     @display_name.setter
     def display_name(self, value) -> None:
@@ -61,7 +61,7 @@ class Run:
 
     @property
     def description(self) -> str | None:
-        return self._details.get("description")
+        return self._details_now.get("description")
 
     @description.setter
     def description(self, value) -> None:
@@ -70,16 +70,16 @@ class Run:
     @property
     def parent(self):
         """The parent run, or None."""
-        parent_id = self._details.get("parent_run_id")
+        parent_id = self._details_now.get("parent_run_id")
         return None if parent_id is None else Run.get(self._workspace, parent_id)
 
     @property
     def tags(self) -> dict:
-        return dict(self._details["tags"])
+        return dict(self._details_now["tags"])
 
     @property
     def properties(self) -> dict:
-        return dict(self._details["properties"])
+        return dict(self._details_now["properties"])
 
     @property
     def type(self) -> str:
@@ -88,6 +88,11 @@ class Run:
     @property
     def _workspace(self):
         return self.experiment.workspace
+
+    @property
+    def _details_now(self) -> dict:
+        """The cached details (a live run inside a script fetches them on first use)."""
+        return self._details
 
     _token = None   # set on the live run inside a submitted run
     _outputs = None   # an interactive run's tracked outputs folder, uploaded on complete()
@@ -99,7 +104,7 @@ class Run:
     # -- status ------------------------------------------------------------------------
 
     def get_status(self) -> str:
-        if self._details["status"] not in TERMINAL:
+        if self._details_now["status"] not in TERMINAL:
             self._refresh()
         return self._details["status"]
 

@@ -214,3 +214,21 @@ def test_an_agent_restart_fails_open_interactive_runs(agent):
     fresh = Experiment(agent.workspace(), "restart").start_logging()
     fresh.complete()
     assert fresh.get_status() == "Completed"
+
+
+def test_the_live_run_inside_a_script(agent, tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "train.py").write_text(
+        "from labrun import Run\n"
+        "run = Run.get_context()\n"
+        "run.display_name = 'renamed inside'\n"
+        "run.description = 'set inside'\n"
+        "print(run.get_status(), run.parent.id, run.description, run.get_portal_url().startswith('file://'))\n")
+    ws = agent.workspace()
+    parent = Experiment(ws, "inside").start_logging()
+    run = parent.submit_child(ScriptRunConfig(str(source), script="train.py"))
+    assert run.wait_for_completion()["status"] == "Completed", run.get_log()
+    assert run.get_log().split() == ["Running", parent.id, "set", "inside", "True"]
+    assert Run.get(ws, run.id).display_name == "renamed inside"
+    parent.complete()
