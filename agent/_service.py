@@ -19,7 +19,7 @@ import trio
 from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Conflict, Forbidden, NotFound, TooLarge, __version__
 from labrun.protocol._statuses import ACTIVE, QUEUED
 
-from ._artifacts import LOGS, artifact_path, list_files
+from ._artifacts import LOGS, SNAPSHOT, artifact_path, list_files
 from ._events import EventFilter, EventLog
 from ._interactive import is_interactive
 from ._peers import Peer
@@ -323,7 +323,7 @@ class Service:
 
     async def files(self, session: Session, args: dict) -> list:
         record = self._owned(session, args["run_id"], "list its files")
-        return list_files(self._run_dir(record))
+        return list_files(self._run_dir(record), snapshot=args["snapshot"])
 
     async def download(self, session: Session, args: dict, send_item: SendItem) -> None:
         record = self._owned(session, args["run_id"], "read its files")
@@ -334,8 +334,8 @@ class Service:
 
     async def put_file(self, session: Session, args: dict) -> dict:
         record = self._writable(session, args["run_id"], args["token"])
-        if args["name"].startswith(LOGS):
-            raise BadRequest(f"{LOGS} is kept by the agent; upload under another name")
+        if args["name"].startswith((LOGS, SNAPSHOT)):
+            raise BadRequest(f"{args['name'].split('/')[0]}/ is kept by the agent; upload under another name")
         path = artifact_path(self._run_dir(record), args["name"])
         if not args["append"] and path.exists():
             raise Conflict(f"run {record.run_id} already has a file {args['name']!r}")

@@ -309,7 +309,7 @@ OP_SCHEMAS: dict[str, Validator] = {
         "kind": Field(enum(("tags", "properties", "error", "attributes"))),
         "values": Field(map_of(nullable(string(max_len=1 << 16)), max_items=1000)),
     }),
-    "files": struct({"run_id": Field(_RUN_ID)}),
+    "files": struct({"run_id": Field(_RUN_ID), "snapshot": Field(boolean, False)}),
     "download": struct({"run_id": Field(_RUN_ID), "name": Field(_relative_path), "offset": Field(integer(min=0), 0)}),
     "put_file": struct({
         "run_id": Field(_RUN_ID),
