@@ -153,3 +153,38 @@ def test_a_curated_environment_says_what_to_do(agent):
 
     with pytest.raises(NotFound, match="curated environments are not on this machine"):
         Environment.get(workspace=agent.workspace(), name="AzureML-sklearn-0.24-ubuntu18.04-py37-cpu")
+
+
+@pytest.mark.slow
+def test_with_micromamba_the_specification_goes_to_it(make_agent, tmp_path):
+    """The conda tool's command line and the specification it gets. No conda tool can be installed in CI, so a
+    stand-in named micromamba records both and makes the prefix a virtualenv."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    record = tmp_path / "micromamba-args"
+    (tools / "micromamba").write_text(
+        "#!/bin/sh\n"
+        f"echo \"$@\" > {record}\n"
+        "while [ $# -gt 0 ]; do case \"$1\" in --prefix) prefix=$2; shift;; --file) file=$2; shift;; esac; shift; done\n"
+        f"cp \"$file\" {record}.yml\n"
+        f"exec {sys.executable} -m venv \"$prefix\"\n")
+    (tools / "micromamba").chmod(0o755)
+    agent = make_agent(start=False)
+    agent.env["PATH"] = f"{tools}:{agent.env['PATH']}"
+    agent.start()
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "train.py").write_text("import labrun\nprint('labrun from', labrun.__file__)\n")
+    env = Environment("mamba")
+    env.python.conda_dependencies = CondaDependencies.create(conda_packages=["numpy=1.26"],
+                                                             pip_packages=["azureml-defaults", "joblib"])
+    run = Experiment(agent.workspace(), "mamba").submit(
+        ScriptRunConfig(source_directory=str(source), script="train.py", environment=env))
+    assert run.wait_for_completion(raise_on_error=False)["status"] == "Completed", _build_log(run, tmp_path)
+    arguments = record.read_text().split()
+    assert arguments[:3] == ["create", "--yes", "--prefix"] and arguments[4] == "--file"
+    from labrun.protocol import _conda
+
+    given = _conda.parse((tmp_path / "micromamba-args.yml").read_text())
+    assert given["conda"] == ["python=3.10.18", "numpy=1.26", "pip"] and given["pip"] == ["joblib"]
+    assert "labrun-client" in run.get_log()
