@@ -18,6 +18,14 @@ PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                     "1f15c4890000000d49444154789c6360000002000100e221bc330000000049454e44ae426082")
 
 
+def _source(tmp_path, name: str, text: str):
+    """A source directory holding one script."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / name).write_text(text)
+    return source
+
+
 def _wait_for_status(run, status, timeout=20.0):
     deadline = time.monotonic() + timeout
     while run.get_status() != status:
@@ -136,9 +144,8 @@ def test_child_runs(agent):
 
 
 def test_submit_child_and_child_runs_inside_a_script(agent, tmp_path):
-    source = tmp_path / "src"
-    source.mkdir()
-    (source / "train.py").write_text(
+    source = _source(
+        tmp_path, "train.py",
         "from labrun import Run\n"
         "run = Run.get_context()\n"
         "for i in range(2):\n"
@@ -192,9 +199,7 @@ def test_run_attributes_and_experiment_tags(agent, tmp_path, monkeypatch):
 
 
 def test_failing_a_submitted_run_from_outside(agent, tmp_path):
-    source = tmp_path / "src"
-    source.mkdir()
-    (source / "sleep.py").write_text("import time\nprint('started', flush=True)\ntime.sleep(60)\n")
+    source = _source(tmp_path, "sleep.py", "import time\nprint('started', flush=True)\ntime.sleep(60)\n")
     run = Experiment(agent.workspace(), "fail-outside").submit(ScriptRunConfig(str(source), script="sleep.py"))
     _wait_for_status(run, "Running")
     run.fail("stopped by the operator")
@@ -217,9 +222,8 @@ def test_an_agent_restart_fails_open_interactive_runs(agent):
 
 
 def test_the_live_run_inside_a_script(agent, tmp_path):
-    source = tmp_path / "src"
-    source.mkdir()
-    (source / "train.py").write_text(
+    source = _source(
+        tmp_path, "train.py",
         "from labrun import Run\n"
         "run = Run.get_context()\n"
         "run.display_name = 'renamed inside'\n"
