@@ -31,6 +31,10 @@ class ContainerRegistry(_ConfigElement):
         self.registry_identity = None
         self._seal()
 
+    def __repr__(self) -> str:
+        password = None if self.password is None else "***"
+        return f"ContainerRegistry(address={self.address!r}, username={self.username!r}, password={password})"
+
 
 class PythonSection(_ConfigElement):
     def __init__(self):
