@@ -5,6 +5,7 @@ from, and for Docker runs the container's image, mounts and limits. The supervis
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -16,12 +17,17 @@ import trio
 from labrun.protocol import parse_memory
 
 from ._artifacts import artifact_path
+from ._asuser import Credentials
 from ._docker_args import translate_arguments
 from ._environments import EnvironmentBuilder, PreparedEnvironment, PrepareFailed
 from ._executor import LaunchSpec, Rank
 from ._model import RunRecord
 from ._scheduler import Allocation, Capacity
+from ._snapshot import ContentStore, SnapshotFailed, materialize
 
+# Snapshots this small are made inline: faster than the hop to a worker thread.
+INLINE_MATERIALIZE_FILES = 100
+INLINE_MATERIALIZE_BYTES = 4 * 1024 * 1024
 # Rendezvous for distributed runs on this machine.
 MASTER_ADDR = "127.0.0.1"
 
@@ -42,8 +48,10 @@ def free_ports(count: int) -> list[int]:
 
 
 class LaunchPlanner:
-    def __init__(self, config, store, capacity: Capacity, environments: EnvironmentBuilder, executor_name, image):
+    def __init__(self, config, store, capacity: Capacity, environments: EnvironmentBuilder, executor_name, image,
+                 snapshots: ContentStore):
         self.config = config
+        self.snapshots = snapshots
         self.store = store
         self.capacity = capacity
         self.environments = environments
@@ -110,6 +118,8 @@ class LaunchPlanner:
         logs = run_dir / "logs"
         owned = os.geteuid() == 0 and record.uid != 0
         in_docker = self.executor_name(spec) == "docker"
+        await self._materialize(record, run_dir)
+        workdir = Path(spec["in_place"]) if spec.get("in_place") else run_dir / "snapshot"
         if in_docker:
             # The image has its own Python and paths: the client's interpreter and environment mean nothing there.
             environment = spec.get("environment") or {"python": {}}
@@ -118,7 +128,7 @@ class LaunchPlanner:
             env = {}
         else:
             prepared = await self.environments.prepare(spec.get("environment"), spec["interpreter"] or "python3",
-                                                       logs / "environment_build.txt", run_dir / "snapshot")
+                                                       logs / "environment_build.txt", workdir)
             # Queued runs keep the client's environment on disk only (see Supervisor.submit).
             env = {k: v for k, v in self.store.environ(record.run_id).items() if k != "LABRUN_RUN_TOKEN"}
         env.update(prepared.variables or {})
@@ -150,16 +160,11 @@ class LaunchPlanner:
                 os.chown(rank.log_path, record.uid, record.gid)
         if ranks[0].log_path.name != "std_log.txt" and not (logs / "std_log.txt").exists():
             (logs / "std_log.txt").symlink_to(ranks[0].log_path.name)   # the log `labrun run` follows
-        groups = []
-        if owned:
-            try:
-                groups = os.getgrouplist(record.user, record.gid)
-            except KeyError:
-                groups = [record.gid]
-        return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=run_dir / "snapshot", ranks=ranks,
+        groups = self._groups(record)
+        return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=workdir, ranks=ranks,
                           uid=record.uid, gid=record.gid, groups=groups, cores=allocation.cores,
                           memory=allocation.memory,
-                          container=self._container(spec, run_dir, allocation) if in_docker else None)
+                          container=self._container(spec, run_dir, workdir, allocation) if in_docker else None)
 
     @staticmethod
     def _argv(record: RunRecord, python: str, extra: list[str]) -> list[str]:
@@ -177,15 +182,40 @@ class LaunchPlanner:
             argv = ["mpirun", "-np", str(count), *(["--allow-run-as-root"] if record.uid == 0 else []), *argv]
         return argv
 
-    def _container(self, spec: dict, run_dir: Path, allocation: Allocation) -> dict:
+    async def _materialize(self, record: RunRecord, run_dir: Path) -> None:
+        """The run's ``snapshot/`` from the contents stored at submit (only ``outputs/`` for an in-place run)."""
+        entries = self.snapshots.entries(record.run_id) or []
+        credentials = Credentials(record.uid, record.gid, tuple(self._groups(record)))
+        work = functools.partial(materialize, self.snapshots.objects, entries, run_dir, credentials)
+        try:
+            if len(entries) <= INLINE_MATERIALIZE_FILES and sum(e[1] for e in entries) <= INLINE_MATERIALIZE_BYTES:
+                work()
+            else:
+                await trio.to_thread.run_sync(work)
+        except SnapshotFailed as exc:
+            raise PrepareFailed(str(exc), reason="snapshot_failed") from None
+
+    @staticmethod
+    def _groups(record: RunRecord) -> list[int]:
+        if not (os.geteuid() == 0 and record.uid != 0):
+            return []
+        try:
+            return os.getgrouplist(record.user, record.gid)
+        except KeyError:
+            return [record.gid]
+
+    def _container(self, spec: dict, run_dir: Path, workdir: Path, allocation: Allocation) -> dict:
         """What the Docker executor needs beyond the process: image, mounts, limits, allowed arguments."""
         docker = spec.get("docker") or {"arguments": [], "shm_size": None}
         translated = translate_arguments(docker["arguments"], self.config.docker)
         read_only = [str(run_dir / "resume_from")] if spec.get("resume_from") is not None else []
         if self.config.socket.exists():
             read_only.append(str(self.config.socket))   # Run.get_context() inside the container
+        mounts = [str(workdir), str(run_dir / "logs")]
+        if workdir != run_dir / "snapshot":   # in place: the run's outputs directory is still its record's
+            mounts.append(str(run_dir / "snapshot"))
         return {
-            "image": self.image(spec), "mounts": [str(run_dir / "snapshot"), str(run_dir / "logs")],
+            "image": self.image(spec), "mounts": mounts,
             "read_only": read_only, "host": translated["host"], "env": translated["env"], "cpus": allocation.cpus,
             "gpus": list(allocation.gpus),
             "shm_size": parse_memory(docker["shm_size"]) if docker.get("shm_size") else None,

@@ -67,7 +67,11 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
         docker = DockerExecutor(AsyncioBridge(), config.docker, agent_id(config.state_dir), config.docker_url,
                                 on_first_container=lambda: store.set_meta("docker_used", True))
         try:
-            await _serve(config, store, docker, signals, task_status)
+            async with trio.open_nursery() as writer:
+                # The store's single writer (group commits) outlives every task that writes.
+                await writer.start(store.writer)
+                await _serve(config, store, docker, signals, task_status)
+                writer.cancel_scope.cancel()
         finally:
             with trio.move_on_after(5, shield=True):
                 await docker.close()

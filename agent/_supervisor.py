@@ -18,6 +18,7 @@ not started are queued again.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -36,6 +37,7 @@ from labrun.protocol._statuses import (
 )
 
 from ._artifacts import artifact_path
+from ._asuser import AsUserFailed, Credentials, as_user
 from ._config import AgentConfig
 from ._docker_args import translate_arguments
 from ._environments import EnvironmentBuilder, PrepareFailed
@@ -46,7 +48,7 @@ from ._launch import LaunchPlanner
 from ._model import RunRecord
 from ._notify import Notifier
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
-from ._snapshot import extract_snapshot
+from ._snapshot import ContentStore
 from ._states import EVENT_TYPES, check_transition
 from ._store import Store
 
@@ -63,6 +65,9 @@ class Owner:
     user: str
     groups: list[int]
     admin: bool = False
+
+    def credentials(self) -> Credentials:
+        return Credentials(self.uid, self.gid, tuple(self.groups))
 
 
 @dataclass
@@ -89,8 +94,11 @@ class Supervisor:
         self._wakeup = trio.Event()
         self._waiting_stale = False
         self.interactive = InteractiveRuns(store, self.runs_dir, self._transition)
+        # The content store of snapshots; ``snapshots.release_snapshot(run_id)`` when a run is removed.
+        self.snapshots = ContentStore(config.state_dir / "cas", store, config.snapshot.max_files,
+                                      config.snapshot.max_bytes)
         self.launches = LaunchPlanner(config, store, capacity, EnvironmentBuilder(config.state_dir / "envs"),
-                                      self._executor_name, self._image)
+                                      self._executor_name, self._image, self.snapshots)
 
     def token_valid(self, run_id: str, token: str) -> bool:
         active = self.active.get(run_id)
@@ -163,8 +171,8 @@ class Supervisor:
 
     # -- submit and cancel -------------------------------------------------------------
 
-    async def submit(self, spec: dict, snapshot: bytes | Path, owner: Owner) -> RunRecord:
-        """Check the spec against this agent, unpack the snapshot and queue the run (durably)."""
+    async def submit(self, spec: dict, owner: Owner) -> RunRecord:
+        """Check the spec and its snapshot against this agent and queue the run (durably)."""
         self._check_features(spec, owner)
         parent_id = spec.pop("parent_run_id", None)
         if parent_id is not None:
@@ -187,27 +195,33 @@ class Supervisor:
             raise BadRequest(f"spec.resources: the run {too_big}; it could never start",
                              details={"field": "spec.resources"})
 
+        snapshot = spec.pop("snapshot")
+        entries, in_place = snapshot["files"], snapshot["in_place"]
+        if entries is not None:
+            tree = self.snapshots.check(owner.uid, entries)
+            if spec["script"] is not None and os.path.normpath(spec["script"]) not in {e[0] for e in entries}:
+                raise BadRequest(f"spec.script: {spec['script']!r} is not a file in the snapshot of the source "
+                                 "directory; the script must be inside source_directory",
+                                 details={"field": "spec.script"})
+        else:
+            await self._check_in_place(in_place, spec["script"], owner)
+        spec["in_place"] = in_place
+
         now = time.time()
         run_id = f"{spec['experiment']}_{int(now)}_{uuid.uuid4().hex[:8]}"
         run_dir = self.runs_dir / run_id
         chown = os.geteuid() == 0 and owner.uid != 0
         try:
             run_dir.mkdir(parents=True)
-            await extract_snapshot(snapshot, run_dir / "snapshot",
-                                   uid=owner.uid if chown else None, gid=owner.gid if chown else None)
-            if spec["script"] is not None and not (run_dir / "snapshot" / spec["script"]).is_file():
-                raise BadRequest(f"spec.script: {spec['script']!r} is not a file in the snapshot of the source "
-                                 "directory; the script must be inside source_directory",
-                                 details={"field": "spec.script"})
-            outputs = run_dir / "snapshot" / "outputs"
-            outputs.mkdir(exist_ok=True)
+            # The snapshot itself is made when the run starts (Launch), from the contents stored now.
             (run_dir / "outputs").symlink_to("snapshot/outputs")
             (run_dir / "logs").mkdir()
             if chown:
-                for path in (run_dir, outputs, run_dir / "logs"):
+                for path in (run_dir, run_dir / "logs"):
                     os.chown(path, owner.uid, owner.gid)
+            if entries is not None:
+                self.snapshots.acquire(run_id, owner.uid, tree, entries)
             environ = spec.pop("environ")
-            spec.pop("snapshot")
             record = RunRecord(
                 run_id=run_id, order=0, experiment=spec["experiment"], number=0, uid=owner.uid, gid=owner.gid,
                 user=owner.user, status=QUEUED, spec=spec, environ=environ, submitted_at=now,
@@ -215,6 +229,7 @@ class Supervisor:
             self.store.add_run(record, EVENT_TYPES[QUEUED], parent_id=parent_id)
         except BaseException:
             with trio.CancelScope(shield=True):
+                self.snapshots.release_snapshot(run_id)
                 await trio.to_thread.run_sync(shutil.rmtree, run_dir, True)
             raise
         log.debug("run.submitted", run_id=run_id, user=owner.user)
@@ -223,6 +238,24 @@ class Supervisor:
         self.changed.notify()
         self.wake()
         return record
+
+    async def _check_in_place(self, directory: str, script: str | None, owner: Owner) -> None:
+        """An in-place run works in ``directory``: its user must be able to enter and read it (checked as them)."""
+        def check() -> str:
+            os.close(os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            if not os.access(directory, os.R_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "Permission denied", directory)
+            if script is not None and not os.path.isfile(os.path.join(directory, script)):
+                return "no script"
+            return ""
+
+        try:
+            problem = await trio.to_thread.run_sync(as_user, owner.credentials(), check)
+        except AsUserFailed as exc:
+            raise BadRequest(f"spec.snapshot.in_place: {owner.user} cannot use {directory!r} as the run's "
+                             f"directory: {exc}", details={"field": "spec.snapshot.in_place"}) from None
+        if problem:
+            raise BadRequest(f"spec.script: {script!r} is not a file in {directory}", details={"field": "spec.script"})
 
     def _check_features(self, spec: dict, owner: Owner) -> None:
         """Refuse at submit what this machine cannot run, naming the field."""
@@ -386,6 +419,7 @@ class Supervisor:
                     self._finish(run, FAILED, reason=exc.reason, error=str(exc))
                     return
                 self._advance(run, STARTING)
+                await self.store.durable()   # a process starts only for a run whose state is saved
                 try:
                     handle = await executor.start(launch)
                 except StartFailed as exc:
@@ -404,6 +438,7 @@ class Supervisor:
                     self._transition(record, CANCEL_REQUESTED, reason=run.cancel_reason)
                 if handle is not None:
                     with trio.move_on_after(self.config.stop_grace_seconds + KILL_WAIT_SECONDS, shield=True):
+                        await self.store.durable()
                         await executor.stop(handle, self.config.stop_grace_seconds)
                         result = await executor.wait(handle)
                 self._finish(run, FAILED if run.fail_error else CANCELED, reason=run.cancel_reason,

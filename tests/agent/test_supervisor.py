@@ -1,7 +1,5 @@
 """The supervisor's lifecycle logic with an in-memory executor, on trio's MockClock: no waiting, no processes."""
 
-import io
-import tarfile
 
 import pytest
 import trio
@@ -12,7 +10,6 @@ from labrun.agent._scheduler import Capacity
 from labrun.agent._store import Store
 from labrun.agent._supervisor import Owner, Supervisor
 
-EMPTY_TAR = (lambda b: (tarfile.open(fileobj=b, mode="w").close(), b.getvalue())[1])(io.BytesIO())
 
 
 class FakeExecutor:
@@ -51,13 +48,6 @@ class FakeExecutor:
 
 @pytest.fixture
 async def supervisor(tmp_path, nursery, monkeypatch):
-    # No worker thread under the mock clock: while one runs, every task looks blocked and the clock jumps.
-    from labrun.agent import _snapshot
-
-    async def extract_here(source, dest, *, uid=None, gid=None):
-        return _snapshot._extract(source, dest, uid, gid)
-
-    monkeypatch.setattr("labrun.agent._supervisor.extract_snapshot", extract_here)
     config = load_config(None, socket=tmp_path / "s.sock", state_dir=tmp_path)
     config.stop_grace_seconds = 7
     store = Store(tmp_path / "state.db")
@@ -71,7 +61,7 @@ async def supervisor(tmp_path, nursery, monkeypatch):
 
 def spec(**changes):
     return {"experiment": "e", "display_name": None, "script": None, "arguments": [], "command": ["x"],
-            "interpreter": None, "snapshot": {"inline": EMPTY_TAR, "upload": None}, "environ": {"A": "1"},
+            "interpreter": None, "snapshot": {"files": [], "in_place": None}, "environ": {"A": "1"},
             "environment_variables": {"B": "2"}, "max_run_duration_seconds": 3600, "tags": {}, "properties": {},
             "resources": {"cpus": 1, "memory": None, "gpus": 0}, "priority": 0, "compute_target": "local",
             "environment": None, "distributed": None, "resume_from": None, "docker": None, **changes}
@@ -87,7 +77,7 @@ async def settle(supervisor, run_id, status):
 
 
 async def test_duration_limit_fires_on_time(supervisor, autojump_clock):
-    record = await supervisor.submit(spec(max_run_duration_seconds=3600), EMPTY_TAR, OWNER)
+    record = await supervisor.submit(spec(max_run_duration_seconds=3600), OWNER)
     started = trio.current_time()
     final = await settle(supervisor, record.run_id, "Canceled")
     pid, grace, stop_time = supervisor.fake.stops[0]
@@ -97,7 +87,7 @@ async def test_duration_limit_fires_on_time(supervisor, autojump_clock):
 
 
 async def test_cancel_goes_through_cancel_requested(supervisor, autojump_clock):
-    record = await supervisor.submit(spec(), EMPTY_TAR, OWNER)
+    record = await supervisor.submit(spec(), OWNER)
     await settle(supervisor, record.run_id, "Running")
     supervisor.cancel(record)
     assert supervisor.store.get_run(record.run_id).status == "CancelRequested"
@@ -109,13 +99,13 @@ async def test_cancel_goes_through_cancel_requested(supervisor, autojump_clock):
 
 
 async def test_exit_codes_and_environment(supervisor, autojump_clock):
-    ok = await supervisor.submit(spec(), EMPTY_TAR, OWNER)
+    ok = await supervisor.submit(spec(), OWNER)
     await settle(supervisor, ok.run_id, "Running")
     launch = supervisor.fake.launches[0]
     assert launch.env["A"] == "1" and launch.env["B"] == "2" and launch.env["LABRUN_RUN_ID"] == ok.run_id
     supervisor.fake.finish(1000)
     assert (await settle(supervisor, ok.run_id, "Completed")).exit_code == 0
-    bad = await supervisor.submit(spec(), EMPTY_TAR, OWNER)
+    bad = await supervisor.submit(spec(), OWNER)
     await settle(supervisor, bad.run_id, "Running")
     supervisor.fake.finish(1001, ExitResult(exit_code=2))
     final = await settle(supervisor, bad.run_id, "Failed")
@@ -123,8 +113,8 @@ async def test_exit_codes_and_environment(supervisor, autojump_clock):
 
 
 async def test_one_cpu_runs_one_at_a_time(supervisor, autojump_clock):
-    first = await supervisor.submit(spec(), EMPTY_TAR, OWNER)
-    second = await supervisor.submit(spec(), EMPTY_TAR, OWNER)
+    first = await supervisor.submit(spec(), OWNER)
+    second = await supervisor.submit(spec(), OWNER)
     await settle(supervisor, first.run_id, "Running")
     await trio.sleep(100)
     assert supervisor.store.get_run(second.run_id).status == "Queued"
