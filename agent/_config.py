@@ -28,6 +28,15 @@ url = "https://hub.example.org/v1/events"
 token_file = "/etc/labrun/hub.token"
 batch_max = 500
 
+[mlflow]
+tracking_uri = "http://127.0.0.1:5000"   # mirror runs into this MLflow server
+# embedded = true            # or: the agent runs its own MLflow server (needs labrun[mlflow])
+# port = 5000                # embedded: default a free port, chosen once
+# user = "labrun-mlflow"     # embedded: the account it runs as (default: the agent's)
+run_env = true               # runs get MLFLOW_TRACKING_URI, MLFLOW_RUN_ID, MLFLOW_EXPERIMENT_ID
+artifacts = true             # outputs/ and uploaded files go to MLflow when a run ends
+max_artifact_mb = 1024       # per run
+
 [docker]
 allow_pull = false           # no registry is assumed reachable
 allow_host_network = false   # --network=host in DockerConfiguration.arguments
@@ -46,6 +55,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import os
+import pwd
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +65,7 @@ from labrun.protocol._paths import SYSTEM_SOCKET, SYSTEM_STATE_DIR, user_socket,
 
 from ._docker_args import DockerPolicy
 from ._hub import HubConfig
+from ._mlflow import MlflowConfig
 
 
 class ConfigError(Exception):
@@ -103,6 +114,7 @@ class AgentConfig:
     hub: HubConfig | None = None
     docker: DockerPolicy = field(default_factory=DockerPolicy)
     docker_url: str | None = None    # None: DOCKER_HOST, else the local engine's socket
+    mlflow: MlflowConfig | None = None
     snapshot: SnapshotLimits = field(default_factory=lambda: SnapshotLimits())
 
 
@@ -141,8 +153,8 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
             raise ConfigError(f"config file {path} does not exist") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
-    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub", "docker", "snapshot"},
-                "config")
+    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub", "docker", "snapshot",
+                       "mlflow"}, "config")
 
     system = os.geteuid() == 0
     config = AgentConfig(
@@ -242,6 +254,9 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
 
     _load_snapshot(config, _expect(data.get("snapshot", {}), dict, "[snapshot]"))
 
+    if "mlflow" in data:
+        config.mlflow = _mlflow_config(_expect(data["mlflow"], dict, "[mlflow]"))
+
     if socket is not None:
         config.socket = Path(socket)
     if state_dir is not None:
@@ -257,3 +272,51 @@ def _load_snapshot(config: AgentConfig, table: dict) -> None:
             raise ConfigError("snapshot.max_files: must be at least 1")
     if "max_bytes" in table:
         config.snapshot.max_bytes = _memory(table["max_bytes"], "snapshot.max_bytes")
+
+
+def _mlflow_config(table: dict) -> MlflowConfig:
+    numbers = {"prepare_timeout_seconds", "timeout_seconds", "retry_initial_seconds", "retry_max_seconds"}
+    flags = {"embedded", "run_env", "artifacts"}
+    _check_keys(table, {"tracking_uri", "port", "user", "username", "password_file", "max_artifact_mb", *numbers,
+                        *flags}, "[mlflow]")
+    config = MlflowConfig()
+    for key in flags & set(table):
+        setattr(config, key, _expect(table[key], bool, f"mlflow.{key}"))
+    if "tracking_uri" in table:
+        uri = _expect(table["tracking_uri"], str, "mlflow.tracking_uri")
+        if not uri.startswith(("http://", "https://")):
+            raise ConfigError(f"mlflow.tracking_uri: must be an http:// or https:// URL, got {uri!r}")
+        config.tracking_uri = uri.rstrip("/")
+    if config.embedded == (config.tracking_uri is not None):
+        raise ConfigError("[mlflow]: give either tracking_uri (an existing server) or embedded = true")
+    if config.embedded:
+        from ._mlflow_server import mlflow_installed
+
+        if not mlflow_installed():
+            raise ConfigError("mlflow.embedded: MLflow is not installed next to the agent; "
+                              "install it with: pip install 'labrun[mlflow]'")
+    if "port" in table:
+        config.port = _expect(table["port"], int, "mlflow.port")
+        if not 0 <= config.port <= 65535:
+            raise ConfigError("mlflow.port: must be between 0 and 65535")
+    if "user" in table:
+        config.user = _expect(table["user"], str, "mlflow.user")
+        try:
+            pwd.getpwnam(config.user)
+        except KeyError:
+            raise ConfigError(f"mlflow.user: no account {config.user!r} on this machine") from None
+    if "username" in table:
+        config.username = _expect(table["username"], str, "mlflow.username")
+    if "password_file" in table:
+        config.password_file = Path(_expect(table["password_file"], str, "mlflow.password_file"))
+    if "max_artifact_mb" in table:
+        megabytes = _expect(table["max_artifact_mb"], int, "mlflow.max_artifact_mb")
+        if megabytes < 0:
+            raise ConfigError("mlflow.max_artifact_mb: must be at least 0")
+        config.max_artifact_bytes = megabytes << 20
+    for key in numbers & set(table):
+        value = _expect(table[key], (int, float), f"mlflow.{key}")
+        if value <= 0:
+            raise ConfigError(f"mlflow.{key}: must be positive")
+        setattr(config, key, float(value))
+    return config

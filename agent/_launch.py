@@ -58,6 +58,7 @@ class LaunchPlanner:
         self.runs_dir = config.state_dir / "runs"
         self.executor_name = executor_name   # spec -> "local" | "docker"
         self.image = image                   # spec -> the Docker image, if any
+        self.mlflow = None                   # the agent's MLflow side (_mlflow_setup.Mlflow), if any
 
     async def _resume_path(self, record: RunRecord, run_dir: Path) -> str:
         """Copy what the run resumes from into ``resume_from/``, as its owner, and make it read-only."""
@@ -133,6 +134,9 @@ class LaunchPlanner:
             env = {k: v for k, v in self.store.environ(record.run_id).items() if k != "LABRUN_RUN_TOKEN"}
         env.update(prepared.variables or {})
         env.update(spec["environment_variables"])
+        if self.mlflow is not None and not in_docker:   # 127.0.0.1 is not the agent's inside a container
+            await self.mlflow.prepare_env(record, env, {**(prepared.variables or {}), **spec["environment_variables"]},
+                                          logs / "std_log.txt")
         if prepared.bin_dir is not None:
             env["PATH"] = f"{prepared.bin_dir}:{env.get('PATH', os.defpath)}"
             env["VIRTUAL_ENV"] = str(prepared.bin_dir.parent)

@@ -29,6 +29,7 @@ from ._events import EventLog
 from ._hub import HubSender
 from ._local import LocalExecutor
 from ._logging import configure_logging
+from ._mlflow_setup import Mlflow
 from ._server import AgentAlreadyRunning, ConnectionHandler, open_unix_listener, refuse_if_agent_answers
 from ._service import Service
 from ._store import Store
@@ -88,6 +89,8 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
     events = EventLog(store, buffer=config.subscriber_buffer)
     hub = HubSender(config.hub, store, events) if config.hub is not None else None
     service = Service(config, store, supervisor, events, hub)
+    mlflow = Mlflow(config, store, events, supervisor)
+    service.mlflow = supervisor.launches.mlflow = mlflow
     refuse_if_agent_answers(config.socket)
     socket_inode = None
     try:
@@ -97,8 +100,15 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
                 await nursery.start(supervisor.run)
                 if hub is not None:
                     await nursery.start(hub.run)
-                await nursery.start(events.retain, config.retention_days,
-                                    (lambda: hub.delivered) if hub is not None else (lambda: None))
+                await nursery.start(mlflow.run)
+
+                def delivered() -> int | None:
+                    """Retention keeps what the hub or the MLflow mirror has not taken yet."""
+                    cursors = [hub.delivered if hub is not None else None,
+                               mlflow.mirror.delivered if mlflow.mirror is not None else None]
+                    return min((c for c in cursors if c is not None), default=None)
+
+                await nursery.start(events.retain, config.retention_days, delivered)
                 listener = await open_unix_listener(config.socket, system=config.system, group=config.socket_group)
                 socket_inode = os.stat(config.socket).st_ino
                 await nursery.start(partial(trio.serve_listeners, ConnectionHandler(config, service),

@@ -56,6 +56,8 @@ class Session:
 
 
 class Service:
+    mlflow = None   # the agent's MLflow side (_mlflow_setup.Mlflow)
+
     def __init__(self, config, store, supervisor: Supervisor, events: EventLog, hub=None):
         self.config = config
         self.store = store
@@ -71,6 +73,7 @@ class Service:
             "env_register": self.env_register, "env_get": self.env_get, "env_list": self.env_list,
             "start_run": self.start_run, "finish": self.finish, "experiments": self.experiments,
             "experiment_update": self.experiment_update,
+            "ui": self.ui,
         }
 
     # -- helpers -----------------------------------------------------------------------
@@ -175,7 +178,9 @@ class Service:
 
     async def get(self, session: Session, args: dict) -> dict:
         # event_seq: watch from here and no later change of this run can be missed.
-        return {**self._show(session, self._record(args["run_id"])), "event_seq": self.store.last_seq()}
+        shown = self._show(session, self._record(args["run_id"]))
+        shown["mlflow"] = self.mlflow.link(args["run_id"]) if self.mlflow is not None else None
+        return {**shown, "event_seq": self.store.last_seq()}
 
     async def list(self, session: Session, args: dict) -> list:
         """One page of runs, newest first; the next page is ``before`` the last run's ``order``."""
@@ -404,4 +409,12 @@ class Service:
                                                        for name, t in sorted(self.config.targets.items())}},
             "events": {"last_seq": self.store.last_seq(), "subscribers": len(self.events.subscriptions)},
             "hub": self.hub.status() if self.hub is not None else None,
+            "mlflow": self.mlflow.status() if self.mlflow is not None else None,
         }
+
+    async def ui(self, session: Session, args: dict) -> dict:
+        """``labrun ui``: the MLflow UI's address, starting the embedded server on a per-user agent."""
+        if args["start"]:
+            self.mlflow.enable_ui(session.peer.admin)
+        ready = await self.mlflow.wait_ready(args["timeout"]) if args["start"] else self.mlflow.mirror is not None
+        return {"url": self.mlflow.tracking_uri, "ready": ready, "mlflow": self.mlflow.status()}

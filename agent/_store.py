@@ -413,6 +413,13 @@ class Store:
         return [{"name": r[0], "kind": r[1], "step": r[2], "time": r[3], "value": _unpack(r[4]), "description": r[5]}
                 for r in self._db.execute(sql + " ORDER BY id", params).fetchall()]
 
+    def metrics_after(self, run_id: str, after_id: int, limit: int) -> list[dict]:
+        """The run's metric rows after row ``after_id``, oldest first, with their row ``id`` (a delivery cursor)."""
+        rows = self._db.execute("SELECT id, name, kind, step, time, value FROM metrics WHERE run_id = ? AND id > ? "
+                                "ORDER BY id LIMIT ?", (run_id, after_id, limit)).fetchall()
+        return [{"id": r[0], "name": r[1], "kind": r[2], "step": r[3], "time": r[4], "value": _unpack(r[5])}
+                for r in rows]
+
     def labels_of(self, run_ids: list[str]) -> dict[str, dict[str, dict[str, str]]]:
         """{run_id: {kind: {key: value}}} for many runs in one query (listing)."""
         found: dict[str, dict[str, dict[str, str]]] = {}

@@ -176,7 +176,7 @@ class Run:
             # A distributed run's primary log is rank 0's, as Azure ML streams it.
             log_name = "std_log_process_0.txt" if self._refresh().get("distributed") else "std_log.txt"
             header = f"Streaming user_logs/{log_name}"
-            out.write(f"RunId: {self._id}\nWeb View: {self.get_portal_url()}\n\n{header}\n{'=' * len(header)}\n\n")
+            out.write(f"RunId: {self._id}\nWeb View: {self.get_portal_url(_wait_seconds=2)}\n\n{header}\n{'=' * len(header)}\n\n")
             out.flush()
             try:
                 for chunk in self._log_chunks(follow=True, name=log_name):
@@ -202,6 +202,10 @@ class Run:
             raise ActivityFailedException(error_details=text)
         return details
 
+    def get_portal_url(self, _wait_seconds: float = 0.0) -> str | None:
+        """The run's page in the MLflow UI when the agent mirrors into MLflow, else its directory (``_links``)."""
+        return _links.run_link(self, _wait_seconds)
+
     def get_log(self) -> str:
         """The whole of the run's log so far."""
         return b"".join(self._log_chunks(follow=False)).decode("utf-8", errors="replace")
@@ -216,9 +220,6 @@ class Run:
         details["logFiles"] = {name: b"".join(self._log_chunks(False, name[len("user_logs/"):]))
                                .decode("utf-8", errors="replace") for name in details["logFiles"]}
         return details
-
-    def get_portal_url(self) -> str | None:
-        return _links.run_link(self)
 
     # -- interactive runs and hierarchies (see _hierarchy) --------------------------------
 

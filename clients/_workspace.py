@@ -85,10 +85,6 @@ class Workspace:
 
         return {e.name: e for e in Experiment.list(self)}
 
-    def get_mlflow_tracking_uri(self) -> str | None:
-        from ._links import mlflow_tracking_uri
-
-        return mlflow_tracking_uri(self)
 
     @classmethod
     def get(cls, name=None, **kwargs) -> "Workspace":
@@ -199,6 +195,20 @@ class Workspace:
             if not page or before is not None and page[-1]["order"] >= before:
                 return
             before = page[-1]["order"]
+
+    def get_mlflow_tracking_uri(self) -> str:
+        """The MLflow tracking server this agent mirrors runs into, as Azure ML's method returns the workspace's.
+
+        Raises:
+            UserErrorException: the agent has no MLflow server (``[mlflow]`` in its config, or ``labrun ui``).
+        """
+        mlflow = self._call("status").get("mlflow")
+        if not mlflow:
+            from .exceptions import UserErrorException
+
+            raise UserErrorException("this labrun agent has no MLflow tracking server: set [mlflow] tracking_uri "
+                                     "or embedded = true in its config, or run 'labrun ui' for a per-user agent")
+        return mlflow["tracking_uri"]
 
     @property
     def compute_targets(self) -> dict:

@@ -361,6 +361,7 @@ OP_SCHEMAS: dict[str, Validator] = {
         "remove_tags": Field(nullable(list_of(string(max_len=4096), max_items=1000)), None),
         "archived": Field(nullable(boolean), None),
     }),
+    "ui": struct({"start": Field(boolean, True), "timeout": Field(number(min=0), 120.0)}),
     "watch": struct({
         "since": Field(nullable(integer(min=0)), None),
         "run_id": Field(nullable(_RUN_ID), None),

@@ -274,10 +274,35 @@ def cmd_status(args) -> int:
     if hub:
         print(f"hub       {hub['url']}: {hub['state']}, delivered up to event {hub['delivered_seq']}, "
               f"backlog {hub['backlog']}" + (f", last error: {hub['last_error']}" if hub["last_error"] else ""))
+    mlflow = status.get("mlflow")
+    if mlflow:
+        mirror = mlflow.get("mirror") or {"state": "starting", "delivered_seq": 0, "backlog": 0, "last_error": None}
+        print(f"mlflow    {mlflow['tracking_uri']}: {mirror['state']}, mirrored up to event {mirror['delivered_seq']}, "
+              f"backlog {mirror['backlog']}" + (f", last error: {mirror['last_error']}" if mirror["last_error"] else ""))
+        server = mlflow.get("server")
+        if server:
+            print(f"          embedded server: {server['state']}, pid {server['pid'] or '-'}, {server['restarts']} restarts"
+                  + (f", last error: {server['last_error']}" if server["last_error"] else ""))
     for user, use in sorted(status["by_user"].items()):
         gpus = ",".join(use["gpus"]) or "-"
         print(f"  {user}: {use['runs']} running, cpus {use['cpus']}, "
               f"memory {_format.format_memory(use['memory'] or None)}, gpus {gpus}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    """Print the MLflow UI's address; on a per-user agent with none yet, start the embedded one first."""
+    result = _workspace(args)._call("ui", start=not args.no_start, timeout=args.timeout)
+    if args.json:
+        _print_json(result)
+    elif result["url"] is None:
+        print("labrun: this agent has no MLflow server; 'labrun ui' starts one on a per-user agent",
+              file=sys.stderr)
+        return 1
+    else:
+        print(result["url"])
+        if not result["ready"]:
+            print(f"labrun: the MLflow server at {result['url']} is still starting", file=sys.stderr)
     return 0
 
 
@@ -388,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("status", help="the agent's capacity, what is in use, and by whom")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = commands.add_parser("ui", help="print the MLflow UI's URL (starts a per-user agent's embedded MLflow server)")
+    p.add_argument("--no-start", action="store_true", help="only print the URL of a server already configured")
+    p.add_argument("--timeout", type=_duration, default=120, help="how long to wait for the server to answer")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ui)
 
     p = commands.add_parser("agent", help="run the agent in the foreground (same options as labrund)")
     p.add_argument("agent_args", nargs=argparse.REMAINDER)

@@ -122,5 +122,7 @@ def show(run: dict) -> str:
         rows.append(("Error", run["error"]))
     for key, value in sorted(run["tags"].items()):
         rows.append(("Tag", f"{key}={value}"))
+    if run.get("mlflow"):
+        rows.append(("MLflow", run["mlflow"]["url"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k + ':':<{width + 1}} {v if v is not None else '-'}" for k, v in rows)
