@@ -41,11 +41,16 @@ max_artifact_mb = 1024       # per run
 allow_pull = false           # no registry is assumed reachable
 allow_host_network = false   # --network=host in DockerConfiguration.arguments
 allow_host_ipc = false       # --ipc=host
-volumes = ["/data"]          # host paths runs may mount with -v
+volumes = ["/data"]          # host paths runs may mount with -v (resolved: links and .. cannot escape)
+pids_limit = 4096            # processes and threads per container
 
 [snapshot]
 max_files = 2000             # files in one run's snapshot (Azure ML's limit)
 max_bytes = "300M"           # bytes in one run's snapshot (Azure ML's limit); a number or like "2G"
+
+[runs]
+retention_days = 14          # delete run directories 14 days after the run ended (default: keep)
+purge = false                # true: forget the runs too (rows, metrics); false keeps them for ls/metrics
 ```
 
 Unknown sections or keys are refused at start with the key named, so a typo never
@@ -99,6 +104,14 @@ class SnapshotLimits:
 
 
 @dataclass
+class RunsConfig:
+    """``[runs]``: how long finished runs keep their directory."""
+
+    retention_days: float | None = None   # None: run directories are kept until ``labrun rm``/``clean``
+    purge: bool = False                   # also forget the run (row, metrics, tags), not only its files
+
+
+@dataclass
 class AgentConfig:
     socket: Path
     state_dir: Path
@@ -116,6 +129,7 @@ class AgentConfig:
     docker_url: str | None = None    # None: DOCKER_HOST, else the local engine's socket
     mlflow: MlflowConfig | None = None
     snapshot: SnapshotLimits = field(default_factory=lambda: SnapshotLimits())
+    runs: RunsConfig = field(default_factory=RunsConfig)
 
 
 def _expect(value, kinds, where):
@@ -154,7 +168,7 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
     _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub", "docker", "snapshot",
-                       "mlflow"}, "config")
+                       "mlflow", "runs"}, "config")
 
     system = os.geteuid() == 0
     config = AgentConfig(
@@ -240,7 +254,12 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
             setattr(config.hub, key, int(value) if key == "batch_max" else float(value))
 
     docker = _expect(data.get("docker", {}), dict, "[docker]")
-    _check_keys(docker, {"url", "allow_pull", "allow_host_network", "allow_host_ipc", "volumes"}, "[docker]")
+    _check_keys(docker, {"url", "allow_pull", "allow_host_network", "allow_host_ipc", "volumes", "pids_limit"},
+                "[docker]")
+    if "pids_limit" in docker:
+        config.docker.pids_limit = _expect(docker["pids_limit"], int, "docker.pids_limit")
+        if config.docker.pids_limit < 1:
+            raise ConfigError("docker.pids_limit: must be at least 1")
     for key in ("allow_pull", "allow_host_network", "allow_host_ipc"):
         if key in docker:
             setattr(config.docker, key, _expect(docker[key], bool, f"docker.{key}"))
@@ -256,6 +275,16 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
 
     if "mlflow" in data:
         config.mlflow = _mlflow_config(_expect(data["mlflow"], dict, "[mlflow]"))
+
+    runs = _expect(data.get("runs", {}), dict, "[runs]")
+    _check_keys(runs, {"retention_days", "purge"}, "[runs]")
+    if "retention_days" in runs:
+        days = float(_expect(runs["retention_days"], (int, float), "runs.retention_days"))
+        if days <= 0:
+            raise ConfigError(f"runs.retention_days: must be more than 0 (leave it out to keep runs), got {days}")
+        config.runs.retention_days = days
+    if "purge" in runs:
+        config.runs.purge = _expect(runs["purge"], bool, "runs.purge")
 
     if socket is not None:
         config.socket = Path(socket)

@@ -1,10 +1,16 @@
-"""Environments: what Python a run uses, and building pip and conda environments into cached ones.
+"""Environments: what Python a run uses, and building pip environments into cached virtualenvs.
 
 - ``user_managed_dependencies``: the run uses ``interpreter_path`` (else the client's interpreter) as is.
 - pip requirements: the agent builds a virtualenv from the client's interpreter during ``Preparing``,
-  under ``<state>/envs/<hash>``, where the hash covers the interpreter and the requirements. A later
-  run with the same definition reuses it; two runs needing the same new one build it once (a lock per
-  hash). The build's output is the run's ``logs/environment_build.txt``.
+  under ``<state>/envs/<uid>/<hash>``, where the hash covers the interpreter and the requirements. A
+  later run of the same user with the same definition reuses it; two runs needing the same new one
+  build it once (a lock per user and hash). The build's output is the run's
+  ``logs/environment_build.txt``.
+- Builds run as the run's user (never root: the interpreter and every package's setup code are the
+  user's to choose), in isolated mode (``-I``: no ``PYTHONPATH``, no user site, and the working
+  directory, which is the user's environment directory and never the snapshot, is not on
+  ``sys.path``, so a ``venv.py`` there cannot shadow the standard library), with a minimal
+  environment. Each user's environments are theirs (0700), so no user can plant code in another's.
 - conda specifications are built with ``conda`` or ``micromamba`` when the machine has one. Without
   either, the same virtualenv recipe is used: the conda packages are installed with pip under the same
   names (the build log says so), from an interpreter of the pinned Python version if the machine has
@@ -23,7 +29,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import os
+import pwd
 import shutil
+import subprocess
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +41,8 @@ import structlog
 import trio
 
 from labrun.protocol import __version__, _conda
+
+from ._asuser import Credentials, agent_dir, acting_as, make_private_dir, open_file_as, run_as
 
 log = structlog.get_logger("labrun.environments")
 
@@ -49,6 +60,10 @@ class PreparedEnvironment:
     python: str                     # the interpreter a script runs with
     bin_dir: Path | None = None     # put first on PATH
     variables: dict | None = None
+
+
+def needs_conda(definition: dict) -> bool:
+    return bool(definition["python"].get("conda_specification")) and not definition["python"]["user_managed_dependencies"]
 
 
 # Left out of builds: the labrun client stands in for Azure ML's SDK.
@@ -101,7 +116,7 @@ def _without_azureml(requirements: list[str], build_log) -> list[str]:
     return kept
 
 
-async def _interpreter_for(version: str | None, default: str, build_log) -> str:
+async def _interpreter_for(version: str | None, default: str, build_log, creds, env) -> str:
     """An interpreter of Python ``version`` (``"3.10"``) if this machine has a working one, else ``default``."""
     if version is None:
         return default
@@ -110,8 +125,8 @@ async def _interpreter_for(version: str | None, default: str, build_log) -> str:
         if candidate is None:
             continue
         try:
-            result = await trio.run_process([candidate, "-c", probe], capture_stdout=True, capture_stderr=True,
-                                            check=False)
+            result = await trio.run_process([candidate, "-I", "-c", probe], capture_stdout=True, capture_stderr=True,
+                                            stdin=subprocess.DEVNULL, env=env, check=False, **creds.popen_options())
         except OSError:
             continue
         if result.returncode == 0 and result.stdout.decode().strip() == version:
@@ -124,9 +139,10 @@ async def _interpreter_for(version: str | None, default: str, build_log) -> str:
 class EnvironmentBuilder:
     def __init__(self, envs_dir: Path):
         self.envs_dir = envs_dir
-        self._locks: dict[str, trio.Lock] = defaultdict(trio.Lock)
+        self._locks: dict[tuple[int, str], trio.Lock] = defaultdict(trio.Lock)
 
-    async def prepare(self, definition: dict | None, interpreter: str, log_path: Path, cwd: Path) -> PreparedEnvironment:
+    async def prepare(self, definition: dict | None, interpreter: str, log_path: Path,
+                      creds: Credentials | None = None) -> PreparedEnvironment:
         if definition is None:
             return PreparedEnvironment(python=interpreter)
         python = definition["python"]
@@ -135,62 +151,97 @@ class EnvironmentBuilder:
             chosen = python["interpreter_path"] or interpreter
             # Azure ML's default interpreter_path is plain "python": the client's interpreter is the better guess.
             return PreparedEnvironment(python=interpreter if chosen == "python" else chosen, variables=variables)
-        if python.get("conda_specification"):
-            return await self._build(definition, interpreter, log_path, cwd, conda=True)
-        if python.get("pip_requirements"):
-            return await self._build(definition, interpreter, log_path, cwd, conda=False)
+        if python.get("conda_specification") or python.get("pip_requirements"):
+            creds = creds or Credentials(os.geteuid(), os.getegid())
+            try:
+                build_log = os.fdopen(open_file_as(creds, log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab")
+            except OSError as exc:
+                raise PrepareFailed(f"cannot open {log_path.name}: {exc.strerror or exc}") from None
+            with build_log:
+                return await self._build(definition, interpreter, build_log, creds,
+                                         conda=bool(python.get("conda_specification")), log_path=log_path)
         return PreparedEnvironment(python=interpreter, variables=variables)
 
-    async def _build(self, definition: dict, interpreter: str, log_path: Path, cwd: Path, *, conda: bool):
+    def _user_dir(self, creds: Credentials) -> Path:
+        """``<envs>/<uid>``: the user's own (0700), made by the agent in its own directory."""
+        agent_dir(self.envs_dir, traversable=True)
+        user_dir = self.envs_dir / str(creds.uid)
+        try:
+            make_private_dir(self.envs_dir, user_dir.name, creds)
+        except FileExistsError:
+            pass
+        return user_dir
+
+    def _build_env(self, creds: Credentials, user_dir: Path) -> dict:
+        """A minimal environment for the build: the agent's own variables are not the user's business."""
+        try:
+            home = pwd.getpwuid(creds.uid).pw_dir
+        except KeyError:
+            home = str(user_dir)
+        env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": home if os.path.isdir(home) else str(user_dir),
+               "LANG": "C.UTF-8", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+        for key in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+                    "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX"):
+            if key in os.environ:
+                env[key] = os.environ[key]
+        return env
+
+    async def _build(self, definition: dict, interpreter: str, build_log, creds: Credentials, *, conda: bool,
+                     log_path: Path):
         python = definition["python"]
         recipe = {"interpreter": interpreter, "pip": python.get("pip_requirements"),
                   "conda": python.get("conda_specification"), "client": __version__,
                   "conda_tool": _conda_tool() if conda else None}
         key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:24]
-        prefix = self.envs_dir / key
+        user_dir = self._user_dir(creds)
+        prefix = user_dir / key
         variables = definition.get("environment_variables") or {}
-        with open(log_path, "ab") as build_log:
-            async with self._locks[key]:
-                if (prefix / ".labrun-complete").exists():
-                    build_log.write(f"labrun: reusing environment {definition['name']} ({key})\n".encode())
-                    return PreparedEnvironment(python=str(prefix / "bin" / "python"), bin_dir=prefix / "bin",
-                                               variables=variables)
-                build_log.write(f"labrun: building environment {definition['name']} ({key})\n".encode())
+        async with self._locks[(creds.uid, key)]:
+            with acting_as(creds):
+                complete = (prefix / ".labrun-complete").exists()
+            if complete:
+                build_log.write(f"labrun: reusing environment {definition['name']} ({key})\n".encode())
+                return PreparedEnvironment(python=str(prefix / "bin" / "python"), bin_dir=prefix / "bin",
+                                           variables=variables)
+            build_log.write(f"labrun: building environment {definition['name']} ({key})\n".encode())
+            build_log.flush()
+            # A build an earlier agent left half done.
+            await run_as(creds, shutil.rmtree, prefix, True)
+            env = self._build_env(creds, user_dir)
+            steps = await self._steps(python, interpreter, prefix, user_dir, key, build_log, creds, env)
+            for step in steps:
+                shown = ("<put the labrun client in the environment>" if a == _CLIENT_OVERLAY else a for a in step)
+                build_log.write(("$ " + " ".join(shown) + "\n").encode())
                 build_log.flush()
-                if prefix.exists():
-                    await trio.to_thread.run_sync(shutil.rmtree, prefix)   # a build an earlier agent left half done
-                prefix.parent.mkdir(parents=True, exist_ok=True)
-                steps = await self._steps(python, interpreter, prefix, key, build_log)
-                for step in steps:
-                    shown = ("<put the labrun client in the environment>" if a == _CLIENT_OVERLAY else a for a in step)
-                    build_log.write(("$ " + " ".join(shown) + "\n").encode())
+                try:
+                    result = await trio.run_process(step, stdin=subprocess.DEVNULL, stdout=build_log,
+                                                    stderr=build_log, cwd=user_dir, env=env, check=False,
+                                                    **creds.popen_options())
+                except OSError as exc:
+                    raise PrepareFailed(f"cannot run {step[0]!r}: {exc.strerror or exc}") from None
+                if result.returncode != 0:
                     build_log.flush()
-                    try:
-                        result = await trio.run_process(step, stdout=build_log, stderr=build_log, cwd=cwd, check=False)
-                    except OSError as exc:
-                        raise PrepareFailed(f"cannot run {step[0]!r}: {exc.strerror or exc}") from None
-                    if result.returncode != 0:
-                        build_log.flush()
-                        missing = _PIP_NOT_FOUND.findall(_tail(log_path))
-                        if missing:
-                            raise PrepareFailed(f"building environment {definition['name']!r} failed: pip cannot "
-                                                f"find the package {missing[-1]!r}; see user_logs/environment_build.txt")
-                        raise PrepareFailed(f"building environment {definition['name']!r} failed: "
-                                          f"{' '.join(step[:4])} ... exited with code {result.returncode}; "
-                                          "see user_logs/environment_build.txt")
-                (prefix / ".labrun-complete").touch()
-                log.info("environment.built", name=definition["name"], key=key)
+                    missing = _PIP_NOT_FOUND.findall(await run_as(creds, _tail, log_path))
+                    if missing:
+                        raise PrepareFailed(f"building environment {definition['name']!r} failed: pip cannot "
+                                            f"find the package {missing[-1]!r}; see user_logs/environment_build.txt")
+                    raise PrepareFailed(f"building environment {definition['name']!r} failed: "
+                                        f"{' '.join(step[:4])} ... exited with code {result.returncode}; "
+                                        "see user_logs/environment_build.txt")
+            await run_as(creds, (prefix / ".labrun-complete").touch)
+            log.info("environment.built", name=definition["name"], key=key, uid=creds.uid)
         return PreparedEnvironment(python=str(prefix / "bin" / "python"), bin_dir=prefix / "bin", variables=variables)
 
-    async def _steps(self, python: dict, interpreter: str, prefix: Path, key: str, build_log):
+    async def _steps(self, python: dict, interpreter: str, prefix: Path, user_dir: Path, key: str, build_log,
+                     creds: Credentials, env: dict):
         """The commands that build this environment, the last of them putting the labrun client in it."""
         env_python = str(prefix / "bin" / "python")
         tool = _conda_tool() if python.get("conda_specification") else None
         if tool is not None:
             spec = _conda.parse(python["conda_specification"])
             spec["pip"] = _without_azureml(spec["pip"], build_log)
-            spec_file = prefix.parent / f"{key}.yml"
-            spec_file.write_text(_conda.dump(spec))
+            spec_file = user_dir / f"{key}.yml"
+            await run_as(creds, spec_file.write_text, _conda.dump(spec))
             if Path(tool).name == "micromamba":
                 steps = [[tool, "create", "--yes", "--prefix", str(prefix), "--file", str(spec_file)]]
             else:
@@ -204,13 +255,13 @@ class EnvironmentBuilder:
                     build_log.write(("labrun: no conda or micromamba on this machine: installing the conda "
                                      f"packages {', '.join(conda)} with pip under the same names\n").encode())
                 requirements = [_conda.conda_to_pip(p) for p in conda] + spec["pip"]
-                interpreter = await _interpreter_for(_conda.python_version(spec), interpreter, build_log)
+                interpreter = await _interpreter_for(_conda.python_version(spec), interpreter, build_log, creds, env)
             requirements = _without_azureml(requirements, build_log)
-            steps = [[interpreter, "-m", "venv", str(prefix)]]
+            steps = [[interpreter, "-I", "-m", "venv", str(prefix)]]
             if requirements:
-                requirements_file = prefix.parent / f"{key}.requirements.txt"
-                requirements_file.write_text("\n".join(requirements) + "\n")
-                steps.append([env_python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
+                requirements_file = user_dir / f"{key}.requirements.txt"
+                await run_as(creds, requirements_file.write_text, "\n".join(requirements) + "\n")
+                steps.append([env_python, "-I", "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
                               "-r", str(requirements_file)])
         steps.append([env_python, "-I", "-c", _CLIENT_OVERLAY, str(prefix / "labrun-client"), *_client_sources()])
         return steps

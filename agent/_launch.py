@@ -16,8 +16,8 @@ import trio
 
 from labrun.protocol import parse_memory
 
-from ._artifacts import artifact_path
-from ._asuser import Credentials
+from ._artifacts import artifact_path, owner_of
+from ._asuser import Credentials, acting_as, open_directory, open_file_as
 from ._docker_args import translate_arguments
 from ._environments import EnvironmentBuilder, PreparedEnvironment, PrepareFailed
 from ._executor import LaunchSpec, Rank
@@ -47,6 +47,20 @@ def free_ports(count: int) -> list[int]:
 
 
 
+def _link_first_log(logs: Path, first: str) -> None:
+    """``std_log.txt`` for a run of many ranks: the first rank's log (the one `labrun run` follows).
+
+    A hard link, not a symlink: a run's files are read without following links.
+    """
+    dir_fd = open_directory(logs)
+    try:
+        os.link(first, "std_log.txt", src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except FileExistsError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
 class LaunchPlanner:
     def __init__(self, config, store, capacity: Capacity, environments: EnvironmentBuilder, executor_name, image,
                  snapshots: ContentStore):
@@ -60,21 +74,26 @@ class LaunchPlanner:
         self.image = image                   # spec -> the Docker image, if any
         self.mlflow = None                   # the agent's MLflow side (_mlflow_setup.Mlflow), if any
 
-    async def _resume_path(self, record: RunRecord, run_dir: Path) -> str:
-        """Copy what the run resumes from into ``resume_from/``, as its owner, and make it read-only."""
+    async def _resume_path(self, record: RunRecord, run_dir: Path, creds: Credentials) -> str:
+        """Copy what the run resumes from into ``resume_from/``, as its owner, and make it read-only.
+
+        Copying as the owner: a user can resume only from what they may read, and nothing is copied
+        or created in their run directory with root's rights.
+        """
         resume = record.spec["resume_from"]
         if resume["run_id"] is not None:
             source = artifact_path(self.runs_dir / resume["run_id"], resume["path"])
         else:
             source = Path(resume["path"])
         target_dir = run_dir / "resume_from"
-        target_dir.mkdir()
+        try:
+            with acting_as(creds):
+                target_dir.mkdir()
+        except OSError as exc:
+            raise PrepareFailed(f"cannot create {target_dir.name}/ in the run directory: {exc.strerror or exc}",
+                                reason="resume_from_failed") from None
         target = target_dir / source.name
-        options = {}
-        if os.geteuid() == 0 and record.uid != 0:
-            os.chown(target_dir, record.uid, record.gid)
-            # Copying as the owner: a user can resume only from what they may read.
-            options = {"user": record.uid, "group": record.gid}
+        options = creds.popen_options()
         result = await trio.run_process(["cp", "-a", "--", str(source), str(target)], capture_stderr=True,
                                         check=False, **options)
         if result.returncode != 0:
@@ -117,7 +136,7 @@ class LaunchPlanner:
         spec = record.spec
         run_dir = self.runs_dir / record.run_id
         logs = run_dir / "logs"
-        owned = os.geteuid() == 0 and record.uid != 0
+        creds = owner_of(record)
         in_docker = self.executor_name(spec) == "docker"
         await self._materialize(record, run_dir)
         workdir = Path(spec["in_place"]) if spec.get("in_place") else run_dir / "snapshot"
@@ -129,7 +148,7 @@ class LaunchPlanner:
             env = {}
         else:
             prepared = await self.environments.prepare(spec.get("environment"), spec["interpreter"] or "python3",
-                                                       logs / "environment_build.txt", workdir)
+                                                       logs / "environment_build.txt", creds)
             # Queued runs keep the client's environment on disk only (see Supervisor.submit).
             env = {k: v for k, v in self.store.environ(record.run_id).items() if k != "LABRUN_RUN_TOKEN"}
         env.update(prepared.variables or {})
@@ -147,24 +166,28 @@ class LaunchPlanner:
             "LABRUN_OUTPUT_DIR": str(run_dir / "snapshot" / "outputs"),
             "LABRUN_RUN_TOKEN": token,
         })
+        if spec.get("array") is not None:
+            env.update(array_environment(spec["array"]))
         if self.capacity.gpus:
             devices = ",".join(allocation.gpus)
             env.update({"CUDA_VISIBLE_DEVICES": devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                         "NVIDIA_VISIBLE_DEVICES": devices or "void"})
         extra: list[str] = []
         if spec.get("resume_from") is not None:
-            path = await self._resume_path(record, run_dir)
+            path = await self._resume_path(record, run_dir, creds)
             env["LABRUN_RESUME_FROM"] = path
             extra = ["--resume-from", path]
         argv = self._argv(record, prepared.python, extra)
         ranks = self._ranks(record, allocation, logs)
-        for rank in ranks:
-            rank.log_path.touch()
-            if owned:
-                os.chown(rank.log_path, record.uid, record.gid)
-        if ranks[0].log_path.name != "std_log.txt" and not (logs / "std_log.txt").exists():
-            (logs / "std_log.txt").symlink_to(ranks[0].log_path.name)   # the log `labrun run` follows
-        groups = self._groups(record)
+        try:
+            for rank in ranks:
+                os.close(open_file_as(creds, rank.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND))
+            if ranks[0].log_path.name != "std_log.txt":
+                with acting_as(creds):
+                    _link_first_log(logs, ranks[0].log_path.name)
+        except OSError as exc:
+            raise PrepareFailed(f"cannot create the run's logs: {exc.strerror or exc}", reason="agent_error") from None
+        groups = list(creds.groups) if creds.switches else []
         return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=workdir, ranks=ranks,
                           uid=record.uid, gid=record.gid, groups=groups, cores=allocation.cores,
                           memory=allocation.memory,
@@ -189,8 +212,7 @@ class LaunchPlanner:
     async def _materialize(self, record: RunRecord, run_dir: Path) -> None:
         """The run's ``snapshot/`` from the contents stored at submit (only ``outputs/`` for an in-place run)."""
         entries = self.snapshots.entries(record.run_id) or []
-        credentials = Credentials(record.uid, record.gid, tuple(self._groups(record)))
-        work = functools.partial(materialize, self.snapshots.objects, entries, run_dir, credentials)
+        work = functools.partial(materialize, self.snapshots.objects, entries, run_dir, owner_of(record))
         try:
             if len(entries) <= INLINE_MATERIALIZE_FILES and sum(e[1] for e in entries) <= INLINE_MATERIALIZE_BYTES:
                 work()
@@ -198,15 +220,6 @@ class LaunchPlanner:
                 await trio.to_thread.run_sync(work)
         except SnapshotFailed as exc:
             raise PrepareFailed(str(exc), reason="snapshot_failed") from None
-
-    @staticmethod
-    def _groups(record: RunRecord) -> list[int]:
-        if not (os.geteuid() == 0 and record.uid != 0):
-            return []
-        try:
-            return os.getgrouplist(record.user, record.gid)
-        except KeyError:
-            return [record.gid]
 
     def _container(self, spec: dict, run_dir: Path, workdir: Path, allocation: Allocation) -> dict:
         """What the Docker executor needs beyond the process: image, mounts, limits, allowed arguments."""
@@ -224,3 +237,14 @@ class LaunchPlanner:
             "gpus": list(allocation.gpus),
             "shm_size": parse_memory(docker["shm_size"]) if docker.get("shm_size") else None,
         }
+
+
+def array_environment(array: dict) -> dict[str, str]:
+    """What an array member sees: labrun's names, and Slurm's so Slurm scripts work unchanged."""
+    return {
+        "LABRUN_ARRAY_ID": array["id"],
+        "LABRUN_ARRAY_INDEX": str(array["index"]),
+        "SLURM_ARRAY_JOB_ID": array["id"],
+        "SLURM_ARRAY_TASK_ID": str(array["index"]),
+        "SLURM_ARRAY_TASK_COUNT": str(array["size"]),
+    }

@@ -20,6 +20,7 @@ since boot, from /proc, so a recycled pid is never mistaken for the run).
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import trio
 
+from ._asuser import Credentials, open_file_as
 from ._cgroups import MemoryCgroups
 from ._executor import ExitResult, LaunchSpec, StartFailed
 
@@ -131,11 +133,13 @@ class LocalExecutor:
         self._children: dict[int, subprocess.Popen] = {}
 
     def _spawn(self, launch: LaunchSpec, argv: list[str], rank) -> subprocess.Popen:
-        log = os.open(rank.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        options = {}
-        if os.geteuid() == 0 and launch.uid != 0:
-            os.fchown(log, launch.uid, launch.gid)
-            options = {"user": launch.uid, "group": launch.gid, "extra_groups": launch.groups}
+        # The log is opened with the owner's rights and no link followed: the run directory is the user's.
+        creds = Credentials(launch.uid, launch.gid, tuple(launch.groups))
+        try:
+            log = open_file_as(creds, rank.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        except OSError as exc:
+            raise StartFailed(f"cannot open the run's log {rank.log_path.name}: {exc.strerror or exc}") from None
+        options = creds.popen_options()
         previous = os.sched_getaffinity(0)
         try:
             if launch.cores:
@@ -145,7 +149,10 @@ class LocalExecutor:
                 stderr=log, start_new_session=True, close_fds=True, **options,
             )
         except OSError as exc:
-            raise StartFailed(f"cannot start {launch.argv[0]!r}: {exc.strerror or exc}") from None
+            failure = StartFailed(f"cannot start {launch.argv[0]!r}: {exc.strerror or exc}")
+            if exc.errno == errno.ENOENT:
+                failure.reason = "command_not_found"
+            raise failure from None
         finally:
             if launch.cores:
                 os.sched_setaffinity(0, previous)

@@ -20,6 +20,7 @@ import trio
 
 from labrun.protocol import __version__
 
+from ._asuser import agent_dir
 from ._asyncio_bridge import AsyncioBridge
 from ._capacity import discover_capacity
 from ._docker import DockerExecutor, agent_id
@@ -30,7 +31,11 @@ from ._hub import HubSender
 from ._local import LocalExecutor
 from ._logging import configure_logging
 from ._mlflow_setup import Mlflow
-from ._server import AgentAlreadyRunning, ConnectionHandler, open_unix_listener, refuse_if_agent_answers
+from ._retention import RunFiles
+from ._server import (
+    AgentAlreadyRunning, ConnectionHandler, SocketDirectoryUnsafe, check_socket_directory, open_unix_listener,
+    refuse_if_agent_answers,
+)
 from ._service import Service
 from ._store import Store
 from ._supervisor import Supervisor
@@ -46,8 +51,9 @@ class StateDirLocked(Exception):
 
 
 def _lock_state_dir(state_dir: Path, system: bool):
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o755 if system else 0o700)
-    lock = open(state_dir / "agent.lock", "a+")
+    # Root's alone; a root agent's runs reach their own (0700) directories through it by path, so it is 0711.
+    agent_dir(state_dir, traversable=True)
+    lock = open(state_dir / "agent.lock", "a+", opener=lambda path, flags: os.open(path, flags, 0o600))
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -88,7 +94,9 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
     supervisor = Supervisor(config, store, capacity, executors)
     events = EventLog(store, buffer=config.subscriber_buffer)
     hub = HubSender(config.hub, store, events) if config.hub is not None else None
-    service = Service(config, store, supervisor, events, hub)
+    run_files = RunFiles(config, store, supervisor)
+    service = Service(config, store, supervisor, events, hub, run_files)
+    check_socket_directory(config.socket, system=config.system)
     mlflow = Mlflow(config, store, events, supervisor)
     service.mlflow = supervisor.launches.mlflow = mlflow
     refuse_if_agent_answers(config.socket)
@@ -109,6 +117,7 @@ async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, sign
                     return min((c for c in cursors if c is not None), default=None)
 
                 await nursery.start(events.retain, config.retention_days, delivered)
+                await nursery.start(run_files.retain, config.runs.retention_days, config.runs.purge)
                 listener = await open_unix_listener(config.socket, system=config.system, group=config.socket_group)
                 socket_inode = os.stat(config.socket).st_ino
                 await nursery.start(partial(trio.serve_listeners, ConnectionHandler(config, service),
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     refusals = []
     try:
         trio.run(run_agent, config)
-    except* (AgentAlreadyRunning, StateDirLocked) as group:
+    except* (AgentAlreadyRunning, SocketDirectoryUnsafe, StateDirLocked) as group:
         refusals = group.exceptions
     for exc in refusals:
         print(f"labrund: {exc}", file=sys.stderr)

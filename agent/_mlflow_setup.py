@@ -7,7 +7,6 @@ agent's administrator), which is remembered so the UI comes back with the agent.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import structlog
@@ -15,6 +14,7 @@ import trio
 
 from labrun.protocol import Forbidden
 
+from ._artifacts import note_in_log
 from ._mlflow import ENV_KEYS, MlflowConfig, MlflowMirror
 from ._mlflow_server import EmbeddedServer, free_port, mlflow_installed
 
@@ -116,9 +116,5 @@ class Mlflow:
         note = (f"labrun: MLflow at {self.tracking_uri} did not answer in time; this run has no MLFLOW_RUN_ID, so "
                 "mlflow calls in it write to a local store in its working directory. Its labrun metrics, files "
                 "and status reach MLflow once it answers.\n")
-        try:   # the logs directory is the user's: never follow a link they left there
-            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError:
-            return
-        with open(fd, "a") as log_file:
-            log_file.write(note)
+        # The logs directory is the user's: written as them, never through a link they left there.
+        note_in_log(record, log_path, note)

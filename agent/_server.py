@@ -23,6 +23,8 @@ from labrun.protocol import (
     pack_frame, parse_request, reply_error, reply_ok, request_id, stream_end, stream_item,
 )
 
+from labrun.protocol._paths import tmp_fallback_dir
+
 from ._peers import peer_credentials, resolve_peer
 from ._service import Service, Session
 
@@ -56,13 +58,42 @@ def refuse_if_agent_answers(path: Path) -> None:
                                   "(or pass --socket to use another path)")
 
 
+class SocketDirectoryUnsafe(Exception):
+    """The socket's directory could let another user replace the socket."""
+
+
+def check_socket_directory(path: Path, *, system: bool) -> None:
+    """Create the socket's directory if needed; it must be the agent's own (or root's), and writable only
+    by its owner unless sticky: otherwise another user could swap the socket for theirs and catch the
+    clients.
+
+    Raises:
+        SocketDirectoryUnsafe: naming the directory and what is wrong with it.
+    """
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True, mode=0o755 if system else 0o700)
+    info = directory.lstat()
+    if (info.st_mode & 0o170000) != 0o040000:
+        raise SocketDirectoryUnsafe(f"the socket directory {directory} is a symbolic link or not a directory")
+    if info.st_uid not in (os.geteuid(), 0):
+        raise SocketDirectoryUnsafe(f"the socket directory {directory} belongs to uid {info.st_uid}, not to this "
+                                    "agent's user: another user may have made it first; remove it or pick another "
+                                    "--socket")
+    if info.st_mode & 0o022 and not info.st_mode & 0o1000:
+        raise SocketDirectoryUnsafe(f"the socket directory {directory} is writable by other users "
+                                    f"(mode {info.st_mode & 0o7777:o}); pick another --socket")
+    if directory == Path(tmp_fallback_dir()) and info.st_mode & 0o077:
+        raise SocketDirectoryUnsafe(f"the socket directory {directory} must be 0700 (it is "
+                                    f"{info.st_mode & 0o777:o})")
+
+
 async def open_unix_listener(path: Path, *, system: bool, group: str | None) -> trio.SocketListener:
     """Bind the agent's socket, replacing one a dead agent left; refuse if a live agent answers there.
 
     Raises:
         AgentAlreadyRunning: another agent answers on ``path``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755 if system else 0o700)
+    check_socket_directory(path, system=system)
     refuse_if_agent_answers(path)
     if path.exists() or path.is_symlink():
         path.unlink()

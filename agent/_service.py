@@ -18,10 +18,11 @@ import trio
 from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Conflict, Forbidden, NotFound, TooLarge, __version__
 from labrun.protocol._statuses import ACTIVE, QUEUED
 
-from ._artifacts import LOGS, SNAPSHOT, artifact_path, list_files
+from ._artifacts import LOGS, list_files, open_for_reading, write_file
 from ._events import EventFilter, EventLog
 from ._interactive import is_interactive
 from ._peers import Peer
+from ._retention import RunFiles
 from ._snapshot import ContentStore
 from ._supervisor import Owner, Supervisor
 
@@ -58,8 +59,9 @@ class Session:
 class Service:
     mlflow = None   # the agent's MLflow side (_mlflow_setup.Mlflow)
 
-    def __init__(self, config, store, supervisor: Supervisor, events: EventLog, hub=None):
+    def __init__(self, config, store, supervisor: Supervisor, events: EventLog, hub, run_files: RunFiles):
         self.config = config
+        self.run_files = run_files
         self.store = store
         self.supervisor = supervisor
         self.events = events
@@ -73,7 +75,7 @@ class Service:
             "env_register": self.env_register, "env_get": self.env_get, "env_list": self.env_list,
             "start_run": self.start_run, "finish": self.finish, "experiments": self.experiments,
             "experiment_update": self.experiment_update,
-            "ui": self.ui,
+            "remove": self.remove, "clean": self.clean, "ui": self.ui,
         }
 
     # -- helpers -----------------------------------------------------------------------
@@ -90,12 +92,16 @@ class Service:
             raise Forbidden(f"run {run_id} belongs to {record.user}; only its owner or an admin may {action}")
         return record
 
-    def _show(self, session: Session, record, labels: dict | None = None, parent: str | None = ...) -> dict:
+    def _show(self, session: Session, record, labels: dict | None = None, removed: dict | None = None,
+              parent: str | None = ...) -> dict:
         """The run as this peer may see it, with the tags, properties and error set while it ran."""
         privileged = session.peer.may_manage(record.uid)
         shown = record.public(privileged=privileged)
         if labels is None:
             labels = self.store.labels_of([record.run_id]).get(record.run_id, {})
+        if removed is None:
+            removed = self.store.removed_of([record.run_id])
+        shown["files_removed_at"] = removed.get(record.run_id)
         shown["tags"] = {**shown["tags"], **labels.get("tags", {})}
         shown["properties"] = {**shown["properties"], **labels.get("properties", {})}
         shown["reported_error"] = labels.get("error") or None
@@ -124,6 +130,7 @@ class Service:
         return self._record(run_id)
 
     def _run_dir(self, record) -> Path:
+        self.run_files.check_present(record)
         return self.config.state_dir / "runs" / record.run_id
 
     # -- ops ---------------------------------------------------------------------------
@@ -171,10 +178,15 @@ class Service:
 
     async def submit(self, session: Session, args: dict) -> dict:
         peer = session.peer
-        record = await self.supervisor.submit(args["spec"], Owner(peer.uid, peer.gid, peer.user, list(peer.groups),
-                                                                  peer.admin))
+        owner = Owner(peer.uid, peer.gid, peer.user, list(peer.groups), peer.admin)
+        if args["array"] is None:
+            record = await self.supervisor.submit(args["spec"], owner)
+        else:
+            records = await self.supervisor.submit_array(args["spec"], owner, args["array"])
         session.unsubmitted_bytes = 0
-        return self._show(session, record)
+        if args["array"] is None:
+            return self._show(session, record)
+        return {"array_id": records[0].spec["array"]["id"], "runs": [self._show(session, r) for r in records]}
 
     async def get(self, session: Session, args: dict) -> dict:
         # event_seq: watch from here and no later change of this run can be missed.
@@ -189,6 +201,11 @@ class Service:
         query = {"experiment": args["experiment"], "before": before}
         if args["parent"] is not None:
             records = self._children_page(args)
+        elif args["array"] is not None:
+            # An array is one page: its members, newest (highest index) first like every listing.
+            records = [self.store.get_run(r) for r in reversed(self.store.array_members(args["array"]))]
+            records = [r for r in records if r is not None and (before is None or r.order < before)
+                       and (statuses is None or r.status in statuses)][:limit]
         elif args["all"] or statuses is not None:
             records = self.store.list_runs(statuses=statuses, limit=limit, **query)
         else:
@@ -198,8 +215,8 @@ class Service:
                 records += self.store.list_runs(statuses=TERMINAL, limit=RECENT_FINISHED, **query)
             records = sorted(records, key=lambda r: r.order, reverse=True)[:limit]
         ids = [r.run_id for r in records]
-        labels, parents = self.store.labels_of(ids), self.store.parents_of(ids)
-        return [self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}),
+        labels, removed, parents = self.store.labels_of(ids), self.store.removed_of(ids), self.store.parents_of(ids)
+        return [self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}), removed,
                            parents.get(r.run_id)) for r in records]
 
     def _children_page(self, args: dict) -> list:
@@ -279,29 +296,32 @@ class Service:
 
     async def logs(self, session: Session, args: dict, send_item: SendItem) -> None:
         record = self._owned(session, args["run_id"], "read its logs")
-        path = artifact_path(self._run_dir(record), LOGS + args["name"])
+        name = LOGS + args["name"]
+        run_dir = self._run_dir(record)
         offset = args["offset"]
-        while True:
-            ended = self._record(record.run_id).status in TERMINAL
-            offset = await self._send_file_from(path, offset, send_item)
-            if ended or not args["follow"]:
-                if not path.exists() and args["name"] != "std_log.txt":
-                    raise NotFound(f"run {record.run_id} has no log {args['name']!r}")
-                return
-            with trio.move_on_after(LOG_POLL_SECONDS):
-                await self.supervisor.changed.wait()
+        fd = None
+        try:
+            while True:
+                ended = self._record(record.run_id).status in TERMINAL
+                if fd is None:
+                    fd = await open_for_reading(record, run_dir, name)
+                if fd is not None:
+                    offset = await self._send_fd_from(fd, offset, send_item)
+                if ended or not args["follow"]:
+                    if fd is None and args["name"] != "std_log.txt":
+                        raise NotFound(f"run {record.run_id} has no log {args['name']!r}")
+                    return
+                with trio.move_on_after(LOG_POLL_SECONDS):
+                    await self.supervisor.changed.wait()
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     @staticmethod
-    async def _send_file_from(path: Path, offset: int, send_item: SendItem) -> int:
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError:
-            return offset
-        with f:
-            f.seek(offset)
-            while chunk := f.read(LOG_CHUNK):
-                await send_item({"offset": offset, "data": chunk})
-                offset += len(chunk)
+    async def _send_fd_from(fd: int, offset: int, send_item: SendItem) -> int:
+        while chunk := os.pread(fd, LOG_CHUNK, offset):
+            await send_item({"offset": offset, "data": chunk})
+            offset += len(chunk)
         return offset
 
     async def watch(self, session: Session, args: dict, send_item: SendItem) -> None:
@@ -334,46 +354,65 @@ class Service:
 
     async def files(self, session: Session, args: dict) -> list:
         record = self._owned(session, args["run_id"], "list its files")
-        return list_files(self._run_dir(record), snapshot=args["snapshot"])
+        return await list_files(record, self._run_dir(record))
 
     async def download(self, session: Session, args: dict, send_item: SendItem) -> None:
         record = self._owned(session, args["run_id"], "read its files")
-        path = artifact_path(self._run_dir(record), args["name"])
-        if not path.is_file():
+        fd = await open_for_reading(record, self._run_dir(record), args["name"])
+        if fd is None:
             raise NotFound(f"run {record.run_id} has no file {args['name']!r}")
-        await self._send_file_from(path, args["offset"], send_item)
+        try:
+            await self._send_fd_from(fd, args["offset"], send_item)
+        finally:
+            os.close(fd)
 
     async def put_file(self, session: Session, args: dict) -> dict:
         record = self._writable(session, args["run_id"], args["token"])
-        if args["name"].startswith((LOGS, SNAPSHOT)):
-            raise BadRequest(f"{args['name'].split('/')[0]}/ is kept by the agent; upload under another name")
-        path = artifact_path(self._run_dir(record), args["name"])
-        if not args["append"] and path.exists():
-            raise Conflict(f"run {record.run_id} already has a file {args['name']!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as f:
-            f.write(args["data"])
-        if os.geteuid() == 0 and record.uid != 0:
-            run_dir, node = self._run_dir(record), path
-            while node != run_dir:
-                os.chown(node, record.uid, record.gid)
-                node = node.parent
-        return {"name": args["name"], "size": path.stat().st_size}
+        if args["name"].startswith(LOGS):
+            raise BadRequest(f"{LOGS} is kept by the agent; upload under another name")
+        size = await write_file(record, self._run_dir(record), args["name"], args["data"], append=args["append"])
+        return {"name": args["name"], "size": size}
+
+    async def remove(self, session: Session, args: dict) -> dict:
+        """``labrun rm``: delete a finished run's directory (owner or admin)."""
+        record = self._owned(session, args["run_id"], "remove it")
+        freed = await self.run_files.remove(record, purge=args["purge"])
+        return {"run_id": record.run_id, "freed_bytes": freed, "purged": args["purge"]}
+
+    async def clean(self, session: Session, args: dict) -> dict:
+        """``labrun clean``: remove the caller's finished runs (everyone's with ``all_users``, admins only)."""
+        if args["all_users"] and not session.peer.admin:
+            raise Forbidden("only an admin may clean every user's runs")
+        removed = await self.run_files.clean(older_than=args["older_than"], statuses=args["status"],
+                                             uid=None if args["all_users"] else session.peer.uid,
+                                             purge=args["purge"])
+        return {"removed": removed, "freed_bytes": sum(r["freed_bytes"] for r in removed)}
 
     async def env_register(self, session: Session, args: dict) -> dict:
         environment = args["environment"]
-        version = self.store.register_environment(environment["name"], environment, session.peer.user)
+        peer = session.peer
+        version = self.store.register_environment(environment["name"], environment, peer.user, peer.uid,
+                                                  admin=peer.admin)
         return {**environment, "version": version}
+
+    def _env_shown(self, session: Session, found: dict) -> dict:
+        """An environment as this peer may see it: its variables (often secrets) only to its owner and admins."""
+        shown = {**found["definition"], "version": found["version"], "owner": found["user"]}
+        owner = self.store.environment_owner(found["name"])
+        if not session.peer.may_manage(owner if owner is not None else 0) and shown.get("environment_variables"):
+            shown["environment_variables"] = {}
+            shown["environment_variables_hidden"] = True
+        return shown
 
     async def env_get(self, session: Session, args: dict) -> dict:
         found = self.store.get_environment(args["name"], args["version"])
         if found is None:
             which = f" version {args['version']}" if args["version"] else ""
             raise NotFound(f"no environment {args['name']!r}{which} is registered")
-        return {**found["definition"], "version": found["version"]}
+        return self._env_shown(session, found)
 
     async def env_list(self, session: Session, args: dict) -> list:
-        return [{**e["definition"], "version": e["version"]} for e in self.store.list_environments()]
+        return [self._env_shown(session, e) for e in self.store.list_environments()]
 
     async def status(self, session: Session, args: dict) -> dict:
         capacity = self.supervisor.capacity
@@ -410,7 +449,15 @@ class Service:
             "events": {"last_seq": self.store.last_seq(), "subscribers": len(self.events.subscriptions)},
             "hub": self.hub.status() if self.hub is not None else None,
             "mlflow": self.mlflow.status() if self.mlflow is not None else None,
+            "disk": await self._disk(),
         }
+
+    async def _disk(self) -> dict:
+        fs = os.statvfs(self.config.state_dir)
+        runs, snapshots = await self.run_files.disk_used()
+        return {"runs_bytes": runs, "snapshot_store_bytes": snapshots, "free_bytes": fs.f_bavail * fs.f_frsize,
+                "total_bytes": fs.f_blocks * fs.f_frsize, "retention_days": self.config.runs.retention_days,
+                "purge": self.config.runs.purge}
 
     async def ui(self, session: Session, args: dict) -> dict:
         """``labrun ui``: the MLflow UI's address, starting the embedded server on a per-user agent."""

@@ -15,6 +15,8 @@ subscribers only after their commit.
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
 import sqlite3
 import time
 import uuid
@@ -25,6 +27,7 @@ import msgpack
 import structlog
 import trio
 
+from labrun.protocol import Forbidden
 from labrun.protocol._statuses import TERMINAL
 
 from ._model import RunRecord
@@ -98,6 +101,15 @@ CREATE TABLE IF NOT EXISTS environments (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
 """
 
+# Who owns each environment name: only they (or an admin) may publish its versions.
+OWNERS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS environment_owners (
+    name TEXT PRIMARY KEY,
+    uid INTEGER NOT NULL,
+    user TEXT NOT NULL
+);
+"""
+
 # Content-addressed snapshots (agent/_snapshot.py owns the files): each content's size and how many
 # trees use it, who has proven they hold it, each distinct manifest and which run uses which.
 CAS_SCHEMA = """
@@ -129,6 +141,25 @@ CREATE TABLE IF NOT EXISTS experiment_meta (
 );
 """
 
+# Arrays and removed run directories: tables of their own, so the runs table keeps its shape. (A run's
+# dependencies are part of its spec: ``after`` and ``afterok`` lists of run ids.)
+# ``run_arrays``: the members of an array, with the array's concurrency limit (``throttle``, 0: none).
+# ``removed_run_dirs``: runs whose directory ``labrun rm``, ``clean`` or retention deleted.
+RELATIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS run_arrays (
+    run_id TEXT PRIMARY KEY,
+    array_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    throttle INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_arrays_array ON run_arrays(array_id, idx);
+CREATE TABLE IF NOT EXISTS removed_run_dirs (
+    run_id TEXT PRIMARY KEY,
+    removed_at REAL NOT NULL,
+    bytes INTEGER NOT NULL
+);
+"""
+
 _COLUMNS = ("run_id", "ord", "experiment", "number", "uid", "gid", "user", "status", "spec", "environ",
             "submitted_at", "started_at", "ended_at", "exit_code", "signal", "reason", "error", "pid",
             "allocation", "handle")
@@ -155,15 +186,23 @@ def _record(row: tuple) -> RunRecord:
 class Store:
     def __init__(self, path: Path):
         self.path = path
+        # Stored environments hold secrets: the database is its owner's alone (SQLite gives the -wal
+        # and -shm files the database's mode; older ones are narrowed too).
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{path}{suffix}", 0o600)
         # NORMAL in WAL mode: a commit survives an agent crash; only a power cut can
         # lose the last transactions. The fsync per commit of FULL would cap throughput.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._db.executescript(HIERARCHY_SCHEMA)
+        self._db.executescript(OWNERS_SCHEMA)
         self._db.executescript(CAS_SCHEMA)
+        self._db.executescript(RELATIONS_SCHEMA)
         # Called with each transaction's events once it has committed (the event log's live feed).
         self.on_events: Callable[[list[dict]], None] = lambda events: None
         self._uncommitted: list[dict] = []
@@ -278,22 +317,35 @@ class Store:
         with self._transaction():
             if parent_id is not None:
                 self._db.execute("INSERT INTO run_parents (run_id, parent_id) VALUES (?, ?)", (record.run_id, parent_id))
-            row = self._db.execute("SELECT last_number FROM experiments WHERE name = ?", (record.experiment,)).fetchone()
-            record.number = (row[0] if row else 0) + 1
-            self._db.execute(
-                "INSERT INTO experiments (name, last_number) VALUES (?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET last_number = excluded.last_number",
-                (record.experiment, record.number),
-            )
-            record.order = self._db.execute("SELECT COALESCE(MAX(ord), 0) + 1 FROM runs").fetchone()[0]
-            values = dict(record.__dict__, ord=record.order)
-            self._db.execute(
-                f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                [_pack(values[c]) if c in _PACKED else values[c] for c in _COLUMNS],
-            )
-            self._event(event_type, run_id=record.run_id, experiment=record.experiment, user=record.user,
-                        data={"status": record.status}, now=record.submitted_at)
+            self._insert_run(record, event_type)
         return record
+
+    def add_array(self, records: list[RunRecord], event_type: str) -> list[RunRecord]:
+        """Insert the members of an array (each spec's ``array`` says which) in one transaction."""
+        with self._transaction():
+            for record in records:
+                self._insert_run(record, event_type)
+                array = record.spec["array"]
+                self._db.execute("INSERT INTO run_arrays (run_id, array_id, idx, throttle) VALUES (?, ?, ?, ?)",
+                                 (record.run_id, array["id"], array["index"], array["throttle"]))
+        return records
+
+    def _insert_run(self, record: RunRecord, event_type: str) -> None:
+        row = self._db.execute("SELECT last_number FROM experiments WHERE name = ?", (record.experiment,)).fetchone()
+        record.number = (row[0] if row else 0) + 1
+        self._db.execute(
+            "INSERT INTO experiments (name, last_number) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET last_number = excluded.last_number",
+            (record.experiment, record.number),
+        )
+        record.order = self._db.execute("SELECT COALESCE(MAX(ord), 0) + 1 FROM runs").fetchone()[0]
+        values = dict(record.__dict__, ord=record.order)
+        self._db.execute(
+            f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+            [_pack(values[c]) if c in _PACKED else values[c] for c in _COLUMNS],
+        )
+        self._event(event_type, run_id=record.run_id, experiment=record.experiment, user=record.user,
+                    data={"status": record.status}, now=record.submitted_at)
 
     def update_run(self, record: RunRecord, event_type: str | None, event_data: dict | None = None,
                    **changes) -> RunRecord:
@@ -391,6 +443,56 @@ class Store:
             cursor = self._db.execute("DELETE FROM events WHERE time < ? AND seq <= ?", (before_time, up_to_seq))
         return cursor.rowcount
 
+    # -- arrays, dependencies and removed run directories --------------------------------
+
+    def array_members(self, array_id: str) -> list[str]:
+        """The run ids of an array, by index; empty when there is no such array."""
+        rows = self._db.execute("SELECT run_id FROM run_arrays WHERE array_id = ? ORDER BY idx", (array_id,))
+        return [r[0] for r in rows.fetchall()]
+
+    def _by_run(self, select: str, run_ids: Iterable[str]) -> dict:
+        """``{run_id: value}`` from ``select`` (``SELECT run_id, value FROM ... WHERE run_id IN``), in chunks."""
+        run_ids, found = list(run_ids), {}
+        for start in range(0, len(run_ids), 500):
+            chunk = run_ids[start:start + 500]
+            found.update(self._db.execute(f"{select} ({', '.join('?' * len(chunk))})", chunk).fetchall())
+        return found
+
+    def statuses_of(self, run_ids: Iterable[str]) -> dict[str, str]:
+        return self._by_run("SELECT run_id, status FROM runs WHERE run_id IN", run_ids)
+
+    def removed_of(self, run_ids: Iterable[str]) -> dict[str, float]:
+        """{run_id: when its directory was removed} for those of ``run_ids`` whose directory is gone."""
+        return self._by_run("SELECT run_id, removed_at FROM removed_run_dirs WHERE run_id IN", run_ids)
+
+    def finished_runs_to_remove(self, *, ended_before: float, statuses: Iterable[str] = TERMINAL,
+                                uid: int | None = None, limit: int = 1000,
+                                include_removed: bool = False) -> list[RunRecord]:
+        """Finished runs that ended before ``ended_before`` and still have their directory, oldest first."""
+        statuses = [s for s in statuses if s in TERMINAL]
+        sql = (f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE +status IN ({', '.join('?' * len(statuses))}) "
+               "AND ended_at < ?")
+        if not include_removed:
+            sql += " AND run_id NOT IN (SELECT run_id FROM removed_run_dirs)"
+        params: list = [*statuses, ended_before]
+        if uid is not None:
+            sql += " AND uid = ?"
+            params.append(uid)
+        rows = self._db.execute(sql + " ORDER BY ord LIMIT ?", (*params, limit)).fetchall()
+        return [_record(r) for r in rows]
+
+    def mark_removed(self, record: RunRecord, freed: int, *, purge: bool) -> None:
+        """Record that a run's directory is gone (``run.removed`` event); ``purge``: forget the run as well."""
+        with self._transaction():
+            if purge:
+                for table in ("runs", "metrics", "labels", "run_arrays", "removed_run_dirs"):
+                    self._db.execute(f"DELETE FROM {table} WHERE run_id = ?", (record.run_id,))
+            else:
+                self._db.execute("INSERT OR REPLACE INTO removed_run_dirs (run_id, removed_at, bytes) VALUES (?, ?, ?)",
+                                 (record.run_id, time.time(), freed))
+            self._event("run.removed", run_id=record.run_id, experiment=record.experiment, user=record.user,
+                        data={"bytes": freed, "purged": purge})
+
     # -- metrics, tags and properties ---------------------------------------------------
 
     def add_metrics(self, record: RunRecord, metrics: list[dict]) -> None:
@@ -444,13 +546,46 @@ class Store:
 
     # -- environments ------------------------------------------------------------------
 
-    def register_environment(self, name: str, definition: dict, user: str) -> int:
+    def register_environment(self, name: str, definition: dict, user: str, uid: int | None = None,
+                             *, admin: bool = False) -> int:
+        """Store the next version of ``name``. The first registrant owns the name.
+
+        Raises:
+            Forbidden: the name belongs to another user, and the caller is not an admin.
+        """
         with self._transaction():
+            owner = self.environment_owner(name)
+            if owner is None and uid is not None:
+                self._db.execute("INSERT INTO environment_owners (name, uid, user) VALUES (?, ?, ?)", (name, uid, user))
+            elif owner is not None and uid is not None and owner != uid and not admin:
+                raise Forbidden(f"environment name {name!r} belongs to {self._user_name(owner)}; only its owner or "
+                                "an admin may register new versions of it (choose another name)")
             row = self._db.execute("SELECT MAX(version) FROM environments WHERE name = ?", (name,)).fetchone()
             version = (row[0] or 0) + 1
             self._db.execute("INSERT INTO environments (name, version, definition, user, created_at) VALUES (?, ?, ?, ?, ?)",
                              (name, version, _pack(definition), user, time.time()))
         return version
+
+    @staticmethod
+    def _user_name(uid: int) -> str:
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return f"uid {uid}"
+
+    def environment_owner(self, name: str) -> int | None:
+        """The uid that owns an environment name (a name registered before names had owners: its first user's)."""
+        row = self._db.execute("SELECT uid FROM environment_owners WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            return row[0]
+        first = self._db.execute("SELECT user FROM environments WHERE name = ? ORDER BY version LIMIT 1",
+                                 (name,)).fetchone()
+        if first is None:
+            return None
+        try:
+            return pwd.getpwnam(first[0]).pw_uid
+        except KeyError:
+            return 0   # a user that no longer exists: only admins may publish it
 
     def get_environment(self, name: str, version: int | None = None) -> dict | None:
         sql = "SELECT name, version, definition, user, created_at FROM environments WHERE name = ?"

@@ -14,6 +14,11 @@ cancels the nursery instead: the tasks return without touching the processes,
 which keep running. A restarted agent cannot reattach to them yet: it ends them
 (``abandon``) and marks them ``Failed`` with the reason ``agent_lost``; runs that had
 not started are queued again.
+
+Dependencies (``after``/``afterok`` in the spec) and arrays (``spec["array"]``, with its
+``%N`` limit) are inputs to the pure scheduler: each pass tells it which queued runs
+still wait for an unended run, and each array's limit. A queued ``afterok`` run whose
+dependency ended without completing is canceled (``dependency_failed``) before the pass.
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from labrun.protocol._statuses import (
     ACTIVE, CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING,
 )
 
-from ._artifacts import artifact_path
-from ._asuser import AsUserFailed, Credentials, as_user
+from ._artifacts import artifact_path, note_in_log
+from ._asuser import AsUserFailed, Credentials, acting_as, agent_dir, as_user, make_private_dir, narrow_children
 from ._config import AgentConfig
 from ._docker_args import translate_arguments
 from ._environments import EnvironmentBuilder, PrepareFailed
@@ -88,8 +93,13 @@ class Supervisor:
         self.capacity = capacity
         self.executors = executors
         self.runs_dir = config.state_dir / "runs"
+        agent_dir(self.runs_dir, traversable=True)
+        if narrow_children(self.runs_dir):
+            log.info("runs.narrowed", detail="run directories an older agent left readable to others are now 0700")
         self.queued: dict[str, RunRecord] = {}
         self.active: dict[str, _ActiveRun] = {}
+        # Queued runs with dependencies (--after/--afterok): the only ones each pass checks for readiness.
+        self.waiting_on_others: set[str] = set()
         self.changed = Notifier()
         self._wakeup = trio.Event()
         self._waiting_stale = False
@@ -111,7 +121,7 @@ class Supervisor:
         await self._recover()
         for record in self.store.runs_with_status([QUEUED]):
             record.environ = None
-            self.queued[record.run_id] = record
+            self._enqueue(record)
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
@@ -173,6 +183,13 @@ class Supervisor:
 
     async def submit(self, spec: dict, owner: Owner) -> RunRecord:
         """Check the spec and its snapshot against this agent and queue the run (durably)."""
+        return (await self._queue(spec, owner, None))[0]
+
+    async def submit_array(self, spec: dict, owner: Owner, array: dict) -> list[RunRecord]:
+        """Queue one run per index of ``array`` (``indices``, ``throttle``), sharing an array id: all or none."""
+        return await self._queue(spec, owner, array)
+
+    async def _queue(self, spec: dict, owner: Owner, array: dict | None) -> list[RunRecord]:
         self._check_features(spec, owner)
         parent_id = spec.pop("parent_run_id", None)
         if parent_id is not None:
@@ -194,11 +211,16 @@ class Supervisor:
         if too_big:
             raise BadRequest(f"spec.resources: the run {too_big}; it could never start",
                              details={"field": "spec.resources"})
+        self._resolve_dependencies(spec)
 
         snapshot = spec.pop("snapshot")
         entries, in_place = snapshot["files"], snapshot["in_place"]
         if entries is not None:
             tree = self.snapshots.check(owner.uid, entries)
+            if any(os.path.normpath(e[0]) == "outputs" for e in entries):
+                raise BadRequest("the source directory has an 'outputs' that is not a directory; labrun keeps the "
+                                 "run's outputs there: rename it or add it to .labrunignore",
+                                 details={"field": "spec.snapshot"})
             if spec["script"] is not None and os.path.normpath(spec["script"]) not in {e[0] for e in entries}:
                 raise BadRequest(f"spec.script: {spec['script']!r} is not a file in the snapshot of the source "
                                  "directory; the script must be inside source_directory",
@@ -209,35 +231,78 @@ class Supervisor:
 
         now = time.time()
         run_id = f"{spec['experiment']}_{int(now)}_{uuid.uuid4().hex[:8]}"
-        run_dir = self.runs_dir / run_id
-        chown = os.geteuid() == 0 and owner.uid != 0
+        environ = spec.pop("environ")
+        if array is None:
+            members = [(run_id, spec)]
+        else:
+            # Members are <array id>_<index>, as Slurm names array tasks <job id>_<index>.
+            members = [(f"{run_id}_{index}", {**spec, "array": {"id": run_id, "index": index, "size": len(array["indices"]),
+                                                                   "throttle": array["throttle"]}})
+                       for index in array["indices"]]
+        created: list[str] = []
         try:
-            run_dir.mkdir(parents=True)
+            # No await from the snapshot check to the last acquire (ContentStore.acquire's contract).
+            records = []
+            for member_id, member_spec in members:
+                created.append(member_id)
+                self._make_run_dir(member_id, owner)
+                if entries is not None:
+                    self.snapshots.acquire(member_id, owner.uid, tree, entries)
+                records.append(RunRecord(
+                    run_id=member_id, order=0, experiment=spec["experiment"], number=0, uid=owner.uid,
+                    gid=owner.gid, user=owner.user, status=QUEUED, spec=member_spec, environ=environ,
+                    submitted_at=now,
+                ))
+            if array is None:
+                self.store.add_run(records[0], EVENT_TYPES[QUEUED], parent_id=parent_id)
+            else:
+                self.store.add_array(records, EVENT_TYPES[QUEUED])
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for member_id in created:
+                    self.snapshots.release_snapshot(member_id)
+                    await trio.to_thread.run_sync(shutil.rmtree, self.runs_dir / member_id, True)
+            raise
+        for record in records:
+            log.debug("run.submitted", run_id=record.run_id, user=owner.user)
+            record.environ = None   # stored; read back at launch, so ten thousand queued runs stay small
+            self._enqueue(record)
+        self.changed.notify()
+        self.wake()
+        return records
+
+    def _make_run_dir(self, run_id: str, owner: Owner) -> None:
+        creds = owner.credentials()
+        # The run directory is its owner's (0700); what is in it is created with their rights.
+        make_private_dir(self.runs_dir, run_id, creds)
+        run_dir = self.runs_dir / run_id
+        with acting_as(creds):
             # The snapshot itself is made when the run starts (Launch), from the contents stored now.
             (run_dir / "outputs").symlink_to("snapshot/outputs")
             (run_dir / "logs").mkdir()
-            if chown:
-                for path in (run_dir, run_dir / "logs"):
-                    os.chown(path, owner.uid, owner.gid)
-            if entries is not None:
-                self.snapshots.acquire(run_id, owner.uid, tree, entries)
-            environ = spec.pop("environ")
-            record = RunRecord(
-                run_id=run_id, order=0, experiment=spec["experiment"], number=0, uid=owner.uid, gid=owner.gid,
-                user=owner.user, status=QUEUED, spec=spec, environ=environ, submitted_at=now,
-            )
-            self.store.add_run(record, EVENT_TYPES[QUEUED], parent_id=parent_id)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                self.snapshots.release_snapshot(run_id)
-                await trio.to_thread.run_sync(shutil.rmtree, run_dir, True)
-            raise
-        log.debug("run.submitted", run_id=run_id, user=owner.user)
-        record.environ = None   # stored; read back at launch, so ten thousand queued runs stay small
-        self.queued[run_id] = record
-        self.changed.notify()
-        self.wake()
-        return record
+
+    def _resolve_dependencies(self, spec: dict) -> None:
+        """Expand array ids in ``after``/``afterok`` into their members; refuse unknown runs.
+
+        A run can only wait for runs that exist when it is submitted, and its own id is new, so the
+        dependency graph can never hold a cycle.
+        """
+        for key in ("after", "afterok"):
+            resolved: list[str] = []
+            for wanted in spec.get(key, []):
+                members = self.store.array_members(wanted)
+                if not members:
+                    if wanted not in self.queued and wanted not in self.active and self.store.get_run(wanted) is None:
+                        raise BadRequest(f"spec.{key}: no run or array with id {wanted!r}",
+                                         details={"field": f"spec.{key}"})
+                    members = [wanted]
+                resolved += [m for m in members if m not in resolved]
+            spec[key] = resolved
+
+    def _enqueue(self, record: RunRecord) -> None:
+        self.queued[record.run_id] = record
+        if record.spec.get("after") or record.spec.get("afterok"):
+            self.waiting_on_others.add(record.run_id)
 
     async def _check_in_place(self, directory: str, script: str | None, owner: Owner) -> None:
         """An in-place run works in ``directory``: its user must be able to enter and read it (checked as them)."""
@@ -296,8 +361,10 @@ class Supervisor:
                     refuse("resume_from", f"no run with id {resume['run_id']!r}")
                 if source.uid != owner.uid and not owner.admin:
                     raise Forbidden(f"spec.resume_from: run {source.run_id} belongs to {source.user}")
-                path = artifact_path(self.runs_dir / source.run_id, resume["path"])
-                if not path.exists():
+                path = artifact_path(self.runs_dir / source.run_id, resume["path"], "spec.resume_from.path")
+                with acting_as(owner.credentials()):
+                    found = os.path.lexists(path)
+                if not found:
                     refuse("resume_from", f"run {source.run_id} has no {resume['path']!r}")
             elif not os.path.isabs(resume["path"]):
                 refuse("resume_from", f"a local path must be absolute, got {resume['path']!r}")
@@ -326,6 +393,7 @@ class Supervisor:
             return self.interactive.finish(record, FAILED if error else CANCELED, error=error)
         if record.run_id in self.queued:
             record = self.queued.pop(record.run_id)
+            self.waiting_on_others.discard(record.run_id)
             record.waiting = None
             if error:
                 self._transition(record, FAILED, ended_at=time.time(), reason="failed", error=error)
@@ -362,21 +430,54 @@ class Supervisor:
             return True
         return sum(a.allocation.cpus for a in self.active.values()) >= self.capacity.cpus
 
+    def _unmet(self, record: RunRecord) -> tuple[str, ...]:
+        """The runs ``record`` waits for that have not ended (every unended run is queued or active)."""
+        if record.run_id not in self.waiting_on_others:
+            return ()
+        return tuple(r for r in (*record.spec["after"], *record.spec["afterok"])
+                     if r in self.queued or r in self.active)
+
+    def _cancel_failed_dependents(self) -> None:
+        """``--afterok`` runs whose dependency ended without completing can never start: cancel them."""
+        for run_id in sorted(self.waiting_on_others):
+            record = self.queued[run_id]
+            ended = [r for r in record.spec["afterok"] if r not in self.queued and r not in self.active]
+            failed = sorted(r for r, status in self.store.statuses_of(ended).items() if status != COMPLETED)
+            if failed:
+                self.queued.pop(run_id)
+                self.waiting_on_others.discard(run_id)
+                record.waiting = None
+                self._transition(record, CANCELED, ended_at=time.time(), reason="dependency_failed",
+                                 error=f"canceled: run {failed[0]} did not complete (--afterok)")
+                self.wake()   # its own --afterok dependents go next
+
+    def _array_of(self, spec: dict) -> str | None:
+        return (spec.get("array") or {}).get("id")
+
     def _decide(self):
         now = time.time()
-        pending = [
-            Pending(run_id=r.run_id, user=r.user, priority=r.spec["priority"], order=r.order,
-                    demand=Demand(**r.spec["resources"]), duration=r.spec["max_run_duration_seconds"])
-            for r in self.queued.values()
-        ]
-        active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by) for a in self.active.values()]
-        decision = schedule(pending, active, self.capacity, now)
+        pending, limits = [], {}
+        for r in self.queued.values():
+            array = self._array_of(r.spec)
+            if array is not None:
+                limits[array] = r.spec["array"]["throttle"]
+            pending.append(Pending(run_id=r.run_id, user=r.user, priority=r.spec["priority"], order=r.order,
+                                   demand=Demand(**r.spec["resources"]), duration=r.spec["max_run_duration_seconds"],
+                                   blocked_by=self._unmet(r), array=array))
+        active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by, self._array_of(a.record.spec))
+                  for a in self.active.values()]
+        decision = schedule(pending, active, self.capacity, now, limits)
         for run_id, (reason, position) in decision.waiting.items():
-            self.queued[run_id].waiting = {"reason": reason, "position": position}
+            record = self.queued[run_id]
+            record.waiting = {"reason": reason, "position": position}
+            if reason == "dependency":
+                record.waiting["on"] = list(self._unmet(record))
         self._waiting_stale = False
         return decision, now
 
     def _schedule(self, nursery: trio.Nursery) -> None:
+        if self.waiting_on_others:
+            self._cancel_failed_dependents()
         if not self.queued:
             return
         if self._saturated():
@@ -387,6 +488,7 @@ class Supervisor:
         decision, now = self._decide()
         for start in decision.starts:
             record = self.queued.pop(start.run_id)
+            self.waiting_on_others.discard(start.run_id)
             record.waiting = None
             run = _ActiveRun(record, start.allocation, trio.CancelScope(),
                              ends_by=now + record.spec["max_run_duration_seconds"])
@@ -414,8 +516,7 @@ class Supervisor:
                 try:
                     launch = await self.launches.prepare(record, run.allocation, run.token)
                 except PrepareFailed as exc:
-                    with open(self.runs_dir / record.run_id / "logs" / "std_log.txt", "a") as log_file:
-                        log_file.write(f"labrun: {exc}\n")
+                    note_in_log(record, self.runs_dir / record.run_id / "logs" / "std_log.txt", f"labrun: {exc}\n")
                     self._finish(run, FAILED, reason=exc.reason, error=str(exc))
                     return
                 self._advance(run, STARTING)
@@ -423,8 +524,7 @@ class Supervisor:
                 try:
                     handle = await executor.start(launch)
                 except StartFailed as exc:
-                    with open(launch.ranks[0].log_path, "a") as log_file:
-                        log_file.write(f"labrun: {exc}\n")
+                    note_in_log(record, launch.ranks[0].log_path, f"labrun: {exc}\n")
                     self._finish(run, FAILED, reason=exc.reason, error=str(exc))
                     return
                 duration = record.spec["max_run_duration_seconds"]

@@ -136,15 +136,21 @@ def restore_snapshot(run, snapshot_id=None, path=None) -> str:
     """A zip of the source snapshot the run started from, at ``path`` (default ``./<run id>-snapshot.zip``)."""
     import zipfile
 
+    run_dir = run._refresh().get("run_dir")
+    snapshot = os.path.join(run_dir, "snapshot") if run_dir else None
+    if snapshot is None or not os.access(snapshot, os.R_OK | os.X_OK):
+        raise UserErrorException(f"the snapshot of run {run.id} is not readable from here (it is on the agent's "
+                                 "machine, under its state directory)")
     target = path or os.path.join(os.getcwd(), f"{run.id}-snapshot.zip")
     if os.path.isdir(target):
         target = os.path.join(target, f"{run.id}-snapshot.zip")
-    workspace = run._workspace
     with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
-        for entry in workspace._call("files", run_id=run.id, snapshot=True):
-            with archive.open(entry["name"][len("snapshot/"):], "w") as member:
-                for item in workspace._stream("download", run_id=run.id, name=entry["name"]):
-                    member.write(item["data"])
+        for directory, dirs, files in os.walk(snapshot):
+            dirs[:] = [d for d in dirs if not (directory == snapshot and d == "outputs")]
+            for file in sorted(files):
+                full = os.path.join(directory, file)
+                if os.path.isfile(full) and not os.path.islink(full):
+                    archive.write(full, os.path.relpath(full, snapshot))
     return target
 
 

@@ -7,7 +7,7 @@ import os
 
 from ._connection import AgentConnection
 from ._discovery import connect
-from .exceptions import AgentUnavailable, UserErrorException
+from .exceptions import AgentAccessDenied, AgentUnavailable, AgentUntrusted, UserErrorException
 
 # Safe to send again after the agent restarted mid-call: they change nothing, or nothing twice.
 RETRYABLE_OPS = frozenset({"get", "list", "wait", "status", "cancel", "logs"})
@@ -147,6 +147,8 @@ class Workspace:
                     yield event
                 else:
                     return
+            except (AgentAccessDenied, AgentUntrusted):
+                raise   # not an agent going away: waiting would not help
             except AgentUnavailable:
                 if not resume or not follow:
                     raise
@@ -159,6 +161,8 @@ class Workspace:
             try:
                 self._reconnect()
                 return
+            except (AgentAccessDenied, AgentUntrusted):
+                raise
             except AgentUnavailable:
                 time.sleep(interval)
         raise AgentUnavailable(f"the agent at {self._socket} did not come back")

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ._constants import EXPERIMENT_NAME_RE, MAX_DURATION_SECONDS_DEFAULT
 from ._errors import BadRequest
 from ._manifest import check_hash, validate_manifest
-from ._statuses import STATUSES
+from ._statuses import CANCELED, COMPLETED, FAILED, STATUSES
 
 Validator = Callable[[Any, str], Any]
 _MISSING = object()
@@ -280,13 +280,26 @@ RUN_SPEC = struct({
     "parent_run_id": Field(nullable(string(pattern=RUN_ID_RE, what="not a run id")), None),
     "description": Field(nullable(string(max_len=1 << 14)), None),
     "run_definition": Field(nullable(map_of(anything, max_items=100)), None),
+    # Dependencies (labrun's own, after Slurm's --dependency): start once these runs (or arrays) have ended
+    # whatever their outcome (``after``), or only if they all Completed (``afterok``).
+    "after": Field(list_of(string(pattern=RUN_ID_RE, what="not a run id"), max_items=1000), list),
+    "afterok": Field(list_of(string(pattern=RUN_ID_RE, what="not a run id"), max_items=1000), list),
 })
 
 _RUN_ID = string(pattern=RUN_ID_RE, what="not a run id")
 
+# ``labrun submit --array 1-20%4``: one run per index, at most ``throttle`` running at once (0: no limit).
+MAX_ARRAY_SIZE = 10_000
+ARRAY = struct({
+    "indices": Field(list_of(integer(min=0, max=4_000_000), min_items=1, max_items=MAX_ARRAY_SIZE)),
+    "throttle": Field(integer(min=0, max=MAX_ARRAY_SIZE), 0),
+})
+_FINISHED = (COMPLETED, FAILED, CANCELED)
+
 OP_SCHEMAS: dict[str, Validator] = {
     "hello": struct({"protocol": Field(integer(min=0)), "client": Field(nullable(string(max_len=200)), None)}),
-    "submit": struct({"spec": Field(lambda value, path: validate_run_spec(value, path))}),
+    "submit": struct({"spec": Field(lambda value, path: validate_run_spec(value, path)),
+                      "array": Field(nullable(ARRAY), None)}),
     "blob_put": struct({"blobs": Field(list_of(BLOB, min_items=1, max_items=100_000))}),
     "get": struct({"run_id": Field(_RUN_ID)}),
     "list": struct({
@@ -296,8 +309,16 @@ OP_SCHEMAS: dict[str, Validator] = {
         "limit": Field(nullable(integer(min=1, max=10_000)), None),
         "before": Field(nullable(integer(min=1)), None),
         "parent": Field(nullable(_RUN_ID), None),
+        "array": Field(nullable(_RUN_ID), None),
     }),
     "cancel": struct({"run_id": Field(_RUN_ID)}),
+    "remove": struct({"run_id": Field(_RUN_ID), "purge": Field(boolean, False)}),
+    "clean": struct({
+        "older_than": Field(nullable(number(min=0)), None),
+        "status": Field(nullable(list_of(enum(_FINISHED), min_items=1, max_items=3)), None),
+        "all_users": Field(boolean, False),
+        "purge": Field(boolean, False),
+    }),
     "wait": struct({"run_id": Field(_RUN_ID), "timeout": Field(nullable(number(min=0)), None)}),
     "logs": struct({
         "run_id": Field(_RUN_ID),
@@ -325,7 +346,7 @@ OP_SCHEMAS: dict[str, Validator] = {
         "kind": Field(enum(("tags", "properties", "error", "attributes"))),
         "values": Field(map_of(nullable(string(max_len=1 << 16)), max_items=1000)),
     }),
-    "files": struct({"run_id": Field(_RUN_ID), "snapshot": Field(boolean, False)}),
+    "files": struct({"run_id": Field(_RUN_ID)}),
     "download": struct({"run_id": Field(_RUN_ID), "name": Field(_relative_path), "offset": Field(integer(min=0), 0)}),
     "put_file": struct({
         "run_id": Field(_RUN_ID),

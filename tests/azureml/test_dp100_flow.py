@@ -117,9 +117,5 @@ def test_dp100_train_models_flow(agent, tmp_path, monkeypatch, capsys):
 
     with zipfile.ZipFile(run.restore_snapshot(path=str(tmp_path))) as archive:
         assert sorted(archive.namelist()) == ["diabetes.csv", "diabetes_training.py"]
-    from labrun.exceptions import BadRequest
-
-    with pytest.raises(BadRequest, match="snapshot/ is kept by the agent"):
-        run.upload_file("snapshot/diabetes_training.py", str(training_folder / "diabetes_training.py"))
     logs = run.get_details_with_logs()["logFiles"]
     assert logs["user_logs/std_log.txt"] == run.get_log()

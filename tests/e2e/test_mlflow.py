@@ -264,7 +264,7 @@ def test_labrun_ui_starts_the_embedded_server(make_agent, nobody_client, tmp_pat
     """The agent's owner (or an admin) starts the UI with ``labrun ui``; nobody else may."""
     agent = make_agent()
     assert agent.workspace().status()["mlflow"] is None
-    assert agent.cli("ui", "--no-start").returncode == 1
+    assert agent.cli("ui", "--no-start").returncode == 125
     if os.geteuid() == 0:
         agent.root.chmod(0o755)
         refused = as_nobody(agent, nobody_client, "from labrun import Workspace\nWorkspace()._call('ui')", tmp_path)
