@@ -119,7 +119,9 @@ class Service:
         shown["description"] = attributes.get("description", record.spec.get("description"))
         if privileged:
             shown["run_definition"] = record.spec.get("run_definition")
-            shown["run_dir"] = str(self._run_dir(record))
+            # None once labrun rm, clean or retention removed the run's files.
+            shown["run_dir"] = None if shown.get("files_removed_at") else \
+                str(self.config.state_dir / "runs" / record.run_id)
 
     def _writable(self, session: Session, run_id: str, token: str | None):
         """The run, if the caller may change it: its own token while it is active, or its owner."""
