@@ -28,6 +28,22 @@ url = "https://hub.example.org/v1/events"
 token_file = "/etc/labrun/hub.token"
 batch_max = 500
 
+[limits]                     # what one connection or user can make the agent hold
+buffer_bytes_per_connection = 16777216  # partial frames; also the largest frame accepted
+buffer_bytes_per_user = 67108864
+buffer_bytes_total = 268435456
+requests_per_connection = 128
+requests_per_user = 1024
+connections_per_user = 256
+idle_timeout_seconds = 900   # a connection with nothing in flight is closed after this long
+frame_timeout_seconds = 60   # a frame that has begun must end within this
+reserved_fds = 128           # file descriptors kept for the agent itself and its runs
+label_key_chars = 255
+label_value_chars = 4096
+labels_bytes_per_run = 262144
+display_name_chars = 1024
+description_chars = 4096
+list_page_bytes = 4194304    # a `list` reply stops growing here (clients follow the next page)
 [mlflow]
 tracking_uri = "http://127.0.0.1:5000"   # mirror runs into this MLflow server
 # embedded = true            # or: the agent runs its own MLflow server (needs labrun[mlflow])
@@ -70,7 +86,9 @@ from labrun.protocol._paths import SYSTEM_SOCKET, SYSTEM_STATE_DIR, user_socket,
 
 from ._docker_args import DockerPolicy
 from ._hub import HubConfig
+from ._limits import LimitsConfig, load_limits
 from ._mlflow import MlflowConfig
+from .executors._registry import KINDS
 
 
 class ConfigError(Exception):
@@ -130,6 +148,7 @@ class AgentConfig:
     mlflow: MlflowConfig | None = None
     snapshot: SnapshotLimits = field(default_factory=lambda: SnapshotLimits())
     runs: RunsConfig = field(default_factory=RunsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 def _expect(value, kinds, where):
@@ -168,7 +187,7 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
     _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub", "docker", "snapshot",
-                       "mlflow", "runs"}, "config")
+                       "limits", "mlflow", "runs"}, "config")
 
     system = os.geteuid() == 0
     config = AgentConfig(
@@ -212,8 +231,8 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
         _expect(table, dict, where)
         _check_keys(table, {"kind", "cpus", "memory", "gpus", "image"}, where)
         target = TargetConfig(name=name, kind=_expect(table.get("kind", "local"), str, f"{where}.kind"))
-        if target.kind not in ("local", "docker"):
-            raise ConfigError(f"{where}.kind: must be 'local' or 'docker', got {target.kind!r}")
+        if target.kind not in KINDS:
+            raise ConfigError(f"{where}.kind: must be one of {', '.join(map(repr, KINDS))}, got {target.kind!r}")
         if "cpus" in table:
             target.cpus = _expect(table["cpus"], int, f"{where}.cpus")
         if "gpus" in table:
@@ -272,6 +291,9 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
         config.docker_url = _expect(docker["url"], str, "docker.url")
 
     _load_snapshot(config, _expect(data.get("snapshot", {}), dict, "[snapshot]"))
+    config.limits = load_limits(_expect(data.get("limits", {}), dict, "[limits]"), config.max_frame_bytes,
+                                ConfigError)
+    config.max_frame_bytes = config.limits.buffer_bytes_per_connection
 
     if "mlflow" in data:
         config.mlflow = _mlflow_config(_expect(data["mlflow"], dict, "[mlflow]"))

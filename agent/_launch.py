@@ -1,6 +1,6 @@
-"""What a run's processes get: its interpreter and environment, its variables, its ranks, what it resumes
-from, and for Docker runs the container's image, mounts and limits. The supervisor asks for a
-``LaunchSpec`` during ``Preparing`` and hands it to the executor.
+"""What a run's processes get: its interpreter and environment, its variables, its ranks and what it
+resumes from. Executors plan their launches with it (``Executor.prepare``) during ``Preparing``; what
+only one kind needs (a container's image, mounts and limits) is that executor's own.
 """
 
 from __future__ import annotations
@@ -14,16 +14,14 @@ from pathlib import Path
 
 import trio
 
-from labrun.protocol import parse_memory
-
 from ._artifacts import artifact_path, owner_of
 from ._asuser import Credentials, acting_as, open_directory, open_file_as
-from ._docker_args import translate_arguments
 from ._environments import EnvironmentBuilder, PreparedEnvironment, PrepareFailed
-from ._executor import LaunchSpec, Rank
 from ._model import RunRecord
+from ._rundir import RunDir
 from ._scheduler import Allocation, Capacity
 from ._snapshot import ContentStore, SnapshotFailed, materialize
+from .executors._base import LaunchSpec, Preparation, Rank
 
 # Snapshots this small are made inline: faster than the hop to a worker thread.
 INLINE_MATERIALIZE_FILES = 100
@@ -62,19 +60,15 @@ def _link_first_log(logs: Path, first: str) -> None:
 
 
 class LaunchPlanner:
-    def __init__(self, config, store, capacity: Capacity, environments: EnvironmentBuilder, executor_name, image,
-                 snapshots: ContentStore):
+    def __init__(self, config, store, capacity: Capacity, environments: EnvironmentBuilder, snapshots: ContentStore):
         self.config = config
         self.snapshots = snapshots
         self.store = store
         self.capacity = capacity
         self.environments = environments
-        self.runs_dir = config.state_dir / "runs"
-        self.executor_name = executor_name   # spec -> "local" | "docker"
-        self.image = image                   # spec -> the Docker image, if any
         self.mlflow = None                   # the agent's MLflow side (_mlflow_setup.Mlflow), if any
 
-    async def _resume_path(self, record: RunRecord, run_dir: Path, creds: Credentials) -> str:
+    async def _resume_path(self, record: RunRecord, run_dir: RunDir, creds: Credentials) -> str:
         """Copy what the run resumes from into ``resume_from/``, as its owner, and make it read-only.
 
         Copying as the owner: a user can resume only from what they may read, and nothing is copied
@@ -82,10 +76,10 @@ class LaunchPlanner:
         """
         resume = record.spec["resume_from"]
         if resume["run_id"] is not None:
-            source = artifact_path(self.runs_dir / resume["run_id"], resume["path"])
+            source = artifact_path(RunDir.of(self.config.state_dir, resume["run_id"]), resume["path"])
         else:
             source = Path(resume["path"])
-        target_dir = run_dir / "resume_from"
+        target_dir = run_dir.resume_from
         try:
             with acting_as(creds):
                 target_dir.mkdir()
@@ -102,11 +96,11 @@ class LaunchPlanner:
         await trio.run_process(["chmod", "-R", "a-w", str(target)], check=False, **options)
         return str(target)
 
-    def _ranks(self, record: RunRecord, allocation: Allocation, logs: Path) -> list[Rank]:
+    def _ranks(self, record: RunRecord, allocation: Allocation, run_dir: RunDir) -> list[Rank]:
         """One rank per process, with the variables the frameworks expect."""
         distributed = record.spec.get("distributed")
         if distributed is None or distributed["kind"] == "mpi":
-            return [Rank(log_path=logs / "std_log.txt")]
+            return [Rank(log_path=run_dir.std_log)]
         gpus = list(allocation.gpus)
         if distributed["kind"] == "pytorch":
             count = distributed["process_count"] or 1
@@ -117,7 +111,7 @@ class LaunchPlanner:
                        "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0", "LOCAL_WORLD_SIZE": str(count)}
                 if len(gpus) >= count:
                     env["CUDA_VISIBLE_DEVICES"] = env["NVIDIA_VISIBLE_DEVICES"] = gpus[rank]
-                ranks.append(Rank(log_path=logs / f"std_log_process_{rank}.txt", env=env))
+                ranks.append(Rank(log_path=run_dir.rank_log(rank), env=env))
             return ranks
         workers = distributed["worker_count"] or 1
         servers = distributed["parameter_server_count"] if distributed["parameter_server_count"] is not None else 1
@@ -126,21 +120,23 @@ class LaunchPlanner:
         if servers:
             cluster["ps"] = [f"{MASTER_ADDR}:{p}" for p in ports[workers:]]
         tasks = [("worker", i) for i in range(workers)] + [("ps", i) for i in range(servers)]
-        return [Rank(log_path=logs / f"std_log_process_{n}.txt", daemon=kind == "ps",
+        return [Rank(log_path=run_dir.rank_log(n), daemon=kind == "ps",
                      env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": kind, "index": index},
                                                    "environment": "cloud"})})
                 for n, (kind, index) in enumerate(tasks)]
 
-    async def prepare(self, record: RunRecord, allocation: Allocation, token: str) -> LaunchSpec:
-        """Everything before the process starts: environment, resume_from, variables, ranks."""
+    async def plan(self, preparation: Preparation, *, in_container: bool = False) -> LaunchSpec:
+        """Everything before the process starts: environment, resume_from, variables, ranks.
+
+        ``in_container``: the run executes in an image, which has its own Python and paths.
+        """
+        record, allocation, token, run_dir = (preparation.record, preparation.allocation, preparation.token,
+                                              preparation.run_dir)
         spec = record.spec
-        run_dir = self.runs_dir / record.run_id
-        logs = run_dir / "logs"
         creds = owner_of(record)
-        in_docker = self.executor_name(spec) == "docker"
-        await self._materialize(record, run_dir)
-        workdir = Path(spec["in_place"]) if spec.get("in_place") else run_dir / "snapshot"
-        if in_docker:
+        await self._materialize(record, run_dir.root)
+        workdir = Path(spec["in_place"]) if spec.get("in_place") else run_dir.snapshot
+        if in_container:
             # The image has its own Python and paths: the client's interpreter and environment mean nothing there.
             environment = spec.get("environment") or {"python": {}}
             interpreter = environment["python"].get("interpreter_path") or "python"
@@ -148,14 +144,14 @@ class LaunchPlanner:
             env = {}
         else:
             prepared = await self.environments.prepare(spec.get("environment"), spec["interpreter"] or "python3",
-                                                       logs / "environment_build.txt", creds)
+                                                       run_dir.environment_log, creds)
             # Queued runs keep the client's environment on disk only (see Supervisor.submit).
             env = {k: v for k, v in self.store.environ(record.run_id).items() if k != "LABRUN_RUN_TOKEN"}
         env.update(prepared.variables or {})
         env.update(spec["environment_variables"])
-        if self.mlflow is not None and not in_docker:   # 127.0.0.1 is not the agent's inside a container
+        if self.mlflow is not None and not in_container:   # 127.0.0.1 is not the agent's inside a container
             await self.mlflow.prepare_env(record, env, {**(prepared.variables or {}), **spec["environment_variables"]},
-                                          logs / "std_log.txt")
+                                          run_dir.std_log)
         if prepared.bin_dir is not None:
             env["PATH"] = f"{prepared.bin_dir}:{env.get('PATH', os.defpath)}"
             env["VIRTUAL_ENV"] = str(prepared.bin_dir.parent)
@@ -163,7 +159,7 @@ class LaunchPlanner:
             "LABRUN_RUN_ID": record.run_id,
             "LABRUN_EXPERIMENT": record.experiment,
             "LABRUN_SOCKET": str(self.config.socket),
-            "LABRUN_OUTPUT_DIR": str(run_dir / "snapshot" / "outputs"),
+            "LABRUN_OUTPUT_DIR": str(run_dir.outputs),
             "LABRUN_RUN_TOKEN": token,
         })
         if spec.get("array") is not None:
@@ -178,20 +174,18 @@ class LaunchPlanner:
             env["LABRUN_RESUME_FROM"] = path
             extra = ["--resume-from", path]
         argv = self._argv(record, prepared.python, extra)
-        ranks = self._ranks(record, allocation, logs)
+        ranks = self._ranks(record, allocation, run_dir)
         try:
             for rank in ranks:
                 os.close(open_file_as(creds, rank.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND))
             if ranks[0].log_path.name != "std_log.txt":
                 with acting_as(creds):
-                    _link_first_log(logs, ranks[0].log_path.name)
+                    _link_first_log(run_dir.logs, ranks[0].log_path.name)
         except OSError as exc:
             raise PrepareFailed(f"cannot create the run's logs: {exc.strerror or exc}", reason="agent_error") from None
-        groups = list(creds.groups) if creds.switches else []
         return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=workdir, ranks=ranks,
-                          uid=record.uid, gid=record.gid, groups=groups, cores=allocation.cores,
-                          memory=allocation.memory,
-                          container=self._container(spec, run_dir, workdir, allocation) if in_docker else None)
+                          uid=record.uid, gid=record.gid, groups=list(creds.groups) if creds.switches else [], cores=allocation.cores,
+                          memory=allocation.memory, run_dir=run_dir)
 
     @staticmethod
     def _argv(record: RunRecord, python: str, extra: list[str]) -> list[str]:
@@ -220,24 +214,6 @@ class LaunchPlanner:
                 await trio.to_thread.run_sync(work)
         except SnapshotFailed as exc:
             raise PrepareFailed(str(exc), reason="snapshot_failed") from None
-
-    def _container(self, spec: dict, run_dir: Path, workdir: Path, allocation: Allocation) -> dict:
-        """What the Docker executor needs beyond the process: image, mounts, limits, allowed arguments."""
-        docker = spec.get("docker") or {"arguments": [], "shm_size": None}
-        translated = translate_arguments(docker["arguments"], self.config.docker)
-        read_only = [str(run_dir / "resume_from")] if spec.get("resume_from") is not None else []
-        if self.config.socket.exists():
-            read_only.append(str(self.config.socket))   # Run.get_context() inside the container
-        mounts = [str(workdir), str(run_dir / "logs")]
-        if workdir != run_dir / "snapshot":   # in place: the run's outputs directory is still its record's
-            mounts.append(str(run_dir / "snapshot"))
-        return {
-            "image": self.image(spec), "mounts": mounts,
-            "read_only": read_only, "host": translated["host"], "env": translated["env"], "cpus": allocation.cpus,
-            "gpus": list(allocation.gpus),
-            "shm_size": parse_memory(docker["shm_size"]) if docker.get("shm_size") else None,
-        }
-
 
 def array_environment(array: dict) -> dict[str, str]:
     """What an array member sees: labrun's names, and Slurm's so Slurm scripts work unchanged."""

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Awaitable, Callable
 
+import msgpack
 import trio
 
 from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Conflict, Forbidden, NotFound, TooLarge, __version__
@@ -21,8 +21,10 @@ from labrun.protocol._statuses import ACTIVE, QUEUED
 from ._artifacts import LOGS, list_files, open_for_reading, write_file
 from ._events import EventFilter, EventLog
 from ._interactive import is_interactive
+from ._limits import LimitsConfig, check_labels, check_text, labels_size
 from ._peers import Peer
 from ._retention import RunFiles
+from ._rundir import RunDir
 from ._snapshot import ContentStore
 from ._supervisor import Owner, Supervisor
 
@@ -59,9 +61,13 @@ class Session:
 class Service:
     mlflow = None   # the agent's MLflow side (_mlflow_setup.Mlflow)
 
-    def __init__(self, config, store, supervisor: Supervisor, events: EventLog, hub, run_files: RunFiles):
+    def __init__(self, config, store, supervisor: Supervisor, events: EventLog, hub=None, run_files: RunFiles = None,
+                 *, limits=None):
         self.config = config
         self.run_files = run_files
+        self.limits = limits
+        self.bounds: LimitsConfig = config.limits
+        self._submitting: dict[tuple[int, str], trio.Event] = {}
         self.store = store
         self.supervisor = supervisor
         self.events = events
@@ -75,6 +81,7 @@ class Service:
             "env_register": self.env_register, "env_get": self.env_get, "env_list": self.env_list,
             "start_run": self.start_run, "finish": self.finish, "experiments": self.experiments,
             "experiment_update": self.experiment_update,
+            "drain": self.drain, "resume": self.resume,
             "remove": self.remove, "clean": self.clean, "ui": self.ui,
         }
 
@@ -131,9 +138,9 @@ class Service:
             raise Forbidden(f"the run token is not valid for run {run_id} (it is only valid while the run is active)")
         return self._record(run_id)
 
-    def _run_dir(self, record) -> Path:
+    def _run_dir(self, record) -> RunDir:
         self.run_files.check_present(record)
-        return self.config.state_dir / "runs" / record.run_id
+        return RunDir.of(self.config.state_dir, record.run_id)
 
     # -- ops ---------------------------------------------------------------------------
 
@@ -179,12 +186,39 @@ class Service:
         return {"blobs": results}
 
     async def submit(self, session: Session, args: dict) -> dict:
+        key = args["idempotency_key"]
+        if key is None:
+            return await self._submit(session, args)
+        # One submit per key at a time: a retry that arrives while the first is still being made waits for it.
+        owner_key = (session.peer.uid, key)
+        while owner_key in self._submitting:
+            await self._submitting[owner_key].wait()
+        existing = self.store.run_for_key(session.peer.uid, key)
+        if existing is not None:
+            session.unsubmitted_bytes = 0
+            array = existing.spec.get("array")
+            if array is None:
+                return self._show(session, self.supervisor.live_record(existing.run_id) or existing)
+            members = [self.store.get_run(run_id) for run_id in self.store.array_members(array["id"])]
+            return {"array_id": array["id"],
+                    "runs": [self._show(session, self.supervisor.live_record(r.run_id) or r) for r in members]}
+        self._submitting[owner_key] = trio.Event()
+        try:
+            return await self._submit(session, args)
+        finally:
+            self._submitting.pop(owner_key).set()
+
+    async def _submit(self, session: Session, args: dict) -> dict:
+        spec = args["spec"]
+        check_text(self.bounds, "spec.display_name", spec["display_name"], "display_name_chars")
+        check_labels(self.bounds, "spec.tags", spec["tags"])
+        check_labels(self.bounds, "spec.properties", spec["properties"], labels_size(spec["tags"]))
         peer = session.peer
         owner = Owner(peer.uid, peer.gid, peer.user, list(peer.groups), peer.admin)
         if args["array"] is None:
-            record = await self.supervisor.submit(args["spec"], owner)
+            record = await self.supervisor.submit(spec, owner, args["idempotency_key"])
         else:
-            records = await self.supervisor.submit_array(args["spec"], owner, args["array"])
+            records = await self.supervisor.submit_array(spec, owner, args["array"], args["idempotency_key"])
         session.unsubmitted_bytes = 0
         if args["array"] is None:
             return self._show(session, record)
@@ -218,8 +252,17 @@ class Service:
             records = sorted(records, key=lambda r: r.order, reverse=True)[:limit]
         ids = [r.run_id for r in records]
         labels, removed, parents = self.store.labels_of(ids), self.store.removed_of(ids), self.store.parents_of(ids)
-        return [self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}), removed,
-                           parents.get(r.run_id)) for r in records]
+        # A page ends at limits.list_page_bytes as well, so runs with many large labels never make a
+        # reply larger than a frame; the client follows ``before`` as for any page.
+        page, size = [], 0
+        for r in records:
+            shown = self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}), removed,
+                               parents.get(r.run_id))
+            size += len(msgpack.packb(shown, use_bin_type=True))
+            if page and size > self.bounds.list_page_bytes:
+                break
+            page.append(shown)
+        return page
 
     def _children_page(self, args: dict) -> list:
         """A run's children, newest first, one page before ``args["before"]``."""
@@ -333,6 +376,8 @@ class Service:
 
     async def log_metrics(self, session: Session, args: dict) -> dict:
         record = self._writable(session, args["run_id"], args["token"])
+        for i, metric in enumerate(args["metrics"]):
+            check_text(self.bounds, f"args.metrics[{i}].description", metric["description"], "description_chars")
         if args["metrics"]:
             self.store.add_metrics(record, args["metrics"])
         return {"count": len(args["metrics"])}
@@ -344,6 +389,14 @@ class Service:
     async def set_labels(self, session: Session, args: dict) -> dict:
         record = self._writable(session, args["run_id"], args["token"])
         values = args["values"]
+        if args["kind"] in ("tags", "properties"):
+            # The run's labels after this change, less the keys it replaces, against limits.labels_bytes_per_run.
+            current = self.store.labels_of([record.run_id]).get(record.run_id, {})
+            others = 0
+            for kind in ("tags", "properties"):
+                labels = {**record.spec.get(kind, {}), **current.get(kind, {})}
+                others += labels_size({k: v for k, v in labels.items() if kind != args["kind"] or k not in values})
+            check_labels(self.bounds, "args.values", values, others)
         if args["kind"] == "properties":
             # Properties are add-only, as in Azure ML.
             existing = {**record.spec.get("properties", {}), **self.store.labels(record.run_id, "properties")}
@@ -416,6 +469,28 @@ class Service:
     async def env_list(self, session: Session, args: dict) -> list:
         return [self._env_shown(session, e) for e in self.store.list_environments()]
 
+    # -- draining ----------------------------------------------------------------------
+
+    def _admin(self, session: Session, action: str) -> None:
+        if not session.peer.admin:
+            raise Forbidden(f"only root or the admin group may {action} the agent")
+
+    async def drain(self, session: Session, args: dict) -> dict:
+        """Start no more runs; with ``wait``, return once no run is active (or at the timeout)."""
+        self._admin(session, "drain")
+        self.supervisor.set_draining(True)
+        if args["wait"]:
+            timeout = args["timeout"]
+            with trio.move_on_after(float("inf") if timeout is None else timeout):
+                while self.supervisor.active:
+                    await self.supervisor.changed.wait()
+        return {"draining": self.supervisor.draining, "active": len(self.supervisor.active)}
+
+    async def resume(self, session: Session, args: dict) -> dict:
+        self._admin(session, "resume")
+        self.supervisor.set_draining(False)
+        return {"draining": self.supervisor.draining, "active": len(self.supervisor.active)}
+
     async def status(self, session: Session, args: dict) -> dict:
         capacity = self.supervisor.capacity
         in_use = {"cpus": 0, "memory": 0, "gpus": []}
@@ -449,7 +524,13 @@ class Service:
                                                               "gpus": t.gpus, "image": t.image}
                                                        for name, t in sorted(self.config.targets.items())}},
             "events": {"last_seq": self.store.last_seq(), "subscribers": len(self.events.subscriptions)},
+            "draining": self.supervisor.draining,
+            "drained": self.supervisor.draining and not self.supervisor.active,
+            "containment": {kind: getattr(executor, "containment", None)
+                            for kind, executor in self.supervisor.executors.items()},
             "hub": self.hub.status() if self.hub is not None else None,
+            "limits": self.limits.status() if self.limits is not None else None,
+            "faults": self.supervisor.faults.status(),
             "mlflow": self.mlflow.status() if self.mlflow is not None else None,
             "disk": await self._disk(),
         }

@@ -4,6 +4,13 @@ Every state change and the event describing it commit in one transaction, so the
 event log can never disagree with the runs table. Calls are synchronous: each is a
 handful of indexed statements on a local file, far shorter than a thread hop.
 
+Schema versions: the database's ``user_version`` counts the ``MIGRATIONS`` applied to it.
+At open, the missing steps run in order, each in its own transaction with its version
+bump, so a crash mid-upgrade leaves a consistent, older version. A database newer than
+this agent's ``MIGRATIONS`` is refused (``SchemaTooNew``): an older agent must not write
+a schema it does not know. To change the schema, append one step to ``MIGRATIONS``
+(never edit a step that has shipped): a SQL script, or ``add_column(...)``.
+
 Group commit: while the agent runs, ``writer`` (the single writer task) is attached. Writes
 then join one open transaction, each inside a savepoint (a write that fails undoes only
 itself), and the writer commits them together once per pass of the event loop. A write is
@@ -32,6 +39,8 @@ from labrun.protocol._statuses import TERMINAL
 
 from ._model import RunRecord
 
+# The first schema. IF NOT EXISTS: databases made before schema versions existed (user_version 0)
+# already hold these tables, and step 1 brings them to version 1 unchanged.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
@@ -99,6 +108,12 @@ CREATE TABLE IF NOT EXISTS environments (
     PRIMARY KEY (name, version)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
+CREATE TABLE IF NOT EXISTS submit_keys (
+    uid INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    PRIMARY KEY (uid, key)
+);
 """
 
 # Who owns each environment name: only they (or an admin) may publish its versions.
@@ -159,6 +174,70 @@ CREATE TABLE IF NOT EXISTS removed_run_dirs (
     bytes INTEGER NOT NULL
 );
 """
+class SchemaTooNew(Exception):
+    """The database was written by a newer agent."""
+
+
+def add_column(table: str, column: str, definition: str) -> Callable[[sqlite3.Connection], None]:
+    """A migration step adding one column, idempotent (a no-op where the column exists)."""
+    def step(db: sqlite3.Connection) -> None:
+        if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    step.__doc__ = f"add {table}.{column}"
+    return step
+
+
+# Step N brings the database to user_version N. Append only.
+MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
+    SCHEMA,
+    # 2: the hash of each active run's token, so in-run clients keep working across an agent restart.
+    "CREATE TABLE IF NOT EXISTS run_tokens (run_id TEXT PRIMARY KEY, token_hash BLOB NOT NULL);",
+    # 3: content-addressed snapshots.
+    CAS_SCHEMA,
+    # 4: who owns each environment name.
+    OWNERS_SCHEMA,
+    # 5: dependencies between runs, and arrays.
+    RELATIONS_SCHEMA,
+    # 6: run hierarchies (child runs) and experiment metadata.
+    HIERARCHY_SCHEMA,
+]
+
+
+def migrate(db: sqlite3.Connection, path: Path) -> int:
+    """Apply the missing ``MIGRATIONS`` steps; returns the database's version."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise SchemaTooNew(
+            f"the state database {path} has schema version {version}, newer than this agent knows "
+            f"({len(MIGRATIONS)}): it was used by a newer labrund. Run that version (or newer), or restore "
+            "a backup of the state directory made for this version")
+    for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if callable(step):
+                step(db)
+            else:
+                for statement in _statements(step):
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    return len(MIGRATIONS)
+
+
+def _statements(script: str) -> list[str]:
+    """A script's statements, so they run in the step's transaction (executescript would commit first)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        raise ValueError(f"incomplete SQL statement in a migration: {current.strip()[:80]!r}")
+    return statements
 
 _COLUMNS = ("run_id", "ord", "experiment", "number", "uid", "gid", "user", "status", "spec", "environ",
             "submitted_at", "started_at", "ended_at", "exit_code", "signal", "reason", "error", "pid",
@@ -198,11 +277,11 @@ class Store:
         # lose the last transactions. The fsync per commit of FULL would cap throughput.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
-        self._db.executescript(HIERARCHY_SCHEMA)
-        self._db.executescript(OWNERS_SCHEMA)
-        self._db.executescript(CAS_SCHEMA)
-        self._db.executescript(RELATIONS_SCHEMA)
+        try:
+            self.schema_version = migrate(self._db, path)
+        except BaseException:
+            self._db.close()
+            raise
         # Called with each transaction's events once it has committed (the event log's live feed).
         self.on_events: Callable[[list[dict]], None] = lambda events: None
         self._uncommitted: list[dict] = []
@@ -210,9 +289,25 @@ class Store:
         self._batch_open = False            # writes wait in an open transaction for the writer
         self._batch_opened = trio.Event()   # wakes the writer
         self._committed = trio.Event()      # set when the open batch has committed
+        # Fault hooks (see _faults): make room before a commit; hear of a commit that failed.
+        self.before_commit: Callable[[], None] = lambda: None
+        self.on_commit_failed: Callable[[Exception], None] = lambda exc: None
+        self._lost: dict[trio.Event, Exception] = {}   # batches SQLite rolled back, by their commit event
+
+    def reserve_space(self, nbytes: int) -> None:
+        """Keep ``nbytes`` of free pages in the database and of written WAL: later commits then overwrite
+        space the files already own instead of asking the filesystem for more, so a full disk does not
+        make SQLite roll a commit back (which loses its writes). Called at start, before the writer runs."""
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0] * self._db.execute("PRAGMA page_size").fetchone()[0]
+        if free >= nbytes:
+            return
+        self._db.execute("CREATE TABLE IF NOT EXISTS space_reserve (data BLOB)")
+        self._db.execute("INSERT INTO space_reserve VALUES (zeroblob(?))", (nbytes - free,))
+        self._db.execute("DELETE FROM space_reserve")
 
     def close(self) -> None:
-        self._commit_batch()
+        with contextlib.suppress(sqlite3.Error):   # a full disk: what could not commit is logged already
+            self._commit_batch()
         self._db.close()
 
     # -- transactions ------------------------------------------------------------------
@@ -228,11 +323,13 @@ class Store:
         self._uncommitted = []
         try:
             yield
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # On a full disk SQLite may have rolled back already; a failed COMMIT leaves the transaction open.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             self._uncommitted = []
             raise
-        self._db.execute("COMMIT")
         events, self._uncommitted = self._uncommitted, []
         if events:
             self.on_events(events)
@@ -282,11 +379,16 @@ class Store:
                 await self._batch_opened.wait()
                 await trio.sleep(0)   # tasks that are ready now add their writes to this batch first
                 try:
+                    self.before_commit()
                     self._commit_batch()
                     delay = 0.05
                 except sqlite3.OperationalError as exc:
-                    if not self._db.in_transaction:   # SQLite rolled it back: those writes are gone
-                        raise
+                    self.on_commit_failed(exc)
+                    if not self._db.in_transaction:
+                        # SQLite rolled the batch back (it may, on a full disk): its writes are gone. The agent
+                        # goes on (a crash would lose more); before_commit's room check makes this rare.
+                        self._drop_batch(exc)
+                        continue
                     structlog.get_logger("labrun.store").error("store.commit.failed", error=str(exc),
                                                                retry_in=delay)
                     await trio.sleep(delay)
@@ -296,10 +398,24 @@ class Store:
                 self._commit_batch()
             self._grouping = False
 
+    def _drop_batch(self, exc: Exception) -> None:
+        structlog.get_logger("labrun.store").error("store.commit.lost", error=str(exc),
+                                                   events=len(self._uncommitted))
+        self._batch_open = False
+        self._batch_opened = trio.Event()
+        self._uncommitted = []
+        self._lost[self._committed] = exc   # durable() raises it to those who waited for this batch
+        committed, self._committed = self._committed, trio.Event()
+        committed.set()
+
     async def durable(self) -> None:
         """Return once every write made so far has committed."""
         if self._batch_open:
-            await self._committed.wait()
+            batch = self._committed
+            await batch.wait()
+            lost = self._lost.get(batch)   # (a rare case; the few entries are kept, identity keys stay unique)
+            if lost is not None:
+                raise lost
 
     def _event(self, type: str, *, run_id=None, experiment=None, user=None, data=None, now=None) -> int:
         event = {"id": str(uuid.uuid4()), "time": now or time.time(), "type": type, "run_id": run_id,
@@ -312,25 +428,36 @@ class Store:
         self._uncommitted.append(event)
         return event["seq"]
 
-    def add_run(self, record: RunRecord, event_type: str, parent_id: str | None = None) -> RunRecord:
-        """Insert a new run (assigning its order and per-experiment number) with its event."""
+    def add_run(self, record: RunRecord, event_type: str, submit_key: str | None = None,
+                parent_id: str | None = None) -> RunRecord:
+        """Insert a new run (assigning its order and per-experiment number) with its event.
+
+        ``submit_key``: the client's idempotency key; ``run_for_key`` finds the run by it later.
+        ``parent_id``: the run's parent (a child run's, Azure ML's ``child_run``/``submit_child``).
+        """
         with self._transaction():
             if parent_id is not None:
                 self._db.execute("INSERT INTO run_parents (run_id, parent_id) VALUES (?, ?)", (record.run_id, parent_id))
-            self._insert_run(record, event_type)
+            self._insert_run(record, event_type, submit_key)
         return record
 
-    def add_array(self, records: list[RunRecord], event_type: str) -> list[RunRecord]:
-        """Insert the members of an array (each spec's ``array`` says which) in one transaction."""
+    def add_array(self, records: list[RunRecord], event_type: str, submit_key: str | None = None) -> list[RunRecord]:
+        """Insert the members of an array (each spec's ``array`` says which) in one transaction.
+
+        ``submit_key`` is kept with the first member; a retried submit finds the array through it.
+        """
         with self._transaction():
             for record in records:
-                self._insert_run(record, event_type)
+                self._insert_run(record, event_type, submit_key if record is records[0] else None)
                 array = record.spec["array"]
                 self._db.execute("INSERT INTO run_arrays (run_id, array_id, idx, throttle) VALUES (?, ?, ?, ?)",
                                  (record.run_id, array["id"], array["index"], array["throttle"]))
         return records
 
-    def _insert_run(self, record: RunRecord, event_type: str) -> None:
+    def _insert_run(self, record: RunRecord, event_type: str, submit_key: str | None = None) -> None:
+        if submit_key is not None:
+            self._db.execute("INSERT OR REPLACE INTO submit_keys (uid, key, run_id) VALUES (?, ?, ?)",
+                             (record.uid, submit_key, record.run_id))
         row = self._db.execute("SELECT last_number FROM experiments WHERE name = ?", (record.experiment,)).fetchone()
         record.number = (row[0] if row else 0) + 1
         self._db.execute(
@@ -372,6 +499,11 @@ class Store:
         return seq
 
     # -- queries -----------------------------------------------------------------------
+
+    def run_for_key(self, uid: int, submit_key: str) -> RunRecord | None:
+        """The run ``uid`` submitted with this idempotency key, if it still exists."""
+        row = self._db.execute("SELECT run_id FROM submit_keys WHERE uid = ? AND key = ?", (uid, submit_key)).fetchone()
+        return self.get_run(row[0]) if row else None
 
     def get_run(self, run_id: str) -> RunRecord | None:
         row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
@@ -647,6 +779,19 @@ class Store:
             self._db.execute("INSERT INTO experiment_meta (name, user, tags, archived_at) VALUES (?, ?, ?, ?) "
                              "ON CONFLICT(name) DO UPDATE SET tags = excluded.tags, archived_at = excluded.archived_at",
                              (name, user, _pack(current), archived))
+
+    def token_hash(self, run_id: str) -> bytes | None:
+        row = self._db.execute("SELECT token_hash FROM run_tokens WHERE run_id = ?", (run_id,)).fetchone()
+        return row[0] if row else None
+
+    def set_token_hash(self, run_id: str, token_hash: bytes | None) -> None:
+        """Remember (or, with None, forget) the hash of an active run's token."""
+        with self._transaction():
+            if token_hash is None:
+                self._db.execute("DELETE FROM run_tokens WHERE run_id = ?", (run_id,))
+            else:
+                self._db.execute("INSERT INTO run_tokens (run_id, token_hash) VALUES (?, ?) ON CONFLICT(run_id) "
+                                 "DO UPDATE SET token_hash = excluded.token_hash", (run_id, token_hash))
 
     def get_meta(self, key: str, default=None):
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -11,56 +11,72 @@ Each active run is a task in the supervisor's run nursery, with its own *kill sc
 ``cancel()`` and the run's duration limit cancel that scope, and the task then stops
 the process (SIGTERM, grace, SIGKILL; shielded and bounded). Stopping the agent
 cancels the nursery instead: the tasks return without touching the processes,
-which keep running. A restarted agent cannot reattach to them yet: it ends them
-(``abandon``) and marks them ``Failed`` with the reason ``agent_lost``; runs that had
+which keep running.
+
+Recovery, at start: every run the store says is active gets its allocation back at
+once (before the first scheduling pass, so nothing is handed out twice) and a task in
+the run nursery that asks its executor to ``recover`` it, all in parallel: a live run is
+supervised again (its deadline is ``started_at + max_run_duration_seconds``, its token's
+hash is in the store), a run that ended meanwhile gets its real exit status, and only a
+run whose executor finds nothing left is ``Failed`` with ``agent_lost``. Runs that had
 not started are queued again.
 
 Dependencies (``after``/``afterok`` in the spec) and arrays (``spec["array"]``, with its
 ``%N`` limit) are inputs to the pure scheduler: each pass tells it which queued runs
 still wait for an unended run, and each array's limit. A queued ``afterok`` run whose
 dependency ended without completing is canceled (``dependency_failed``) before the pass.
+
+The supervisor knows no executor by name: ``executors`` maps target kinds to executors,
+and ``kind_for`` says which one a run needs.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
 import shutil
-import signal as signals
 import time
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 import trio
 
-from labrun.protocol import BadRequest, Conflict, Forbidden, _conda, format_memory
+from labrun.protocol import BadRequest, Conflict, Forbidden, _conda
 from labrun.protocol._statuses import (
-    ACTIVE, CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING,
+    ACTIVE, CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING, TERMINAL,
 )
 
 from ._artifacts import artifact_path, note_in_log
 from ._asuser import AsUserFailed, Credentials, acting_as, agent_dir, as_user, make_private_dir, narrow_children
 from ._config import AgentConfig
-from ._docker_args import translate_arguments
 from ._environments import EnvironmentBuilder, PrepareFailed
-from ._executor import ExitResult, StartFailed
 from ._failure import failure_message
+from ._faults import Faults
 from ._interactive import InteractiveRuns, is_interactive
 from ._launch import LaunchPlanner
 from ._model import RunRecord
 from ._notify import Notifier
+from ._rundir import RunDir, runs_root
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
 from ._snapshot import ContentStore
-from ._states import EVENT_TYPES, check_transition
+from ._statecheck import mark_submitting
+from ._states import EVENT_TYPES, ExitResult, check_transition, outcome
 from ._store import Store
+from .executors import Ended, Executor, Handle, HandleError, Live, Lost, Preparation, StartFailed, kind_for
 
 log = structlog.get_logger("labrun.supervisor")
 
 # Stopping a run waits this long beyond the grace period for SIGKILL to take effect.
 KILL_WAIT_SECONDS = 5.0
+# How long an executor may take to start a run (spawn the shim, create the container).
+START_SECONDS = 120.0
+# At start, how long an executor may take to say what became of one run (or to clean up orphans).
+RECOVER_SECONDS = 60.0
 
 
 @dataclass
@@ -82,19 +98,27 @@ class _ActiveRun:
     kill_scope: trio.CancelScope
     ends_by: float
     cancel_reason: str | None = None
-    token: str = ""
+    token_hash: bytes = b""
     fail_error: str | None = None   # set by Run.fail() from outside: the run ends Failed with this error
 
 
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
 class Supervisor:
-    def __init__(self, config: AgentConfig, store: Store, capacity: Capacity, executors: dict):
+    def __init__(self, config: AgentConfig, store: Store, capacity: Capacity, executors: dict[str, Executor],
+                 faults: Faults | None = None):
         self.config = config
+        # A full or failing state disk: runs keep running, their status writes are retried, nothing new starts.
+        self.faults = faults or Faults()
+        self.faults.on_clear = self.wake
         self.store = store
         self.capacity = capacity
         self.executors = executors
-        self.runs_dir = config.state_dir / "runs"
-        agent_dir(self.runs_dir, traversable=True)
-        if narrow_children(self.runs_dir):
+        runs = runs_root(config.state_dir)
+        agent_dir(runs, traversable=True)
+        if narrow_children(runs):
             log.info("runs.narrowed", detail="run directories an older agent left readable to others are now 0700")
         self.queued: dict[str, RunRecord] = {}
         self.active: dict[str, _ActiveRun] = {}
@@ -103,45 +127,74 @@ class Supervisor:
         self.changed = Notifier()
         self._wakeup = trio.Event()
         self._waiting_stale = False
-        self.interactive = InteractiveRuns(store, self.runs_dir, self._transition)
+        self._recovering = 0
+        # Draining: no run starts (an admin's choice for upgrades and maintenance; kept across restarts).
+        self.draining = bool(store.get_meta("draining", False))
+        self.interactive = InteractiveRuns(store, runs, self._transition)
         # The content store of snapshots; ``snapshots.release_snapshot(run_id)`` when a run is removed.
         self.snapshots = ContentStore(config.state_dir / "cas", store, config.snapshot.max_files,
                                       config.snapshot.max_bytes)
         self.launches = LaunchPlanner(config, store, capacity, EnvironmentBuilder(config.state_dir / "envs"),
-                                      self._executor_name, self._image, self.snapshots)
+                                      self.snapshots)
 
     def token_valid(self, run_id: str, token: str) -> bool:
         active = self.active.get(run_id)
-        return active is not None and secrets.compare_digest(active.token, token)
+        return active is not None and bool(active.token_hash) and secrets.compare_digest(active.token_hash,
+                                                                                           token_hash(token))
+
+    def _run_dir(self, run_id: str) -> RunDir:
+        return RunDir.of(self.config.state_dir, run_id)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Recover what an earlier agent left, then schedule until cancelled (agent shutdown)."""
-        await self._recover()
-        for record in self.store.runs_with_status([QUEUED]):
-            record.environ = None
-            self._enqueue(record)
+        """Recover what an earlier agent left, then schedule until cancelled (agent shutdown).
+
+        Reports started once every active run is recovered (reattached, ended or lost).
+        """
         async with trio.open_nursery() as nursery:
-            task_status.started()
+            self._recover(nursery)
+            for record in self.store.runs_with_status([QUEUED]):
+                record.environ = None
+                self._enqueue(record)
+            ready = False
             while True:
-                self._schedule(nursery)
+                # Allocations are held again at once; new runs start once recovery is done, so nothing
+                # an earlier agent left (an orphan of a run queued again) is running beside them.
+                if self._recovering == 0:
+                    self._schedule(nursery)
+                    if not ready:
+                        ready = True
+                        task_status.started()
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
+                # A wake-up and the agent's shutdown can arrive together (a run task ending because it was
+                # cancelled wakes us): start nothing then, or a freed slot would go to a second run.
+                await trio.lowlevel.checkpoint_if_cancelled()
 
     def wake(self) -> None:
         self._wakeup.set()
 
-    async def _recover(self) -> None:
+    def set_draining(self, draining: bool) -> None:
+        if draining == self.draining:
+            return
+        self.draining = draining
+        self.store.set_meta("draining", draining)
+        self.store.add_event("agent.draining" if draining else "agent.resumed", {"active": len(self.active)})
+        log.info("agent.draining" if draining else "agent.resumed", active=len(self.active))
+        self._waiting_stale = True
+        self.changed.notify()
+        self.wake()
+
+    def _recover(self, nursery: trio.Nursery) -> None:
+        """Hold every active run's allocation again and start a task recovering each (see the module doc)."""
+        owned: dict[str, list[Handle]] = defaultdict(list)
         for record in self.store.runs_with_status(ACTIVE):
             if is_interactive(record):
                 # Its client's connection went with the old agent.
                 self._transition(record, FAILED, ended_at=time.time(), reason="agent_lost",
                                  error="the agent stopped while this interactive run was open")
                 continue
-            executor = self.executors.get((record.handle or {}).get("executor", "local"))
-            if executor is None:   # a Docker run, and this agent has no Docker executor now
-                executor = self.executors["local"]
             if record.handle is None:
                 # Never launched: nothing ran, so it simply goes back in the queue.
                 if record.status == CANCEL_REQUESTED:
@@ -149,20 +202,46 @@ class Supervisor:
                 else:
                     self._transition(record, QUEUED, allocation=None, event_type="run.requeued")
                 continue
-            # Reattaching (and a task that waits on the run) is not built yet: end what is left of the
-            # run, so it never stays Running with nobody watching it.
-            with trio.move_on_after(self.config.stop_grace_seconds + KILL_WAIT_SECONDS):
-                await executor.abandon(record.handle, self.config.stop_grace_seconds)
-            if record.status == CANCEL_REQUESTED:
-                self._transition(record, CANCELED, ended_at=time.time(), reason=record.reason or "canceled")
-            else:
-                self._transition(record, FAILED, ended_at=time.time(), reason="agent_lost",
-                                 error="the agent stopped while the run was active and could not reattach")
-            log.warning("run.lost", run_id=record.run_id, status=record.status)
-        if "docker" in self.executors and self.store.get_meta("docker_used", False):
-            await self.executors["docker"].remove_orphans(self.config.stop_grace_seconds)
+            kind = kind_for(record.spec, self._target(record.spec))
+            executor = self.executors.get(kind)
+            handle, why = None, f"this agent has no {kind!r} executor"
+            if executor is not None:
+                try:
+                    handle = executor.load_handle(record.handle)
+                    owned[kind].append(handle)
+                except HandleError as exc:
+                    why = str(exc)
+            allocation = Allocation.from_wire(record.allocation) if record.allocation else Allocation(0, None)
+            run = _ActiveRun(record, allocation, trio.CancelScope(),
+                             ends_by=(record.started_at or time.time()) + record.spec["max_run_duration_seconds"],
+                             cancel_reason=record.reason if record.status == CANCEL_REQUESTED else None,
+                             fail_error=(record.error if record.status == CANCEL_REQUESTED
+                                         and record.reason == "failed" else None),
+                             token_hash=self.store.token_hash(record.run_id) or b"")
+            self.active[record.run_id] = run
+            self._recovering += 1
+            nursery.start_soon(self._recover_one, run, executor, handle, why, name=f"recover {record.run_id}")
+        for kind, executor in self.executors.items():
+            self._recovering += 1
+            nursery.start_soon(self._reconcile, executor, owned.get(kind, []))
+
+    async def _reconcile(self, executor: Executor, owned: list[Handle]) -> None:
+        try:
+            with trio.move_on_after(RECOVER_SECONDS) as scope:
+                await executor.reconcile(owned)
+            if scope.cancelled_caught:
+                log.warning("executor.reconcile.timeout", kind=executor.kind, seconds=RECOVER_SECONDS)
+        except Exception:
+            log.exception("executor.reconcile.failed", kind=executor.kind)
+        finally:
+            self._recovering -= 1
+            self.wake()
 
     # -- state changes -----------------------------------------------------------------
+
+    async def _durably(self, write, *args, **kwargs):
+        """A status write that must not be lost: retried through a full or failing disk (see ``_faults``)."""
+        return await self.faults.retry("store", write, *args, **kwargs)
 
     def _transition(self, record: RunRecord, status: str, *, event_type: str | None = None, **changes) -> None:
         check_transition(record.status, status)
@@ -181,15 +260,18 @@ class Supervisor:
 
     # -- submit and cancel -------------------------------------------------------------
 
-    async def submit(self, spec: dict, owner: Owner) -> RunRecord:
-        """Check the spec and its snapshot against this agent and queue the run (durably)."""
-        return (await self._queue(spec, owner, None))[0]
+    async def submit(self, spec: dict, owner: Owner, submit_key: str | None = None) -> RunRecord:
+        """Check the spec and its snapshot against this agent and queue the run (durably).
 
-    async def submit_array(self, spec: dict, owner: Owner, array: dict) -> list[RunRecord]:
+        ``submit_key``: the client's idempotency key, stored with the run in the same transaction.
+        """
+        return (await self._queue(spec, owner, None, submit_key))[0]
+
+    async def submit_array(self, spec: dict, owner: Owner, array: dict, submit_key: str | None = None) -> list[RunRecord]:
         """Queue one run per index of ``array`` (``indices``, ``throttle``), sharing an array id: all or none."""
-        return await self._queue(spec, owner, array)
+        return await self._queue(spec, owner, array, submit_key)
 
-    async def _queue(self, spec: dict, owner: Owner, array: dict | None) -> list[RunRecord]:
+    async def _queue(self, spec: dict, owner: Owner, array: dict | None, submit_key: str | None) -> list[RunRecord]:
         self._check_features(spec, owner)
         parent_id = spec.pop("parent_run_id", None)
         if parent_id is not None:
@@ -206,7 +288,7 @@ class Supervisor:
                 known = ", ".join(["local", *sorted(self.config.targets)])
                 raise BadRequest(f"spec.compute_target: unknown compute target {target!r} (this agent has: {known})",
                                  details={"field": "spec.compute_target"})
-        demand = Demand(**spec["resources"])
+        demand = self._demand(spec)
         too_big = self.capacity.fits_ever(demand)
         if too_big:
             raise BadRequest(f"spec.resources: the run {too_big}; it could never start",
@@ -240,11 +322,14 @@ class Supervisor:
                                                                    "throttle": array["throttle"]}})
                        for index in array["indices"]]
         created: list[str] = []
+        marks: list[Path] = []
         try:
             # No await from the snapshot check to the last acquire (ContentStore.acquire's contract).
             records = []
             for member_id, member_spec in members:
                 created.append(member_id)
+                # Until the row commits, the run directory is marked: a killed agent's next start removes it.
+                marks.append(mark_submitting(self.config.state_dir, member_id))
                 self._make_run_dir(member_id, owner)
                 if entries is not None:
                     self.snapshots.acquire(member_id, owner.uid, tree, entries)
@@ -254,15 +339,18 @@ class Supervisor:
                     submitted_at=now,
                 ))
             if array is None:
-                self.store.add_run(records[0], EVENT_TYPES[QUEUED], parent_id=parent_id)
+                self.store.add_run(records[0], EVENT_TYPES[QUEUED], submit_key=submit_key, parent_id=parent_id)
             else:
-                self.store.add_array(records, EVENT_TYPES[QUEUED])
+                self.store.add_array(records, EVENT_TYPES[QUEUED], submit_key=submit_key)
         except BaseException:
             with trio.CancelScope(shield=True):
                 for member_id in created:
                     self.snapshots.release_snapshot(member_id)
-                    await trio.to_thread.run_sync(shutil.rmtree, self.runs_dir / member_id, True)
+                    await trio.to_thread.run_sync(shutil.rmtree, self._run_dir(member_id).root, True)
             raise
+        finally:
+            for mark in marks:
+                mark.unlink(missing_ok=True)
         for record in records:
             log.debug("run.submitted", run_id=record.run_id, user=owner.user)
             record.environ = None   # stored; read back at launch, so ten thousand queued runs stay small
@@ -273,13 +361,13 @@ class Supervisor:
 
     def _make_run_dir(self, run_id: str, owner: Owner) -> None:
         creds = owner.credentials()
+        layout = self._run_dir(run_id)
         # The run directory is its owner's (0700); what is in it is created with their rights.
-        make_private_dir(self.runs_dir, run_id, creds)
-        run_dir = self.runs_dir / run_id
+        make_private_dir(layout.root.parent, run_id, creds)
         with acting_as(creds):
             # The snapshot itself is made when the run starts (Launch), from the contents stored now.
-            (run_dir / "outputs").symlink_to("snapshot/outputs")
-            (run_dir / "logs").mkdir()
+            layout.outputs_link.symlink_to(layout.outputs.relative_to(layout.root))
+            layout.logs.mkdir()
 
     def _resolve_dependencies(self, spec: dict) -> None:
         """Expand array ids in ``after``/``afterok`` into their members; refuse unknown runs.
@@ -327,32 +415,19 @@ class Supervisor:
         def refuse(field, message):
             raise BadRequest(f"spec.{field}: {message}", details={"field": f"spec.{field}"})
 
+        target = self._target(spec)
+        kind = kind_for(spec, target)
+        executor = self.executors.get(kind)
+        if executor is None:
+            refuse("compute_target" if target is not None else "docker", f"this agent has no {kind} executor")
+        executor.admit(spec, target)
         environment = spec.get("environment")
-        if self._executor_name(spec) == "docker":
-            if "docker" not in self.executors:
-                refuse("docker", "this agent has no Docker executor")
-            if self._image(spec) is None:
-                refuse("docker", "a Docker run needs an image: Environment.from_docker_image(name, image), "
-                                 "environment.docker.base_image, a target's image, or --image")
-            translate_arguments((spec.get("docker") or {}).get("arguments", []), self.config.docker)
-            if spec.get("distributed") is not None:
-                refuse("distributed", "distributed runs in Docker containers are not supported yet")
-            if environment is not None and not environment["python"]["user_managed_dependencies"] and (
-                    environment["python"].get("pip_requirements") or environment["python"].get("conda_specification")):
-                refuse("environment", "pip or conda dependencies on top of a Docker image are not built by this "
-                                      "agent: bake them into the image")
         if environment is not None and environment["python"].get("conda_specification"):
+            # Conda specifications are built with pip (see _environments): one that does not parse never builds.
             try:
                 _conda.parse(environment["python"]["conda_specification"])
             except ValueError as exc:
                 refuse("environment.python.conda_specification", f"not a conda specification: {exc}")
-        distributed = spec.get("distributed")
-        if distributed is not None:
-            if distributed["node_count"] > 1:
-                refuse("distributed", f"node_count={distributed['node_count']}: this agent runs on one machine; "
-                                      "multi-node runs need a cluster compute target")
-            if distributed["kind"] == "mpi" and shutil.which("mpirun") is None:
-                refuse("distributed", "MPI runs need 'mpirun' on the agent's machine (e.g. Debian's openmpi-bin)")
         resume = spec.get("resume_from")
         if resume is not None:
             if resume["run_id"] is not None:
@@ -361,7 +436,7 @@ class Supervisor:
                     refuse("resume_from", f"no run with id {resume['run_id']!r}")
                 if source.uid != owner.uid and not owner.admin:
                     raise Forbidden(f"spec.resume_from: run {source.run_id} belongs to {source.user}")
-                path = artifact_path(self.runs_dir / source.run_id, resume["path"], "spec.resume_from.path")
+                path = artifact_path(self._run_dir(source.run_id), resume["path"], "spec.resume_from.path")
                 with acting_as(owner.credentials()):
                     found = os.path.lexists(path)
                 if not found:
@@ -371,18 +446,6 @@ class Supervisor:
 
     def _target(self, spec: dict):
         return self.config.targets.get(spec.get("compute_target", "local"))
-
-    def _executor_name(self, spec: dict) -> str:
-        docker = spec.get("docker")
-        target = self._target(spec)
-        if (docker is not None and docker["use_docker"]) or (target is not None and target.kind == "docker"):
-            return "docker"
-        return "local"
-
-    def _image(self, spec: dict) -> str | None:
-        environment = spec.get("environment") or {}
-        target = self._target(spec)
-        return (environment.get("docker") or {}).get("base_image") or (target.image if target else None)
 
     def cancel(self, record: RunRecord, error: str | None = None) -> RunRecord:
         """Cancel a queued run at once, or ask an active run's task to stop it.
@@ -409,7 +472,7 @@ class Supervisor:
         if active.cancel_reason is None and active.record.status != FINALIZING:
             active.cancel_reason = "failed" if error else "canceled"
             active.fail_error = error
-            self._transition(active.record, CANCEL_REQUESTED, reason=active.cancel_reason)
+            self._transition(active.record, CANCEL_REQUESTED, reason=active.cancel_reason, error=error)
             active.kill_scope.cancel()
         return active.record
 
@@ -424,11 +487,23 @@ class Supervisor:
 
     # -- scheduling --------------------------------------------------------------------
 
+    def _demand(self, spec: dict) -> Demand:
+        """What a run takes from this machine: nothing when its executor runs it elsewhere (a cluster)."""
+        executor = self.executors.get(kind_for(spec, self._target(spec)))
+        if executor is not None and not executor.capabilities.counted_locally:
+            return Demand(cpus=0, memory=None, gpus=0)
+        return Demand(**spec["resources"])
+
     def _saturated(self) -> bool:
         """True when no queued run can start: every run needs a CPU, and none is free (or the run cap is hit)."""
         if self.capacity.max_runs and len(self.active) >= self.capacity.max_runs:
             return True
-        return sum(a.allocation.cpus for a in self.active.values()) >= self.capacity.cpus
+        if sum(a.allocation.cpus for a in self.active.values()) < self.capacity.cpus:
+            return False
+        # Runs that take no local CPU may still start; only agents with such an executor pay for this scan.
+        if any(not e.capabilities.counted_locally for e in self.executors.values()):
+            return all(self._demand(r.spec).cpus for r in self.queued.values())
+        return True
 
     def _unmet(self, record: RunRecord) -> tuple[str, ...]:
         """The runs ``record`` waits for that have not ended (every unended run is queued or active)."""
@@ -462,25 +537,28 @@ class Supervisor:
             if array is not None:
                 limits[array] = r.spec["array"]["throttle"]
             pending.append(Pending(run_id=r.run_id, user=r.user, priority=r.spec["priority"], order=r.order,
-                                   demand=Demand(**r.spec["resources"]), duration=r.spec["max_run_duration_seconds"],
+                                   demand=self._demand(r.spec), duration=r.spec["max_run_duration_seconds"],
                                    blocked_by=self._unmet(r), array=array))
         active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by, self._array_of(a.record.spec))
                   for a in self.active.values()]
         decision = schedule(pending, active, self.capacity, now, limits)
         for run_id, (reason, position) in decision.waiting.items():
             record = self.queued[run_id]
-            record.waiting = {"reason": reason, "position": position}
+            record.waiting = {"reason": "draining" if self.draining else reason, "position": position}
             if reason == "dependency":
                 record.waiting["on"] = list(self._unmet(record))
+        if self.draining:
+            for start in decision.starts:
+                self.queued[start.run_id].waiting = {"reason": "draining", "position": 0}
         self._waiting_stale = False
         return decision, now
 
     def _schedule(self, nursery: trio.Nursery) -> None:
         if self.waiting_on_others:
             self._cancel_failed_dependents()
-        if not self.queued:
-            return
-        if self._saturated():
+        if not self.queued or self.faults.disk_failing:
+            return   # with a failing state disk, queued runs wait; clearing the fault wakes the scheduler
+        if self._saturated() or self.draining:
             # Nothing can start, so skip the pass (a full queue makes it O(n) per submit); the waiting
             # reasons are worked out when someone looks at the queue.
             self._waiting_stale = True
@@ -493,6 +571,8 @@ class Supervisor:
             run = _ActiveRun(record, start.allocation, trio.CancelScope(),
                              ends_by=now + record.spec["max_run_duration_seconds"])
             self.active[record.run_id] = run
+            # Here, not in the task: the events then show the order in which the scheduler took the runs.
+            self._transition(record, PREPARING, allocation=start.allocation.to_wire())
             nursery.start_soon(self._run_one, run, name=f"run {record.run_id}")
 
     # -- one run -----------------------------------------------------------------------
@@ -504,82 +584,140 @@ class Supervisor:
         elif changes:
             self.store.update_run(run.record, None, **changes)
 
-    async def _run_one(self, run: _ActiveRun) -> None:
+    def _executor(self, spec: dict) -> Executor:
+        return self.executors[kind_for(spec, self._target(spec))]
+
+    async def _run_one(self, run: _ActiveRun, executor: Executor | None = None, handle: Handle | None = None) -> None:
+        """A run's task: launch it (unless ``handle`` says it runs already), wait for it, stop it when killed."""
         record = run.record
-        executor = self.executors[self._executor_name(record.spec)]
-        handle = None
+        executor = executor or self._executor(record.spec)
         result: ExitResult | None = None
         try:
             with run.kill_scope:
-                self._advance(run, PREPARING, allocation=run.allocation.to_wire())
-                run.token = secrets.token_urlsafe(24)
-                try:
-                    launch = await self.launches.prepare(record, run.allocation, run.token)
-                except PrepareFailed as exc:
-                    note_in_log(record, self.runs_dir / record.run_id / "logs" / "std_log.txt", f"labrun: {exc}\n")
-                    self._finish(run, FAILED, reason=exc.reason, error=str(exc))
-                    return
-                self._advance(run, STARTING)
-                await self.store.durable()   # a process starts only for a run whose state is saved
-                try:
-                    handle = await executor.start(launch)
-                except StartFailed as exc:
-                    note_in_log(record, launch.ranks[0].log_path, f"labrun: {exc}\n")
-                    self._finish(run, FAILED, reason=exc.reason, error=str(exc))
-                    return
-                duration = record.spec["max_run_duration_seconds"]
-                run.ends_by = time.time() + duration
-                run.kill_scope.deadline = trio.current_time() + duration
-                self._advance(run, RUNNING, started_at=time.time(), pid=handle.get("pid"), handle=handle)
+                if handle is None:
+                    handle = await self._launch(run, executor)
+                    if handle is None:
+                        return   # it failed to start, and is finished
                 result = await executor.wait(handle)
             if run.kill_scope.cancelled_caught:
                 if run.cancel_reason is None:
                     run.cancel_reason = "max_run_duration_exceeded"
-                    self._transition(record, CANCEL_REQUESTED, reason=run.cancel_reason)
+                    await self._durably(self._transition, record, CANCEL_REQUESTED, reason=run.cancel_reason)
                 if handle is not None:
                     with trio.move_on_after(self.config.stop_grace_seconds + KILL_WAIT_SECONDS, shield=True):
                         await self.store.durable()
                         await executor.stop(handle, self.config.stop_grace_seconds)
                         result = await executor.wait(handle)
-                self._finish(run, FAILED if run.fail_error else CANCELED, reason=run.cancel_reason,
-                             error=run.fail_error, result=result)
-            else:
-                self._finish(run, None, result=result)
+            await self._durably(self._finish, run, result)
         except Exception as exc:
             # A bug or an I/O error of the agent: the run fails, the agent goes on.
             log.exception("run.supervise.failed", run_id=record.run_id)
-            if record.status not in (COMPLETED, FAILED, CANCELED):
-                self._finish(run, FAILED, reason="agent_error", error=f"agent error: {exc}")
+            if record.status not in TERMINAL:
+                await self._durably(self._fail, run, "agent_error", f"agent error: {exc}")
         finally:
             del self.active[record.run_id]
             self.wake()
 
-    def _finish(self, run: _ActiveRun, status: str | None, *, reason: str | None = None,
-                error: str | None = None, result: ExitResult | None = None) -> None:
+    async def _launch(self, run: _ActiveRun, executor: Executor) -> Handle | None:
+        """Preparing and Starting: returns the started run's handle, or None once a failure is recorded."""
+        record = run.record
+        run_dir = self._run_dir(record.run_id)
+        token = secrets.token_urlsafe(24)
+        run.token_hash = token_hash(token)
+        self.store.set_token_hash(record.run_id, run.token_hash)
+        try:
+            launch = await executor.prepare(Preparation(record, run.allocation, token, run_dir,
+                                                        self._target(record.spec), self.launches))
+        except PrepareFailed as exc:
+            await self._fail_to_start(run, run_dir.std_log, exc.reason, str(exc))
+            return None
+        await self._durably(self._advance, run, STARTING)
+        await self.store.durable()   # a process starts only for a run whose state is saved
+        # Shielded: a cancel or time limit arriving while the executor starts the run must not lose the
+        # handle of processes that already exist. The cancel then takes effect at the wait that follows.
+        with trio.move_on_after(START_SECONDS, shield=True) as starting:
+            try:
+                handle = await executor.start(launch)
+            except StartFailed as exc:
+                await self._fail_to_start(run, launch.ranks[0].log_path, exc.reason, str(exc))
+                return None
+        if starting.cancelled_caught:
+            await self._fail_to_start(run, launch.ranks[0].log_path, "start_failed",
+                                      f"the run did not start within {START_SECONDS:.0f} seconds")
+            return None
+        duration = record.spec["max_run_duration_seconds"]
+        run.ends_by = time.time() + duration
+        run.kill_scope.deadline = trio.current_time() + duration
+        await self._durably(self._advance, run, RUNNING, started_at=time.time(), pid=handle.pid,
+                            handle=handle.to_store())
+        return handle
+
+    async def _fail_to_start(self, run: _ActiveRun, log_path: Path, reason: str, error: str) -> None:
+        note_in_log(run.record, log_path, f"labrun: {error}\n")
+        await self._durably(self._fail, run, reason, error)
+
+    async def _recover_one(self, run: _ActiveRun, executor: Executor | None, handle: Handle | None,
+                           why: str) -> None:
+        """Find out what became of a run an earlier agent started, then supervise it if it still runs."""
+        record = run.record
+        try:
+            if record.status == FINALIZING:
+                # It had ended, and the agent stopped before recording how: the exit is in the store.
+                state = Ended(ExitResult(exit_code=record.exit_code, signal=record.signal))
+            elif executor is None or handle is None:
+                state = Lost(why)
+            else:
+                # Bounded: new runs wait for recovery. An executor that cannot tell in time (a Docker engine
+                # that does not answer) keeps its run, watched as if live, rather than declaring it lost.
+                state = Live(handle)
+                with trio.move_on_after(RECOVER_SECONDS):
+                    state = await executor.recover(handle)
+        except Exception as exc:
+            log.exception("run.recover.failed", run_id=record.run_id)
+            state = Lost(f"recovering it failed: {exc}")
+        finally:
+            self._recovering -= 1
+            self.wake()
+        if isinstance(state, Live):
+            log.info("run.reattached", run_id=record.run_id, status=record.status)
+            remaining = run.ends_by - time.time()
+            run.kill_scope.deadline = trio.current_time() + max(0.0, remaining)
+            if run.cancel_reason is not None:
+                run.kill_scope.cancel()   # the cancel was asked for before the restart: carry it out
+            await self._run_one(run, executor, state.handle)
+            return
+        try:
+            if isinstance(state, Ended):
+                await self._durably(self._finish, run, state.result)
+            else:
+                log.warning("run.lost", run_id=record.run_id, status=record.status, why=state.why)
+                if run.cancel_reason is not None:
+                    await self._durably(self._finish, run, None)
+                else:
+                    await self._durably(self._fail, run, "agent_lost",
+                                        f"the run's process is gone and left no exit status: {state.why}")
+        finally:
+            del self.active[record.run_id]
+            self.wake()
+
+    def _fail(self, run: _ActiveRun, reason: str, error: str) -> None:
+        self._transition(run.record, FAILED, ended_at=time.time(), reason=reason, error=error)
+        self.store.set_token_hash(run.record.run_id, None)
+
+    def _finish(self, run: _ActiveRun, result: ExitResult | None) -> None:
+        """Record how the run ended: the status, reason and message come from ``outcome``."""
         record = run.record
         exit_fields = {}
         if result is not None:
             exit_fields = {"exit_code": result.exit_code, "signal": result.signal}
-        if status is None and record.status == CANCEL_REQUESTED:
-            # It ended by itself just as the cancel (or fail) arrived.
-            status, reason, error = (FAILED if run.fail_error else CANCELED), run.cancel_reason, run.fail_error
-        if status is None:   # the process ended by itself
-            if result.ok:
-                status = COMPLETED
-            else:
-                status = FAILED
-                if result.memory_exceeded:
-                    reason = "memory_limit_exceeded"
-                    error = (f"the run used more than the {format_memory(run.allocation.memory)} of memory it "
-                             "asked for and was killed")
-                elif result.signal is not None:
-                    reason, error = "signal", f"killed by signal {result.signal} ({signals.Signals(result.signal).name})"
-                else:
-                    reason = "exit_code"
-                    error = failure_message(self.runs_dir / record.run_id) or f"exited with code {result.exit_code}"
-            if record.status == RUNNING:
-                self._transition(record, FINALIZING, **exit_fields)
-        elif status == CANCELED and error is None:
-            error = ("canceled: the run exceeded its max_run_duration_seconds"
-                     if reason == "max_run_duration_exceeded" else "canceled")
-        self._transition(record, status, ended_at=time.time(), reason=reason, error=error, **exit_fields)
+        ended = outcome(result, cancel_reason=run.cancel_reason, memory=run.allocation.memory,
+                        fail_error=run.fail_error)
+        error = ended.error
+        if ended.reason == "exit_code":
+            # The error a user sees is the exception their script raised, when its traceback is in the logs.
+            error = failure_message(self._run_dir(record.run_id).root) or error
+        if record.status == RUNNING and ended.status != CANCELED:
+            self._transition(record, FINALIZING, **exit_fields)
+        self._transition(record, ended.status, ended_at=time.time(), reason=ended.reason, error=error,
+                         **exit_fields)
+        self.store.set_token_hash(record.run_id, None)

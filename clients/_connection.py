@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import select
 import socket
 import struct
 from collections.abc import Iterator
@@ -74,6 +75,11 @@ def _access_denied_message(path: str) -> str:
 class AgentConnection:
     def __init__(self, path: str | os.PathLike, *, client: str = "labrun-python"):
         self.path = os.fspath(path)
+        self._client = client
+        self._ids = itertools.count(1)
+        self._open()
+
+    def _open(self) -> None:
         if os.path.dirname(os.path.abspath(self.path)) == tmp_fallback_dir():
             problem = private_dir_problem(tmp_fallback_dir(), os.getuid())
             if problem:
@@ -92,8 +98,23 @@ class AgentConnection:
             raise
         self._decoder = FrameDecoder()
         self._pending: list[dict] = []
-        self._ids = itertools.count(1)
-        self.agent = self.call("hello", protocol=PROTOCOL_VERSION, client=client)
+        self.agent = self.call("hello", protocol=PROTOCOL_VERSION, client=self._client)
+
+    def _closed_by_agent(self) -> bool:
+        """Whether the agent has closed this idle connection (or said it is about to: its idle notice)."""
+        if self._pending:
+            return False
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def _refresh(self) -> None:
+        """Reconnect first if the agent closed the connection while we were not using it (idle timeout)."""
+        if self._closed_by_agent():
+            self._sock.close()
+            self._open()
 
     def close(self) -> None:
         self._sock.close()
@@ -139,11 +160,17 @@ class AgentConnection:
         if message.get("id") not in (id, None):
             raise AgentUnavailable(f"the agent answered request {message.get('id')} while we waited for {id}")
         if message.get("ok") is False:
-            raise AgentError.from_wire(message.get("error") or {})
+            error = message.get("error") or {}
+            if message.get("id") is None and (error.get("details") or {}).get("reason"):
+                # The agent closed this connection (idle, say) just as we sent: as if it had gone away.
+                raise AgentUnavailable(f"the agent at {self.path} closed the connection: {error.get('message')}")
+            raise AgentError.from_wire(error)
         return message
 
     def call(self, op: str, **args) -> object:
         """Send one request and return its result; an error reply raises its ``AgentError``."""
+        if op != "hello":
+            self._refresh()
         id = self._send(op, args)
         return self._reply_for(id)["result"]
 
@@ -153,6 +180,7 @@ class AgentConnection:
         Closing the iterator early closes the connection, since the agent may still be sending.
         ``timeout`` bounds the wait for each item (``TimeoutError`` past it).
         """
+        self._refresh()
         self._sock.settimeout(timeout)
         id = self._send(op, args)
         finished = False

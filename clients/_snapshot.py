@@ -18,7 +18,7 @@ import stat as stats
 from labrun.protocol._errors import NotFound
 
 from ._hashcache import HashCache
-from .exceptions import SnapshotException
+from .exceptions import AgentUnavailable, SnapshotException
 
 DEFAULT_MAX_FILES = 2000
 DEFAULT_MAX_BYTES = 300 * 1024 * 1024
@@ -138,9 +138,24 @@ def submit_spec(workspace, spec: dict, source_directory, *, in_place: bool = Fal
 
     The CLI's path as well as ``Experiment.submit``'s: it imports neither ``Run`` nor the config classes.
     With ``array`` (``indices``, ``throttle``): one run per index; returns ``{"array_id", "runs"}``.
+
+    The submit carries a fresh idempotency key. If the connection is lost before the reply (the agent
+    restarted, say), it is sent once more on a new connection with the same key: the agent returns the
+    run it already made, or makes it if it had not.
     """
-    connection = workspace.connection
-    extra = {"array": array} if array is not None else {}
+    extra = {"idempotency_key": os.urandom(16).hex()}
+    if array is not None:
+        extra["array"] = array
+    try:
+        return _submit_once(workspace.connection, spec, source_directory, in_place, extra)
+    except AgentUnavailable:
+        if workspace._socket is None:
+            raise
+        workspace._reconnect()
+        return _submit_once(workspace.connection, spec, source_directory, in_place, extra)
+
+
+def _submit_once(connection, spec: dict, source_directory, in_place: bool, extra: dict) -> dict:
     if in_place:
         spec["snapshot"] = {"in_place": os.path.abspath(source_directory)}
         return connection.call("submit", spec=spec, **extra)

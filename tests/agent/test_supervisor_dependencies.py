@@ -1,7 +1,7 @@
 """Dependencies and arrays in the supervisor, with the in-memory executor on trio's MockClock."""
 
-from labrun.agent._executor import ExitResult
-from tests.agent.test_supervisor import OWNER, settle, spec, supervisor  # noqa: F401
+from labrun.agent.executors import ExitResult
+from tests.agent.test_supervisor import OWNER, harness, settle, spec, supervisor  # noqa: F401
 
 
 async def test_a_canceled_dependency_cancels_the_afterok_chain_at_once(supervisor, autojump_clock):

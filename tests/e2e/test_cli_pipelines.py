@@ -5,6 +5,7 @@ import re
 import time
 
 from labrun import Experiment, ScriptRunConfig
+from tests.e2e.test_agent import wait_until
 
 
 def submit(agent, source, *args) -> str:
@@ -66,9 +67,11 @@ def test_dependencies_survive_an_agent_restart(make_agent, source):
     blocker = submit(agent, source, "--", "sleep", "60")
     first = submit(agent, source, "--", "sh", "-c", HELD)
     second = submit(agent, source, "--afterok", first, "--", "echo", "second")
-    agent.restart()   # ends the blocker (agent_lost), so first starts
+    agent.restart()   # the blocker outlives it (reattached, or queued again if it had not started)
     assert show(agent, second)["status"] == "Queued" and show(agent, second)["afterok"] == [first]
-    assert show(agent, blocker)["status"] in ("Failed", "Canceled")
+    assert show(agent, blocker)["status"] in ("Running", "Queued")
+    agent.cli("cancel", blocker, check=True)   # so first starts
+    wait_until(lambda: show(agent, first)["status"] == "Running", what="first to start")
     let_go(agent, first)
     assert agent.cli("wait", first, second, check=True).stdout.count("Completed") == 2
     assert show(agent, second)["started_at"] >= show(agent, first)["ended_at"]

@@ -247,7 +247,9 @@ def test_embedded_server_starts_with_the_agent_and_comes_back_after_being_killed
     assert agent.workspace().status()["mlflow"]["server"]["restarts"] == 1
 
     # A run mirrored into it; its page is on the embedded server.
-    run = Experiment(agent.workspace(), "embedded").submit(ScriptRunConfig(str(agent.root), command=["true"]))
+    source = agent.root / "src"   # not the agent's root: its log changes while the snapshot is taken
+    source.mkdir()
+    run = Experiment(agent.workspace(), "embedded").submit(ScriptRunConfig(str(source), command=["true"]))
     run.wait_for_completion()
     twin = mirrored(agent, MlflowApi(url), run.id, "FINISHED")
     assert run.get_portal_url() == f"{url}/#/experiments/{twin['info']['experiment_id']}/runs/{twin['info']['run_id']}"
