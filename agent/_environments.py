@@ -11,7 +11,14 @@
   directory, which is the user's environment directory and never the snapshot, is not on
   ``sys.path``, so a ``venv.py`` there cannot shadow the standard library), with a minimal
   environment. Each user's environments are theirs (0700), so no user can plant code in another's.
-- conda specifications need a ``conda`` binary on the agent's machine.
+- conda specifications are built with ``conda`` or ``micromamba`` when the machine has one. Without
+  either, the same virtualenv recipe is used: the conda packages are installed with pip under the same
+  names (the build log says so), from an interpreter of the pinned Python version if the machine has
+  one (else the client's, and the log says that too). A package pip cannot find fails the build,
+  naming it.
+- Azure ML's own packages (``azureml-defaults``, ``azureml-core``, ...) are left out: every built
+  environment gets the labrun client instead, through a ``.pth`` file and a copy of the client's
+  packages inside the environment, so ``Run.get_context()`` works without listing labrun.
 
 The run's ``PATH`` starts with the environment's ``bin/``, so ``python`` and console scripts in a
 ``command`` are the environment's.
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import pwd
 import shutil
@@ -31,6 +39,8 @@ from pathlib import Path
 
 import structlog
 import trio
+
+from labrun.protocol import __version__, _conda
 
 from ._asuser import Credentials, agent_dir, acting_as, make_private_dir, open_file_as, run_as
 
@@ -56,6 +66,76 @@ def needs_conda(definition: dict) -> bool:
     return bool(definition["python"].get("conda_specification")) and not definition["python"]["user_managed_dependencies"]
 
 
+# Left out of builds: the labrun client stands in for Azure ML's SDK.
+_AZUREML_PACKAGES = re.compile(r"^azureml([-_.]|$)", re.IGNORECASE)
+# Conda packages with no pip counterpart to install: the interpreter and pip come with the virtualenv.
+_PROVIDED = {"python", "pip"}
+_PIP_NOT_FOUND = re.compile(r"(?:No matching distribution found for|Could not find a version that satisfies "
+                            r"the requirement)\s+(\S+)")
+
+# Copies the labrun client into the environment and puts it on its path (after its own site-packages,
+# so a labrun the environment installs itself wins). Runs with the environment's interpreter.
+_CLIENT_OVERLAY = """
+import os, shutil, sys, sysconfig
+dest, labrun_dir, protocol_dir, *others = sys.argv[1:]
+ignore = shutil.ignore_patterns("__pycache__", "agent")
+shutil.rmtree(dest, ignore_errors=True)
+shutil.copytree(labrun_dir, os.path.join(dest, "labrun"), ignore=ignore)
+if not os.path.isdir(os.path.join(dest, "labrun", "protocol")):
+    shutil.copytree(protocol_dir, os.path.join(dest, "labrun", "protocol"), ignore=ignore)
+for other in others:
+    shutil.copytree(other, os.path.join(dest, os.path.basename(other)), ignore=ignore)
+with open(os.path.join(sysconfig.get_paths()["purelib"], "labrun-client.pth"), "w") as f:
+    f.write(dest + "\\n")
+"""
+
+
+def _client_sources() -> list[str]:
+    """The directories of the client's packages: labrun, labrun.protocol, msgpack (and pathspec, for submits)."""
+    import importlib
+
+    import labrun
+    import labrun.protocol
+
+    sources = [list(labrun.__path__)[0], list(labrun.protocol.__path__)[0]]
+    for name in ("msgpack", "pathspec"):
+        try:
+            sources.append(list(importlib.import_module(name).__path__)[0])
+        except ImportError:
+            pass
+    return sources
+
+
+def _without_azureml(requirements: list[str], build_log) -> list[str]:
+    kept = []
+    for requirement in requirements:
+        if _AZUREML_PACKAGES.match(_conda.package_name(requirement)):
+            build_log.write(f"labrun: leaving out {requirement}: the labrun client stands in for it\n".encode())
+        else:
+            kept.append(requirement)
+    return kept
+
+
+async def _interpreter_for(version: str | None, default: str, build_log, creds, env) -> str:
+    """An interpreter of Python ``version`` (``"3.10"``) if this machine has a working one, else ``default``."""
+    if version is None:
+        return default
+    probe = "import sys, venv, ensurepip; print('%d.%d' % sys.version_info[:2])"
+    for candidate in (default, shutil.which(f"python{version}")):
+        if candidate is None:
+            continue
+        try:
+            result = await trio.run_process([candidate, "-I", "-c", probe], capture_stdout=True, capture_stderr=True,
+                                            stdin=subprocess.DEVNULL, env=env, check=False, **creds.popen_options())
+        except OSError:
+            continue
+        if result.returncode == 0 and result.stdout.decode().strip() == version:
+            return candidate
+    build_log.write(f"labrun: the specification pins python={version}, and this machine has no working "
+                    f"python{version} (with venv): building with {default} instead\n".encode())
+    return default
+
+
 class EnvironmentBuilder:
     def __init__(self, envs_dir: Path):
         self.envs_dir = envs_dir
@@ -79,7 +159,7 @@ class EnvironmentBuilder:
                 raise PrepareFailed(f"cannot open {log_path.name}: {exc.strerror or exc}") from None
             with build_log:
                 return await self._build(definition, interpreter, build_log, creds,
-                                         conda=bool(python.get("conda_specification")))
+                                         conda=bool(python.get("conda_specification")), log_path=log_path)
         return PreparedEnvironment(python=interpreter, variables=variables)
 
     def _user_dir(self, creds: Credentials) -> Path:
@@ -106,10 +186,12 @@ class EnvironmentBuilder:
                 env[key] = os.environ[key]
         return env
 
-    async def _build(self, definition: dict, interpreter: str, build_log, creds: Credentials, *, conda: bool):
+    async def _build(self, definition: dict, interpreter: str, build_log, creds: Credentials, *, conda: bool,
+                     log_path: Path):
         python = definition["python"]
         recipe = {"interpreter": interpreter, "pip": python.get("pip_requirements"),
-                  "conda": python.get("conda_specification")}
+                  "conda": python.get("conda_specification"), "client": __version__,
+                  "conda_tool": _conda_tool() if conda else None}
         key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:24]
         user_dir = self._user_dir(creds)
         prefix = user_dir / key
@@ -125,19 +207,11 @@ class EnvironmentBuilder:
             build_log.flush()
             # A build an earlier agent left half done.
             await run_as(creds, shutil.rmtree, prefix, True)
-            if conda:
-                spec_file = user_dir / f"{key}.yml"
-                await run_as(creds, spec_file.write_text, python["conda_specification"])
-                steps = [["conda", "env", "create", "--yes", "--prefix", str(prefix), "--file", str(spec_file)]]
-            else:
-                requirements = user_dir / f"{key}.requirements.txt"
-                await run_as(creds, requirements.write_text, "\n".join(python["pip_requirements"]) + "\n")
-                steps = [[interpreter, "-I", "-m", "venv", str(prefix)],
-                         [str(prefix / "bin" / "python"), "-I", "-m", "pip", "install", "--disable-pip-version-check",
-                          "--no-input", "-r", str(requirements)]]
             env = self._build_env(creds, user_dir)
+            steps = await self._steps(python, interpreter, prefix, user_dir, key, build_log, creds, env)
             for step in steps:
-                build_log.write(("$ " + " ".join(step) + "\n").encode())
+                shown = ("<put the labrun client in the environment>" if a == _CLIENT_OVERLAY else a for a in step)
+                build_log.write(("$ " + " ".join(shown) + "\n").encode())
                 build_log.flush()
                 try:
                     result = await trio.run_process(step, stdin=subprocess.DEVNULL, stdout=build_log,
@@ -146,9 +220,58 @@ class EnvironmentBuilder:
                 except OSError as exc:
                     raise PrepareFailed(f"cannot run {step[0]!r}: {exc.strerror or exc}") from None
                 if result.returncode != 0:
+                    build_log.flush()
+                    missing = _PIP_NOT_FOUND.findall(await run_as(creds, _tail, log_path))
+                    if missing:
+                        raise PrepareFailed(f"building environment {definition['name']!r} failed: pip cannot "
+                                            f"find the package {missing[-1]!r}; see user_logs/environment_build.txt")
                     raise PrepareFailed(f"building environment {definition['name']!r} failed: "
                                         f"{' '.join(step[:4])} ... exited with code {result.returncode}; "
                                         "see user_logs/environment_build.txt")
             await run_as(creds, (prefix / ".labrun-complete").touch)
             log.info("environment.built", name=definition["name"], key=key, uid=creds.uid)
         return PreparedEnvironment(python=str(prefix / "bin" / "python"), bin_dir=prefix / "bin", variables=variables)
+
+    async def _steps(self, python: dict, interpreter: str, prefix: Path, user_dir: Path, key: str, build_log,
+                     creds: Credentials, env: dict):
+        """The commands that build this environment, the last of them putting the labrun client in it."""
+        env_python = str(prefix / "bin" / "python")
+        tool = _conda_tool() if python.get("conda_specification") else None
+        if tool is not None:
+            spec = _conda.parse(python["conda_specification"])
+            spec["pip"] = _without_azureml(spec["pip"], build_log)
+            spec_file = user_dir / f"{key}.yml"
+            await run_as(creds, spec_file.write_text, _conda.dump(spec))
+            if Path(tool).name == "micromamba":
+                steps = [[tool, "create", "--yes", "--prefix", str(prefix), "--file", str(spec_file)]]
+            else:
+                steps = [[tool, "env", "create", "--yes", "--prefix", str(prefix), "--file", str(spec_file)]]
+        else:
+            requirements = list(python.get("pip_requirements") or [])
+            if python.get("conda_specification"):
+                spec = _conda.parse(python["conda_specification"])
+                conda = [p for p in spec["conda"] if _conda.package_name(p) not in _PROVIDED]
+                if conda:
+                    build_log.write(("labrun: no conda or micromamba on this machine: installing the conda "
+                                     f"packages {', '.join(conda)} with pip under the same names\n").encode())
+                requirements = [_conda.conda_to_pip(p) for p in conda] + spec["pip"]
+                interpreter = await _interpreter_for(_conda.python_version(spec), interpreter, build_log, creds, env)
+            requirements = _without_azureml(requirements, build_log)
+            steps = [[interpreter, "-I", "-m", "venv", str(prefix)]]
+            if requirements:
+                requirements_file = user_dir / f"{key}.requirements.txt"
+                await run_as(creds, requirements_file.write_text, "\n".join(requirements) + "\n")
+                steps.append([env_python, "-I", "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
+                              "-r", str(requirements_file)])
+        steps.append([env_python, "-I", "-c", _CLIENT_OVERLAY, str(prefix / "labrun-client"), *_client_sources()])
+        return steps
+
+
+def _conda_tool() -> str | None:
+    return shutil.which("conda") or shutil.which("micromamba")
+
+
+def _tail(path: Path, size: int = 64 * 1024) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - size))
+        return f.read().decode("utf-8", errors="replace")

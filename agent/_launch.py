@@ -178,7 +178,7 @@ class LaunchPlanner:
         try:
             for rank in ranks:
                 os.close(open_file_as(creds, rank.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND))
-            if len(ranks) > 1:
+            if ranks[0].log_path.name != "std_log.txt":
                 with acting_as(creds):
                     _link_first_log(run_dir.logs, ranks[0].log_path.name)
         except OSError as exc:

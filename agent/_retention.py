@@ -136,6 +136,8 @@ class RunFiles:
                 raise Conflict(f"run {waiting[0]} waits for run {record.run_id}; it cannot be purged yet")
         try:
             freed = await trio.to_thread.run_sync(remove_tree, self.runs_dir, record.run_id)
+        except FileNotFoundError:
+            freed = 0   # a removal of the same run at the same time deleted it first: it is gone, as asked
         except OSError as exc:
             # What was deleted stays deleted; the run keeps its directory's record, so it can be tried again.
             raise AgentError(f"could not remove the directory of run {record.run_id}: {exc.strerror or exc}") from None

@@ -255,6 +255,10 @@ class ConnectionHandler:
                 finally:
                     self.limits.buffer(uid, state.buffered, 0)
                     session.discard_uploads()
+                    # The client went away (a cancel here means the agent is stopping: its interactive runs
+                    # are failed as agent_lost when it starts again).
+                    if trio.current_effective_deadline() != float("-inf"):
+                        self.service.disconnected(session)
         finally:
             self.limits.release(uid)
 

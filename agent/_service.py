@@ -20,6 +20,7 @@ from labrun.protocol._statuses import ACTIVE, QUEUED
 
 from ._artifacts import LOGS, list_files, open_for_reading, write_file
 from ._events import EventFilter, EventLog
+from ._interactive import is_interactive
 from ._limits import LimitsConfig, check_labels, check_text, labels_size
 from ._peers import Peer
 from ._retention import RunFiles
@@ -50,6 +51,7 @@ class Session:
     unsubmitted_bytes: int = 0                           # uploaded since this connection's last submit
     upload_lock: trio.Lock = field(default_factory=trio.Lock)
     content: ContentStore | None = None
+    bound_runs: set[str] = field(default_factory=set)   # interactive runs that fail if this connection closes
 
     def discard_uploads(self) -> None:
         if self.content is not None:
@@ -77,6 +79,8 @@ class Service:
             "watch": self.watch, "log_metrics": self.log_metrics, "get_metrics": self.get_metrics,
             "set_labels": self.set_labels, "files": self.files, "download": self.download, "put_file": self.put_file,
             "env_register": self.env_register, "env_get": self.env_get, "env_list": self.env_list,
+            "start_run": self.start_run, "finish": self.finish, "experiments": self.experiments,
+            "experiment_update": self.experiment_update,
             "drain": self.drain, "resume": self.resume,
             "remove": self.remove, "clean": self.clean, "ui": self.ui,
         }
@@ -95,9 +99,11 @@ class Service:
             raise Forbidden(f"run {run_id} belongs to {record.user}; only its owner or an admin may {action}")
         return record
 
-    def _show(self, session: Session, record, labels: dict | None = None, removed: dict | None = None) -> dict:
+    def _show(self, session: Session, record, labels: dict | None = None, removed: dict | None = None,
+              parent: str | None = ...) -> dict:
         """The run as this peer may see it, with the tags, properties and error set while it ran."""
-        shown = record.public(privileged=session.peer.may_manage(record.uid))
+        privileged = session.peer.may_manage(record.uid)
+        shown = record.public(privileged=privileged)
         if labels is None:
             labels = self.store.labels_of([record.run_id]).get(record.run_id, {})
         if removed is None:
@@ -106,7 +112,23 @@ class Service:
         shown["tags"] = {**shown["tags"], **labels.get("tags", {})}
         shown["properties"] = {**shown["properties"], **labels.get("properties", {})}
         shown["reported_error"] = labels.get("error") or None
+        self._show_hierarchy(shown, record, labels, parent, privileged)
         return shown
+
+    def _show_hierarchy(self, shown: dict, record, labels: dict, parent, privileged: bool) -> None:
+        """Azure ML's extras: parent, interactive flag, display name and description, runDefinition, run dir."""
+        if parent is ...:
+            parent = self.store.parents_of([record.run_id]).get(record.run_id)
+        attributes = labels.get("attributes", {})
+        shown["parent_run_id"] = parent
+        shown["interactive"] = is_interactive(record)
+        shown["display_name"] = attributes.get("display_name") or shown["display_name"]
+        shown["description"] = attributes.get("description", record.spec.get("description"))
+        if privileged:
+            shown["run_definition"] = record.spec.get("run_definition")
+            # None once labrun rm, clean or retention removed the run's files.
+            shown["run_dir"] = None if shown.get("files_removed_at") else \
+                str(self.config.state_dir / "runs" / record.run_id)
 
     def _writable(self, session: Session, run_id: str, token: str | None):
         """The run, if the caller may change it: its own token while it is active, or its owner."""
@@ -213,7 +235,9 @@ class Service:
         statuses, before = args["status"], args["before"]
         limit = min(args["limit"] or LIST_PAGE, LIST_PAGE)
         query = {"experiment": args["experiment"], "before": before}
-        if args["array"] is not None:
+        if args["parent"] is not None:
+            records = self._children_page(args)
+        elif args["array"] is not None:
             # An array is one page: its members, newest (highest index) first like every listing.
             records = [self.store.get_run(r) for r in reversed(self.store.array_members(args["array"]))]
             records = [r for r in records if r is not None and (before is None or r.order < before)
@@ -227,21 +251,83 @@ class Service:
                 records += self.store.list_runs(statuses=TERMINAL, limit=RECENT_FINISHED, **query)
             records = sorted(records, key=lambda r: r.order, reverse=True)[:limit]
         ids = [r.run_id for r in records]
-        labels, removed = self.store.labels_of(ids), self.store.removed_of(ids)
+        labels, removed, parents = self.store.labels_of(ids), self.store.removed_of(ids), self.store.parents_of(ids)
         # A page ends at limits.list_page_bytes as well, so runs with many large labels never make a
         # reply larger than a frame; the client follows ``before`` as for any page.
         page, size = [], 0
         for r in records:
-            shown = self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}), removed)
+            shown = self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}), removed,
+                               parents.get(r.run_id))
             size += len(msgpack.packb(shown, use_bin_type=True))
             if page and size > self.bounds.list_page_bytes:
                 break
             page.append(shown)
         return page
 
+    def _children_page(self, args: dict) -> list:
+        """A run's children, newest first, one page before ``args["before"]``."""
+        records = [self.store.get_run(run_id) for run_id in reversed(self.store.children_of(args["parent"]))]
+        before, limit = args["before"], min(args["limit"] or LIST_PAGE, LIST_PAGE)
+        records = [r for r in records if r is not None and (before is None or r.order < before)
+                   and (args["status"] is None or r.status in args["status"])]
+        return records[:limit]
+
     async def cancel(self, session: Session, args: dict) -> dict:
+        """Cancel a run and, as in Azure ML, every run below it that has not ended."""
         record = self._owned(session, args["run_id"], "cancel it")
-        return self._show(session, self.supervisor.cancel(record))
+        canceled = self.supervisor.cancel(record)
+        for child_id in self.store.children_of(record.run_id, recursive=True):
+            child = self.supervisor.live_record(child_id) or self.store.get_run(child_id)
+            if child is not None and child.status not in TERMINAL:
+                self.supervisor.cancel(child)
+        return self._show(session, canceled)
+
+    # -- interactive runs and experiments ------------------------------------------------
+
+    async def start_run(self, session: Session, args: dict) -> dict:
+        parent = None
+        if args["parent_run_id"] is not None:
+            parent = self._owned(session, args["parent_run_id"], "add a child run to it")
+        peer = session.peer
+        record = self.supervisor.interactive.start(
+            Owner(peer.uid, peer.gid, peer.user, list(peer.groups), peer.admin), args, parent)
+        session.bound_runs.add(record.run_id)
+        return self._show(session, record, parent=parent.run_id if parent else None)
+
+    async def finish(self, session: Session, args: dict) -> dict:
+        """complete(), fail() and cancel() of an interactive run; fail() of a submitted one from outside it."""
+        record = self._writable(session, args["run_id"], args["token"])
+        status, error = args["status"], args["error"]
+        if is_interactive(record):
+            self.supervisor.interactive.finish(record, status, error=error)
+            session.bound_runs.discard(record.run_id)
+        elif status == "Completed":
+            raise BadRequest(f"run {record.run_id} completes when its program exits; use cancel() or fail() "
+                             "to end it early", details={"field": "args.status"})
+        else:
+            record = self.supervisor.cancel(record, error=(error or "failed") if status == "Failed" else None)
+        if status == "Failed":
+            self.store.set_labels(record.run_id, "error", {"code": args["error_code"] or "UserError",
+                                                           "message": error or ""})
+        return self._show(session, record)
+
+    def disconnected(self, session: Session) -> None:
+        """A connection closed: the interactive runs it opened and did not end fail."""
+        self.supervisor.interactive.disconnected(sorted(session.bound_runs))
+        session.bound_runs.clear()
+
+    async def experiments(self, session: Session, args: dict) -> list:
+        return self.store.experiments()
+
+    async def experiment_update(self, session: Session, args: dict) -> dict:
+        name = args["name"]
+        current = next((e for e in self.store.experiments() if e["name"] == name), None)
+        if current is not None and current.get("user") not in (None, session.peer.user) and not session.peer.admin:
+            raise Forbidden(f"experiment {name!r}'s tags and archive state belong to {current['user']}")
+        archived = ... if args["archived"] is None else (time.time() if args["archived"] else None)
+        self.store.update_experiment(name, session.peer.user, tags=args["tags"], remove_tags=args["remove_tags"] or (),
+                                     archived_at=archived)
+        return next(e for e in self.store.experiments() if e["name"] == name)
 
     async def wait(self, session: Session, args: dict) -> dict:
         timeout = args["timeout"]
@@ -303,7 +389,7 @@ class Service:
     async def set_labels(self, session: Session, args: dict) -> dict:
         record = self._writable(session, args["run_id"], args["token"])
         values = args["values"]
-        if args["kind"] != "error":
+        if args["kind"] in ("tags", "properties"):
             # The run's labels after this change, less the keys it replaces, against limits.labels_bytes_per_run.
             current = self.store.labels_of([record.run_id]).get(record.run_id, {})
             others = 0

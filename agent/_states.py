@@ -78,7 +78,8 @@ class Outcome(NamedTuple):
     error: str | None
 
 
-def outcome(result: ExitResult | None, *, cancel_reason: str | None = None, memory: int | None = None) -> Outcome:
+def outcome(result: ExitResult | None, *, cancel_reason: str | None = None, memory: int | None = None,
+            fail_error: str | None = None) -> Outcome:
     """The final status of a run whose process ended with ``result``.
 
     Args:
@@ -86,7 +87,11 @@ def outcome(result: ExitResult | None, *, cancel_reason: str | None = None, memo
         cancel_reason: set when the run was canceled (``canceled``, ``max_run_duration_exceeded``): a
             canceled run is ``Canceled`` whatever its process did, even if it ended by itself just then.
         memory: the run's memory request in bytes, for the message of a memory kill.
+        fail_error: set when ``Run.fail()`` was called from outside the run (with ``cancel_reason``
+            ``failed``): the run is stopped as a cancel is, and ends ``Failed`` with this error.
     """
+    if cancel_reason is not None and fail_error is not None:
+        return Outcome(FAILED, cancel_reason, fail_error)
     if cancel_reason is not None:
         error = ("canceled: the run exceeded its max_run_duration_seconds"
                  if cancel_reason == "max_run_duration_exceeded" else "canceled")

@@ -140,6 +140,22 @@ CREATE TABLE IF NOT EXISTS cas_tree_holders (uid INTEGER NOT NULL, tree TEXT NOT
 CREATE TABLE IF NOT EXISTS cas_runs (run_id TEXT PRIMARY KEY, tree TEXT NOT NULL) WITHOUT ROWID;
 """
 
+# Run hierarchies and experiment metadata (Azure ML's child runs, experiment tags and archiving):
+# tables of their own, so the runs table keeps its shape.
+HIERARCHY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS run_parents (
+    run_id TEXT PRIMARY KEY,
+    parent_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_parents_parent ON run_parents(parent_id);
+CREATE TABLE IF NOT EXISTS experiment_meta (
+    name TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    tags BLOB NOT NULL,
+    archived_at REAL
+);
+"""
+
 # Arrays and removed run directories: tables of their own, so the runs table keeps its shape. (A run's
 # dependencies are part of its spec: ``after`` and ``afterok`` lists of run ids.)
 # ``run_arrays``: the members of an array, with the array's concurrency limit (``throttle``, 0: none).
@@ -182,6 +198,8 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     OWNERS_SCHEMA,
     # 5: dependencies between runs, and arrays.
     RELATIONS_SCHEMA,
+    # 6: run hierarchies (child runs) and experiment metadata.
+    HIERARCHY_SCHEMA,
 ]
 
 
@@ -410,12 +428,16 @@ class Store:
         self._uncommitted.append(event)
         return event["seq"]
 
-    def add_run(self, record: RunRecord, event_type: str, submit_key: str | None = None) -> RunRecord:
+    def add_run(self, record: RunRecord, event_type: str, submit_key: str | None = None,
+                parent_id: str | None = None) -> RunRecord:
         """Insert a new run (assigning its order and per-experiment number) with its event.
 
         ``submit_key``: the client's idempotency key; ``run_for_key`` finds the run by it later.
+        ``parent_id``: the run's parent (a child run's, Azure ML's ``child_run``/``submit_child``).
         """
         with self._transaction():
+            if parent_id is not None:
+                self._db.execute("INSERT INTO run_parents (run_id, parent_id) VALUES (?, ?)", (record.run_id, parent_id))
             self._insert_run(record, event_type, submit_key)
         return record
 
@@ -710,6 +732,53 @@ class Store:
     def list_environments(self) -> list[dict]:
         names = [r[0] for r in self._db.execute("SELECT DISTINCT name FROM environments ORDER BY name")]
         return [self.get_environment(name) for name in names]
+
+    # -- run hierarchies and experiments -------------------------------------------------
+
+    def parents_of(self, run_ids: list[str]) -> dict[str, str]:
+        """{run_id: parent_id} for those of ``run_ids`` that have a parent."""
+        found = {}
+        for start in range(0, len(run_ids), 500):
+            chunk = run_ids[start:start + 500]
+            found.update(self._db.execute(f"SELECT run_id, parent_id FROM run_parents WHERE run_id IN "
+                                          f"({', '.join('?' * len(chunk))})", chunk).fetchall())
+        return found
+
+    def children_of(self, run_id: str, recursive: bool = False) -> list[str]:
+        """The ids of ``run_id``'s children (all descendants with ``recursive``), oldest first."""
+        children, frontier = [], [run_id]
+        while frontier:
+            rows = self._db.execute(
+                f"SELECT p.run_id FROM run_parents p JOIN runs r ON r.run_id = p.run_id WHERE p.parent_id IN "
+                f"({', '.join('?' * len(frontier))}) ORDER BY r.ord", frontier).fetchall()
+            frontier = [r[0] for r in rows]
+            children.extend(frontier)
+            if not recursive:
+                break
+        return children
+
+    def experiments(self) -> list[dict]:
+        """Every experiment with runs or metadata: ``{"name", "runs", "user", "tags", "archived_at"}``."""
+        found = {name: {"name": name, "runs": count, "user": None, "tags": {}, "archived_at": None}
+                 for name, count in self._db.execute("SELECT name, last_number FROM experiments")}
+        for name, user, tags, archived_at in self._db.execute("SELECT name, user, tags, archived_at FROM experiment_meta"):
+            entry = found.setdefault(name, {"name": name, "runs": 0})
+            entry.update(user=user, tags=_unpack(tags), archived_at=archived_at)
+        return sorted(found.values(), key=lambda e: e["name"])
+
+    def update_experiment(self, name: str, user: str, *, tags: dict | None = None, remove_tags=(),
+                          archived_at=..., ) -> None:
+        with self._transaction():
+            row = self._db.execute("SELECT tags, archived_at FROM experiment_meta WHERE name = ?", (name,)).fetchone()
+            current, archived = (_unpack(row[0]), row[1]) if row else ({}, None)
+            current.update(tags or {})
+            for key in remove_tags:
+                current.pop(key, None)
+            if archived_at is not ...:
+                archived = archived_at
+            self._db.execute("INSERT INTO experiment_meta (name, user, tags, archived_at) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT(name) DO UPDATE SET tags = excluded.tags, archived_at = excluded.archived_at",
+                             (name, user, _pack(current), archived))
 
     def token_hash(self, run_id: str) -> bytes | None:
         row = self._db.execute("SELECT token_hash FROM run_tokens WHERE run_id = ?", (run_id,)).fetchone()

@@ -46,7 +46,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from labrun.protocol import BadRequest, Conflict, Forbidden
+from labrun.protocol import BadRequest, Conflict, Forbidden, _conda
 from labrun.protocol._statuses import (
     ACTIVE, CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING, TERMINAL,
 )
@@ -55,7 +55,9 @@ from ._artifacts import artifact_path, note_in_log
 from ._asuser import AsUserFailed, Credentials, acting_as, agent_dir, as_user, make_private_dir, narrow_children
 from ._config import AgentConfig
 from ._environments import EnvironmentBuilder, PrepareFailed
+from ._failure import failure_message
 from ._faults import Faults
+from ._interactive import InteractiveRuns, is_interactive
 from ._launch import LaunchPlanner
 from ._model import RunRecord
 from ._notify import Notifier
@@ -97,6 +99,7 @@ class _ActiveRun:
     ends_by: float
     cancel_reason: str | None = None
     token_hash: bytes = b""
+    fail_error: str | None = None   # set by Run.fail() from outside: the run ends Failed with this error
 
 
 def token_hash(token: str) -> bytes:
@@ -127,6 +130,7 @@ class Supervisor:
         self._recovering = 0
         # Draining: no run starts (an admin's choice for upgrades and maintenance; kept across restarts).
         self.draining = bool(store.get_meta("draining", False))
+        self.interactive = InteractiveRuns(store, runs, self._transition)
         # The content store of snapshots; ``snapshots.release_snapshot(run_id)`` when a run is removed.
         self.snapshots = ContentStore(config.state_dir / "cas", store, config.snapshot.max_files,
                                       config.snapshot.max_bytes)
@@ -186,6 +190,11 @@ class Supervisor:
         """Hold every active run's allocation again and start a task recovering each (see the module doc)."""
         owned: dict[str, list[Handle]] = defaultdict(list)
         for record in self.store.runs_with_status(ACTIVE):
+            if is_interactive(record):
+                # Its client's connection went with the old agent.
+                self._transition(record, FAILED, ended_at=time.time(), reason="agent_lost",
+                                 error="the agent stopped while this interactive run was open")
+                continue
             if record.handle is None:
                 # Never launched: nothing ran, so it simply goes back in the queue.
                 if record.status == CANCEL_REQUESTED:
@@ -206,6 +215,8 @@ class Supervisor:
             run = _ActiveRun(record, allocation, trio.CancelScope(),
                              ends_by=(record.started_at or time.time()) + record.spec["max_run_duration_seconds"],
                              cancel_reason=record.reason if record.status == CANCEL_REQUESTED else None,
+                             fail_error=(record.error if record.status == CANCEL_REQUESTED
+                                         and record.reason == "failed" else None),
                              token_hash=self.store.token_hash(record.run_id) or b"")
             self.active[record.run_id] = run
             self._recovering += 1
@@ -262,6 +273,14 @@ class Supervisor:
 
     async def _queue(self, spec: dict, owner: Owner, array: dict | None, submit_key: str | None) -> list[RunRecord]:
         self._check_features(spec, owner)
+        parent_id = spec.pop("parent_run_id", None)
+        if parent_id is not None:
+            parent = self.store.get_run(parent_id)
+            if parent is None:
+                raise BadRequest(f"spec.parent_run_id: no run with id {parent_id!r}",
+                                 details={"field": "spec.parent_run_id"})
+            if parent.uid != owner.uid and not owner.admin:
+                raise Forbidden(f"spec.parent_run_id: run {parent_id} belongs to {parent.user}")
         target = spec["compute_target"]
         if target != "local":
             configured = self.config.targets.get(target)
@@ -320,7 +339,7 @@ class Supervisor:
                     submitted_at=now,
                 ))
             if array is None:
-                self.store.add_run(records[0], EVENT_TYPES[QUEUED], submit_key=submit_key)
+                self.store.add_run(records[0], EVENT_TYPES[QUEUED], submit_key=submit_key, parent_id=parent_id)
             else:
                 self.store.add_array(records, EVENT_TYPES[QUEUED], submit_key=submit_key)
         except BaseException:
@@ -402,6 +421,13 @@ class Supervisor:
         if executor is None:
             refuse("compute_target" if target is not None else "docker", f"this agent has no {kind} executor")
         executor.admit(spec, target)
+        environment = spec.get("environment")
+        if environment is not None and environment["python"].get("conda_specification"):
+            # Conda specifications are built with pip (see _environments): one that does not parse never builds.
+            try:
+                _conda.parse(environment["python"]["conda_specification"])
+            except ValueError as exc:
+                refuse("environment.python.conda_specification", f"not a conda specification: {exc}")
         resume = spec.get("resume_from")
         if resume is not None:
             if resume["run_id"] is not None:
@@ -421,13 +447,21 @@ class Supervisor:
     def _target(self, spec: dict):
         return self.config.targets.get(spec.get("compute_target", "local"))
 
-    def cancel(self, record: RunRecord) -> RunRecord:
-        """Cancel a queued run at once, or ask an active run's task to stop it."""
+    def cancel(self, record: RunRecord, error: str | None = None) -> RunRecord:
+        """Cancel a queued run at once, or ask an active run's task to stop it.
+
+        With ``error`` (``Run.fail()`` from outside the run) the run ends ``Failed`` with that error instead.
+        """
+        if is_interactive(record):
+            return self.interactive.finish(record, FAILED if error else CANCELED, error=error)
         if record.run_id in self.queued:
             record = self.queued.pop(record.run_id)
             self.waiting_on_others.discard(record.run_id)
             record.waiting = None
-            self._transition(record, CANCELED, ended_at=time.time(), reason="canceled")
+            if error:
+                self._transition(record, FAILED, ended_at=time.time(), reason="failed", error=error)
+            else:
+                self._transition(record, CANCELED, ended_at=time.time(), reason="canceled")
             self.wake()
             return record
         active = self.active.get(record.run_id)
@@ -436,8 +470,9 @@ class Supervisor:
                 return record   # canceling twice is harmless
             raise Conflict(f"run {record.run_id} has already ended ({record.status})")
         if active.cancel_reason is None and active.record.status != FINALIZING:
-            active.cancel_reason = "canceled"
-            self._transition(active.record, CANCEL_REQUESTED, reason="canceled")
+            active.cancel_reason = "failed" if error else "canceled"
+            active.fail_error = error
+            self._transition(active.record, CANCEL_REQUESTED, reason=active.cancel_reason, error=error)
             active.kill_scope.cancel()
         return active.record
 
@@ -675,9 +710,14 @@ class Supervisor:
         exit_fields = {}
         if result is not None:
             exit_fields = {"exit_code": result.exit_code, "signal": result.signal}
-        ended = outcome(result, cancel_reason=run.cancel_reason, memory=run.allocation.memory)
+        ended = outcome(result, cancel_reason=run.cancel_reason, memory=run.allocation.memory,
+                        fail_error=run.fail_error)
+        error = ended.error
+        if ended.reason == "exit_code":
+            # The error a user sees is the exception their script raised, when its traceback is in the logs.
+            error = failure_message(self._run_dir(record.run_id).root) or error
         if record.status == RUNNING and ended.status != CANCELED:
             self._transition(record, FINALIZING, **exit_fields)
-        self._transition(record, ended.status, ended_at=time.time(), reason=ended.reason, error=ended.error,
+        self._transition(record, ended.status, ended_at=time.time(), reason=ended.reason, error=error,
                          **exit_fields)
         self.store.set_token_hash(record.run_id, None)

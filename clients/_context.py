@@ -68,11 +68,6 @@ class SubmittedRun(Run):
         self._details = self._workspace._call("get", run_id=self._id)
         return self._details
 
-    number = property(lambda self: self._details_now["number"])
-    status = property(lambda self: self._details_now["status"])
-    display_name = property(lambda self: self._details_now["display_name"])
-    tags = property(lambda self: dict(self._details_now["tags"]))
-    properties = property(lambda self: dict(self._details_now["properties"]))
 
     def get_details(self) -> dict:
         self._refresh()
@@ -132,7 +127,11 @@ class SubmittedRun(Run):
 
 
 class OfflineRun:
-    """Outside a submitted run: prints what it would have logged, as Azure ML's offline run does."""
+    """Outside a submitted run: prints what it would have logged, as Azure ML's offline run does.
+
+    Each logging method takes exactly the live run's arguments (``log(..., step=3)`` included, which
+    Azure ML's offline run refuses), so a script runs the same inside and outside a run.
+    """
 
     def __init__(self, run_id=None):
         import uuid
@@ -142,8 +141,8 @@ class OfflineRun:
     def _print(self, kind, name, value):
         print(f"Attempted to log {kind} metric {name}:\n{value}")
 
-    def log(self, name, value, description=""):
-        self._print("scalar", name, value)
+    def log(self, name, value, description="", step=None):
+        self._print("scalar", name, value if step is None else f"{value} (step {step})")
 
     def log_list(self, name, value, description=""):
         self._print("list", name, value)

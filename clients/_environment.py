@@ -4,29 +4,66 @@ An environment with pip requirements is built by the agent into a cached virtual
 ``python.user_managed_dependencies = True`` uses ``python.interpreter_path`` as is; one with a
 ``docker.base_image`` runs in that image when Docker is used. ``register`` stores it in the agent
 under an auto-incremented version; ``Environment.get`` and ``Environment.list`` read it back.
+
+``python.conda_dependencies`` is a ``CondaDependencies``, Azure ML's default one until it is edited
+or replaced: an untouched default means "the client's interpreter", nothing to build.
 """
 
 from __future__ import annotations
 
 import copy
 
+from ._conda_dependencies import CondaDependencies
 from ._runconfig import _ConfigElement
-from .exceptions import UserErrorException
+from .exceptions import NotFound, UserErrorException
+
+DEFAULT_CPU_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:20251130.v1"
+DEFAULT_GPU_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-cuda11.8-cudnn8-ubuntu22.04"
+
+
+class ContainerRegistry(_ConfigElement):
+    """Where a base image comes from. labrun's agent uses the images its Docker engine has."""
+
+    def __init__(self):
+        self.address = None
+        self.username = None
+        self.password = None
+        self.registry_identity = None
+        self._seal()
+
+    def __repr__(self) -> str:
+        password = None if self.password is None else "***"
+        return f"ContainerRegistry(address={self.address!r}, username={self.username!r}, password={password})"
 
 
 class PythonSection(_ConfigElement):
     def __init__(self):
         self.user_managed_dependencies = False
         self.interpreter_path = "python"
-        self.conda_dependencies = None        # a conda YAML text, for conda environments
+        self.conda_dependencies = CondaDependencies()
+        self.conda_dependencies_file = None
+        self.base_conda_environment = None
         self.pip_requirements = None          # labrun: the requirement lines of from_pip_requirements
         self._seal()
+
+    def _conda_wire(self) -> str | None:
+        """The conda specification to build, or None when it is Azure ML's untouched default."""
+        deps = self.conda_dependencies
+        if isinstance(deps, str):
+            return deps
+        if deps is None or getattr(deps, "_pristine", False):
+            return None
+        return deps.serialize_to_string()
 
 
 class DockerSection(_ConfigElement):
     def __init__(self):
-        self.base_image = None
+        self.base_image = DEFAULT_CPU_IMAGE
+        self.base_image_registry = ContainerRegistry()
         self.base_dockerfile = None
+        self.build_context = None
+        self.platform = None
+        self.gpu_support = True
         self.enabled = False
         self.shm_size = "2g"
         self.shared_volumes = True
@@ -68,11 +105,7 @@ class Environment(_ConfigElement):
     @classmethod
     def from_conda_specification(cls, name, file_path) -> "Environment":
         env = cls(name)
-        try:
-            with open(file_path) as f:
-                env.python.conda_dependencies = f.read()
-        except OSError as exc:
-            raise UserErrorException(f"cannot read {file_path}: {exc.strerror or exc}") from None
+        env.python.conda_dependencies = CondaDependencies(conda_dependencies_file_path=file_path)
         return env
 
     @classmethod
@@ -111,12 +144,44 @@ class Environment(_ConfigElement):
             raise UserErrorException("Only one of version or label can be specified")
         if label is not None:
             raise UserErrorException("environment labels are not supported by labrun; use a version")
-        return Environment._from_wire(workspace._call("env_get", name=name,
-                                                      version=int(version) if version is not None else None))
+        try:
+            return Environment._from_wire(workspace._call("env_get", name=name,
+                                                          version=int(version) if version is not None else None))
+        except NotFound as exc:
+            if not name.startswith(("AzureML-", "Microsoft")):
+                raise
+            raise NotFound(f"{exc.message}. Azure ML's curated environments are not on this machine: describe the "
+                           "packages yourself (CondaDependencies.create, Environment.from_pip_requirements) or "
+                           "register one under this name with env.register(ws)") from None
 
     @staticmethod
     def list(workspace) -> dict:
         return {e["name"]: Environment._from_wire(e) for e in workspace._call("env_list")}
+
+    def _serialize_to_dict(self) -> dict:
+        """Azure ML's serialized environment (as in ``runDefinition.environment``)."""
+        deps = self.python.conda_dependencies
+        if isinstance(deps, str):
+            deps = CondaDependencies._from_string(deps)
+        conda = None
+        if deps is not None:
+            spec = deps._spec
+            conda = {"name": spec.get("name"), "channels": list(spec["channels"]),
+                     "dependencies": [*spec["conda"], *([{"pip": list(spec["pip"])}] if spec["pip"] else [])]}
+        registry = self.docker.base_image_registry
+        return {
+            "name": self.name,
+            "version": self.version,
+            "environmentVariables": dict(self.environment_variables or {}),
+            "python": {"userManagedDependencies": self.python.user_managed_dependencies,
+                       "interpreterPath": self.python.interpreter_path, "condaDependencies": conda,
+                       "baseCondaEnvironment": self.python.base_conda_environment},
+            "docker": {"enabled": self.docker.enabled, "baseImage": self.docker.base_image,
+                       "baseDockerfile": self.docker.base_dockerfile, "sharedVolumes": self.docker.shared_volumes,
+                       "shmSize": self.docker.shm_size, "arguments": list(self.docker.arguments),
+                       "baseImageRegistry": {"address": registry.address, "username": registry.username,
+                                             "password": None if registry.password is None else "***"}},
+        }
 
     # -- wire ------------------------------------------------------------------------
 
@@ -129,9 +194,11 @@ class Environment(_ConfigElement):
                 "user_managed_dependencies": bool(self.python.user_managed_dependencies),
                 "interpreter_path": self.python.interpreter_path,
                 "pip_requirements": list(self.python.pip_requirements) if self.python.pip_requirements else None,
-                "conda_specification": self.python.conda_dependencies if isinstance(self.python.conda_dependencies, str) else None,
+                "conda_specification": None if self.python.user_managed_dependencies else self.python._conda_wire(),
             },
-            "docker": {"base_image": self.docker.base_image},
+            # Azure ML's default image is not on this machine: without one of its own, a Docker run
+            # uses its target's image.
+            "docker": {"base_image": None if self.docker.base_image == DEFAULT_CPU_IMAGE else self.docker.base_image},
         }
 
     @staticmethod
@@ -143,8 +210,9 @@ class Environment(_ConfigElement):
         env.python.user_managed_dependencies = python.get("user_managed_dependencies", False)
         env.python.interpreter_path = python.get("interpreter_path") or "python"
         env.python.pip_requirements = python.get("pip_requirements")
-        env.python.conda_dependencies = python.get("conda_specification")
-        env.docker.base_image = (data.get("docker") or {}).get("base_image")
+        if python.get("conda_specification"):
+            env.python.conda_dependencies = CondaDependencies._from_string(python["conda_specification"])
+        env.docker.base_image = (data.get("docker") or {}).get("base_image") or DEFAULT_CPU_IMAGE
         return env
 
     def __repr__(self) -> str:

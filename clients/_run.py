@@ -1,6 +1,8 @@
 """``Run`` and ``ScriptRun``: a handle to one run on the agent, as in Azure ML SDK v1.
 
-Inside a submitted run, ``Run.get_context()`` returns the live run (``_context``).
+Inside a submitted run, ``Run.get_context()`` returns the live run (``_context``). Interactive runs
+(``Experiment.start_logging()``, ``run.child_run()``) are created here too: they stay ``Running``
+until ``complete()``, ``fail()`` or ``cancel()``, and fail if this process exits first (``_hierarchy``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 
 from labrun.protocol import TERMINAL
 
-from . import _metrics
+from . import _hierarchy, _links, _metrics
 from .exceptions import (
     ActivityFailedException, ExperimentExecutionException, RunEnvironmentException, UserErrorException,
 )
@@ -43,23 +45,41 @@ class Run:
 
     @property
     def number(self) -> int:
-        return self._details["number"]
+        return self._details_now["number"]
 
     @property
     def status(self) -> str:
-        return self._details["status"]
+        return self._details_now["status"]
 
     @property
     def display_name(self) -> str:
-        return self._details["display_name"]
+        return self._details_now["display_name"]
+
+    @display_name.setter
+    def display_name(self, value) -> None:
+        self._set_labels("attributes", {"display_name": str(value)})
+
+    @property
+    def description(self) -> str | None:
+        return self._details_now.get("description")
+
+    @description.setter
+    def description(self, value) -> None:
+        self._set_labels("attributes", {"description": None if value is None else str(value)})
+
+    @property
+    def parent(self):
+        """The parent run, or None."""
+        parent_id = self._details_now.get("parent_run_id")
+        return None if parent_id is None else Run.get(self._workspace, parent_id)
 
     @property
     def tags(self) -> dict:
-        return dict(self._details["tags"])
+        return dict(self._details_now["tags"])
 
     @property
     def properties(self) -> dict:
-        return dict(self._details["properties"])
+        return dict(self._details_now["properties"])
 
     @property
     def type(self) -> str:
@@ -69,7 +89,13 @@ class Run:
     def _workspace(self):
         return self.experiment.workspace
 
+    @property
+    def _details_now(self) -> dict:
+        """The cached details (a live run inside a script fetches them on first use)."""
+        return self._details
+
     _token = None   # set on the live run inside a submitted run
+    _outputs = None   # an interactive run's tracked outputs folder, uploaded on complete()
 
     def _refresh(self) -> dict:
         self._details = self.experiment.workspace._call("get", run_id=self._id)
@@ -78,7 +104,7 @@ class Run:
     # -- status ------------------------------------------------------------------------
 
     def get_status(self) -> str:
-        if self._details["status"] not in TERMINAL:
+        if self._details_now["status"] not in TERMINAL:
             self._refresh()
         return self._details["status"]
 
@@ -95,8 +121,9 @@ class Run:
         return dict(self._refresh()["properties"])
 
     def get_details(self) -> dict:
-        """Azure ML's shape, with camelCase keys."""
-        d = self._refresh() if self._details["status"] not in TERMINAL else self._details
+        """Azure ML's shape, with camelCase keys. ``logFiles`` maps each log to a path on this machine."""
+        d = self._refresh() if self._details["status"] not in TERMINAL or "run_dir" not in self._details \
+            else self._details
         details = {
             "runId": d["run_id"],
             "target": d["target"],
@@ -106,24 +133,26 @@ class Run:
             "properties": d["properties"],
             "inputDatasets": [],
             "outputDatasets": [],
-            "runDefinition": {
-                "script": d["script"],
-                "command": d["command"],
-                "arguments": d["arguments"],
-                "target": d["target"],
-                "maxRunDurationSeconds": d["max_run_duration_seconds"],
-                "resources": d["resources"],
-                "priority": d["priority"],
-            },
-            "logFiles": {LOG_NAME: LOG_NAME},
+            "runDefinition": _hierarchy.run_definition(d),
+            "logFiles": {},
             "submittedBy": d["user"],
+            "warnings": [],
         }
+        if d.get("display_name"):
+            details["displayName"] = d["display_name"]
+        if d.get("description") is not None:
+            details["description"] = d["description"]
         if d["ended_at"] is not None:
             details["endTimeUtc"] = _utc(d["ended_at"])
         logs = [f["name"] for f in self.get_file_list() if f["name"].startswith("user_logs/")]
-        details["logFiles"] = {name: name for name in logs or [LOG_NAME]}
+        if not d.get("interactive"):
+            logs = logs or [LOG_NAME]
+        run_dir = d.get("run_dir")
+        details["logFiles"] = {name: os.path.join(run_dir, "logs", name[len("user_logs/"):]) if run_dir else name
+                               for name in logs}
         if d["status"] in ("Failed", "Canceled") and d.get("error"):
-            error = {"code": "UserError" if d["reason"] in ("exit_code", "signal") else "SystemError",
+            user_error = d["reason"] in ("exit_code", "signal", "failed", "client_exited", "canceled")
+            error = {"code": (d.get("reported_error") or {}).get("code") or ("UserError" if user_error else "SystemError"),
                      "message": d["error"], "reason": d["reason"], "exitCode": d["exit_code"], "signal": d["signal"]}
             if d.get("reported_error"):
                 error["reported"] = d["reported_error"]
@@ -132,8 +161,8 @@ class Run:
 
     # -- waiting and logs --------------------------------------------------------------
 
-    def _log_chunks(self, follow: bool):
-        for item in self.experiment.workspace._stream("logs", run_id=self._id, follow=follow):
+    def _log_chunks(self, follow: bool, name: str = "std_log.txt"):
+        for item in self.experiment.workspace._stream("logs", run_id=self._id, follow=follow, name=name):
             yield item["data"]
 
     def wait_for_completion(self, show_output=False, wait_post_processing=False, raise_on_error=True) -> dict:
@@ -144,11 +173,13 @@ class Run:
         """
         if show_output:
             out = sys.stdout
-            out.write(f"RunId: {self._id}\nWeb View: {self.get_portal_url(_wait_seconds=2)}\n\nStreaming {LOG_NAME}\n"
-                      f"{'=' * (len('Streaming ') + len(LOG_NAME))}\n\n")
+            # A distributed run's primary log is rank 0's, as Azure ML streams it.
+            log_name = "std_log_process_0.txt" if self._refresh().get("distributed") else "std_log.txt"
+            header = f"Streaming user_logs/{log_name}"
+            out.write(f"RunId: {self._id}\nWeb View: {self.get_portal_url(_wait_seconds=2)}\n\n{header}\n{'=' * len(header)}\n\n")
             out.flush()
             try:
-                for chunk in self._log_chunks(follow=True):
+                for chunk in self._log_chunks(follow=True, name=log_name):
                     out.write(chunk.decode("utf-8", errors="replace"))
                     out.flush()
             except KeyboardInterrupt:
@@ -172,23 +203,79 @@ class Run:
         return details
 
     def get_portal_url(self, _wait_seconds: float = 0.0) -> str | None:
-        """The run's page in the MLflow UI (None when the agent mirrors into no MLflow server).
-
-        Until the run exists in MLflow (moments after it is queued), this is the experiment's page.
-        """
-        deadline = time.monotonic() + _wait_seconds
-        while True:
-            link = self._refresh().get("mlflow")
-            if link is None or link["run_id"] is not None or time.monotonic() >= deadline:
-                return link["url"] if link else None
-            time.sleep(0.1)
+        """The run's page in the MLflow UI when the agent mirrors into MLflow, else its directory (``_links``)."""
+        return _links.run_link(self, _wait_seconds)
 
     def get_log(self) -> str:
         """The whole of the run's log so far."""
         return b"".join(self._log_chunks(follow=False)).decode("utf-8", errors="replace")
 
     def cancel(self) -> None:
+        """Cancel the run and the runs below it."""
         self._details = self.experiment.workspace._call("cancel", run_id=self._id)
+
+    def get_details_with_logs(self) -> dict:
+        """``get_details()``, with each log's contents in ``logFiles``."""
+        details = self.get_details()
+        details["logFiles"] = {name: b"".join(self._log_chunks(False, name[len("user_logs/"):]))
+                               .decode("utf-8", errors="replace") for name in details["logFiles"]}
+        return details
+
+    # -- interactive runs and hierarchies (see _hierarchy) --------------------------------
+
+    def complete(self, _set_status=True) -> None:
+        """End an interactive run ``Completed``, uploading ``./outputs`` first (as Azure ML does)."""
+        _hierarchy.complete(self, _set_status)
+
+    def fail(self, error_details=None, error_code=None, _set_status=True) -> None:
+        """End the run ``Failed``: an interactive run at once; a submitted run is stopped first."""
+        _hierarchy.fail(self, error_details, error_code, _set_status)
+
+    def start(self) -> None:
+        """Interactive runs start ``Running``; kept for Azure ML code that calls it."""
+
+    def child_run(self, name=None, run_id=None, outputs=None) -> "Run":
+        return _hierarchy.child_run(self, name, run_id, outputs)
+
+    def create_children(self, count=None, tag_key=None, tag_values=None) -> list:
+        return _hierarchy.create_children(self, count, tag_key, tag_values)
+
+    def get_children(self, recursive=False, tags=None, properties=None, type=None, status=None,
+                     _rehydrate_runs=True):
+        return _hierarchy.get_children(self, recursive, tags, properties, type, status)
+
+    def submit_child(self, config, tags=None, **kwargs) -> "Run":
+        return self.experiment.submit(config, tags, _parent_run_id=self._id, **kwargs)
+
+    def register_model(self, model_name, model_path=None, tags=None, properties=None, **kwargs):
+        """The model registry is an Azure ML cloud service: refused, saying what to do instead."""
+        from ._refused import NotSupportedError, refusal
+
+        raise NotSupportedError(refusal("Model"))
+
+    def restore_snapshot(self, snapshot_id=None, path=None) -> str:
+        return _hierarchy.restore_snapshot(self, snapshot_id, path)
+
+    @staticmethod
+    def list(experiment, type=None, tags=None, properties=None, status=None, include_children=False):
+        """The experiment's runs, newest first (a generator)."""
+        return experiment.get_runs(type=type, tags=tags, properties=properties, include_children=include_children,
+                                   status=status)
+
+    @staticmethod
+    def get(workspace, run_id) -> "Run":
+        return _hierarchy.run_from_details(workspace, workspace._call("get", run_id=run_id))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        """``with run:`` completes the run, or fails it with the exception (SystemExit(0) is success)."""
+        if exc is None or (isinstance(exc, SystemExit) and exc.code in (None, 0)):
+            self.complete()
+            return isinstance(exc, SystemExit)
+        self.fail(exc)
+        return False
 
     # -- metrics, tags, properties -----------------------------------------------------
 
@@ -240,9 +327,17 @@ class Run:
         self._queue_metric(name, "image", f"aml://artifactId/ExperimentRun/dcid.{self._id}/{artifact}", description)
 
     def get_metrics(self, name=None, recursive=False, run_type=None, populate=False) -> dict:
+        """``{name: value}``; with ``recursive``, ``{run_id: {name: value}}`` over this run and those below it."""
         self.flush()
         folded = _metrics.fold(self._workspace._call("get_metrics", run_id=self._id, name=name))
-        return {self._id: folded} if recursive else folded
+        if not recursive:
+            return folded
+        found = {self._id: folded} if folded else {}
+        for child in self.get_children(recursive=True):
+            metrics = child.get_metrics(name=name)
+            if metrics:
+                found[child.id] = metrics
+        return found
 
     def flush(self, timeout_seconds=300) -> None:
         pass
@@ -352,6 +447,17 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run(Experiment: {self.experiment.name},\nId: {self._id},\nType: {self.type},\nStatus: {self.status})"
+
+    def _repr_html_(self) -> str:
+        """The table a notebook shows for a run, as Azure ML's does."""
+        import html
+
+        link = self.get_portal_url()
+        cells = [self.experiment.name, self._id, self.type, self.status]
+        row = "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
+        page = f"<a href='{html.escape(link)}' target='_blank'>Link to the run</a>" if link else "-"
+        return ("<table><tr><th>Experiment</th><th>Id</th><th>Type</th><th>Status</th><th>Details Page</th></tr>"
+                f"<tr>{row}<td>{page}</td></tr></table>")
 
 
 class ScriptRun(Run):

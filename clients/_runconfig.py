@@ -95,9 +95,19 @@ class Resources(_ConfigElement):
         return {"cpus": self.cpus, "memory": memory, "gpus": self.gpus}
 
 
+class HistoryConfiguration(_ConfigElement):
+    def __init__(self):
+        self.output_collection = True
+        self.snapshot_project = True
+        self.directories_to_watch = ["logs"]
+        self._seal()
+
+
 class RunConfiguration(_ConfigElement):
     def __init__(self, script=None, arguments=None, framework=None, communicator=None, conda_dependencies=None,
                  _history_enabled=None, _path=None, _name=None, command=None):
+        from ._environment import Environment
+
         self.script = script
         self.arguments = list(arguments) if arguments is not None else []
         self.command = command if command is not None else ""
@@ -107,12 +117,42 @@ class RunConfiguration(_ConfigElement):
         self.max_run_duration_seconds = None
         self.node_count = 1
         self.priority = None
-        self.environment = None
+        self.environment = Environment("default-environment")
+        if conda_dependencies is not None:
+            self.environment.python.conda_dependencies = conda_dependencies
+        self.history = HistoryConfiguration()
         self.environment_variables = {}
         self.docker = DockerConfiguration()
         self.mpi = MpiConfiguration()
         self.pytorch = PyTorchConfiguration()
         self.tensorflow = TensorflowConfiguration()
         self.resources = Resources()
-        self.conda_dependencies = conda_dependencies
         self._seal()
+
+    def _serialize_to_dict(self) -> dict:
+        """Azure ML's ``runDefinition``: camelCase keys, ``arguments`` with their types kept."""
+        environment = self.environment
+        docker = self.docker
+        return {
+            "script": self.script,
+            "command": self.command if isinstance(self.command, str) else " ".join(map(str, self.command)),
+            "arguments": list(self.arguments),
+            "target": self.target,
+            "framework": self.framework,
+            "communicator": self.communicator,
+            "maxRunDurationSeconds": self.max_run_duration_seconds,
+            "nodeCount": self.node_count,
+            "priority": self.priority,
+            "environment": environment._serialize_to_dict() if hasattr(environment, "_serialize_to_dict") else None,
+            "history": {"outputCollection": self.history.output_collection,
+                        "snapshotProject": self.history.snapshot_project,
+                        "directoriesToWatch": list(self.history.directories_to_watch)},
+            "docker": None if docker is None else {"useDocker": docker.use_docker, "sharedVolumes": docker.shared_volumes,
+                                                   "arguments": list(docker.arguments), "shmSize": docker.shm_size},
+            "tensorflow": {"workerCount": self.tensorflow.worker_count,
+                           "parameterServerCount": self.tensorflow.parameter_server_count},
+            "mpi": {"processCountPerNode": self.mpi.process_count_per_node, "nodeCount": self.mpi.node_count},
+            "pytorch": {"communicationBackend": self.pytorch.communication_backend,
+                        "processCount": self.pytorch.process_count, "nodeCount": self.pytorch.node_count},
+            "environmentVariables": {str(k): str(v) for k, v in (self.environment_variables or {}).items()},
+        }

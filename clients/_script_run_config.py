@@ -2,9 +2,12 @@
 
 Differences from Azure ML, on purpose (the README lists them):
 - the caller's ``arguments`` list is copied, never mutated;
-- a ``command`` list is exec'd as a list (no ``" ".join`` without quoting); a string
-  goes through ``/bin/sh -c``;
-- setting both ``command`` and ``script`` is an error at once, not a service error later.
+- setting both ``command`` and ``script`` is an error at once, not a service error later;
+- non-string elements of a ``command`` list are converted with ``str()`` (Azure ML raises TypeError).
+
+As in Azure ML, a ``command`` list is joined with spaces (no quoting) and the line runs through
+``/bin/sh -c``, so ``$NODE_RANK`` and friends expand; so does a ``command`` string. (The CLI's
+``labrun run -- CMD...`` execs its argv instead, as ``docker run`` does.)
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ class ScriptRunConfig:
         else:
             run_config = RunConfiguration()
             run_config.target = _target_name(compute_target)
-            run_config.environment = environment
+            if environment:
+                run_config.environment = environment
             run_config.max_run_duration_seconds = max_run_duration_seconds
             if distributed_job_config is not None:
                 if isinstance(distributed_job_config, TensorflowConfiguration):
@@ -177,7 +181,8 @@ class ScriptRunConfig:
                                             "'script' with 'arguments'.")
         if script is None and not command:
             raise RunConfigurationException("Nothing to run: set 'script' (with 'arguments') or 'command'.")
-        arguments = [str(a) for a in (self.arguments if self.arguments else rc.arguments)]
+        typed_arguments = list(self.arguments if self.arguments else rc.arguments)
+        arguments = [str(a) for a in typed_arguments]
         if command and arguments:
             raise RunConfigurationException("'arguments' go with 'script'; with 'command', put them in the command.")
         source = self.source_directory or "."
@@ -188,9 +193,7 @@ class ScriptRunConfig:
                     f"{full} script path doesn't exist. The script should be inside the project folder")
             script = os.path.relpath(os.path.normpath(full), source)
         if isinstance(command, (list, tuple)):
-            if not all(isinstance(part, str) for part in command):
-                command = [str(part) for part in command]
-            command = list(command)
+            command = " ".join(str(part) for part in command)
         resources = Resources.coerce(rc.resources)
         duration = rc.max_run_duration_seconds or MAX_DURATION_SECONDS_DEFAULT
         return {
@@ -209,9 +212,23 @@ class ScriptRunConfig:
             "distributed": self._distributed_wire(),
             "resume_from": self._resume_wire(),
             "docker": self._docker_wire(),
+            "run_definition": self._run_definition(script, command, typed_arguments),
             **({"after": self.after} if self.after else {}),
             **({"afterok": self.afterok} if self.afterok else {}),
         }
+
+    def _run_definition(self, script, command, arguments) -> dict:
+        """Azure ML's ``runDefinition`` of this submit: what ``get_details()`` shows, types kept."""
+        definition = self.run_config._serialize_to_dict()
+        definition.update(script=script, command=command or "", arguments=arguments)
+        try:
+            from labrun.protocol._framing import pack_frame
+
+            pack_frame(definition)   # anything msgpack cannot carry is shown as its str()
+        except (TypeError, ValueError, OverflowError):
+            definition["arguments"] = [a if isinstance(a, (str, int, float, bool, type(None))) else str(a)
+                                       for a in arguments]
+        return definition
 
     def __repr__(self) -> str:
         what = f"command={self.command!r}" if self.command else f"script={self.script!r}, arguments={self.arguments!r}"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from ._connection import AgentConnection
 from ._discovery import connect
-from .exceptions import AgentAccessDenied, AgentUnavailable, AgentUntrusted
+from .exceptions import AgentAccessDenied, AgentUnavailable, AgentUntrusted, UserErrorException
 
 # Safe to send again after the agent restarted mid-call: they change nothing, or nothing twice.
 RETRYABLE_OPS = frozenset({"get", "list", "wait", "status", "cancel", "logs"})
@@ -21,6 +22,8 @@ class Workspace:
     are accepted and kept for display, so existing code need not change.
     """
 
+    location = "local"
+
     def __init__(self, subscription_id=None, resource_group=None, workspace_name=None, *, socket=None,
                  autostart=None, **kwargs):
         self.subscription_id = subscription_id
@@ -31,8 +34,57 @@ class Workspace:
         self._connection: AgentConnection | None = None
 
     @classmethod
-    def from_config(cls, path=None, **kwargs) -> "Workspace":
-        return cls(**kwargs)
+    def from_config(cls, path=None, auth=None, _logger=None, _file_name=None, **kwargs) -> "Workspace":
+        """The workspace a ``config.json`` describes (as Azure ML finds it), else this machine's agent.
+
+        Looked for, as in Azure ML: ``path`` itself if it is a file, else ``config.json`` or
+        ``.azureml/config.json`` in ``path`` (default: the current directory) and its parents. Its
+        ``subscription_id``, ``resource_group`` and ``workspace_name`` are kept for display; a
+        ``socket`` key names the agent.
+        """
+        found = _find_config(path, _file_name or "config.json")
+        if found is None:
+            return cls(**kwargs)
+        try:
+            with open(found) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise UserErrorException(f"cannot read the workspace configuration {found}: {exc}") from None
+        if not isinstance(config, dict):
+            raise UserErrorException(f"{found}: a workspace configuration is a JSON object")
+        kwargs.setdefault("socket", config.get("socket"))
+        return cls(config.get("subscription_id"), config.get("resource_group"), config.get("workspace_name"),
+                   **kwargs)
+
+    def write_config(self, path=None, file_name=None) -> str:
+        """Write ``<path>/.azureml/<file_name>`` (default ``config.json``) for ``from_config``; returns its path."""
+        directory = os.path.join(path or ".", ".azureml")
+        os.makedirs(directory, exist_ok=True)
+        target = os.path.join(directory, file_name or "config.json")
+        config = {"subscription_id": self.subscription_id, "resource_group": self.resource_group,
+                  "workspace_name": self.name}
+        if self._socket is not None:
+            config["socket"] = self._socket
+        with open(target, "w") as f:
+            json.dump(config, f, indent=4)
+        return target
+
+    def get_details(self) -> dict:
+        """Azure ML's workspace details, for this agent."""
+        status = self.status()
+        return {"id": f"labrun://{status['socket']}", "name": self.name, "location": self.location,
+                "type": "labrun", "friendlyName": self.name, "resourceGroup": self.resource_group,
+                "subscriptionId": self.subscription_id, "agentVersion": status["agent_version"],
+                "socket": status["socket"], "stateDirectory": status["state_dir"], "system": status["system"],
+                "workspaceid": status["socket"]}
+
+    @property
+    def experiments(self) -> dict:
+        """``{name: Experiment}`` for the agent's active experiments."""
+        from ._experiment import Experiment
+
+        return {e.name: e for e in Experiment.list(self)}
+
 
     @classmethod
     def get(cls, name=None, **kwargs) -> "Workspace":
@@ -191,3 +243,17 @@ class Workspace:
 
     def __repr__(self) -> str:
         return f"Workspace.create(name='{self.name}', socket='{self._socket}')"
+
+
+def _find_config(path, file_name: str) -> str | None:
+    if path is not None and os.path.isfile(path):
+        return os.fspath(path)
+    directory = os.path.abspath(path or os.getcwd())
+    while True:
+        for candidate in (os.path.join(directory, file_name), os.path.join(directory, ".azureml", file_name)):
+            if os.path.isfile(candidate):
+                return candidate
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent

@@ -303,6 +303,10 @@ RUN_SPEC = struct({
     "distributed": Field(nullable(DISTRIBUTED), None),
     "resume_from": Field(nullable(RESUME_FROM), None),
     "docker": Field(nullable(DOCKER), None),
+    # Azure ML's run hierarchy, and its runDefinition as the client built it (shown back by get_details).
+    "parent_run_id": Field(nullable(string(pattern=RUN_ID_RE, what="not a run id")), None),
+    "description": Field(nullable(string(max_len=1 << 14)), None),
+    "run_definition": Field(nullable(map_of(anything, max_items=100)), None),
     # Dependencies (labrun's own, after Slurm's --dependency): start once these runs (or arrays) have ended
     # whatever their outcome (``after``), or only if they all Completed (``afterok``).
     "after": Field(list_of(string(pattern=RUN_ID_RE, what="not a run id"), max_items=1000), list),
@@ -335,6 +339,7 @@ OP_SCHEMAS: dict[str, Validator] = {
         "status": Field(nullable(list_of(enum(STATUSES), max_items=len(STATUSES))), None),
         "limit": Field(nullable(integer(min=1, max=10_000)), None),
         "before": Field(nullable(integer(min=1)), None),
+        "parent": Field(nullable(_RUN_ID), None),
         "array": Field(nullable(_RUN_ID), None),
     }),
     "cancel": struct({"run_id": Field(_RUN_ID)}),
@@ -371,7 +376,7 @@ OP_SCHEMAS: dict[str, Validator] = {
     "set_labels": struct({
         "run_id": Field(_RUN_ID),
         "token": Field(nullable(string(max_len=200)), None),
-        "kind": Field(enum(("tags", "properties", "error"))),
+        "kind": Field(enum(("tags", "properties", "error", "attributes"))),
         # An error's text may be long; tags and properties are held to the agent's [limits] by the agent.
         "values": Field(map_of(nullable(string(max_len=1 << 16)), max_items=1000,
                                key=string(min_len=1, max_len=LABEL_KEY_MAX))),
@@ -388,6 +393,30 @@ OP_SCHEMAS: dict[str, Validator] = {
     "env_register": struct({"environment": Field(ENVIRONMENT)}),
     "env_get": struct({"name": Field(_NAME), "version": Field(nullable(integer(min=1)), None)}),
     "env_list": struct({}),
+    # Interactive runs (start_logging, child_run): created Running, ended by the client, bound to its connection.
+    "start_run": struct({
+        "experiment": Field(string(pattern=EXPERIMENT_NAME_RE, what="not an experiment name")),
+        "run_id": Field(nullable(_RUN_ID), None),
+        "display_name": Field(nullable(string(max_len=1024)), None),
+        "description": Field(nullable(string(max_len=1 << 14)), None),
+        "tags": Field(_LABELS, dict),
+        "properties": Field(_LABELS, dict),
+        "parent_run_id": Field(nullable(_RUN_ID), None),
+    }),
+    "finish": struct({
+        "run_id": Field(_RUN_ID),
+        "token": Field(nullable(string(max_len=200)), None),
+        "status": Field(enum(("Completed", "Failed", "Canceled"))),
+        "error": Field(nullable(string(max_len=1 << 16)), None),
+        "error_code": Field(nullable(string(max_len=200)), None),
+    }),
+    "experiments": struct({}),
+    "experiment_update": struct({
+        "name": Field(string(pattern=EXPERIMENT_NAME_RE, what="not an experiment name")),
+        "tags": Field(nullable(map_of(nullable(string(max_len=4096)), max_items=1000)), None),
+        "remove_tags": Field(nullable(list_of(string(max_len=4096), max_items=1000)), None),
+        "archived": Field(nullable(boolean), None),
+    }),
     "ui": struct({"start": Field(boolean, True), "timeout": Field(number(min=0), 120.0)}),
     "watch": struct({
         "since": Field(nullable(integer(min=0)), None),

@@ -35,7 +35,6 @@ import structlog
 import trio
 
 from .._cgroups import RunCgroups
-from .._environments import needs_conda
 from ._base import (
     Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Recovery, StartFailed, refuse,
 )
@@ -133,10 +132,6 @@ class LocalExecutor(Executor):
 
     def admit(self, spec: dict, target) -> None:
         super().admit(spec, target)
-        environment = spec.get("environment")
-        if environment is not None and needs_conda(environment) and shutil.which("conda") is None:
-            refuse("environment", f"environment {environment['name']!r} is a conda specification, and this "
-                                  "machine has no 'conda' binary; use pip requirements or install conda")
         distributed = spec.get("distributed")
         if distributed is not None:
             if distributed["node_count"] > 1:

@@ -136,6 +136,7 @@ def _submit(args) -> tuple[object, dict]:
         shell_line = len(command) == 1 and any(c in command[0] for c in " \t;&|<>$`*?")
         config = ScriptRunConfig(args.source_dir, command=command[0] if shell_line else command)
     rc = config.run_config
+    rc.environment = None   # the CLI's runs use the caller's interpreter and variables, without Azure ML's defaults
     rc.environment_variables = _pairs(args.env, "--env")
     if args.max_duration is not None:
         rc.max_run_duration_seconds = args.max_duration
@@ -151,6 +152,8 @@ def _submit(args) -> tuple[object, dict]:
     elif args.shm_size:
         raise UsageError("--shm-size goes with --image")
     spec = config._to_spec(args.experiment)
+    if not args.script and not shell_line:
+        spec["command"] = command   # exec'd as an argv, as `docker run` does (the Python API joins it for a shell)
     spec["display_name"] = args.name
     spec["tags"] = {k: v or "" for k, v in _tag_options(args.tag).items()}   # --tag K: a tag without value
     after, afterok = _slurm_dependency(args.dependency)
@@ -217,9 +220,10 @@ def cmd_ls(args) -> int:
         for run in runs:
             _print_jsonl(run)
         return 0
-    rows = [[r["run_id"], _format.name(r), r["status"], r["user"], r["experiment"], _format.age(r["submitted_at"]),
+    # Child runs (Azure ML's run hierarchies) are shown under their parent.
+    rows = [[prefix + r["run_id"], _format.name(r), r["status"], r["user"], r["experiment"], _format.age(r["submitted_at"]),
              _format.run_duration(r), _format.outcome(r), _format.tags(r)]
-            for r in (runs if args.array or args.expand else _format.group_arrays(runs))]
+            for prefix, r in _format.tree(runs if args.array or args.expand else _format.group_arrays(runs))]
     print(_format.table(["RUN", "NAME", "STATUS", "USER", "EXPERIMENT", "SUBMITTED", "TIME", "INFO", "TAGS"], rows))
     return 0
 

@@ -69,6 +69,29 @@ def outcome(run: dict) -> str:
     return ""
 
 
+def tree(runs: list[dict]) -> list[tuple[str, dict]]:
+    """Runs with their children under them (oldest first), as ``(prefix, run)``; the rest keep their order."""
+    listed = {r["run_id"] for r in runs}
+    children: dict[str, list[dict]] = {}
+    for run in runs:
+        parent = run.get("parent_run_id")
+        if parent in listed:
+            children.setdefault(parent, []).append(run)
+    rows: list[tuple[str, dict]] = []
+
+    def add(run: dict, prefix: str, branch: str) -> None:
+        rows.append((prefix + branch, run))
+        below = sorted(children.get(run["run_id"], []), key=lambda r: r["order"])
+        inner = prefix + ("   " if branch.startswith("└") else "│  " if branch else "")
+        for i, child in enumerate(below):
+            add(child, inner, "└─ " if i == len(below) - 1 else "├─ ")
+
+    for run in runs:
+        if run.get("parent_run_id") not in listed:
+            add(run, "", "")
+    return rows
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     rows = [[escape(c) for c in row] for row in [headers, *rows]]
     widths = [max(len(c) for c in column) for column in zip(*rows)]
@@ -80,6 +103,8 @@ def command_line(run: dict) -> str:
     if run["script"] is not None:
         return " ".join(["python", run["script"], *run["arguments"]])
     command = run["command"]
+    if command is None:
+        return "(interactive: start_logging or child_run)"
     return command if isinstance(command, str) else " ".join(command)
 
 

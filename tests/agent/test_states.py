@@ -45,3 +45,6 @@ def test_outcome_of_each_way_a_run_ends():
     assert limit.status == "Canceled" and "max_run_duration_seconds" in limit.error
     assert outcome(None, cancel_reason="canceled").status == "Canceled"
     assert outcome(None).status == "Failed"
+    # Run.fail() from outside: the run is stopped as a cancel is, and ends Failed with the given error.
+    assert outcome(ExitResult(signal=15), cancel_reason="failed", fail_error="gave up") == ("Failed", "failed", "gave up")
+    assert outcome(None, cancel_reason="failed", fail_error="gave up").status == "Failed"

@@ -65,9 +65,10 @@ def test_resources_keyword():
         ScriptRunConfig(".", command=["true"], resources={"gpu": 1})
 
 
-def test_command_elements_become_strings_and_spec_is_built(tmp_path):
-    spec = ScriptRunConfig(str(tmp_path), command=["python", "train.py", "--arg1", 3])._to_spec("e")
-    assert spec["command"] == ["python", "train.py", "--arg1", "3"] and spec["script"] is None
+def test_command_list_is_joined_for_the_shell_as_in_azure_ml(tmp_path):
+    spec = ScriptRunConfig(str(tmp_path), command=["python", "train.py", "--arg1", 3, "--rank", "$NODE_RANK"])._to_spec("e")
+    assert spec["command"] == "python train.py --arg1 3 --rank $NODE_RANK" and spec["script"] is None
+    assert spec["run_definition"]["command"] == spec["command"]
 
 
 @pytest.mark.parametrize("name", ["", "has space", "-leading", "x" * 256, "ünï"])

@@ -2,6 +2,7 @@
 
 import os
 import pwd
+import shlex
 import socket
 import struct
 import subprocess
@@ -46,6 +47,9 @@ def wait_until(predicate, timeout=15.0, what="condition"):
 
 
 def submit(agent, source, command, **kwargs):
+    if isinstance(command, list):
+        # An argv, run as it is (the Python API joins a list for the shell, as Azure ML does).
+        command = "exec " + shlex.join(command)
     return Experiment(agent.workspace(), "exp").submit(ScriptRunConfig(str(source), command=command, **kwargs))
 
 

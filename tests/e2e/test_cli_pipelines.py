@@ -79,7 +79,7 @@ def test_dependencies_survive_an_agent_restart(make_agent, source):
 
 def test_python_after(agent, source):
     experiment = Experiment(agent.workspace(), "deps")
-    first = experiment.submit(ScriptRunConfig(str(source), command=["sh", "-c", "sleep 1; exit 1"]))
+    first = experiment.submit(ScriptRunConfig(str(source), command="sleep 1; exit 1"))
     second = experiment.submit(ScriptRunConfig(str(source), command=["true"], afterok=[first]))
     third = experiment.submit(ScriptRunConfig(str(source), command=["true"], after=[first.id]))
     third.wait_for_completion()

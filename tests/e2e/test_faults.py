@@ -70,8 +70,7 @@ def test_a_run_that_ends_on_a_full_disk_is_recorded_when_space_returns(make_agen
     pid = agent.process.pid
     experiment = Experiment(agent.workspace(), "exp")
     go = tmp_path / "go"
-    run = experiment.submit(ScriptRunConfig(str(source), command=[
-        "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.05; done"]))
+    run = experiment.submit(ScriptRunConfig(str(source), command=f"while [ ! -e {go} ]; do sleep 0.05; done"))
     wait_until(lambda: run.get_status() == "Running", what="the run to start")
     reserve = small_disk.path / "state" / "reserve"
     assert reserve.exists()

@@ -88,7 +88,7 @@ def test_logged_metrics_params_status_and_artifacts(make_agent, mlflow_server, t
     assert info["end_time"] >= info["start_time"]
     assert params(twin) == {"lr": "0.01", "epochs": "3", "verbose": "true", "labrun.target": "local",
                             "labrun.cpus": "1", "labrun.gpus": "0", "labrun.max_run_duration_seconds": "2592000",
-                            "labrun.priority": "0"}
+                            "labrun.priority": "0", "labrun.environment": "default-environment"}
     found_tags = tags(twin)
     assert found_tags["labrun.run_id"] == run.id
     assert found_tags["labrun.user"] == found_tags["mlflow.user"] == run.get_details()["submittedBy"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from labrun import Experiment, PyTorchConfiguration, ScriptRunConfig
+from labrun import Experiment, PyTorchConfiguration, Run, ScriptRunConfig
 from tests.e2e.test_agent import processes_of, submit, wait_until
 from tests.e2e.test_docker import container_run, image  # noqa: F401 (a fixture)
 
@@ -243,12 +243,18 @@ def test_a_run_no_record_owns_is_killed_at_start(make_agent, source):
         orphan.wait()
 
 
+def submit_argv(agent, source, argv):
+    """A run of ``argv`` exec'd as it is, as the CLI submits it (the Python API joins a list for a shell)."""
+    run_id = agent.cli("submit", "--source-dir", str(source), "--", *argv, check=True).stdout.strip()
+    return Run(Experiment(agent.workspace(), "default"), run_id)
+
+
 def test_a_command_that_cannot_start_fails_the_run_and_its_log_says_why(agent, source):
-    missing = submit(agent, source, ["/no/such/program", "x"])
+    missing = submit_argv(agent, source, ["/no/such/program", "x"])
     assert missing.wait_for_completion(raise_on_error=False)["status"] == "Failed"
     assert missing._details["reason"] == "command_not_found"
     assert "cannot start '/no/such/program': No such file or directory" in missing.get_log()
     (source / "plain.txt").write_text("not a program")
-    refused = submit(agent, source, ["./plain.txt"])
+    refused = submit_argv(agent, source, ["./plain.txt"])
     assert refused.wait_for_completion(raise_on_error=False)["status"] == "Failed"
     assert refused._details["reason"] == "start_failed" and "Permission denied" in refused.get_log()

@@ -36,12 +36,12 @@ def test_script_with_arguments(agent, source):
 
 
 def test_command_list_and_shell_string(agent, source):
-    """A list is exec'd without a shell; a string goes through /bin/sh -c."""
-    listed = submit(agent, ScriptRunConfig(str(source), command=["echo", "$HOME", "a b"]))
+    """As in Azure ML, a list is joined with spaces and, like a string, runs through /bin/sh -c."""
+    listed = submit(agent, ScriptRunConfig(str(source), command=["echo", "$HOME", "a  b"]))
     shelled = submit(agent, ScriptRunConfig(str(source), command="echo one && echo two"))
     listed.wait_for_completion()
     shelled.wait_for_completion()
-    assert listed.get_log() == "$HOME a b\n"
+    assert listed.get_log() == f"{os.environ['HOME']} a b\n"
     assert shelled.get_log() == "one\ntwo\n"
 
 
@@ -49,9 +49,8 @@ def test_run_environment(agent, source):
     """The run sees the client's environment, its own variables, then labrun's."""
     os.environ["LABRUN_TEST_CLIENT_VAR"] = "from-client"
     try:
-        config = ScriptRunConfig(str(source), command=["sh", "-c", "echo $LABRUN_TEST_CLIENT_VAR $MINE "
-                                                                   "$LABRUN_RUN_ID $LABRUN_EXPERIMENT $LABRUN_SOCKET; "
-                                                                   "test -d \"$LABRUN_OUTPUT_DIR\""])
+        config = ScriptRunConfig(str(source), command="echo $LABRUN_TEST_CLIENT_VAR $MINE $LABRUN_RUN_ID "
+                                                      "$LABRUN_EXPERIMENT $LABRUN_SOCKET; test -d \"$LABRUN_OUTPUT_DIR\"")
         config.run_config.environment_variables = {"MINE": "mine"}
         run = submit(agent, config)
     finally:

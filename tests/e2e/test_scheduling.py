@@ -1,5 +1,7 @@
 """Scheduling end to end: declared capacity, exclusive GPUs, priorities, fair share between users, memory limits."""
 
+import shlex
+
 import pytest
 
 from labrun import Experiment, ScriptRunConfig
@@ -10,6 +12,9 @@ RECORD = "date +%s.%N > outputs/start; {body}; date +%s.%N > outputs/end"
 
 
 def submit(agent, source, command, **kwargs):
+    if isinstance(command, list):
+        # An argv, run as it is (the Python API joins a list for the shell, as Azure ML does).
+        command = "exec " + shlex.join(command)
     return Experiment(agent.workspace(), "sched").submit(ScriptRunConfig(str(source), command=command, **kwargs))
 
 

@@ -36,11 +36,15 @@ def test_exports_are_pinned():
     import labrun.agent
     import labrun.protocol
 
+    refused = ["Dataset", "Datastore", "Image", "Keyvault", "LinkedService", "Model", "PrivateEndPoint",
+               "PrivateEndPointConfig", "SynapseWorkspaceLinkedServiceConfiguration", "Webservice",
+               "attach_legacy_compute_target", "diagnostic_log", "is_compute_target_prepared",
+               "prepare_compute_target", "remove_legacy_compute_target"]
     assert labrun.__all__ == sorted([
-        "ComputeTarget", "DataPath", "DockerConfiguration", "Environment", "Experiment", "MpiConfiguration",
-        "PyTorchConfiguration", "Resources", "Run",
+        "ComputeTarget", "ContainerRegistry", "DataPath", "DockerConfiguration", "Environment", "Experiment",
+        "MpiConfiguration", "PyTorchConfiguration", "Resources", "Run",
         "RunConfiguration", "ScriptRun", "ScriptRunConfig", "TensorflowConfiguration", "Workspace", "__version__",
-        "get_run"])
+        "VERSION", "get_run", *refused])
     for name in labrun.__all__:
         assert getattr(labrun, name) is not None
     for module in (labrun.protocol, labrun.agent):

@@ -15,6 +15,7 @@ import json
 import os
 import pwd
 import shutil
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -172,7 +173,10 @@ class Client:
                               preexec_fn=_drop_to(self.user), capture_output=True, text=True, timeout=90)
 
     def submit(self, source: Path, command, **kwargs) -> str:
-        """Submit a run (a shell command) and return its id."""
+        """Submit a run (a shell command, or an argv run as it is) and return its id."""
+        if isinstance(command, list):
+            # The Python API joins a list for the shell, as Azure ML does: an argv is exec'd through it intact.
+            command = "exec " + shlex.join(command)
         extra = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         return self.json(f"""
 from labrun import Experiment, ScriptRunConfig
