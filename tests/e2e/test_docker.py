@@ -2,6 +2,7 @@
 
 import io
 import os
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -57,6 +58,9 @@ def docker_agent(make_agent, image):
 
 
 def container_run(agent, source, command, image=IMAGE, **kwargs):
+    if isinstance(command, list):
+        # An argv, kept whole: the Python API joins a list with spaces and runs it through the shell, as Azure ML does.
+        command = "exec " + shlex.join(command)
     env = Environment.from_docker_image("busybox", image)
     docker = kwargs.pop("docker", DockerConfiguration(use_docker=True))
     config = ScriptRunConfig(str(source), command=command, environment=env, docker_runtime_config=docker, **kwargs)
