@@ -22,6 +22,12 @@ class ExitResult:
     exit_code: int | None = None
     signal: int | None = None
     memory_exceeded: bool = False   # killed for using more memory than the run asked for
+    # Set by executors that know more than an exit status (Slurm's NODE_FAIL, TIMEOUT...): the run's
+    # final status, reason and message. ``started``: the command ran at all.
+    status: str | None = None
+    reason: str | None = None
+    error: str | None = None
+    started: bool = True
 
     @property
     def ok(self) -> bool:
@@ -52,6 +58,7 @@ class LaunchSpec:
     cores: tuple[int, ...] = ()
     memory: int | None = None       # bytes; enforced when set
     container: dict | None = None   # Docker runs: image, mounts, limits, translated arguments
+    slurm: dict | None = None       # Slurm runs: {"job": SlurmJob, "settings": SlurmSettings}
 
 
 class StartFailed(Exception):

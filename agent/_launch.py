@@ -13,7 +13,7 @@ from pathlib import Path
 
 import trio
 
-from labrun.protocol import parse_memory
+from labrun.protocol import MAX_DURATION_SECONDS_DEFAULT, parse_memory
 
 from ._artifacts import artifact_path
 from ._docker_args import translate_arguments
@@ -21,6 +21,7 @@ from ._environments import EnvironmentBuilder, PreparedEnvironment, PrepareFaile
 from ._executor import LaunchSpec, Rank
 from ._model import RunRecord
 from ._scheduler import Allocation, Capacity
+from ._slurm_plan import SlurmJob, SlurmSettings, layout
 
 # Rendezvous for distributed runs on this machine.
 MASTER_ADDR = "127.0.0.1"
@@ -39,17 +40,35 @@ def free_ports(count: int) -> list[int]:
         for sock in sockets:
             sock.close()
 
+def run_duration(spec: dict, slurm) -> int:
+    """The run's time limit: its own, else (on a Slurm target with a default ``time``) the target's."""
+    duration = spec["max_run_duration_seconds"]
+    if slurm is not None and slurm.time is not None and duration == MAX_DURATION_SECONDS_DEFAULT:
+        return slurm.time
+    return duration
 
 
 class LaunchPlanner:
-    def __init__(self, config, store, capacity: Capacity, environments: EnvironmentBuilder, executor_name, image):
+    def __init__(self, config, store, capacity: Capacity, environments: EnvironmentBuilder, executor_name, image,
+                 slurm_target=lambda spec: None):
         self.config = config
         self.store = store
         self.capacity = capacity
         self.environments = environments
         self.runs_dir = config.state_dir / "runs"
-        self.executor_name = executor_name   # spec -> "local" | "docker"
+        self.executor_name = executor_name   # spec -> "local" | "docker" | "slurm"
         self.image = image                   # spec -> the Docker image, if any
+        self.slurm_target = slurm_target     # spec -> the Slurm target's settings, if any
+        self._shared_environments: dict[Path, EnvironmentBuilder] = {}
+
+    def _environments(self, slurm) -> EnvironmentBuilder:
+        """Slurm runs build their environments under the target's run_root, where every node sees them."""
+        if slurm is None:
+            return self.environments
+        envs = slurm.run_root / "envs"
+        if envs not in self._shared_environments:
+            self._shared_environments[envs] = EnvironmentBuilder(envs)
+        return self._shared_environments[envs]
 
     async def _resume_path(self, record: RunRecord, run_dir: Path) -> str:
         """Copy what the run resumes from into ``resume_from/``, as its owner, and make it read-only."""
@@ -77,6 +96,12 @@ class LaunchPlanner:
     def _ranks(self, record: RunRecord, allocation: Allocation, logs: Path) -> list[Rank]:
         """One rank per process, with the variables the frameworks expect."""
         distributed = record.spec.get("distributed")
+        if self.slurm_target(record.spec) is not None:
+            # srun starts the processes; each task's variables come from Slurm's, in the batch script.
+            tasks = layout(distributed).tasks if distributed is not None else 1
+            if tasks == 1:
+                return [Rank(log_path=logs / "std_log.txt")]
+            return [Rank(log_path=logs / f"std_log_process_{rank}.txt") for rank in range(tasks)]
         if distributed is None or distributed["kind"] == "mpi":
             return [Rank(log_path=logs / "std_log.txt")]
         gpus = list(allocation.gpus)
@@ -110,6 +135,11 @@ class LaunchPlanner:
         logs = run_dir / "logs"
         owned = os.geteuid() == 0 and record.uid != 0
         in_docker = self.executor_name(spec) == "docker"
+        slurm = self.slurm_target(spec)
+        if slurm is not None:
+            # The nodes know the run directory by its place in run_root, not by the agent's link to it.
+            run_dir = run_dir.resolve()
+            logs = run_dir / "logs"
         if in_docker:
             # The image has its own Python and paths: the client's interpreter and environment mean nothing there.
             environment = spec.get("environment") or {"python": {}}
@@ -117,7 +147,7 @@ class LaunchPlanner:
             prepared = PreparedEnvironment(python=interpreter, variables=environment.get("environment_variables"))
             env = {}
         else:
-            prepared = await self.environments.prepare(spec.get("environment"), spec["interpreter"] or "python3",
+            prepared = await self._environments(slurm).prepare(spec.get("environment"), spec["interpreter"] or "python3",
                                                        logs / "environment_build.txt", run_dir / "snapshot")
             # Queued runs keep the client's environment on disk only (see Supervisor.submit).
             env = {k: v for k, v in self.store.environ(record.run_id).items() if k != "LABRUN_RUN_TOKEN"}
@@ -133,7 +163,7 @@ class LaunchPlanner:
             "LABRUN_OUTPUT_DIR": str(run_dir / "snapshot" / "outputs"),
             "LABRUN_RUN_TOKEN": token,
         })
-        if self.capacity.gpus:
+        if self.capacity.gpus and slurm is None:   # Slurm sets CUDA_VISIBLE_DEVICES for its own GPUs
             devices = ",".join(allocation.gpus)
             env.update({"CUDA_VISIBLE_DEVICES": devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                         "NVIDIA_VISIBLE_DEVICES": devices or "void"})
@@ -142,7 +172,7 @@ class LaunchPlanner:
             path = await self._resume_path(record, run_dir)
             env["LABRUN_RESUME_FROM"] = path
             extra = ["--resume-from", path]
-        argv = self._argv(record, prepared.python, extra)
+        argv = self._argv(record, prepared.python, extra, mpirun=slurm is None)
         ranks = self._ranks(record, allocation, logs)
         for rank in ranks:
             rank.log_path.touch()
@@ -156,13 +186,23 @@ class LaunchPlanner:
                 groups = os.getgrouplist(record.user, record.gid)
             except KeyError:
                 groups = [record.gid]
+        if slurm is not None:
+            job = SlurmJob(run_id=record.run_id, argv=argv, cwd=str(run_dir / "snapshot"), logs=str(logs),
+                           run_dir=str(run_dir), duration=run_duration(spec, slurm),
+                           cpus=spec["resources"]["cpus"], memory=spec["resources"]["memory"],
+                           gpus=spec["resources"]["gpus"], distributed=spec.get("distributed"), python=prepared.python,
+                           job_name=f"labrun-{spec.get('display_name') or record.run_id}")
+            settings = SlurmSettings(partition=slurm.partition, account=slurm.account, qos=slurm.qos,
+                                     sbatch_args=slurm.sbatch_args, mpi=slurm.mpi)
+            return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=run_dir / "snapshot", ranks=ranks,
+                              uid=record.uid, gid=record.gid, groups=groups, slurm={"job": job, "settings": settings})
         return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=run_dir / "snapshot", ranks=ranks,
                           uid=record.uid, gid=record.gid, groups=groups, cores=allocation.cores,
                           memory=allocation.memory,
                           container=self._container(spec, run_dir, allocation) if in_docker else None)
 
     @staticmethod
-    def _argv(record: RunRecord, python: str, extra: list[str]) -> list[str]:
+    def _argv(record: RunRecord, python: str, extra: list[str], mpirun: bool = True) -> list[str]:
         """The command line: the script with its interpreter, or the command (a string through /bin/sh)."""
         spec = record.spec
         if spec["script"] is not None:
@@ -172,7 +212,7 @@ class LaunchPlanner:
         else:
             argv = [*spec["command"], *extra]
         distributed = spec.get("distributed")
-        if distributed is not None and distributed["kind"] == "mpi":
+        if mpirun and distributed is not None and distributed["kind"] == "mpi":
             count = distributed["process_count_per_node"] or 1
             argv = ["mpirun", "-np", str(count), *(["--allow-run-as-root"] if record.uid == 0 else []), *argv]
         return argv

@@ -29,6 +29,7 @@ from ._events import EventLog
 from ._hub import HubSender
 from ._local import LocalExecutor
 from ._logging import configure_logging
+from ._slurm import SlurmExecutor
 from ._server import AgentAlreadyRunning, ConnectionHandler, open_unix_listener, refuse_if_agent_answers
 from ._service import Service
 from ._store import Store
@@ -79,7 +80,8 @@ async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED
 async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, signals, task_status) -> None:
     capacity = discover_capacity(config.resources)
     cgroups = MemoryCgroups.detect() if config.resources.memory_enforcement == "auto" else None
-    executors = {"local": LocalExecutor(cgroups, config.stop_grace_seconds), "docker": docker}
+    executors = {"local": LocalExecutor(cgroups, config.stop_grace_seconds), "docker": docker,
+                 "slurm": SlurmExecutor(config.stop_grace_seconds)}
     supervisor = Supervisor(config, store, capacity, executors)
     events = EventLog(store, buffer=config.subscriber_buffer)
     hub = HubSender(config.hub, store, events) if config.hub is not None else None

@@ -286,6 +286,8 @@ class Service:
         in_use = {"cpus": 0, "memory": 0, "gpus": []}
         by_user: dict[str, dict] = {}
         for active in self.supervisor.active.values():
+            if not active.local:
+                continue   # a Slurm run uses the cluster, not this machine
             a, user = active.allocation, active.record.user
             in_use["cpus"] += a.cpus
             in_use["memory"] += a.memory or 0
@@ -311,8 +313,17 @@ class Service:
             "queued": len(self.supervisor.queued),
             "active": len(self.supervisor.active),
             "targets": {"local": {"kind": "local"}, **{name: {"kind": t.kind, "cpus": t.cpus, "memory": t.memory,
-                                                              "gpus": t.gpus, "image": t.image}
+                                                              "gpus": t.gpus, "image": t.image,
+                                                              **_slurm_shown(t)}
                                                        for name, t in sorted(self.config.targets.items())}},
             "events": {"last_seq": self.store.last_seq(), "subscribers": len(self.events.subscriptions)},
             "hub": self.hub.status() if self.hub is not None else None,
         }
+
+
+def _slurm_shown(target) -> dict:
+    """What ``status`` says about a Slurm target (its queue settings; never its sbatch arguments)."""
+    if target.slurm is None:
+        return {}
+    return {"partition": target.slurm.partition, "account": target.slurm.account, "qos": target.slurm.qos,
+            "run_root": str(target.slurm.run_root)}

@@ -11,11 +11,13 @@ from labrun.protocol._statuses import (
 )
 
 _NEXT: dict[str, frozenset[str]] = {
-    QUEUED: frozenset({PREPARING, CANCEL_REQUESTED, CANCELED, FAILED}),
-    # Back to Queued only when an agent restarts and finds a run it had not yet launched.
+    # Queued -> Starting: a Slurm run leaves the cluster's queue (after Preparing, as on Azure ML's clusters).
+    QUEUED: frozenset({PREPARING, STARTING, CANCEL_REQUESTED, CANCELED, FAILED}),
+    # Back to Queued when an agent restarts and finds a run it had not yet launched, when a Slurm run
+    # enters the cluster's queue after Preparing, or when Slurm requeues a started run (preemption).
     PREPARING: frozenset({STARTING, CANCEL_REQUESTED, FAILED, QUEUED}),
     STARTING: frozenset({RUNNING, CANCEL_REQUESTED, FAILED, QUEUED}),
-    RUNNING: frozenset({FINALIZING, CANCEL_REQUESTED, FAILED}),
+    RUNNING: frozenset({FINALIZING, CANCEL_REQUESTED, FAILED, QUEUED}),
     FINALIZING: frozenset({COMPLETED, FAILED, CANCEL_REQUESTED}),
     CANCEL_REQUESTED: frozenset({CANCELED, FAILED}),
     COMPLETED: frozenset(),

@@ -18,6 +18,7 @@ not started are queued again.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import shutil
@@ -25,12 +26,13 @@ import signal as signals
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import structlog
 import trio
 
-from labrun.protocol import BadRequest, Conflict, Forbidden, format_memory
+from labrun.protocol import BadRequest, Conflict, Forbidden, Unavailable, format_memory
 from labrun.protocol._statuses import (
     ACTIVE, CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING,
 )
@@ -40,7 +42,7 @@ from ._config import AgentConfig
 from ._docker_args import translate_arguments
 from ._environments import EnvironmentBuilder, PrepareFailed, needs_conda
 from ._executor import ExitResult, StartFailed
-from ._launch import LaunchPlanner
+from ._launch import LaunchPlanner, run_duration
 from ._model import RunRecord
 from ._notify import Notifier
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
@@ -71,6 +73,7 @@ class _ActiveRun:
     ends_by: float
     cancel_reason: str | None = None
     token: str = ""
+    local: bool = True   # counts against this machine's capacity (a Slurm run does not)
 
 
 class Supervisor:
@@ -86,7 +89,9 @@ class Supervisor:
         self._wakeup = trio.Event()
         self._waiting_stale = False
         self.launches = LaunchPlanner(config, store, capacity, EnvironmentBuilder(config.state_dir / "envs"),
-                                      self._executor_name, self._image)
+                                      self._executor_name, self._image, self._slurm_target)
+        self._nursery: trio.Nursery | None = None
+        self._reattach: list[RunRecord] = []
 
     def token_valid(self, run_id: str, token: str) -> bool:
         active = self.active.get(run_id)
@@ -97,10 +102,18 @@ class Supervisor:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Recover what an earlier agent left, then schedule until cancelled (agent shutdown)."""
         await self._recover()
-        for record in self.store.runs_with_status([QUEUED]):
-            record.environ = None
-            self.queued[record.run_id] = record
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for record in self._reattach:
+                self._launch_remote(record, record.handle)
+            for record in self.store.runs_with_status([QUEUED]):
+                record.environ = None
+                if record.handle is not None and self._reattachable(record.handle):
+                    self._launch_remote(record, record.handle)   # waiting in Slurm's queue
+                elif self._slurm_target(record.spec) is not None:
+                    self._launch_remote(record)
+                else:
+                    self.queued[record.run_id] = record
             task_status.started()
             while True:
                 self._schedule(nursery)
@@ -110,8 +123,16 @@ class Supervisor:
     def wake(self) -> None:
         self._wakeup.set()
 
+    def _reattachable(self, handle: dict) -> bool:
+        """Whether the executor of ``handle`` follows runs an earlier agent started (Slurm: by job id)."""
+        return getattr(self.executors.get(handle.get("executor", "local")), "reports_progress", False)
+
     async def _recover(self) -> None:
+        self._reattach = []
         for record in self.store.runs_with_status(ACTIVE):
+            if record.handle is not None and self._reattachable(record.handle):
+                self._reattach.append(record)
+                continue
             executor = self.executors.get((record.handle or {}).get("executor", "local"))
             if executor is None:   # a Docker run, and this agent has no Docker executor now
                 executor = self.executors["local"]
@@ -165,7 +186,8 @@ class Supervisor:
                 raise BadRequest(f"spec.compute_target: unknown compute target {target!r} (this agent has: {known})",
                                  details={"field": "spec.compute_target"})
         demand = Demand(**spec["resources"])
-        too_big = self.capacity.fits_ever(demand)
+        slurm = self._slurm_target(spec)
+        too_big = self.capacity.fits_ever(demand) if slurm is None else None   # Slurm judges its own cluster
         if too_big:
             raise BadRequest(f"spec.resources: the run {too_big}; it could never start",
                              details={"field": "spec.resources"})
@@ -175,7 +197,10 @@ class Supervisor:
         run_dir = self.runs_dir / run_id
         chown = os.geteuid() == 0 and owner.uid != 0
         try:
-            run_dir.mkdir(parents=True)
+            if slurm is not None:
+                self._shared_run_dir(slurm, run_id)
+            else:
+                run_dir.mkdir(parents=True)
             await extract_snapshot(snapshot, run_dir / "snapshot",
                                    uid=owner.uid if chown else None, gid=owner.gid if chown else None)
             if spec["script"] is not None and not (run_dir / "snapshot" / spec["script"]).is_file():
@@ -198,14 +223,31 @@ class Supervisor:
             self.store.add_run(record, EVENT_TYPES[QUEUED])
         except BaseException:
             with trio.CancelScope(shield=True):
+                if run_dir.is_symlink():
+                    await trio.to_thread.run_sync(shutil.rmtree, run_dir.resolve(), True)
+                    run_dir.unlink()
                 await trio.to_thread.run_sync(shutil.rmtree, run_dir, True)
             raise
         log.debug("run.submitted", run_id=run_id, user=owner.user)
         record.environ = None   # stored; read back at launch, so ten thousand queued runs stay small
-        self.queued[run_id] = record
+        if slurm is not None:
+            self._launch_remote(record)
+        else:
+            self.queued[run_id] = record
         self.changed.notify()
         self.wake()
         return record
+
+    def _shared_run_dir(self, slurm, run_id: str) -> Path:
+        """A Slurm run's directory lives in the target's run_root (the nodes share it); the agent links to it."""
+        if not slurm.run_root.is_dir():
+            raise Unavailable(f"the Slurm target's run_root {str(slurm.run_root)!r} is not a directory on this "
+                              "machine; ask the agent's administrator")
+        real = slurm.run_root / run_id
+        real.mkdir(mode=0o700)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        (self.runs_dir / run_id).symlink_to(real)
+        return real
 
     def _check_features(self, spec: dict, owner: Owner) -> None:
         """Refuse at submit what this machine cannot run, naming the field."""
@@ -213,6 +255,14 @@ class Supervisor:
             raise BadRequest(f"spec.{field}: {message}", details={"field": f"spec.{field}"})
 
         environment = spec.get("environment")
+        distributed = spec.get("distributed")
+        if self._slurm_target(spec) is not None:
+            if (spec.get("docker") or {}).get("use_docker"):
+                refuse("docker", "Docker containers are not run on a Slurm target")
+            if distributed is not None and distributed["kind"] == "pytorch" and distributed["process_count"] \
+                    and distributed["process_count"] < distributed["node_count"]:
+                refuse("distributed", f"process_count={distributed['process_count']} is smaller than "
+                                      f"node_count={distributed['node_count']}")
         if self._executor_name(spec) == "docker":
             if "docker" not in self.executors:
                 refuse("docker", "this agent has no Docker executor")
@@ -229,8 +279,7 @@ class Supervisor:
         if environment is not None and needs_conda(environment) and shutil.which("conda") is None:
             refuse("environment", f"environment {environment['name']!r} is a conda specification, and this "
                                   "machine has no 'conda' binary; use pip requirements or install conda")
-        distributed = spec.get("distributed")
-        if distributed is not None:
+        if distributed is not None and self._slurm_target(spec) is None:
             if distributed["node_count"] > 1:
                 refuse("distributed", f"node_count={distributed['node_count']}: this agent runs on one machine; "
                                       "multi-node runs need a cluster compute target")
@@ -253,9 +302,15 @@ class Supervisor:
     def _target(self, spec: dict):
         return self.config.targets.get(spec.get("compute_target", "local"))
 
+    def _slurm_target(self, spec: dict):
+        target = self._target(spec)
+        return target.slurm if target is not None and target.kind == "slurm" else None
+
     def _executor_name(self, spec: dict) -> str:
         docker = spec.get("docker")
         target = self._target(spec)
+        if target is not None and target.kind == "slurm":
+            return "slurm"
         if (docker is not None and docker["use_docker"]) or (target is not None and target.kind == "docker"):
             return "docker"
         return "local"
@@ -297,9 +352,10 @@ class Supervisor:
 
     def _saturated(self) -> bool:
         """True when no queued run can start: every run needs a CPU, and none is free (or the run cap is hit)."""
-        if self.capacity.max_runs and len(self.active) >= self.capacity.max_runs:
+        local = [a for a in self.active.values() if a.local]
+        if self.capacity.max_runs and len(local) >= self.capacity.max_runs:
             return True
-        return sum(a.allocation.cpus for a in self.active.values()) >= self.capacity.cpus
+        return sum(a.allocation.cpus for a in local) >= self.capacity.cpus
 
     def _decide(self):
         now = time.time()
@@ -308,7 +364,8 @@ class Supervisor:
                     demand=Demand(**r.spec["resources"]), duration=r.spec["max_run_duration_seconds"])
             for r in self.queued.values()
         ]
-        active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by) for a in self.active.values()]
+        active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by) for a in self.active.values()
+                  if a.local]
         decision = schedule(pending, active, self.capacity, now)
         for run_id, (reason, position) in decision.waiting.items():
             self.queued[run_id].waiting = {"reason": reason, "position": position}
@@ -341,35 +398,21 @@ class Supervisor:
         elif changes:
             self.store.update_run(run.record, None, **changes)
 
-    async def _run_one(self, run: _ActiveRun) -> None:
+    async def _run_one(self, run: _ActiveRun, handle: dict | None = None) -> None:
+        """Launch the run (unless ``handle`` says an earlier agent did), follow it, and end it."""
         record = run.record
-        executor = self.executors[self._executor_name(record.spec)]
-        handle = None
+        executor = self.executors[handle["executor"] if handle else self._executor_name(record.spec)]
         result: ExitResult | None = None
         try:
             with run.kill_scope:
-                self._advance(run, PREPARING, allocation=run.allocation.to_wire())
-                run.token = secrets.token_urlsafe(24)
-                try:
-                    launch = await self.launches.prepare(record, run.allocation, run.token)
-                except PrepareFailed as exc:
-                    with open(self.runs_dir / record.run_id / "logs" / "std_log.txt", "a") as log_file:
-                        log_file.write(f"labrun: {exc}\n")
-                    self._finish(run, FAILED, reason=exc.reason, error=str(exc))
-                    return
-                self._advance(run, STARTING)
-                try:
-                    handle = await executor.start(launch)
-                except StartFailed as exc:
-                    with open(launch.ranks[0].log_path, "a") as log_file:
-                        log_file.write(f"labrun: {exc}\n")
-                    self._finish(run, FAILED, reason=exc.reason, error=str(exc))
-                    return
-                duration = record.spec["max_run_duration_seconds"]
-                run.ends_by = time.time() + duration
-                run.kill_scope.deadline = trio.current_time() + duration
-                self._advance(run, RUNNING, started_at=time.time(), pid=handle.get("pid"), handle=handle)
-                result = await executor.wait(handle)
+                if handle is None:
+                    handle = await self._launch(run, executor)
+                    if handle is None:
+                        return
+                if getattr(executor, "reports_progress", False):
+                    result = await executor.wait(handle, partial(self._progress, run))
+                else:
+                    result = await executor.wait(handle)
             if run.kill_scope.cancelled_caught:
                 if run.cancel_reason is None:
                     run.cancel_reason = "max_run_duration_exceeded"
@@ -380,7 +423,9 @@ class Supervisor:
                         result = await executor.wait(handle)
                 self._finish(run, CANCELED, reason=run.cancel_reason, result=result)
             else:
-                self._finish(run, None, result=result)
+                if result.started:
+                    self._walk(run, RUNNING)
+                self._finish(run, result.status, reason=result.reason, error=result.error, result=result)
         except Exception as exc:
             # A bug or an I/O error of the agent: the run fails, the agent goes on.
             log.exception("run.supervise.failed", run_id=record.run_id)
@@ -389,6 +434,89 @@ class Supervisor:
         finally:
             del self.active[record.run_id]
             self.wake()
+
+    async def _launch(self, run: _ActiveRun, executor) -> dict | None:
+        """Prepare and start the run; None when that failed (the run has then ended)."""
+        record = run.record
+        self._advance(run, PREPARING, allocation=run.allocation.to_wire())
+        run.token = secrets.token_urlsafe(24)
+        try:
+            launch = await self.launches.prepare(record, run.allocation, run.token)
+        except PrepareFailed as exc:
+            with open(self.runs_dir / record.run_id / "logs" / "std_log.txt", "a") as log_file:
+                log_file.write(f"labrun: {exc}\n")
+            self._finish(run, FAILED, reason=exc.reason, error=str(exc))
+            return None
+        queues = getattr(executor, "reports_progress", False)
+        if not queues:
+            self._advance(run, STARTING)
+        try:
+            handle = await executor.start(launch)
+        except StartFailed as exc:
+            with open(launch.ranks[0].log_path, "a") as log_file:
+                log_file.write(f"labrun: {exc}\n")
+            self._finish(run, FAILED, reason=exc.reason, error=str(exc))
+            return None
+        if queues:
+            # The run now waits in the cluster's own queue; its token survives an agent restart with the handle.
+            handle["token"] = run.token
+            self._advance(run, QUEUED, handle=handle)
+            return handle
+        duration = record.spec["max_run_duration_seconds"]
+        run.ends_by = time.time() + duration
+        run.kill_scope.deadline = trio.current_time() + duration
+        self._advance(run, RUNNING, started_at=time.time(), pid=handle.get("pid"), handle=handle)
+        return handle
+
+    # -- runs on a target with its own queue (Slurm) -----------------------------------
+
+    def _launch_remote(self, record: RunRecord, handle: dict | None = None) -> None:
+        """Start following a Slurm run at once: the cluster queues it, never this machine's scheduler."""
+        resources = record.spec["resources"]
+        run = _ActiveRun(record, Allocation(cpus=resources["cpus"], memory=resources["memory"]), trio.CancelScope(),
+                         ends_by=math.inf, local=False)
+        if handle is not None:   # an earlier agent submitted it
+            run.token = handle.get("token", "")
+            if record.status == CANCEL_REQUESTED:
+                run.cancel_reason = record.reason or "canceled"
+                run.kill_scope.cancel()
+            elif record.status in (RUNNING, FINALIZING) and record.started_at is not None:
+                self._limit_from(run, record.started_at)
+        self.active[record.run_id] = run
+        self._nursery.start_soon(self._run_one, run, handle, name=f"run {record.run_id}")
+
+    def _limit_from(self, run: _ActiveRun, started_at: float) -> None:
+        """The run's time limit counts from ``started_at`` (wall clock)."""
+        duration = run_duration(run.record.spec, self._slurm_target(run.record.spec))
+        run.ends_by = started_at + duration
+        run.kill_scope.deadline = trio.current_time() + (run.ends_by - time.time())
+
+    def _progress(self, run: _ActiveRun, status: str, job) -> None:
+        """The cluster reports a new state for the run's job (mapped to a labrun status)."""
+        record = run.record
+        if status == QUEUED:
+            record.waiting = {"reason": f"slurm: {job.reason or job.state}", "position": None, "job_id": job.job_id}
+            if record.status in (STARTING, RUNNING) and run.cancel_reason is None:   # preempted or requeued
+                self._transition(record, QUEUED, event_type="run.requeued")
+                run.kill_scope.deadline = math.inf
+            self.changed.notify()
+            return
+        record.waiting = None
+        self._walk(run, status)
+
+    def _walk(self, run: _ActiveRun, status: str) -> None:
+        """Through each status a local run passes on its way to ``status``: Starting, Running, Finalizing."""
+        steps = [STARTING, RUNNING, FINALIZING]
+        if status not in steps or run.cancel_reason is not None:
+            return   # an end is _finish's to record
+        reached = steps.index(run.record.status) if run.record.status in steps else -1
+        for step in steps[reached + 1: steps.index(status) + 1]:
+            if step == RUNNING:
+                now = time.time()
+                self._limit_from(run, now)
+                self._transition(run.record, RUNNING, started_at=now)
+            else:
+                self._transition(run.record, step)
 
     def _finish(self, run: _ActiveRun, status: str | None, *, reason: str | None = None,
                 error: str | None = None, result: ExitResult | None = None) -> None:
@@ -399,6 +527,9 @@ class Supervisor:
         if status is None and record.status == CANCEL_REQUESTED:
             status = CANCELED   # it ended by itself just as the cancel arrived
             reason = run.cancel_reason
+        if status == CANCELED and record.status not in (QUEUED, CANCEL_REQUESTED):
+            # Canceled outside labrun (Slurm's scancel or time limit): the same two steps as a cancel here.
+            self._transition(record, CANCEL_REQUESTED, reason=reason)
         if status is None:   # the process ended by itself
             if result.ok:
                 status = COMPLETED

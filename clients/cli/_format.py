@@ -32,7 +32,7 @@ def run_duration(run: dict) -> str:
 def outcome(run: dict) -> str:
     """What ``ls`` shows for a run beyond its status: why it waits, or how it ended."""
     if run.get("waiting"):
-        return f"waiting: {run['waiting']['reason']} (#{run['waiting']['position']})"
+        return f"waiting: {run['waiting']['reason']}" + _position(run["waiting"])
     if run["status"] in ("Completed", "Failed", "Canceled"):
         if run["status"] == "Canceled":
             return run["reason"] or "canceled"
@@ -86,7 +86,7 @@ def show(run: dict) -> str:
         gpus = ",".join(allocation.get("gpus") or []) or "-"
         rows.append(("Allocated", f"cpus={allocation['cpus']} cores={cores} gpus={gpus}"))
     if run.get("waiting"):
-        rows.append(("Waiting", f"{run['waiting']['reason']} (position {run['waiting']['position']})"))
+        rows.append(("Waiting", f"{run['waiting']['reason']}" + _position(run["waiting"], "position ")))
     if run["exit_code"] is not None:
         rows.append(("Exit code", run["exit_code"]))
     if run["signal"] is not None:
@@ -99,3 +99,8 @@ def show(run: dict) -> str:
         rows.append(("Tag", f"{key}={value}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k + ':':<{width + 1}} {v if v is not None else '-'}" for k, v in rows)
+
+
+def _position(waiting: dict, word: str = "#") -> str:
+    """A run's place in this agent's queue; a run waiting in a cluster's queue (Slurm) has none here."""
+    return f" ({word}{waiting['position']})" if waiting.get("position") is not None else ""

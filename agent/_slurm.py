@@ -1,0 +1,266 @@
+"""The Slurm executor: a run is a Slurm batch job on a cluster the agent's machine can submit to.
+
+- ``start`` submits with ``sbatch`` as the run's owner (their uid, gid and groups; never as root on
+  their behalf). The batch script comes on stdin, the run's environment is sbatch's own
+  (``--export=ALL``), without the client's ``SLURM_*``/``SBATCH_*`` variables, which would steer
+  sbatch itself. The handle is the job id, so recovering after an agent restart is a lookup.
+- ``wait`` follows the job with ``squeue`` (one call for every job being followed at that moment),
+  polling with backoff: fast after a change, slower while nothing happens, slower still while the
+  controller does not answer (a dead controller never fails a run). Each state change is reported to
+  the supervisor, which maps it to the run's status. The exit status comes from the file the batch
+  script writes into the run directory: without an accounting database Slurm forgets it, and
+  ``sacct`` is only the fallback for a job that ended unseen.
+- ``stop`` is ``scancel``: SIGTERM to every process of the job, the grace period, then SIGKILL; a
+  pending job is simply removed from the queue.
+
+Handle: ``{"executor": "slurm", "version": 1, "job_id", "uid", "gid", "groups", "run_dir", "token"}``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import structlog
+import trio
+
+from labrun.protocol._statuses import CANCELED, COMPLETED, FAILED
+
+from ._executor import ExitResult, LaunchSpec, StartFailed
+from ._slurm_plan import (
+    ENDED, EXIT_FILE, SQUEUE_FORMAT, JobState, batch_script, map_state, parse_exit_status, parse_squeue,
+    sbatch_argv, sbatch_job_id, state_error,
+)
+
+log = structlog.get_logger("labrun.slurm")
+
+HANDLE_VERSION = 1
+POLL_MIN_SECONDS = 0.05
+POLL_MAX_SECONDS = 2.0
+POLL_UNAVAILABLE_MAX_SECONDS = 30.0
+COMMAND_TIMEOUT_SECONDS = 60.0
+# The batch script writes its exit status before the job ends; a shared filesystem may show it a little later.
+EXIT_FILE_WAIT_SECONDS = 2.0
+# Variables that steer Slurm's own commands: the client's must not choose the job's partition or account.
+_SLURM_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "SQUEUE_", "SCANCEL_")
+
+
+class SlurmUnavailable(Exception):
+    """The Slurm controller did not answer (or a Slurm command is missing)."""
+
+
+def _command(name: str) -> str:
+    return shutil.which(name) or name
+
+
+def job_environment(env: dict[str, str]) -> dict[str, str]:
+    """The run's environment for sbatch: the client's Slurm variables out, the agent's SLURM_CONF in."""
+    cleaned = {k: v for k, v in env.items() if not k.startswith(_SLURM_PREFIXES)}
+    if "SLURM_CONF" in os.environ:
+        cleaned["SLURM_CONF"] = os.environ["SLURM_CONF"]
+    return cleaned
+
+
+class _Squeue:
+    """One ``squeue`` for all the jobs followed at once: a waiter reuses a result newer than its question."""
+
+    def __init__(self):
+        self.watched: dict[str, int] = {}
+        self._lock = trio.Lock()
+        self._states: dict[str, JobState] = {}
+        self._fetched_at = -math.inf
+
+    async def states(self, asked_at: float) -> dict[str, JobState]:
+        async with self._lock:
+            if self._fetched_at < asked_at:
+                started = trio.current_time()
+                self._states = await self._query(sorted(self.watched))
+                self._fetched_at = started
+            return self._states
+
+    async def _query(self, job_ids: list[str]) -> dict[str, JobState]:
+        argv = [_command("squeue"), "--noheader", "--states=all", f"--jobs={','.join(job_ids)}",
+                f"--format={SQUEUE_FORMAT}"]
+        try:
+            with trio.fail_after(COMMAND_TIMEOUT_SECONDS):
+                result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False,
+                                                env=job_environment(dict(os.environ)))
+        except (OSError, trio.TooSlowError) as exc:
+            raise SlurmUnavailable(f"squeue: {exc}") from None
+        if result.returncode != 0:
+            error = result.stderr.decode(errors="replace").strip()
+            if "Invalid job id" in error:
+                return {}   # every job asked about has left squeue's memory
+            raise SlurmUnavailable(f"squeue: {error or 'exit code %d' % result.returncode}")
+        return parse_squeue(result.stdout.decode(errors="replace"))
+
+
+class SlurmExecutor:
+    name = "slurm"
+    counts_locally = False   # the cluster's capacity, not this machine's
+    reports_progress = True  # ``wait`` reports the job's states: Slurm has its own queue
+
+    def __init__(self, grace: float = 10.0):
+        self.grace = grace
+        self._squeue = _Squeue()
+
+    # -- running commands as the run's owner --------------------------------------------
+
+    @staticmethod
+    def _as_owner(handle: dict) -> dict:
+        if os.geteuid() == 0 and handle["uid"] != 0:
+            return {"user": handle["uid"], "group": handle["gid"], "extra_groups": handle.get("groups") or []}
+        return {}
+
+    async def _run(self, argv: list[str], owner: dict, **options) -> trio.Process:
+        with trio.fail_after(COMMAND_TIMEOUT_SECONDS):
+            return await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False,
+                                          **self._as_owner(owner), **options)
+
+    # -- the interface -------------------------------------------------------------------
+
+    async def start(self, launch: LaunchSpec) -> dict:
+        job, settings = launch.slurm["job"], launch.slurm["settings"]
+        owner = {"uid": launch.uid, "gid": launch.gid, "groups": launch.groups}
+        argv = sbatch_argv(job, settings, script="-", sbatch=_command("sbatch"))[:-1]   # the script on stdin
+        env = job_environment({**launch.env, **launch.ranks[0].env})
+        env.setdefault("PATH", os.defpath)
+        try:
+            # Shielded: a cancel landing mid-submit must not leave a job that no handle knows of.
+            with trio.CancelScope(shield=True):
+                result = await self._run(argv, owner, stdin=batch_script(job, settings).encode(), env=env,
+                                         cwd=str(launch.cwd))
+        except OSError as exc:
+            failure = StartFailed(f"cannot run sbatch: {exc.strerror or exc}")
+            failure.reason = "slurm_unavailable"
+            raise failure from None
+        except trio.TooSlowError:
+            failure = StartFailed(f"sbatch did not answer within {COMMAND_TIMEOUT_SECONDS:.0f} s")
+            failure.reason = "slurm_unavailable"
+            raise failure from None
+        if result.returncode != 0:
+            raise StartFailed("Slurm refused the job: "
+                              + (result.stderr.decode(errors="replace").strip() or f"sbatch exited {result.returncode}"))
+        try:
+            job_id = sbatch_job_id(result.stdout.decode(errors="replace"))
+        except ValueError as exc:
+            raise StartFailed(str(exc)) from None
+        log.info("slurm.submitted", run_id=launch.run_id, job_id=job_id)
+        return {"executor": "slurm", "version": HANDLE_VERSION, "job_id": job_id, "pid": None,
+                "run_dir": job.run_dir, **owner}
+
+    async def wait(self, handle: dict, on_state: Callable[[str, JobState], None] = lambda status, job: None
+                   ) -> ExitResult:
+        """Until the job has ended; ``on_state(labrun status, job)`` on each change of its state or reason."""
+        job_id = handle["job_id"]
+        self._squeue.watched[job_id] = self._squeue.watched.get(job_id, 0) + 1
+        try:
+            interval, seen, last = POLL_MIN_SECONDS, False, None
+            while True:
+                asked_at = trio.current_time()
+                try:
+                    job = (await self._squeue.states(asked_at)).get(job_id)
+                except SlurmUnavailable as exc:
+                    log.warning("slurm.unavailable", job_id=job_id, error=str(exc))
+                    interval = min(max(interval * 2, 1.0), POLL_UNAVAILABLE_MAX_SECONDS)
+                    await trio.sleep(interval)
+                    continue
+                if job is None:
+                    return await self._ended_unseen(handle, seen)
+                status, _ = map_state(job.state)
+                if (job.state, job.reason) != last:
+                    last = (job.state, job.reason)
+                    seen = seen or status not in ("Queued",)
+                    on_state(status, job)
+                    interval = POLL_MIN_SECONDS
+                if job.state.split()[0] in ENDED:
+                    return await self._result(handle, job.state.split()[0])
+                await trio.sleep(interval)
+                interval = min(interval * 1.5, POLL_MAX_SECONDS)
+        finally:
+            self._squeue.watched[job_id] -= 1
+            if not self._squeue.watched[job_id]:
+                del self._squeue.watched[job_id]
+
+    async def _exit_status(self, handle: dict, wait: float) -> str | None:
+        path = Path(handle["run_dir"]) / EXIT_FILE
+        with trio.move_on_after(wait):
+            while True:
+                try:
+                    return path.read_text()
+                except OSError:
+                    await trio.sleep(0.1)
+        return None
+
+    async def _result(self, handle: dict, state: str) -> ExitResult:
+        status, reason = map_state(state)
+        code, signal = parse_exit_status(await self._exit_status(
+            handle, EXIT_FILE_WAIT_SECONDS if state in ("COMPLETED", "FAILED") else 0))
+        ran = code is not None or signal is not None
+        if status == COMPLETED:
+            return ExitResult(exit_code=0 if code is None else code, signal=signal, started=True)
+        if reason == "memory_limit_exceeded":
+            return ExitResult(exit_code=code, signal=signal, memory_exceeded=True, started=True)
+        if status == FAILED and reason == "exit_code":
+            if ran:
+                return ExitResult(exit_code=code, signal=signal, started=True)
+            return ExitResult(status=FAILED, reason="slurm_failed", started=False,
+                              error="the Slurm job failed before the run's command ended (see user_logs/std_log.txt)")
+        return ExitResult(exit_code=code, signal=signal, status=status, reason=reason, error=state_error(reason),
+                          started=ran)
+
+    async def _ended_unseen(self, handle: dict, seen: bool) -> ExitResult:
+        """The job left squeue: its recorded exit status, else what sacct knows, else it is lost."""
+        text = await self._exit_status(handle, EXIT_FILE_WAIT_SECONDS)
+        if text is not None:
+            code, signal = parse_exit_status(text)
+            return ExitResult(exit_code=code, signal=signal, started=True)
+        state = await self._sacct_state(handle["job_id"])
+        if state is not None and state in ENDED:
+            return await self._result(handle, state)
+        return ExitResult(status=FAILED, reason="slurm_job_lost", started=seen,
+                          error=f"Slurm job {handle['job_id']} is gone and left no exit status")
+
+    async def _sacct_state(self, job_id: str) -> str | None:
+        try:
+            result = await self._run([_command("sacct"), "--noheader", "--parsable2", "--allocations",
+                                      f"--jobs={job_id}", "--format=State"], {"uid": os.geteuid()})
+        except (OSError, trio.TooSlowError):
+            return None
+        lines = result.stdout.decode(errors="replace").split()
+        return lines[0].split()[0] if result.returncode == 0 and lines else None
+
+    async def stop(self, handle: dict, grace: float) -> None:
+        """SIGTERM every process of the job, ``grace`` seconds, then SIGKILL; a pending job just leaves the queue."""
+        job_id = handle["job_id"]
+        scancel = _command("scancel")
+        try:
+            job = (await self._squeue.states(trio.current_time())).get(job_id)
+        except SlurmUnavailable:
+            job = None
+        if job is not None and job.state.split()[0] in ENDED:
+            return
+        if job is not None and map_state(job.state)[0] != "Queued":
+            await self._scancel([scancel, "--signal=TERM", "--full", job_id], handle)
+            with trio.move_on_after(grace):
+                while await self._exit_status(handle, 0) is None:
+                    await trio.sleep(0.1)
+                return
+            await self._scancel([scancel, "--signal=KILL", "--full", job_id], handle)
+        await self._scancel([scancel, job_id], handle)
+
+    async def _scancel(self, argv: list[str], handle: dict) -> None:
+        try:
+            result = await self._run(argv, handle)
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("slurm.scancel.failed", job_id=handle["job_id"], error=str(exc))
+            return
+        if result.returncode != 0:
+            log.info("slurm.scancel", job_id=handle["job_id"], argv=argv[1:],
+                     error=result.stderr.decode(errors="replace").strip())
+
+    async def abandon(self, handle: dict, grace: float) -> None:
+        await self.stop(handle, grace)
