@@ -495,7 +495,8 @@ class Supervisor:
         """The cluster reports a new state for the run's job (mapped to a labrun status)."""
         record = run.record
         if status == QUEUED:
-            record.waiting = {"reason": f"slurm: {job.reason or job.state}", "position": None, "job_id": job.job_id}
+            reason = job.reason if job.reason not in ("", "None") else job.state   # Slurm says None before its first pass
+            record.waiting = {"reason": f"slurm: {reason}", "position": None, "job_id": job.job_id}
             if record.status in (STARTING, RUNNING) and run.cancel_reason is None:   # preempted or requeued
                 self._transition(record, QUEUED, event_type="run.requeued")
                 run.kill_scope.deadline = math.inf
