@@ -133,13 +133,13 @@ def parse_time(value) -> int:
         if value <= 0:
             raise ValueError("must be positive")
         return value
-    days, _, clock = value.rpartition("-")
+    days, dash, clock = value.rpartition("-")
     try:
         parts = [int(p) for p in clock.split(":")]
         day_count = int(days) if days else 0
     except ValueError:
         raise ValueError(f"expected a Slurm time like '1-00:00:00' or '90', got {value!r}") from None
-    if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or day_count < 0:
+    if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or day_count < 0 or (dash and not days):
         raise ValueError(f"expected a Slurm time like '1-00:00:00' or '90', got {value!r}")
     if len(parts) == 3:
         seconds = parts[0] * 3600 + parts[1] * 60 + parts[2]
