@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import signal
 import socket
@@ -393,18 +394,81 @@ def docker_latency(root: Path, n: int) -> list[tuple]:
 
 # -- 6. slurm ------------------------------------------------------------------------------------
 
+# The Slurm target's goal: labrun adds at most 50 ms to sbatch's submit-to-start, or 1.1x, whichever is larger.
+SLURM_ADDED_SECONDS = 0.050
+SLURM_RATIO = 1.1
+
+
+def _node_idle(timeout: float = 60) -> None:
+    """Both sides start from an idle node, at a random point of a second: slurmctld starts pending batch jobs on a
+    one-second tick, and a loop that submits right after the last job ended would lock onto one phase of it."""
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.split() != ["idle"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the Slurm node did not become idle")
+        time.sleep(0.05)
+    time.sleep(random.random())
+
+
+def _sbatch_returned(workspace, run_id: str) -> float:
+    """When the agent's sbatch returned: the run's second ``run.queued`` event (Preparing -> Queued in Slurm)."""
+    queued = []
+    for event in workspace.watch(since=0, run_id=run_id):
+        if event.get("type") == "run.queued":
+            queued.append(event["time"])
+        if event.get("type") in ("run.completed", "run.failed", "run.canceled"):
+            return queued[1]
+    raise RuntimeError(f"run {run_id} has no end in its events")
+
+
 def slurm(root: Path, n: int) -> list[tuple]:
+    """labrun on a Slurm target against a plain ``sbatch --wrap``, alternating, on the same cluster."""
+    from labrun import Experiment, ScriptRunConfig
+
     if shutil.which("sbatch") is None or subprocess.run(["sinfo"], capture_output=True).returncode != 0:
         return [("Slurm `sbatch --wrap`", "no single-node Slurm answers here "
-                 "(../shared/tools/slurm-single-node.sh sets one up)", "-", "-", "-", "-")]
-    times = []
-    for i in range(n):
-        stamp = root / f"s{i}"
-        t0 = time.time()
-        subprocess.run(["sbatch", "--wrap", stamp_command(stamp), "-o", "/dev/null"], check=True, capture_output=True)
-        times.append(read_stamp(stamp, timeout=120) - t0)
-    med, p95 = median_p95(times)
-    return [("submit-to-start, Slurm `sbatch --wrap`", f"{ms(med)} (p95 {ms(p95)})", "-", "-", "-", "-")]
+                 "(scripts/slurm-single-node.sh sets one up)", "-", "-", "-", "-")]
+    source, run_root = root / "slurm-src", root / "slurm-runs"
+    source.mkdir()
+    run_root.mkdir()
+    (root / "slurm-agent").mkdir()
+    agent = Agent(root / "slurm-agent", f'[targets.cluster]\nkind = "slurm"\nrun_root = "{run_root}"\n').start()
+    labrun_times, sbatch_times, labrun_submit, sbatch_submit = [], [], [], []
+    try:
+        experiment = Experiment(agent.workspace(), "bench")
+        experiment.workspace.connection   # connect once, like a long-lived client
+        for i in range(n):
+            _node_idle()
+            stamp = root / f"sl{i}"
+            t0 = time.time()
+            run = experiment.submit(ScriptRunConfig(str(source), command=stamp_command(stamp), compute_target="cluster"))
+            labrun_times.append(read_stamp(stamp, timeout=120) - t0)
+            experiment.workspace.wait_for_run(run.id)
+            labrun_submit.append(_sbatch_returned(experiment.workspace, run.id) - t0)
+            _node_idle()
+            stamp = root / f"s{i}"
+            t0 = time.time()
+            job = subprocess.run(["sbatch", "--parsable", "--wrap", stamp_command(stamp), "-o", "/dev/null"],
+                                 check=True, capture_output=True, text=True).stdout.strip()
+            sbatch_submit.append(time.time() - t0)
+            sbatch_times.append(read_stamp(stamp, timeout=120) - t0)
+            while subprocess.run(["squeue", "-h", "-j", job, "-t", "PD,CF,R,CG", "-o", "%i"], capture_output=True,
+                                 text=True).stdout.strip():
+                time.sleep(0.05)   # one job at a time, as the labrun run above
+    finally:
+        agent.stop()
+    med, p95 = median_p95(labrun_times)
+    reference, ref_p95 = median_p95(sbatch_times)
+    allowed = max(reference + SLURM_ADDED_SECONDS, reference * SLURM_RATIO)
+    submit_med, submit_p95 = median_p95(labrun_submit)
+    sbatch_med, sbatch_p95 = median_p95(sbatch_submit)
+    return [("submit-to-start, Slurm target (Python client)", f"{ms(med)} (p95 {ms(p95)})",
+             f"sbatch --wrap {ms(reference)}", f"{med / reference:.2f}x ({'+' if med >= reference else ''}"
+             f"{ms(med - reference)})", "<= +50 ms or 1.1x", verdict(med <= allowed)),
+            ("submit-to-start, Slurm `sbatch --wrap`", f"{ms(reference)} (p95 {ms(ref_p95)})", "-", "-", "-", "-"),
+            ("submit until the job is in Slurm's queue: labrun client -> agent -> sbatch returned",
+             f"{ms(submit_med)} (p95 {ms(submit_p95)})", f"sbatch {ms(sbatch_med)} (p95 {ms(sbatch_p95)})",
+             f"+{ms(submit_med - sbatch_med)}", "-", "-")]
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -412,6 +476,8 @@ def slurm(root: Path, n: int) -> list[tuple]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a run of under two minutes, with smaller sizes")
+    parser.add_argument("--only", metavar="SECTION", help="run one section (latency, throughput, log capture, "
+                                                          "footprint, docker, slurm); writes bench/results/<section>.md")
     args = parser.parse_args()
     sizes = dict(latency=15, throughput=200, log_mib=256, queued=1000, finished=20000, docker=5) if args.quick else \
         dict(latency=60, throughput=1000, log_mib=1024, queued=10000, finished=100000, docker=20)
@@ -428,6 +494,8 @@ def main() -> int:
             ("slurm", lambda: slurm(root, sizes["latency"])),
         ]
         for name, section in sections:
+            if args.only and name != args.only:
+                continue
             print(f"bench: {name}...", file=sys.stderr, flush=True)
             try:
                 rows.extend(section())
@@ -443,8 +511,9 @@ def main() -> int:
     text = (f"# labrun benchmarks\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}, "
             f"{time.time() - started:.0f} s. Medians (p95 where shown); ratios are to the reference measured in the "
             f"same run.\n\n" + "\n".join(lines) + f"\n\n{summary}\n")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    results = RESULTS.with_name(f"{args.only.replace(' ', '-')}.md") if args.only else RESULTS
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(text)
     print(text)
     return 0
 
