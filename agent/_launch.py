@@ -191,7 +191,8 @@ class LaunchPlanner:
                            run_dir=str(run_dir), duration=run_duration(spec, slurm),
                            cpus=spec["resources"]["cpus"], memory=spec["resources"]["memory"],
                            gpus=spec["resources"]["gpus"], distributed=spec.get("distributed"), python=prepared.python,
-                           job_name=f"labrun-{spec.get('display_name') or record.run_id}")
+                           job_name=f"labrun-{spec.get('display_name') or record.run_id}",
+                           grace=self.config.stop_grace_seconds)
             settings = SlurmSettings(partition=slurm.partition, account=slurm.account, qos=slurm.qos,
                                      sbatch_args=slurm.sbatch_args, mpi=slurm.mpi)
             return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=run_dir / "snapshot", ranks=ranks,

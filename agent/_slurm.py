@@ -10,8 +10,9 @@
   the supervisor, which maps it to the run's status. The exit status comes from the file the batch
   script writes into the run directory: without an accounting database Slurm forgets it, and
   ``sacct`` is only the fallback for a job that ended unseen.
-- ``stop`` is ``scancel``: SIGTERM to every process of the job, the grace period, then SIGKILL; a
-  pending job is simply removed from the queue.
+- ``stop`` is ``scancel --signal=TERM --batch``: the batch script passes SIGTERM on to the command's
+  process group, then SIGKILL after the agent's grace period, and records how the command ended; a
+  plain ``scancel`` ends the job if that fails. A pending job is simply removed from the queue.
 
 Handle: ``{"executor": "slurm", "version": 1, "job_id", "uid", "gid", "groups", "run_dir", "token"}``.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +46,8 @@ POLL_UNAVAILABLE_MAX_SECONDS = 30.0
 COMMAND_TIMEOUT_SECONDS = 60.0
 # The batch script writes its exit status before the job ends; a shared filesystem may show it a little later.
 EXIT_FILE_WAIT_SECONDS = 2.0
+# How long past the grace period the batch script may take to record the exit status of a killed command.
+SCRIPT_KILL_MARGIN_SECONDS = 2.0
 # Variables that steer Slurm's own commands: the client's must not choose the job's partition or account.
 _SLURM_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "SQUEUE_", "SCANCEL_")
 
@@ -64,6 +68,23 @@ def job_environment(env: dict[str, str]) -> dict[str, str]:
     return cleaned
 
 
+def read_status_file(path: Path) -> str | None:
+    """The exit status file, if it is a plain file. It lies in a directory its user controls: never follow a
+    link, never block on a FIFO, never read more than a status needs."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, 64).decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 class _Squeue:
     """One ``squeue`` for all the jobs followed at once: a waiter reuses a result newer than its question."""
 
@@ -81,7 +102,22 @@ class _Squeue:
                 self._fetched_at = started
             return self._states
 
+    async def state_of(self, job_id: str) -> JobState | None:
+        """The job's state now (a fresh query), whether or not anyone follows it."""
+        self.watched[job_id] = self.watched.get(job_id, 0) + 1
+        try:
+            return (await self.states(trio.current_time())).get(job_id)
+        finally:
+            self.unwatch(job_id)
+
+    def unwatch(self, job_id: str) -> None:
+        self.watched[job_id] -= 1
+        if not self.watched[job_id]:
+            del self.watched[job_id]
+
     async def _query(self, job_ids: list[str]) -> dict[str, JobState]:
+        if not job_ids:
+            return {}
         argv = [_command("squeue"), "--noheader", "--states=all", f"--jobs={','.join(job_ids)}",
                 f"--format={SQUEUE_FORMAT}"]
         try:
@@ -181,18 +217,16 @@ class SlurmExecutor:
                 await trio.sleep(interval)
                 interval = min(interval * 1.5, POLL_MAX_SECONDS)
         finally:
-            self._squeue.watched[job_id] -= 1
-            if not self._squeue.watched[job_id]:
-                del self._squeue.watched[job_id]
+            self._squeue.unwatch(job_id)
 
     async def _exit_status(self, handle: dict, wait: float) -> str | None:
         path = Path(handle["run_dir"]) / EXIT_FILE
         with trio.move_on_after(wait):
             while True:
-                try:
-                    return path.read_text()
-                except OSError:
-                    await trio.sleep(0.1)
+                text = read_status_file(path)
+                if text is not None:
+                    return text
+                await trio.sleep(0.1)
         return None
 
     async def _result(self, handle: dict, state: str) -> ExitResult:
@@ -234,22 +268,20 @@ class SlurmExecutor:
         return lines[0].split()[0] if result.returncode == 0 and lines else None
 
     async def stop(self, handle: dict, grace: float) -> None:
-        """SIGTERM every process of the job, ``grace`` seconds, then SIGKILL; a pending job just leaves the queue."""
+        """SIGTERM to the run's processes, ``grace`` seconds, then SIGKILL; a pending job just leaves the queue."""
         job_id = handle["job_id"]
         scancel = _command("scancel")
         try:
-            job = (await self._squeue.states(trio.current_time())).get(job_id)
+            job = await self._squeue.state_of(job_id)
         except SlurmUnavailable:
             job = None
         if job is not None and job.state.split()[0] in ENDED:
             return
         if job is not None and map_state(job.state)[0] != "Queued":
-            await self._scancel([scancel, "--signal=TERM", "--full", job_id], handle)
-            with trio.move_on_after(grace):
-                while await self._exit_status(handle, 0) is None:
-                    await trio.sleep(0.1)
+            # The batch script passes SIGTERM on to the command's processes, and SIGKILL after the grace period.
+            await self._scancel([scancel, "--signal=TERM", "--batch", job_id], handle)
+            if await self._exit_status(handle, grace + SCRIPT_KILL_MARGIN_SECONDS) is not None:
                 return
-            await self._scancel([scancel, "--signal=KILL", "--full", job_id], handle)
         await self._scancel([scancel, job_id], handle)
 
     async def _scancel(self, argv: list[str], handle: dict) -> None:
@@ -258,9 +290,8 @@ class SlurmExecutor:
         except (OSError, trio.TooSlowError) as exc:
             log.warning("slurm.scancel.failed", job_id=handle["job_id"], error=str(exc))
             return
-        if result.returncode != 0:
-            log.info("slurm.scancel", job_id=handle["job_id"], argv=argv[1:],
-                     error=result.stderr.decode(errors="replace").strip())
+        log.info("slurm.scancel", job_id=handle["job_id"], argv=argv[1:], exit_code=result.returncode,
+                 error=result.stderr.decode(errors="replace").strip() or None)
 
     async def abandon(self, handle: dict, grace: float) -> None:
         await self.stop(handle, grace)

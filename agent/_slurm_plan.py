@@ -4,10 +4,12 @@ job states mean to labrun. No I/O here: the Slurm executor runs what these funct
 - Resources: ``max_run_duration_seconds`` -> ``--time`` (Slurm counts whole minutes, rounded up),
   ``cpus`` -> ``--cpus-per-task``, ``memory`` -> ``--mem``, GPUs -> ``--gres=gpu:N``, ``node_count`` ->
   ``--nodes``, the log -> ``--output`` (the run's ``std_log.txt``, appended to).
-- The batch script runs the command in the run's snapshot and records its exit status in the run
-  directory (written atomically), because Slurm without an accounting database forgets a job's exit
-  code soon after it ends. A SIGTERM to the script waits for the command instead of killing the
-  script, so a canceled run still records how it ended.
+- The batch script runs the command in the run's snapshot, in a session of its own, and records its exit
+  status in the run directory (written atomically), because Slurm without an accounting database
+  forgets a job's exit code soon after it ends. A SIGTERM to the script (``scancel --signal=TERM
+  --batch``) is passed on to the command's process group, followed by SIGKILL after the agent's grace
+  period, and the script still records how the command ended. (Slurm's own signals to a job it is
+  ending wait for the cluster's ``KillWait``, and ``--full`` makes it end the job at once.)
 - Distributed runs go through ``srun``: PyTorch ranks from Slurm's task variables, ``MASTER_ADDR``
   the first node and a free port there; MPI through ``srun --mpi``; TensorFlow's ``TF_CONFIG`` from
   the hosts Slurm placed the tasks on.
@@ -201,6 +203,7 @@ class SlurmJob:
     gpus: int = 0               # per node
     distributed: dict | None = None
     python: str = "python3"     # finds a free port for a rendezvous
+    grace: float = 10.0         # a cancel's SIGTERM -> SIGKILL, in seconds
     job_name: str = ""
 
 
@@ -287,8 +290,6 @@ def batch_script(job: SlurmJob, settings: SlurmSettings) -> str:
     lines = [
         "#!/bin/sh",
         f"# labrun run {job.run_id}: written by the labrun agent, run by Slurm as the run's owner.",
-        # A SIGTERM (scancel) waits for the command, which gets it too, so the exit status is still recorded.
-        "trap 'labrun_term=1' TERM",
         f"cd {q(job.cwd)} || exit 127",
     ]
     if plan.kind is None:
@@ -309,8 +310,13 @@ def batch_script(job: SlurmJob, settings: SlurmSettings) -> str:
         command = " ".join(q(part) for part in srun_argv(job, settings))
     exit_file = f"{job.run_dir}/{EXIT_FILE}"
     lines += [
-        command,
-        "code=$?",
+        # The command leads a session of its own. A cancel (scancel --signal=TERM --batch) reaches this script
+        # only, which passes it on to the command's process group and still records how the command ended.
+        f"setsid {command} &",
+        "pid=$!",
+        # Slurm's own SIGKILL comes only after the cluster's KillWait: the agent's grace period is kept here.
+        f"trap 'kill -s TERM -- \"-$pid\" 2>/dev/null; (sleep {job.grace:g}; kill -s KILL -- \"-$pid\" 2>/dev/null) &' TERM",
+        'while :; do wait "$pid"; code=$?; kill -0 "$pid" 2>/dev/null || break; done',
         f"printf '%s\\n' \"$code\" > {q(exit_file + '.tmp')} && mv -f {q(exit_file + '.tmp')} {q(exit_file)}",
         'exit "$code"',
     ]

@@ -169,17 +169,17 @@ def test_the_batch_script_records_the_exit_status(tmp_path):
 
 
 def test_a_sigterm_to_the_batch_script_still_records_how_the_command_ended(tmp_path):
-    """scancel --signal=TERM --full signals the script and the command: the script outlives the command."""
+    """scancel --signal=TERM --batch signals the script, which passes it on and outlives the command."""
     (tmp_path / "snapshot").mkdir()
     script = tmp_path / "batch.sh"
     script.write_text(batch_script(job(argv=["sh", "-c", "touch started; exec sleep 30"],
                                        cwd=str(tmp_path / "snapshot"), run_dir=str(tmp_path)), SlurmSettings()))
-    process = subprocess.Popen(["/bin/sh", str(script)], start_new_session=True)
+    process = subprocess.Popen(["/bin/sh", str(script)])
     deadline = time.monotonic() + 10
     while not (tmp_path / "snapshot" / "started").exists():
         assert time.monotonic() < deadline, "the command did not start"
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGTERM)
+    os.kill(process.pid, signal.SIGTERM)
     assert process.wait(timeout=10) == 128 + signal.SIGTERM
     assert parse_exit_status((tmp_path / EXIT_FILE).read_text()) == (None, signal.SIGTERM)
 
@@ -203,3 +203,31 @@ def test_slurm_target_config(tmp_path):
         path.write_text("[targets.cluster]\n" + body)
         with pytest.raises(ConfigError, match=named):
             load_config(path)
+
+
+def test_the_exit_status_file_is_read_safely(tmp_path):
+    from labrun.agent._slurm import read_status_file
+
+    (tmp_path / "status").write_text("3\n")
+    assert read_status_file(tmp_path / "status") == "3\n"
+    os.mkfifo(tmp_path / "fifo")   # a user's trap: reading would block the agent
+    assert read_status_file(tmp_path / "fifo") is None
+    (tmp_path / "link").symlink_to(tmp_path / "status")
+    assert read_status_file(tmp_path / "link") is None and read_status_file(tmp_path / "missing") is None
+
+
+def test_a_command_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path):
+    (tmp_path / "snapshot").mkdir()
+    script = tmp_path / "batch.sh"
+    script.write_text(batch_script(job(argv=["sh", "-c", "trap '' TERM; touch started; sleep 30"], grace=0.5,
+                                       cwd=str(tmp_path / "snapshot"), run_dir=str(tmp_path)), SlurmSettings()))
+    process = subprocess.Popen(["/bin/sh", str(script)])
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "snapshot" / "started").exists():
+        assert time.monotonic() < deadline, "the command did not start"
+        time.sleep(0.02)
+    began = time.monotonic()
+    os.kill(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=10) == 128 + signal.SIGKILL
+    assert time.monotonic() - began >= 0.5
+    assert parse_exit_status((tmp_path / EXIT_FILE).read_text()) == (None, signal.SIGKILL)

@@ -148,11 +148,12 @@ def test_cancel_running_and_pending_runs(cluster_agent, source):
     busy = _submit(cluster_agent, source, command="echo busy; exec sleep 300", resources={"cpus": NODE_CPUS})
     wait_until(lambda: _status(cluster_agent, busy) == "Running", 60, "the first run to start")
     pending = _submit(cluster_agent, source, command=["echo", "never"], resources={"cpus": NODE_CPUS})
-    wait_until(lambda: (_waiting(cluster_agent, pending) or {}).get("reason") == "slurm: Resources",
-               30, "the second run to wait in Slurm's queue for resources")
+    # Slurm's reason: Resources, or Priority when someone else's job also waits for the node.
+    wait_until(lambda: (_waiting(cluster_agent, pending) or {}).get("reason") in ("slurm: Resources", "slurm: Priority"),
+               60, "the second run to wait in Slurm's queue for resources")
     listed = cluster_agent.cli("ls", check=True).stdout
     line = next(line for line in listed.splitlines() if pending.id in line)
-    assert "Queued" in line and "slurm: Resources" in line, listed
+    assert "Queued" in line and ("slurm: Resources" in line or "slurm: Priority" in line), listed
     wait_until(lambda: "busy" in busy.get_log(), 30, "the first run's output")
     busy_job = _job_of(cluster_agent, busy.id)
     pending_job = _job_of(cluster_agent, pending.id)
@@ -264,3 +265,29 @@ def test_sbatch_runs_as_the_submitting_user(cluster_agent, source, nobody_client
     assert (int(uid), int(gid)) == (user.pw_uid, user.pw_gid)
     real = cluster_agent.run_root / run_id
     assert real.stat().st_uid == user.pw_uid and (real / "logs" / "std_log.txt").stat().st_uid == user.pw_uid
+
+
+def test_cancel_a_run_that_ignores_sigterm_kills_it_after_the_grace_period(cluster_agent, source):
+    run = _submit(cluster_agent, source, command="trap '' TERM; echo started; sleep 300; echo survived")
+    wait_until(lambda: "started" in run.get_log(), 60, "the run to start")
+    began = time.monotonic()
+    run.cancel()
+    finished = cluster_agent.workspace().wait_for_run(run.id, timeout=60)
+    assert (finished["status"], finished["reason"]) == ("Canceled", "canceled")
+    assert time.monotonic() - began >= 1   # the grace period (1 s here) before SIGKILL
+    wait_until(lambda: not processes_of(run.id), 10, "the run's processes to end")
+    assert "survived" not in run.get_log()
+
+
+def test_resume_from_and_environment_variables_reach_the_node(cluster_agent, source, tmp_path):
+    checkpoint = tmp_path / "ckpt.txt"
+    checkpoint.write_text("epoch 7")
+    config = ScriptRunConfig(str(source), command='echo seed=$SEED; cat "$LABRUN_RESUME_FROM"; echo',   # echo gets --resume-from PATH compute_target="cluster",
+                             resume_from=str(checkpoint))
+    config.run_config.environment_variables = {"SEED": "42"}
+    run = Experiment(cluster_agent.workspace(), "slurm").submit(config)
+    assert run.wait_for_completion()["status"] == "Completed", run.get_log()
+    log = run.get_log()
+    copy = cluster_agent.run_root / run.id / "resume_from" / "ckpt.txt"
+    assert "seed=42" in log and "epoch 7" in log and copy.read_text() == "epoch 7"
+    assert f"--resume-from {copy}" in log   # the node's path: in run_root
