@@ -282,8 +282,9 @@ def test_cancel_a_run_that_ignores_sigterm_kills_it_after_the_grace_period(clust
 def test_resume_from_and_environment_variables_reach_the_node(cluster_agent, source, tmp_path):
     checkpoint = tmp_path / "ckpt.txt"
     checkpoint.write_text("epoch 7")
-    config = ScriptRunConfig(str(source), command='echo seed=$SEED; cat "$LABRUN_RESUME_FROM"; echo',   # echo gets --resume-from PATH compute_target="cluster",
-                             resume_from=str(checkpoint))
+    # The final echo prints the "--resume-from PATH" that labrun appends.
+    config = ScriptRunConfig(str(source), command='echo seed=$SEED; cat "$LABRUN_RESUME_FROM"; echo',
+                             compute_target="cluster", resume_from=str(checkpoint))
     config.run_config.environment_variables = {"SEED": "42"}
     run = Experiment(cluster_agent.workspace(), "slurm").submit(config)
     assert run.wait_for_completion()["status"] == "Completed", run.get_log()
