@@ -3,7 +3,8 @@
 The server (``_server``) accepts clients on a Unix socket; the service (``_service``)
 answers their requests; the supervisor (``_supervisor``) owns the queue and the
 active runs, asking the pure scheduler (``_scheduler``) what starts; executors
-(``_local``) run the processes; the store (``_store``) keeps everything in SQLite.
+(``executors``, one module per target kind) run them; the store (``_store``) keeps
+everything in SQLite.
 """
 
 from ._config import AgentConfig as AgentConfig, ConfigError as ConfigError, load_config as load_config

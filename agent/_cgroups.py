@@ -1,27 +1,33 @@
-"""Per-run memory cgroups, where the machine lets the agent make them.
+"""Per-run cgroups, where the machine lets the agent make them: containment (a run ends with all its
+processes) and memory limits.
 
-cgroup v2: when the agent's own cgroup offers the memory controller (a systemd unit
-with ``Delegate=yes``, say), the agent moves itself into a leaf ``agent/`` and puts each
-run in ``runs/<run id>/`` with ``memory.max``. cgroup v1: a ``labrun/<run id>/`` group
-under the agent's memory-controller cgroup, with ``memory.limit_in_bytes``.
+cgroup v2: when the agent's own cgroup lets it make children (a systemd unit with
+``Delegate=yes``, say), the agent moves itself into a leaf ``agent/`` and puts each run in
+``runs/<run id>/``, with ``memory.max`` when the run asks for memory (and the memory
+controller is there). cgroup v1: the run gets a group in a tracking hierarchy (``pids``,
+else ``freezer``), ``labrun/<run id>/`` under the agent's own group there, and, when it asks
+for memory, another in the memory hierarchy with ``memory.limit_in_bytes``.
 
-A run joins its group before its command runs: its argv is prefixed with a one-line
-shell that writes its own pid to ``cgroup.procs`` and execs the command, so nothing
-it forks can start outside. When no group can be made, ``detect`` returns None and the
-executor falls back to a watchdog over the run's process tree.
+The run's shim joins its groups (as root, before it drops to the run's user and starts the
+run), so nothing of the run starts outside, and a double-forked daemon in a new session is
+still a member: killing the run kills every pid in its tracking group until none is left.
+
+When no group can be made, ``detect`` says so (``containment`` is "process groups") and the
+shim falls back to the run's sessions and process groups, and a watchdog for memory.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
 log = structlog.get_logger("labrun.cgroups")
 
-JOIN_AND_EXEC = 'echo $$ > "$0" && exec "$@"'
+CGROUP_FS = Path("/sys/fs/cgroup")
+V1_TRACKING = ("pids", "freezer")
 
 
 def _own_cgroup(controller: str | None) -> str | None:
@@ -39,88 +45,122 @@ def _own_cgroup(controller: str | None) -> str | None:
     return None
 
 
+def _probe(root: Path, limit_file: str | None = None) -> bool:
+    """True when the agent can make (and, for ``limit_file``, configure) a group under ``root``."""
+    probe = root / f"probe-{os.getpid()}"
+    try:
+        probe.mkdir(exist_ok=True)
+        if limit_file is not None:
+            (probe / limit_file).write_text(str(64 << 20))
+        return True
+    except OSError as exc:
+        log.info("cgroups.probe.failed", root=str(root), error=str(exc))
+        return False
+    finally:
+        try:
+            probe.rmdir()
+        except OSError:
+            pass
+
+
 @dataclass
-class MemoryCgroups:
-    root: Path          # where run groups are made
+class RunCgroups:
     version: int
+    tracking: Path              # where run groups are made (v2: the only root)
+    memory: Path | None = None  # v1: the memory hierarchy's root; v2: ``tracking`` when it has memory
+    controllers: list[str] = field(default_factory=list)
 
     @classmethod
-    def detect(cls) -> "MemoryCgroups | None":
+    def detect(cls, *, memory: bool = True) -> "RunCgroups | None":
+        """What this machine allows; ``memory``: make memory groups too (else the watchdog enforces memory)."""
         for probe in (cls._detect_v2, cls._detect_v1):
             try:
-                found = probe()
+                found = probe(memory)
             except OSError as exc:
                 log.info("cgroups.probe.failed", error=str(exc))
                 found = None
             if found is not None:
-                log.info("cgroups.memory", version=found.version, root=str(found.root))
+                log.info("cgroups.found", containment=found.describe())
                 return found
-        log.info("cgroups.memory.unavailable", fallback="watchdog")
+        log.info("cgroups.unavailable", fallback="process groups and a memory watchdog")
         return None
 
     @classmethod
-    def _detect_v2(cls) -> "MemoryCgroups | None":
+    def _detect_v2(cls, memory: bool) -> "RunCgroups | None":
         path = _own_cgroup(None)
-        base = Path("/sys/fs/cgroup") / (path or "/").lstrip("/")
+        base = CGROUP_FS / (path or "/").lstrip("/")
         controllers = base / "cgroup.controllers"
-        if path is None or not controllers.exists() or "memory" not in controllers.read_text().split():
+        if path is None or not controllers.exists() or not os.access(base, os.W_OK):
             return None
+        available = controllers.read_text().split()
         # No process may sit in a cgroup whose children get controllers: move the agent into a leaf.
         agent = base / "agent"
         agent.mkdir(exist_ok=True)
         (agent / "cgroup.procs").write_text(str(os.getpid()))
-        (base / "cgroup.subtree_control").write_text("+memory")
         runs = base / "runs"
         runs.mkdir(exist_ok=True)
-        (runs / "cgroup.subtree_control").write_text("+memory")
-        return cls._writable(runs, 2)
-
-    @classmethod
-    def _detect_v1(cls) -> "MemoryCgroups | None":
-        path = _own_cgroup("memory")
-        mount = Path("/sys/fs/cgroup/memory")
-        if path is None or not mount.is_dir():
+        with_memory = memory and "memory" in available
+        if with_memory:
+            (base / "cgroup.subtree_control").write_text("+memory")
+            (runs / "cgroup.subtree_control").write_text("+memory")
+        if not _probe(runs, "memory.max" if with_memory else None):
             return None
-        root = mount / path.lstrip("/") / "labrun"
-        root.mkdir(exist_ok=True)
-        return cls._writable(root, 1)
+        return cls(version=2, tracking=runs, memory=runs if with_memory else None,
+                   controllers=["memory"] if with_memory else [])
 
     @classmethod
-    def _writable(cls, root: Path, version: int) -> "MemoryCgroups | None":
-        probe = root / f"probe-{os.getpid()}"
-        try:
-            probe.mkdir(exist_ok=True)
-            limit = probe / ("memory.max" if version == 2 else "memory.limit_in_bytes")
-            limit.write_text(str(64 << 20))
-        finally:
-            if probe.exists():
-                probe.rmdir()
-        return cls(root=root, version=version)
+    def _detect_v1(cls, memory: bool) -> "RunCgroups | None":
+        tracking = None
+        for controller in V1_TRACKING:
+            own = _own_cgroup(controller)
+            mount = CGROUP_FS / controller
+            if own is None or not mount.is_dir():
+                continue
+            root = mount / own.lstrip("/") / "labrun"
+            if _make(root) and _probe(root):
+                tracking = root
+                break
+        if tracking is None:
+            return None
+        memory_root = None
+        if memory:
+            own = _own_cgroup("memory")
+            root = CGROUP_FS / "memory" / (own or "/").lstrip("/") / "labrun"
+            if own is not None and _make(root) and _probe(root, "memory.limit_in_bytes"):
+                memory_root = root
+        return cls(version=1, tracking=tracking, memory=memory_root,
+                   controllers=[tracking.parent.relative_to(CGROUP_FS).parts[0]] + (["memory"] if memory_root else []))
 
-    def create(self, run_id: str, limit: int, uid: int, gid: int) -> Path:
-        group = self.root / run_id
-        group.mkdir(exist_ok=True)
-        if self.version == 2:
-            (group / "memory.max").write_text(str(limit))
-            if (group / "memory.swap.max").exists():
-                (group / "memory.swap.max").write_text("0")
-        else:
-            (group / "memory.limit_in_bytes").write_text(str(limit))
-            memsw = group / "memory.memsw.limit_in_bytes"
-            if memsw.exists():
-                try:
-                    memsw.write_text(str(limit))
-                except OSError:
-                    pass   # swap accounting off: the plain limit still holds
-        # The run writes its own pid here, as its own user.
-        os.chown(group / "cgroup.procs", uid, gid)
-        return group
+    def describe(self) -> str:
+        return f"cgroup v{self.version} ({', '.join(self.controllers) or 'no controllers'})"
 
-    @staticmethod
-    def join_argv(group: Path, argv: list[str]) -> list[str]:
-        return ["/bin/sh", "-c", JOIN_AND_EXEC, str(group / "cgroup.procs"), *argv]
+    # -- one run's groups ----------------------------------------------------------------
 
-    def oom_killed(self, group: Path) -> bool:
+    def create(self, run_id: str, limit: int | None) -> list[str]:
+        """The run's groups (tracking first); ``limit``: memory in bytes."""
+        groups = [self.tracking / run_id]
+        groups[0].mkdir(exist_ok=True)
+        if limit is not None and self.memory is not None:
+            if self.version == 2:
+                _limit(groups[0], "memory.max", limit)
+                _limit(groups[0], "memory.swap.max", 0, optional=True)
+            else:
+                groups.append(self.memory / run_id)
+                groups[1].mkdir(exist_ok=True)
+                _limit(groups[1], "memory.limit_in_bytes", limit)
+                _limit(groups[1], "memory.memsw.limit_in_bytes", limit, optional=True)
+        return [str(g) for g in groups]
+
+    def memory_group(self, groups: list[str]) -> Path | None:
+        for group in map(Path, groups):
+            if self.memory is not None and group.parent == self.memory:
+                return group
+        return None
+
+    def oom_killed(self, groups: list[str]) -> bool:
+        group = self.memory_group(groups)
+        if group is None:
+            return False
         name = "memory.events" if self.version == 2 else "memory.oom_control"
         try:
             for line in (group / name).read_text().splitlines():
@@ -132,8 +172,28 @@ class MemoryCgroups:
         return False
 
     @staticmethod
-    def remove(group: Path) -> None:
-        try:
-            group.rmdir()
-        except OSError as exc:
-            log.warning("cgroups.remove.failed", group=str(group), error=str(exc))
+    def remove(groups: list[str]) -> None:
+        for group in groups:
+            try:
+                Path(group).rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cgroups.remove.failed", group=group, error=str(exc))
+
+
+def _make(root: Path) -> bool:
+    try:
+        root.mkdir(exist_ok=True)
+        return True
+    except OSError as exc:
+        log.info("cgroups.mkdir.failed", root=str(root), error=str(exc))
+        return False
+
+
+def _limit(group: Path, name: str, value: int, optional: bool = False) -> None:
+    try:
+        (group / name).write_text(str(value))
+    except OSError:
+        if not optional:
+            raise   # an optional one: swap accounting off, and the plain limit still holds

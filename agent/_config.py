@@ -57,6 +57,7 @@ from labrun.protocol._paths import SYSTEM_SOCKET, SYSTEM_STATE_DIR, user_socket,
 
 from ._docker_args import DockerPolicy
 from ._hub import HubConfig
+from .executors._registry import KINDS
 
 
 class ConfigError(Exception):
@@ -192,13 +193,13 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
         where = f"targets.{name}"
         _expect(table, dict, where)
         target = TargetConfig(name=name, kind=_expect(table.get("kind", "local"), str, f"{where}.kind"))
+        if target.kind not in KINDS:
+            raise ConfigError(f"{where}.kind: must be one of {', '.join(map(repr, KINDS))}, got {target.kind!r}")
         if target.kind == "slurm":
             target.slurm = _slurm_target(table, where)
             config.targets[name] = target
             continue
         _check_keys(table, {"kind", "cpus", "memory", "gpus", "image"}, where)
-        if target.kind not in ("local", "docker"):
-            raise ConfigError(f"{where}.kind: must be 'local', 'docker' or 'slurm', got {target.kind!r}")
         if "cpus" in table:
             target.cpus = _expect(table["cpus"], int, f"{where}.cpus")
         if "gpus" in table:
@@ -260,7 +261,7 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
 
 def _slurm_target(table: dict, where: str) -> SlurmTargetConfig:
     """A ``kind = "slurm"`` target's keys; ``run_root`` is required and absolute."""
-    from ._slurm_plan import SbatchArgumentError, check_sbatch_args, parse_time
+    from .executors._slurm_plan import SbatchArgumentError, check_sbatch_args, parse_time
 
     _check_keys(table, {"kind", "run_root", "partition", "account", "qos", "time", "sbatch_args", "mpi"}, where)
     if "run_root" not in table:

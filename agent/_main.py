@@ -20,20 +20,16 @@ import trio
 
 from labrun.protocol import __version__
 
-from ._asyncio_bridge import AsyncioBridge
 from ._capacity import discover_capacity
-from ._docker import DockerExecutor, agent_id
-from ._cgroups import MemoryCgroups
 from ._config import AgentConfig, ConfigError, load_config
 from ._events import EventLog
 from ._hub import HubSender
-from ._local import LocalExecutor
 from ._logging import configure_logging
-from ._slurm import SlurmExecutor
 from ._server import AgentAlreadyRunning, ConnectionHandler, open_unix_listener, refuse_if_agent_answers
 from ._service import Service
-from ._store import Store
+from ._store import SchemaTooNew, Store
 from ._supervisor import Supervisor
+from .executors import Executor, build_executors
 
 log = structlog.get_logger("labrun.agent")
 
@@ -60,28 +56,35 @@ def _lock_state_dir(state_dir: Path, system: bool):
     return lock
 
 
-async def run_agent(config: AgentConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run the agent until SIGTERM or SIGINT (or cancellation)."""
+async def run_agent(config: AgentConfig, *, executors: dict[str, Executor] | None = None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run the agent until SIGTERM or SIGINT (or cancellation).
+
+    Args:
+        executors: by target kind; default: every registered kind (``executors.FACTORIES``).
+    """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         lock = _lock_state_dir(config.state_dir, config.system)
-        store = Store(config.state_dir / "state.db")
-        docker = DockerExecutor(AsyncioBridge(), config.docker, agent_id(config.state_dir), config.docker_url,
-                                on_first_container=lambda: store.set_meta("docker_used", True))
         try:
-            await _serve(config, store, docker, signals, task_status)
+            store = Store(config.state_dir / "state.db")
+        except BaseException:
+            lock.close()
+            raise
+        if executors is None:
+            executors = build_executors(config, store)
+        try:
+            await _serve(config, store, executors, signals, task_status)
         finally:
             with trio.move_on_after(5, shield=True):
-                await docker.close()
+                for executor in executors.values():
+                    await executor.aclose()
             store.close()
             lock.close()
     log.info("agent.stopped")
 
 
-async def _serve(config: AgentConfig, store: Store, docker: DockerExecutor, signals, task_status) -> None:
+async def _serve(config: AgentConfig, store: Store, executors: dict[str, Executor], signals, task_status) -> None:
     capacity = discover_capacity(config.resources)
-    cgroups = MemoryCgroups.detect() if config.resources.memory_enforcement == "auto" else None
-    executors = {"local": LocalExecutor(cgroups, config.stop_grace_seconds), "docker": docker,
-                 "slurm": SlurmExecutor(config.stop_grace_seconds)}
     supervisor = Supervisor(config, store, capacity, executors)
     events = EventLog(store, buffer=config.subscriber_buffer)
     hub = HubSender(config.hub, store, events) if config.hub is not None else None
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     refusals = []
     try:
         trio.run(run_agent, config)
-    except* (AgentAlreadyRunning, StateDirLocked) as group:
+    except* (AgentAlreadyRunning, StateDirLocked, SchemaTooNew) as group:
         refusals = group.exceptions
     for exc in refusals:
         print(f"labrund: {exc}", file=sys.stderr)

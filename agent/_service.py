@@ -22,6 +22,7 @@ from labrun.protocol._statuses import ACTIVE, QUEUED
 from ._artifacts import LOGS, artifact_path, list_files
 from ._events import EventFilter, EventLog
 from ._peers import Peer
+from ._rundir import RunDir
 from ._snapshot import MAX_ARCHIVE_BYTES
 from ._supervisor import Owner, Supervisor
 
@@ -67,6 +68,7 @@ class Service:
             "watch": self.watch, "log_metrics": self.log_metrics, "get_metrics": self.get_metrics,
             "set_labels": self.set_labels, "files": self.files, "download": self.download, "put_file": self.put_file,
             "env_register": self.env_register, "env_get": self.env_get, "env_list": self.env_list,
+            "drain": self.drain, "resume": self.resume,
         }
 
     # -- helpers -----------------------------------------------------------------------
@@ -101,8 +103,8 @@ class Service:
             raise Forbidden(f"the run token is not valid for run {run_id} (it is only valid while the run is active)")
         return self._record(run_id)
 
-    def _run_dir(self, record) -> Path:
-        return self.config.state_dir / "runs" / record.run_id
+    def _run_dir(self, record) -> RunDir:
+        return RunDir.of(self.config.state_dir, record.run_id)
 
     # -- ops ---------------------------------------------------------------------------
 
@@ -260,7 +262,7 @@ class Service:
         with open(path, "ab") as f:
             f.write(args["data"])
         if os.geteuid() == 0 and record.uid != 0:
-            run_dir, node = self._run_dir(record), path
+            run_dir, node = self._run_dir(record).root, path
             while node != run_dir:
                 os.chown(node, record.uid, record.gid)
                 node = node.parent
@@ -281,13 +283,33 @@ class Service:
     async def env_list(self, session: Session, args: dict) -> list:
         return [{**e["definition"], "version": e["version"]} for e in self.store.list_environments()]
 
+    # -- draining ----------------------------------------------------------------------
+
+    def _admin(self, session: Session, action: str) -> None:
+        if not session.peer.admin:
+            raise Forbidden(f"only root or the admin group may {action} the agent")
+
+    async def drain(self, session: Session, args: dict) -> dict:
+        """Start no more runs; with ``wait``, return once no run is active (or at the timeout)."""
+        self._admin(session, "drain")
+        self.supervisor.set_draining(True)
+        if args["wait"]:
+            timeout = args["timeout"]
+            with trio.move_on_after(float("inf") if timeout is None else timeout):
+                while self.supervisor.active:
+                    await self.supervisor.changed.wait()
+        return {"draining": self.supervisor.draining, "active": len(self.supervisor.active)}
+
+    async def resume(self, session: Session, args: dict) -> dict:
+        self._admin(session, "resume")
+        self.supervisor.set_draining(False)
+        return {"draining": self.supervisor.draining, "active": len(self.supervisor.active)}
+
     async def status(self, session: Session, args: dict) -> dict:
         capacity = self.supervisor.capacity
         in_use = {"cpus": 0, "memory": 0, "gpus": []}
         by_user: dict[str, dict] = {}
         for active in self.supervisor.active.values():
-            if not active.local:
-                continue   # a Slurm run uses the cluster, not this machine
             a, user = active.allocation, active.record.user
             in_use["cpus"] += a.cpus
             in_use["memory"] += a.memory or 0
@@ -317,6 +339,10 @@ class Service:
                                                               **_slurm_shown(t)}
                                                        for name, t in sorted(self.config.targets.items())}},
             "events": {"last_seq": self.store.last_seq(), "subscribers": len(self.events.subscriptions)},
+            "draining": self.supervisor.draining,
+            "drained": self.supervisor.draining and not self.supervisor.active,
+            "containment": {kind: getattr(executor, "containment", None)
+                            for kind, executor in self.supervisor.executors.items()},
             "hub": self.hub.status() if self.hub is not None else None,
         }
 

@@ -1,4 +1,5 @@
-"""The run state machine: which status may follow which, and the event each transition emits.
+"""The run state machine: which status may follow which, the event each transition emits, and how a run
+ends (``outcome``: its final status, reason and message from how its process ended).
 
 Pure: no I/O. The supervisor asks ``check_transition`` before every store update, so
 an impossible transition is a bug caught at once rather than a corrupt history.
@@ -6,6 +7,11 @@ an impossible transition is a bug caught at once rather than a corrupt history.
 
 from __future__ import annotations
 
+import signal as signals
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from labrun.protocol import format_memory
 from labrun.protocol._statuses import (
     CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING, TERMINAL,
 )
@@ -53,3 +59,60 @@ def check_transition(old: str, new: str) -> None:
 
 def is_terminal(status: str) -> bool:
     return status in TERMINAL
+
+
+@dataclass(frozen=True)
+class ExitResult:
+    """How a run's process (or container, or job) ended."""
+
+    exit_code: int | None = None
+    signal: int | None = None
+    memory_exceeded: bool = False   # killed for using more memory than the run asked for
+    # Set by executors that know more than an exit status (Slurm's NODE_FAIL, TIMEOUT...): the run's final
+    # status, reason and message. ``started``: the command ran at all.
+    status: str | None = None
+    reason: str | None = None
+    error: str | None = None
+    started: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class Outcome(NamedTuple):
+    status: str
+    reason: str | None
+    error: str | None
+
+
+def outcome(result: ExitResult | None, *, cancel_reason: str | None = None, memory: int | None = None) -> Outcome:
+    """The final status of a run whose process ended with ``result``.
+
+    Args:
+        result: how the process ended; None when it never started or nothing is known.
+        cancel_reason: set when the run was canceled (``canceled``, ``max_run_duration_exceeded``): a
+            canceled run is ``Canceled`` whatever its process did, even if it ended by itself just then.
+        memory: the run's memory request in bytes, for the message of a memory kill.
+    """
+    if cancel_reason is not None:
+        error = ("canceled: the run exceeded its max_run_duration_seconds"
+                 if cancel_reason == "max_run_duration_exceeded" else "canceled")
+        return Outcome(CANCELED, cancel_reason, error)
+    if result is None:
+        return Outcome(FAILED, "agent_error", "the run ended and its exit status is unknown")
+    if result.status is not None:
+        return Outcome(result.status, result.reason, result.error)
+    if result.ok:
+        return Outcome(COMPLETED, None, None)
+    if result.memory_exceeded:
+        asked = format_memory(memory) if memory else "memory"
+        return Outcome(FAILED, "memory_limit_exceeded",
+                       f"the run used more than the {asked} of memory it asked for and was killed")
+    if result.signal is not None:
+        try:
+            name = signals.Signals(result.signal).name
+        except ValueError:
+            name = "unknown signal"
+        return Outcome(FAILED, "signal", f"killed by signal {result.signal} ({name})")
+    return Outcome(FAILED, "exit_code", f"exited with code {result.exit_code}")

@@ -3,6 +3,13 @@
 Every state change and the event describing it commit in one transaction, so the
 event log can never disagree with the runs table. Calls are synchronous: each is a
 handful of indexed statements on a local file, far shorter than a thread hop.
+
+Schema versions: the database's ``user_version`` counts the ``MIGRATIONS`` applied to it.
+At open, the missing steps run in order, each in its own transaction with its version
+bump, so a crash mid-upgrade leaves a consistent, older version. A database newer than
+this agent's ``MIGRATIONS`` is refused (``SchemaTooNew``): an older agent must not write
+a schema it does not know. To change the schema, append one step to ``MIGRATIONS``
+(never edit a step that has shipped): a SQL script, or ``add_column(...)``.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from labrun.protocol._statuses import TERMINAL
 
 from ._model import RunRecord
 
+# The first schema. IF NOT EXISTS: databases made before schema versions existed (user_version 0)
+# already hold these tables, and step 1 brings them to version 1 unchanged.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
@@ -89,6 +98,64 @@ CREATE TABLE IF NOT EXISTS environments (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
 """
 
+
+class SchemaTooNew(Exception):
+    """The database was written by a newer agent."""
+
+
+def add_column(table: str, column: str, definition: str) -> Callable[[sqlite3.Connection], None]:
+    """A migration step adding one column, idempotent (a no-op where the column exists)."""
+    def step(db: sqlite3.Connection) -> None:
+        if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    step.__doc__ = f"add {table}.{column}"
+    return step
+
+
+# Step N brings the database to user_version N. Append only.
+MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
+    SCHEMA,
+    # 2: the hash of each active run's token, so in-run clients keep working across an agent restart.
+    "CREATE TABLE IF NOT EXISTS run_tokens (run_id TEXT PRIMARY KEY, token_hash BLOB NOT NULL);",
+]
+
+
+def migrate(db: sqlite3.Connection, path: Path) -> int:
+    """Apply the missing ``MIGRATIONS`` steps; returns the database's version."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise SchemaTooNew(
+            f"the state database {path} has schema version {version}, newer than this agent knows "
+            f"({len(MIGRATIONS)}): it was used by a newer labrund. Run that version (or newer), or restore "
+            "a backup of the state directory made for this version")
+    for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if callable(step):
+                step(db)
+            else:
+                for statement in _statements(step):
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    return len(MIGRATIONS)
+
+
+def _statements(script: str) -> list[str]:
+    """A script's statements, so they run in the step's transaction (executescript would commit first)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        raise ValueError(f"incomplete SQL statement in a migration: {current.strip()[:80]!r}")
+    return statements
+
 _COLUMNS = ("run_id", "ord", "experiment", "number", "uid", "gid", "user", "status", "spec", "environ",
             "submitted_at", "started_at", "ended_at", "exit_code", "signal", "reason", "error", "pid",
             "allocation", "handle")
@@ -121,7 +188,11 @@ class Store:
         # lose the last transactions. The fsync per commit of FULL would cap throughput.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        try:
+            self.schema_version = migrate(self._db, path)
+        except BaseException:
+            self._db.close()
+            raise
         # Called with each transaction's events once it has committed (the event log's live feed).
         self.on_events: Callable[[list[dict]], None] = lambda events: None
         self._uncommitted: list[dict] = []
@@ -341,6 +412,18 @@ class Store:
     def list_environments(self) -> list[dict]:
         names = [r[0] for r in self._db.execute("SELECT DISTINCT name FROM environments ORDER BY name")]
         return [self.get_environment(name) for name in names]
+
+    def token_hash(self, run_id: str) -> bytes | None:
+        row = self._db.execute("SELECT token_hash FROM run_tokens WHERE run_id = ?", (run_id,)).fetchone()
+        return row[0] if row else None
+
+    def set_token_hash(self, run_id: str, token_hash: bytes | None) -> None:
+        """Remember (or, with None, forget) the hash of an active run's token."""
+        if token_hash is None:
+            self._db.execute("DELETE FROM run_tokens WHERE run_id = ?", (run_id,))
+        else:
+            self._db.execute("INSERT INTO run_tokens (run_id, token_hash) VALUES (?, ?) "
+                             "ON CONFLICT(run_id) DO UPDATE SET token_hash = excluded.token_hash", (run_id, token_hash))
 
     def get_meta(self, key: str, default=None):
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

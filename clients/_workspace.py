@@ -134,6 +134,14 @@ class Workspace:
     def status(self) -> dict:
         return self._call("status")
 
+    def drain(self, wait: bool = True, timeout: float | None = None) -> dict:
+        """Admins: start no more runs; with ``wait``, return once no run is active (or at ``timeout``)."""
+        return self._call("drain", wait=wait, timeout=timeout)
+
+    def resume(self) -> dict:
+        """Admins: start runs again after ``drain``."""
+        return self._call("resume")
+
     def list_runs(self, **filters):
         """Every run matching ``filters`` (the ``list`` op's), newest first, following the agent's pages."""
         before = None

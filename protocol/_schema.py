@@ -285,6 +285,8 @@ OP_SCHEMAS: dict[str, Validator] = {
         "name": Field(_relative_path, "std_log.txt"),
     }),
     "status": struct({}),
+    "drain": struct({"wait": Field(boolean, True), "timeout": Field(nullable(number(min=0)), None)}),
+    "resume": struct({}),
     "log_metrics": struct({
         "run_id": Field(_RUN_ID),
         "token": Field(nullable(string(max_len=200)), None),

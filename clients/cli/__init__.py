@@ -268,6 +268,12 @@ def cmd_status(args) -> int:
           + (f" ({','.join(used['gpus'])} of {','.join(cap['gpus'])})" if cap["gpus"] else ""))
     counts = ", ".join(f"{k} {v}" for k, v in sorted(status["runs"].items())) or "none"
     print(f"runs      {counts}")
+    if status.get("draining"):
+        print("state     drained: no run is active; 'labrun agent resume' starts queued runs again"
+              if status.get("drained") else f"state     draining: {status['active']} active run(s) left, none starts")
+    containment = (status.get("containment") or {}).get("local")
+    if containment:
+        print(f"contain   {containment}")
     hub = status.get("hub")
     if hub:
         print(f"hub       {hub['url']}: {hub['state']}, delivered up to event {hub['delivered_seq']}, "
@@ -279,7 +285,33 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_agent_drain(args) -> int:
+    """``labrun agent drain [--no-wait] [--timeout D]``: stop starting runs, and wait for the active ones."""
+    parser = argparse.ArgumentParser(prog="labrun agent drain",
+                                     description="Start no more runs (queued runs stay queued); wait until none is "
+                                                 "active. Undo with: labrun agent resume")
+    parser.add_argument("--no-wait", action="store_true", help="return at once")
+    parser.add_argument("--timeout", type=_duration, help="wait at most this long")
+    options = parser.parse_args(args.agent_args[1:])
+    result = _workspace(args).drain(wait=not options.no_wait, timeout=options.timeout)
+    if result["active"]:
+        print(f"agent draining: {result['active']} active run(s) left; queued runs wait")
+        return 0 if options.no_wait else 1
+    print("agent drained: no run is active; queued runs wait until 'labrun agent resume'")
+    return 0
+
+
+def cmd_agent_resume(args) -> int:
+    _workspace(args).resume()
+    print("agent resumed: queued runs start again")
+    return 0
+
+
 def cmd_agent(args) -> int:
+    if args.agent_args and args.agent_args[0] == "drain":
+        return cmd_agent_drain(args)
+    if args.agent_args and args.agent_args[0] == "resume":
+        return cmd_agent_resume(args)
     try:
         from labrun.agent._main import main as agent_main
     except ImportError as exc:
@@ -386,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = commands.add_parser("agent", help="run the agent in the foreground (same options as labrund)")
+    p = commands.add_parser("agent", help="run the agent in the foreground (same options as labrund); "
+                                          "'agent drain [--no-wait]' and 'agent resume' for maintenance")
     p.add_argument("agent_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_agent)
     return parser

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from labrun.agent._config import ConfigError, load_config
-from labrun.agent._slurm_plan import (
+from labrun.agent.executors._slurm_plan import (
     EXIT_FILE, SbatchArgumentError, SlurmJob, SlurmSettings, batch_script, check_sbatch_args, format_time, layout,
     map_state, parse_exit_status, parse_squeue, parse_time, rank_wrapper, sbatch_argv, sbatch_job_id, srun_argv,
 )
@@ -198,7 +198,7 @@ def test_slurm_target_config(tmp_path):
         ('kind = "slurm"\nrun_root = "/s"\nsbatch_args = ["--output=/tmp/x"]\n', "sbatch_args: '--output=/tmp/x'"),
         ('kind = "slurm"\nrun_root = "/s"\ntime = "soon"\n', "time:"),
         ('kind = "slurm"\nrun_root = "/s"\npartition = "a b"\n', "partition"),
-        ('kind = "cloud"\n', "'local', 'docker' or 'slurm'"),
+        ('kind = "cloud"\n', "'local', 'docker', 'slurm'"),
     ]:
         path.write_text("[targets.cluster]\n" + body)
         with pytest.raises(ConfigError, match=named):
@@ -206,7 +206,7 @@ def test_slurm_target_config(tmp_path):
 
 
 def test_the_exit_status_file_is_read_safely(tmp_path):
-    from labrun.agent._slurm import read_status_file
+    from labrun.agent.executors._slurm import read_status_file
 
     (tmp_path / "status").write_text("3\n")
     assert read_status_file(tmp_path / "status") == "3\n"

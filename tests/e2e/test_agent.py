@@ -219,11 +219,15 @@ def test_restart_keeps_history_and_queue(make_agent, source):
     running = submit(agent, source, ["sleep", "300"])
     queued = [submit(agent, source, ["echo", str(i)]) for i in range(2)]
     wait_until(lambda: running.get_status() == "Running", what="running")
+    pids = processes_of(running.id)
     agent.restart()
     listed = {r["run_id"]: r for r in agent.workspace()._call("list", all=True)}
     assert listed[done.id]["status"] == "Completed"
-    # The earlier agent's active run cannot be reattached yet: it is failed and its processes ended.
-    assert listed[running.id]["status"] == "Failed" and listed[running.id]["reason"] == "agent_lost"
+    # The earlier agent's active run was reattached: still running, the same processes, holding its slot.
+    assert listed[running.id]["status"] == "Running" and processes_of(running.id) == pids
+    assert [listed[r.id]["status"] for r in queued] == ["Queued", "Queued"]
+    running.cancel()
+    assert running.wait_for_completion(raise_on_error=False)["status"] == "Canceled"
     assert processes_of(running.id) == []
     for i, run in enumerate(queued):
         details = run.wait_for_completion()
@@ -240,6 +244,9 @@ def test_stopping_the_agent_leaves_runs_running(make_agent, source):
     assert agent.stop() == 0
     assert processes_of(run.id) == pids
     agent.start()
+    assert run.get_status() == "Running" and processes_of(run.id) == pids   # reattached, not restarted
+    run.cancel()
+    assert run.wait_for_completion(raise_on_error=False)["status"] == "Canceled"
     assert processes_of(run.id) == []
 
 

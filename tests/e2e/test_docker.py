@@ -50,7 +50,7 @@ def image():
 def docker_agent(make_agent, image):
     agent = make_agent("[agent]\nstop_grace_seconds = 1\n[docker]\nvolumes = [\"/srv/labrun-test\"]\n")
     yield agent
-    from labrun.agent._docker import LABEL_AGENT, agent_id
+    from labrun.agent.executors._docker import LABEL_AGENT, agent_id
 
     left = _docker("ps", "-aq", "--filter", f"label={LABEL_AGENT}={agent_id(agent.state_dir)}").stdout.split()
     assert left == [], "no container is left behind"
@@ -140,7 +140,7 @@ def test_refused_arguments(docker_agent, source):
 
 def test_orphans_are_removed_at_start(docker_agent, source):
     """An agent that has made containers looks for its orphans when it starts (one that never did, does not)."""
-    from labrun.agent._docker import LABEL_AGENT, LABEL_RUN, agent_id
+    from labrun.agent.executors._docker import LABEL_AGENT, LABEL_RUN, agent_id
 
     container_run(docker_agent, source, ["true"]).wait_for_completion()
     orphan = _docker("run", "-d", "--label", f"{LABEL_AGENT}={agent_id(docker_agent.state_dir)}", "--label",
@@ -149,8 +149,25 @@ def test_orphans_are_removed_at_start(docker_agent, source):
     assert _docker("ps", "-aq", "--filter", f"id={orphan}").stdout.strip() == ""
 
 
-def test_agent_restart_removes_a_running_container(docker_agent, source):
-    run = container_run(docker_agent, source, ["sleep", "300"])
+def test_agent_restart_reattaches_to_a_running_container(docker_agent, source):
+    run = container_run(docker_agent, source, ["sh", "-c", "echo before; while [ ! -e go ]; do sleep 0.1; done; "
+                                                           "echo after; exit 7"])
     wait_until(lambda: run.get_status() == "Running", what="running")
     docker_agent.restart()
-    assert run.get_status() == "Failed" and run._details["reason"] == "agent_lost"
+    assert run.get_status() == "Running"
+    (docker_agent.state_dir / "runs" / run.id / "snapshot" / "go").touch()
+    details = run.wait_for_completion(raise_on_error=False)
+    assert details["status"] == "Failed" and run._details["exit_code"] == 7
+    assert run.get_log() == "before\nafter\n"
+
+
+def test_a_container_that_ended_while_the_agent_was_away_gets_its_exit_code(docker_agent, source):
+    run = container_run(docker_agent, source, ["sh", "-c", "while [ ! -e go ]; do sleep 0.1; done; exit 3"])
+    wait_until(lambda: run.get_status() == "Running", what="running")
+    assert docker_agent.stop() == 0
+    (docker_agent.state_dir / "runs" / run.id / "snapshot" / "go").touch()
+    container = f"labrun-{run.id}"[:120]
+    wait_until(lambda: _docker("inspect", "-f", "{{.State.Running}}", container).stdout.strip() == "false",
+               what="the container to exit")
+    docker_agent.start()
+    assert run.get_status() == "Failed" and run._details["exit_code"] == 3

@@ -14,32 +14,41 @@
   process group, then SIGKILL after the agent's grace period, and records how the command ended; a
   plain ``scancel`` ends the job if that fails. A pending job is simply removed from the queue.
 
-Handle: ``{"executor": "slurm", "version": 1, "job_id", "uid", "gid", "groups", "run_dir", "token"}``.
+Run directories live in the target's ``run_root``, which the nodes share (the agent's ``runs/<id>`` is a
+link to it), and so do pip environments built for Slurm runs (``run_root/envs``). Handle: ``SlurmHandle``
+(the job id, the run directory and its owner), so recovering after an agent restart is a lookup.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import structlog
 import trio
 
+from labrun.protocol import MAX_DURATION_SECONDS_DEFAULT, Unavailable
 from labrun.protocol._statuses import CANCELED, COMPLETED, FAILED
 
-from ._executor import ExitResult, LaunchSpec, StartFailed
+from .._environments import EnvironmentBuilder, needs_conda
+from .._rundir import RunDir
+from ._base import (
+    Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Preparation, Recovery, StartFailed,
+    refuse,
+)
 from ._slurm_plan import (
-    ENDED, EXIT_FILE, SQUEUE_FORMAT, JobState, batch_script, map_state, parse_exit_status, parse_squeue,
-    sbatch_argv, sbatch_job_id, state_error,
+    ENDED, EXIT_FILE, SQUEUE_FORMAT, JobState, SlurmJob, SlurmSettings, batch_script, layout, map_state,
+    parse_exit_status, parse_squeue, sbatch_argv, sbatch_job_id, state_error,
 )
 
 log = structlog.get_logger("labrun.slurm")
 
-HANDLE_VERSION = 1
 POLL_MIN_SECONDS = 0.05
 POLL_MAX_SECONDS = 2.0
 POLL_UNAVAILABLE_MAX_SECONDS = 30.0
@@ -134,24 +143,90 @@ class _Squeue:
         return parse_squeue(result.stdout.decode(errors="replace"))
 
 
-class SlurmExecutor:
-    name = "slurm"
-    counts_locally = False   # the cluster's capacity, not this machine's
-    reports_progress = True  # ``wait`` reports the job's states: Slurm has its own queue
+@dataclass(frozen=True)
+class SlurmHandle(Handle):
+    kind = "slurm"
+    VERSION = 1
+
+    job_id: str
+    run_dir: str      # the run directory as the nodes know it (in run_root)
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+class SlurmExecutor(Executor):
+    kind = "slurm"
+    # The cluster's capacity, not this machine's; its jobs outlive the agent; Slurm has its own queue.
+    capabilities = Capabilities(gpus=True, distributed=True, counted_locally=False, outlives_agent=True,
+                                own_queue=True)
+    handle_type = SlurmHandle
 
     def __init__(self, grace: float = 10.0):
         self.grace = grace
         self._squeue = _Squeue()
+        self._environments: dict[Path, EnvironmentBuilder] = {}
+
+    def admit(self, spec: dict, target) -> None:
+        """Refuse what a Slurm target cannot run; a run without its own time limit gets the target's ``time``."""
+        if (spec.get("docker") or {}).get("use_docker"):
+            refuse("docker", "Docker containers are not run on a Slurm target")
+        super().admit(spec, target)
+        distributed = spec.get("distributed")
+        if distributed is not None and distributed["kind"] == "pytorch" and distributed["process_count"] \
+                and distributed["process_count"] < distributed["node_count"]:
+            refuse("distributed", f"process_count={distributed['process_count']} is smaller than "
+                                  f"node_count={distributed['node_count']}")
+        environment = spec.get("environment")
+        if environment is not None and needs_conda(environment) and shutil.which("conda") is None:
+            refuse("environment", f"environment {environment['name']!r} is a conda specification, and this "
+                                  "machine has no 'conda' binary to build it with; use pip requirements")
+        if target.slurm.time is not None and spec["max_run_duration_seconds"] == MAX_DURATION_SECONDS_DEFAULT:
+            spec["max_run_duration_seconds"] = target.slurm.time
+
+    def make_run_dir(self, target, run_dir: RunDir) -> None:
+        """The run's directory is in the target's run_root, which the nodes share; the agent's is a link to it."""
+        run_root = target.slurm.run_root
+        if not run_root.is_dir():
+            raise Unavailable(f"the Slurm target's run_root {str(run_root)!r} is not a directory on this machine; "
+                              "ask the agent's administrator")
+        real = run_root / run_dir.run_id
+        real.mkdir(mode=0o700)
+        run_dir.root.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.root.symlink_to(real)
+
+    async def prepare(self, preparation: Preparation) -> LaunchSpec:
+        slurm = preparation.target.slurm
+        spec = preparation.record.spec
+        # The nodes know the run directory by its place in run_root, not by the agent's link to it.
+        run_dir = RunDir(preparation.run_dir.root.resolve())
+        envs = slurm.run_root / "envs"
+        if envs not in self._environments:
+            self._environments[envs] = EnvironmentBuilder(envs)
+        plan = layout(spec.get("distributed"))
+        launch = await preparation.planner.plan(dataclasses.replace(preparation, run_dir=run_dir),
+                                                cluster_tasks=plan.tasks, environments=self._environments[envs])
+        resources = spec["resources"]
+        job = SlurmJob(run_id=launch.run_id, argv=launch.argv, cwd=str(run_dir.snapshot), logs=str(run_dir.logs),
+                       run_dir=str(run_dir.root), duration=spec["max_run_duration_seconds"], cpus=resources["cpus"],
+                       memory=resources["memory"], gpus=resources["gpus"], distributed=spec.get("distributed"),
+                       python=launch.argv[0] if spec["script"] is not None else "python3",
+                       job_name=f"labrun-{spec.get('display_name') or launch.run_id}", grace=self.grace)
+        launch.slurm = {"job": job, "settings": SlurmSettings(partition=slurm.partition, account=slurm.account,
+                                                              qos=slurm.qos, sbatch_args=slurm.sbatch_args,
+                                                              mpi=slurm.mpi)}
+        return launch
 
     # -- running commands as the run's owner --------------------------------------------
 
     @staticmethod
-    def _as_owner(handle: dict) -> dict:
-        if os.geteuid() == 0 and handle["uid"] != 0:
-            return {"user": handle["uid"], "group": handle["gid"], "extra_groups": handle.get("groups") or []}
-        return {}
+    def _as_owner(owner) -> dict:
+        """Options that run a command as the run's owner: never as root on their behalf."""
+        if owner is None or os.geteuid() != 0 or owner.uid == 0:
+            return {}
+        return {"user": owner.uid, "group": owner.gid, "extra_groups": list(owner.groups)}
 
-    async def _run(self, argv: list[str], owner: dict, **options) -> trio.Process:
+    async def _run(self, argv: list[str], owner, **options) -> trio.Process:
         with trio.fail_after(COMMAND_TIMEOUT_SECONDS):
             return await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False,
                                           **self._as_owner(owner), **options)
@@ -160,7 +235,7 @@ class SlurmExecutor:
 
     async def start(self, launch: LaunchSpec) -> dict:
         job, settings = launch.slurm["job"], launch.slurm["settings"]
-        owner = {"uid": launch.uid, "gid": launch.gid, "groups": launch.groups}
+        owner = SlurmHandle(job_id="", run_dir=job.run_dir, uid=launch.uid, gid=launch.gid, groups=tuple(launch.groups))
         argv = sbatch_argv(job, settings, script="-", sbatch=_command("sbatch"))[:-1]   # the script on stdin
         env = job_environment({**launch.env, **launch.ranks[0].env})
         env.setdefault("PATH", os.defpath)
@@ -170,13 +245,10 @@ class SlurmExecutor:
                 result = await self._run(argv, owner, stdin=batch_script(job, settings).encode(), env=env,
                                          cwd=str(launch.cwd))
         except OSError as exc:
-            failure = StartFailed(f"cannot run sbatch: {exc.strerror or exc}")
-            failure.reason = "slurm_unavailable"
-            raise failure from None
+            raise StartFailed(f"cannot run sbatch: {exc.strerror or exc}", reason="slurm_unavailable") from None
         except trio.TooSlowError:
-            failure = StartFailed(f"sbatch did not answer within {COMMAND_TIMEOUT_SECONDS:.0f} s")
-            failure.reason = "slurm_unavailable"
-            raise failure from None
+            raise StartFailed(f"sbatch did not answer within {COMMAND_TIMEOUT_SECONDS:.0f} s",
+                              reason="slurm_unavailable") from None
         if result.returncode != 0:
             raise StartFailed("Slurm refused the job: "
                               + (result.stderr.decode(errors="replace").strip() or f"sbatch exited {result.returncode}"))
@@ -185,13 +257,12 @@ class SlurmExecutor:
         except ValueError as exc:
             raise StartFailed(str(exc)) from None
         log.info("slurm.submitted", run_id=launch.run_id, job_id=job_id)
-        return {"executor": "slurm", "version": HANDLE_VERSION, "job_id": job_id, "pid": None,
-                "run_dir": job.run_dir, **owner}
+        return dataclasses.replace(owner, job_id=job_id)
 
-    async def wait(self, handle: dict, on_state: Callable[[str, JobState], None] = lambda status, job: None
+    async def wait(self, handle: SlurmHandle, progress: Callable[[str, JobState], None] | None = None
                    ) -> ExitResult:
-        """Until the job has ended; ``on_state(labrun status, job)`` on each change of its state or reason."""
-        job_id = handle["job_id"]
+        """Until the job has ended; ``progress(labrun status, job)`` on each change of its state or reason."""
+        job_id = handle.job_id
         self._squeue.watched[job_id] = self._squeue.watched.get(job_id, 0) + 1
         try:
             interval, seen, last = POLL_MIN_SECONDS, False, None
@@ -210,7 +281,8 @@ class SlurmExecutor:
                 if (job.state, job.reason) != last:
                     last = (job.state, job.reason)
                     seen = seen or status not in ("Queued",)
-                    on_state(status, job)
+                    if progress is not None:
+                        progress(status, job)
                     interval = POLL_MIN_SECONDS
                 if job.state.split()[0] in ENDED:
                     return await self._result(handle, job.state.split()[0])
@@ -219,8 +291,8 @@ class SlurmExecutor:
         finally:
             self._squeue.unwatch(job_id)
 
-    async def _exit_status(self, handle: dict, wait: float) -> str | None:
-        path = Path(handle["run_dir"]) / EXIT_FILE
+    async def _exit_status(self, handle: SlurmHandle, wait: float) -> str | None:
+        path = Path(handle.run_dir) / EXIT_FILE
         with trio.move_on_after(wait):
             while True:
                 text = read_status_file(path)
@@ -229,7 +301,7 @@ class SlurmExecutor:
                 await trio.sleep(0.1)
         return None
 
-    async def _result(self, handle: dict, state: str) -> ExitResult:
+    async def _result(self, handle: SlurmHandle, state: str) -> ExitResult:
         status, reason = map_state(state)
         code, signal = parse_exit_status(await self._exit_status(
             handle, EXIT_FILE_WAIT_SECONDS if state in ("COMPLETED", "FAILED") else 0))
@@ -246,30 +318,30 @@ class SlurmExecutor:
         return ExitResult(exit_code=code, signal=signal, status=status, reason=reason, error=state_error(reason),
                           started=ran)
 
-    async def _ended_unseen(self, handle: dict, seen: bool) -> ExitResult:
+    async def _ended_unseen(self, handle: SlurmHandle, seen: bool) -> ExitResult:
         """The job left squeue: its recorded exit status, else what sacct knows, else it is lost."""
         text = await self._exit_status(handle, EXIT_FILE_WAIT_SECONDS)
         if text is not None:
             code, signal = parse_exit_status(text)
             return ExitResult(exit_code=code, signal=signal, started=True)
-        state = await self._sacct_state(handle["job_id"])
+        state = await self._sacct_state(handle.job_id)
         if state is not None and state in ENDED:
             return await self._result(handle, state)
         return ExitResult(status=FAILED, reason="slurm_job_lost", started=seen,
-                          error=f"Slurm job {handle['job_id']} is gone and left no exit status")
+                          error=f"Slurm job {handle.job_id} is gone and left no exit status")
 
     async def _sacct_state(self, job_id: str) -> str | None:
         try:
             result = await self._run([_command("sacct"), "--noheader", "--parsable2", "--allocations",
-                                      f"--jobs={job_id}", "--format=State"], {"uid": os.geteuid()})
+                                      f"--jobs={job_id}", "--format=State"], None)
         except (OSError, trio.TooSlowError):
             return None
         lines = result.stdout.decode(errors="replace").split()
         return lines[0].split()[0] if result.returncode == 0 and lines else None
 
-    async def stop(self, handle: dict, grace: float) -> None:
+    async def stop(self, handle: SlurmHandle, grace: float) -> None:
         """SIGTERM to the run's processes, ``grace`` seconds, then SIGKILL; a pending job just leaves the queue."""
-        job_id = handle["job_id"]
+        job_id = handle.job_id
         scancel = _command("scancel")
         try:
             job = await self._squeue.state_of(job_id)
@@ -284,14 +356,25 @@ class SlurmExecutor:
                 return
         await self._scancel([scancel, job_id], handle)
 
-    async def _scancel(self, argv: list[str], handle: dict) -> None:
+    async def _scancel(self, argv: list[str], handle: SlurmHandle) -> None:
         try:
             result = await self._run(argv, handle)
         except (OSError, trio.TooSlowError) as exc:
-            log.warning("slurm.scancel.failed", job_id=handle["job_id"], error=str(exc))
+            log.warning("slurm.scancel.failed", job_id=handle.job_id, error=str(exc))
             return
-        log.info("slurm.scancel", job_id=handle["job_id"], argv=argv[1:], exit_code=result.returncode,
+        log.info("slurm.scancel", job_id=handle.job_id, argv=argv[1:], exit_code=result.returncode,
                  error=result.stderr.decode(errors="replace").strip() or None)
 
-    async def abandon(self, handle: dict, grace: float) -> None:
-        await self.stop(handle, grace)
+    async def recover(self, handle: SlurmHandle) -> Recovery:
+        """A lookup by job id: still in Slurm (pending or running), ended with its exit status, or gone."""
+        try:
+            job = await self._squeue.state_of(handle.job_id)
+        except SlurmUnavailable as exc:
+            log.warning("slurm.unavailable", job_id=handle.job_id, error=str(exc))
+            return Live(handle)   # wait() keeps asking, with backoff
+        if job is None:
+            result = await self._ended_unseen(handle, seen=True)
+            return Lost(result.error) if result.reason == "slurm_job_lost" else Ended(result)
+        if job.state.split()[0] in ENDED:
+            return Ended(await self._result(handle, job.state.split()[0]))
+        return Live(handle)

@@ -14,8 +14,11 @@ The container gets:
 
 Stop: ``docker stop`` (SIGTERM, the grace period, SIGKILL), then remove. Containers are always
 removed when their run ends. Create and start are shielded from cancellation, so a cancel that
-lands then cannot leave a container nobody knows about. Handle: ``{"executor": "docker",
-"container": id}``; reattaching after a restart is left to a later change.
+lands then cannot leave a container nobody knows about. Handle: ``DockerHandle`` (the container id).
+
+Containers outlive the agent: a restarted agent reattaches by container id (``recover``:
+inspect, then wait), records the exit code of one that ended meanwhile, and at start removes
+only the labelled containers no run owns (``reconcile``).
 """
 
 from __future__ import annotations
@@ -23,13 +26,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import signal as signals
+from dataclasses import dataclass
 
 import structlog
 import trio
 
-from ._asyncio_bridge import AsyncioBridge
-from ._docker_args import DockerPolicy
-from ._executor import ExitResult, LaunchSpec, StartFailed
+from labrun.protocol import parse_memory
+
+from .._asyncio_bridge import AsyncioBridge
+from .._docker_args import DockerPolicy, translate_arguments
+from ._base import (
+    Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Preparation, Recovery, StartFailed,
+    refuse,
+)
 
 log = structlog.get_logger("labrun.docker")
 
@@ -44,17 +53,47 @@ def agent_id(state_dir) -> str:
     return hashlib.sha256(str(state_dir).encode()).hexdigest()[:16]
 
 
-class DockerExecutor:
-    name = "docker"
+def image_for(spec: dict, target) -> str | None:
+    """The run's image: its environment's base image, else its target's."""
+    environment = spec.get("environment") or {}
+    return (environment.get("docker") or {}).get("base_image") or (target.image if target else None)
 
-    def __init__(self, bridge: AsyncioBridge, policy: DockerPolicy, agent: str, url: str | None = None,
-                 on_first_container=lambda: None):
+
+@dataclass(frozen=True)
+class DockerHandle(Handle):
+    kind = "docker"
+    VERSION = 1
+
+    container: str
+
+    @classmethod
+    def upgrade(cls, data: dict, version: int) -> dict:
+        return data   # version 0: {"executor": "docker", "container": id}
+
+
+def _exit_result(code: int, oom: bool) -> ExitResult:
+    if code > SIGNAL_EXIT_BASE and code - SIGNAL_EXIT_BASE in signals.valid_signals():
+        return ExitResult(signal=code - SIGNAL_EXIT_BASE, memory_exceeded=oom)
+    return ExitResult(exit_code=code, memory_exceeded=oom)
+
+
+class DockerExecutor(Executor):
+    kind = "docker"
+    capabilities = Capabilities(gpus=True, containers=True, outlives_agent=True)
+    handle_type = DockerHandle
+
+    def __init__(self, bridge: AsyncioBridge, policy: DockerPolicy, agent: str, url: str | None = None, *,
+                 grace: float = 10.0, socket=None, used=lambda: True, on_first_container=lambda: None):
         self.bridge = bridge
         self.policy = policy
         self.agent = agent
         self.url = url
+        self.grace = grace
+        self.socket = socket   # the agent's socket, mounted for Run.get_context() inside the container
         self._docker = None
-        # Remembered in the agent's state, so only agents that ever made a container look for orphans.
+        # Remembered in the agent's state, so only agents that ever made a container look for orphans
+        # (and an agent that never used Docker does not wait for an engine at start).
+        self._used = used
         self._on_first_container = on_first_container
 
     async def _client(self):
@@ -64,7 +103,37 @@ class DockerExecutor:
             self._docker = aiodocker.Docker(url=self.url)
         return self._docker
 
-    async def close(self) -> None:
+    def admit(self, spec: dict, target) -> None:
+        if spec.get("distributed") is not None:
+            refuse("distributed", "distributed runs in Docker containers are not supported yet")
+        super().admit(spec, target)
+        if image_for(spec, target) is None:
+            refuse("docker", "a Docker run needs an image: Environment.from_docker_image(name, image), "
+                             "environment.docker.base_image, a target's image, or --image")
+        translate_arguments((spec.get("docker") or {}).get("arguments", []), self.policy)
+        environment = spec.get("environment")
+        if environment is not None and not environment["python"]["user_managed_dependencies"] and (
+                environment["python"].get("pip_requirements") or environment["python"].get("conda_specification")):
+            refuse("environment", "pip or conda dependencies on top of a Docker image are not built by this "
+                                  "agent: bake them into the image")
+
+    async def prepare(self, preparation: Preparation) -> LaunchSpec:
+        launch = await preparation.planner.plan(preparation, in_container=True)
+        spec, run_dir, allocation = preparation.record.spec, preparation.run_dir, preparation.allocation
+        docker = spec.get("docker") or {"arguments": [], "shm_size": None}
+        translated = translate_arguments(docker["arguments"], self.policy)
+        read_only = [str(run_dir.resume_from)] if spec.get("resume_from") is not None else []
+        if self.socket is not None and self.socket.exists():
+            read_only.append(str(self.socket))   # Run.get_context() inside the container
+        launch.container = {
+            "image": image_for(spec, preparation.target), "mounts": [str(run_dir.snapshot), str(run_dir.logs)],
+            "read_only": read_only, "host": translated["host"], "env": translated["env"], "cpus": allocation.cpus,
+            "gpus": list(allocation.gpus),
+            "shm_size": parse_memory(docker["shm_size"]) if docker.get("shm_size") else None,
+        }
+        return launch
+
+    async def aclose(self) -> None:
         if self._docker is not None:
             await self.bridge.call(self._docker.close)
             self._docker = None
@@ -80,9 +149,7 @@ class DockerExecutor:
         except aiodocker.DockerError as exc:
             raise StartFailed(f"{what}: {exc.message}") from None
         except OSError as exc:
-            failure = StartFailed(f"the Docker engine is not reachable: {exc}")
-            failure.reason = "docker_unavailable"
-            raise failure from None
+            raise StartFailed(f"the Docker engine is not reachable: {exc}", "docker_unavailable") from None
 
     async def _ensure_image(self, image: str) -> None:
         import aiodocker
@@ -103,10 +170,9 @@ class DockerExecutor:
         with self._start_errors(f"cannot use image {image!r}"):
             found = await self.bridge.call(inspect)
         if not found:
-            failure = StartFailed(f"image {image!r} is not on this machine"
-                                  + ("" if self.policy.allow_pull else " (and this agent does not pull images)"))
-            failure.reason = "image_not_found"
-            raise failure
+            raise StartFailed(f"image {image!r} is not on this machine"
+                              + ("" if self.policy.allow_pull else " (and this agent does not pull images)"),
+                              "image_not_found")
 
     def _config(self, launch: LaunchSpec) -> dict:
         container = launch.container
@@ -143,7 +209,7 @@ class DockerExecutor:
             "HostConfig": host,
         }
 
-    async def start(self, launch: LaunchSpec) -> dict:
+    async def start(self, launch: LaunchSpec) -> DockerHandle:
         await self._ensure_image(launch.container["image"])
         config = self._config(launch)
 
@@ -161,37 +227,59 @@ class DockerExecutor:
         # Shielded: a cancel landing mid-create must not leave a container no handle knows of.
         with trio.CancelScope(shield=True), self._start_errors("Docker refused the container"):
             container_id = await self.bridge.call(create_and_start)
-        return {"executor": "docker", "container": container_id, "pid": None}
+        return DockerHandle(container=container_id)
 
-    async def wait(self, handle: dict) -> ExitResult:
+    async def wait(self, handle: DockerHandle) -> ExitResult:
         async def wait_and_remove():
             docker = await self._client()
-            container = docker.containers.container(handle["container"])
+            container = docker.containers.container(handle.container)
             status = await container.wait()
             state = (await container.show()).get("State", {})
             await container.delete(force=True)
             return status.get("StatusCode", state.get("ExitCode", 1)), bool(state.get("OOMKilled"))
 
-        code, oom = await self.bridge.call(wait_and_remove)
-        if code > SIGNAL_EXIT_BASE and code - SIGNAL_EXIT_BASE in signals.valid_signals():
-            return ExitResult(signal=code - SIGNAL_EXIT_BASE, memory_exceeded=oom)
-        return ExitResult(exit_code=code, memory_exceeded=oom)
+        return _exit_result(*await self.bridge.call(wait_and_remove))
 
-    async def stop(self, handle: dict, grace: float) -> None:
+    async def stop(self, handle: DockerHandle, grace: float) -> None:
         import aiodocker
 
         async def stop():
             docker = await self._client()
             try:
-                await docker.containers.container(handle["container"]).stop(t=max(1, int(round(grace))))
+                await docker.containers.container(handle.container).stop(t=max(1, int(round(grace))))
             except aiodocker.DockerError as exc:
                 if exc.status not in (304, 404):   # already stopped, or gone
                     raise
 
         await self.bridge.call(stop)
 
-    async def abandon(self, handle: dict, grace: float) -> None:
-        await self._remove(handle["container"], grace)
+    async def recover(self, handle: DockerHandle) -> Recovery:
+        """By container id: running (or about to) is ``Live``; exited is ``Ended`` (and removed)."""
+        import aiodocker
+
+        async def inspect():
+            docker = await self._client()
+            try:
+                return (await docker.containers.container(handle.container).show()).get("State", {})
+            except aiodocker.DockerError as exc:
+                if exc.status == 404:
+                    return None
+                raise
+
+        try:
+            state = await self.bridge.call(inspect)
+        except Exception as exc:
+            return Lost(f"the Docker engine does not answer: {exc}")
+        if state is None:
+            return Lost("its container is gone")
+        if state.get("Running") or state.get("Status") in ("created", "restarting", "paused"):
+            return Live(handle)
+        await self._remove(handle.container, self.grace)
+        return Ended(_exit_result(state.get("ExitCode", 1), bool(state.get("OOMKilled"))))
+
+    async def reconcile(self, owned: list[Handle]) -> None:
+        if self._used():
+            await self.remove_orphans(self.grace, keep={h.container for h in owned})
 
     async def _remove(self, container_id: str, grace: float) -> None:
         import aiodocker
@@ -211,12 +299,12 @@ class DockerExecutor:
         except Exception as exc:
             log.warning("docker.remove.failed", container=container_id, error=str(exc))
 
-    async def remove_orphans(self, grace: float) -> int:
-        """Remove this agent's labelled containers: called when no run is active, so none is owned."""
+    async def remove_orphans(self, grace: float, keep: set[str] = frozenset()) -> int:
+        """Remove this agent's labelled containers that no run owns (not in ``keep``)."""
         async def orphans():
             docker = await self._client()
             containers = await docker.containers.list(all=True, filters=f'{{"label": ["{LABEL_AGENT}={self.agent}"]}}')
-            return [c.id for c in containers]
+            return [c.id for c in containers if c.id not in keep]
 
         try:
             found = await self.bridge.call(orphans)

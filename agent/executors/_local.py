@@ -1,0 +1,305 @@
+"""The local executor: a run is its processes on this machine, owned by a per-run shim (``_shim``).
+
+- The agent makes the run's cgroups (``_cgroups``, where the machine allows) and starts the
+  shim in a session of its own, pinned to the run's cores (set on the agent's own thread
+  around the spawn, so the shim and the run inherit them and are never briefly unpinned). The
+  shim joins the cgroups, drops to the run's user, starts the ranks, reports their pids, and
+  from then on owns the run: its logs, its ranks, the memory watchdog, killing all of it, and
+  its exit status, written atomically to ``RunDir.exit_status``.
+- ``wait`` holds a pidfd on the shim (a child of this agent, or of an earlier one: pidfds work
+  for any process) and reads the exit record once the shim is gone. ``stop`` is SIGTERM to the
+  shim, which stops the run (SIGTERM, grace, SIGKILL to every process of it).
+- Stopping or killing the agent touches neither the shim nor the run; ``recover`` finds the
+  shim again by pid and start time (``Live``), or reads the exit record it left (``Ended``);
+  only when neither is there is the run ``Lost``, and what is left of it is killed.
+- A memory request is enforced by the run's memory cgroup where there is one, else by the
+  shim's watchdog.
+
+Handle: ``LocalHandle``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import trio
+
+from .._cgroups import RunCgroups
+from .._environments import needs_conda
+from ._base import (
+    Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Recovery, StartFailed, refuse,
+)
+from ._shim import cgroup_processes, process_start_time, related_processes, signal_all
+
+log = structlog.get_logger("labrun.local")
+
+SHIM = Path(__file__).with_name("_shim.py")
+# The shim reports its ranks' pids at once; longer means it is stuck, and the start fails.
+SHIM_REPORT_SECONDS = 30.0
+# An exit record is a few hundred bytes; anything larger is not one.
+EXIT_RECORD_MAX = 64 * 1024
+
+
+@dataclass(frozen=True)
+class LocalHandle(Handle):
+    kind = "local"
+    VERSION = 2
+
+    pids: tuple[int, ...]                # the ranks
+    daemons: tuple[bool, ...]
+    start_time: int | None               # the shim's (the first rank's in version 1), in clock ticks since boot
+    memory: int | None = None
+    shim: int | None = None              # None: a version 1 handle, from before runs had shims
+    cgroups: tuple[str, ...] = ()        # tracking group first
+    exit_path: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.pids[0]
+
+    @classmethod
+    def upgrade(cls, data: dict, version: int) -> dict:
+        # Versions 0 and 1: processes started by the agent itself, with no shim to reattach to.
+        pids = data.get("pids") or [data["pid"]]
+        return {**data, "pids": pids, "daemons": data.get("daemons") or [False] * len(pids), "shim": None,
+                "cgroups": [data["cgroup"]] if data.get("cgroup") else []}
+
+
+def read_exit_record(path: str | None) -> ExitResult | None:
+    """The exit record a shim left, or None. The file is in a directory the run's user owns: it is opened
+    without following links and without blocking, must be a small regular file, and is parsed strictly."""
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > EXIT_RECORD_MAX:
+            return None
+        record = json.loads(os.read(fd, EXIT_RECORD_MAX))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(record, dict):
+        return None
+    code, signum = record.get("exit_code"), record.get("signal")
+    if not (isinstance(code, int) or isinstance(signum, int)) or isinstance(code, bool):
+        return None
+    return ExitResult(exit_code=code if isinstance(code, int) else None,
+                      signal=signum if isinstance(signum, int) else None,
+                      memory_exceeded=record.get("memory_exceeded") is True)
+
+
+async def _exited(process: subprocess.Popen) -> int:
+    if process.returncode is None:
+        pidfd = os.pidfd_open(process.pid)
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+    return process.wait()
+
+
+def _shim_alive(handle: LocalHandle) -> bool:
+    return handle.shim is not None and process_start_time(handle.shim) == handle.start_time
+
+
+class LocalExecutor(Executor):
+    kind = "local"
+    capabilities = Capabilities(gpus=True, distributed=True, outlives_agent=True)
+    handle_type = LocalHandle
+
+    def __init__(self, cgroups: RunCgroups | None = None, grace: float = 10.0):
+        self.cgroups = cgroups
+        self.grace = grace
+        self._shims: dict[int, subprocess.Popen] = {}   # shims this agent started, to reap
+
+    @property
+    def containment(self) -> str:
+        return self.cgroups.describe() if self.cgroups is not None else "process groups (no cgroup available)"
+
+    def admit(self, spec: dict, target) -> None:
+        super().admit(spec, target)
+        environment = spec.get("environment")
+        if environment is not None and needs_conda(environment) and shutil.which("conda") is None:
+            refuse("environment", f"environment {environment['name']!r} is a conda specification, and this "
+                                  "machine has no 'conda' binary; use pip requirements or install conda")
+        distributed = spec.get("distributed")
+        if distributed is not None:
+            if distributed["node_count"] > 1:
+                refuse("distributed", f"node_count={distributed['node_count']}: this agent runs on one machine; "
+                                      "multi-node runs need a cluster compute target")
+            if distributed["kind"] == "mpi" and shutil.which("mpirun") is None:
+                refuse("distributed", "MPI runs need 'mpirun' on the agent's machine (e.g. Debian's openmpi-bin)")
+
+    # -- start ------------------------------------------------------------------------------
+
+    def _plan(self, launch: LaunchSpec, groups: list[str], exit_path: str) -> bytes:
+        owned = os.geteuid() == 0 and launch.uid != 0
+        plan = {
+            "ranks": [{"argv": launch.argv, "env": {**launch.env, **rank.env}, "log": str(rank.log_path),
+                       "daemon": rank.daemon} for rank in launch.ranks],
+            "cwd": str(launch.cwd), "cgroups": groups, "grace": self.grace, "exit_path": exit_path,
+            "uid": launch.uid if owned else None, "gid": launch.gid, "groups": launch.groups,
+            # Without a memory cgroup, the shim's watchdog enforces the request.
+            "watchdog_memory": launch.memory if launch.memory is not None and (
+                self.cgroups is None or self.cgroups.memory is None) else None,
+        }
+        return json.dumps(plan).encode()
+
+    def _spawn_shim(self, launch: LaunchSpec, plan: bytes, status_fd: int) -> subprocess.Popen:
+        # The shim opens the run's files itself, once it is the run's user: the agent opens none of them.
+        previous = os.sched_getaffinity(0)
+        try:
+            if launch.cores:
+                os.sched_setaffinity(0, launch.cores)
+            shim = subprocess.Popen([sys.executable, "-I", "-S", str(SHIM), str(status_fd)], cwd="/", env={},
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True, close_fds=True, pass_fds=(status_fd,))
+        finally:
+            if launch.cores:
+                os.sched_setaffinity(0, previous)
+        try:
+            shim.stdin.write(plan)
+            shim.stdin.close()
+        except BrokenPipeError:
+            pass   # it died at once: the status pipe says so
+        return shim
+
+    async def start(self, launch: LaunchSpec) -> LocalHandle:
+        groups = self.cgroups.create(launch.run_id, launch.memory) if self.cgroups is not None else []
+        exit_path = launch.run_dir.exit_status
+        exit_path.unlink(missing_ok=True)
+        read_end, write_end = os.pipe()
+        try:
+            try:
+                shim = self._spawn_shim(launch, self._plan(launch, groups, str(exit_path)), write_end)
+            finally:
+                os.close(write_end)
+            report = b""
+            with trio.move_on_after(SHIM_REPORT_SECONDS):
+                async with trio.lowlevel.FdStream(read_end) as stream:
+                    read_end = None
+                    while chunk := await stream.receive_some(4096):
+                        report += chunk
+        finally:
+            if read_end is not None:
+                os.close(read_end)
+        try:
+            answer = json.loads(report)
+        except ValueError:
+            answer = {"error": "its shim did not start (see the run's log)"}
+        if "pids" not in answer:
+            with trio.CancelScope(shield=True):
+                shim.kill()
+                await _exited(shim)
+                await self._kill_groups(groups)
+                if self.cgroups is not None:
+                    self.cgroups.remove(groups)
+            message = str(answer.get("error"))
+            if not message.startswith("cannot start"):
+                message = f"cannot start {launch.argv[0]!r}: {message}"
+            raise StartFailed(message)
+        self._shims[shim.pid] = shim
+        return LocalHandle(pids=tuple(answer["pids"]), daemons=tuple(r.daemon for r in launch.ranks),
+                           start_time=process_start_time(shim.pid), memory=launch.memory, shim=shim.pid,
+                           cgroups=tuple(groups), exit_path=str(exit_path))
+
+    # -- wait, stop, recover ----------------------------------------------------------------
+
+    async def _shim_exited(self, handle: LocalHandle) -> None:
+        try:
+            pidfd = os.pidfd_open(handle.shim)
+        except ProcessLookupError:
+            return
+        try:
+            # The pid could have been reused between the handle and the pidfd: check it is still the shim.
+            if process_start_time(handle.shim) == handle.start_time:
+                await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+
+    async def wait(self, handle: LocalHandle) -> ExitResult:
+        """Until the shim has ended the run and gone; its exit record says how the run ended."""
+        if handle.shim is None:
+            raise RuntimeError("a run started before runs had shims cannot be awaited")
+        await self._shim_exited(handle)
+        own = self._shims.pop(handle.shim, None)
+        if own is not None:
+            own.wait()   # reap it (it has exited: no blocking)
+        result = read_exit_record(handle.exit_path)
+        with trio.CancelScope(shield=True):
+            await self._release(handle)
+        if result is None:
+            raise RuntimeError("the run's shim ended without recording how the run ended")
+        if not result.memory_exceeded and not result.ok and self.cgroups is not None \
+                and self.cgroups.oom_killed(list(handle.cgroups)):
+            result = ExitResult(exit_code=result.exit_code, signal=result.signal, memory_exceeded=True)
+        return result
+
+    async def stop(self, handle: LocalHandle, grace: float) -> None:
+        """Ask the shim to stop the run (SIGTERM, its grace period, SIGKILL); if it is gone, kill what is left."""
+        if handle.shim is not None:
+            try:
+                pidfd = os.pidfd_open(handle.shim)
+            except ProcessLookupError:
+                pidfd = None
+            if pidfd is not None:
+                try:
+                    if process_start_time(handle.shim) == handle.start_time:
+                        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+                        return
+                except ProcessLookupError:
+                    pass
+                finally:
+                    os.close(pidfd)
+        await self._kill_left(handle)
+
+    async def recover(self, handle: LocalHandle) -> Recovery:
+        if _shim_alive(handle):
+            return Live(handle)
+        result = read_exit_record(handle.exit_path)
+        # Nothing watches what is left of the run any more (a version 1 run, or a killed shim): end it.
+        await self._kill_left(handle)
+        await self._release(handle)
+        if result is not None:
+            return Ended(result)
+        return Lost("its shim is gone and left no exit status (the machine restarted, or it was killed)")
+
+    # -- what is left of a run --------------------------------------------------------------
+
+    async def _kill_left(self, handle: LocalHandle) -> None:
+        if handle.cgroups:
+            await self._kill_groups(list(handle.cgroups))
+        elif handle.shim is None and handle.start_time == process_start_time(handle.pid):
+            signal_all(related_processes(set(handle.pids), set()), signal.SIGKILL)
+
+    @staticmethod
+    async def _kill_groups(groups: list[str]) -> None:
+        """SIGKILL every process in the run's tracking group until none is left (bounded)."""
+        if not groups:
+            return
+        for _ in range(200):
+            left = cgroup_processes(groups[0])
+            if not left:
+                return
+            signal_all(left, signal.SIGKILL)
+            await trio.sleep(0.01)
+        log.warning("cgroups.kill.incomplete", group=groups[0], left=len(cgroup_processes(groups[0])))
+
+    async def _release(self, handle: LocalHandle) -> None:
+        if handle.cgroups and self.cgroups is not None:
+            await self._kill_groups(list(handle.cgroups))
+            self.cgroups.remove(list(handle.cgroups))

@@ -1,0 +1,212 @@
+"""Runs outlive the agent: kill -9 and restarts, reattaching to shims and containers, a run ending with all
+its processes, draining.
+
+Runs that must outlive a restart wait for a ``go`` file in their own working directory (the
+test creates it), so nothing here depends on how long a restart takes.
+"""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from labrun import Experiment, PyTorchConfiguration, ScriptRunConfig
+from tests.e2e.test_agent import processes_of, submit, wait_until
+from tests.e2e.test_docker import container_run, image  # noqa: F401 (a fixture)
+
+GATED = "echo start; while [ ! -e go ]; do sleep 0.05; done; echo end; exit {code}"
+GATED_RANKS = ("import os, sys, time\n"
+               "rank = os.environ['RANK']\n"
+               "print('start', rank, flush=True)\n"
+               "while not os.path.exists('go'):\n"
+               "    time.sleep(0.05)\n"
+               "print('end', rank, flush=True)\n"
+               "sys.exit(6 if rank == '1' and 'fail' in sys.argv else 0)\n")
+
+
+def ranks_of(run_id: str) -> list[int]:
+    """The run's rank processes: its shim's children (their shells sleep in a loop: the sleeps come and go)."""
+    shims = set(_shims())
+    return [pid for pid in processes_of(run_id) if _parent(pid) in shims]
+
+
+def go(agent, run):
+    (agent.state_dir / "runs" / run.id / "snapshot" / "go").touch()
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_kill_9_with_runs_running_and_queued(make_agent, source, image):  # noqa: F811
+    agent = make_agent("[resources]\ncpus = 10\n[agent]\nstop_grace_seconds = 1\n")
+    (source / "ranks.py").write_text(GATED_RANKS)
+    local = [submit(agent, source, ["sh", "-c", GATED.format(code=code)]) for code in range(6)]
+    distributed = [Experiment(agent.workspace(), "dist").submit(ScriptRunConfig(
+        str(source), script="ranks.py", arguments=arguments, distributed_job_config=PyTorchConfiguration(process_count=2)))
+        for arguments in ([], ["fail"])]
+    containers = [container_run(agent, source, GATED.format(code=code)) for code in (10, 11)]
+    running = local + distributed + containers
+    queued = [submit(agent, source, ["echo", str(i)]) for i in range(100)]
+    wait_until(lambda: all(r.get_status() == "Running" for r in running), timeout=60, what="10 runs running")
+    wait_until(lambda: all("start" in r.get_log() for r in running), timeout=30, what="every run started")
+    leaders = {r.id: ranks_of(r.id) for r in local + distributed}
+    assert all(leaders.values())
+
+    assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    agent.start()
+
+    # Reattached, not restarted: the same processes, each run started once, the queue untouched.
+    assert all(r.get_status() == "Running" for r in running)
+    assert {r.id: ranks_of(r.id) for r in local + distributed} == leaders
+    assert all(r.get_status() == "Queued" for r in queued)
+    for run in running:
+        go(agent, run)
+    for run in running + queued:
+        run.wait_for_completion(raise_on_error=False)
+
+    assert [r._details["exit_code"] for r in local] == list(range(6))
+    assert [r.get_status() for r in local] == ["Completed"] + ["Failed"] * 5
+    assert [r._details["exit_code"] for r in containers] == [10, 11]
+    for run in local + containers:
+        assert run.get_log() == "start\nend\n"
+    assert [r.get_status() for r in distributed] == ["Completed", "Failed"]
+    assert distributed[1]._details["exit_code"] == 6
+    for run in distributed:
+        logs = agent.state_dir / "runs" / run.id / "logs"
+        for rank in (0, 1):
+            assert (logs / f"std_log_process_{rank}.txt").read_text() == f"start {rank}\nend {rank}\n"
+    for i, run in enumerate(queued):
+        assert run.get_status() == "Completed" and run.get_log() == f"{i}\n"
+    events = list(agent.workspace().watch(0, follow=False))
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    # The queue kept its order: the scheduler took the queued runs in the order they were submitted.
+    ids = {r.id for r in queued}
+    assert [e["run_id"] for e in events if e["type"] == "run.preparing" and e["run_id"] in ids] == \
+        [r.id for r in queued]
+    for run in running:
+        assert [e["type"] for e in events if e["run_id"] == run.id].count("run.started") == 1
+    assert all(processes_of(r.id) == [] for r in local + distributed)
+
+
+def test_a_run_that_ended_while_the_agent_was_down_keeps_its_exit_code_and_log(make_agent, source):
+    agent = make_agent()
+    run = submit(agent, source, ["sh", "-c", GATED.format(code=9)])
+    wait_until(lambda: "start" in run.get_log(), what="started")
+    agent.stop(signal.SIGKILL)
+    go(agent, run)
+    wait_until(lambda: processes_of(run.id) == [], what="the run to end")
+    agent.start()
+    assert run.get_status() == "Failed" and run._details["exit_code"] == 9 and run._details["reason"] == "exit_code"
+    assert run.get_log() == "start\nend\n"
+
+
+def test_agent_lost_only_when_the_shim_is_really_gone(make_agent, source):
+    agent = make_agent()
+    run = submit(agent, source, ["sh", "-c", GATED.format(code=0)])
+    wait_until(lambda: "start" in run.get_log(), what="started")
+    agent.stop(signal.SIGKILL)
+    shims = {_parent(pid) for pid in processes_of(run.id)} & set(_shims())
+    assert len(shims) == 1, "the run's shim outlived the agent"
+    os.kill(shims.pop(), signal.SIGKILL)
+    agent.start()
+    assert run.get_status() == "Failed" and run._details["reason"] == "agent_lost"
+    assert processes_of(run.id) == []   # what the shim left is killed
+
+
+def _shims() -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if b"_shim.py" in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def test_the_time_limit_and_cancel_work_after_a_reattach(make_agent, source):
+    agent = make_agent("[agent]\nstop_grace_seconds = 1\n")
+    limited = submit(agent, source, ["sleep", "300"], max_run_duration_seconds=8)
+    canceled = submit(agent, source, ["sleep", "300"])
+    wait_until(lambda: limited.get_status() == canceled.get_status() == "Running", what="running")
+    agent.stop(signal.SIGKILL)
+    agent.start()
+    canceled.cancel()
+    assert canceled.wait_for_completion(raise_on_error=False)["status"] == "Canceled"
+    details = limited.wait_for_completion(raise_on_error=False)
+    assert details["status"] == "Canceled" and limited._details["reason"] == "max_run_duration_exceeded"
+    assert processes_of(limited.id) == processes_of(canceled.id) == []
+
+
+def test_the_run_token_works_after_a_restart(make_agent, source):
+    agent = make_agent()
+    (source / "log_after.py").write_text(
+        "import os, time\nfrom labrun import Run\n"
+        "while not os.path.exists('go'):\n    time.sleep(0.05)\n"
+        "Run.get_context().log('after_restart', 1.5)\n")
+    run = Experiment(agent.workspace(), "token").submit(ScriptRunConfig(str(source), script="log_after.py"))
+    wait_until(lambda: run.get_status() == "Running", what="running")
+    agent.stop(signal.SIGKILL)
+    agent.start()
+    go(agent, run)
+    assert run.wait_for_completion()["status"] == "Completed"
+    assert run.get_metrics() == {"after_restart": 1.5}
+
+
+# -- a run ends with all its processes -----------------------------------------------------
+
+ESCAPE = "(setsid sh -c \"trap '' TERM; sleep 300\" &); echo escaped"
+
+
+@pytest.mark.parametrize("ending", ["cancel", "time limit", "main process exits"])
+def test_a_double_forked_daemon_does_not_survive_its_run(make_agent, source, ending):
+    agent = make_agent("[agent]\nstop_grace_seconds = 1\n")
+    command = ESCAPE if ending == "main process exits" else ESCAPE + "; sleep 300"
+    limit = {"max_run_duration_seconds": 5} if ending == "time limit" else {}
+    run = submit(agent, source, ["sh", "-c", command], **limit)
+    wait_until(lambda: "escaped" in run.get_log(), what="the daemon to start")
+    if ending == "cancel":
+        run.cancel()
+    details = run.wait_for_completion(raise_on_error=False)
+    assert details["status"] == {"cancel": "Canceled", "time limit": "Canceled",
+                                 "main process exits": "Completed"}[ending]
+    assert processes_of(run.id) == []
+
+
+def test_status_says_how_runs_are_contained(agent):
+    status = agent.workspace().status()
+    assert status["containment"]["local"].startswith(("cgroup v", "process groups"))
+    assert "contain" in agent.cli("status").stdout
+
+
+# -- draining --------------------------------------------------------------------------------
+
+def test_drain_waits_for_active_runs_and_starts_none_until_resumed(make_agent, source):
+    agent = make_agent()
+    running = submit(agent, source, ["sh", "-c", GATED.format(code=0)])
+    wait_until(lambda: running.get_status() == "Running", what="running")
+    result = agent.cli("agent", "drain", "--no-wait")
+    assert result.returncode == 0 and "1 active run" in result.stdout
+    queued = submit(agent, source, ["echo", "later"])
+    status = agent.workspace().status()
+    assert status["draining"] and not status["drained"]
+    go(agent, running)
+    assert agent.cli("agent", "drain", timeout=60).returncode == 0   # returns once nothing is active
+    assert running.get_status() == "Completed" and queued.get_status() == "Queued"
+    agent.restart()   # draining is kept across a restart
+    assert agent.workspace().status()["draining"] and queued.get_status() == "Queued"
+    assert "drained" in agent.cli("status").stdout
+    assert agent.cli("agent", "resume").returncode == 0
+    assert queued.wait_for_completion()["status"] == "Completed"
+    types = [e["type"] for e in agent.workspace().watch(0, follow=False)]
+    assert "agent.draining" in types and "agent.resumed" in types
