@@ -172,7 +172,8 @@ def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, n
     decision = Decision()
     free = _free_now(capacity, active)
     pin = bool(capacity.cores)
-    running = len(active)
+    # A run that takes nothing from this machine (it runs on a cluster) is not one of its concurrent runs.
+    running = sum(1 for a in active if a.allocation.cpus)
 
     usage: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for a in active:
@@ -203,7 +204,7 @@ def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, n
             if capacity.fits_ever(d) is not None:
                 decision.waiting[run.run_id] = ("resources", position)
                 continue
-            if capacity.max_runs and running >= capacity.max_runs:
+            if capacity.max_runs and running >= capacity.max_runs and d.cpus:
                 decision.waiting[run.run_id] = ("max_concurrent", position)
                 continue
             if not free.fits(d):
@@ -233,7 +234,7 @@ def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, n
             allocation = free.take(d, pin)
             decision.starts.append(Start(run.run_id, allocation))
             started.append(Active(run.run_id, run.user, allocation, now + run.duration))
-            running += 1
+            running += 1 if d.cpus else 0
             u = usage[run.user]
             u[0] += d.cpus
             u[1] += d.memory or 0

@@ -336,9 +336,9 @@ class Supervisor:
 
     def _saturated(self) -> bool:
         """True when no queued run can start: every run needs a CPU, and none is free (or the run cap is hit)."""
-        if self.capacity.max_runs and len(self.active) >= self.capacity.max_runs:
-            return True
-        if sum(a.allocation.cpus for a in self.active.values()) < self.capacity.cpus:
+        local = [a for a in self.active.values() if a.allocation.cpus]   # a cluster's runs take no local CPU
+        if not (self.capacity.max_runs and len(local) >= self.capacity.max_runs) and \
+                sum(a.allocation.cpus for a in local) < self.capacity.cpus:
             return False
         # Runs that take no local CPU may still start; only agents with such an executor pay for this scan.
         if any(not e.capabilities.counted_locally for e in self.executors.values()):
