@@ -34,7 +34,7 @@ import structlog
 import trio
 
 from labrun.protocol import MAX_DURATION_SECONDS_DEFAULT, Unavailable
-from labrun.protocol._statuses import CANCELED, COMPLETED, FAILED
+from labrun.protocol._statuses import COMPLETED, FAILED, QUEUED
 
 from .._environments import EnvironmentBuilder, needs_conda
 from .._rundir import RunDir
@@ -280,7 +280,7 @@ class SlurmExecutor(Executor):
                 status, _ = map_state(job.state)
                 if (job.state, job.reason) != last:
                     last = (job.state, job.reason)
-                    seen = seen or status not in ("Queued",)
+                    seen = seen or status != QUEUED
                     if progress is not None:
                         progress(status, job)
                     interval = POLL_MIN_SECONDS
@@ -349,7 +349,7 @@ class SlurmExecutor(Executor):
             job = None
         if job is not None and job.state.split()[0] in ENDED:
             return
-        if job is not None and map_state(job.state)[0] != "Queued":
+        if job is not None and map_state(job.state)[0] != QUEUED:
             # The batch script passes SIGTERM on to the command's processes, and SIGKILL after the grace period.
             await self._scancel([scancel, "--signal=TERM", "--batch", job_id], handle)
             if await self._exit_status(handle, grace + SCRIPT_KILL_MARGIN_SECONDS) is not None:
