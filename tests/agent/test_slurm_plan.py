@@ -168,22 +168,6 @@ def test_the_batch_script_records_the_exit_status(tmp_path):
     assert (tmp_path / EXIT_FILE).read_text() == "7\n"
 
 
-def test_a_sigterm_to_the_batch_script_still_records_how_the_command_ended(tmp_path):
-    """scancel --signal=TERM --batch signals the script, which passes it on and outlives the command."""
-    (tmp_path / "snapshot").mkdir()
-    script = tmp_path / "batch.sh"
-    script.write_text(batch_script(job(argv=["sh", "-c", "touch started; exec sleep 30"],
-                                       cwd=str(tmp_path / "snapshot"), run_dir=str(tmp_path)), SlurmSettings()))
-    process = subprocess.Popen(["/bin/sh", str(script)])
-    deadline = time.monotonic() + 10
-    while not (tmp_path / "snapshot" / "started").exists():
-        assert time.monotonic() < deadline, "the command did not start"
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGTERM)
-    assert process.wait(timeout=10) == 128 + signal.SIGTERM
-    assert parse_exit_status((tmp_path / EXIT_FILE).read_text()) == (None, signal.SIGTERM)
-
-
 def test_slurm_target_config(tmp_path):
     path = tmp_path / "agent.toml"
     path.write_text('[targets.cluster]\nkind = "slurm"\nrun_root = "/shared/labrun"\npartition = "gpu"\n'
@@ -216,18 +200,30 @@ def test_the_exit_status_file_is_read_safely(tmp_path):
     assert read_status_file(tmp_path / "link") is None and read_status_file(tmp_path / "missing") is None
 
 
-def test_a_command_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path):
+def _started_batch_script(tmp_path, command: str, **changes) -> subprocess.Popen:
+    """The batch script of ``command`` run by sh, once the command has touched ``started``."""
     (tmp_path / "snapshot").mkdir()
     script = tmp_path / "batch.sh"
-    script.write_text(batch_script(job(argv=["sh", "-c", "trap '' TERM; touch started; sleep 30"], grace=0.5,
-                                       cwd=str(tmp_path / "snapshot"), run_dir=str(tmp_path)), SlurmSettings()))
+    script.write_text(batch_script(job(argv=["sh", "-c", command], cwd=str(tmp_path / "snapshot"),
+                                       run_dir=str(tmp_path), **changes), SlurmSettings()))
     process = subprocess.Popen(["/bin/sh", str(script)])
     deadline = time.monotonic() + 10
     while not (tmp_path / "snapshot" / "started").exists():
         assert time.monotonic() < deadline, "the command did not start"
         time.sleep(0.02)
+    return process
+
+
+@pytest.mark.parametrize("command, ended_by", [
+    ("touch started; exec sleep 30", signal.SIGTERM),
+    ("trap '' TERM; touch started; sleep 30", signal.SIGKILL),   # ignores SIGTERM: SIGKILL after the grace
+])
+def test_a_sigterm_to_the_batch_script_ends_the_command_and_records_how(tmp_path, command, ended_by):
+    """scancel --signal=TERM --batch signals the script, which passes it on and outlives the command."""
+    process = _started_batch_script(tmp_path, command, grace=0.5)
     began = time.monotonic()
     os.kill(process.pid, signal.SIGTERM)
-    assert process.wait(timeout=10) == 128 + signal.SIGKILL
-    assert time.monotonic() - began >= 0.5
-    assert parse_exit_status((tmp_path / EXIT_FILE).read_text()) == (None, signal.SIGKILL)
+    assert process.wait(timeout=10) == 128 + ended_by
+    if ended_by == signal.SIGKILL:
+        assert time.monotonic() - began >= 0.5
+    assert parse_exit_status((tmp_path / EXIT_FILE).read_text()) == (None, ended_by)

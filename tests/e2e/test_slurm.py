@@ -57,21 +57,15 @@ def cluster_agent(make_agent, slurm_cluster, tmp_path_factory):
 
 
 @pytest.fixture
-def source(tmp_path) -> Path:
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "train.py").write_text(
-        "import os, sys\n"
-        "print('args', sys.argv[1:])\n"
-        "print('job', os.environ.get('SLURM_JOB_ID'), 'cwd', os.getcwd())\n"
-        "os.makedirs('outputs', exist_ok=True)\n"
-        "open('outputs/model.txt', 'w').write('trained')\n"
-    )
+def cluster_source(source) -> Path:
+    """The shared source directory (train.py), with scripts that report ranks and log metrics."""
+    src = source
     (src / "ranks.py").write_text(
         "import json, os\n"
         "keys = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'NODE_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'TF_CONFIG')\n"
         "seen = {k: os.environ.get(k) for k in keys}\n"
-        "name = seen['RANK'] or json.loads(seen['TF_CONFIG'])['task']['type'] + str(json.loads(seen['TF_CONFIG'])['task']['index'])\n"
+        "task = json.loads(seen['TF_CONFIG'])['task'] if seen['TF_CONFIG'] else None\n"
+        "name = seen['RANK'] if task is None else f\"{task['type']}{task['index']}\"\n"
         "open(f'outputs/rank_{name}.json', 'w').write(json.dumps(seen))\n"
         "print('rank', name)\n"
     )
@@ -80,7 +74,6 @@ def source(tmp_path) -> Path:
         "run = Run.get_context()\n"
         "for step in range(3):\n    run.log('loss', 1.0 / (step + 1), step=step)\n"
         "run.log('accuracy', 0.9)\n"
-        "run.flush() if hasattr(run, 'flush') else None\n"
     )
     _open_up(src)
     return src
@@ -90,7 +83,7 @@ def _job_of(agent, run_id: str) -> str | None:
     waiting = agent.workspace()._call("get", run_id=run_id).get("waiting") or {}
     if waiting.get("job_id"):
         return waiting["job_id"]
-    # Else from the run's events: the handle is not shown to clients; the job carries the run id in its name.
+    # Else from Slurm: the handle is not shown to clients, and the job's name ends with the run id.
     listed = _slurm("squeue", "-h", "-t", "all", "-o", "%i|%j", check=False).stdout.split()
     return next((line.split("|")[0] for line in listed if line.endswith(run_id)), None)
 
@@ -114,16 +107,15 @@ def _cli_events(agent, run) -> list[str]:
     return [json.loads(line)["type"] for line in result.stdout.splitlines()]
 
 
-def test_script_with_arguments_completes_with_log_and_outputs(cluster_agent, source):
-    run = _submit(cluster_agent, source, script="train.py", arguments=["--lr", 0.1, "--epochs", 2])
+def test_script_with_arguments_completes_with_log_and_outputs(cluster_agent, cluster_source):
+    run = _submit(cluster_agent, cluster_source, script="train.py", arguments=["--lr", 0.1, "--epochs", 2])
     details = run.wait_for_completion()
     assert details["status"] == "Completed" and details["target"] == "cluster"
     log = run.get_log()
     real = cluster_agent.run_root / run.id
     assert "args ['--lr', '0.1', '--epochs', '2']" in log
-    job = log.split("job ", 1)[1].split()[0]
-    assert job.isdigit(), log   # it really ran as a Slurm job
     assert f"cwd {real / 'snapshot'}" in log   # in run_root, which the nodes share
+    assert _job_of(cluster_agent, run.id) is not None   # it really ran as a Slurm job
     assert "outputs/model.txt" in run.get_file_names()
     assert (real / "outputs" / "model.txt").read_text() == "trained"
     # The same events as a local run, with the wait in Slurm's queue between Preparing and Starting.
@@ -133,8 +125,8 @@ def test_script_with_arguments_completes_with_log_and_outputs(cluster_agent, sou
     assert status["targets"]["cluster"]["kind"] == "slurm" and status["in_use"]["cpus"] == 0
 
 
-def test_cli_failing_run_fails_with_its_exit_code(cluster_agent, source):
-    result = cluster_agent.cli("run", "--source-dir", str(source), "--target", "cluster", "--",
+def test_cli_failing_run_fails_with_its_exit_code(cluster_agent, cluster_source):
+    result = cluster_agent.cli("run", "--source-dir", str(cluster_source), "--target", "cluster", "--",
                                "sh", "-c", "echo about to fail; exit 3")
     assert result.returncode == 3, result.stderr
     assert "about to fail" in result.stdout
@@ -143,11 +135,11 @@ def test_cli_failing_run_fails_with_its_exit_code(cluster_agent, source):
     assert (run["status"], run["exit_code"], run["reason"]) == ("Failed", 3, "exit_code")
 
 
-def test_cancel_running_and_pending_runs(cluster_agent, source):
+def test_cancel_running_and_pending_runs(cluster_agent, cluster_source):
     """A run holding the whole node keeps the next one pending, with Slurm's reason shown in ls."""
-    busy = _submit(cluster_agent, source, command="echo busy; exec sleep 300", resources={"cpus": NODE_CPUS})
+    busy = _submit(cluster_agent, cluster_source, command="echo busy; exec sleep 300", resources={"cpus": NODE_CPUS})
     wait_until(lambda: _status(cluster_agent, busy) == "Running", 60, "the first run to start")
-    pending = _submit(cluster_agent, source, command=["echo", "never"], resources={"cpus": NODE_CPUS})
+    pending = _submit(cluster_agent, cluster_source, command=["echo", "never"], resources={"cpus": NODE_CPUS})
     # Slurm's reason: Resources, or Priority when someone else's job also waits for the node.
     wait_until(lambda: (_waiting(cluster_agent, pending) or {}).get("reason") in ("slurm: Resources", "slurm: Priority"),
                60, "the second run to wait in Slurm's queue for resources")
@@ -170,8 +162,8 @@ def test_cancel_running_and_pending_runs(cluster_agent, source):
     wait_until(lambda: not processes_of(busy.id), 10, "the run's processes to end")
 
 
-def test_time_limit_cancels_with_max_run_duration_exceeded(cluster_agent, source):
-    run = _submit(cluster_agent, source, command="echo started; sleep 300", max_run_duration_seconds=3)
+def test_time_limit_cancels_with_max_run_duration_exceeded(cluster_agent, cluster_source):
+    run = _submit(cluster_agent, cluster_source, command="echo started; sleep 300", max_run_duration_seconds=3)
     details = run.wait_for_completion(raise_on_error=False)
     assert details["status"] == "Canceled"
     shown = cluster_agent.workspace()._call("get", run_id=run.id)
@@ -180,8 +172,8 @@ def test_time_limit_cancels_with_max_run_duration_exceeded(cluster_agent, source
     assert "started" in run.get_log()
 
 
-def test_two_task_pytorch_run_sees_correct_ranks(cluster_agent, source):
-    run = _submit(cluster_agent, source, script="ranks.py",
+def test_two_task_pytorch_run_sees_correct_ranks(cluster_agent, cluster_source):
+    run = _submit(cluster_agent, cluster_source, script="ranks.py",
                   distributed_job_config=PyTorchConfiguration(process_count=2, node_count=1))
     assert run.wait_for_completion()["status"] == "Completed", run.get_log()
     outputs = cluster_agent.run_root / run.id / "outputs"
@@ -196,8 +188,8 @@ def test_two_task_pytorch_run_sees_correct_ranks(cluster_agent, source):
     assert "rank 1" in (cluster_agent.run_root / run.id / "logs" / "std_log_process_1.txt").read_text()
 
 
-def test_tensorflow_run_gets_tf_config_from_the_node_list(cluster_agent, source):
-    run = _submit(cluster_agent, source, script="ranks.py",
+def test_tensorflow_run_gets_tf_config_from_the_node_list(cluster_agent, cluster_source):
+    run = _submit(cluster_agent, cluster_source, script="ranks.py",
                   distributed_job_config=TensorflowConfiguration(worker_count=2, parameter_server_count=0))
     assert run.wait_for_completion()["status"] == "Completed", run.get_log()
     outputs = cluster_agent.run_root / run.id / "outputs"
@@ -209,11 +201,11 @@ def test_tensorflow_run_gets_tf_config_from_the_node_list(cluster_agent, source)
     assert configs[1]["cluster"] == configs[0]["cluster"]
 
 
-def test_agent_restart_loses_neither_a_pending_nor_a_running_run(cluster_agent, source):
-    running = _submit(cluster_agent, source, command="echo first; sleep 6; echo first done",
+def test_agent_restart_loses_neither_a_pending_nor_a_running_run(cluster_agent, cluster_source):
+    running = _submit(cluster_agent, cluster_source, command="echo first; sleep 6; echo first done",
                       resources={"cpus": NODE_CPUS})
     wait_until(lambda: _status(cluster_agent, running) == "Running", 60, "the first run to start")
-    pending = _submit(cluster_agent, source, command=["echo", "second done"], resources={"cpus": NODE_CPUS})
+    pending = _submit(cluster_agent, cluster_source, command=["echo", "second done"], resources={"cpus": NODE_CPUS})
     wait_until(lambda: (_waiting(cluster_agent, pending) or {}).get("job_id"), 30, "the second run to wait in Slurm's queue")
     cluster_agent.restart()
     # The new agent finds both where Slurm has them, and follows each to its end.
@@ -226,8 +218,8 @@ def test_agent_restart_loses_neither_a_pending_nor_a_running_run(cluster_agent, 
                                                         "run.completed"]
 
 
-def test_in_run_metrics(cluster_agent, source):
-    run = _submit(cluster_agent, source, script="metrics.py")
+def test_in_run_metrics(cluster_agent, cluster_source):
+    run = _submit(cluster_agent, cluster_source, script="metrics.py")
     assert run.wait_for_completion()["status"] == "Completed", run.get_log()
     metrics = run.get_metrics()
     assert metrics["loss"] == [1.0, 0.5, 1.0 / 3] and metrics["accuracy"] == 0.9
@@ -240,7 +232,7 @@ def _drop_to_test_user():
     os.setuid(user.pw_uid)
 
 
-def test_sbatch_runs_as_the_submitting_user(cluster_agent, source, nobody_client):
+def test_sbatch_runs_as_the_submitting_user(cluster_agent, cluster_source, nobody_client):
     try:
         user = pwd.getpwnam(TEST_USER)
     except KeyError:
@@ -256,7 +248,7 @@ def test_sbatch_runs_as_the_submitting_user(cluster_agent, source, nobody_client
             "config = ScriptRunConfig('.', command='id -u; id -g; echo job $SLURM_JOB_ID', compute_target='cluster')\n"
             "run = Experiment(ws, 'users').submit(config)\n"
             "print(run.wait_for_completion()['status'])\nprint(run.id)\nprint(run.get_log(), end='')\n")
-    result = subprocess.run([python, "-c", code], cwd=source, preexec_fn=_drop_to_test_user, capture_output=True,
+    result = subprocess.run([python, "-c", code], cwd=cluster_source, preexec_fn=_drop_to_test_user, capture_output=True,
                             text=True, timeout=120,
                             env=dict(cluster_agent.env, HOME="/nonexistent", PYTHONPATH=str(site)))
     assert result.returncode == 0, result.stderr
@@ -267,8 +259,8 @@ def test_sbatch_runs_as_the_submitting_user(cluster_agent, source, nobody_client
     assert real.stat().st_uid == user.pw_uid and (real / "logs" / "std_log.txt").stat().st_uid == user.pw_uid
 
 
-def test_cancel_a_run_that_ignores_sigterm_kills_it_after_the_grace_period(cluster_agent, source):
-    run = _submit(cluster_agent, source, command="trap '' TERM; echo started; sleep 300; echo survived")
+def test_cancel_a_run_that_ignores_sigterm_kills_it_after_the_grace_period(cluster_agent, cluster_source):
+    run = _submit(cluster_agent, cluster_source, command="trap '' TERM; echo started; sleep 300; echo survived")
     wait_until(lambda: "started" in run.get_log(), 60, "the run to start")
     began = time.monotonic()
     run.cancel()
@@ -279,11 +271,11 @@ def test_cancel_a_run_that_ignores_sigterm_kills_it_after_the_grace_period(clust
     assert "survived" not in run.get_log()
 
 
-def test_resume_from_and_environment_variables_reach_the_node(cluster_agent, source, tmp_path):
+def test_resume_from_and_environment_variables_reach_the_node(cluster_agent, cluster_source, tmp_path):
     checkpoint = tmp_path / "ckpt.txt"
     checkpoint.write_text("epoch 7")
     # The final echo prints the "--resume-from PATH" that labrun appends.
-    config = ScriptRunConfig(str(source), command='echo seed=$SEED; cat "$LABRUN_RESUME_FROM"; echo',
+    config = ScriptRunConfig(str(cluster_source), command='echo seed=$SEED; cat "$LABRUN_RESUME_FROM"; echo',
                              compute_target="cluster", resume_from=str(checkpoint))
     config.run_config.environment_variables = {"SEED": "42"}
     run = Experiment(cluster_agent.workspace(), "slurm").submit(config)
