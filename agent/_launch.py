@@ -118,8 +118,8 @@ class LaunchPlanner:
             prepared = PreparedEnvironment(python=interpreter, variables=environment.get("environment_variables"))
             env = {}
         else:
-            prepared = await (environments or self.environments).prepare(spec.get("environment"), spec["interpreter"] or "python3",
-                                                       run_dir.environment_log, run_dir.snapshot)
+            prepared = await (environments or self.environments).prepare(
+                spec.get("environment"), spec["interpreter"] or "python3", run_dir.environment_log, run_dir.snapshot)
             # Queued runs keep the client's environment on disk only (see Supervisor.submit).
             env = {k: v for k, v in self.store.environ(record.run_id).items() if k != "LABRUN_RUN_TOKEN"}
         env.update(prepared.variables or {})

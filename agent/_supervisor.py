@@ -529,12 +529,11 @@ class Supervisor:
 
     # -- runs in a cluster's own queue (Slurm) ------------------------------------------
 
-    def _progress(self, run: _ActiveRun, status: str, job) -> None:
-        """The cluster reports a new state for the run's job, as a labrun status (and the job's own state)."""
+    def _progress(self, run: _ActiveRun, status: str, waiting: dict | None) -> None:
+        """The cluster reports a new state of the run, as a labrun status, and while Queued why it waits there."""
         record = run.record
         if status == QUEUED:
-            reason = job.reason if job.reason not in ("", "None") else job.state   # Slurm says None before a pass
-            record.waiting = {"reason": f"slurm: {reason}", "position": None, "job_id": job.job_id}
+            record.waiting = {"position": None, **(waiting or {"reason": "queued elsewhere"})}
             if record.status in (STARTING, RUNNING) and run.cancel_reason is None:   # preempted or requeued
                 self._transition(record, QUEUED, event_type="run.requeued")
                 run.ends_by, run.kill_scope.deadline = math.inf, math.inf

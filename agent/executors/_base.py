@@ -55,7 +55,8 @@ class Capabilities:
     counted_locally: bool = True  # the local scheduler counts its CPUs, memory and GPUs
     outlives_agent: bool = False  # its runs keep running while the agent is down, and recover() reattaches
     # The runs wait in a queue of the executor's own (a Slurm cluster's): after Preparing a run is Queued
-    # there, and ``wait(handle, progress)`` reports each state change (a labrun status and the job's state).
+    # there, and ``wait(handle, progress)`` reports each change: ``progress(status, waiting)``, where
+    # ``waiting`` says why a Queued run waits (``{"reason": ..., ...}``, shown by ``labrun ls``).
     own_queue: bool = False
 
 

@@ -94,6 +94,12 @@ def read_status_file(path: Path) -> str | None:
         os.close(fd)
 
 
+def _waiting(job: JobState) -> dict:
+    """Why a pending job waits, as ``labrun ls`` shows it: Slurm's reason (it says None before its first pass)."""
+    reason = job.reason if job.reason not in ("", "None") else job.state
+    return {"reason": f"slurm: {reason}", "job_id": job.job_id}
+
+
 class _Squeue:
     """One ``squeue`` for all the jobs followed at once: a waiter reuses a result newer than its question."""
 
@@ -259,9 +265,9 @@ class SlurmExecutor(Executor):
         log.info("slurm.submitted", run_id=launch.run_id, job_id=job_id)
         return dataclasses.replace(owner, job_id=job_id)
 
-    async def wait(self, handle: SlurmHandle, progress: Callable[[str, JobState], None] | None = None
+    async def wait(self, handle: SlurmHandle, progress: Callable[[str, dict | None], None] | None = None
                    ) -> ExitResult:
-        """Until the job has ended; ``progress(labrun status, job)`` on each change of its state or reason."""
+        """Until the job has ended; ``progress(labrun status, waiting)`` on each change of its state or reason."""
         job_id = handle.job_id
         self._squeue.watched[job_id] = self._squeue.watched.get(job_id, 0) + 1
         try:
@@ -282,7 +288,7 @@ class SlurmExecutor(Executor):
                     last = (job.state, job.reason)
                     seen = seen or status != QUEUED
                     if progress is not None:
-                        progress(status, job)
+                        progress(status, _waiting(job) if status == QUEUED else None)
                     interval = POLL_MIN_SECONDS
                 if job.state.split()[0] in ENDED:
                     return await self._result(handle, job.state.split()[0])
