@@ -441,7 +441,8 @@ def slurm(root: Path, n: int) -> list[tuple]:
             _node_idle()
             stamp = root / f"sl{i}"
             t0 = time.time()
-            run = experiment.submit(ScriptRunConfig(str(source), command=stamp_command(stamp), compute_target="cluster"))
+            config = ScriptRunConfig(str(source), command=stamp_command(stamp), compute_target="cluster")
+            run = experiment.submit(config)
             labrun_times.append(read_stamp(stamp, timeout=120) - t0)
             experiment.workspace.wait_for_run(run.id)
             labrun_submit.append(_sbatch_returned(experiment.workspace, run.id) - t0)
@@ -476,8 +477,9 @@ def slurm(root: Path, n: int) -> list[tuple]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a run of under two minutes, with smaller sizes")
-    parser.add_argument("--only", metavar="SECTION", help="run one section (latency, throughput, log capture, "
-                                                          "footprint, docker, slurm); writes bench/results/<section>.md")
+    parser.add_argument("--only", metavar="SECTION",
+                        help="run one section (latency, throughput, log capture, footprint, docker, slurm); "
+                             "writes bench/results/<section>.md")
     args = parser.parse_args()
     sizes = dict(latency=15, throughput=200, log_mib=256, queued=1000, finished=20000, docker=5) if args.quick else \
         dict(latency=60, throughput=1000, log_mib=1024, queued=10000, finished=100000, docker=20)

@@ -119,11 +119,14 @@ class _Squeue:
 
     async def state_of(self, job_id: str) -> JobState | None:
         """The job's state now (a fresh query), whether or not anyone follows it."""
-        self.watched[job_id] = self.watched.get(job_id, 0) + 1
+        self.watch(job_id)
         try:
             return (await self.states(trio.current_time())).get(job_id)
         finally:
             self.unwatch(job_id)
+
+    def watch(self, job_id: str) -> None:
+        self.watched[job_id] = self.watched.get(job_id, 0) + 1
 
     def unwatch(self, job_id: str) -> None:
         self.watched[job_id] -= 1
@@ -239,9 +242,10 @@ class SlurmExecutor(Executor):
 
     # -- the interface -------------------------------------------------------------------
 
-    async def start(self, launch: LaunchSpec) -> dict:
+    async def start(self, launch: LaunchSpec) -> SlurmHandle:
         job, settings = launch.slurm["job"], launch.slurm["settings"]
-        owner = SlurmHandle(job_id="", run_dir=job.run_dir, uid=launch.uid, gid=launch.gid, groups=tuple(launch.groups))
+        owner = SlurmHandle(job_id="", run_dir=job.run_dir, uid=launch.uid, gid=launch.gid,
+                            groups=tuple(launch.groups))
         argv = sbatch_argv(job, settings, script="-", sbatch=_command("sbatch"))[:-1]   # the script on stdin
         env = job_environment({**launch.env, **launch.ranks[0].env})
         env.setdefault("PATH", os.defpath)
@@ -256,8 +260,8 @@ class SlurmExecutor(Executor):
             raise StartFailed(f"sbatch did not answer within {COMMAND_TIMEOUT_SECONDS:.0f} s",
                               reason="slurm_unavailable") from None
         if result.returncode != 0:
-            raise StartFailed("Slurm refused the job: "
-                              + (result.stderr.decode(errors="replace").strip() or f"sbatch exited {result.returncode}"))
+            why = result.stderr.decode(errors="replace").strip() or f"sbatch exited {result.returncode}"
+            raise StartFailed(f"Slurm refused the job: {why}")
         try:
             job_id = sbatch_job_id(result.stdout.decode(errors="replace"))
         except ValueError as exc:
@@ -269,7 +273,7 @@ class SlurmExecutor(Executor):
                    ) -> ExitResult:
         """Until the job has ended; ``progress(labrun status, waiting)`` on each change of its state or reason."""
         job_id = handle.job_id
-        self._squeue.watched[job_id] = self._squeue.watched.get(job_id, 0) + 1
+        self._squeue.watch(job_id)
         try:
             interval, seen, last = POLL_MIN_SECONDS, False, None
             while True:

@@ -315,7 +315,8 @@ def batch_script(job: SlurmJob, settings: SlurmSettings) -> str:
         f"setsid {command} &",
         "pid=$!",
         # Slurm's own SIGKILL comes only after the cluster's KillWait: the agent's grace period is kept here.
-        f"trap 'kill -s TERM -- \"-$pid\" 2>/dev/null; (sleep {job.grace:g}; kill -s KILL -- \"-$pid\" 2>/dev/null) &' TERM",
+        f"trap 'kill -s TERM -- \"-$pid\" 2>/dev/null; "
+        f"(sleep {job.grace:g}; kill -s KILL -- \"-$pid\" 2>/dev/null) &' TERM",
         'while :; do wait "$pid"; code=$?; kill -0 "$pid" 2>/dev/null || break; done',
         f"printf '%s\\n' \"$code\" > {q(exit_file + '.tmp')} && mv -f {q(exit_file + '.tmp')} {q(exit_file)}",
         'exit "$code"',

@@ -141,8 +141,9 @@ def test_cancel_running_and_pending_runs(cluster_agent, cluster_source):
     wait_until(lambda: _status(cluster_agent, busy) == "Running", 60, "the first run to start")
     pending = _submit(cluster_agent, cluster_source, command=["echo", "never"], resources={"cpus": NODE_CPUS})
     # Slurm's reason: Resources, or Priority when someone else's job also waits for the node.
-    wait_until(lambda: (_waiting(cluster_agent, pending) or {}).get("reason") in ("slurm: Resources", "slurm: Priority"),
-               60, "the second run to wait in Slurm's queue for resources")
+    reasons = ("slurm: Resources", "slurm: Priority")
+    wait_until(lambda: (_waiting(cluster_agent, pending) or {}).get("reason") in reasons, 60,
+               "the second run to wait in Slurm's queue for resources")
     listed = cluster_agent.cli("ls", check=True).stdout
     line = next(line for line in listed.splitlines() if pending.id in line)
     assert "Queued" in line and ("slurm: Resources" in line or "slurm: Priority" in line), listed
@@ -180,7 +181,8 @@ def test_two_task_pytorch_run_sees_correct_ranks(cluster_agent, cluster_source):
     ranks = [json.loads((outputs / f"rank_{rank}.json").read_text()) for rank in range(2)]
     node = _slurm("hostname", "-s").stdout.strip()
     for rank, seen in enumerate(ranks):
-        assert (seen["RANK"], seen["LOCAL_RANK"], seen["WORLD_SIZE"], seen["NODE_RANK"]) == (str(rank), str(rank), "2", "0")
+        got = (seen["RANK"], seen["LOCAL_RANK"], seen["WORLD_SIZE"], seen["NODE_RANK"])
+        assert got == (str(rank), str(rank), "2", "0")
         assert seen["MASTER_ADDR"] == node and seen["MASTER_PORT"].isdigit()
     assert ranks[0]["MASTER_PORT"] == ranks[1]["MASTER_PORT"]
     names = run.get_file_names()
@@ -206,7 +208,8 @@ def test_agent_restart_loses_neither_a_pending_nor_a_running_run(cluster_agent, 
                       resources={"cpus": NODE_CPUS})
     wait_until(lambda: _status(cluster_agent, running) == "Running", 60, "the first run to start")
     pending = _submit(cluster_agent, cluster_source, command=["echo", "second done"], resources={"cpus": NODE_CPUS})
-    wait_until(lambda: (_waiting(cluster_agent, pending) or {}).get("job_id"), 30, "the second run to wait in Slurm's queue")
+    wait_until(lambda: (_waiting(cluster_agent, pending) or {}).get("job_id"), 30,
+               "the second run to wait in Slurm's queue")
     cluster_agent.restart()
     # The new agent finds both where Slurm has them, and follows each to its end.
     assert _status(cluster_agent, running) == "Running"
@@ -248,8 +251,8 @@ def test_sbatch_runs_as_the_submitting_user(cluster_agent, cluster_source, nobod
             "config = ScriptRunConfig('.', command='id -u; id -g; echo job $SLURM_JOB_ID', compute_target='cluster')\n"
             "run = Experiment(ws, 'users').submit(config)\n"
             "print(run.wait_for_completion()['status'])\nprint(run.id)\nprint(run.get_log(), end='')\n")
-    result = subprocess.run([python, "-c", code], cwd=cluster_source, preexec_fn=_drop_to_test_user, capture_output=True,
-                            text=True, timeout=120,
+    result = subprocess.run([python, "-c", code], cwd=cluster_source, preexec_fn=_drop_to_test_user,
+                            capture_output=True, text=True, timeout=120,
                             env=dict(cluster_agent.env, HOME="/nonexistent", PYTHONPATH=str(site)))
     assert result.returncode == 0, result.stderr
     status, run_id, uid, gid, job = result.stdout.splitlines()[:5]
