@@ -5,8 +5,11 @@ cgroup v2: when the agent's own cgroup lets it make children (a systemd unit wit
 ``Delegate=yes``, say), the agent moves itself into a leaf ``agent/`` and puts each run in
 ``runs/<run id>/``, with ``memory.max`` when the run asks for memory (and the memory
 controller is there). cgroup v1: the run gets a group in a tracking hierarchy (``pids``,
-else ``freezer``), ``labrun/<run id>/`` under the agent's own group there, and, when it asks
-for memory, another in the memory hierarchy with ``memory.limit_in_bytes``.
+else ``freezer``), ``labrun/<agent>/<run id>/`` under the agent's own group there, and, when it
+asks for memory, another in the memory hierarchy with ``memory.limit_in_bytes`` (``<agent>``
+names the agent by its state directory, so agents sharing a hierarchy never touch each other's
+groups). A group no active run owns is an orphan (a run whose agent died before recording it):
+``orphans`` finds them, and the executor kills and removes them at start.
 
 The run's shim joins its groups (as root, before it drops to the run's user and starts the
 run), so nothing of the run starts outside, and a double-forked daemon in a new session is
@@ -71,11 +74,12 @@ class RunCgroups:
     controllers: list[str] = field(default_factory=list)
 
     @classmethod
-    def detect(cls, *, memory: bool = True) -> "RunCgroups | None":
-        """What this machine allows; ``memory``: make memory groups too (else the watchdog enforces memory)."""
+    def detect(cls, *, memory: bool = True, name: str = "agent") -> "RunCgroups | None":
+        """What this machine allows; ``memory``: make memory groups too (else the watchdog enforces memory);
+        ``name``: this agent's, for its v1 groups."""
         for probe in (cls._detect_v2, cls._detect_v1):
             try:
-                found = probe(memory)
+                found = probe(memory, name)
             except OSError as exc:
                 log.info("cgroups.probe.failed", error=str(exc))
                 found = None
@@ -86,7 +90,8 @@ class RunCgroups:
         return None
 
     @classmethod
-    def _detect_v2(cls, memory: bool) -> "RunCgroups | None":
+    def _detect_v2(cls, memory: bool, name: str) -> "RunCgroups | None":
+        # The agent's own cgroup is its own: no name needed to keep agents apart.
         path = _own_cgroup(None)
         base = CGROUP_FS / (path or "/").lstrip("/")
         controllers = base / "cgroup.controllers"
@@ -109,14 +114,14 @@ class RunCgroups:
                    controllers=["memory"] if with_memory else [])
 
     @classmethod
-    def _detect_v1(cls, memory: bool) -> "RunCgroups | None":
+    def _detect_v1(cls, memory: bool, name: str) -> "RunCgroups | None":
         tracking = None
         for controller in V1_TRACKING:
             own = _own_cgroup(controller)
             mount = CGROUP_FS / controller
             if own is None or not mount.is_dir():
                 continue
-            root = mount / own.lstrip("/") / "labrun"
+            root = mount / own.lstrip("/") / "labrun" / name
             if _make(root) and _probe(root):
                 tracking = root
                 break
@@ -125,11 +130,11 @@ class RunCgroups:
         memory_root = None
         if memory:
             own = _own_cgroup("memory")
-            root = CGROUP_FS / "memory" / (own or "/").lstrip("/") / "labrun"
+            root = CGROUP_FS / "memory" / (own or "/").lstrip("/") / "labrun" / name
             if own is not None and _make(root) and _probe(root, "memory.limit_in_bytes"):
                 memory_root = root
         return cls(version=1, tracking=tracking, memory=memory_root,
-                   controllers=[tracking.parent.relative_to(CGROUP_FS).parts[0]] + (["memory"] if memory_root else []))
+                   controllers=[tracking.relative_to(CGROUP_FS).parts[0]] + (["memory"] if memory_root else []))
 
     def describe(self) -> str:
         return f"cgroup v{self.version} ({', '.join(self.controllers) or 'no controllers'})"
@@ -171,6 +176,29 @@ class RunCgroups:
             pass
         return False
 
+    def orphans(self, owned: set[str]) -> list[list[str]]:
+        """The groups of runs not in ``owned`` (run ids), per run (tracking group first)."""
+        found: dict[str, list[str]] = {}
+        for root in dict.fromkeys(r for r in (self.tracking, self.memory) if r is not None):
+            try:
+                entries = list(root.iterdir())
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.is_dir() and not entry.name.startswith("probe-") and entry.name not in owned:
+                    found.setdefault(entry.name, []).append(str(entry))
+        return list(found.values())
+
+    def remove_roots(self) -> None:
+        """At the agent's exit: its v1 roots, when no run is left in them (the next agent makes them again)."""
+        if self.version == 1:
+            for root in (self.tracking, self.memory):
+                try:
+                    if root is not None:
+                        root.rmdir()
+                except OSError:
+                    pass   # runs are still in it: they outlive the agent
+
     @staticmethod
     def remove(groups: list[str]) -> None:
         for group in groups:
@@ -184,7 +212,7 @@ class RunCgroups:
 
 def _make(root: Path) -> bool:
     try:
-        root.mkdir(exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
         return True
     except OSError as exc:
         log.info("cgroups.mkdir.failed", root=str(root), error=str(exc))

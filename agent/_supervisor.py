@@ -64,6 +64,8 @@ log = structlog.get_logger("labrun.supervisor")
 
 # Stopping a run waits this long beyond the grace period for SIGKILL to take effect.
 KILL_WAIT_SECONDS = 5.0
+# At start, how long an executor may take to say what became of one run (or to clean up orphans).
+RECOVER_SECONDS = 60.0
 
 
 @dataclass
@@ -129,12 +131,18 @@ class Supervisor:
                 self.queued[record.run_id] = record
             ready = False
             while True:
-                self._schedule(nursery)
-                if not ready and self._recovering == 0:
-                    ready = True
-                    task_status.started()
+                # Allocations are held again at once; new runs start once recovery is done, so nothing
+                # an earlier agent left (an orphan of a run queued again) is running beside them.
+                if self._recovering == 0:
+                    self._schedule(nursery)
+                    if not ready:
+                        ready = True
+                        task_status.started()
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
+                # A wake-up and the agent's shutdown can arrive together (a run task ending because it was
+                # cancelled wakes us): start nothing then, or a freed slot would go to a second run.
+                await trio.lowlevel.checkpoint_if_cancelled()
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -186,7 +194,10 @@ class Supervisor:
 
     async def _reconcile(self, executor: Executor, owned: list[Handle]) -> None:
         try:
-            await executor.reconcile(owned)
+            with trio.move_on_after(RECOVER_SECONDS) as scope:
+                await executor.reconcile(owned)
+            if scope.cancelled_caught:
+                log.warning("executor.reconcile.timeout", kind=executor.kind, seconds=RECOVER_SECONDS)
         except Exception:
             log.exception("executor.reconcile.failed", kind=executor.kind)
         finally:
@@ -474,7 +485,11 @@ class Supervisor:
             elif executor is None or handle is None:
                 state = Lost(why)
             else:
-                state = await executor.recover(handle)
+                # Bounded: new runs wait for recovery. An executor that cannot tell in time (a Docker engine
+                # that does not answer) keeps its run, watched as if live, rather than declaring it lost.
+                state = Live(handle)
+                with trio.move_on_after(RECOVER_SECONDS):
+                    state = await executor.recover(handle)
         except Exception as exc:
             log.exception("run.recover.failed", run_id=record.run_id)
             state = Lost(f"recovering it failed: {exc}")

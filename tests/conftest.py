@@ -62,6 +62,20 @@ class AgentProcess:
             self.process.kill()
             raise
 
+    def cancel_active(self, timeout: float = 30.0) -> None:
+        """Cancel the runs still active: they outlive a stopped agent, and a test must not leave them behind."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        from labrun._connection import AgentConnection
+
+        active = ["Preparing", "Starting", "Running", "Finalizing", "CancelRequested"]
+        with AgentConnection(self.socket) as connection:
+            for run in connection.call("list", status=["Queued", *active]):
+                connection.call("cancel", run_id=run["run_id"])
+            deadline = time.monotonic() + timeout
+            while connection.call("list", status=active) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
     def restart(self) -> "AgentProcess":
         assert self.stop() == 0, self.log_path.read_text()
         return self.start()
@@ -91,8 +105,15 @@ def make_agent(tmp_path_factory):
         return agent.start() if start else agent
 
     yield make
+    from labrun.exceptions import AgentError, AgentUnavailable
+
     for agent in agents:
-        agent.stop()
+        try:
+            agent.cancel_active()
+        except (AgentError, AgentUnavailable, OSError):
+            pass   # an agent a test left unable to answer: nothing to cancel through it
+        finally:
+            agent.stop()
 
 
 @pytest.fixture

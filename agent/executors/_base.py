@@ -12,6 +12,8 @@ The supervisor owns a run's lifecycle and calls only this interface; it knows no
     wait(handle)     -> ExitResult until the run's processes have ended
     stop(handle, grace)            SIGTERM (or the kind's equivalent), grace, then kill
     recover(handle)  -> Live | Ended | Lost   after an agent restart, for each run still active
+    reconcile(owned)               at start: clean up what no active run owns (orphans)
+    aclose()                       at the agent's exit: the executor's own resources, never runs
 
 Handles are typed and versioned (``Handle`` subclasses, one per kind). The store keeps
 ``handle.to_store()``; ``load_handle`` reads it back, upgrading older versions or refusing
@@ -25,6 +27,7 @@ stay different things, and a stopped agent leaves its runs running for ``recover
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -232,6 +235,11 @@ class Executor:
 
     async def aclose(self) -> None:
         """Release the executor's own resources (connections); never touches runs."""
+
+
+def agent_id(state_dir) -> str:
+    """This agent's name among others on the machine (for its containers and cgroups): from its state directory."""
+    return hashlib.sha256(str(state_dir).encode()).hexdigest()[:16]
 
 
 def refuse(field: str, message: str):

@@ -24,7 +24,6 @@ only the labelled containers no run owns (``reconcile``).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import signal as signals
 from dataclasses import dataclass
 
@@ -37,8 +36,10 @@ from .._asyncio_bridge import AsyncioBridge
 from .._docker_args import DockerPolicy, translate_arguments
 from ._base import (
     Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Preparation, Recovery, StartFailed,
-    refuse,
+    agent_id, refuse,
 )
+
+__all__ = ["DockerExecutor", "DockerHandle", "LABEL_AGENT", "LABEL_RUN", "agent_id", "image_for"]
 
 log = structlog.get_logger("labrun.docker")
 
@@ -47,10 +48,6 @@ LABEL_AGENT = "org.labrun.agent"
 LOG_TO_FILE = 'exec "$@" >>"$0" 2>&1'
 # Docker answers 128+N for a process killed by signal N.
 SIGNAL_EXIT_BASE = 128
-
-
-def agent_id(state_dir) -> str:
-    return hashlib.sha256(str(state_dir).encode()).hexdigest()[:16]
 
 
 def image_for(spec: dict, target) -> str | None:

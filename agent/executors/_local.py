@@ -20,6 +20,7 @@ Handle: ``LocalHandle``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -179,7 +180,10 @@ class LocalExecutor(Executor):
         return shim
 
     async def start(self, launch: LaunchSpec) -> LocalHandle:
-        groups = self.cgroups.create(launch.run_id, launch.memory) if self.cgroups is not None else []
+        try:
+            groups = self.cgroups.create(launch.run_id, launch.memory) if self.cgroups is not None else []
+        except OSError as exc:
+            raise StartFailed(f"cannot make the run's cgroup: {exc}") from None
         exit_path = launch.run_dir.exit_status
         exit_path.unlink(missing_ok=True)
         read_end, write_end = os.pipe()
@@ -189,7 +193,8 @@ class LocalExecutor(Executor):
             finally:
                 os.close(write_end)
             report = b""
-            with trio.move_on_after(SHIM_REPORT_SECONDS):
+            # Shielded (and bounded): a cancel landing now must not leave a started run without a handle.
+            with trio.CancelScope(shield=True), trio.move_on_after(SHIM_REPORT_SECONDS):
                 async with trio.lowlevel.FdStream(read_end) as stream:
                     read_end = None
                     while chunk := await stream.receive_some(4096):
@@ -211,7 +216,7 @@ class LocalExecutor(Executor):
             message = str(answer.get("error"))
             if not message.startswith("cannot start"):
                 message = f"cannot start {launch.argv[0]!r}: {message}"
-            raise StartFailed(message)
+            raise StartFailed(message, "command_not_found" if answer.get("errno") == errno.ENOENT else "start_failed")
         self._shims[shim.pid] = shim
         return LocalHandle(pids=tuple(answer["pids"]), daemons=tuple(r.daemon for r in launch.ranks),
                            start_time=process_start_time(shim.pid), memory=launch.memory, shim=shim.pid,
@@ -239,14 +244,11 @@ class LocalExecutor(Executor):
         own = self._shims.pop(handle.shim, None)
         if own is not None:
             own.wait()   # reap it (it has exited: no blocking)
-        result = read_exit_record(handle.exit_path)
+        result = self._exit_record(handle)
         with trio.CancelScope(shield=True):
             await self._release(handle)
         if result is None:
             raise RuntimeError("the run's shim ended without recording how the run ended")
-        if not result.memory_exceeded and not result.ok and self.cgroups is not None \
-                and self.cgroups.oom_killed(list(handle.cgroups)):
-            result = ExitResult(exit_code=result.exit_code, signal=result.signal, memory_exceeded=True)
         return result
 
     async def stop(self, handle: LocalHandle, grace: float) -> None:
@@ -270,13 +272,36 @@ class LocalExecutor(Executor):
     async def recover(self, handle: LocalHandle) -> Recovery:
         if _shim_alive(handle):
             return Live(handle)
-        result = read_exit_record(handle.exit_path)
+        result = self._exit_record(handle)
         # Nothing watches what is left of the run any more (a version 1 run, or a killed shim): end it.
         await self._kill_left(handle)
         await self._release(handle)
         if result is not None:
             return Ended(result)
         return Lost("its shim is gone and left no exit status (the machine restarted, or it was killed)")
+
+    def _exit_record(self, handle: LocalHandle) -> ExitResult | None:
+        """The shim's record, and whether the kernel killed the run for its memory (read before its cgroup goes)."""
+        result = read_exit_record(handle.exit_path)
+        if result is not None and not result.memory_exceeded and not result.ok and self.cgroups is not None \
+                and self.cgroups.oom_killed(list(handle.cgroups)):
+            result = ExitResult(exit_code=result.exit_code, signal=result.signal, memory_exceeded=True)
+        return result
+
+    async def aclose(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.remove_roots()
+
+    async def reconcile(self, owned: list[Handle]) -> None:
+        """Kill and remove the cgroups of runs no active run owns: a run whose agent died between starting
+        it and recording its handle (it is queued again, and must not run twice)."""
+        if self.cgroups is None:
+            return
+        keep = {Path(group).name for handle in owned for group in handle.cgroups}
+        for groups in self.cgroups.orphans(keep):
+            log.warning("run.orphan.killed", group=groups[0])
+            await self._kill_groups(groups)
+            self.cgroups.remove(groups)
 
     # -- what is left of a run --------------------------------------------------------------
 

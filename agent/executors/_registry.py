@@ -17,15 +17,17 @@ if TYPE_CHECKING:
 
 def _local(config: "AgentConfig", store: "Store") -> "Executor":
     from .._cgroups import RunCgroups
+    from ._base import agent_id
     from ._local import LocalExecutor
 
-    cgroups = RunCgroups.detect(memory=config.resources.memory_enforcement == "auto")
+    cgroups = RunCgroups.detect(memory=config.resources.memory_enforcement == "auto", name=agent_id(config.state_dir))
     return LocalExecutor(cgroups, config.stop_grace_seconds)
 
 
 def _docker(config: "AgentConfig", store: "Store") -> "Executor":
     from .._asyncio_bridge import AsyncioBridge
-    from ._docker import DockerExecutor, agent_id
+    from ._base import agent_id
+    from ._docker import DockerExecutor
 
     return DockerExecutor(AsyncioBridge(), config.docker, agent_id(config.state_dir), config.docker_url,
                           grace=config.stop_grace_seconds, socket=config.socket,

@@ -185,7 +185,7 @@ class Shim:
                 signal_all([p.pid for p in processes], signal.SIGKILL)
                 for process in processes:
                     process.wait()
-                raise StartError(f"cannot start {rank['argv'][0]!r}: {exc.strerror or exc}") from None
+                raise StartError(f"cannot start {rank['argv'][0]!r}: {exc.strerror or exc}", exc.errno) from None
             finally:
                 os.close(log)
         # Reaped below with os.waitpid: the Popen objects are kept only so they never reap.
@@ -266,7 +266,9 @@ class Shim:
 
 
 class StartError(Exception):
-    pass
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
 
 
 def _unblock_signals() -> None:
@@ -306,7 +308,7 @@ def main(argv: list[str]) -> int:
         os.close(log)
         shim.start()
     except (StartError, OSError) as exc:
-        os.write(status, (json.dumps({"error": str(exc)}) + "\n").encode())
+        os.write(status, (json.dumps({"error": str(exc), "errno": exc.errno}) + "\n").encode())
         return 127
     os.write(status, (json.dumps({"pids": shim.pids}) + "\n").encode())
     os.close(status)

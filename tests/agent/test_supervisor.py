@@ -300,3 +300,24 @@ async def test_a_hundred_running_runs_are_recovered_with_their_allocations(harne
     extra = await second.submit(spec(), EMPTY_TAR, OWNER)
     await trio.sleep(10)
     assert second.store.get_run(extra.run_id).status == "Queued"   # all 100 CPUs are still taken
+
+
+async def test_an_executor_that_cannot_tell_keeps_its_run_and_new_runs_wait_for_recovery(harness, autojump_clock,
+                                                                                          monkeypatch):
+    harness.cpus = 2
+    first = await harness.start()
+    record = await first.submit(spec(), EMPTY_TAR, OWNER)
+    await settle(first, record.run_id, "Running")
+    await harness.stop(first)
+    queued = await first.submit(spec(), EMPTY_TAR, OWNER)   # stored; the next supervisor finds it queued
+
+    async def no_answer(self, handle):
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(FakeExecutor, "recover", no_answer)
+    began = trio.current_time()
+    second = await harness.start()   # started once recovery gave up waiting
+    assert trio.current_time() - began == pytest.approx(60, abs=1)
+    await settle(second, queued.run_id, "Running")
+    harness.machine.finish(1000, ExitResult(exit_code=4))
+    assert (await settle(second, record.run_id, "Failed")).exit_code == 4   # watched as live all along

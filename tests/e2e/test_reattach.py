@@ -7,6 +7,7 @@ test creates it), so nothing here depends on how long a restart takes.
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,13 +17,19 @@ from tests.e2e.test_agent import processes_of, submit, wait_until
 from tests.e2e.test_docker import container_run, image  # noqa: F401 (a fixture)
 
 GATED = "echo start; while [ ! -e go ]; do sleep 0.05; done; echo end; exit {code}"
+# Rank 1 of the failing run fails only once rank 0 is done: a failing rank stops the others.
 GATED_RANKS = ("import os, sys, time\n"
                "rank = os.environ['RANK']\n"
                "print('start', rank, flush=True)\n"
                "while not os.path.exists('go'):\n"
                "    time.sleep(0.05)\n"
                "print('end', rank, flush=True)\n"
-               "sys.exit(6 if rank == '1' and 'fail' in sys.argv else 0)\n")
+               "if rank == '0':\n"
+               "    open('rank0-done', 'w').close()\n"
+               "elif 'fail' in sys.argv:\n"
+               "    while not os.path.exists('rank0-done'):\n"
+               "        time.sleep(0.05)\n"
+               "    sys.exit(6)\n")
 
 
 def ranks_of(run_id: str) -> list[int]:
@@ -210,3 +217,38 @@ def test_drain_waits_for_active_runs_and_starts_none_until_resumed(make_agent, s
     assert queued.wait_for_completion()["status"] == "Completed"
     types = [e["type"] for e in agent.workspace().watch(0, follow=False)]
     assert "agent.draining" in types and "agent.resumed" in types
+
+
+def test_a_run_no_record_owns_is_killed_at_start(make_agent, source):
+    """The agent died between starting a run and recording it: the run is queued again, and what it had
+    started must not keep running beside its second start."""
+    from labrun.agent._cgroups import RunCgroups
+    from labrun.agent.executors._base import agent_id
+
+    agent = make_agent()
+    cgroups = RunCgroups.detect(name=agent_id(agent.state_dir))
+    if cgroups is None:
+        pytest.skip("no cgroup can be made here: orphans are found through cgroups")
+    group = cgroups.tracking / "exp_1_deadbeef"
+    group.mkdir()
+    orphan = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        (group / "cgroup.procs").write_text(str(orphan.pid))
+        agent.stop(signal.SIGKILL)
+        agent.start()
+        assert orphan.wait(timeout=10) == -signal.SIGKILL
+        assert not group.exists()
+    finally:
+        orphan.kill()
+        orphan.wait()
+
+
+def test_a_command_that_cannot_start_fails_the_run_and_its_log_says_why(agent, source):
+    missing = submit(agent, source, ["/no/such/program", "x"])
+    assert missing.wait_for_completion(raise_on_error=False)["status"] == "Failed"
+    assert missing._details["reason"] == "command_not_found"
+    assert "cannot start '/no/such/program': No such file or directory" in missing.get_log()
+    (source / "plain.txt").write_text("not a program")
+    refused = submit(agent, source, ["./plain.txt"])
+    assert refused.wait_for_completion(raise_on_error=False)["status"] == "Failed"
+    assert refused._details["reason"] == "start_failed" and "Permission denied" in refused.get_log()
