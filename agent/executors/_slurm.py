@@ -3,7 +3,9 @@
 - ``start`` submits with ``sbatch`` as the run's owner (their uid, gid and groups; never as root on
   their behalf). The batch script comes on stdin, the run's environment is sbatch's own
   (``--export=ALL``), without the client's ``SLURM_*``/``SBATCH_*`` variables, which would steer
-  sbatch itself. The handle is the job id, so recovering after an agent restart is a lookup.
+  sbatch itself. The handle is the job id, so recovering after an agent restart is a lookup. The job's
+  name holds the run id: a run whose agent died after sbatch but before recording the job is found
+  again by name rather than submitted twice.
 - ``wait`` follows the job with ``squeue`` (one call for every job being followed at that moment),
   polling with backoff: fast after a change, slower while nothing happens, slower still while the
   controller does not answer (a dead controller never fails a run). Each state change is reported to
@@ -43,8 +45,8 @@ from ._base import (
     refuse,
 )
 from ._slurm_plan import (
-    ENDED, EXIT_FILE, SQUEUE_FORMAT, JobState, SlurmJob, SlurmSettings, batch_script, layout, map_state,
-    parse_exit_status, parse_squeue, sbatch_argv, sbatch_job_id, state_error,
+    ENDED, EXIT_FILE, SQUEUE_FORMAT, SUBMITTED_FILE, JobState, SlurmJob, SlurmSettings, batch_script, layout,
+    map_state, parse_exit_status, parse_squeue, sbatch_argv, sbatch_job_id, state_error,
 )
 
 log = structlog.get_logger("labrun.slurm")
@@ -92,6 +94,17 @@ def read_status_file(path: Path) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+def _first_submit(marker: Path) -> bool:
+    """Mark the run as submitted; False if it already was. Never follows a link the run's user could plant."""
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        pass   # not writable here (a root-squashing share): submit, as without the mark
+    return True
 
 
 def _waiting(job: JobState) -> dict:
@@ -219,8 +232,7 @@ class SlurmExecutor(Executor):
         job = SlurmJob(run_id=launch.run_id, argv=launch.argv, cwd=str(run_dir.snapshot), logs=str(run_dir.logs),
                        run_dir=str(run_dir.root), duration=spec["max_run_duration_seconds"], cpus=resources["cpus"],
                        memory=resources["memory"], gpus=resources["gpus"], distributed=spec.get("distributed"),
-                       python=launch.argv[0] if spec["script"] is not None else "python3",
-                       job_name=f"labrun-{spec.get('display_name') or launch.run_id}", grace=self.grace)
+                       python=launch.argv[0] if spec["script"] is not None else "python3", grace=self.grace)
         launch.slurm = {"job": job, "settings": SlurmSettings(partition=slurm.partition, account=slurm.account,
                                                               qos=slurm.qos, sbatch_args=slurm.sbatch_args,
                                                               mpi=slurm.mpi)}
@@ -246,6 +258,12 @@ class SlurmExecutor(Executor):
         job, settings = launch.slurm["job"], launch.slurm["settings"]
         owner = SlurmHandle(job_id="", run_dir=job.run_dir, uid=launch.uid, gid=launch.gid,
                             groups=tuple(launch.groups))
+        if not _first_submit(Path(job.run_dir) / SUBMITTED_FILE):
+            # An earlier agent ran sbatch for this run and died before it recorded the job: find that job.
+            earlier = await self._job_named(job.name)
+            if earlier is not None:
+                log.warning("slurm.adopted", run_id=launch.run_id, job_id=earlier)
+                return dataclasses.replace(owner, job_id=earlier)
         argv = sbatch_argv(job, settings, script="-", sbatch=_command("sbatch"))[:-1]   # the script on stdin
         env = job_environment({**launch.env, **launch.ranks[0].env})
         env.setdefault("PATH", os.defpath)
@@ -268,6 +286,16 @@ class SlurmExecutor(Executor):
             raise StartFailed(str(exc)) from None
         log.info("slurm.submitted", run_id=launch.run_id, job_id=job_id)
         return dataclasses.replace(owner, job_id=job_id)
+
+    async def _job_named(self, name: str) -> str | None:
+        """The newest job of that name Slurm still knows, if any."""
+        try:
+            result = await self._run([_command("squeue"), "--noheader", "--states=all", f"--name={name}",
+                                      "--format=%i"], None, env=job_environment(dict(os.environ)))
+        except (OSError, trio.TooSlowError):
+            return None
+        found = [line.strip() for line in result.stdout.decode(errors="replace").split() if line.strip().isdigit()]
+        return max(found, key=int) if result.returncode == 0 and found else None
 
     async def wait(self, handle: SlurmHandle, progress: Callable[[str, dict | None], None] | None = None
                    ) -> ExitResult:

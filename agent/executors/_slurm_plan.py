@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from labrun.protocol._statuses import CANCELED, COMPLETED, FAILED, FINALIZING, QUEUED, RUNNING, STARTING
 
 EXIT_FILE = "slurm_exit_status"
-SCRIPT_FILE = "slurm_batch.sh"
+# Written before sbatch runs: a run that finds it was submitted by an agent that died before recording the job.
+SUBMITTED_FILE = "slurm_submitted"
 
 # Options a target may add to sbatch, and whether each takes a value (None: the value is optional,
 # and only given as --opt=value). Everything labrun sets itself (output, chdir, export, resources,
@@ -204,7 +205,11 @@ class SlurmJob:
     distributed: dict | None = None
     python: str = "python3"     # finds a free port for a rendezvous
     grace: float = 10.0         # a cancel's SIGTERM -> SIGKILL, in seconds
-    job_name: str = ""
+
+    @property
+    def name(self) -> str:
+        """The job's name: the run id makes it unique, so a job can be found again by its run."""
+        return f"labrun-{self.run_id}"
 
 
 @dataclass
@@ -221,7 +226,7 @@ class SlurmSettings:
 def sbatch_argv(job: SlurmJob, settings: SlurmSettings, script: str, sbatch: str = "sbatch") -> list[str]:
     """The full ``sbatch`` command line (no shell: every element is one argument)."""
     plan = layout(job.distributed)
-    argv = [sbatch, "--parsable", f"--job-name={job.job_name or 'labrun-' + job.run_id}"[:200],
+    argv = [sbatch, "--parsable", f"--job-name={job.name}",
             f"--chdir={job.cwd}", f"--output={job.logs}/std_log.txt", "--open-mode=append", "--export=ALL",
             f"--time={format_time(job.duration)}", f"--ntasks={plan.tasks}", f"--cpus-per-task={max(1, job.cpus)}"]
     if plan.nodes is not None:

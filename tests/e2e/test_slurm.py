@@ -287,3 +287,27 @@ def test_resume_from_and_environment_variables_reach_the_node(cluster_agent, clu
     copy = cluster_agent.run_root / run.id / "resume_from" / "ckpt.txt"
     assert "seed=42" in log and "epoch 7" in log and copy.read_text() == "epoch 7"
     assert f"--resume-from {copy}" in log   # the node's path: in run_root
+
+
+async def test_a_run_an_agent_died_submitting_is_not_submitted_twice(slurm_cluster, tmp_path):
+    """sbatch returned, the agent died before recording the job: the next agent finds the job by its name."""
+    from labrun.agent.executors import LaunchSpec, Rank
+    from labrun.agent.executors._slurm import SlurmExecutor
+    from labrun.agent.executors._slurm_plan import SlurmJob, SlurmSettings
+
+    run_dir = tmp_path / f"slurm_{int(time.time())}_{os.urandom(4).hex()}"
+    (run_dir / "snapshot").mkdir(parents=True)
+    (run_dir / "logs").mkdir()
+    job = SlurmJob(run_id=run_dir.name, argv=["sleep", "30"], cwd=str(run_dir / "snapshot"),
+                   logs=str(run_dir / "logs"), run_dir=str(run_dir), duration=120, grace=1)
+    launch = LaunchSpec(run_id=job.run_id, argv=job.argv, env={"PATH": os.defpath}, cwd=run_dir / "snapshot",
+                        ranks=[Rank(log_path=run_dir / "logs" / "std_log.txt")], uid=os.getuid(), gid=os.getgid(),
+                        slurm={"job": job, "settings": SlurmSettings()})
+    first = await SlurmExecutor(grace=1).start(launch)
+    try:
+        again = await SlurmExecutor(grace=1).start(launch)   # the next agent, preparing the same run again
+        assert again == first
+        named = _slurm("squeue", "-h", "-t", "all", f"--name=labrun-{job.run_id}", "-o", "%i").stdout.split()
+        assert named == [first.job_id]
+    finally:
+        _slurm("scancel", first.job_id, check=False)
