@@ -51,6 +51,8 @@ def cluster_agent(make_agent, slurm_cluster, tmp_path_factory):
     yield agent
     # Nothing of this agent's is left in Slurm's queue.
     for run_id in os.listdir(run_root):
+        if not (run_root / run_id / "logs").is_dir():
+            continue   # envs/: the pip environments of the runs
         job = _job_of(agent, run_id)
         if job is not None:
             _slurm("scancel", job, check=False)
@@ -311,3 +313,20 @@ async def test_a_run_an_agent_died_submitting_is_not_submitted_twice(slurm_clust
         assert named == [first.job_id]
     finally:
         _slurm("scancel", first.job_id, check=False)
+
+
+@pytest.mark.slow
+def test_a_pip_environment_is_built_in_run_root_where_the_nodes_see_it(cluster_agent, cluster_source, tmp_path):
+    from labrun import Environment
+    from tests.e2e.test_azureml import _wheel
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels)
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(f"--no-index\n--find-links {wheels}\ntinypkg==1.0\n")
+    command = ["sh", "-c", "python -c 'import tinypkg, sys; print(tinypkg.VALUE, sys.prefix)'"]
+    run = _submit(cluster_agent, cluster_source, command=command,
+                  environment=Environment.from_pip_requirements("tiny", str(requirements)))
+    assert run.wait_for_completion()["status"] == "Completed", run.get_log()
+    assert f"tiny-ok {cluster_agent.run_root / 'envs'}" in run.get_log()
