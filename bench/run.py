@@ -494,9 +494,8 @@ def slurm(root: Path, n: int) -> list[tuple]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a run of under two minutes, with smaller sizes")
-    parser.add_argument("--only", metavar="SECTION",
-                        help="run one section (latency, throughput, log capture, footprint, docker, slurm); "
-                             "writes bench/results/<section>.md")
+    parser.add_argument("--only", help="comma-separated sections to run (latency, snapshots, cli rate, ...); "
+                                       "the results file is written only for a full run")
     args = parser.parse_args()
     sizes = dict(latency=15, throughput=200, log_mib=256, queued=1000, finished=20000, docker=5) if args.quick else \
         dict(latency=60, throughput=1000, log_mib=1024, queued=10000, finished=100000, docker=20)
@@ -512,9 +511,9 @@ def main() -> int:
             ("docker", lambda: docker_latency(root, sizes["docker"])),
             ("slurm", lambda: slurm(root, sizes["latency"])),
         ]
+        if args.only:
+            sections = [(name, section) for name, section in sections if name in args.only.split(",")]
         for name, section in sections:
-            if args.only and name != args.only:
-                continue
             print(f"bench: {name}...", file=sys.stderr, flush=True)
             try:
                 rows.extend(section())
@@ -530,9 +529,9 @@ def main() -> int:
     text = (f"# labrun benchmarks\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}, "
             f"{time.time() - started:.0f} s. Medians (p95 where shown); ratios are to the reference measured in the "
             f"same run.\n\n" + "\n".join(lines) + f"\n\n{summary}\n")
-    results = RESULTS.with_name(f"{args.only.replace(' ', '-')}.md") if args.only else RESULTS
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(text)
+    if not args.only:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(text)
     print(text)
     return 0
 
