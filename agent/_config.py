@@ -39,6 +39,10 @@ allow_pull = false           # no registry is assumed reachable
 allow_host_network = false   # --network=host in DockerConfiguration.arguments
 allow_host_ipc = false       # --ipc=host
 volumes = ["/data"]          # host paths runs may mount with -v
+
+[snapshot]
+max_files = 2000             # files in one run's snapshot (Azure ML's limit)
+max_bytes = "300M"           # bytes in one run's snapshot (Azure ML's limit); a number or like "2G"
 ```
 
 Unknown sections or keys are refused at start with the key named, so a typo never
@@ -98,6 +102,13 @@ class SlurmTargetConfig:
 
 
 @dataclass
+class SnapshotLimits:
+    """What one run's snapshot may hold. Azure ML's limits by default; --in-place runs have none."""
+    max_files: int = 2000
+    max_bytes: int = 300 * 1024 * 1024
+
+
+@dataclass
 class AgentConfig:
     socket: Path
     state_dir: Path
@@ -113,6 +124,7 @@ class AgentConfig:
     hub: HubConfig | None = None
     docker: DockerPolicy = field(default_factory=DockerPolicy)
     docker_url: str | None = None    # None: DOCKER_HOST, else the local engine's socket
+    snapshot: SnapshotLimits = field(default_factory=lambda: SnapshotLimits())
 
 
 def _expect(value, kinds, where):
@@ -150,7 +162,8 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
             raise ConfigError(f"config file {path} does not exist") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
-    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub", "docker"}, "config")
+    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub", "docker", "snapshot"},
+                "config")
 
     system = os.geteuid() == 0
     config = AgentConfig(
@@ -252,6 +265,8 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
     if "url" in docker:
         config.docker_url = _expect(docker["url"], str, "docker.url")
 
+    _load_snapshot(config, _expect(data.get("snapshot", {}), dict, "[snapshot]"))
+
     if socket is not None:
         config.socket = Path(socket)
     if state_dir is not None:
@@ -289,3 +304,13 @@ def _slurm_target(table: dict, where: str) -> SlurmTargetConfig:
         except SbatchArgumentError as exc:
             raise ConfigError(f"{where}.sbatch_args: {exc}") from None
     return slurm
+
+
+def _load_snapshot(config: AgentConfig, table: dict) -> None:
+    _check_keys(table, {"max_files", "max_bytes"}, "[snapshot]")
+    if "max_files" in table:
+        config.snapshot.max_files = _expect(table["max_files"], int, "snapshot.max_files")
+        if config.snapshot.max_files < 1:
+            raise ConfigError("snapshot.max_files: must be at least 1")
+    if "max_bytes" in table:
+        config.snapshot.max_bytes = _memory(table["max_bytes"], "snapshot.max_bytes")

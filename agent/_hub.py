@@ -112,6 +112,7 @@ class HubSender:
                 wait = None
                 try:
                     body = json.dumps([to_cloudevent(e, self.source) for e in batch], default=str)
+                    await self.store.durable()   # only committed events leave the machine
                     response = await client.post(self.config.url, content=body, headers=self._headers())
                 except (httpx.HTTPError, OSError) as exc:
                     self._failed(f"{type(exc).__name__}: {exc}", "retrying")

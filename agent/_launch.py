@@ -5,6 +5,7 @@ only one kind needs (a container's image, mounts and limits) is that executor's 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -14,12 +15,17 @@ from pathlib import Path
 import trio
 
 from ._artifacts import artifact_path
+from ._asuser import Credentials
 from ._environments import EnvironmentBuilder, PreparedEnvironment, PrepareFailed
 from ._model import RunRecord
 from ._rundir import RunDir
 from ._scheduler import Allocation, Capacity
+from ._snapshot import ContentStore, SnapshotFailed, materialize
 from .executors._base import LaunchSpec, Preparation, Rank
 
+# Snapshots this small are made inline: faster than the hop to a worker thread.
+INLINE_MATERIALIZE_FILES = 100
+INLINE_MATERIALIZE_BYTES = 4 * 1024 * 1024
 # Rendezvous for distributed runs on this machine.
 MASTER_ADDR = "127.0.0.1"
 
@@ -40,8 +46,9 @@ def free_ports(count: int) -> list[int]:
 
 
 class LaunchPlanner:
-    def __init__(self, config, store, capacity: Capacity, environments: EnvironmentBuilder):
+    def __init__(self, config, store, capacity: Capacity, environments: EnvironmentBuilder, snapshots: ContentStore):
         self.config = config
+        self.snapshots = snapshots
         self.store = store
         self.capacity = capacity
         self.environments = environments
@@ -111,6 +118,8 @@ class LaunchPlanner:
                                               preparation.run_dir)
         spec = record.spec
         owned = os.geteuid() == 0 and record.uid != 0
+        await self._materialize(record, run_dir.root)
+        workdir = Path(spec["in_place"]) if spec.get("in_place") else run_dir.snapshot
         if in_container:
             # The image has its own Python and paths: the client's interpreter and environment mean nothing there.
             environment = spec.get("environment") or {"python": {}}
@@ -119,7 +128,7 @@ class LaunchPlanner:
             env = {}
         else:
             prepared = await (environments or self.environments).prepare(
-                spec.get("environment"), spec["interpreter"] or "python3", run_dir.environment_log, run_dir.snapshot)
+                spec.get("environment"), spec["interpreter"] or "python3", run_dir.environment_log, workdir)
             # Queued runs keep the client's environment on disk only (see Supervisor.submit).
             env = {k: v for k, v in self.store.environ(record.run_id).items() if k != "LABRUN_RUN_TOKEN"}
         env.update(prepared.variables or {})
@@ -156,14 +165,8 @@ class LaunchPlanner:
                 os.chown(rank.log_path, record.uid, record.gid)
         if len(ranks) > 1 and not run_dir.std_log.exists():
             run_dir.std_log.symlink_to(ranks[0].log_path.name)   # the log `labrun run` follows
-        groups = []
-        if owned:
-            try:
-                groups = os.getgrouplist(record.user, record.gid)
-            except KeyError:
-                groups = [record.gid]
-        return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=run_dir.snapshot, ranks=ranks,
-                          uid=record.uid, gid=record.gid, groups=groups, cores=allocation.cores,
+        return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=workdir, ranks=ranks,
+                          uid=record.uid, gid=record.gid, groups=self._groups(record), cores=allocation.cores,
                           memory=allocation.memory, run_dir=run_dir)
 
     @staticmethod
@@ -181,3 +184,25 @@ class LaunchPlanner:
             count = distributed["process_count_per_node"] or 1
             argv = ["mpirun", "-np", str(count), *(["--allow-run-as-root"] if record.uid == 0 else []), *argv]
         return argv
+
+    async def _materialize(self, record: RunRecord, run_dir: Path) -> None:
+        """The run's ``snapshot/`` from the contents stored at submit (only ``outputs/`` for an in-place run)."""
+        entries = self.snapshots.entries(record.run_id) or []
+        credentials = Credentials(record.uid, record.gid, tuple(self._groups(record)))
+        work = functools.partial(materialize, self.snapshots.objects, entries, run_dir, credentials)
+        try:
+            if len(entries) <= INLINE_MATERIALIZE_FILES and sum(e[1] for e in entries) <= INLINE_MATERIALIZE_BYTES:
+                work()
+            else:
+                await trio.to_thread.run_sync(work)
+        except SnapshotFailed as exc:
+            raise PrepareFailed(str(exc), reason="snapshot_failed") from None
+
+    @staticmethod
+    def _groups(record: RunRecord) -> list[int]:
+        if not (os.geteuid() == 0 and record.uid != 0):
+            return []
+        try:
+            return os.getgrouplist(record.user, record.gid)
+        except KeyError:
+            return [record.gid]

@@ -73,7 +73,11 @@ async def run_agent(config: AgentConfig, *, executors: dict[str, Executor] | Non
         if executors is None:
             executors = build_executors(config, store)
         try:
-            await _serve(config, store, executors, signals, task_status)
+            async with trio.open_nursery() as writer:
+                # The store's single writer (group commits) outlives every task that writes.
+                await writer.start(store.writer)
+                await _serve(config, store, executors, signals, task_status)
+                writer.cancel_scope.cancel()
         finally:
             with trio.move_on_after(5, shield=True):
                 for executor in executors.values():

@@ -112,6 +112,7 @@ class ConnectionHandler:
 
         async def send(message: dict) -> None:
             data = pack_frame(message)
+            await self.service.store.durable()   # nothing is told before it is committed
             async with send_lock:
                 await stream.send_all(data)
 

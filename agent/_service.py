@@ -8,7 +8,6 @@ admin group may cancel it or read its logs and environment.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +22,15 @@ from ._artifacts import LOGS, artifact_path, list_files
 from ._events import EventFilter, EventLog
 from ._peers import Peer
 from ._rundir import RunDir
-from ._snapshot import MAX_ARCHIVE_BYTES
+from ._snapshot import ContentStore
 from ._supervisor import Owner, Supervisor
 
 LOG_CHUNK = 1024 * 1024
 # Log files grow without waking anyone; a follower looks again this often.
 LOG_POLL_SECONDS = 0.1
 RECENT_FINISHED = 20
+# Chunks of uploaded content larger than this are written and hashed in a worker thread.
+THREAD_BYTES = 1024 * 1024
 # A list reply is one frame: pages keep it well under the frame limit. Clients follow ``before``.
 LIST_PAGE = 1000
 
@@ -38,16 +39,19 @@ SendItem = Callable[[object], Awaitable[None]]
 
 @dataclass
 class Session:
-    """Per-connection state: who the peer is, and the snapshot uploads it has in progress."""
+    """Per-connection state: who the peer is, and the snapshot contents it is uploading or has uploaded."""
 
     peer: Peer
     greeted: bool = False
-    uploads: dict[str, Path] = field(default_factory=dict)
+    uploads: dict = field(default_factory=dict)          # hash -> upload in progress
+    uploaded: list[str] = field(default_factory=list)    # kept from collection until the connection closes
+    unsubmitted_bytes: int = 0                           # uploaded since this connection's last submit
+    upload_lock: trio.Lock = field(default_factory=trio.Lock)
+    content: ContentStore | None = None
 
     def discard_uploads(self) -> None:
-        for path in self.uploads.values():
-            path.unlink(missing_ok=True)
-        self.uploads.clear()
+        if self.content is not None:
+            self.content.end_session(self.uploads, self.uploaded)
 
 
 class Service:
@@ -58,12 +62,8 @@ class Service:
         self.events = events
         self.hub = hub
         self.started = time.time()
-        self.uploads_dir = config.state_dir / "uploads"
-        self.uploads_dir.mkdir(mode=0o700, exist_ok=True)
-        for stale in self.uploads_dir.iterdir():
-            stale.unlink(missing_ok=True)
         self.handlers = {
-            "hello": self.hello, "submit": self.submit, "upload": self.upload, "get": self.get,
+            "hello": self.hello, "submit": self.submit, "blob_put": self.blob_put, "get": self.get,
             "list": self.list, "cancel": self.cancel, "wait": self.wait, "logs": self.logs, "status": self.status,
             "watch": self.watch, "log_metrics": self.log_metrics, "get_metrics": self.get_metrics,
             "set_labels": self.set_labels, "files": self.files, "download": self.download, "put_file": self.put_file,
@@ -113,41 +113,47 @@ class Service:
             raise BadRequest(f"protocol version {args['protocol']} is not supported; this agent speaks "
                              f"version {PROTOCOL_VERSION} (labrun {__version__})", details={"field": "args.protocol"})
         session.greeted = True
+        limits = self.config.snapshot
         return {"agent_version": __version__, "protocol": PROTOCOL_VERSION, "uid": session.peer.uid,
-                "user": session.peer.user, "admin": session.peer.admin}
+                "user": session.peer.user, "admin": session.peer.admin,
+                "snapshot": {"max_files": limits.max_files, "max_bytes": limits.max_bytes}}
 
-    async def upload(self, session: Session, args: dict) -> dict:
-        token = args["upload"]
-        if token is None:
-            token = secrets.token_hex(16)
-            path = self.uploads_dir / token
-            path.touch(mode=0o600)
-            session.uploads[token] = path
-        elif token not in session.uploads:
-            raise NotFound(f"no upload {token!r} on this connection")
-        path = session.uploads[token]
-        size = path.stat().st_size + len(args["data"])
-        if size > MAX_ARCHIVE_BYTES:
-            session.uploads.pop(token).unlink(missing_ok=True)
-            raise TooLarge("snapshot upload exceeds the 300 MB limit")
-        with open(path, "ab") as f:
-            f.write(args["data"])
-        return {"upload": token, "size": size}
+    async def blob_put(self, session: Session, args: dict) -> dict:
+        """Contents for the store, whole or in chunks; each is checked against its hash before it is kept."""
+        content = session.content = self.supervisor.snapshots
+        results, stored = [], []
+        async with session.upload_lock:   # one writer per upload, even if a client sends chunks concurrently
+            try:
+                for blob in args["blobs"]:
+                    if blob["offset"] == 0 and blob["size"] <= content.max_bytes:   # (larger: refused below)
+                        # A client uploads one snapshot's worth, then submits: no more waits unused on the disk.
+                        session.unsubmitted_bytes += blob["size"]
+                        if session.unsubmitted_bytes > content.max_bytes:
+                            raise TooLarge(f"blob_put: more than this agent's snapshot limit of {content.max_bytes} "
+                                           "bytes uploaded on this connection without a submit using them")
+                    upload = content.begin(session.uploads, blob)
+                    try:
+                        if len(blob["data"]) > THREAD_BYTES:
+                            complete = await trio.to_thread.run_sync(content.receive, upload, blob)
+                        else:
+                            complete = content.receive(upload, blob)
+                    except BaseException:
+                        content.abort(session.uploads, blob["hash"])
+                        raise
+                    if complete:
+                        stored.append((blob["hash"], content.commit(session.uploads, blob["hash"])))
+                        session.uploaded.append(blob["hash"])
+                    results.append({"hash": blob["hash"], "received": upload.received, "complete": complete})
+            finally:
+                if stored:
+                    content.record(session.peer.uid, stored)
+        return {"blobs": results}
 
     async def submit(self, session: Session, args: dict) -> dict:
-        spec = args["spec"]
-        snapshot = spec["snapshot"]
-        source = snapshot["inline"]
-        if source is None:
-            source = session.uploads.pop(snapshot["upload"], None)
-            if source is None:
-                raise NotFound(f"spec.snapshot.upload: no upload {snapshot['upload']!r} on this connection")
         peer = session.peer
-        try:
-            record = await self.supervisor.submit(spec, source, Owner(peer.uid, peer.gid, peer.user, list(peer.groups), peer.admin))
-        finally:
-            if isinstance(source, Path):
-                source.unlink(missing_ok=True)
+        record = await self.supervisor.submit(args["spec"], Owner(peer.uid, peer.gid, peer.user, list(peer.groups),
+                                                                  peer.admin))
+        session.unsubmitted_bytes = 0
         return self._show(session, record)
 
     async def get(self, session: Session, args: dict) -> dict:

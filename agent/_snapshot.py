@@ -1,72 +1,337 @@
-"""Unpacking a client's source snapshot (a tar archive) into a run's working directory.
+"""Content-addressed snapshots: the store of file contents, uploads into it, and runs' copies out of it.
 
-The client filters and packs ``source_directory``; the agent checks the same limits
-again (a client's mistake or malice must not fill the disk), refuses links and
-special files, and unpacks with tarfile's ``data`` filter (no absolute paths, no
-``..``, no device files). Unpacking runs in a worker thread: tarfile is blocking and
-a 300 MB snapshot must not stall the event loop. This module is that thread's only seam.
+``<state>/cas/objects/<2 hex>/<sha256>`` holds each distinct file content once (root's,
+0400, in a 0700 directory); ``cas/tmp/`` holds uploads in progress. The database
+(tables ``cas_*`` in the store) knows each blob's size and reference count, which users
+have proven they hold its content (by uploading it: a hash alone never grants a content),
+each distinct manifest (a *tree*) and which run uses which tree.
+
+A submit names its files by hash. What the submitting user does not hold is answered as
+``not_found`` with ``details.missing``; the client uploads exactly those (``blob_put``), each
+checked against its hash before it enters the store, and submits again. The run's
+``snapshot/`` directory is made when it starts (``materialize``): by reflink where the
+filesystem can, by copy otherwise, never by hard link, so a run writing into its snapshot
+cannot change the store. References are released with the run (``release_snapshot``), and a
+content no tree uses and no connection is uploading is deleted.
 """
 
 from __future__ import annotations
 
-import io
+import errno
+import fcntl
+import hashlib
 import os
-import tarfile
+import resource
+import shutil
+from collections import Counter
 from pathlib import Path
 
-import trio
+from labrun.protocol import BadRequest, NotFound, TooLarge
+from labrun.protocol._manifest import tree_hash
 
-from labrun.protocol import TooLarge, BadRequest
+from ._asuser import AsUserFailed, Credentials, as_user, needs_switch
 
-MAX_SNAPSHOT_BYTES = 300 * 1024 * 1024
-# Smaller archives unpack in well under a millisecond: faster than the hop to a worker thread.
-INLINE_EXTRACT_BYTES = 256 * 1024
-MAX_SNAPSHOT_FILES = 2000
-# A tar of the largest allowed snapshot: headers and padding of 2000 members on top.
-MAX_ARCHIVE_BYTES = MAX_SNAPSHOT_BYTES + MAX_SNAPSHOT_FILES * 1536 + 20480
-
-
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    os.chown(root, uid, gid)
-    for directory, dirs, files in os.walk(root):
-        for name in dirs + files:
-            os.chown(os.path.join(directory, name), uid, gid, follow_symlinks=False)
+FICLONE = 0x40049409
+# Errors that mean "this filesystem (pair) cannot reflink": copy instead.
+_NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM}
+# Uploads in progress per connection: enough for any client that sends files in order.
+MAX_OPEN_UPLOADS = 64
+# Hashes named in one "missing" answer, so that the answer fits in a frame; the client asks again for the rest.
+MAX_MISSING = 50_000
+COPY_CHUNK = 1 << 30
 
 
-def _extract(source: bytes | Path, dest: Path, uid: int | None, gid: int | None) -> int:
-    fileobj = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
-    with fileobj, tarfile.open(fileobj=fileobj, mode="r:") as archive:
-        members = archive.getmembers()
-        files = [m for m in members if m.isfile()]
-        if len(files) > MAX_SNAPSHOT_FILES:
-            raise TooLarge(f"snapshot has {len(files)} files; the limit is {MAX_SNAPSHOT_FILES}")
-        total = sum(m.size for m in files)
-        if total > MAX_SNAPSHOT_BYTES:
-            raise TooLarge(f"snapshot is {total / 1e6:.1f} MB; the limit is 300 MB")
-        for m in members:
-            if not (m.isfile() or m.isdir()):
-                raise BadRequest(f"snapshot member {m.name!r} is not a regular file or directory")
-        dest.mkdir(parents=True, exist_ok=True)
-        try:
-            archive.extractall(dest, filter="data")
-        except tarfile.FilterError as exc:
-            raise BadRequest(f"snapshot refused: {exc}") from None
-    if uid is not None:
-        _chown_tree(dest, uid, gid)
-    return total
+class SnapshotFailed(Exception):
+    """A run's snapshot could not be made (the message says why)."""
 
 
-async def extract_snapshot(source: bytes | Path, dest: Path, *, uid: int | None = None,
-                           gid: int | None = None) -> int:
-    """Unpack ``source`` (archive bytes or a file) into ``dest``; returns the bytes of file content.
+class _Upload:
+    __slots__ = ("size", "received", "hasher", "fd", "path")
+
+    def __init__(self, size: int, fd: int | None, path: Path | None):
+        self.size, self.received, self.hasher, self.fd, self.path = size, 0, hashlib.sha256(), fd, path
+
+
+class ContentStore:
+    def __init__(self, root: Path, store, max_files: int, max_bytes: int):
+        self.root = root
+        self.objects = root / "objects"
+        self.tmp = root / "tmp"
+        self.store = store
+        self.max_files = max_files
+        self.max_bytes = max_bytes
+        self._pins: Counter[str] = Counter()   # contents live connections are uploading or have uploaded
+        for path in (root, self.objects, self.tmp):
+            path.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(path, 0o700)
+        if not (self.objects / "ff").is_dir():   # made once: no mkdir per upload
+            for i in range(256):
+                (self.objects / f"{i:02x}").mkdir(mode=0o700, exist_ok=True)
+        for stale in self.tmp.iterdir():
+            stale.unlink(missing_ok=True)
+        # No connection survives a restart: what no tree uses is garbage now.
+        self._delete(self.store.cas_unreferenced())
+
+    def blob_path(self, digest: str) -> Path:
+        return self.objects / digest[:2] / digest
+
+    # -- submit --------------------------------------------------------------------------
+
+    def check(self, uid: int, entries: list[tuple]) -> str:
+        """The tree of a validated manifest, if ``uid`` holds all of its contents.
+
+        Raises:
+            TooLarge: over the configured number of files or bytes.
+            NotFound: with ``details.missing``, the hashes to upload first.
+            BadRequest: a declared size differs from the stored content's.
+        """
+        total = sum(e[1] for e in entries)
+        if len(entries) > self.max_files:
+            raise TooLarge(f"snapshot has {len(entries)} files; this agent's limit is {self.max_files} "
+                           "([snapshot] max_files); run in place (labrun run --in-place, "
+                           "ScriptRunConfig(snapshot=False)) for big trees")
+        if total > self.max_bytes:
+            raise TooLarge(f"snapshot is {total / 1e6:.1f} MB; this agent's limit is {self.max_bytes / 1e6:.1f} MB "
+                           "([snapshot] max_bytes); run in place (labrun run --in-place, "
+                           "ScriptRunConfig(snapshot=False)) for big trees")
+        tree = tree_hash(entries)
+        if self.store.cas_tree_held(uid, tree):
+            return tree
+        declared = {e[3]: e for e in entries}
+        held = self.store.cas_blobs_held(uid, list(declared))
+        for digest, size in held.items():
+            if declared[digest][1] != size:
+                raise BadRequest(f"spec.snapshot.files: {declared[digest][0]!r} is declared as {declared[digest][1]} "
+                                 f"bytes, but content {digest} has {size}", details={"field": "spec.snapshot.files"})
+        missing = sorted(set(declared) - set(held))
+        if missing:
+            raise NotFound(f"spec.snapshot.files: {len(missing)} contents are not in the agent's store yet; "
+                           "upload them with blob_put",
+                           details={"field": "spec.snapshot.files", "missing": missing[:MAX_MISSING]})
+        return tree
+
+    def acquire(self, run_id: str, uid: int, tree: str, entries: list[tuple]) -> None:
+        """Record that ``run_id`` uses ``tree`` (checked by ``check`` just before, with no await between)."""
+        self.store.cas_acquire(run_id, uid, tree, entries)
+
+    def release_snapshot(self, run_id: str) -> None:
+        """Drop the run's reference to its snapshot's contents; contents nothing else uses are deleted.
+
+        Idempotent: for retention, ``labrun rm`` and failed submits alike.
+        """
+        self._delete(self.store.cas_release(run_id))
+
+    def entries(self, run_id: str) -> list[tuple] | None:
+        return self.store.cas_tree_of(run_id)
+
+    def _delete(self, digests) -> None:
+        doomed = [d for d in digests if not self._pins[d]]
+        for digest in doomed:
+            self.blob_path(digest).unlink(missing_ok=True)
+        self.store.cas_forget(doomed)
+
+    # -- uploads -------------------------------------------------------------------------
+
+    def begin(self, uploads: dict, blob: dict) -> _Upload:
+        """The upload a ``blob_put`` chunk continues (a new one at offset 0)."""
+        digest, size, offset = blob["hash"], blob["size"], blob["offset"]
+        if size > self.max_bytes:
+            raise TooLarge(f"blob_put: a content of {size} bytes is over this agent's snapshot limit "
+                           f"of {self.max_bytes} bytes")
+        upload = uploads.get(digest)
+        if upload is None:
+            if offset != 0:
+                raise BadRequest(f"blob_put: no upload of {digest} in progress; start at offset 0",
+                                 details={"field": "args.blobs.offset"})
+            if len(uploads) >= MAX_OPEN_UPLOADS:
+                raise TooLarge(f"blob_put: more than {MAX_OPEN_UPLOADS} unfinished uploads on this connection")
+            if self.store.cas_blob_size(digest) is not None:
+                upload = _Upload(size, None, None)   # stored already: only the proof of holding it is missing
+            else:
+                path = self.tmp / f"{digest}.{os.urandom(8).hex()}"
+                upload = _Upload(size, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400), path)
+            uploads[digest] = upload
+            self._pins[digest] += 1   # from now on, nobody's release deletes the stored copy it relies on
+        elif size != upload.size:
+            raise BadRequest(f"blob_put: {digest} was started with size {upload.size}, not {size}",
+                             details={"field": "args.blobs.size"})
+        return upload
+
+    @staticmethod
+    def receive(upload: _Upload, blob: dict) -> bool:
+        """Write and hash one chunk (blocking: large chunks go through a worker thread).
+
+        Returns whether the content is complete and matches its hash; raises ``BadRequest`` otherwise
+        (the caller then aborts the upload).
+        """
+        digest, offset, data = blob["hash"], blob["offset"], blob["data"]
+        if offset != upload.received:
+            raise BadRequest(f"blob_put: {digest} continues at offset {upload.received}, not {offset}",
+                             details={"field": "args.blobs.offset"})
+        if upload.received + len(data) > upload.size:
+            raise BadRequest(f"blob_put: {digest} has more than its declared {upload.size} bytes",
+                             details={"field": "args.blobs.data"})
+        upload.hasher.update(data)
+        if upload.fd is not None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(upload.fd, view):]
+        upload.received += len(data)
+        if upload.received < upload.size:
+            return False
+        if upload.hasher.hexdigest() != digest:
+            raise BadRequest(f"blob_put: the content sent does not match its hash {digest}",
+                             details={"field": "args.blobs.data"})
+        return True
+
+    def commit(self, uploads: dict, digest: str) -> int:
+        """A verified upload enters the store (unless it was there already); returns its size.
+
+        ``record`` it with the others of the same request afterwards: one transaction for them all.
+        """
+        upload = uploads.pop(digest)
+        if upload.fd is not None:
+            os.close(upload.fd)
+            upload.fd = None
+            os.replace(upload.path, self.blob_path(digest))
+        return upload.size   # still pinned: until the connection closes (``end_session``)
+
+    def record(self, uid: int, blobs: list[tuple[str, int]]) -> None:
+        """``uid`` has proven it holds these contents (``(hash, size)``, committed just before)."""
+        self.store.cas_add_blobs(blobs, uid)
+
+    def abort(self, uploads: dict, digest: str) -> None:
+        upload = uploads.pop(digest, None)
+        if upload is None:
+            return
+        self._pins -= Counter([digest])
+        if upload.fd is not None:
+            os.close(upload.fd)
+            upload.path.unlink(missing_ok=True)
+
+    def end_session(self, uploads: dict, pinned: list[str]) -> None:
+        """A connection closed: its unfinished uploads go, and what it uploaded but never used is collected."""
+        unfinished = list(uploads)
+        for digest in unfinished:
+            self.abort(uploads, digest)
+        self._pins -= Counter(pinned)
+        self._delete(self.store.cas_unreferenced(pinned + unfinished))
+
+
+# -- a run's copy ----------------------------------------------------------------------------
+
+def materialize(objects: Path, entries: list[tuple], run_dir: Path, credentials: Credentials) -> str:
+    """Create ``run_dir/snapshot`` with ``entries`` (and an empty ``outputs/``), as the run's user.
+
+    The one function that writes a run's snapshot. The run directory and the store's files are
+    opened here with the agent's rights; everything under ``snapshot/`` is created by
+    ``as_user`` with the user's, so it is theirs and no link they plant is followed as root.
+    Returns ``"reflink"`` or ``"copy"`` (how the contents were placed). Blocking.
 
     Raises:
-        TooLarge: over 2000 files or 300 MB.
-        BadRequest: not a tar archive, or a member that is a link, device or escapes ``dest``.
+        SnapshotFailed: naming the file or content that could not be placed.
     """
+    digests = sorted({e[3] for e in entries if e[1]})
+    switch = needs_switch(credentials.uid)
+    opened: dict[str, int] = {}
+    run_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        if isinstance(source, (bytes, bytearray)) and len(source) <= INLINE_EXTRACT_BYTES:
-            return _extract(source, dest, uid, gid)
-        return await trio.to_thread.run_sync(_extract, source, dest, uid, gid)
-    except tarfile.TarError as exc:
-        raise BadRequest(f"snapshot is not a valid tar archive: {exc}") from None
+        if switch:
+            # The child cannot open root's store once it is the user: it inherits every content's fd.
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft < len(digests) + 64:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, len(digests) + 64)), hard))
+            for digest in digests:
+                opened[digest] = _open_blob(objects, digest)
+
+        def open_blob(digest: str) -> int:
+            return opened[digest] if switch else _open_blob(objects, digest)
+
+        try:
+            return as_user(credentials, lambda: _fill(run_fd, entries, open_blob, close=not switch))
+        except AsUserFailed as exc:
+            raise SnapshotFailed(f"cannot make the run's snapshot: {exc}") from None
+    finally:
+        for fd in opened.values():
+            os.close(fd)
+        os.close(run_fd)
+
+
+def _open_blob(objects: Path, digest: str) -> int:
+    try:
+        return os.open(objects / digest[:2] / digest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SnapshotFailed(f"content {digest} is missing from the agent's store") from None
+
+
+def _fill(run_fd: int, entries: list[tuple], open_blob, *, close: bool) -> str:
+    try:
+        os.mkdir("snapshot", 0o755, dir_fd=run_fd)
+    except FileExistsError:   # an earlier agent stopped while making it: start again
+        shutil.rmtree("snapshot", dir_fd=run_fd)
+        os.mkdir("snapshot", 0o755, dir_fd=run_fd)
+    dirs = {"": os.open("snapshot", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=run_fd)}
+    method = ["reflink"]
+    try:
+        for path, size, mode, digest in entries:
+            parent, _, name = path.rpartition("/")
+            parent_fd = dirs.get(parent)
+            if parent_fd is None:
+                parent_fd = _make_dirs(dirs, parent)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=parent_fd)
+            try:
+                if size:
+                    source = open_blob(digest)
+                    try:
+                        _place(source, fd, size, method, path)
+                    finally:
+                        if close:
+                            os.close(source)
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+        try:
+            os.mkdir("outputs", 0o755, dir_fd=dirs[""])
+        except FileExistsError:
+            pass
+    finally:
+        for fd in dirs.values():
+            os.close(fd)
+    return method[0] if any(e[1] for e in entries) else "empty"
+
+
+def _make_dirs(dirs: dict, parent: str) -> int:
+    above, _, name = parent.rpartition("/")
+    above_fd = dirs.get(above)
+    if above_fd is None:
+        above_fd = _make_dirs(dirs, above)
+    try:
+        os.mkdir(name, 0o755, dir_fd=above_fd)
+    except FileExistsError:
+        pass
+    fd = dirs[parent] = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=above_fd)
+    return fd
+
+
+def _place(source: int, target: int, size: int, method: list, path: str) -> None:
+    """Reflink ``source`` into ``target``, or copy it in the kernel once the filesystem has said it cannot."""
+    if method[0] == "reflink":
+        try:
+            fcntl.ioctl(target, FICLONE, source)
+            return
+        except OSError as exc:
+            if exc.errno not in _NO_REFLINK:
+                raise
+            method[0] = "copy"
+    offset = 0
+    while offset < size:
+        try:
+            copied = os.copy_file_range(source, target, min(size - offset, COPY_CHUNK), offset, offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            copied = os.sendfile(target, source, offset, min(size - offset, COPY_CHUNK))
+        if copied == 0:
+            raise OSError(errno.EIO, f"the stored content of {path!r} is shorter than its {size} bytes")
+        offset += copied

@@ -10,6 +10,13 @@ bump, so a crash mid-upgrade leaves a consistent, older version. A database newe
 this agent's ``MIGRATIONS`` is refused (``SchemaTooNew``): an older agent must not write
 a schema it does not know. To change the schema, append one step to ``MIGRATIONS``
 (never edit a step that has shipped): a SQL script, or ``add_column(...)``.
+
+Group commit: while the agent runs, ``writer`` (the single writer task) is attached. Writes
+then join one open transaction, each inside a savepoint (a write that fails undoes only
+itself), and the writer commits them together once per pass of the event loop. A write is
+durable once ``durable()`` returns: the server awaits it before any reply or stream item,
+the supervisor before starting or stopping a process, the hub before sending. Events reach
+subscribers only after their commit.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import msgpack
+import structlog
+import trio
 
 from labrun.protocol._statuses import TERMINAL
 
@@ -98,6 +107,20 @@ CREATE TABLE IF NOT EXISTS environments (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
 """
 
+# Content-addressed snapshots (agent/_snapshot.py owns the files): each content's size and how many
+# trees use it, who has proven they hold it, each distinct manifest and which run uses which.
+CAS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cas_blobs (hash TEXT PRIMARY KEY, size INTEGER NOT NULL, refs INTEGER NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cas_holders (uid INTEGER NOT NULL, hash TEXT NOT NULL, PRIMARY KEY (uid, hash))
+    WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS cas_holders_hash ON cas_holders(hash);
+CREATE TABLE IF NOT EXISTS cas_trees (tree TEXT PRIMARY KEY, refs INTEGER NOT NULL, files BLOB NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cas_tree_holders (uid INTEGER NOT NULL, tree TEXT NOT NULL, PRIMARY KEY (uid, tree))
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cas_runs (run_id TEXT PRIMARY KEY, tree TEXT NOT NULL) WITHOUT ROWID;
+"""
 
 class SchemaTooNew(Exception):
     """The database was written by a newer agent."""
@@ -117,6 +140,8 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     SCHEMA,
     # 2: the hash of each active run's token, so in-run clients keep working across an agent restart.
     "CREATE TABLE IF NOT EXISTS run_tokens (run_id TEXT PRIMARY KEY, token_hash BLOB NOT NULL);",
+    # 3: content-addressed snapshots.
+    CAS_SCHEMA,
 ]
 
 
@@ -196,8 +221,13 @@ class Store:
         # Called with each transaction's events once it has committed (the event log's live feed).
         self.on_events: Callable[[list[dict]], None] = lambda events: None
         self._uncommitted: list[dict] = []
+        self._grouping = False              # a writer task is attached
+        self._batch_open = False            # writes wait in an open transaction for the writer
+        self._batch_opened = trio.Event()   # wakes the writer
+        self._committed = trio.Event()      # set when the open batch has committed
 
     def close(self) -> None:
+        self._commit_batch()
         self._db.close()
 
     # -- transactions ------------------------------------------------------------------
@@ -205,6 +235,10 @@ class Store:
     @contextlib.contextmanager
     def _transaction(self):
         """One write transaction; its events are published only once it has committed."""
+        if self._grouping:
+            with self._grouped():
+                yield
+            return
         self._db.execute("BEGIN IMMEDIATE")
         self._uncommitted = []
         try:
@@ -217,6 +251,70 @@ class Store:
         events, self._uncommitted = self._uncommitted, []
         if events:
             self.on_events(events)
+
+    @contextlib.contextmanager
+    def _grouped(self):
+        """One write in the open batch: a savepoint, so that its failure undoes only itself."""
+        if not self._batch_open:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._batch_open = True
+            self._batch_opened.set()
+        mark = len(self._uncommitted)
+        self._db.execute("SAVEPOINT write")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO write")
+            self._db.execute("RELEASE write")
+            del self._uncommitted[mark:]
+            raise
+        self._db.execute("RELEASE write")
+
+    def _commit_batch(self) -> None:
+        """Commit the open batch and publish its events (SQLite keeps a transaction whose COMMIT failed)."""
+        if not self._batch_open:
+            return
+        self._db.execute("COMMIT")
+        self._batch_open = False
+        self._batch_opened = trio.Event()
+        committed, self._committed = self._committed, trio.Event()
+        events, self._uncommitted = self._uncommitted, []
+        committed.set()
+        if events:
+            self.on_events(events)
+
+    async def writer(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The single writer: group-commits what the agent's tasks wrote in one pass of the event loop.
+
+        A commit that fails (a full disk) is retried, with the batch kept: until it succeeds,
+        nothing in it is replied to or acted on, and nothing is lost.
+        """
+        self._grouping = True
+        task_status.started()
+        delay = 0.05
+        try:
+            while True:
+                await self._batch_opened.wait()
+                await trio.sleep(0)   # tasks that are ready now add their writes to this batch first
+                try:
+                    self._commit_batch()
+                    delay = 0.05
+                except sqlite3.OperationalError as exc:
+                    if not self._db.in_transaction:   # SQLite rolled it back: those writes are gone
+                        raise
+                    structlog.get_logger("labrun.store").error("store.commit.failed", error=str(exc),
+                                                               retry_in=delay)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                self._commit_batch()
+            self._grouping = False
+
+    async def durable(self) -> None:
+        """Return once every write made so far has committed."""
+        if self._batch_open:
+            await self._committed.wait()
 
     def _event(self, type: str, *, run_id=None, experiment=None, user=None, data=None, now=None) -> int:
         event = {"id": str(uuid.uuid4()), "time": now or time.time(), "type": type, "run_id": run_id,
@@ -419,11 +517,12 @@ class Store:
 
     def set_token_hash(self, run_id: str, token_hash: bytes | None) -> None:
         """Remember (or, with None, forget) the hash of an active run's token."""
-        if token_hash is None:
-            self._db.execute("DELETE FROM run_tokens WHERE run_id = ?", (run_id,))
-        else:
-            self._db.execute("INSERT INTO run_tokens (run_id, token_hash) VALUES (?, ?) "
-                             "ON CONFLICT(run_id) DO UPDATE SET token_hash = excluded.token_hash", (run_id, token_hash))
+        with self._transaction():
+            if token_hash is None:
+                self._db.execute("DELETE FROM run_tokens WHERE run_id = ?", (run_id,))
+            else:
+                self._db.execute("INSERT INTO run_tokens (run_id, token_hash) VALUES (?, ?) ON CONFLICT(run_id) "
+                                 "DO UPDATE SET token_hash = excluded.token_hash", (run_id, token_hash))
 
     def get_meta(self, key: str, default=None):
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -432,3 +531,85 @@ class Store:
     def set_meta(self, key: str, value) -> None:
         self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                          (key, _pack(value)))
+
+    # -- content-addressed snapshots (agent/_snapshot.py) --------------------------------
+
+    def _chunks(self, sql: str, params: tuple, values: list):
+        """Rows of ``sql`` (with one ``{}`` for an IN list) over ``values`` in chunks SQLite accepts."""
+        for start in range(0, len(values), 500):
+            chunk = values[start:start + 500]
+            yield from self._db.execute(sql.format(", ".join("?" * len(chunk))), (*params, *chunk))
+
+    def cas_blob_size(self, digest: str) -> int | None:
+        row = self._db.execute("SELECT size FROM cas_blobs WHERE hash = ?", (digest,)).fetchone()
+        return row[0] if row else None
+
+    def cas_blobs_held(self, uid: int, digests: list[str]) -> dict[str, int]:
+        """{hash: size} of the contents ``uid`` has uploaded (and the store still has)."""
+        return dict(self._chunks("SELECT b.hash, b.size FROM cas_holders h JOIN cas_blobs b ON b.hash = h.hash "
+                                 "WHERE h.uid = ? AND h.hash IN ({})", (uid,), digests))
+
+    def cas_tree_held(self, uid: int, tree: str) -> bool:
+        return self._db.execute("SELECT 1 FROM cas_tree_holders WHERE uid = ? AND tree = ?",
+                                (uid, tree)).fetchone() is not None
+
+    def cas_add_blobs(self, blobs: list[tuple[str, int]], uid: int) -> None:
+        """Contents now in the store (``(hash, size)``), uploaded by ``uid``."""
+        with self._transaction():
+            self._db.executemany("INSERT OR IGNORE INTO cas_blobs (hash, size, refs) VALUES (?, ?, 0)", blobs)
+            self._db.executemany("INSERT OR IGNORE INTO cas_holders (uid, hash) VALUES (?, ?)",
+                                 [(uid, digest) for digest, _ in blobs])
+
+    def cas_acquire(self, run_id: str, uid: int, tree: str, entries: list[tuple]) -> None:
+        """``run_id`` uses ``tree``: one more reference to it (a new tree references each of its contents)."""
+        with self._transaction():
+            if self._db.execute("SELECT 1 FROM cas_runs WHERE run_id = ?", (run_id,)).fetchone():
+                return
+            if self._db.execute("UPDATE cas_trees SET refs = refs + 1 WHERE tree = ?", (tree,)).rowcount == 0:
+                self._db.execute("INSERT INTO cas_trees (tree, refs, files) VALUES (?, 1, ?)",
+                                 (tree, _pack(entries)))
+                self._db.executemany("UPDATE cas_blobs SET refs = refs + 1 WHERE hash = ?",
+                                     [(d,) for d in {e[3] for e in entries}])
+            self._db.execute("INSERT INTO cas_runs (run_id, tree) VALUES (?, ?)", (run_id, tree))
+            self._db.execute("INSERT OR IGNORE INTO cas_tree_holders (uid, tree) VALUES (?, ?)", (uid, tree))
+
+    def cas_release(self, run_id: str) -> list[str]:
+        """Drop ``run_id``'s reference; returns the contents no tree uses any more."""
+        with self._transaction():
+            row = self._db.execute("SELECT tree FROM cas_runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                return []
+            tree = row[0]
+            self._db.execute("DELETE FROM cas_runs WHERE run_id = ?", (run_id,))
+            self._db.execute("UPDATE cas_trees SET refs = refs - 1 WHERE tree = ?", (tree,))
+            refs, files = self._db.execute("SELECT refs, files FROM cas_trees WHERE tree = ?", (tree,)).fetchone()
+            if refs > 0:
+                return []
+            self._db.execute("DELETE FROM cas_trees WHERE tree = ?", (tree,))
+            self._db.execute("DELETE FROM cas_tree_holders WHERE tree = ?", (tree,))
+            digests = sorted({e[3] for e in _unpack(files)})
+            self._db.executemany("UPDATE cas_blobs SET refs = refs - 1 WHERE hash = ?", [(d,) for d in digests])
+            return [r[0] for r in self._chunks("SELECT hash FROM cas_blobs WHERE refs <= 0 AND hash IN ({})",
+                                               (), digests)]
+
+    def cas_unreferenced(self, digests: list[str] | None = None) -> list[str]:
+        """Contents no tree uses (among ``digests``, or all)."""
+        if digests is None:
+            return [r[0] for r in self._db.execute("SELECT hash FROM cas_blobs WHERE refs <= 0")]
+        return [r[0] for r in self._chunks("SELECT hash FROM cas_blobs WHERE refs <= 0 AND hash IN ({})",
+                                           (), sorted(set(digests)))]
+
+    def cas_forget(self, digests: list[str]) -> None:
+        if not digests:
+            return
+        with self._transaction():
+            for start in range(0, len(digests), 500):
+                chunk = digests[start:start + 500]
+                marks = ", ".join("?" * len(chunk))
+                self._db.execute(f"DELETE FROM cas_holders WHERE hash IN ({marks})", chunk)
+                self._db.execute(f"DELETE FROM cas_blobs WHERE refs <= 0 AND hash IN ({marks})", chunk)
+
+    def cas_tree_of(self, run_id: str) -> list[tuple] | None:
+        row = self._db.execute("SELECT t.files FROM cas_runs r JOIN cas_trees t ON t.tree = r.tree "
+                               "WHERE r.run_id = ?", (run_id,)).fetchone()
+        return None if row is None else [tuple(e) for e in _unpack(row[0])]

@@ -27,6 +27,7 @@ and ``kind_for`` says which one a run needs.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
@@ -48,6 +49,7 @@ from labrun.protocol._statuses import (
 )
 
 from ._artifacts import artifact_path
+from ._asuser import AsUserFailed, Credentials, as_user
 from ._config import AgentConfig
 from ._environments import EnvironmentBuilder, PrepareFailed
 from ._launch import LaunchPlanner
@@ -55,7 +57,7 @@ from ._model import RunRecord
 from ._notify import Notifier
 from ._rundir import RunDir
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
-from ._snapshot import extract_snapshot
+from ._snapshot import ContentStore
 from ._states import EVENT_TYPES, ExitResult, check_transition, outcome
 from ._store import Store
 from .executors import Ended, Executor, Handle, HandleError, Live, Lost, Preparation, StartFailed, kind_for
@@ -75,6 +77,9 @@ class Owner:
     user: str
     groups: list[int]
     admin: bool = False
+
+    def credentials(self) -> Credentials:
+        return Credentials(self.uid, self.gid, tuple(self.groups))
 
 
 @dataclass
@@ -105,7 +110,11 @@ class Supervisor:
         self._recovering = 0
         # Draining: no run starts (an admin's choice for upgrades and maintenance; kept across restarts).
         self.draining = bool(store.get_meta("draining", False))
-        self.launches = LaunchPlanner(config, store, capacity, EnvironmentBuilder(config.state_dir / "envs"))
+        # The content store of snapshots; ``snapshots.release_snapshot(run_id)`` when a run is removed.
+        self.snapshots = ContentStore(config.state_dir / "cas", store, config.snapshot.max_files,
+                                      config.snapshot.max_bytes)
+        self.launches = LaunchPlanner(config, store, capacity, EnvironmentBuilder(config.state_dir / "envs"),
+                                      self.snapshots)
 
     def token_valid(self, run_id: str, token: str) -> bool:
         active = self.active.get(run_id)
@@ -223,8 +232,8 @@ class Supervisor:
 
     # -- submit and cancel -------------------------------------------------------------
 
-    async def submit(self, spec: dict, snapshot: bytes | Path, owner: Owner) -> RunRecord:
-        """Check the spec against this agent, unpack the snapshot and queue the run (durably)."""
+    async def submit(self, spec: dict, owner: Owner) -> RunRecord:
+        """Check the spec and its snapshot against this agent and queue the run (durably)."""
         self._check_features(spec, owner)
         target = spec["compute_target"]
         if target != "local":
@@ -239,6 +248,18 @@ class Supervisor:
             raise BadRequest(f"spec.resources: the run {too_big}; it could never start",
                              details={"field": "spec.resources"})
 
+        snapshot = spec.pop("snapshot")
+        entries, in_place = snapshot["files"], snapshot["in_place"]
+        if entries is not None:
+            tree = self.snapshots.check(owner.uid, entries)
+            if spec["script"] is not None and os.path.normpath(spec["script"]) not in {e[0] for e in entries}:
+                raise BadRequest(f"spec.script: {spec['script']!r} is not a file in the snapshot of the source "
+                                 "directory; the script must be inside source_directory",
+                                 details={"field": "spec.script"})
+        else:
+            await self._check_in_place(in_place, spec["script"], owner)
+        spec["in_place"] = in_place
+
         now = time.time()
         run_id = f"{spec['experiment']}_{int(now)}_{uuid.uuid4().hex[:8]}"
         layout = self._run_dir(run_id)
@@ -246,21 +267,15 @@ class Supervisor:
         chown = os.geteuid() == 0 and owner.uid != 0
         try:
             self._executor(spec).make_run_dir(self._target(spec), layout)
-            await extract_snapshot(snapshot, layout.snapshot,
-                                   uid=owner.uid if chown else None, gid=owner.gid if chown else None)
-            if spec["script"] is not None and not (layout.snapshot / spec["script"]).is_file():
-                raise BadRequest(f"spec.script: {spec['script']!r} is not a file in the snapshot of the source "
-                                 "directory; the script must be inside source_directory",
-                                 details={"field": "spec.script"})
-            outputs = layout.outputs
-            outputs.mkdir(exist_ok=True)
-            layout.outputs_link.symlink_to(outputs.relative_to(run_dir))
+            # The snapshot itself is made when the run starts (Launch), from the contents stored now.
+            layout.outputs_link.symlink_to(layout.outputs.relative_to(run_dir))
             layout.logs.mkdir()
             if chown:
-                for path in (run_dir, outputs, layout.logs):
+                for path in (run_dir, layout.logs):
                     os.chown(path, owner.uid, owner.gid)
+            if entries is not None:
+                self.snapshots.acquire(run_id, owner.uid, tree, entries)
             environ = spec.pop("environ")
-            spec.pop("snapshot")
             record = RunRecord(
                 run_id=run_id, order=0, experiment=spec["experiment"], number=0, uid=owner.uid, gid=owner.gid,
                 user=owner.user, status=QUEUED, spec=spec, environ=environ, submitted_at=now,
@@ -271,6 +286,7 @@ class Supervisor:
                 if run_dir.is_symlink():   # a cluster's run directory, elsewhere
                     await trio.to_thread.run_sync(shutil.rmtree, run_dir.resolve(), True)
                     run_dir.unlink()
+                self.snapshots.release_snapshot(run_id)
                 await trio.to_thread.run_sync(shutil.rmtree, run_dir, True)
             raise
         log.debug("run.submitted", run_id=run_id, user=owner.user)
@@ -279,6 +295,24 @@ class Supervisor:
         self.changed.notify()
         self.wake()
         return record
+
+    async def _check_in_place(self, directory: str, script: str | None, owner: Owner) -> None:
+        """An in-place run works in ``directory``: its user must be able to enter and read it (checked as them)."""
+        def check() -> str:
+            os.close(os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            if not os.access(directory, os.R_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "Permission denied", directory)
+            if script is not None and not os.path.isfile(os.path.join(directory, script)):
+                return "no script"
+            return ""
+
+        try:
+            problem = await trio.to_thread.run_sync(as_user, owner.credentials(), check)
+        except AsUserFailed as exc:
+            raise BadRequest(f"spec.snapshot.in_place: {owner.user} cannot use {directory!r} as the run's "
+                             f"directory: {exc}", details={"field": "spec.snapshot.in_place"}) from None
+        if problem:
+            raise BadRequest(f"spec.script: {script!r} is not a file in {directory}", details={"field": "spec.script"})
 
     def _check_features(self, spec: dict, owner: Owner) -> None:
         """Refuse at submit what this machine cannot run, naming the field."""
@@ -425,6 +459,7 @@ class Supervisor:
                     self._transition(record, CANCEL_REQUESTED, reason=run.cancel_reason)
                 if handle is not None:
                     with trio.move_on_after(self.config.stop_grace_seconds + KILL_WAIT_SECONDS, shield=True):
+                        await self.store.durable()
                         await executor.stop(handle, self.config.stop_grace_seconds)
                         result = await executor.wait(handle)
             self._finish(run, result)
@@ -453,6 +488,7 @@ class Supervisor:
         queues = executor.capabilities.own_queue
         if not queues:
             self._advance(run, STARTING)
+        await self.store.durable()   # a process starts only for a run whose state is saved
         try:
             handle = await executor.start(launch)
         except StartFailed as exc:

@@ -9,12 +9,10 @@ Prints a table and writes it to bench/results/recovery.md.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +21,6 @@ from labrun._connection import AgentConnection
 from labrun.exceptions import AgentUnavailable
 
 RESULTS = Path(__file__).resolve().parent / "results" / "recovery.md"
-EMPTY_TAR = (lambda b: (tarfile.open(fileobj=b, mode="w").close(), b.getvalue())[1])(io.BytesIO())
 
 
 def answers(socket: Path) -> bool:
@@ -62,7 +59,7 @@ def main() -> int:
         wait_for(lambda: answers(socket), 60)
         with AgentConnection(socket) as connection:
             ids = [connection.call("submit", spec={"experiment": "recovery", "command": ["sleep", "600"],
-                                                   "snapshot": {"inline": EMPTY_TAR}})["run_id"] for _ in range(runs)]
+                                                   "snapshot": {"files": []}})["run_id"] for _ in range(runs)]
 
         def all_running() -> bool:
             with AgentConnection(socket) as connection:

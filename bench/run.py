@@ -28,6 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "latest.md"
+# The console script the wheel installed, as users run it.
+CLI = [str(Path(sys.executable).parent / "labrun")] if (Path(sys.executable).parent / "labrun").exists() else \
+    [sys.executable, "-m", "labrun.cli"]
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -123,43 +126,54 @@ def stamp_command(path: Path) -> str:
 # -- 1. submit-to-start latency ----------------------------------------------------------------
 
 def latency(root: Path, n: int) -> list[tuple]:
+    """Submit-to-start through the client, the CLI, task-spooler and a bare fork/exec, one of each per round."""
     from labrun import Experiment, ScriptRunConfig
 
     rows = []
-    source = root / "src"
-    source.mkdir()
+    source = make_tree(root / "src", 60, 1024)
     (root / "lat").mkdir()
     agent = Agent(root / "lat").start()
+    env = tsp_env(root)
+    have_tsp = shutil.which("tsp") is not None
+    client, cli, tsp_times, floor = [], [], [], []
     try:
         experiment = Experiment(agent.workspace(), "bench")
         experiment.workspace.connection   # connect once, like a long-lived client
-        client, cli = [], []
+        # After its first submit: the agent has the tree's contents and the client its hashes.
+        experiment.workspace.wait_for_run(experiment.submit(ScriptRunConfig(str(source), command=["true"])).id)
         for i in range(n):
             stamp = root / f"c{i}"
             t0 = time.time()
             run = experiment.submit(ScriptRunConfig(str(source), command=stamp_command(stamp)))
             client.append(read_stamp(stamp) - t0)
             experiment.workspace.wait_for_run(run.id)
-        for i in range(n):
+
             stamp = root / f"l{i}"
             t0 = time.time()
-            subprocess.run([sys.executable, "-m", "labrun.cli", "submit", "--source-dir", str(source), "--",
+            subprocess.run([*CLI, "submit", "--source-dir", str(source), "--",
                             stamp_command(stamp)], env=agent.env, check=True, capture_output=True)
             cli.append(read_stamp(stamp) - t0)
+
+            if have_tsp:
+                stamp = root / f"t{i}"
+                t0 = time.time()
+                job = subprocess.run(["tsp", "sh", "-c", stamp_command(stamp)], env=env, check=True,
+                                     capture_output=True, text=True).stdout.strip()
+                tsp_times.append(read_stamp(stamp) - t0)
+                subprocess.run(["tsp", "-w", job], env=env, capture_output=True)
+
+            stamp = root / f"f{i}"
+            t0 = time.time()
+            subprocess.Popen(["sh", "-c", stamp_command(stamp)]).wait()
+            floor.append(read_stamp(stamp) - t0)
     finally:
         agent.stop()
-
-    tsp_times = tsp_latency(root, n)
-    floor = []
-    for i in range(n):
-        stamp = root / f"f{i}"
-        t0 = time.time()
-        subprocess.Popen(["sh", "-c", stamp_command(stamp)]).wait()
-        floor.append(read_stamp(stamp) - t0)
+        if have_tsp:
+            subprocess.run(["tsp", "-K"], env=env, capture_output=True)
 
     reference = median_p95(tsp_times)[0] if tsp_times else None
-    for name, values, target in (("submit-to-start, Python client", client, 1.0),
-                                 ("submit-to-start, CLI (`labrun submit`)", cli, 10.0)):
+    for name, values, target in (("submit-to-start, Python client, 60-file tree after its first submit", client, 1.5),
+                                 ("submit-to-start, CLI (`labrun submit`, same tree)", cli, 10.0)):
         med, p95 = median_p95(values)
         rows.append((name, f"{ms(med)} (p95 {ms(p95)})",
                      f"tsp {ms(reference)}" if reference else "tsp not available",
@@ -173,59 +187,208 @@ def latency(root: Path, n: int) -> list[tuple]:
     return rows
 
 
-def tsp_latency(root: Path, n: int) -> list[float]:
-    if shutil.which("tsp") is None:
-        return []
-    env = tsp_env(root)
-    times = []
-    try:
-        for i in range(n):
-            stamp = root / f"t{i}"
-            t0 = time.time()
-            job = subprocess.run(["tsp", "sh", "-c", stamp_command(stamp)], env=env, check=True,
-                                 capture_output=True, text=True).stdout.strip()
-            times.append(read_stamp(stamp) - t0)
-            subprocess.run(["tsp", "-w", job], env=env, capture_output=True)
-    finally:
-        subprocess.run(["tsp", "-K"], env=env, capture_output=True)
-    return times
-
-
 def verdict(ok: bool) -> str:
     return "meets target" if ok else "**slower than target**"
 
 
+# -- 1b. snapshots ----------------------------------------------------------------------------
+
+def make_tree(path: Path, files: int, size: int) -> Path:
+    """A source tree of ``files`` files of ``size`` random bytes, in directories of 50."""
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        directory = path / f"d{i // 50}"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"f{i}.py").write_bytes(os.urandom(size))
+    return path
+
+
+class SentBytes:
+    """Counts the content bytes a workspace's connection uploads."""
+
+    def __init__(self, workspace):
+        self.bytes = 0
+        connection = workspace.connection
+        original = connection.call
+
+        def call(op, **args):
+            if op == "blob_put":
+                self.bytes += sum(len(b["data"]) for b in args["blobs"])
+            return original(op, **args)
+
+        connection.call = call
+
+
+def snapshots(root: Path, rounds: int, repeats: int) -> list[tuple]:
+    """First and repeated submits of three trees, each round interleaved with ``cp -a`` of the same tree.
+
+    The runs queue behind a run that holds the only CPU, so what is measured is the submit alone
+    (a run's copy of its snapshot is made when it starts).
+    """
+    from labrun import Experiment, ScriptRunConfig
+
+    (root / "snap").mkdir()
+    agent = Agent(root / "snap", "[resources]\ncpus = 1\n").start()
+    rows = []
+    try:
+        workspace = agent.workspace()
+        experiment = Experiment(workspace, "bench")
+        experiment.submit(ScriptRunConfig(str(root / "empty"), command=["sleep", "3600"]))
+        sent = SentBytes(workspace)
+        kinds = [("60 files of 1 KiB", 60, 1024, None), ("2,000 files of 2 KiB", 2000, 2048, 0.020),
+                 ("one 200 MB file", 1, 200 * 1000 * 1000, 0.020)]
+        for label, count, size, repeat_target in kinds:
+            first, repeated, copies, resent = [], [], [], 0
+            for r in range(rounds):
+                tree = make_tree(root / f"tree-{count}-{r}", count, size)
+                time.sleep(0.2)   # a tree is not submitted within a clock tick of its last edit
+                copy = root / f"copy-{count}-{r}"
+
+                def cp():
+                    t0 = time.perf_counter()
+                    subprocess.run(["cp", "-a", str(tree), str(copy)], check=True)
+                    copies.append(time.perf_counter() - t0)
+
+                def submit():
+                    t0 = time.perf_counter()
+                    experiment.submit(ScriptRunConfig(str(tree), command=["true"]))
+                    first.append(time.perf_counter() - t0)
+
+                for step in ((cp, submit) if r % 2 == 0 else (submit, cp)):   # neither always goes first
+                    step()
+                for _ in range(repeats):
+                    before = sent.bytes
+                    t0 = time.perf_counter()
+                    experiment.submit(ScriptRunConfig(str(tree), command=["true"]))
+                    repeated.append(time.perf_counter() - t0)
+                    resent += sent.bytes - before
+                shutil.rmtree(tree)
+                shutil.rmtree(copy)
+            reference = statistics.median(copies)
+            med, p95 = median_p95(first)
+            rows.append((f"first submit, {label}", f"{ms(med)} (p95 {ms(p95)})", f"`cp -a` {ms(reference)}",
+                         f"{med / reference:.2f}x", "<= 1.5x `cp -a`", verdict(med / reference <= 1.5)))
+            med, p95 = median_p95(repeated)
+            target = f"<= {repeat_target * 1000:.0f} ms" if repeat_target else "-"
+            ok = med <= repeat_target if repeat_target else None
+            if count == 1:
+                target += ", 0 bytes resent"
+                ok = ok and resent == 0
+            rows.append((f"repeated submit, {label} (unchanged)", f"{ms(med)} (p95 {ms(p95)}), {resent} bytes resent",
+                         f"`cp -a` {ms(reference)}", f"{med / reference:.2f}x", target,
+                         verdict(ok) if ok is not None else "-"))
+    finally:
+        agent.stop()
+    return rows
+
+
+# -- 1c. the CLI ------------------------------------------------------------------------------
+
+def cli_rate(root: Path, n: int) -> list[tuple]:
+    """Serial `labrun submit` against serial `tsp` submits, both queueing behind a job that holds the slot."""
+    (root / "rate").mkdir()
+    source = make_tree(root / "rate-src", 60, 1024)
+    agent = Agent(root / "rate", "[resources]\ncpus = 1\n").start()
+    labrun_times, tsp_times = [], []
+    env = tsp_env(root)
+    have_tsp = shutil.which("tsp") is not None
+    try:
+        submit = [*CLI, "submit", "--source-dir", str(source), "--"]
+        subprocess.run([*submit, "sleep", "3600"], env=agent.env, check=True, capture_output=True)
+        if have_tsp:
+            subprocess.run(["tsp", "sleep", "3600"], env=env, check=True, capture_output=True)
+        for _ in range(n):   # interleaved, one of each at a time
+            t0 = time.perf_counter()
+            subprocess.run([*submit, "true"], env=agent.env, check=True, capture_output=True)
+            labrun_times.append(time.perf_counter() - t0)
+            if have_tsp:
+                t0 = time.perf_counter()
+                subprocess.run(["tsp", "true"], env=env, check=True, capture_output=True)
+                tsp_times.append(time.perf_counter() - t0)
+    finally:
+        agent.stop()
+        if have_tsp:
+            subprocess.run(["tsp", "-K"], env=env, capture_output=True)
+    rate = 1 / statistics.median(labrun_times)
+    tsp_rate = 1 / statistics.median(tsp_times) if tsp_times else None
+    return [("CLI serial submits (`labrun submit`, 60-file tree)", f"{rate:.0f} submits/s",
+             f"`tsp` {tsp_rate:.0f} submits/s" if tsp_rate else "tsp not available",
+             f"{rate / tsp_rate:.2f}x" if tsp_rate else "-", "-", "-")]
+
+
+def import_times(env: dict, argv: list[str]) -> dict[str, int]:
+    """{top-level module: cumulative microseconds} of one process, from ``-X importtime``."""
+    result = subprocess.run(argv, env={**env, "PYTHONPROFILEIMPORTTIME": "1"}, capture_output=True, text=True)
+    times = {}
+    for line in result.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            _, cumulative, name = line.split("|")
+            if not name.startswith("  ") and cumulative.strip().isdigit():
+                times[name.strip()] = int(cumulative)
+    return times
+
+
+def cli_imports(root: Path, n: int) -> list[tuple]:
+    """What the CLI imports beyond the interpreter's own start-up, and the wall time of the floor."""
+    (root / "imp").mkdir()
+    source = make_tree(root / "imp-src", 60, 1024)
+    agent = Agent(root / "imp").start()
+    floor, cli_ms, modules = [], [], {}
+    try:
+        argv = [*CLI, "submit", "--source-dir", str(source), "--", "true"]
+        subprocess.run(argv, env=agent.env, check=True, capture_output=True)   # the agent has the tree now
+        for _ in range(n):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+            floor.append(time.perf_counter() - t0)
+            baseline = import_times(os.environ, [sys.executable, "-c", "pass"])
+            submit = import_times(agent.env, [sys.executable, "-c", "import sys; from labrun.cli import main; "
+                                              f"sys.exit(main({argv[1:]!r}))"])
+            extra = {k: v for k, v in submit.items() if k not in baseline}
+            cli_ms.append(sum(extra.values()) / 1000)
+            modules = extra
+    finally:
+        agent.stop()
+    heaviest = ", ".join(f"{name} {us / 1000:.1f}" for name, us in sorted(modules.items(), key=lambda kv: -kv[1])[:5])
+    return [("CLI import time, `labrun submit` (`-X importtime`, beyond start-up)",
+             f"{statistics.median(cli_ms):.1f} ms (heaviest, ms: {heaviest})", "-", "-", "-", "-"),
+            ("interpreter start-up (`python -c pass`)", ms(statistics.median(floor)), "-", "-", "-", "-")]
+
+
 # -- 2. throughput -----------------------------------------------------------------------------
 
-def throughput(root: Path, n: int) -> list[tuple]:
+def throughput(root: Path, n: int, rounds: int = 2) -> list[tuple]:
+    """Trivial runs, two at a time: labrun and task-spooler in alternating rounds of ``n // rounds`` runs each."""
     from labrun import Experiment, ScriptRunConfig
 
     (root / "thr").mkdir()
-    source = root / "src"
+    source = root / "empty"
     agent = Agent(root / "thr", "[resources]\nmax_concurrent_runs = 2\n").start()
+    env = tsp_env(root)
+    have_tsp = shutil.which("tsp") is not None
+    per_round = n // rounds
+    labrun_rates, tsp_rates, submitting = [], [], []
     try:
         experiment = Experiment(agent.workspace(), "bench")
-        t0 = time.time()
-        ids = [experiment.submit(ScriptRunConfig(str(source), command=["true"])).id for _ in range(n)]
-        submitted = time.time() - t0
-        for run_id in ids:
-            experiment.workspace.wait_for_run(run_id)
-        labrun_rate = n / (time.time() - t0)
+        if have_tsp:
+            subprocess.run(["tsp", "-S", "2"], env=env, check=True, capture_output=True)
+        for _ in range(rounds):
+            t0 = time.time()
+            ids = [experiment.submit(ScriptRunConfig(str(source), command=["true"])).id for _ in range(per_round)]
+            submitting.append(time.time() - t0)
+            for run_id in ids:
+                experiment.workspace.wait_for_run(run_id)
+            labrun_rates.append(per_round / (time.time() - t0))
+            if have_tsp:
+                t0 = time.time()
+                jobs = [subprocess.run(["tsp", "true"], env=env, check=True, capture_output=True,
+                                       text=True).stdout.strip() for _ in range(per_round)]
+                for job in jobs:
+                    subprocess.run(["tsp", "-w", job], env=env, capture_output=True)
+                tsp_rates.append(per_round / (time.time() - t0))
     finally:
         agent.stop()
-
-    tsp_rate = None
-    if shutil.which("tsp"):
-        env = tsp_env(root)
-        try:
-            subprocess.run(["tsp", "-S", "2"], env=env, check=True, capture_output=True)
-            t0 = time.time()
-            jobs = [subprocess.run(["tsp", "true"], env=env, check=True, capture_output=True,
-                                   text=True).stdout.strip() for _ in range(n)]
-            for job in jobs:
-                subprocess.run(["tsp", "-w", job], env=env, capture_output=True)
-            tsp_rate = n / (time.time() - t0)
-        finally:
+        if have_tsp:
             subprocess.run(["tsp", "-K"], env=env, capture_output=True)
 
     t0 = time.time()
@@ -237,8 +400,11 @@ def throughput(root: Path, n: int) -> list[tuple]:
     for process in running:
         process.wait()
     floor_rate = n / (time.time() - t0)
-    rows = [(f"throughput, {n} trivial runs, 2 at a time", f"{labrun_rate:.0f} runs/s "
-             f"(submitting took {submitted:.1f} s)", f"tsp {tsp_rate:.0f} runs/s" if tsp_rate else "tsp not available",
+    labrun_rate = statistics.median(labrun_rates)
+    tsp_rate = statistics.median(tsp_rates) if tsp_rates else None
+    rows = [(f"throughput, {n} trivial runs, 2 at a time ({rounds} rounds, alternating)", f"{labrun_rate:.0f} runs/s "
+             f"(submitting {per_round} took {statistics.median(submitting):.1f} s)",
+             f"tsp {tsp_rate:.0f} runs/s" if tsp_rate else "tsp not available",
              f"{labrun_rate / tsp_rate:.2f}x" if tsp_rate else "-", ">= 1x tsp",
              verdict(labrun_rate >= tsp_rate) if tsp_rate else "-"),
             ("throughput, floor (fork/exec, 2 at a time)", f"{floor_rate:.0f} runs/s", "-", "-", "-", "-")]
@@ -266,7 +432,7 @@ def log_capture(root: Path, size_mib: int, rounds: int = 2) -> list[tuple]:
             target.unlink()
             subprocess.run(["sync"], check=True)
             t0 = time.time()
-            run = experiment.submit(ScriptRunConfig(str(root / "src"), command=command))
+            run = experiment.submit(ScriptRunConfig(str(root / "empty"), command=command))
             experiment.workspace.wait_for_run(run.id)
             labrun_times.append(time.time() - t0)
             log = agent.state / "runs" / run.id / "logs" / "std_log.txt"
@@ -294,13 +460,13 @@ def footprint(root: Path, queued: int, finished: int) -> list[tuple]:
         rows.append(("agent resident memory, idle", f"{idle:.1f} MiB", "-", "-", "< 35 MiB", verdict(idle < 35)))
         workspace = agent.workspace()
         experiment = Experiment(workspace, "bench")
-        experiment.submit(ScriptRunConfig(str(root / "src"), command=["sleep", "600"]))
+        experiment.submit(ScriptRunConfig(str(root / "empty"), command=["sleep", "600"]))
         for _ in range(queued):
-            experiment.submit(ScriptRunConfig(str(root / "src"), command=["true"]))
+            experiment.submit(ScriptRunConfig(str(root / "empty"), command=["true"]))
         rows.append((f"agent resident memory, {queued} runs queued", f"{rss_mib(agent.process.pid):.1f} MiB",
                      "-", "-", "-", "-"))
         t0 = time.time()
-        subprocess.run([sys.executable, "-m", "labrun.cli", "ls"], env=agent.env, check=True, capture_output=True)
+        subprocess.run([*CLI, "ls"], env=agent.env, check=True, capture_output=True)
         rows.append((f"`labrun ls` with {queued} queued", ms(time.time() - t0), "-", "-", "-", "-"))
     finally:
         agent.stop()
@@ -319,7 +485,7 @@ def footprint(root: Path, queued: int, finished: int) -> list[tuple]:
         for args, label in ((["ls"], "`labrun ls`"), (["ls", "--all", "--json"], "`labrun ls --all --json`"),
                             (["show", "hist_1_00000001"], "`labrun show` (a get)")):
             t0 = time.time()
-            subprocess.run([sys.executable, "-m", "labrun.cli", *args], env=agent.env, check=True,
+            subprocess.run([*CLI, *args], env=agent.env, check=True,
                            capture_output=True)
             rows.append((f"{label} with {finished} runs in history", ms(time.time() - t0), "-", "-", "-", "-"))
     finally:
@@ -375,7 +541,7 @@ def docker_latency(root: Path, n: int) -> list[tuple]:
         env = Environment.from_docker_image("bb", image)
         for i in range(n):
             t0 = time.time()
-            run = experiment.submit(ScriptRunConfig(str(root / "src"), command=["touch", "outputs/t"],
+            run = experiment.submit(ScriptRunConfig(str(root / "empty"), command=["touch", "outputs/t"],
                                                     environment=env, docker_runtime_config=DockerConfiguration(use_docker=True)))
             labrun_times.append(read_mtime(agent.state / "runs" / run.id / "outputs" / "t") - t0)
             experiment.workspace.wait_for_run(run.id)
@@ -497,14 +663,20 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated sections to run (latency, snapshots, cli rate, ...); "
                                        "the results file is written only for a full run")
     args = parser.parse_args()
-    sizes = dict(latency=15, throughput=200, log_mib=256, queued=1000, finished=20000, docker=5) if args.quick else \
-        dict(latency=60, throughput=1000, log_mib=1024, queued=10000, finished=100000, docker=20)
+    sizes = dict(latency=15, throughput=200, log_mib=256, queued=1000, finished=20000, docker=5, rounds=2, repeats=3,
+                 cli=10) if args.quick else \
+        dict(latency=60, throughput=1000, log_mib=1024, queued=10000, finished=100000, docker=20, rounds=4, repeats=5,
+             cli=30)
     rows = []
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="labrun-bench-") as tmp:
         root = Path(tmp)
+        (root / "empty").mkdir()   # the source directory of trivial runs
         sections = [
             ("latency", lambda: latency(root, sizes["latency"])),
+            ("snapshots", lambda: snapshots(root, sizes["rounds"], sizes["repeats"])),
+            ("cli rate", lambda: cli_rate(root, sizes["cli"])),
+            ("cli imports", lambda: cli_imports(root, min(sizes["cli"], 10))),
             ("throughput", lambda: throughput(root, sizes["throughput"])),
             ("log capture", lambda: log_capture(root, sizes["log_mib"])),
             ("footprint", lambda: footprint(root, sizes["queued"], sizes["finished"])),
@@ -523,12 +695,14 @@ def main() -> int:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     slower = [row[0] for row in rows if "slower" in str(row[5])]
-    summary = ("labrun is slower than its target on: " + "; ".join(slower) + ".") if slower else \
-        "labrun meets every target measured here."
+    summary = ("labrun is slower than its target on: " + "; ".join(slower) + ". Profiles of why: "
+               "[profiles.md](profiles.md).") if slower else "labrun meets every target measured here."
     machine = f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, {'quick' if args.quick else 'full'} run"
     text = (f"# labrun benchmarks\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}, "
-            f"{time.time() - started:.0f} s. Medians (p95 where shown); ratios are to the reference measured in the "
-            f"same run.\n\n" + "\n".join(lines) + f"\n\n{summary}\n")
+            f"{time.time() - started:.0f} s, labrun installed from a wheel. Medians (p95 where shown); ratios are to "
+            f"the reference measured in the same run, interleaved with labrun where the section says so (snapshots, "
+            f"CLI submits, submit-to-start, throughput), so a busy machine slows both alike; absolute numbers vary with the machine's load "
+            f"(load average at the end: {os.getloadavg()[0]:.1f}).\n\n" + "\n".join(lines) + f"\n\n{summary}\n")
     if not args.only:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(text)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
-from typing import Any, Iterator
+from collections.abc import Iterator
 
 from labrun.protocol._errors import AgentError, ProtocolError
 from labrun.protocol._framing import FrameDecoder, pack_frame
@@ -82,12 +82,12 @@ class AgentConnection:
             raise AgentError.from_wire(message.get("error") or {})
         return message
 
-    def call(self, op: str, **args: Any) -> Any:
+    def call(self, op: str, **args) -> object:
         """Send one request and return its result; an error reply raises its ``AgentError``."""
         id = self._send(op, args)
         return self._reply_for(id)["result"]
 
-    def stream(self, op: str, *, timeout: float | None = None, **args: Any) -> Iterator[Any]:
+    def stream(self, op: str, *, timeout: float | None = None, **args) -> Iterator:
         """Send one streaming request and yield its items until the stream ends.
 
         Closing the iterator early closes the connection, since the agent may still be sending.

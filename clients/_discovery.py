@@ -9,7 +9,6 @@ session so it outlives the client; its log goes to ``<state>/agent.log``.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
@@ -59,6 +58,8 @@ def start_user_agent() -> AgentConnection:
                                "install 'labrun[agent]' or point LABRUN_SOCKET at a running agent") from None
     log_path = os.path.join(state, "agent.log")
     with open(log_path, "ab") as log:
+        import subprocess   # only to start an agent: most calls find one
+
         process = subprocess.Popen(
             [sys.executable, "-m", "labrun.agent", "--socket", path, "--state-dir", state],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,

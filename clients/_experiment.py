@@ -6,12 +6,9 @@ from labrun.protocol import EXPERIMENT_NAME_RE
 
 from ._run import ScriptRun
 from ._script_run_config import ScriptRunConfig
-from ._snapshot import pack_snapshot
+from ._snapshot import submit_spec
 from ._workspace import Workspace
 from .exceptions import UserErrorException
-
-# Archives above this go up in chunks of this size (the frame limit is 16 MiB).
-UPLOAD_CHUNK = 8 * 1024 * 1024
 
 
 class Experiment:
@@ -37,7 +34,7 @@ class Experiment:
         spec = config._to_spec(self.name)
         if tags:
             spec["tags"] = {str(k): "" if v is None else str(v) for k, v in tags.items()}
-        details = submit_spec(self.workspace, spec, config.source_directory or ".")
+        details = submit_spec(self.workspace, spec, config.source_directory or ".", in_place=not config.snapshot)
         return ScriptRun(self, details["run_id"], directory=config.source_directory, _details=details)
 
     def get_runs(self, type=None, tags=None, properties=None, include_children=False, status=None):
@@ -51,20 +48,6 @@ class Experiment:
 
     def __repr__(self) -> str:
         return f"Experiment(Name: {self.name},\nWorkspace: {self.workspace.name})"
-
-
-def submit_spec(workspace: Workspace, spec: dict, source_directory) -> dict:
-    """Attach the snapshot of ``source_directory`` to ``spec`` and submit it; returns the run's details."""
-    archive = pack_snapshot(source_directory)
-    connection = workspace.connection
-    if len(archive) <= UPLOAD_CHUNK:
-        spec["snapshot"] = {"inline": archive}
-    else:
-        upload = None
-        for start in range(0, len(archive), UPLOAD_CHUNK):
-            upload = connection.call("upload", upload=upload, data=archive[start:start + UPLOAD_CHUNK])["upload"]
-        spec["snapshot"] = {"upload": upload}
-    return connection.call("submit", spec=spec)
 
 
 def _matches(values: dict, wanted) -> bool:

@@ -50,11 +50,13 @@ class ScriptRunConfig:
     def __init__(self, source_directory, script=None, arguments=None, run_config=None, _telemetry_values=None,
                  compute_target=None, environment=None, distributed_job_config=None, resume_from=None,
                  max_run_duration_seconds=MAX_DURATION_SECONDS_DEFAULT, command=None, docker_runtime_config=None,
-                 *, resources=None, priority=None):
+                 *, resources=None, priority=None, snapshot=True):
         if script is not None and command:
             raise RunConfigurationException("Both 'command' and 'script' are set; use either 'command', or "
                                             "'script' with 'arguments'.")
         self.source_directory = source_directory
+        # labrun's addition: snapshot=False runs in source_directory itself (no copy, no size limits).
+        self.snapshot = bool(snapshot)
         self.script = script
         self.command = command
         self.arguments = list(arguments) if arguments is not None else None

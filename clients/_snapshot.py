@@ -1,84 +1,173 @@
-"""Packing ``source_directory`` into the tar archive a submit carries.
+"""The snapshot a submit carries: a manifest of ``source_directory``'s files by content hash.
 
 Ignore rules, as Azure ML: ``.labrunignore`` if present, else ``.amlignore``, else
-``.gitignore``; only the file at the root, gitignore syntax. Limits: 300 MB and
-2000 files, checked before anything is sent.
+``.gitignore``; only the file at the root, gitignore syntax. The limits are the agent's
+(``[snapshot] max_files`` and ``max_bytes``, Azure ML's 2000 files and 300 MB by default),
+checked while walking, before anything is read or sent.
+
+Submitting sends the manifest; the agent answers with the contents it lacks, and only those
+are uploaded (``blob_put``). Hashes come from a per-directory cache (``_hashcache``), so an
+unchanged file is never read twice.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
-from pathlib import Path
+import stat as stats
 
+from labrun.protocol._errors import NotFound
+
+from ._hashcache import HashCache
 from .exceptions import SnapshotException
 
-MAX_SNAPSHOT_BYTES = 300 * 1024 * 1024
-MAX_SNAPSHOT_FILES = 2000
+DEFAULT_MAX_FILES = 2000
+DEFAULT_MAX_BYTES = 300 * 1024 * 1024
 IGNORE_FILES = (".labrunignore", ".amlignore", ".gitignore")
+# One blob_put carries up to this much content (the frame limit is 16 MiB); bigger files go in chunks.
+UPLOAD_CHUNK = 8 * 1024 * 1024
+_IN_PLACE_HINT = ("; exclude files with a .labrunignore (or .amlignore/.gitignore) file, or run in the source "
+                  "directory itself: `labrun run --in-place`, or ScriptRunConfig(..., snapshot=False)")
 
 
-def ignore_spec(root: Path):
+def ignore_spec(root: str):
     """The root ignore file's rules as a ``pathspec.GitIgnoreSpec``, or None when there is no ignore file."""
     for name in IGNORE_FILES:
-        path = root / name
-        if path.is_file():
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
             import pathspec   # slow to import: only when there are rules to match
 
-            return pathspec.GitIgnoreSpec.from_lines(path.read_text(errors="replace").splitlines())
+            with open(path, errors="replace") as f:
+                return pathspec.GitIgnoreSpec.from_lines(f.read().splitlines())
     return None
 
 
-def collect_files(root: str | os.PathLike) -> list[tuple[str, Path]]:
-    """The (archive name, path) of every file to snapshot, after the ignore rules.
+def collect_files(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
+                  max_bytes: int = DEFAULT_MAX_BYTES) -> list[tuple[str, str, os.stat_result]]:
+    """``(name in the snapshot, path, stat)`` of every file to snapshot after the ignore rules, sorted by name.
+
+    Symbolic links to files count as the file they point to; sockets, broken links and
+    unreadable files are skipped, as Azure ML does.
 
     Raises:
-        SnapshotException: the directory is missing, or over 2000 files or 300 MB.
+        SnapshotException: the directory is missing, a name is not UTF-8, or the tree is over the limits.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise SnapshotException(f"source_directory {str(root)!r} is not a directory")
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise SnapshotException(f"source_directory {root!r} is not a directory")
     spec = ignore_spec(root)
     files, total = [], 0
-    for directory, dirs, names in os.walk(root):
-        rel_dir = os.path.relpath(directory, root)
-        rel_dir = "" if rel_dir == "." else rel_dir + "/"
-        if spec is not None:
-            dirs[:] = [d for d in dirs if not spec.match_file(rel_dir + d + "/")]
-        dirs.sort()
-        for name in sorted(names):
-            rel = rel_dir + name
-            path = Path(directory, name)
-            if spec is not None and spec.match_file(rel):
-                continue
-            if not path.is_file() or not os.access(path, os.R_OK):
-                continue   # sockets, broken links, unreadable files: skipped, as Azure ML does
-            files.append((rel, path))
-            total += path.stat().st_size
-            if len(files) > MAX_SNAPSHOT_FILES:
-                raise SnapshotException(
-                    f"While attempting to take snapshot of {root}\nYour project has more than "
-                    f"{MAX_SNAPSHOT_FILES} files; exclude some with a .labrunignore (or .amlignore/.gitignore) file")
-            if total > MAX_SNAPSHOT_BYTES:
-                raise SnapshotException(
-                    f"While attempting to take snapshot of {root}\nYour total snapshot size exceeds the limit of "
-                    "300.0 MB; exclude files with a .labrunignore (or .amlignore/.gitignore) file")
+    pending = [("", root)]
+    while pending:
+        rel_dir, directory = pending.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                rel = rel_dir + entry.name
+                try:
+                    if entry.is_dir(follow_symlinks=False):   # links to directories are not followed, as os.walk
+                        if spec is None or not spec.match_file(rel + "/"):
+                            pending.append((rel + "/", entry.path))
+                        continue
+                    if spec is not None and spec.match_file(rel):
+                        continue
+                    st = entry.stat()
+                except OSError:
+                    continue
+                if not stats.S_ISREG(st.st_mode):
+                    continue
+                try:
+                    rel.isascii() or rel.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise SnapshotException(f"file name {rel.encode('utf-8', 'surrogateescape')!r} in {root} is not "
+                                            "UTF-8; rename it or exclude it with a .labrunignore file") from None
+                files.append((rel, entry.path, st))
+                total += st.st_size
+                if len(files) > max_files:
+                    raise SnapshotException(f"While attempting to take snapshot of {root}\nYour project has more "
+                                            f"than {max_files} files" + _IN_PLACE_HINT)
+                if total > max_bytes:
+                    raise SnapshotException(f"While attempting to take snapshot of {root}\nYour total snapshot size "
+                                            f"exceeds the limit of {max_bytes / 1024 / 1024:.1f} MB" + _IN_PLACE_HINT)
+    files.sort()
     return files
 
 
-def pack_snapshot(root: str | os.PathLike) -> bytes:
-    """A tar archive (uncompressed: runs are local) of the filtered source directory."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for name, path in collect_files(root):
-            info = archive.gettarinfo(str(path), arcname=name)
-            if not info.isfile():   # a symlink to a file: store its content
-                info = tarfile.TarInfo(name)
-                info.size = path.stat().st_size
-                info.mode = path.stat().st_mode & 0o777
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
+def build_manifest(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
+                   max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[list], dict[str, str]]:
+    """The manifest ``[[name, size, mode, hash], ...]`` and, for uploads, the path of each hash's file."""
+    files = collect_files(root, max_files, max_bytes)
+    cache = HashCache(os.fspath(root))
+    manifest, paths = [], {}
+    for rel, path, st in files:
+        digest = cache.cached(rel, st)
+        if digest is None:
+            if not os.access(path, os.R_OK):
+                continue   # unreadable: skipped, as Azure ML does
+            try:
+                digest = cache.digest(rel, path, st)
+            except OSError as exc:
+                raise SnapshotException(f"cannot read {path}: {exc.strerror or exc}") from None
+        manifest.append([rel, st.st_size, st.st_mode & 0o777, digest])
+        paths.setdefault(digest, path)
+    cache.save()
+    return manifest, paths
+
+
+def submit_spec(workspace, spec: dict, source_directory, *, in_place: bool = False) -> dict:
+    """Submit ``spec`` with the snapshot of ``source_directory`` (or, ``in_place``, to run in it); returns the run.
+
+    The CLI's path as well as ``Experiment.submit``'s: it imports neither ``Run`` nor the config classes.
+    """
+    connection = workspace.connection
+    if in_place:
+        spec["snapshot"] = {"in_place": os.path.abspath(source_directory)}
+        return connection.call("submit", spec=spec)
+    return _submit_manifest(connection, spec, source_directory)
+
+
+def _submit_manifest(connection, spec: dict, root: str | os.PathLike) -> dict:
+    limits = connection.agent.get("snapshot") or {}
+    manifest, paths = build_manifest(root, limits.get("max_files", DEFAULT_MAX_FILES),
+                                     limits.get("max_bytes", DEFAULT_MAX_BYTES))
+    spec["snapshot"] = {"files": manifest}
+    sizes = {entry[3]: entry[1] for entry in manifest}
+    uploaded: set[str] = set()
+    while True:
+        try:
+            return connection.call("submit", spec=spec)
+        except NotFound as exc:
+            # A long list comes in parts; asked for the same content twice, something else is wrong.
+            missing = exc.details.get("missing")
+            if not missing or uploaded.intersection(missing) or not set(missing) <= sizes.keys():
+                raise
+            upload(connection, [(digest, paths[digest], sizes[digest]) for digest in missing])
+            uploaded.update(missing)
+
+
+def upload(connection, blobs: list[tuple[str, str, int]]) -> None:
+    """Send contents to the agent: small ones several to a request, large ones in chunks."""
+    batch, batch_bytes = [], 0
+
+    def flush():
+        nonlocal batch, batch_bytes
+        if batch:
+            connection.call("blob_put", blobs=batch)
+            batch, batch_bytes = [], 0
+
+    for digest, path, size in blobs:
+        try:
             with open(path, "rb") as f:
-                archive.addfile(info, f)
-    return buffer.getvalue()
+                offset = 0
+                while True:
+                    data = f.read(UPLOAD_CHUNK)
+                    if offset + len(data) > size or (not data and offset < size):
+                        raise SnapshotException(f"{path} changed while it was being submitted; submit again")
+                    if batch_bytes + len(data) > UPLOAD_CHUNK:
+                        flush()
+                    batch.append({"hash": digest, "size": size, "offset": offset, "data": data})
+                    batch_bytes += len(data)
+                    offset += len(data)
+                    if offset == size:
+                        break
+        except OSError as exc:
+            raise SnapshotException(f"cannot read {path}: {exc.strerror or exc}") from None
+    flush()

@@ -25,7 +25,7 @@ def pack_frame(message: dict) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def unpack_body(body: bytes) -> dict:
+def unpack_body(body: bytes | memoryview) -> dict:
     """Decode one frame body; anything but a single map is ``FrameCorrupt``."""
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=True)
@@ -60,9 +60,11 @@ class FrameDecoder:
             end = HEADER.size + length
             if len(self._buffer) < end:
                 break
-            body = bytes(self._buffer[HEADER.size:end])
+            # Decoded in place: a large frame (an upload) is not copied twice more before msgpack copies it.
+            with memoryview(self._buffer) as view:
+                message = unpack_body(view[HEADER.size:end])
             del self._buffer[:end]
-            messages.append(unpack_body(body))
+            messages.append(message)
         return messages
 
     @property

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from ._constants import EXPERIMENT_NAME_RE, MAX_DURATION_SECONDS_DEFAULT
 from ._errors import BadRequest
+from ._manifest import check_hash, validate_manifest
 from ._statuses import STATUSES
 
 Validator = Callable[[Any, str], Any]
@@ -189,9 +190,24 @@ RESOURCES = struct({
     "gpus": Field(integer(min=0, max=64), 0),
 })
 
+def _absolute_path(value, path):
+    string(min_len=1, max_len=4096)(value, path)
+    if not value.startswith("/") or "\x00" in value:
+        raise BadRequest(f"{path}: must be an absolute path, got {value[:80]!r}", details={"field": path})
+    return value
+
+
 SNAPSHOT = struct({
-    "inline": Field(nullable(binary), None),
-    "upload": Field(nullable(string(min_len=1, max_len=64)), None),
+    # A manifest of content hashes (see _manifest.py), or a directory the run works in itself.
+    "files": Field(nullable(lambda value, path: validate_manifest(value, path)), None),
+    "in_place": Field(nullable(_absolute_path), None),
+})
+
+BLOB = struct({
+    "hash": Field(check_hash),
+    "size": Field(integer(min=0)),
+    "offset": Field(integer(min=0), 0),
+    "data": Field(binary),
 })
 
 _ENV = map_of(string(max_len=1 << 17), max_items=10_000)
@@ -267,7 +283,7 @@ _RUN_ID = string(pattern=RUN_ID_RE, what="not a run id")
 OP_SCHEMAS: dict[str, Validator] = {
     "hello": struct({"protocol": Field(integer(min=0)), "client": Field(nullable(string(max_len=200)), None)}),
     "submit": struct({"spec": Field(lambda value, path: validate_run_spec(value, path))}),
-    "upload": struct({"upload": Field(nullable(string(min_len=1, max_len=64)), None), "data": Field(binary)}),
+    "blob_put": struct({"blobs": Field(list_of(BLOB, min_items=1, max_items=100_000))}),
     "get": struct({"run_id": Field(_RUN_ID)}),
     "list": struct({
         "all": Field(boolean, False),
@@ -341,7 +357,7 @@ def validate_run_spec(spec: Any, path: str = "spec") -> dict:
         raise BadRequest(f"{path}: 'arguments' go with 'script'; put them in the 'command' instead",
                          details={"field": f"{path}.arguments"})
     snapshot = spec["snapshot"]
-    if (snapshot["inline"] is None) == (snapshot["upload"] is None):
-        raise BadRequest(f"{path}.snapshot: give exactly one of 'inline' or 'upload'",
+    if (snapshot["files"] is None) == (snapshot["in_place"] is None):
+        raise BadRequest(f"{path}.snapshot: give exactly one of 'files' or 'in_place'",
                          details={"field": f"{path}.snapshot"})
     return spec

@@ -93,6 +93,14 @@ class AgentProcess:
         return result
 
 
+@pytest.fixture(autouse=True)
+def hash_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Each test's client hash cache is its own (and never the user's)."""
+    cache = Path(tmp_path_factory.mktemp("cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache
+
+
 @pytest.fixture
 def make_agent(tmp_path_factory):
     agents = []

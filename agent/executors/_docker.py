@@ -122,8 +122,11 @@ class DockerExecutor(Executor):
         read_only = [str(run_dir.resume_from)] if spec.get("resume_from") is not None else []
         if self.socket is not None and self.socket.exists():
             read_only.append(str(self.socket))   # Run.get_context() inside the container
+        mounts = [str(launch.cwd), str(run_dir.logs)]
+        if launch.cwd != run_dir.snapshot:   # in place: the run's outputs directory is still its record's
+            mounts.append(str(run_dir.snapshot))
         launch.container = {
-            "image": image_for(spec, preparation.target), "mounts": [str(run_dir.snapshot), str(run_dir.logs)],
+            "image": image_for(spec, preparation.target), "mounts": mounts,
             "read_only": read_only, "host": translated["host"], "env": translated["env"], "cpus": allocation.cpus,
             "gpus": list(allocation.gpus),
             "shm_size": parse_memory(docker["shm_size"]) if docker.get("shm_size") else None,

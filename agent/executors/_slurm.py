@@ -229,7 +229,7 @@ class SlurmExecutor(Executor):
         launch = await preparation.planner.plan(dataclasses.replace(preparation, run_dir=run_dir),
                                                 cluster_tasks=plan.tasks, environments=self._environments[envs])
         resources = spec["resources"]
-        job = SlurmJob(run_id=launch.run_id, argv=launch.argv, cwd=str(run_dir.snapshot), logs=str(run_dir.logs),
+        job = SlurmJob(run_id=launch.run_id, argv=launch.argv, cwd=str(launch.cwd), logs=str(run_dir.logs),
                        run_dir=str(run_dir.root), duration=spec["max_run_duration_seconds"], cpus=resources["cpus"],
                        memory=resources["memory"], gpus=resources["gpus"], distributed=spec.get("distributed"),
                        python=launch.argv[0] if spec["script"] is not None else "python3", grace=self.grace)

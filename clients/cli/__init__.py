@@ -66,7 +66,7 @@ def _print_json(value) -> None:
 # -- submit and run ----------------------------------------------------------------------
 
 def _submit(args) -> tuple[object, dict]:
-    from .._experiment import submit_spec
+    from .._snapshot import submit_spec
     from .._script_run_config import ScriptRunConfig
 
     command = list(args.command)
@@ -99,7 +99,7 @@ def _submit(args) -> tuple[object, dict]:
     spec["display_name"] = args.name
     spec["tags"] = _pairs(args.tag, "--tag")
     workspace = _workspace(args)
-    return workspace, submit_spec(workspace, spec, args.source_dir)
+    return workspace, submit_spec(workspace, spec, args.source_dir, in_place=args.in_place)
 
 
 def cmd_submit(args) -> int:
@@ -348,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-e", "--experiment", default=DEFAULT_EXPERIMENT, help="experiment name (default: default)")
         p.add_argument("--name", help="display name")
         p.add_argument("--source-dir", default=".", help="directory to snapshot as the run's working directory")
+        p.add_argument("--in-place", action="store_true",
+                       help="run in --source-dir itself instead of a snapshot of it (no copy, no size limits; "
+                            "later edits are seen by the run)")
         p.add_argument("--script", help="run this Python script (in --source-dir); what follows -- are its arguments")
         p.add_argument("--env", action="append", metavar="K=V", help="environment variable for the run (repeatable)")
         p.add_argument("--max-duration", type=_duration, metavar="DURATION",

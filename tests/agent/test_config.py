@@ -38,10 +38,21 @@ cpus = 2
     ("[targets.X]\nkind = 'k8s'", "targets.X.kind"),
     ("[agnet]\n", "unknown key 'agnet'"),
     ("not toml [", "config file"),
+    ("[snapshot]\nmax_file = 10", "unknown key 'max_file'"),
+    ("[snapshot]\nmax_files = 0", "snapshot.max_files: must be at least 1"),
+    ("[snapshot]\nmax_files = '10'", "snapshot.max_files: expected int"),
+    ("[snapshot]\nmax_bytes = 'huge'", "snapshot.max_bytes"),
 ])
 def test_errors_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text))
+
+
+def test_snapshot_limits(tmp_path):
+    default = load_config(None, socket=tmp_path / "s", state_dir=tmp_path / "st").snapshot
+    assert (default.max_files, default.max_bytes) == (2000, 300 << 20)   # Azure ML's
+    config = load_config(write(tmp_path, "[snapshot]\nmax_files = 100000\nmax_bytes = '20G'\n"))
+    assert (config.snapshot.max_files, config.snapshot.max_bytes) == (100000, 20 << 30)
 
 
 def test_missing_file(tmp_path):

@@ -1,10 +1,8 @@
 """The whole agent in-process with an injected executor: ``run_agent(config, executors=...)``."""
 
-import io
 import sqlite3
 import subprocess
 import sys
-import tarfile
 
 import trio
 
@@ -13,7 +11,6 @@ from labrun.agent import load_config, run_agent
 from labrun.agent._store import MIGRATIONS, Store
 from labrun.agent.executors import ExitResult, FakeExecutor, FakeMachine
 
-EMPTY_TAR = (lambda b: (tarfile.open(fileobj=b, mode="w").close(), b.getvalue())[1])(io.BytesIO())
 
 
 async def test_an_injected_executor_runs_what_clients_submit(tmp_path, nursery):
@@ -24,7 +21,7 @@ async def test_an_injected_executor_runs_what_clients_submit(tmp_path, nursery):
 
     def submit():
         with AgentConnection(config.socket) as connection:
-            spec = {"experiment": "fake", "command": ["train"], "snapshot": {"inline": EMPTY_TAR}}
+            spec = {"experiment": "fake", "command": ["train"], "snapshot": {"files": []}}
             return connection.call("submit", spec=spec)["run_id"]
 
     def status(run_id):

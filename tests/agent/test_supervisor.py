@@ -5,9 +5,6 @@ the fake processes keep running) and start another on the same store and fake ma
 recovery is tested here too.
 """
 
-import io
-import tarfile
-
 import pytest
 import trio
 
@@ -16,8 +13,6 @@ from labrun.agent.executors import ExitResult, FakeExecutor, FakeMachine
 from labrun.agent._scheduler import Capacity
 from labrun.agent._store import Store
 from labrun.agent._supervisor import Owner, Supervisor
-
-EMPTY_TAR = (lambda b: (tarfile.open(fileobj=b, mode="w").close(), b.getvalue())[1])(io.BytesIO())
 
 
 class Harness:
@@ -53,14 +48,7 @@ class Harness:
 
 
 @pytest.fixture
-async def harness(tmp_path, nursery, monkeypatch):
-    # No worker thread under the mock clock: while one runs, every task looks blocked and the clock jumps.
-    from labrun.agent import _snapshot
-
-    async def extract_here(source, dest, *, uid=None, gid=None):
-        return _snapshot._extract(source, dest, uid, gid)
-
-    monkeypatch.setattr("labrun.agent._supervisor.extract_snapshot", extract_here)
+async def harness(tmp_path, nursery):
     harness = Harness(tmp_path, nursery)
     yield harness
     harness.store.close()
@@ -73,7 +61,7 @@ async def supervisor(harness):
 
 def spec(**changes):
     return {"experiment": "e", "display_name": None, "script": None, "arguments": [], "command": ["x"],
-            "interpreter": None, "snapshot": {"inline": EMPTY_TAR, "upload": None}, "environ": {"A": "1"},
+            "interpreter": None, "snapshot": {"files": [], "in_place": None}, "environ": {"A": "1"},
             "environment_variables": {"B": "2"}, "max_run_duration_seconds": 3600, "tags": {}, "properties": {},
             "resources": {"cpus": 1, "memory": None, "gpus": 0}, "priority": 0, "compute_target": "local",
             "environment": None, "distributed": None, "resume_from": None, "docker": None, **changes}
@@ -89,7 +77,7 @@ async def settle(supervisor, run_id, status):
 
 
 async def test_duration_limit_fires_on_time(supervisor, autojump_clock):
-    record = await supervisor.submit(spec(max_run_duration_seconds=3600), EMPTY_TAR, OWNER)
+    record = await supervisor.submit(spec(max_run_duration_seconds=3600), OWNER)
     started = trio.current_time()
     final = await settle(supervisor, record.run_id, "Canceled")
     pid, grace, stop_time = supervisor.fake.stops[0]
@@ -99,7 +87,7 @@ async def test_duration_limit_fires_on_time(supervisor, autojump_clock):
 
 
 async def test_cancel_goes_through_cancel_requested(supervisor, autojump_clock):
-    record = await supervisor.submit(spec(), EMPTY_TAR, OWNER)
+    record = await supervisor.submit(spec(), OWNER)
     await settle(supervisor, record.run_id, "Running")
     supervisor.cancel(record)
     assert supervisor.store.get_run(record.run_id).status == "CancelRequested"
@@ -111,13 +99,13 @@ async def test_cancel_goes_through_cancel_requested(supervisor, autojump_clock):
 
 
 async def test_exit_codes_and_environment(supervisor, autojump_clock):
-    ok = await supervisor.submit(spec(), EMPTY_TAR, OWNER)
+    ok = await supervisor.submit(spec(), OWNER)
     await settle(supervisor, ok.run_id, "Running")
     launch = supervisor.fake.launches[0]
     assert launch.env["A"] == "1" and launch.env["B"] == "2" and launch.env["LABRUN_RUN_ID"] == ok.run_id
     supervisor.fake.finish(1000)
     assert (await settle(supervisor, ok.run_id, "Completed")).exit_code == 0
-    bad = await supervisor.submit(spec(), EMPTY_TAR, OWNER)
+    bad = await supervisor.submit(spec(), OWNER)
     await settle(supervisor, bad.run_id, "Running")
     supervisor.fake.finish(1001, ExitResult(exit_code=2))
     final = await settle(supervisor, bad.run_id, "Failed")
@@ -125,8 +113,8 @@ async def test_exit_codes_and_environment(supervisor, autojump_clock):
 
 
 async def test_one_cpu_runs_one_at_a_time(supervisor, autojump_clock):
-    first = await supervisor.submit(spec(), EMPTY_TAR, OWNER)
-    second = await supervisor.submit(spec(), EMPTY_TAR, OWNER)
+    first = await supervisor.submit(spec(), OWNER)
+    second = await supervisor.submit(spec(), OWNER)
     await settle(supervisor, first.run_id, "Running")
     await trio.sleep(100)
     assert supervisor.store.get_run(second.run_id).status == "Queued"
@@ -137,7 +125,7 @@ async def test_one_cpu_runs_one_at_a_time(supervisor, autojump_clock):
 
 async def test_a_failed_start_fails_the_run_and_says_why_in_its_log(supervisor, autojump_clock):
     supervisor.fake.machine.fail_next = "cannot start 'x': No such file or directory"
-    record = await supervisor.submit(spec(), EMPTY_TAR, OWNER)
+    record = await supervisor.submit(spec(), OWNER)
     final = await settle(supervisor, record.run_id, "Failed")
     assert final.reason == "start_failed" and "No such file" in final.error
     log = supervisor.config.state_dir / "runs" / record.run_id / "logs" / "std_log.txt"
@@ -153,7 +141,7 @@ async def test_cancel_while_preparing_never_starts_the_run(harness, autojump_clo
         await trio.sleep(1000)
 
     monkeypatch.setattr(supervisor.fake, "prepare", slow_prepare)
-    record = await supervisor.submit(spec(), EMPTY_TAR, OWNER)
+    record = await supervisor.submit(spec(), OWNER)
     await preparing.wait()
     supervisor.cancel(record)
     final = await settle(supervisor, record.run_id, "Canceled")
@@ -164,7 +152,7 @@ async def test_cancel_while_preparing_never_starts_the_run(harness, autojump_clo
 
 async def test_a_live_run_is_reattached_and_ends_with_its_real_exit_code(harness, autojump_clock):
     first = await harness.start()
-    record = await first.submit(spec(), EMPTY_TAR, OWNER)
+    record = await first.submit(spec(), OWNER)
     await settle(first, record.run_id, "Running")
     await harness.stop(first)
     assert harness.machine.running() == [1000]   # stopping the agent left the run running
@@ -178,7 +166,7 @@ async def test_a_live_run_is_reattached_and_ends_with_its_real_exit_code(harness
 
 async def test_a_run_that_ended_while_the_agent_was_away_gets_its_exit_status(harness, autojump_clock):
     first = await harness.start()
-    record = await first.submit(spec(), EMPTY_TAR, OWNER)
+    record = await first.submit(spec(), OWNER)
     await settle(first, record.run_id, "Running")
     await harness.stop(first)
     harness.machine.finish(1000, ExitResult(exit_code=0))
@@ -189,7 +177,7 @@ async def test_a_run_that_ended_while_the_agent_was_away_gets_its_exit_status(ha
 
 async def test_a_run_whose_process_is_gone_is_lost(harness, autojump_clock):
     first = await harness.start()
-    record = await first.submit(spec(), EMPTY_TAR, OWNER)
+    record = await first.submit(spec(), OWNER)
     await settle(first, record.run_id, "Running")
     await harness.stop(first)
     harness.machine.vanish(1000)
@@ -200,7 +188,7 @@ async def test_a_run_whose_process_is_gone_is_lost(harness, autojump_clock):
 
 async def test_the_time_limit_holds_across_a_restart(harness, autojump_clock):
     first = await harness.start()
-    record = await first.submit(spec(max_run_duration_seconds=3600), EMPTY_TAR, OWNER)
+    record = await first.submit(spec(max_run_duration_seconds=3600), OWNER)
     started = await settle(first, record.run_id, "Running")
     await harness.stop(first)
     # As if the agent had been away for 3000 of the run's 3600 seconds.
@@ -215,7 +203,7 @@ async def test_the_time_limit_holds_across_a_restart(harness, autojump_clock):
 
 async def test_a_cancel_asked_before_the_restart_is_carried_out_after(harness, autojump_clock):
     first = await harness.start()
-    record = await first.submit(spec(), EMPTY_TAR, OWNER)
+    record = await first.submit(spec(), OWNER)
     running = await settle(first, record.run_id, "Running")
     await harness.stop(first)
     # As if the agent was killed right after recording the cancel, before stopping the run.
@@ -228,7 +216,7 @@ async def test_a_cancel_asked_before_the_restart_is_carried_out_after(harness, a
 
 async def test_the_run_token_stays_valid_across_a_restart(harness, autojump_clock):
     first = await harness.start()
-    record = await first.submit(spec(), EMPTY_TAR, OWNER)
+    record = await first.submit(spec(), OWNER)
     await settle(first, record.run_id, "Running")
     token = harness.machine.launches[0].env["LABRUN_RUN_TOKEN"]
     assert first.token_valid(record.run_id, token)
@@ -242,9 +230,9 @@ async def test_the_run_token_stays_valid_across_a_restart(harness, autojump_cloc
 
 async def test_recovered_runs_hold_their_resources_before_anything_is_scheduled(harness, autojump_clock):
     first = await harness.start()
-    running = await first.submit(spec(), EMPTY_TAR, OWNER)
+    running = await first.submit(spec(), OWNER)
     await settle(first, running.run_id, "Running")
-    queued = [await first.submit(spec(), EMPTY_TAR, OWNER) for _ in range(3)]
+    queued = [await first.submit(spec(), OWNER) for _ in range(3)]
     await harness.stop(first)
     second = await harness.start()
     await trio.sleep(10)
@@ -258,7 +246,7 @@ async def test_recovered_runs_hold_their_resources_before_anything_is_scheduled(
 
 async def test_events_have_no_gap_across_a_restart(harness, autojump_clock):
     first = await harness.start()
-    record = await first.submit(spec(), EMPTY_TAR, OWNER)
+    record = await first.submit(spec(), OWNER)
     await settle(first, record.run_id, "Running")
     await harness.stop(first)
     second = await harness.start()
@@ -278,10 +266,10 @@ async def test_runs_of_an_executor_the_local_scheduler_does_not_count_need_no_lo
     supervisor = await harness.start()
     supervisor.executors["remote"] = FakeExecutor(harness.machine, kind="remote",
                                                   capabilities=Capabilities(counted_locally=False))
-    local = await supervisor.submit(spec(), EMPTY_TAR, OWNER)
+    local = await supervisor.submit(spec(), OWNER)
     await settle(supervisor, local.run_id, "Running")   # the only local CPU is taken
     remote = [await supervisor.submit(spec(compute_target="cluster", resources={"cpus": 64, "memory": None, "gpus": 0}),
-                                      EMPTY_TAR, OWNER) for _ in range(2)]
+                                      OWNER) for _ in range(2)]
     for record in remote:
         assert (await settle(supervisor, record.run_id, "Running")).allocation["cpus"] == 0
 
@@ -289,7 +277,7 @@ async def test_runs_of_an_executor_the_local_scheduler_does_not_count_need_no_lo
 async def test_a_hundred_running_runs_are_recovered_with_their_allocations(harness, autojump_clock):
     harness.cpus = 100
     first = await harness.start()
-    records = [await first.submit(spec(), EMPTY_TAR, OWNER) for _ in range(100)]
+    records = [await first.submit(spec(), OWNER) for _ in range(100)]
     for record in records:
         await settle(first, record.run_id, "Running")
     before = {r.run_id: harness.store.get_run(r.run_id).allocation for r in records}
@@ -297,7 +285,7 @@ async def test_a_hundred_running_runs_are_recovered_with_their_allocations(harne
     second = await harness.start()
     assert len(second.active) == 100 and len(harness.machine.launches) == 100
     assert {run_id: active.allocation.to_wire() for run_id, active in second.active.items()} == before
-    extra = await second.submit(spec(), EMPTY_TAR, OWNER)
+    extra = await second.submit(spec(), OWNER)
     await trio.sleep(10)
     assert second.store.get_run(extra.run_id).status == "Queued"   # all 100 CPUs are still taken
 
@@ -306,10 +294,10 @@ async def test_an_executor_that_cannot_tell_keeps_its_run_and_new_runs_wait_for_
                                                                                           monkeypatch):
     harness.cpus = 2
     first = await harness.start()
-    record = await first.submit(spec(), EMPTY_TAR, OWNER)
+    record = await first.submit(spec(), OWNER)
     await settle(first, record.run_id, "Running")
     await harness.stop(first)
-    queued = await first.submit(spec(), EMPTY_TAR, OWNER)   # stored; the next supervisor finds it queued
+    queued = await first.submit(spec(), OWNER)   # stored; the next supervisor finds it queued
 
     async def no_answer(self, handle):
         await trio.sleep_forever()

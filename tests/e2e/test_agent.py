@@ -181,35 +181,6 @@ def test_protocol_version_mismatch(raw_connect, agent):
     assert "is not supported" in read_frame(sock)["error"]["message"]
 
 
-def test_agent_checks_snapshot_limits_itself(agent):
-    """A client that skips its own checks still cannot store a snapshot over the limits."""
-    import io
-    import tarfile
-
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for i in range(2001):
-            archive.addfile(tarfile.TarInfo(f"f{i}"), io.BytesIO(b""))
-        link = tarfile.TarInfo("evil")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/shadow"
-        archive.addfile(link)
-    spec = {"experiment": "e", "command": ["true"], "snapshot": {"inline": buffer.getvalue()}}
-    with AgentConnection(agent.socket) as connection:
-        with pytest.raises(TooLarge, match="2001 files"):
-            connection.call("submit", spec=spec)
-        spec["snapshot"] = {"inline": b"not a tar"}
-        with pytest.raises(BadRequest, match="not a valid tar"):
-            connection.call("submit", spec=spec)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        archive.addfile(link)
-    with AgentConnection(agent.socket) as connection:
-        with pytest.raises(BadRequest, match="not a regular file"):
-            connection.call("submit", spec={**spec, "snapshot": {"inline": buffer.getvalue()}})
-        assert connection.call("list", all=True) == []
-    assert list((agent.state_dir / "runs").iterdir()) == []
-
-
 # -- restarts and single instance --------------------------------------------------------
 
 def test_restart_keeps_history_and_queue(make_agent, source):

@@ -73,6 +73,15 @@ def test_a_command_in_a_container(docker_agent, source):
     assert (docker_agent.state_dir / "runs" / run.id / "outputs" / "made.txt").read_text() == "made\n"
 
 
+def test_in_place_in_a_container(docker_agent, source):
+    run = container_run(docker_agent, source, "pwd; touch built-here; echo kept > $LABRUN_OUTPUT_DIR/kept.txt",
+                        snapshot=False)
+    assert run.wait_for_completion()["status"] == "Completed"
+    assert run.get_log().split()[0] == str(source)
+    assert (source / "built-here").exists()
+    assert (docker_agent.state_dir / "runs" / run.id / "outputs" / "kept.txt").read_text() == "kept\n"
+
+
 def test_cli_image_and_shm_size(docker_agent, source):
     result = docker_agent.cli("run", "--source-dir", str(source), "--image", IMAGE, "--shm-size", "96m", "--",
                               "sh", "-c", "df -k /dev/shm | tail -1")

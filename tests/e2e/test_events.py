@@ -1,10 +1,8 @@
 """The event log end to end: replay, cursors, filters, live follow, and a slow subscriber's gap."""
 
-import io
 import json
 import subprocess
 import sys
-import tarfile
 
 import pytest
 
@@ -13,7 +11,6 @@ from labrun._connection import AgentConnection
 from tests.e2e.test_agent import hello, raw_connect, read_frame  # noqa: F401
 from labrun.protocol import pack_frame
 
-EMPTY_TAR = (lambda b: (tarfile.open(fileobj=b, mode="w").close(), b.getvalue())[1])(io.BytesIO())
 RUN_TYPES = ["run.queued", "run.preparing", "run.starting", "run.started", "run.finalizing", "run.completed"]
 
 
@@ -85,7 +82,7 @@ def test_slow_subscriber_gets_a_gap_and_resumes_exactly(make_agent, raw_connect)
     slow = raw_connect(agent)
     hello(slow)
     slow.sendall(pack_frame({"id": 1, "op": "watch", "args": {"since": None, "follow": True}}))
-    spec = {"experiment": "flood", "command": ["sleep", "60"], "snapshot": {"inline": EMPTY_TAR}}
+    spec = {"experiment": "flood", "command": ["sleep", "60"], "snapshot": {"files": []}}
     with AgentConnection(agent.socket) as connection:
         blocker = connection.call("submit", spec=spec)
         # Each queued-then-canceled run is two events; enough to fill the socket and then the buffer.
@@ -93,6 +90,7 @@ def test_slow_subscriber_gets_a_gap_and_resumes_exactly(make_agent, raw_connect)
             run = connection.call("submit", spec=spec)
             connection.call("cancel", run_id=run["run_id"])
         connection.call("cancel", run_id=blocker["run_id"])
+        connection.call("wait", run_id=blocker["run_id"])   # its last event is in before the histories are read
         assert connection.call("status")["pid"] == agent.process.pid   # the agent kept serving
     received, gap = [], None
     while True:

@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from labrun.protocol import OP_SCHEMAS, AgentError, BadRequest, parse_request, validate_run_spec
 
-SPEC = {"experiment": "exp", "command": ["true"], "snapshot": {"inline": b""}}
+SPEC = {"experiment": "exp", "command": ["true"], "snapshot": {"files": []}}
 
 
 def test_minimal_submit_gets_defaults():
@@ -41,7 +41,7 @@ def test_bad_requests_name_the_field(message, field, text):
     ({"command": ["a", 1]}, "spec.command"),
     ({"arguments": ["--x"]}, "'arguments' go with 'script'"),
     ({"experiment": "bad name"}, "experiment name must be"),
-    ({"snapshot": {}}, "exactly one of 'inline' or 'upload'"),
+    ({"snapshot": {}}, "exactly one of 'files' or 'in_place'"),
     ({"resources": {"cpus": 0}}, "spec.resources.cpus: must be between 1"),
     ({"max_run_duration_seconds": 0}, "at least 1"),
     ({"script": "/etc/passwd", "command": None}, "inside the source directory"),
@@ -68,7 +68,7 @@ _values = st.recursive(
 @given(st.fixed_dictionaries({}, optional={"id": _values, "op": st.sampled_from(sorted(OP_SCHEMAS)) | _values,
                                            "args": st.dictionaries(st.sampled_from(
                                                ["spec", "run_id", "offset", "follow", "protocol", "all", "data",
-                                                "upload", "timeout", "status", "name", "x"]), _values, max_size=4)}))
+                                                "blob_put", "timeout", "status", "name", "x"]), _values, max_size=4)}))
 def test_random_requests_raise_only_bad_request(message):
     try:
         parse_request(message)

@@ -1,0 +1,112 @@
+"""The client's hash cache: an unchanged file is never read twice, and a changed one is always noticed."""
+
+import hashlib
+import os
+
+import pytest
+
+from labrun import _hashcache
+from labrun._snapshot import build_manifest
+
+OLD = 1_600_000_000 * 10**9
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every file the client reads to hash it."""
+    seen = []
+    original = _hashcache.hash_file
+
+    def spy(path):
+        seen.append(os.path.basename(path))
+        return original(path)
+
+    monkeypatch.setattr(_hashcache, "hash_file", spy)
+    return seen
+
+
+def write(path, data: bytes, mtime_ns: int = OLD):
+    path.write_bytes(data)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def digests(manifest) -> dict:
+    return {name: digest for name, size, mode, digest in manifest}
+
+
+def test_unchanged_files_are_not_read_again(tmp_path, reads):
+    for i in range(20):
+        write(tmp_path / f"f{i}", f"content {i}".encode())
+    first, _ = build_manifest(tmp_path)
+    assert len(reads) == 20
+    reads.clear()
+    second, _ = build_manifest(tmp_path)
+    assert reads == [] and second == first
+    assert digests(first)["f3"] == hashlib.sha256(b"content 3").hexdigest()
+
+
+def test_a_change_that_keeps_the_mtime_is_seen_through_the_size(tmp_path, reads):
+    write(tmp_path / "model.py", b"x = 1\n")
+    build_manifest(tmp_path)
+    write(tmp_path / "model.py", b"x = 12\n")   # same mtime, one byte longer
+    reads.clear()
+    manifest, _ = build_manifest(tmp_path)
+    assert reads == ["model.py"]
+    assert digests(manifest)["model.py"] == hashlib.sha256(b"x = 12\n").hexdigest()
+
+
+def test_a_replaced_file_is_seen_through_its_inode(tmp_path, reads):
+    write(tmp_path / "a", b"one")
+    build_manifest(tmp_path)
+    write(tmp_path / "new", b"two")   # same size and mtime, another inode
+    os.replace(tmp_path / "new", tmp_path / "a")
+    reads.clear()
+    manifest, _ = build_manifest(tmp_path)
+    assert reads == ["a"] and digests(manifest)["a"] == hashlib.sha256(b"two").hexdigest()
+
+
+def test_a_file_modified_just_now_is_not_trusted(tmp_path, reads):
+    (tmp_path / "hot").write_bytes(b"being edited")   # mtime: now, within a clock tick of the hash
+    build_manifest(tmp_path)
+    build_manifest(tmp_path)
+    assert reads == ["hot", "hot"]
+
+
+def test_a_corrupt_or_unwritable_cache_costs_time_never_correctness(tmp_path, reads, hash_cache):
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "a", b"data")
+    build_manifest(src)
+    (cache_file,) = (hash_cache / "labrun" / "hashes").iterdir()
+    cache_file.write_bytes(b"\xc1 not msgpack")
+    reads.clear()
+    manifest, _ = build_manifest(src)
+    assert reads == ["a"] and digests(manifest)["a"] == hashlib.sha256(b"data").hexdigest()
+    cache_file.write_bytes(b"\x93\x01\x02\x03")   # valid msgpack, wrong shape
+    reads.clear()
+    build_manifest(src)
+    assert reads == ["a"]
+    assert list(cache_file.parent.iterdir()) == [cache_file]   # written by rename: no temporary left behind
+    os.environ["XDG_CACHE_HOME"] = "/proc/no-such-dir"
+    try:
+        assert digests(build_manifest(src)[0])["a"] == hashlib.sha256(b"data").hexdigest()
+    finally:
+        os.environ["XDG_CACHE_HOME"] = str(hash_cache)
+
+
+def test_manifest_modes_links_and_ignores(tmp_path):
+    write(tmp_path / "run.sh", b"#!/bin/sh\n")
+    (tmp_path / "run.sh").chmod(0o755)
+    write(tmp_path / "skip.log", b"noise")
+    write(tmp_path / ".labrunignore", b"*.log\n")
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub" / "data", b"d")
+    (tmp_path / "link").symlink_to("sub/data")
+    (tmp_path / "loop").symlink_to(".")   # a link to a directory is not followed
+    (tmp_path / "broken").symlink_to("nowhere")
+    manifest, paths = build_manifest(tmp_path)
+    names = [entry[0] for entry in manifest]
+    assert names == [".labrunignore", "link", "run.sh", "sub/data"]
+    modes = {entry[0]: entry[2] for entry in manifest}
+    assert modes["run.sh"] == 0o755
+    assert digests(manifest)["link"] == digests(manifest)["sub/data"]

@@ -1,0 +1,308 @@
+"""Content-addressed snapshots end to end: what travels, what the agent refuses, what a run sees, in place."""
+
+import hashlib
+import os
+import pwd
+from pathlib import Path
+
+import pytest
+
+from labrun import Experiment, ScriptRunConfig
+from labrun._connection import AgentConnection
+from labrun.exceptions import BadRequest, NotFound, SnapshotException, TooLarge
+from tests.e2e.test_agent import as_nobody, needs_root, nobody_client, shared_source, wait_until  # noqa: F401
+
+OLD = 1_600_000_000 * 10**9   # an mtime well in the past: the hash cache trusts it
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        os.utime(path, ns=(OLD, OLD))
+    return root
+
+
+def spec(files, command=("true",), **changes):
+    return {"experiment": "cas", "command": list(command), "snapshot": {"files": files}, **changes}
+
+
+def blob(data: bytes, digest: str | None = None, offset: int = 0, size: int | None = None) -> dict:
+    return {"hash": digest or sha(data), "size": len(data) if size is None else size, "offset": offset, "data": data}
+
+
+def objects(agent) -> set[str]:
+    return {p.name for p in (agent.state_dir / "cas" / "objects").glob("*/*")}
+
+
+class CallSpy:
+    """Counts the requests a workspace's connection sends, by op."""
+
+    def __init__(self, workspace):
+        self.ops: list[str] = []
+        connection = workspace.connection
+        original = connection.call
+
+        def call(op, **args):
+            self.ops.append(op)
+            return original(op, **args)
+
+        connection.call = call
+
+
+def test_only_missing_contents_travel_and_a_resubmit_sends_none(agent, tmp_path):
+    tree = make_tree(tmp_path / "src", {"a.txt": b"alpha", "sub/b.txt": b"beta", "sub/dup.txt": b"alpha",
+                                        "big.bin": os.urandom(20 << 20)})
+    workspace = agent.workspace()
+    spy = CallSpy(workspace)
+    experiment = Experiment(workspace, "cas")
+    first = experiment.submit(ScriptRunConfig(str(tree), command="cat a.txt sub/b.txt sub/dup.txt; sha256sum big.bin"))
+    assert spy.ops[0] == "submit" and spy.ops[-1] == "submit" and "blob_put" in spy.ops
+    first.wait_for_completion()
+    log = first.get_log()
+    assert log.startswith("alphabetaalpha") and sha((tree / "big.bin").read_bytes()) in log
+    assert objects(agent) == {sha(b"alpha"), sha(b"beta"), sha((tree / "big.bin").read_bytes())}   # stored once each
+
+    spy.ops.clear()
+    second = experiment.submit(ScriptRunConfig(str(tree), command="cat a.txt"))
+    assert spy.ops == ["submit"]   # nothing uploaded again
+    second.wait_for_completion()
+    assert second.get_log() == "alpha"
+
+    (tree / "a.txt").write_bytes(b"changed")
+    spy.ops.clear()
+    third = experiment.submit(ScriptRunConfig(str(tree), command="cat a.txt"))
+    assert spy.ops == ["submit", "blob_put", "submit"]
+    third.wait_for_completion()
+    assert third.get_log() == "changed"
+
+
+def test_agent_answers_the_hashes_it_lacks_and_checks_uploads(agent):
+    hello, world = b"hello\n", b"world" * 1000
+    files = [["hello.txt", len(hello), 0o644, sha(hello)], ["bin/run.sh", len(world), 0o755, sha(world)]]
+    with AgentConnection(agent.socket) as connection:
+        with pytest.raises(NotFound) as info:
+            connection.call("submit", spec=spec(files))
+        assert sorted(info.value.details["missing"]) == sorted([sha(hello), sha(world)])
+
+        # Poisoned: content that does not match its hash never enters the store.
+        with pytest.raises(BadRequest, match="does not match its hash"):
+            connection.call("blob_put", blobs=[blob(b"evil\n", digest=sha(hello), size=len(hello) - 1)])
+        with pytest.raises(BadRequest, match="does not match its hash"):
+            connection.call("blob_put", blobs=[blob(b"HELLO\n", digest=sha(hello))])
+        with pytest.raises(BadRequest, match="more than its declared"):
+            connection.call("blob_put", blobs=[blob(hello + b"x", digest=sha(hello), size=len(hello))])
+        assert objects(agent) == set()
+        with pytest.raises(NotFound):
+            connection.call("submit", spec=spec(files))
+
+        # Chunks must come in order; a gap aborts the upload.
+        connection.call("blob_put", blobs=[blob(world[:100], digest=sha(world), size=len(world))])
+        with pytest.raises(BadRequest, match="continues at offset 100"):
+            connection.call("blob_put", blobs=[blob(world[200:], digest=sha(world), size=len(world), offset=200)])
+        with pytest.raises(BadRequest, match="no upload"):
+            connection.call("blob_put", blobs=[blob(world[100:], digest=sha(world), size=len(world), offset=100)])
+
+        result = connection.call("blob_put", blobs=[blob(hello), blob(world[:3000], sha(world), 0, len(world))])
+        assert [b["complete"] for b in result["blobs"]] == [True, False]
+        connection.call("blob_put", blobs=[blob(world[3000:], sha(world), 3000, len(world))])
+        assert objects(agent) == {sha(hello), sha(world)}
+
+        # A declared size must match the stored content's.
+        wrong = [["hello.txt", len(hello) + 1, 0o644, sha(hello)]]
+        with pytest.raises(BadRequest, match="declared as 7 bytes"):
+            connection.call("submit", spec=spec(wrong))
+
+        run = connection.call("submit", spec=spec(files, command=["sh", "-c", "cat hello.txt; ls -l bin/run.sh"]))
+        done = connection.call("wait", run_id=run["run_id"])
+    assert done["status"] == "Completed", done
+    log = (agent.state_dir / "runs" / run["run_id"] / "logs" / "std_log.txt").read_text()
+    assert log.startswith("hello\n-rwxr-xr-x")
+
+
+@pytest.mark.parametrize("entry, message", [
+    (["../escape", 0, 0o644, sha(b"")], "'.', '..' and empty components"),
+    (["a/../../escape", 0, 0o644, sha(b"")], "'.', '..' and empty components"),
+    (["/etc/cron.d/x", 0, 0o644, sha(b"")], "must be a relative path"),
+    (["a\x00b", 0, 0o644, sha(b"")], "may not contain NUL"),
+    (["a//b", 0, 0o644, sha(b"")], "empty components"),
+    (["x", 0, 0o4755, sha(b"")], "permission bits"),
+    (["x", -1, 0o644, sha(b"")], "size in bytes"),
+    (["x", 0, 0o644, "ABC"], "SHA-256 hash"),
+    (["x", 0, 0o644, sha(b"").upper()], "SHA-256 hash"),
+    (["x" * 256, 0, 0o644, sha(b"")], "longer than 255 bytes"),
+    (["x", 0, 0o644], "expected \\[path, size, mode, hash\\]"),
+])
+def test_manifest_entries_are_validated(agent, entry, message):
+    with AgentConnection(agent.socket) as connection:
+        with pytest.raises(BadRequest, match=message) as info:
+            connection.call("submit", spec=spec([entry]))
+        assert info.value.details["field"].startswith("args.spec.snapshot.files[0]")
+        assert connection.call("list", all=True) == []
+
+
+def test_manifest_duplicates_and_file_directory_clashes_are_refused(agent):
+    empty = sha(b"")
+    with AgentConnection(agent.socket) as connection:
+        with pytest.raises(BadRequest, match="listed twice"):
+            connection.call("submit", spec=spec([["a", 0, 0o644, empty], ["a", 0, 0o644, empty]]))
+        with pytest.raises(BadRequest, match="'a' is a file and also a directory"):
+            connection.call("submit", spec=spec([["a", 0, 0o644, empty], ["a/b/c", 0, 0o644, empty]]))
+        with pytest.raises(BadRequest, match="'in_place'"):
+            connection.call("submit", spec={"experiment": "cas", "command": ["true"],
+                                            "snapshot": {"files": [], "in_place": "/tmp"}})
+        with pytest.raises(BadRequest, match="absolute path"):
+            connection.call("submit", spec={"experiment": "cas", "command": ["true"],
+                                            "snapshot": {"in_place": "relative/dir"}})
+
+
+def test_a_run_writing_to_its_snapshot_never_changes_the_store(agent, tmp_path):
+    data = b"original content\n"
+    tree = make_tree(tmp_path / "src", {"data.txt": data})
+    experiment = Experiment(agent.workspace(), "cas")
+    writer = experiment.submit(ScriptRunConfig(str(tree), command="echo scribble >> data.txt; "
+                                                                   "chmod 777 data.txt; cat data.txt"))
+    writer.wait_for_completion()
+    assert writer.get_log() == "original content\nscribble\n"
+    stored = agent.state_dir / "cas" / "objects" / sha(data)[:2] / sha(data)
+    assert stored.read_bytes() == data and stored.stat().st_mode & 0o777 == 0o400
+    assert stored.stat().st_nlink == 1   # no hard link anywhere
+    reader = experiment.submit(ScriptRunConfig(str(tree), command="cat data.txt"))
+    reader.wait_for_completion()
+    assert reader.get_log() == "original content\n"
+
+
+def test_uploads_a_connection_never_used_are_collected_when_it_closes(agent):
+    data = os.urandom(1000)
+    with AgentConnection(agent.socket) as connection:
+        connection.call("blob_put", blobs=[blob(data)])
+        assert objects(agent) == {sha(data)}
+    wait_until(lambda: objects(agent) == set(), what="the unused upload to be collected")
+
+
+def test_snapshot_limits_come_from_the_agent_config(make_agent, tmp_path):
+    agent = make_agent("[snapshot]\nmax_files = 3\nmax_bytes = 1000\n")
+    tree = make_tree(tmp_path / "src", {f"f{i}": b"x" for i in range(4)})
+    workspace = agent.workspace()
+    assert workspace.connection.agent["snapshot"] == {"max_files": 3, "max_bytes": 1000}
+    with pytest.raises(SnapshotException, match="more than 3 files") as info:
+        Experiment(workspace, "cas").submit(ScriptRunConfig(str(tree), command=["true"]))
+    assert "--in-place" in str(info.value) and "snapshot=False" in str(info.value)
+    (tree / "f3").unlink()
+    (tree / "f2").write_bytes(b"x" * 1001)
+    with pytest.raises(SnapshotException, match="exceeds the limit"):
+        Experiment(workspace, "cas").submit(ScriptRunConfig(str(tree), command=["true"]))
+    # The agent checks again: a client that skips its checks is refused before anything is stored.
+    empty = sha(b"")
+    with AgentConnection(agent.socket) as connection:
+        with pytest.raises(TooLarge, match=r"limit is 3 \(\[snapshot\] max_files\); run in place"):
+            connection.call("submit", spec=spec([[f"f{i}", 0, 0o644, empty] for i in range(4)]))
+        with pytest.raises(TooLarge, match="max_bytes"):
+            connection.call("submit", spec=spec([["big", 2000, 0o644, empty]]))
+        with pytest.raises(TooLarge, match="over this agent's snapshot limit"):
+            connection.call("blob_put", blobs=[blob(b"y" * 10, size=2000)])
+    # Uploads that no submit uses are bounded too: one snapshot's worth per connection at a time.
+    with AgentConnection(agent.socket) as connection:
+        first, second = os.urandom(600), os.urandom(600)
+        connection.call("blob_put", blobs=[blob(first)])
+        with pytest.raises(TooLarge, match="without a submit using them"):
+            connection.call("blob_put", blobs=[blob(second)])
+        connection.call("submit", spec=spec([["first", 600, 0o644, sha(first)]]))
+        connection.call("blob_put", blobs=[blob(second)])
+
+
+def test_over_the_default_limit_the_error_points_to_in_place(agent, tmp_path):
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(2001):
+        (many / f"f{i}").write_text("")
+    with pytest.raises(SnapshotException, match="more than 2000 files") as info:
+        Experiment(agent.workspace(), "cas").submit(ScriptRunConfig(str(many), command=["true"]))
+    assert "labrun run --in-place" in str(info.value) and "ScriptRunConfig(..., snapshot=False)" in str(info.value)
+    result = agent.cli("run", "--source-dir", str(many), "--", "true")
+    assert result.returncode == 1 and "--in-place" in result.stderr
+
+
+def test_in_place_runs_in_the_source_directory(agent, tmp_path):
+    many = tmp_path / "checkout"
+    many.mkdir()
+    for i in range(2500):   # over Azure ML's limit: fine in place
+        (many / f"f{i}").write_text("")
+    result = agent.cli("run", "--in-place", "--source-dir", str(many), "--", "sh", "-c",
+                       "pwd; ls | wc -l; touch built-here")
+    assert result.returncode == 0, result.stderr
+    cwd, count = result.stdout.split()
+    assert cwd == str(many) and int(count) == 2500
+    assert (many / "built-here").exists()
+
+    run = Experiment(agent.workspace(), "cas").submit(
+        ScriptRunConfig(str(many), command="pwd; echo $LABRUN_OUTPUT_DIR", snapshot=False))
+    run.wait_for_completion()
+    cwd, outputs = run.get_log().split()
+    assert cwd == str(many)
+    assert Path(outputs).is_dir() and Path(outputs) == agent.state_dir / "runs" / run.id / "snapshot" / "outputs"
+
+    with pytest.raises(BadRequest, match="not a file in"):
+        agent.workspace().connection.call(
+            "submit", spec={"experiment": "cas", "script": "missing.py", "snapshot": {"in_place": str(many)}})
+
+
+@needs_root
+def test_snapshots_are_made_as_the_user_and_in_place_is_checked_as_the_user(agent, shared_source, nobody_client):
+    agent.root.chmod(0o755)
+    nobody = pwd.getpwnam("nobody")
+    cache = shared_source / "cache"
+    cache.mkdir()
+    os.chown(cache, nobody.pw_uid, nobody.pw_gid)
+    (shared_source / "data.txt").write_bytes(b"root's data")
+    (shared_source / "data.txt").chmod(0o644)
+    # root already stored this content: nobody must still upload it (a hash alone never grants a content).
+    root_run = Experiment(agent.workspace(), "cas").submit(ScriptRunConfig(str(shared_source), command=["true"]))
+    root_run.wait_for_completion()
+    code = ("import os\nfrom labrun import Workspace, Experiment, ScriptRunConfig\n"
+            f"os.environ['XDG_CACHE_HOME'] = {str(cache)!r}\n"
+            "ws = Workspace()\nops = []\ncall = ws.connection.call\n"
+            "ws.connection.call = lambda op, **a: (ops.append(op), call(op, **a))[1]\n"
+            "run = Experiment(ws, 'users').submit(ScriptRunConfig('.', command='stat -c %u:%g:%a data.txt .'))\n"
+            "submitted = ','.join(ops)\n"
+            "run.wait_for_completion()\nprint(run.id, submitted)\nprint(run.get_log(), end='')\n")
+    result = as_nobody(agent, nobody_client, code, shared_source)
+    assert result.returncode == 0, result.stderr
+    header, log = result.stdout.split("\n", 1)
+    run_id, ops = header.split()
+    assert ops == "submit,blob_put,submit"
+    owner = f"{nobody.pw_uid}:{nobody.pw_gid}"
+    assert log.split() == [f"{owner}:644", f"{owner}:755"]
+    assert list(cache.glob("labrun/hashes/*.msgpack")), "nobody's hash cache is written"
+
+    # In place, the user must be able to enter the directory: checked with their rights, not root's.
+    private = agent.root / "private"
+    private.mkdir(mode=0o700)
+    probe = as_nobody(agent, nobody_client, (
+        "from labrun import Workspace, Experiment, ScriptRunConfig\nfrom labrun.exceptions import BadRequest\n"
+        "try:\n"
+        f"    Experiment(Workspace(), 'users').submit(ScriptRunConfig({str(private)!r}, command=['true'], "
+        "snapshot=False))\n"
+        "except BadRequest as exc:\n    print(exc.message)\n"), shared_source)
+    assert "nobody cannot use" in probe.stdout and "Permission denied" in probe.stdout, probe.stdout + probe.stderr
+
+
+def test_a_queued_run_keeps_its_snapshot_across_a_restart_and_edits(make_agent, tmp_path):
+    agent = make_agent("[resources]\nmax_concurrent_runs = 1\n")
+    tree = make_tree(tmp_path / "src", {"config.txt": b"as submitted\n"})
+    experiment = Experiment(agent.workspace(), "cas")
+    blocker = experiment.submit(ScriptRunConfig(str(tree), command=["sleep", "300"]))
+    queued = experiment.submit(ScriptRunConfig(str(tree), command="cat config.txt"))
+    (tree / "config.txt").write_bytes(b"edited later\n")   # a queued run never sees later edits
+    agent.restart()
+    experiment = Experiment(agent.workspace(), "cas")
+    assert experiment.workspace._call("get", run_id=blocker.id)["status"] == "Failed"   # agent_lost: it was running
+    details = experiment.workspace.wait_for_run(queued.id)
+    assert details["status"] == "Completed"
+    assert (agent.state_dir / "runs" / queued.id / "logs" / "std_log.txt").read_text() == "as submitted\n"
+    assert objects(agent) == {sha(b"as submitted\n")}   # the edit was never uploaded
