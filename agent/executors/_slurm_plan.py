@@ -317,11 +317,14 @@ def batch_script(job: SlurmJob, settings: SlurmSettings) -> str:
     lines += [
         # The command leads a session of its own. A cancel (scancel --signal=TERM --batch) reaches this script
         # only, which passes it on to the command's process group and still records how the command ended.
+        # Slurm's own SIGKILL comes only after the cluster's KillWait: the agent's grace period is kept here.
+        f"labrun_stop() {{ kill -s TERM -- \"-$pid\" 2>/dev/null; "
+        f"(sleep {job.grace:g}; kill -s KILL -- \"-$pid\" 2>/dev/null) & }}",
+        "pid='' labrun_term=''",
+        "trap 'labrun_term=1; [ -z \"$pid\" ] || labrun_stop' TERM",
         f"setsid {command} &",
         "pid=$!",
-        # Slurm's own SIGKILL comes only after the cluster's KillWait: the agent's grace period is kept here.
-        f"trap 'kill -s TERM -- \"-$pid\" 2>/dev/null; "
-        f"(sleep {job.grace:g}; kill -s KILL -- \"-$pid\" 2>/dev/null) &' TERM",
+        '[ -z "$labrun_term" ] || labrun_stop   # a cancel that came before the command started',
         'while :; do wait "$pid"; code=$?; kill -0 "$pid" 2>/dev/null || break; done',
         f"printf '%s\\n' \"$code\" > {q(exit_file + '.tmp')} && mv -f {q(exit_file + '.tmp')} {q(exit_file)}",
         'exit "$code"',

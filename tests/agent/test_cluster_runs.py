@@ -4,7 +4,7 @@ import trio
 
 from labrun.agent._config import TargetConfig
 from labrun.agent.executors import Capabilities, ExitResult, FakeExecutor
-from tests.agent.test_supervisor import EMPTY_TAR, OWNER, harness, settle, spec  # noqa: F401
+from tests.agent.test_supervisor import OWNER, harness, settle, spec  # noqa: F401
 
 CLUSTER = Capabilities(gpus=True, distributed=True, counted_locally=False, outlives_agent=True, own_queue=True)
 
@@ -41,7 +41,7 @@ def cluster_spec(**changes):
 
 async def test_a_cluster_run_waits_in_the_clusters_queue_then_runs_with_a_local_runs_events(harness, autojump_clock):
     supervisor, cluster = await start(harness)
-    record = await supervisor.submit(cluster_spec(), EMPTY_TAR, OWNER)   # bigger than this machine: the cluster's
+    record = await supervisor.submit(cluster_spec(), OWNER)   # bigger than this machine: the cluster's
     await settle(supervisor, record.run_id, "Queued")
     while (supervisor.live_record(record.run_id).waiting or {}).get("reason") != "cluster: Resources":
         await supervisor.changed.wait()
@@ -59,7 +59,7 @@ async def test_a_cluster_run_waits_in_the_clusters_queue_then_runs_with_a_local_
 
 async def test_a_cluster_runs_time_limit_counts_from_running(harness, autojump_clock):
     supervisor, cluster = await start(harness)
-    record = await supervisor.submit(cluster_spec(max_run_duration_seconds=600), EMPTY_TAR, OWNER)
+    record = await supervisor.submit(cluster_spec(max_run_duration_seconds=600), OWNER)
     await settle(supervisor, record.run_id, "Queued")
     await trio.sleep(1000)
     cluster.let_run(1000)
@@ -73,7 +73,7 @@ async def test_a_cluster_runs_time_limit_counts_from_running(harness, autojump_c
 async def test_an_end_reported_by_the_cluster_takes_the_same_steps(harness, autojump_clock):
     """Canceled by the cluster itself (Slurm's TIMEOUT) goes through CancelRequested, as a cancel here does."""
     supervisor, cluster = await start(harness)
-    record = await supervisor.submit(cluster_spec(), EMPTY_TAR, OWNER)
+    record = await supervisor.submit(cluster_spec(), OWNER)
     cluster.let_run(1000)
     await settle(supervisor, record.run_id, "Running")
     cluster.finish(1000, ExitResult(signal=15, status="Canceled", reason="max_run_duration_exceeded",
@@ -88,8 +88,8 @@ async def test_local_runs_do_not_wait_for_cluster_runs(harness, autojump_clock):
     harness.config.resources.max_concurrent_runs = 1
     supervisor, cluster = await start(harness)
     supervisor.capacity = supervisor.capacity.__class__(cpus=1, max_runs=1)
-    remote = [await supervisor.submit(cluster_spec(), EMPTY_TAR, OWNER) for _ in range(3)]
-    local = await supervisor.submit(spec(), EMPTY_TAR, OWNER)
+    remote = [await supervisor.submit(cluster_spec(), OWNER) for _ in range(3)]
+    local = await supervisor.submit(spec(), OWNER)
     await settle(supervisor, local.run_id, "Running")
     for record in remote:
         await settle(supervisor, record.run_id, "Queued")
