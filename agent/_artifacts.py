@@ -1,50 +1,215 @@
-"""A run's files, under the names Azure ML users know.
+"""A run's files, under the names Azure ML users know, and the one place those names are checked.
 
-- ``outputs/<path>``: the run's ``./outputs`` (``RunDir.outputs``);
-- ``user_logs/<name>``: its logs (``RunDir.logs``: ``std_log.txt``, ``std_log_process_<rank>.txt``,
+- ``outputs/<path>``: the run's ``./outputs`` (``<run dir>/snapshot/outputs``);
+- ``user_logs/<name>``: its logs (``<run dir>/logs``: ``std_log.txt``, ``std_log_process_<rank>.txt``,
   ``environment_build.txt``);
-- anything else: files the run uploaded (``RunDir.artifacts``).
+- anything else: files the run uploaded (``<run dir>/artifacts/<name>``).
 
-Names are relative paths; a name that would leave its directory is refused.
+Every name a client sends (downloads, uploads, log names, ``resume_from``) goes through ``parse_name``:
+a plain relative path of non-empty components, none of them ``.`` or ``..``, with no NUL or control
+character. The files themselves are in a tree the run's user controls, so every open here runs with
+the owner's rights (``_asuser.run_as``) and follows no symlink (``_asuser.open_beneath``): a link
+the run planted, or swapped in after a check, is refused, never followed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
-from labrun.protocol import BadRequest
+from labrun.protocol import BadRequest, Conflict, Forbidden, NotFound
 
-from ._rundir import RunDir
+from ._asuser import Credentials, make_dirs_beneath, open_beneath, open_directory, open_file_as, run_as
 
 OUTPUTS = "outputs/"
 LOGS = "user_logs/"
+# name prefix -> directory under the run directory
+AREAS = ((OUTPUTS, "snapshot/outputs"), (LOGS, "logs"), ("", "artifacts"))
+MAX_NAME = 4096
+MAX_COMPONENT = 255
 
 
-def artifact_path(run_dir: RunDir, name: str) -> Path:
-    parts = Path(name).parts
-    if not parts or name.startswith("/") or ".." in parts:
-        raise BadRequest(f"file name {name!r} must be a relative path without '..'")
-    if name.startswith(OUTPUTS):
-        base, rest = run_dir.outputs, name[len(OUTPUTS):]
-    elif name.startswith(LOGS):
-        base, rest = run_dir.logs, name[len(LOGS):]
-    else:
-        base, rest = run_dir.artifacts, name
-    if not rest:
-        raise BadRequest(f"file name {name!r} names a directory, not a file")
-    return base / rest
+def parse_name(name: str, field: str = "name") -> tuple[str, str]:
+    """``(directory under the run dir, path under it)`` for a file name, or ``BadRequest`` naming the problem."""
+    def refuse(problem: str):
+        return BadRequest(f"{field}: file name {name!r} {problem}", details={"field": field})
+
+    if not isinstance(name, str) or not name:
+        raise refuse("is empty")
+    if len(name) > MAX_NAME:
+        raise refuse(f"is longer than {MAX_NAME} characters")
+    if "\0" in name:
+        raise refuse("contains a NUL character")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise refuse("contains a control character")
+    if name.startswith("/"):
+        raise refuse("is an absolute path; names are relative, like outputs/model.pt")
+    for prefix, area in AREAS:
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            break
+    parts = rest.split("/")
+    if not rest or rest.endswith("/"):
+        raise refuse("names a directory, not a file")
+    if "" in parts:
+        raise refuse("has an empty path component ('//'); names are relative paths")
+    if ".." in parts or "." in parts:
+        raise refuse("contains a '.' or '..' component; names must stay inside the run's files")
+    if any(len(p) > MAX_COMPONENT for p in parts):
+        raise refuse(f"has a component longer than {MAX_COMPONENT} characters")
+    return area, rest
 
 
-def list_files(run_dir: RunDir) -> list[dict]:
-    """Every file of the run, as ``{"name", "size"}``, sorted by name."""
+def refusal(exc: OSError, name: str, run_id: str) -> Exception:
+    """The client's error for an ``OSError`` met while opening ``name`` of a run."""
+    if exc.errno == errno.ELOOP:
+        return BadRequest(f"{name!r} of run {run_id} is, or passes through, a symbolic link; "
+                          "labrun does not follow links in a run's files")
+    if exc.errno == errno.ENOENT:
+        return NotFound(f"run {run_id} has no file {name!r}")
+    if exc.errno in (errno.ENOTDIR, errno.EXDEV):
+        return BadRequest(f"{name!r} of run {run_id} passes through something that is not a directory")
+    if exc.errno == errno.EISDIR:
+        return BadRequest(f"{name!r} of run {run_id} is a directory, not a file")
+    if exc.errno in (errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):
+        return BadRequest(f"{name!r} of run {run_id} is not a regular file (a FIFO, socket or device); "
+                          "labrun serves only files")
+    if exc.errno == errno.EEXIST:
+        return Conflict(f"run {run_id} already has a file {name!r}")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return Forbidden(f"{name!r} of run {run_id} is not accessible to the run's owner")
+    return exc
+
+
+def _root(run_dir) -> Path:
+    """A run directory given as a path, or as the run-directory layout object (its ``root``)."""
+    return Path(run_dir if isinstance(run_dir, (str, os.PathLike)) else run_dir.root)
+
+
+def owner_of(record) -> Credentials:
+    return Credentials.of(record.uid, record.gid, record.user)
+
+
+def _open_in_run(run_dir: Path, name: str, flags: int, mode: int = 0o644, *, create_dirs: bool = False) -> int:
+    """Open a run's file by its name (the caller has switched to the owner's rights)."""
+    area, rest = parse_name(name)
+    run_fd = open_directory(_root(run_dir))
+    try:
+        path = f"{area}/{rest}"
+        if create_dirs and "/" in path:
+            parent, _, leaf = path.rpartition("/")
+            parent_fd = make_dirs_beneath(run_fd, parent, 0o755)
+            try:
+                fd = open_beneath(parent_fd, leaf, flags, mode)
+            finally:
+                os.close(parent_fd)
+        else:
+            fd = open_beneath(run_fd, path, flags, mode)
+    finally:
+        os.close(run_fd)
+    info = os.fstat(fd)
+    if stat.S_ISDIR(info.st_mode):
+        os.close(fd)
+        raise OSError(errno.EISDIR, "is a directory", name)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise OSError(errno.ENODEV, "not a regular file", name)
+    return fd
+
+
+async def open_for_reading(record, run_dir: Path, name: str) -> int:
+    """An fd to read a run's file, opened with its owner's rights; ``None`` if it does not exist.
+
+    Raises:
+        BadRequest, Forbidden: a link, a directory, a special file, or a name refused by ``parse_name``.
+    """
+    parse_name(name)   # a bad name is the client's error even when the file is missing
+    try:
+        # O_NONBLOCK: a FIFO planted under the name must not hang the opener.
+        return await run_as(owner_of(record), _open_in_run, run_dir, name, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise refusal(exc, name, record.run_id) from None
+
+
+def _append(run_dir: Path, name: str, data: bytes, append: bool) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | (0 if append else os.O_EXCL)
+    fd = _open_in_run(run_dir, name, flags, 0o644, create_dirs=True)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+async def write_file(record, run_dir: Path, name: str, data: bytes, *, append: bool) -> int:
+    """Write (or append to) a run's file as its owner; returns the file's size."""
+    parse_name(name)
+    try:
+        return await run_as(owner_of(record), _append, run_dir, name, data, append)
+    except OSError as exc:
+        raise refusal(exc, name, record.run_id) from None
+
+
+def _list(run_dir: Path) -> list[dict]:
     found = []
-    for prefix, base in ((OUTPUTS, run_dir.outputs), (LOGS, run_dir.logs), ("", run_dir.artifacts)):
-        if not base.is_dir():
-            continue
-        for directory, _dirs, files in os.walk(base):
-            for file in files:
-                path = Path(directory, file)
-                if path.is_file():
-                    found.append({"name": prefix + str(path.relative_to(base)), "size": path.stat().st_size})
+    run_fd = open_directory(_root(run_dir))
+    try:
+        for prefix, area in AREAS:
+            try:
+                area_fd = open_beneath(run_fd, area, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue   # missing, or replaced by a link: nothing to list there
+            try:
+                # fwalk works on directory fds and never follows links: a swap cannot lead it elsewhere.
+                for directory, _dirs, files, dir_fd in os.fwalk(".", dir_fd=area_fd):
+                    for file in files:
+                        try:
+                            info = os.stat(file, dir_fd=dir_fd, follow_symlinks=False)
+                        except OSError:
+                            continue
+                        if stat.S_ISREG(info.st_mode):
+                            found.append({"name": prefix + os.path.normpath(os.path.join(directory, file)),
+                                          "size": info.st_size})
+            finally:
+                os.close(area_fd)
+    finally:
+        os.close(run_fd)
     return sorted(found, key=lambda f: f["name"])
+
+
+async def list_files(record, run_dir: Path) -> list[dict]:
+    """Every regular file of the run, as ``{"name", "size"}``, sorted by name (links are not listed)."""
+    try:
+        return await run_as(owner_of(record), _list, run_dir)
+    except FileNotFoundError:
+        return []
+
+
+def artifact_path(run_dir: Path, name: str, field: str = "name") -> Path:
+    """The path of a run's file, for a process that runs as the owner (``cp`` for ``resume_from``)."""
+    area, rest = parse_name(name, field)
+    return _root(run_dir) / area / rest
+
+
+def note_in_log(record, log_path: Path, text: str) -> None:
+    """Append the agent's own line (why a run failed to start) to a run's log, as the run's owner.
+
+    Best effort: a log the user replaced by a link or made unwritable just does not get the line;
+    the run's error says the same.
+    """
+    try:
+        fd = open_file_as(owner_of(record), log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        os.write(fd, text.encode(errors="replace"))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -34,15 +34,45 @@ url = "https://hub.example.org/v1/events"
 token_file = "/etc/labrun/hub.token"
 batch_max = 500
 
+[limits]                     # what one connection or user can make the agent hold
+buffer_bytes_per_connection = 16777216  # partial frames; also the largest frame accepted
+buffer_bytes_per_user = 67108864
+buffer_bytes_total = 268435456
+requests_per_connection = 128
+requests_per_user = 1024
+connections_per_user = 256
+idle_timeout_seconds = 900   # a connection with nothing in flight is closed after this long
+frame_timeout_seconds = 60   # a frame that has begun must end within this
+reserved_fds = 128           # file descriptors kept for the agent itself and its runs
+label_key_chars = 255
+label_value_chars = 4096
+labels_bytes_per_run = 262144
+display_name_chars = 1024
+description_chars = 4096
+list_page_bytes = 4194304    # a `list` reply stops growing here (clients follow the next page)
+[mlflow]
+tracking_uri = "http://127.0.0.1:5000"   # mirror runs into this MLflow server
+# embedded = true            # or: the agent runs its own MLflow server (needs labrun[mlflow])
+# port = 5000                # embedded: default a free port, chosen once
+# user = "labrun-mlflow"     # embedded: the account it runs as (default: the agent's)
+run_env = true               # runs get MLFLOW_TRACKING_URI, MLFLOW_RUN_ID, MLFLOW_EXPERIMENT_ID
+artifacts = true             # outputs/ and uploaded files go to MLflow when a run ends
+max_artifact_mb = 1024       # per run
+
 [docker]
 allow_pull = false           # no registry is assumed reachable
 allow_host_network = false   # --network=host in DockerConfiguration.arguments
 allow_host_ipc = false       # --ipc=host
-volumes = ["/data"]          # host paths runs may mount with -v
+volumes = ["/data"]          # host paths runs may mount with -v (resolved: links and .. cannot escape)
+pids_limit = 4096            # processes and threads per container
 
 [snapshot]
 max_files = 2000             # files in one run's snapshot (Azure ML's limit)
 max_bytes = "300M"           # bytes in one run's snapshot (Azure ML's limit); a number or like "2G"
+
+[runs]
+retention_days = 14          # delete run directories 14 days after the run ended (default: keep)
+purge = false                # true: forget the runs too (rows, metrics); false keeps them for ls/metrics
 ```
 
 Unknown sections or keys are refused at start with the key named, so a typo never
@@ -52,6 +82,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import os
+import pwd
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +92,8 @@ from labrun.protocol._paths import SYSTEM_SOCKET, SYSTEM_STATE_DIR, user_socket,
 
 from ._docker_args import DockerPolicy
 from ._hub import HubConfig
+from ._limits import LimitsConfig, load_limits
+from ._mlflow import MlflowConfig
 from .executors._registry import KINDS
 
 
@@ -109,6 +142,14 @@ class SnapshotLimits:
 
 
 @dataclass
+class RunsConfig:
+    """``[runs]``: how long finished runs keep their directory."""
+
+    retention_days: float | None = None   # None: run directories are kept until ``labrun rm``/``clean``
+    purge: bool = False                   # also forget the run (row, metrics, tags), not only its files
+
+
+@dataclass
 class AgentConfig:
     socket: Path
     state_dir: Path
@@ -124,7 +165,10 @@ class AgentConfig:
     hub: HubConfig | None = None
     docker: DockerPolicy = field(default_factory=DockerPolicy)
     docker_url: str | None = None    # None: DOCKER_HOST, else the local engine's socket
+    mlflow: MlflowConfig | None = None
     snapshot: SnapshotLimits = field(default_factory=lambda: SnapshotLimits())
+    runs: RunsConfig = field(default_factory=RunsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 def _expect(value, kinds, where):
@@ -162,8 +206,8 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
             raise ConfigError(f"config file {path} does not exist") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
-    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub", "docker", "snapshot"},
-                "config")
+    _check_keys(data, {"socket", "state_dir", "agent", "resources", "targets", "events", "hub", "docker", "snapshot",
+                       "limits", "mlflow", "runs"}, "config")
 
     system = os.geteuid() == 0
     config = AgentConfig(
@@ -253,7 +297,12 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
             setattr(config.hub, key, int(value) if key == "batch_max" else float(value))
 
     docker = _expect(data.get("docker", {}), dict, "[docker]")
-    _check_keys(docker, {"url", "allow_pull", "allow_host_network", "allow_host_ipc", "volumes"}, "[docker]")
+    _check_keys(docker, {"url", "allow_pull", "allow_host_network", "allow_host_ipc", "volumes", "pids_limit"},
+                "[docker]")
+    if "pids_limit" in docker:
+        config.docker.pids_limit = _expect(docker["pids_limit"], int, "docker.pids_limit")
+        if config.docker.pids_limit < 1:
+            raise ConfigError("docker.pids_limit: must be at least 1")
     for key in ("allow_pull", "allow_host_network", "allow_host_ipc"):
         if key in docker:
             setattr(config.docker, key, _expect(docker[key], bool, f"docker.{key}"))
@@ -266,6 +315,22 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
         config.docker_url = _expect(docker["url"], str, "docker.url")
 
     _load_snapshot(config, _expect(data.get("snapshot", {}), dict, "[snapshot]"))
+    config.limits = load_limits(_expect(data.get("limits", {}), dict, "[limits]"), config.max_frame_bytes,
+                                ConfigError)
+    config.max_frame_bytes = config.limits.buffer_bytes_per_connection
+
+    if "mlflow" in data:
+        config.mlflow = _mlflow_config(_expect(data["mlflow"], dict, "[mlflow]"))
+
+    runs = _expect(data.get("runs", {}), dict, "[runs]")
+    _check_keys(runs, {"retention_days", "purge"}, "[runs]")
+    if "retention_days" in runs:
+        days = float(_expect(runs["retention_days"], (int, float), "runs.retention_days"))
+        if days <= 0:
+            raise ConfigError(f"runs.retention_days: must be more than 0 (leave it out to keep runs), got {days}")
+        config.runs.retention_days = days
+    if "purge" in runs:
+        config.runs.purge = _expect(runs["purge"], bool, "runs.purge")
 
     if socket is not None:
         config.socket = Path(socket)
@@ -314,3 +379,51 @@ def _load_snapshot(config: AgentConfig, table: dict) -> None:
             raise ConfigError("snapshot.max_files: must be at least 1")
     if "max_bytes" in table:
         config.snapshot.max_bytes = _memory(table["max_bytes"], "snapshot.max_bytes")
+
+
+def _mlflow_config(table: dict) -> MlflowConfig:
+    numbers = {"prepare_timeout_seconds", "timeout_seconds", "retry_initial_seconds", "retry_max_seconds"}
+    flags = {"embedded", "run_env", "artifacts"}
+    _check_keys(table, {"tracking_uri", "port", "user", "username", "password_file", "max_artifact_mb", *numbers,
+                        *flags}, "[mlflow]")
+    config = MlflowConfig()
+    for key in flags & set(table):
+        setattr(config, key, _expect(table[key], bool, f"mlflow.{key}"))
+    if "tracking_uri" in table:
+        uri = _expect(table["tracking_uri"], str, "mlflow.tracking_uri")
+        if not uri.startswith(("http://", "https://")):
+            raise ConfigError(f"mlflow.tracking_uri: must be an http:// or https:// URL, got {uri!r}")
+        config.tracking_uri = uri.rstrip("/")
+    if config.embedded == (config.tracking_uri is not None):
+        raise ConfigError("[mlflow]: give either tracking_uri (an existing server) or embedded = true")
+    if config.embedded:
+        from ._mlflow_server import mlflow_installed
+
+        if not mlflow_installed():
+            raise ConfigError("mlflow.embedded: MLflow is not installed next to the agent; "
+                              "install it with: pip install 'labrun[mlflow]'")
+    if "port" in table:
+        config.port = _expect(table["port"], int, "mlflow.port")
+        if not 0 <= config.port <= 65535:
+            raise ConfigError("mlflow.port: must be between 0 and 65535")
+    if "user" in table:
+        config.user = _expect(table["user"], str, "mlflow.user")
+        try:
+            pwd.getpwnam(config.user)
+        except KeyError:
+            raise ConfigError(f"mlflow.user: no account {config.user!r} on this machine") from None
+    if "username" in table:
+        config.username = _expect(table["username"], str, "mlflow.username")
+    if "password_file" in table:
+        config.password_file = Path(_expect(table["password_file"], str, "mlflow.password_file"))
+    if "max_artifact_mb" in table:
+        megabytes = _expect(table["max_artifact_mb"], int, "mlflow.max_artifact_mb")
+        if megabytes < 0:
+            raise ConfigError("mlflow.max_artifact_mb: must be at least 0")
+        config.max_artifact_bytes = megabytes << 20
+    for key in numbers & set(table):
+        value = _expect(table[key], (int, float), f"mlflow.{key}")
+        if value <= 0:
+            raise ConfigError(f"mlflow.{key}: must be positive")
+        setattr(config, key, float(value))
+    return config

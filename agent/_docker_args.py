@@ -2,12 +2,15 @@
 
 Pure: a list of strings in, a partial HostConfig/Config out, or ``BadRequest`` naming the first
 argument that is unknown or not allowed. Everything else a container gets is decided by the agent:
-never privileged, no added capabilities, no host network or IPC and no host mounts unless the
-agent's config allows them.
+never privileged, no capabilities at all, ``no-new-privileges``, a pids limit, no host network
+or IPC and no host mounts unless the agent's config allows them. Volume paths are resolved
+(symlinks, ``..``) before the allow-list check, and the resolved path is what gets mounted; the
+resolver is passed in, so the rest stays pure.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from labrun.protocol import BadRequest, parse_memory
@@ -19,6 +22,7 @@ class DockerPolicy:
     allow_host_ipc: bool = False
     volumes: list[str] = field(default_factory=list)   # host paths (and what is under them) runs may mount
     allow_pull: bool = False
+    pids_limit: int = 4096   # processes (and threads) one container may have
 
 
 def _refuse(argument: str, why: str) -> BadRequest:
@@ -44,13 +48,20 @@ def _split(arguments: list[str]) -> list[tuple[str, str | None, str]]:
     return out
 
 
-def _allowed_volume(host: str, policy: DockerPolicy) -> bool:
-    host = host.rstrip("/")
-    return any(host == root.rstrip("/") or host.startswith(root.rstrip("/") + "/") for root in policy.volumes)
+def _allowed_volume(host: str, policy: DockerPolicy, resolve) -> bool:
+    host = host.rstrip("/") or "/"
+    for root in policy.volumes:
+        root = resolve(root).rstrip("/")
+        if host == root or host.startswith(root + "/") or root == "":
+            return True
+    return False
 
 
-def translate_arguments(arguments: list[str], policy: DockerPolicy) -> dict:
-    """Returns ``{"host": {...HostConfig...}, "env": [...]}`` for the allowed arguments."""
+def translate_arguments(arguments: list[str], policy: DockerPolicy, resolve=os.path.realpath) -> dict:
+    """Returns ``{"host": {...HostConfig...}, "env": [...]}`` for the allowed arguments.
+
+    ``resolve`` turns a host path into the real path it names now (``os.path.realpath``).
+    """
     host: dict = {}
     env: list[str] = []
     for option, value, written in _split(arguments):
@@ -84,11 +95,14 @@ def translate_arguments(arguments: list[str], policy: DockerPolicy) -> dict:
                 raise _refuse(written, "must be NAME=SOFT[:HARD]") from None
         elif option in ("-v", "--volume"):
             parts = value.split(":")
-            if len(parts) not in (2, 3) or not parts[0].startswith("/"):
-                raise _refuse(written, "must be /HOST/PATH:/CONTAINER/PATH[:ro]")
-            if not _allowed_volume(parts[0], policy):
-                raise _refuse(written, "mounts a host path this agent does not allow ([docker] volumes)")
-            host.setdefault("Binds", []).append(value)
+            if len(parts) not in (2, 3) or not parts[0].startswith("/") or not parts[1].startswith("/") \
+                    or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+                raise _refuse(written, "must be /HOST/PATH:/CONTAINER/PATH[:ro|:rw]")
+            real = resolve(parts[0])
+            if not _allowed_volume(real, policy, resolve):
+                where = "" if real == parts[0] else f" (it resolves to {real})"
+                raise _refuse(written, f"mounts a host path this agent does not allow{where} ([docker] volumes)")
+            host.setdefault("Binds", []).append(":".join([real, *parts[1:]]))
         elif option == "--tmpfs":
             path, _, options = value.partition(":")
             host.setdefault("Tmpfs", {})[path] = options

@@ -11,6 +11,7 @@ exactly what it missed, replayed from the store.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Awaitable, Callable
 import structlog
 import trio
 
+from ._faults import is_disk_error
 from ._notify import Notifier
 from ._store import Store
 
@@ -114,7 +116,13 @@ class EventLog:
         while True:
             horizon = delivered_seq()
             limit = self.store.last_seq() if horizon is None else horizon
-            removed = self.store.delete_events(before_time=time.time() - retention_days * 86400, up_to_seq=limit)
+            try:
+                removed = self.store.delete_events(before_time=time.time() - retention_days * 86400, up_to_seq=limit)
+            except (OSError, sqlite3.OperationalError) as exc:
+                if not is_disk_error(exc):
+                    raise
+                log.warning("events.retention.failed", error=str(exc), detail="tried again at the next check")
+                removed = 0
             if removed:
                 log.info("events.retention.deleted", count=removed)
             await trio.sleep(RETENTION_CHECK_SECONDS)

@@ -18,6 +18,7 @@ import datetime
 import json
 import random
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import structlog
 import trio
 
 from ._events import EventLog
+from ._faults import is_disk_error
 from ._store import Store
 
 log = structlog.get_logger("labrun.hub")
@@ -120,7 +122,13 @@ class HubSender:
                 else:
                     if response.is_success:
                         self.delivered = batch[-1]["seq"]
-                        self.store.set_meta(self._cursor_key, self.delivered)
+                        try:
+                            self.store.set_meta(self._cursor_key, self.delivered)
+                        except (OSError, sqlite3.OperationalError) as exc:
+                            if not is_disk_error(exc):
+                                raise
+                            # Saved with the next batch; meanwhile a restart may send this one again.
+                            log.warning("hub.cursor.not_saved", error=str(exc))
                         if self.last_error is not None:
                             log.info("hub.delivery.resumed", delivered_seq=self.delivered)
                         self.last_error = self.last_error_at = None

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import trio
 
-from ._artifacts import artifact_path
-from ._asuser import Credentials
+from ._artifacts import artifact_path, owner_of
+from ._asuser import Credentials, acting_as, open_directory, open_file_as
 from ._environments import EnvironmentBuilder, PreparedEnvironment, PrepareFailed
 from ._model import RunRecord
 from ._rundir import RunDir
@@ -45,6 +45,20 @@ def free_ports(count: int) -> list[int]:
 
 
 
+def _link_first_log(logs: Path, first: str) -> None:
+    """``std_log.txt`` for a run of many ranks: the first rank's log (the one `labrun run` follows).
+
+    A hard link, not a symlink: a run's files are read without following links.
+    """
+    dir_fd = open_directory(logs)
+    try:
+        os.link(first, "std_log.txt", src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except FileExistsError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
 class LaunchPlanner:
     def __init__(self, config, store, capacity: Capacity, environments: EnvironmentBuilder, snapshots: ContentStore):
         self.config = config
@@ -52,22 +66,28 @@ class LaunchPlanner:
         self.store = store
         self.capacity = capacity
         self.environments = environments
+        self.mlflow = None                   # the agent's MLflow side (_mlflow_setup.Mlflow), if any
 
-    async def _resume_path(self, record: RunRecord, run_dir: RunDir) -> str:
-        """Copy what the run resumes from into ``resume_from/``, as its owner, and make it read-only."""
+    async def _resume_path(self, record: RunRecord, run_dir: RunDir, creds: Credentials) -> str:
+        """Copy what the run resumes from into ``resume_from/``, as its owner, and make it read-only.
+
+        Copying as the owner: a user can resume only from what they may read, and nothing is copied
+        or created in their run directory with root's rights.
+        """
         resume = record.spec["resume_from"]
         if resume["run_id"] is not None:
             source = artifact_path(RunDir.of(self.config.state_dir, resume["run_id"]), resume["path"])
         else:
             source = Path(resume["path"])
         target_dir = run_dir.resume_from
-        target_dir.mkdir()
+        try:
+            with acting_as(creds):
+                target_dir.mkdir()
+        except OSError as exc:
+            raise PrepareFailed(f"cannot create {target_dir.name}/ in the run directory: {exc.strerror or exc}",
+                                reason="resume_from_failed") from None
         target = target_dir / source.name
-        options = {}
-        if os.geteuid() == 0 and record.uid != 0:
-            os.chown(target_dir, record.uid, record.gid)
-            # Copying as the owner: a user can resume only from what they may read.
-            options = {"user": record.uid, "group": record.gid}
+        options = creds.popen_options()
         result = await trio.run_process(["cp", "-a", "--", str(source), str(target)], capture_stderr=True,
                                         check=False, **options)
         if result.returncode != 0:
@@ -117,7 +137,7 @@ class LaunchPlanner:
         record, allocation, token, run_dir = (preparation.record, preparation.allocation, preparation.token,
                                               preparation.run_dir)
         spec = record.spec
-        owned = os.geteuid() == 0 and record.uid != 0
+        creds = owner_of(record)
         await self._materialize(record, run_dir.root)
         workdir = Path(spec["in_place"]) if spec.get("in_place") else run_dir.snapshot
         if in_container:
@@ -128,11 +148,14 @@ class LaunchPlanner:
             env = {}
         else:
             prepared = await (environments or self.environments).prepare(
-                spec.get("environment"), spec["interpreter"] or "python3", run_dir.environment_log, workdir)
+                spec.get("environment"), spec["interpreter"] or "python3", run_dir.environment_log, creds)
             # Queued runs keep the client's environment on disk only (see Supervisor.submit).
             env = {k: v for k, v in self.store.environ(record.run_id).items() if k != "LABRUN_RUN_TOKEN"}
         env.update(prepared.variables or {})
         env.update(spec["environment_variables"])
+        if self.mlflow is not None and not in_container:   # 127.0.0.1 is not the agent's inside a container
+            await self.mlflow.prepare_env(record, env, {**(prepared.variables or {}), **spec["environment_variables"]},
+                                          run_dir.std_log)
         if prepared.bin_dir is not None:
             env["PATH"] = f"{prepared.bin_dir}:{env.get('PATH', os.defpath)}"
             env["VIRTUAL_ENV"] = str(prepared.bin_dir.parent)
@@ -143,13 +166,15 @@ class LaunchPlanner:
             "LABRUN_OUTPUT_DIR": str(run_dir.outputs),
             "LABRUN_RUN_TOKEN": token,
         })
+        if spec.get("array") is not None:
+            env.update(array_environment(spec["array"]))
         if self.capacity.gpus and cluster_tasks is None:
             devices = ",".join(allocation.gpus)
             env.update({"CUDA_VISIBLE_DEVICES": devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                         "NVIDIA_VISIBLE_DEVICES": devices or "void"})
         extra: list[str] = []
         if spec.get("resume_from") is not None:
-            path = await self._resume_path(record, run_dir)
+            path = await self._resume_path(record, run_dir, creds)
             env["LABRUN_RESUME_FROM"] = path
             extra = ["--resume-from", path]
         argv = self._argv(record, prepared.python, extra, mpirun=cluster_tasks is None)
@@ -159,14 +184,16 @@ class LaunchPlanner:
             ranks = [Rank(log_path=run_dir.std_log)]
         else:
             ranks = [Rank(log_path=run_dir.rank_log(task)) for task in range(cluster_tasks)]
-        for rank in ranks:
-            rank.log_path.touch()
-            if owned:
-                os.chown(rank.log_path, record.uid, record.gid)
-        if len(ranks) > 1 and not run_dir.std_log.exists():
-            run_dir.std_log.symlink_to(ranks[0].log_path.name)   # the log `labrun run` follows
+        try:
+            for rank in ranks:
+                os.close(open_file_as(creds, rank.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND))
+            if len(ranks) > 1:
+                with acting_as(creds):
+                    _link_first_log(run_dir.logs, ranks[0].log_path.name)
+        except OSError as exc:
+            raise PrepareFailed(f"cannot create the run's logs: {exc.strerror or exc}", reason="agent_error") from None
         return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=workdir, ranks=ranks,
-                          uid=record.uid, gid=record.gid, groups=self._groups(record), cores=allocation.cores,
+                          uid=record.uid, gid=record.gid, groups=list(creds.groups) if creds.switches else [], cores=allocation.cores,
                           memory=allocation.memory, run_dir=run_dir)
 
     @staticmethod
@@ -188,8 +215,7 @@ class LaunchPlanner:
     async def _materialize(self, record: RunRecord, run_dir: Path) -> None:
         """The run's ``snapshot/`` from the contents stored at submit (only ``outputs/`` for an in-place run)."""
         entries = self.snapshots.entries(record.run_id) or []
-        credentials = Credentials(record.uid, record.gid, tuple(self._groups(record)))
-        work = functools.partial(materialize, self.snapshots.objects, entries, run_dir, credentials)
+        work = functools.partial(materialize, self.snapshots.objects, entries, run_dir, owner_of(record))
         try:
             if len(entries) <= INLINE_MATERIALIZE_FILES and sum(e[1] for e in entries) <= INLINE_MATERIALIZE_BYTES:
                 work()
@@ -198,11 +224,12 @@ class LaunchPlanner:
         except SnapshotFailed as exc:
             raise PrepareFailed(str(exc), reason="snapshot_failed") from None
 
-    @staticmethod
-    def _groups(record: RunRecord) -> list[int]:
-        if not (os.geteuid() == 0 and record.uid != 0):
-            return []
-        try:
-            return os.getgrouplist(record.user, record.gid)
-        except KeyError:
-            return [record.gid]
+def array_environment(array: dict) -> dict[str, str]:
+    """What an array member sees: labrun's names, and Slurm's so Slurm scripts work unchanged."""
+    return {
+        "LABRUN_ARRAY_ID": array["id"],
+        "LABRUN_ARRAY_INDEX": str(array["index"]),
+        "SLURM_ARRAY_JOB_ID": array["id"],
+        "SLURM_ARRAY_TASK_ID": str(array["index"]),
+        "SLURM_ARRAY_TASK_COUNT": str(array["size"]),
+    }

@@ -59,6 +59,10 @@ class RunRecord:
             "properties": spec.get("properties", {}),
             "allocation": self.allocation,
             "waiting": self.waiting,
+            "after": spec.get("after", []),
+            "afterok": spec.get("afterok", []),
+            # {id, index, size, throttle}: what a Slurm target maps onto sbatch --array=INDEX%THROTTLE
+            "array": spec.get("array"),
         }
         environment = spec.get("environment")
         shown["environment"] = environment if privileged or environment is None else \

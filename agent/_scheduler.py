@@ -14,7 +14,10 @@ small runs cannot starve a big one.
 
 Every run that does not start gets a reason: ``resources`` (does not fit now),
 ``reserved`` / ``priority`` / ``fair_share`` (fits, but would delay the head, which
-is ahead of it by submit order / priority / fair share), ``max_concurrent``.
+is ahead of it by submit order / priority / fair share), ``max_concurrent``,
+``dependency`` (a run it waits for has not ended: the caller says which in
+``Pending.blocked_by``), ``array_limit`` (its array already runs as many runs as its
+``%N`` allows: ``array_limits``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class Pending:
     order: int                  # submit order
     demand: Demand
     duration: float             # max_run_duration_seconds
+    blocked_by: tuple[str, ...] = ()   # runs it waits for that have not ended yet
+    array: str | None = None           # the array it belongs to
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,7 @@ class Active:
     user: str
     allocation: Allocation
     ends_by: float              # start + max_run_duration_seconds
+    array: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,9 +173,18 @@ def _reserve(head: Pending, free: _Free, active: list[Active], now: float) -> _S
     return _Shadow(time=when, spare_cpus=cpus - d.cpus, spare_memory=spare_memory, spare_gpus=gpus - d.gpus)
 
 
-def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, now: float) -> Decision:
-    """Decide which of ``pending`` start now. Deterministic for equal inputs."""
+def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, now: float,
+             array_limits: dict[str, int] | None = None) -> Decision:
+    """Decide which of ``pending`` start now. Deterministic for equal inputs.
+
+    ``array_limits``: the most runs of each array that may be active at once (absent or 0: no limit).
+    """
     decision = Decision()
+    array_limits = array_limits or {}
+    array_active: dict[str, int] = defaultdict(int)
+    for a in active:
+        if a.array is not None:
+            array_active[a.array] += 1
     free = _free_now(capacity, active)
     pin = bool(capacity.cores)
     # A run that takes nothing from this machine (it runs on a cluster) is not one of its concurrent runs.
@@ -201,6 +216,13 @@ def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, n
             position = len(decision.waiting) + 1
             decision.order.append(run.run_id)
             d = run.demand
+            # Runs that may not start whatever the resources never become the head: they reserve nothing.
+            if run.blocked_by:
+                decision.waiting[run.run_id] = ("dependency", position)
+                continue
+            if run.array is not None and 0 < array_limits.get(run.array, 0) <= array_active[run.array]:
+                decision.waiting[run.run_id] = ("array_limit", position)
+                continue
             if capacity.fits_ever(d) is not None:
                 decision.waiting[run.run_id] = ("resources", position)
                 continue
@@ -233,8 +255,10 @@ def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, n
                         shadow.spare_memory -= d.memory
             allocation = free.take(d, pin)
             decision.starts.append(Start(run.run_id, allocation))
-            started.append(Active(run.run_id, run.user, allocation, now + run.duration))
+            started.append(Active(run.run_id, run.user, allocation, now + run.duration, run.array))
             running += 1 if d.cpus else 0
+            if run.array is not None:
+                array_active[run.array] += 1
             u = usage[run.user]
             u[0] += d.cpus
             u[1] += d.memory or 0

@@ -1,6 +1,10 @@
 """The Unix socket server: one task per connection, one task per request.
 
-A connection must open with ``hello``; ten seconds without one closes it. Frames
+A connection must open with ``hello``; ten seconds without one closes it. After it,
+a connection with nothing in flight is closed after ``limits.idle_timeout_seconds``,
+and a frame must finish within ``limits.frame_timeout_seconds``; the agent says why
+in a last error frame (id nil) before closing. Bytes buffered, requests in flight
+and connections are counted by ``Limits``, which refuses past its budgets. Frames
 are decoded with the shared sans-I/O decoder; an oversize frame gets a ``too_large``
 error and undecodable bytes close the connection, since the stream is then out of
 sync. Nothing a client sends can take down another connection or the agent: every
@@ -19,10 +23,14 @@ import structlog
 import trio
 
 from labrun.protocol import (
-    STREAMING_OPS, AgentError, BadRequest, Forbidden, FrameCorrupt, FrameDecoder, FrameTooLarge, TooLarge,
-    pack_frame, parse_request, reply_error, reply_ok, request_id, stream_end, stream_item,
+    STREAMING_OPS, AgentError, BadRequest, Conflict, Forbidden, FrameCorrupt, FrameDecoder, FrameTooLarge, NotFound,
+    TooLarge, Unavailable, pack_frame, parse_request, reply_error, reply_ok, request_id, stream_end, stream_item,
 )
 
+from labrun.protocol._paths import tmp_fallback_dir
+
+from ._faults import DISK_ERRNOS, is_disk_error
+from ._limits import Limits
 from ._peers import peer_credentials, resolve_peer
 from ._service import Service, Session
 
@@ -56,13 +64,42 @@ def refuse_if_agent_answers(path: Path) -> None:
                                   "(or pass --socket to use another path)")
 
 
+class SocketDirectoryUnsafe(Exception):
+    """The socket's directory could let another user replace the socket."""
+
+
+def check_socket_directory(path: Path, *, system: bool) -> None:
+    """Create the socket's directory if needed; it must be the agent's own (or root's), and writable only
+    by its owner unless sticky: otherwise another user could swap the socket for theirs and catch the
+    clients.
+
+    Raises:
+        SocketDirectoryUnsafe: naming the directory and what is wrong with it.
+    """
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True, mode=0o755 if system else 0o700)
+    info = directory.lstat()
+    if (info.st_mode & 0o170000) != 0o040000:
+        raise SocketDirectoryUnsafe(f"the socket directory {directory} is a symbolic link or not a directory")
+    if info.st_uid not in (os.geteuid(), 0):
+        raise SocketDirectoryUnsafe(f"the socket directory {directory} belongs to uid {info.st_uid}, not to this "
+                                    "agent's user: another user may have made it first; remove it or pick another "
+                                    "--socket")
+    if info.st_mode & 0o022 and not info.st_mode & 0o1000:
+        raise SocketDirectoryUnsafe(f"the socket directory {directory} is writable by other users "
+                                    f"(mode {info.st_mode & 0o7777:o}); pick another --socket")
+    if directory == Path(tmp_fallback_dir()) and info.st_mode & 0o077:
+        raise SocketDirectoryUnsafe(f"the socket directory {directory} must be 0700 (it is "
+                                    f"{info.st_mode & 0o777:o})")
+
+
 async def open_unix_listener(path: Path, *, system: bool, group: str | None) -> trio.SocketListener:
     """Bind the agent's socket, replacing one a dead agent left; refuse if a live agent answers there.
 
     Raises:
         AgentAlreadyRunning: another agent answers on ``path``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755 if system else 0o700)
+    check_socket_directory(path, system=system)
     refuse_if_agent_answers(path)
     if path.exists() or path.is_symlink():
         path.unlink()
@@ -90,10 +127,73 @@ async def open_unix_listener(path: Path, *, system: bool, group: str | None) -> 
     return trio.SocketListener(sock)
 
 
+class _ConnectionState:
+    """A connection's counters, and when its receive loop gives up: handshake, idle (nothing in flight) or an
+    unfinished frame."""
+
+    def __init__(self, limits, scope: trio.CancelScope):
+        self.limits = limits
+        self.scope = scope
+        self.greeted = False
+        self.in_flight = 0
+        self.handshake_by = trio.current_time() + HANDSHAKE_TIMEOUT
+        self.last_activity = trio.current_time()
+        self.frame_started: float | None = None
+        self.buffered = 0   # bytes of an unfinished frame counted against the limits
+
+    def rearm(self) -> None:
+        if not self.greeted:
+            deadline = self.handshake_by
+        elif self.in_flight:
+            deadline = float("inf")
+        else:
+            deadline = self.last_activity + self.limits.idle_timeout_seconds
+        if self.frame_started is not None:
+            deadline = min(deadline, self.frame_started + self.limits.frame_timeout_seconds)
+        self.scope.deadline = deadline
+
+    def reason(self) -> str:
+        now = trio.current_time()
+        if self.frame_started is not None and now >= self.frame_started + self.limits.frame_timeout_seconds:
+            return "frame_timeout"
+        return "idle_timeout" if self.greeted else "handshake_timeout"
+
+
+_TIMEOUT_MESSAGES = {
+    "handshake_timeout": f"no 'hello' within {HANDSHAKE_TIMEOUT:g} seconds; closing",
+    "idle_timeout": "connection idle for {idle:g} seconds with nothing in flight (limits.idle_timeout_seconds); "
+                    "closing. Clients reconnect on their next call",
+    "frame_timeout": "a frame begun {frame:g} seconds ago is still unfinished (limits.frame_timeout_seconds); closing",
+}
+
+
+# What a request's file name or offset did wrong, as the kernel said it: the client's mistake, not the agent's.
+_CLIENT_ERRNOS = {errno.ENAMETOOLONG: "name too long", errno.EISDIR: "is a directory",
+                  errno.ENOTDIR: "a path component is not a directory", errno.EINVAL: "invalid name or offset",
+                  errno.ELOOP: "too many levels of symbolic links", errno.EFBIG: "file too large"}
+
+
+def os_error_reply(exc: OSError) -> AgentError:
+    """The error reply for an ``OSError`` met while serving a request."""
+    if exc.errno in _CLIENT_ERRNOS:
+        return BadRequest(f"{_CLIENT_ERRNOS[exc.errno]}: {Path(exc.filename or '').name[:80]!r}")
+    if exc.errno == errno.ENOENT:
+        return NotFound(f"no such file: {Path(exc.filename or '').name[:80]!r}")
+    if exc.errno == errno.EEXIST:   # e.g. a file where a name needs a directory
+        return Conflict(f"already exists, and is not a directory: {Path(exc.filename or '').name[:80]!r}")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return Forbidden(f"permission denied: {Path(exc.filename or '').name[:80]!r}")
+    if exc.errno in DISK_ERRNOS:
+        return Unavailable(f"the agent cannot write to its state directory ({exc.strerror}); try again "
+                           "later. 'labrun status' shows the problem while it lasts")
+    return AgentError(f"agent I/O error: {exc.strerror or exc}")
+
+
 class ConnectionHandler:
-    def __init__(self, config, service: Service):
+    def __init__(self, config, service: Service, limits: Limits):
         self.config = config
         self.service = service
+        self.limits = limits
 
     async def __call__(self, stream: trio.SocketStream) -> None:
         try:
@@ -107,7 +207,6 @@ class ConnectionHandler:
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         pid, uid, gid = peer_credentials(stream.socket)
-        peer = resolve_peer(pid, uid, gid, self.config.admin_group)
         send_lock = trio.Lock()
 
         async def send(message: dict) -> None:
@@ -116,24 +215,46 @@ class ConnectionHandler:
             async with send_lock:
                 await stream.send_all(data)
 
-        if not self.config.system and uid not in (os.geteuid(), 0):
-            await send(reply_error(None, Forbidden("this is a per-user agent; it serves only its owner")))
-            return
-        session = Session(peer=peer)
-        decoder = FrameDecoder(self.config.max_frame_bytes)
-        with structlog.contextvars.bound_contextvars(peer_uid=uid, peer_pid=pid):
-            try:
-                async with trio.open_nursery() as requests:
-                    handshake = trio.move_on_after(HANDSHAKE_TIMEOUT)
-                    with handshake:
-                        await self._receive_loop(stream, decoder, session, send, requests, handshake)
-                    if handshake.cancelled_caught:
-                        log.info("connection.handshake.timeout")
-                    requests.cancel_scope.cancel()
-            finally:
-                session.discard_uploads()
+        async def refuse(error: AgentError) -> None:
+            # The peer may not be reading: a refusal never holds the connection open for long.
+            with trio.move_on_after(1):
+                await send(reply_error(None, error))
 
-    async def _receive_loop(self, stream, decoder, session, send, requests, handshake) -> None:
+        if not self.config.system and uid not in (os.geteuid(), 0):
+            await refuse(Forbidden("this is a per-user agent; it serves only its owner"))
+            return
+        try:
+            self.limits.admit(uid, stream.socket.fileno())
+        except AgentError as exc:
+            log.warning("connection.refused", peer_uid=uid, limit=exc.details.get("limit"))
+            await refuse(exc)
+            return
+        try:
+            peer = resolve_peer(pid, uid, gid, self.config.admin_group)
+            session = Session(peer=peer)
+            decoder = FrameDecoder(self.config.max_frame_bytes)
+            state = _ConnectionState(self.limits.config, trio.CancelScope())
+            with structlog.contextvars.bound_contextvars(peer_uid=uid, peer_pid=pid):
+                try:
+                    async with trio.open_nursery() as requests:
+                        with state.scope:
+                            state.rearm()
+                            await self._receive_loop(stream, decoder, session, send, requests, state)
+                        if state.scope.cancelled_caught:
+                            reason = state.reason()
+                            log.info("connection.closed", reason=reason)
+                            await refuse(Unavailable(_TIMEOUT_MESSAGES[reason].format(
+                                idle=self.limits.config.idle_timeout_seconds,
+                                frame=self.limits.config.frame_timeout_seconds), details={"reason": reason}))
+                        requests.cancel_scope.cancel()
+                finally:
+                    self.limits.buffer(uid, state.buffered, 0)
+                    session.discard_uploads()
+        finally:
+            self.limits.release(uid)
+
+    async def _receive_loop(self, stream, decoder, session, send, requests, state: _ConnectionState) -> None:
+        uid = session.peer.uid
         while True:
             data = await stream.receive_some(RECEIVE_SIZE)
             if not data:
@@ -141,11 +262,25 @@ class ConnectionHandler:
             try:
                 messages = decoder.feed(data)
             except FrameTooLarge as exc:
-                await send(reply_error(None, TooLarge(str(exc))))
+                await send(reply_error(None, TooLarge(f"{exc} (limits.buffer_bytes_per_connection)")))
                 return
             except FrameCorrupt as exc:
                 log.info("connection.corrupt", error=str(exc))
                 return
+            try:
+                # What stays buffered is an unfinished frame: it counts against the user's and the agent's
+                # budgets until it completes (at most one read's worth is held beyond them).
+                self.limits.buffer(uid, state.buffered, decoder.pending)
+                state.buffered = decoder.pending
+            except AgentError as exc:
+                log.warning("connection.refused", limit=exc.details.get("limit"))
+                await send(reply_error(None, exc))
+                return
+            state.last_activity = trio.current_time()
+            if decoder.pending == 0:
+                state.frame_started = None
+            elif messages or state.frame_started is None:
+                state.frame_started = state.last_activity
             for message in messages:
                 id = request_id(message)
                 try:
@@ -155,12 +290,27 @@ class ConnectionHandler:
                     continue
                 if request.op == "hello":
                     await self._serve_request(session, request, send)
-                    if session.greeted:
-                        handshake.deadline = float("inf")
+                    state.greeted = session.greeted
                 elif not session.greeted:
                     await send(reply_error(id, BadRequest("send 'hello' before any other request")))
                 else:
-                    requests.start_soon(self._serve_request, session, request, send)
+                    try:
+                        self.limits.start_request(uid, state.in_flight)
+                    except AgentError as exc:
+                        await send(reply_error(id, exc))
+                        continue
+                    state.in_flight += 1
+                    requests.start_soon(self._counted_request, session, request, send, state)
+            state.rearm()
+
+    async def _counted_request(self, session: Session, request, send, state: _ConnectionState) -> None:
+        try:
+            await self._serve_request(session, request, send)
+        finally:
+            state.in_flight -= 1
+            self.limits.end_request(session.peer.uid)
+            state.last_activity = trio.current_time()
+            state.rearm()
 
     async def _serve_request(self, session: Session, request, send) -> None:
         handler = self.service.handlers[request.op]
@@ -177,8 +327,18 @@ class ConnectionHandler:
         except OSError as exc:
             if exc.errno in (errno.EPIPE, errno.ECONNRESET):
                 raise
-            log.exception("request.failed", op=request.op)
-            await send(reply_error(request.id, AgentError(f"agent I/O error: {exc.strerror or exc}")))
-        except Exception:
+            error = os_error_reply(exc)
+            if exc.errno in DISK_ERRNOS:
+                self.service.supervisor.faults.report("files", exc)
+            if error.code == "internal":
+                log.exception("request.failed", op=request.op)
+            else:
+                log.info("request.refused", op=request.op, error=str(exc))
+            await send(reply_error(request.id, error))
+        except Exception as exc:
+            if is_disk_error(exc):
+                self.service.supervisor.faults.report("store", exc)
+                await send(reply_error(request.id, os_error_reply(OSError(errno.ENOSPC, str(exc)))))
+                return
             log.exception("request.failed", op=request.op)
             await send(reply_error(request.id, AgentError("internal error; the agent's log has the details")))

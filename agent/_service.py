@@ -10,17 +10,19 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Awaitable, Callable
 
+import msgpack
 import trio
 
 from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Conflict, Forbidden, NotFound, TooLarge, __version__
 from labrun.protocol._statuses import ACTIVE, QUEUED
 
-from ._artifacts import LOGS, artifact_path, list_files
+from ._artifacts import LOGS, list_files, open_for_reading, write_file
 from ._events import EventFilter, EventLog
+from ._limits import LimitsConfig, check_labels, check_text, labels_size
 from ._peers import Peer
+from ._retention import RunFiles
 from ._rundir import RunDir
 from ._snapshot import ContentStore
 from ._supervisor import Owner, Supervisor
@@ -55,8 +57,15 @@ class Session:
 
 
 class Service:
-    def __init__(self, config, store, supervisor: Supervisor, events: EventLog, hub=None):
+    mlflow = None   # the agent's MLflow side (_mlflow_setup.Mlflow)
+
+    def __init__(self, config, store, supervisor: Supervisor, events: EventLog, hub=None, run_files: RunFiles = None,
+                 *, limits=None):
         self.config = config
+        self.run_files = run_files
+        self.limits = limits
+        self.bounds: LimitsConfig = config.limits
+        self._submitting: dict[tuple[int, str], trio.Event] = {}
         self.store = store
         self.supervisor = supervisor
         self.events = events
@@ -69,6 +78,7 @@ class Service:
             "set_labels": self.set_labels, "files": self.files, "download": self.download, "put_file": self.put_file,
             "env_register": self.env_register, "env_get": self.env_get, "env_list": self.env_list,
             "drain": self.drain, "resume": self.resume,
+            "remove": self.remove, "clean": self.clean, "ui": self.ui,
         }
 
     # -- helpers -----------------------------------------------------------------------
@@ -85,11 +95,14 @@ class Service:
             raise Forbidden(f"run {run_id} belongs to {record.user}; only its owner or an admin may {action}")
         return record
 
-    def _show(self, session: Session, record, labels: dict | None = None) -> dict:
+    def _show(self, session: Session, record, labels: dict | None = None, removed: dict | None = None) -> dict:
         """The run as this peer may see it, with the tags, properties and error set while it ran."""
         shown = record.public(privileged=session.peer.may_manage(record.uid))
         if labels is None:
             labels = self.store.labels_of([record.run_id]).get(record.run_id, {})
+        if removed is None:
+            removed = self.store.removed_of([record.run_id])
+        shown["files_removed_at"] = removed.get(record.run_id)
         shown["tags"] = {**shown["tags"], **labels.get("tags", {})}
         shown["properties"] = {**shown["properties"], **labels.get("properties", {})}
         shown["reported_error"] = labels.get("error") or None
@@ -104,7 +117,12 @@ class Service:
         return self._record(run_id)
 
     def _run_dir(self, record) -> RunDir:
-        return RunDir.of(self.config.state_dir, record.run_id)
+        self.run_files.check_present(record)
+        run_dir = RunDir.of(self.config.state_dir, record.run_id)
+        if run_dir.root.is_symlink():
+            # A cluster's run directory (a Slurm target's run_root): the agent's own link to it, made at submit.
+            run_dir = RunDir(run_dir.root.resolve())
+        return run_dir
 
     # -- ops ---------------------------------------------------------------------------
 
@@ -150,22 +168,61 @@ class Service:
         return {"blobs": results}
 
     async def submit(self, session: Session, args: dict) -> dict:
+        key = args["idempotency_key"]
+        if key is None:
+            return await self._submit(session, args)
+        # One submit per key at a time: a retry that arrives while the first is still being made waits for it.
+        owner_key = (session.peer.uid, key)
+        while owner_key in self._submitting:
+            await self._submitting[owner_key].wait()
+        existing = self.store.run_for_key(session.peer.uid, key)
+        if existing is not None:
+            session.unsubmitted_bytes = 0
+            array = existing.spec.get("array")
+            if array is None:
+                return self._show(session, self.supervisor.live_record(existing.run_id) or existing)
+            members = [self.store.get_run(run_id) for run_id in self.store.array_members(array["id"])]
+            return {"array_id": array["id"],
+                    "runs": [self._show(session, self.supervisor.live_record(r.run_id) or r) for r in members]}
+        self._submitting[owner_key] = trio.Event()
+        try:
+            return await self._submit(session, args)
+        finally:
+            self._submitting.pop(owner_key).set()
+
+    async def _submit(self, session: Session, args: dict) -> dict:
+        spec = args["spec"]
+        check_text(self.bounds, "spec.display_name", spec["display_name"], "display_name_chars")
+        check_labels(self.bounds, "spec.tags", spec["tags"])
+        check_labels(self.bounds, "spec.properties", spec["properties"], labels_size(spec["tags"]))
         peer = session.peer
-        record = await self.supervisor.submit(args["spec"], Owner(peer.uid, peer.gid, peer.user, list(peer.groups),
-                                                                  peer.admin))
+        owner = Owner(peer.uid, peer.gid, peer.user, list(peer.groups), peer.admin)
+        if args["array"] is None:
+            record = await self.supervisor.submit(spec, owner, args["idempotency_key"])
+        else:
+            records = await self.supervisor.submit_array(spec, owner, args["array"], args["idempotency_key"])
         session.unsubmitted_bytes = 0
-        return self._show(session, record)
+        if args["array"] is None:
+            return self._show(session, record)
+        return {"array_id": records[0].spec["array"]["id"], "runs": [self._show(session, r) for r in records]}
 
     async def get(self, session: Session, args: dict) -> dict:
         # event_seq: watch from here and no later change of this run can be missed.
-        return {**self._show(session, self._record(args["run_id"])), "event_seq": self.store.last_seq()}
+        shown = self._show(session, self._record(args["run_id"]))
+        shown["mlflow"] = self.mlflow.link(args["run_id"]) if self.mlflow is not None else None
+        return {**shown, "event_seq": self.store.last_seq()}
 
     async def list(self, session: Session, args: dict) -> list:
         """One page of runs, newest first; the next page is ``before`` the last run's ``order``."""
         statuses, before = args["status"], args["before"]
         limit = min(args["limit"] or LIST_PAGE, LIST_PAGE)
         query = {"experiment": args["experiment"], "before": before}
-        if args["all"] or statuses is not None:
+        if args["array"] is not None:
+            # An array is one page: its members, newest (highest index) first like every listing.
+            records = [self.store.get_run(r) for r in reversed(self.store.array_members(args["array"]))]
+            records = [r for r in records if r is not None and (before is None or r.order < before)
+                       and (statuses is None or r.status in statuses)][:limit]
+        elif args["all"] or statuses is not None:
             records = self.store.list_runs(statuses=statuses, limit=limit, **query)
         else:
             # Queued and active runs, and the few most recent finished ones.
@@ -173,9 +230,18 @@ class Service:
             if before is None:
                 records += self.store.list_runs(statuses=TERMINAL, limit=RECENT_FINISHED, **query)
             records = sorted(records, key=lambda r: r.order, reverse=True)[:limit]
-        labels = self.store.labels_of([r.run_id for r in records])
-        return [self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}))
-                for r in records]
+        ids = [r.run_id for r in records]
+        labels, removed = self.store.labels_of(ids), self.store.removed_of(ids)
+        # A page ends at limits.list_page_bytes as well, so runs with many large labels never make a
+        # reply larger than a frame; the client follows ``before`` as for any page.
+        page, size = [], 0
+        for r in records:
+            shown = self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}), removed)
+            size += len(msgpack.packb(shown, use_bin_type=True))
+            if page and size > self.bounds.list_page_bytes:
+                break
+            page.append(shown)
+        return page
 
     async def cancel(self, session: Session, args: dict) -> dict:
         record = self._owned(session, args["run_id"], "cancel it")
@@ -193,29 +259,32 @@ class Service:
 
     async def logs(self, session: Session, args: dict, send_item: SendItem) -> None:
         record = self._owned(session, args["run_id"], "read its logs")
-        path = artifact_path(self._run_dir(record), LOGS + args["name"])
+        name = LOGS + args["name"]
+        run_dir = self._run_dir(record)
         offset = args["offset"]
-        while True:
-            ended = self._record(record.run_id).status in TERMINAL
-            offset = await self._send_file_from(path, offset, send_item)
-            if ended or not args["follow"]:
-                if not path.exists() and args["name"] != "std_log.txt":
-                    raise NotFound(f"run {record.run_id} has no log {args['name']!r}")
-                return
-            with trio.move_on_after(LOG_POLL_SECONDS):
-                await self.supervisor.changed.wait()
+        fd = None
+        try:
+            while True:
+                ended = self._record(record.run_id).status in TERMINAL
+                if fd is None:
+                    fd = await open_for_reading(record, run_dir, name)
+                if fd is not None:
+                    offset = await self._send_fd_from(fd, offset, send_item)
+                if ended or not args["follow"]:
+                    if fd is None and args["name"] != "std_log.txt":
+                        raise NotFound(f"run {record.run_id} has no log {args['name']!r}")
+                    return
+                with trio.move_on_after(LOG_POLL_SECONDS):
+                    await self.supervisor.changed.wait()
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     @staticmethod
-    async def _send_file_from(path: Path, offset: int, send_item: SendItem) -> int:
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError:
-            return offset
-        with f:
-            f.seek(offset)
-            while chunk := f.read(LOG_CHUNK):
-                await send_item({"offset": offset, "data": chunk})
-                offset += len(chunk)
+    async def _send_fd_from(fd: int, offset: int, send_item: SendItem) -> int:
+        while chunk := os.pread(fd, LOG_CHUNK, offset):
+            await send_item({"offset": offset, "data": chunk})
+            offset += len(chunk)
         return offset
 
     async def watch(self, session: Session, args: dict, send_item: SendItem) -> None:
@@ -225,6 +294,8 @@ class Service:
 
     async def log_metrics(self, session: Session, args: dict) -> dict:
         record = self._writable(session, args["run_id"], args["token"])
+        for i, metric in enumerate(args["metrics"]):
+            check_text(self.bounds, f"args.metrics[{i}].description", metric["description"], "description_chars")
         if args["metrics"]:
             self.store.add_metrics(record, args["metrics"])
         return {"count": len(args["metrics"])}
@@ -236,6 +307,14 @@ class Service:
     async def set_labels(self, session: Session, args: dict) -> dict:
         record = self._writable(session, args["run_id"], args["token"])
         values = args["values"]
+        if args["kind"] != "error":
+            # The run's labels after this change, less the keys it replaces, against limits.labels_bytes_per_run.
+            current = self.store.labels_of([record.run_id]).get(record.run_id, {})
+            others = 0
+            for kind in ("tags", "properties"):
+                labels = {**record.spec.get(kind, {}), **current.get(kind, {})}
+                others += labels_size({k: v for k, v in labels.items() if kind != args["kind"] or k not in values})
+            check_labels(self.bounds, "args.values", values, others)
         if args["kind"] == "properties":
             # Properties are add-only, as in Azure ML.
             existing = {**record.spec.get("properties", {}), **self.store.labels(record.run_id, "properties")}
@@ -248,46 +327,65 @@ class Service:
 
     async def files(self, session: Session, args: dict) -> list:
         record = self._owned(session, args["run_id"], "list its files")
-        return list_files(self._run_dir(record))
+        return await list_files(record, self._run_dir(record))
 
     async def download(self, session: Session, args: dict, send_item: SendItem) -> None:
         record = self._owned(session, args["run_id"], "read its files")
-        path = artifact_path(self._run_dir(record), args["name"])
-        if not path.is_file():
+        fd = await open_for_reading(record, self._run_dir(record), args["name"])
+        if fd is None:
             raise NotFound(f"run {record.run_id} has no file {args['name']!r}")
-        await self._send_file_from(path, args["offset"], send_item)
+        try:
+            await self._send_fd_from(fd, args["offset"], send_item)
+        finally:
+            os.close(fd)
 
     async def put_file(self, session: Session, args: dict) -> dict:
         record = self._writable(session, args["run_id"], args["token"])
         if args["name"].startswith(LOGS):
             raise BadRequest(f"{LOGS} is kept by the agent; upload under another name")
-        path = artifact_path(self._run_dir(record), args["name"])
-        if not args["append"] and path.exists():
-            raise Conflict(f"run {record.run_id} already has a file {args['name']!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as f:
-            f.write(args["data"])
-        if os.geteuid() == 0 and record.uid != 0:
-            run_dir, node = self._run_dir(record).root, path
-            while node != run_dir:
-                os.chown(node, record.uid, record.gid)
-                node = node.parent
-        return {"name": args["name"], "size": path.stat().st_size}
+        size = await write_file(record, self._run_dir(record), args["name"], args["data"], append=args["append"])
+        return {"name": args["name"], "size": size}
+
+    async def remove(self, session: Session, args: dict) -> dict:
+        """``labrun rm``: delete a finished run's directory (owner or admin)."""
+        record = self._owned(session, args["run_id"], "remove it")
+        freed = await self.run_files.remove(record, purge=args["purge"])
+        return {"run_id": record.run_id, "freed_bytes": freed, "purged": args["purge"]}
+
+    async def clean(self, session: Session, args: dict) -> dict:
+        """``labrun clean``: remove the caller's finished runs (everyone's with ``all_users``, admins only)."""
+        if args["all_users"] and not session.peer.admin:
+            raise Forbidden("only an admin may clean every user's runs")
+        removed = await self.run_files.clean(older_than=args["older_than"], statuses=args["status"],
+                                             uid=None if args["all_users"] else session.peer.uid,
+                                             purge=args["purge"])
+        return {"removed": removed, "freed_bytes": sum(r["freed_bytes"] for r in removed)}
 
     async def env_register(self, session: Session, args: dict) -> dict:
         environment = args["environment"]
-        version = self.store.register_environment(environment["name"], environment, session.peer.user)
+        peer = session.peer
+        version = self.store.register_environment(environment["name"], environment, peer.user, peer.uid,
+                                                  admin=peer.admin)
         return {**environment, "version": version}
+
+    def _env_shown(self, session: Session, found: dict) -> dict:
+        """An environment as this peer may see it: its variables (often secrets) only to its owner and admins."""
+        shown = {**found["definition"], "version": found["version"], "owner": found["user"]}
+        owner = self.store.environment_owner(found["name"])
+        if not session.peer.may_manage(owner if owner is not None else 0) and shown.get("environment_variables"):
+            shown["environment_variables"] = {}
+            shown["environment_variables_hidden"] = True
+        return shown
 
     async def env_get(self, session: Session, args: dict) -> dict:
         found = self.store.get_environment(args["name"], args["version"])
         if found is None:
             which = f" version {args['version']}" if args["version"] else ""
             raise NotFound(f"no environment {args['name']!r}{which} is registered")
-        return {**found["definition"], "version": found["version"]}
+        return self._env_shown(session, found)
 
     async def env_list(self, session: Session, args: dict) -> list:
-        return [{**e["definition"], "version": e["version"]} for e in self.store.list_environments()]
+        return [self._env_shown(session, e) for e in self.store.list_environments()]
 
     # -- draining ----------------------------------------------------------------------
 
@@ -350,7 +448,25 @@ class Service:
             "containment": {kind: getattr(executor, "containment", None)
                             for kind, executor in self.supervisor.executors.items()},
             "hub": self.hub.status() if self.hub is not None else None,
+            "limits": self.limits.status() if self.limits is not None else None,
+            "faults": self.supervisor.faults.status(),
+            "mlflow": self.mlflow.status() if self.mlflow is not None else None,
+            "disk": await self._disk(),
         }
+
+    async def _disk(self) -> dict:
+        fs = os.statvfs(self.config.state_dir)
+        runs, snapshots = await self.run_files.disk_used()
+        return {"runs_bytes": runs, "snapshot_store_bytes": snapshots, "free_bytes": fs.f_bavail * fs.f_frsize,
+                "total_bytes": fs.f_blocks * fs.f_frsize, "retention_days": self.config.runs.retention_days,
+                "purge": self.config.runs.purge}
+
+    async def ui(self, session: Session, args: dict) -> dict:
+        """``labrun ui``: the MLflow UI's address, starting the embedded server on a per-user agent."""
+        if args["start"]:
+            self.mlflow.enable_ui(session.peer.admin)
+        ready = await self.mlflow.wait_ready(args["timeout"]) if args["start"] else self.mlflow.mirror is not None
+        return {"url": self.mlflow.tracking_uri, "ready": ready, "mlflow": self.mlflow.status()}
 
 
 def _slurm_shown(target) -> dict:

@@ -22,6 +22,8 @@ subscribers only after their commit.
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
 import sqlite3
 import time
 import uuid
@@ -32,6 +34,7 @@ import msgpack
 import structlog
 import trio
 
+from labrun.protocol import Forbidden
 from labrun.protocol._statuses import TERMINAL
 
 from ._model import RunRecord
@@ -105,6 +108,21 @@ CREATE TABLE IF NOT EXISTS environments (
     PRIMARY KEY (name, version)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
+CREATE TABLE IF NOT EXISTS submit_keys (
+    uid INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    PRIMARY KEY (uid, key)
+);
+"""
+
+# Who owns each environment name: only they (or an admin) may publish its versions.
+OWNERS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS environment_owners (
+    name TEXT PRIMARY KEY,
+    uid INTEGER NOT NULL,
+    user TEXT NOT NULL
+);
 """
 
 # Content-addressed snapshots (agent/_snapshot.py owns the files): each content's size and how many
@@ -122,6 +140,24 @@ CREATE TABLE IF NOT EXISTS cas_tree_holders (uid INTEGER NOT NULL, tree TEXT NOT
 CREATE TABLE IF NOT EXISTS cas_runs (run_id TEXT PRIMARY KEY, tree TEXT NOT NULL) WITHOUT ROWID;
 """
 
+# Arrays and removed run directories: tables of their own, so the runs table keeps its shape. (A run's
+# dependencies are part of its spec: ``after`` and ``afterok`` lists of run ids.)
+# ``run_arrays``: the members of an array, with the array's concurrency limit (``throttle``, 0: none).
+# ``removed_run_dirs``: runs whose directory ``labrun rm``, ``clean`` or retention deleted.
+RELATIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS run_arrays (
+    run_id TEXT PRIMARY KEY,
+    array_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    throttle INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_arrays_array ON run_arrays(array_id, idx);
+CREATE TABLE IF NOT EXISTS removed_run_dirs (
+    run_id TEXT PRIMARY KEY,
+    removed_at REAL NOT NULL,
+    bytes INTEGER NOT NULL
+);
+"""
 class SchemaTooNew(Exception):
     """The database was written by a newer agent."""
 
@@ -142,6 +178,10 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     "CREATE TABLE IF NOT EXISTS run_tokens (run_id TEXT PRIMARY KEY, token_hash BLOB NOT NULL);",
     # 3: content-addressed snapshots.
     CAS_SCHEMA,
+    # 4: who owns each environment name.
+    OWNERS_SCHEMA,
+    # 5: dependencies between runs, and arrays.
+    RELATIONS_SCHEMA,
 ]
 
 
@@ -207,8 +247,14 @@ def _record(row: tuple) -> RunRecord:
 class Store:
     def __init__(self, path: Path):
         self.path = path
+        # Stored environments hold secrets: the database is its owner's alone (SQLite gives the -wal
+        # and -shm files the database's mode; older ones are narrowed too).
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{path}{suffix}", 0o600)
         # NORMAL in WAL mode: a commit survives an agent crash; only a power cut can
         # lose the last transactions. The fsync per commit of FULL would cap throughput.
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -225,9 +271,25 @@ class Store:
         self._batch_open = False            # writes wait in an open transaction for the writer
         self._batch_opened = trio.Event()   # wakes the writer
         self._committed = trio.Event()      # set when the open batch has committed
+        # Fault hooks (see _faults): make room before a commit; hear of a commit that failed.
+        self.before_commit: Callable[[], None] = lambda: None
+        self.on_commit_failed: Callable[[Exception], None] = lambda exc: None
+        self._lost: dict[trio.Event, Exception] = {}   # batches SQLite rolled back, by their commit event
+
+    def reserve_space(self, nbytes: int) -> None:
+        """Keep ``nbytes`` of free pages in the database and of written WAL: later commits then overwrite
+        space the files already own instead of asking the filesystem for more, so a full disk does not
+        make SQLite roll a commit back (which loses its writes). Called at start, before the writer runs."""
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0] * self._db.execute("PRAGMA page_size").fetchone()[0]
+        if free >= nbytes:
+            return
+        self._db.execute("CREATE TABLE IF NOT EXISTS space_reserve (data BLOB)")
+        self._db.execute("INSERT INTO space_reserve VALUES (zeroblob(?))", (nbytes - free,))
+        self._db.execute("DELETE FROM space_reserve")
 
     def close(self) -> None:
-        self._commit_batch()
+        with contextlib.suppress(sqlite3.Error):   # a full disk: what could not commit is logged already
+            self._commit_batch()
         self._db.close()
 
     # -- transactions ------------------------------------------------------------------
@@ -243,11 +305,13 @@ class Store:
         self._uncommitted = []
         try:
             yield
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # On a full disk SQLite may have rolled back already; a failed COMMIT leaves the transaction open.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             self._uncommitted = []
             raise
-        self._db.execute("COMMIT")
         events, self._uncommitted = self._uncommitted, []
         if events:
             self.on_events(events)
@@ -297,11 +361,16 @@ class Store:
                 await self._batch_opened.wait()
                 await trio.sleep(0)   # tasks that are ready now add their writes to this batch first
                 try:
+                    self.before_commit()
                     self._commit_batch()
                     delay = 0.05
                 except sqlite3.OperationalError as exc:
-                    if not self._db.in_transaction:   # SQLite rolled it back: those writes are gone
-                        raise
+                    self.on_commit_failed(exc)
+                    if not self._db.in_transaction:
+                        # SQLite rolled the batch back (it may, on a full disk): its writes are gone. The agent
+                        # goes on (a crash would lose more); before_commit's room check makes this rare.
+                        self._drop_batch(exc)
+                        continue
                     structlog.get_logger("labrun.store").error("store.commit.failed", error=str(exc),
                                                                retry_in=delay)
                     await trio.sleep(delay)
@@ -311,10 +380,24 @@ class Store:
                 self._commit_batch()
             self._grouping = False
 
+    def _drop_batch(self, exc: Exception) -> None:
+        structlog.get_logger("labrun.store").error("store.commit.lost", error=str(exc),
+                                                   events=len(self._uncommitted))
+        self._batch_open = False
+        self._batch_opened = trio.Event()
+        self._uncommitted = []
+        self._lost[self._committed] = exc   # durable() raises it to those who waited for this batch
+        committed, self._committed = self._committed, trio.Event()
+        committed.set()
+
     async def durable(self) -> None:
         """Return once every write made so far has committed."""
         if self._batch_open:
-            await self._committed.wait()
+            batch = self._committed
+            await batch.wait()
+            lost = self._lost.get(batch)   # (a rare case; the few entries are kept, identity keys stay unique)
+            if lost is not None:
+                raise lost
 
     def _event(self, type: str, *, run_id=None, experiment=None, user=None, data=None, now=None) -> int:
         event = {"id": str(uuid.uuid4()), "time": now or time.time(), "type": type, "run_id": run_id,
@@ -327,25 +410,47 @@ class Store:
         self._uncommitted.append(event)
         return event["seq"]
 
-    def add_run(self, record: RunRecord, event_type: str) -> RunRecord:
-        """Insert a new run (assigning its order and per-experiment number) with its event."""
+    def add_run(self, record: RunRecord, event_type: str, submit_key: str | None = None) -> RunRecord:
+        """Insert a new run (assigning its order and per-experiment number) with its event.
+
+        ``submit_key``: the client's idempotency key; ``run_for_key`` finds the run by it later.
+        """
         with self._transaction():
-            row = self._db.execute("SELECT last_number FROM experiments WHERE name = ?", (record.experiment,)).fetchone()
-            record.number = (row[0] if row else 0) + 1
-            self._db.execute(
-                "INSERT INTO experiments (name, last_number) VALUES (?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET last_number = excluded.last_number",
-                (record.experiment, record.number),
-            )
-            record.order = self._db.execute("SELECT COALESCE(MAX(ord), 0) + 1 FROM runs").fetchone()[0]
-            values = dict(record.__dict__, ord=record.order)
-            self._db.execute(
-                f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                [_pack(values[c]) if c in _PACKED else values[c] for c in _COLUMNS],
-            )
-            self._event(event_type, run_id=record.run_id, experiment=record.experiment, user=record.user,
-                        data={"status": record.status}, now=record.submitted_at)
+            self._insert_run(record, event_type, submit_key)
         return record
+
+    def add_array(self, records: list[RunRecord], event_type: str, submit_key: str | None = None) -> list[RunRecord]:
+        """Insert the members of an array (each spec's ``array`` says which) in one transaction.
+
+        ``submit_key`` is kept with the first member; a retried submit finds the array through it.
+        """
+        with self._transaction():
+            for record in records:
+                self._insert_run(record, event_type, submit_key if record is records[0] else None)
+                array = record.spec["array"]
+                self._db.execute("INSERT INTO run_arrays (run_id, array_id, idx, throttle) VALUES (?, ?, ?, ?)",
+                                 (record.run_id, array["id"], array["index"], array["throttle"]))
+        return records
+
+    def _insert_run(self, record: RunRecord, event_type: str, submit_key: str | None = None) -> None:
+        if submit_key is not None:
+            self._db.execute("INSERT OR REPLACE INTO submit_keys (uid, key, run_id) VALUES (?, ?, ?)",
+                             (record.uid, submit_key, record.run_id))
+        row = self._db.execute("SELECT last_number FROM experiments WHERE name = ?", (record.experiment,)).fetchone()
+        record.number = (row[0] if row else 0) + 1
+        self._db.execute(
+            "INSERT INTO experiments (name, last_number) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET last_number = excluded.last_number",
+            (record.experiment, record.number),
+        )
+        record.order = self._db.execute("SELECT COALESCE(MAX(ord), 0) + 1 FROM runs").fetchone()[0]
+        values = dict(record.__dict__, ord=record.order)
+        self._db.execute(
+            f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+            [_pack(values[c]) if c in _PACKED else values[c] for c in _COLUMNS],
+        )
+        self._event(event_type, run_id=record.run_id, experiment=record.experiment, user=record.user,
+                    data={"status": record.status}, now=record.submitted_at)
 
     def update_run(self, record: RunRecord, event_type: str | None, event_data: dict | None = None,
                    **changes) -> RunRecord:
@@ -372,6 +477,11 @@ class Store:
         return seq
 
     # -- queries -----------------------------------------------------------------------
+
+    def run_for_key(self, uid: int, submit_key: str) -> RunRecord | None:
+        """The run ``uid`` submitted with this idempotency key, if it still exists."""
+        row = self._db.execute("SELECT run_id FROM submit_keys WHERE uid = ? AND key = ?", (uid, submit_key)).fetchone()
+        return self.get_run(row[0]) if row else None
 
     def get_run(self, run_id: str) -> RunRecord | None:
         row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
@@ -443,6 +553,56 @@ class Store:
             cursor = self._db.execute("DELETE FROM events WHERE time < ? AND seq <= ?", (before_time, up_to_seq))
         return cursor.rowcount
 
+    # -- arrays, dependencies and removed run directories --------------------------------
+
+    def array_members(self, array_id: str) -> list[str]:
+        """The run ids of an array, by index; empty when there is no such array."""
+        rows = self._db.execute("SELECT run_id FROM run_arrays WHERE array_id = ? ORDER BY idx", (array_id,))
+        return [r[0] for r in rows.fetchall()]
+
+    def _by_run(self, select: str, run_ids: Iterable[str]) -> dict:
+        """``{run_id: value}`` from ``select`` (``SELECT run_id, value FROM ... WHERE run_id IN``), in chunks."""
+        run_ids, found = list(run_ids), {}
+        for start in range(0, len(run_ids), 500):
+            chunk = run_ids[start:start + 500]
+            found.update(self._db.execute(f"{select} ({', '.join('?' * len(chunk))})", chunk).fetchall())
+        return found
+
+    def statuses_of(self, run_ids: Iterable[str]) -> dict[str, str]:
+        return self._by_run("SELECT run_id, status FROM runs WHERE run_id IN", run_ids)
+
+    def removed_of(self, run_ids: Iterable[str]) -> dict[str, float]:
+        """{run_id: when its directory was removed} for those of ``run_ids`` whose directory is gone."""
+        return self._by_run("SELECT run_id, removed_at FROM removed_run_dirs WHERE run_id IN", run_ids)
+
+    def finished_runs_to_remove(self, *, ended_before: float, statuses: Iterable[str] = TERMINAL,
+                                uid: int | None = None, limit: int = 1000,
+                                include_removed: bool = False) -> list[RunRecord]:
+        """Finished runs that ended before ``ended_before`` and still have their directory, oldest first."""
+        statuses = [s for s in statuses if s in TERMINAL]
+        sql = (f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE +status IN ({', '.join('?' * len(statuses))}) "
+               "AND ended_at < ?")
+        if not include_removed:
+            sql += " AND run_id NOT IN (SELECT run_id FROM removed_run_dirs)"
+        params: list = [*statuses, ended_before]
+        if uid is not None:
+            sql += " AND uid = ?"
+            params.append(uid)
+        rows = self._db.execute(sql + " ORDER BY ord LIMIT ?", (*params, limit)).fetchall()
+        return [_record(r) for r in rows]
+
+    def mark_removed(self, record: RunRecord, freed: int, *, purge: bool) -> None:
+        """Record that a run's directory is gone (``run.removed`` event); ``purge``: forget the run as well."""
+        with self._transaction():
+            if purge:
+                for table in ("runs", "metrics", "labels", "run_arrays", "removed_run_dirs"):
+                    self._db.execute(f"DELETE FROM {table} WHERE run_id = ?", (record.run_id,))
+            else:
+                self._db.execute("INSERT OR REPLACE INTO removed_run_dirs (run_id, removed_at, bytes) VALUES (?, ?, ?)",
+                                 (record.run_id, time.time(), freed))
+            self._event("run.removed", run_id=record.run_id, experiment=record.experiment, user=record.user,
+                        data={"bytes": freed, "purged": purge})
+
     # -- metrics, tags and properties ---------------------------------------------------
 
     def add_metrics(self, record: RunRecord, metrics: list[dict]) -> None:
@@ -464,6 +624,13 @@ class Store:
             params.append(name)
         return [{"name": r[0], "kind": r[1], "step": r[2], "time": r[3], "value": _unpack(r[4]), "description": r[5]}
                 for r in self._db.execute(sql + " ORDER BY id", params).fetchall()]
+
+    def metrics_after(self, run_id: str, after_id: int, limit: int) -> list[dict]:
+        """The run's metric rows after row ``after_id``, oldest first, with their row ``id`` (a delivery cursor)."""
+        rows = self._db.execute("SELECT id, name, kind, step, time, value FROM metrics WHERE run_id = ? AND id > ? "
+                                "ORDER BY id LIMIT ?", (run_id, after_id, limit)).fetchall()
+        return [{"id": r[0], "name": r[1], "kind": r[2], "step": r[3], "time": r[4], "value": _unpack(r[5])}
+                for r in rows]
 
     def labels_of(self, run_ids: list[str]) -> dict[str, dict[str, dict[str, str]]]:
         """{run_id: {kind: {key: value}}} for many runs in one query (listing)."""
@@ -489,13 +656,46 @@ class Store:
 
     # -- environments ------------------------------------------------------------------
 
-    def register_environment(self, name: str, definition: dict, user: str) -> int:
+    def register_environment(self, name: str, definition: dict, user: str, uid: int | None = None,
+                             *, admin: bool = False) -> int:
+        """Store the next version of ``name``. The first registrant owns the name.
+
+        Raises:
+            Forbidden: the name belongs to another user, and the caller is not an admin.
+        """
         with self._transaction():
+            owner = self.environment_owner(name)
+            if owner is None and uid is not None:
+                self._db.execute("INSERT INTO environment_owners (name, uid, user) VALUES (?, ?, ?)", (name, uid, user))
+            elif owner is not None and uid is not None and owner != uid and not admin:
+                raise Forbidden(f"environment name {name!r} belongs to {self._user_name(owner)}; only its owner or "
+                                "an admin may register new versions of it (choose another name)")
             row = self._db.execute("SELECT MAX(version) FROM environments WHERE name = ?", (name,)).fetchone()
             version = (row[0] or 0) + 1
             self._db.execute("INSERT INTO environments (name, version, definition, user, created_at) VALUES (?, ?, ?, ?, ?)",
                              (name, version, _pack(definition), user, time.time()))
         return version
+
+    @staticmethod
+    def _user_name(uid: int) -> str:
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return f"uid {uid}"
+
+    def environment_owner(self, name: str) -> int | None:
+        """The uid that owns an environment name (a name registered before names had owners: its first user's)."""
+        row = self._db.execute("SELECT uid FROM environment_owners WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            return row[0]
+        first = self._db.execute("SELECT user FROM environments WHERE name = ? ORDER BY version LIMIT 1",
+                                 (name,)).fetchone()
+        if first is None:
+            return None
+        try:
+            return pwd.getpwnam(first[0]).pw_uid
+        except KeyError:
+            return 0   # a user that no longer exists: only admins may publish it
 
     def get_environment(self, name: str, version: int | None = None) -> dict | None:
         sql = "SELECT name, version, definition, user, created_at FROM environments WHERE name = ?"

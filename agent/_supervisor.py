@@ -21,6 +21,11 @@ hash is in the store), a run that ended meanwhile gets its real exit status, and
 run whose executor finds nothing left is ``Failed`` with ``agent_lost``. Runs that had
 not started are queued again.
 
+Dependencies (``after``/``afterok`` in the spec) and arrays (``spec["array"]``, with its
+``%N`` limit) are inputs to the pure scheduler: each pass tells it which queued runs
+still wait for an unended run, and each array's limit. A queued ``afterok`` run whose
+dependency ended without completing is canceled (``dependency_failed``) before the pass.
+
 The supervisor knows no executor by name: ``executors`` maps target kinds to executors,
 and ``kind_for`` says which one a run needs.
 """
@@ -48,16 +53,18 @@ from labrun.protocol._statuses import (
     ACTIVE, CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, PREPARING, QUEUED, RUNNING, STARTING, TERMINAL,
 )
 
-from ._artifacts import artifact_path
-from ._asuser import AsUserFailed, Credentials, as_user
+from ._artifacts import artifact_path, note_in_log
+from ._asuser import AsUserFailed, Credentials, acting_as, agent_dir, as_user, make_private_dir, narrow_children
 from ._config import AgentConfig
 from ._environments import EnvironmentBuilder, PrepareFailed
+from ._faults import Faults
 from ._launch import LaunchPlanner
 from ._model import RunRecord
 from ._notify import Notifier
-from ._rundir import RunDir
+from ._rundir import RunDir, runs_root
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
 from ._snapshot import ContentStore
+from ._statecheck import mark_submitting
 from ._states import EVENT_TYPES, ExitResult, check_transition, outcome
 from ._store import Store
 from .executors import Ended, Executor, Handle, HandleError, Live, Lost, Preparation, StartFailed, kind_for
@@ -66,6 +73,8 @@ log = structlog.get_logger("labrun.supervisor")
 
 # Stopping a run waits this long beyond the grace period for SIGKILL to take effect.
 KILL_WAIT_SECONDS = 5.0
+# How long an executor may take to start a run (spawn the shim, create the container).
+START_SECONDS = 120.0
 # At start, how long an executor may take to say what became of one run (or to clean up orphans).
 RECOVER_SECONDS = 60.0
 
@@ -97,13 +106,23 @@ def token_hash(token: str) -> bytes:
 
 
 class Supervisor:
-    def __init__(self, config: AgentConfig, store: Store, capacity: Capacity, executors: dict[str, Executor]):
+    def __init__(self, config: AgentConfig, store: Store, capacity: Capacity, executors: dict[str, Executor],
+                 faults: Faults | None = None):
         self.config = config
+        # A full or failing state disk: runs keep running, their status writes are retried, nothing new starts.
+        self.faults = faults or Faults()
+        self.faults.on_clear = self.wake
         self.store = store
         self.capacity = capacity
         self.executors = executors
+        runs = runs_root(config.state_dir)
+        agent_dir(runs, traversable=True)
+        if narrow_children(runs):
+            log.info("runs.narrowed", detail="run directories an older agent left readable to others are now 0700")
         self.queued: dict[str, RunRecord] = {}
         self.active: dict[str, _ActiveRun] = {}
+        # Queued runs with dependencies (--after/--afterok): the only ones each pass checks for readiness.
+        self.waiting_on_others: set[str] = set()
         self.changed = Notifier()
         self._wakeup = trio.Event()
         self._waiting_stale = False
@@ -137,7 +156,7 @@ class Supervisor:
                 if record.run_id in self.active:
                     continue   # in a cluster's queue, being recovered
                 record.environ = None
-                self.queued[record.run_id] = record
+                self._enqueue(record)
             ready = False
             while True:
                 # Allocations are held again at once; new runs start once recovery is done, so nothing
@@ -215,6 +234,10 @@ class Supervisor:
 
     # -- state changes -----------------------------------------------------------------
 
+    async def _durably(self, write, *args, **kwargs):
+        """A status write that must not be lost: retried through a full or failing disk (see ``_faults``)."""
+        return await self.faults.retry("store", write, *args, **kwargs)
+
     def _transition(self, record: RunRecord, status: str, *, event_type: str | None = None, **changes) -> None:
         check_transition(record.status, status)
         data = {"status": status, "previous": record.status}
@@ -232,8 +255,18 @@ class Supervisor:
 
     # -- submit and cancel -------------------------------------------------------------
 
-    async def submit(self, spec: dict, owner: Owner) -> RunRecord:
-        """Check the spec and its snapshot against this agent and queue the run (durably)."""
+    async def submit(self, spec: dict, owner: Owner, submit_key: str | None = None) -> RunRecord:
+        """Check the spec and its snapshot against this agent and queue the run (durably).
+
+        ``submit_key``: the client's idempotency key, stored with the run in the same transaction.
+        """
+        return (await self._queue(spec, owner, None, submit_key))[0]
+
+    async def submit_array(self, spec: dict, owner: Owner, array: dict, submit_key: str | None = None) -> list[RunRecord]:
+        """Queue one run per index of ``array`` (``indices``, ``throttle``), sharing an array id: all or none."""
+        return await self._queue(spec, owner, array, submit_key)
+
+    async def _queue(self, spec: dict, owner: Owner, array: dict | None, submit_key: str | None) -> list[RunRecord]:
         self._check_features(spec, owner)
         target = spec["compute_target"]
         if target != "local":
@@ -247,11 +280,16 @@ class Supervisor:
         if too_big:
             raise BadRequest(f"spec.resources: the run {too_big}; it could never start",
                              details={"field": "spec.resources"})
+        self._resolve_dependencies(spec)
 
         snapshot = spec.pop("snapshot")
         entries, in_place = snapshot["files"], snapshot["in_place"]
         if entries is not None:
             tree = self.snapshots.check(owner.uid, entries)
+            if any(os.path.normpath(e[0]) == "outputs" for e in entries):
+                raise BadRequest("the source directory has an 'outputs' that is not a directory; labrun keeps the "
+                                 "run's outputs there: rename it or add it to .labrunignore",
+                                 details={"field": "spec.snapshot"})
             if spec["script"] is not None and os.path.normpath(spec["script"]) not in {e[0] for e in entries}:
                 raise BadRequest(f"spec.script: {spec['script']!r} is not a file in the snapshot of the source "
                                  "directory; the script must be inside source_directory",
@@ -262,39 +300,88 @@ class Supervisor:
 
         now = time.time()
         run_id = f"{spec['experiment']}_{int(now)}_{uuid.uuid4().hex[:8]}"
-        layout = self._run_dir(run_id)
-        run_dir = layout.root
-        chown = os.geteuid() == 0 and owner.uid != 0
+        environ = spec.pop("environ")
+        if array is None:
+            members = [(run_id, spec)]
+        else:
+            # Members are <array id>_<index>, as Slurm names array tasks <job id>_<index>.
+            members = [(f"{run_id}_{index}", {**spec, "array": {"id": run_id, "index": index, "size": len(array["indices"]),
+                                                                   "throttle": array["throttle"]}})
+                       for index in array["indices"]]
+        created: list[str] = []
+        marks: list[Path] = []
         try:
-            self._executor(spec).make_run_dir(self._target(spec), layout)
-            # The snapshot itself is made when the run starts (Launch), from the contents stored now.
-            layout.outputs_link.symlink_to(layout.outputs.relative_to(run_dir))
-            layout.logs.mkdir()
-            if chown:
-                for path in (run_dir, layout.logs):
-                    os.chown(path, owner.uid, owner.gid)
-            if entries is not None:
-                self.snapshots.acquire(run_id, owner.uid, tree, entries)
-            environ = spec.pop("environ")
-            record = RunRecord(
-                run_id=run_id, order=0, experiment=spec["experiment"], number=0, uid=owner.uid, gid=owner.gid,
-                user=owner.user, status=QUEUED, spec=spec, environ=environ, submitted_at=now,
-            )
-            self.store.add_run(record, EVENT_TYPES[QUEUED])
+            # No await from the snapshot check to the last acquire (ContentStore.acquire's contract).
+            records = []
+            for member_id, member_spec in members:
+                created.append(member_id)
+                # Until the row commits, the run directory is marked: a killed agent's next start removes it.
+                marks.append(mark_submitting(self.config.state_dir, member_id))
+                self._make_run_dir(member_id, owner, member_spec)
+                if entries is not None:
+                    self.snapshots.acquire(member_id, owner.uid, tree, entries)
+                records.append(RunRecord(
+                    run_id=member_id, order=0, experiment=spec["experiment"], number=0, uid=owner.uid,
+                    gid=owner.gid, user=owner.user, status=QUEUED, spec=member_spec, environ=environ,
+                    submitted_at=now,
+                ))
+            if array is None:
+                self.store.add_run(records[0], EVENT_TYPES[QUEUED], submit_key=submit_key)
+            else:
+                self.store.add_array(records, EVENT_TYPES[QUEUED], submit_key=submit_key)
         except BaseException:
             with trio.CancelScope(shield=True):
-                if run_dir.is_symlink():   # a cluster's run directory, elsewhere
-                    await trio.to_thread.run_sync(shutil.rmtree, run_dir.resolve(), True)
-                    run_dir.unlink()
-                self.snapshots.release_snapshot(run_id)
-                await trio.to_thread.run_sync(shutil.rmtree, run_dir, True)
+                for member_id in created:
+                    self.snapshots.release_snapshot(member_id)
+                    root = self._run_dir(member_id).root
+                    if root.is_symlink():   # a cluster's run directory, elsewhere
+                        await trio.to_thread.run_sync(shutil.rmtree, root.resolve(), True)
+                        root.unlink()
+                    await trio.to_thread.run_sync(shutil.rmtree, root, True)
             raise
-        log.debug("run.submitted", run_id=run_id, user=owner.user)
-        record.environ = None   # stored; read back at launch, so ten thousand queued runs stay small
-        self.queued[run_id] = record
+        finally:
+            for mark in marks:
+                mark.unlink(missing_ok=True)
+        for record in records:
+            log.debug("run.submitted", run_id=record.run_id, user=owner.user)
+            record.environ = None   # stored; read back at launch, so ten thousand queued runs stay small
+            self._enqueue(record)
         self.changed.notify()
         self.wake()
-        return record
+        return records
+
+    def _make_run_dir(self, run_id: str, owner: Owner, spec: dict) -> None:
+        creds = owner.credentials()
+        layout = self._run_dir(run_id)
+        # The run directory is its owner's (0700); what is in it is created with their rights.
+        self._executor(spec).make_run_dir(self._target(spec), layout, creds)
+        with acting_as(creds):
+            # The snapshot itself is made when the run starts (Launch), from the contents stored now.
+            layout.outputs_link.symlink_to(layout.outputs.relative_to(layout.root))
+            layout.logs.mkdir()
+
+    def _resolve_dependencies(self, spec: dict) -> None:
+        """Expand array ids in ``after``/``afterok`` into their members; refuse unknown runs.
+
+        A run can only wait for runs that exist when it is submitted, and its own id is new, so the
+        dependency graph can never hold a cycle.
+        """
+        for key in ("after", "afterok"):
+            resolved: list[str] = []
+            for wanted in spec.get(key, []):
+                members = self.store.array_members(wanted)
+                if not members:
+                    if wanted not in self.queued and wanted not in self.active and self.store.get_run(wanted) is None:
+                        raise BadRequest(f"spec.{key}: no run or array with id {wanted!r}",
+                                         details={"field": f"spec.{key}"})
+                    members = [wanted]
+                resolved += [m for m in members if m not in resolved]
+            spec[key] = resolved
+
+    def _enqueue(self, record: RunRecord) -> None:
+        self.queued[record.run_id] = record
+        if record.spec.get("after") or record.spec.get("afterok"):
+            self.waiting_on_others.add(record.run_id)
 
     async def _check_in_place(self, directory: str, script: str | None, owner: Owner) -> None:
         """An in-place run works in ``directory``: its user must be able to enter and read it (checked as them)."""
@@ -333,8 +420,10 @@ class Supervisor:
                     refuse("resume_from", f"no run with id {resume['run_id']!r}")
                 if source.uid != owner.uid and not owner.admin:
                     raise Forbidden(f"spec.resume_from: run {source.run_id} belongs to {source.user}")
-                path = artifact_path(self._run_dir(source.run_id), resume["path"])
-                if not path.exists():
+                path = artifact_path(self._run_dir(source.run_id), resume["path"], "spec.resume_from.path")
+                with acting_as(owner.credentials()):
+                    found = os.path.lexists(path)
+                if not found:
                     refuse("resume_from", f"run {source.run_id} has no {resume['path']!r}")
             elif not os.path.isabs(resume["path"]):
                 refuse("resume_from", f"a local path must be absolute, got {resume['path']!r}")
@@ -346,6 +435,7 @@ class Supervisor:
         """Cancel a queued run at once, or ask an active run's task to stop it."""
         if record.run_id in self.queued:
             record = self.queued.pop(record.run_id)
+            self.waiting_on_others.discard(record.run_id)
             record.waiting = None
             self._transition(record, CANCELED, ended_at=time.time(), reason="canceled")
             self.wake()
@@ -390,17 +480,48 @@ class Supervisor:
             return all(self._demand(r.spec).cpus for r in self.queued.values())
         return True
 
+    def _unmet(self, record: RunRecord) -> tuple[str, ...]:
+        """The runs ``record`` waits for that have not ended (every unended run is queued or active)."""
+        if record.run_id not in self.waiting_on_others:
+            return ()
+        return tuple(r for r in (*record.spec["after"], *record.spec["afterok"])
+                     if r in self.queued or r in self.active)
+
+    def _cancel_failed_dependents(self) -> None:
+        """``--afterok`` runs whose dependency ended without completing can never start: cancel them."""
+        for run_id in sorted(self.waiting_on_others):
+            record = self.queued[run_id]
+            ended = [r for r in record.spec["afterok"] if r not in self.queued and r not in self.active]
+            failed = sorted(r for r, status in self.store.statuses_of(ended).items() if status != COMPLETED)
+            if failed:
+                self.queued.pop(run_id)
+                self.waiting_on_others.discard(run_id)
+                record.waiting = None
+                self._transition(record, CANCELED, ended_at=time.time(), reason="dependency_failed",
+                                 error=f"canceled: run {failed[0]} did not complete (--afterok)")
+                self.wake()   # its own --afterok dependents go next
+
+    def _array_of(self, spec: dict) -> str | None:
+        return (spec.get("array") or {}).get("id")
+
     def _decide(self):
         now = time.time()
-        pending = [
-            Pending(run_id=r.run_id, user=r.user, priority=r.spec["priority"], order=r.order,
-                    demand=self._demand(r.spec), duration=r.spec["max_run_duration_seconds"])
-            for r in self.queued.values()
-        ]
-        active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by) for a in self.active.values()]
-        decision = schedule(pending, active, self.capacity, now)
+        pending, limits = [], {}
+        for r in self.queued.values():
+            array = self._array_of(r.spec)
+            if array is not None:
+                limits[array] = r.spec["array"]["throttle"]
+            pending.append(Pending(run_id=r.run_id, user=r.user, priority=r.spec["priority"], order=r.order,
+                                   demand=self._demand(r.spec), duration=r.spec["max_run_duration_seconds"],
+                                   blocked_by=self._unmet(r), array=array))
+        active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by, self._array_of(a.record.spec))
+                  for a in self.active.values()]
+        decision = schedule(pending, active, self.capacity, now, limits)
         for run_id, (reason, position) in decision.waiting.items():
-            self.queued[run_id].waiting = {"reason": "draining" if self.draining else reason, "position": position}
+            record = self.queued[run_id]
+            record.waiting = {"reason": "draining" if self.draining else reason, "position": position}
+            if reason == "dependency":
+                record.waiting["on"] = list(self._unmet(record))
         if self.draining:
             for start in decision.starts:
                 self.queued[start.run_id].waiting = {"reason": "draining", "position": 0}
@@ -408,8 +529,10 @@ class Supervisor:
         return decision, now
 
     def _schedule(self, nursery: trio.Nursery) -> None:
-        if not self.queued:
-            return
+        if self.waiting_on_others:
+            self._cancel_failed_dependents()
+        if not self.queued or self.faults.disk_failing:
+            return   # with a failing state disk, queued runs wait; clearing the fault wakes the scheduler
         if self._saturated() or self.draining:
             # Nothing can start, so skip the pass (a full queue makes it O(n) per submit); the waiting
             # reasons are worked out when someone looks at the queue.
@@ -418,6 +541,7 @@ class Supervisor:
         decision, now = self._decide()
         for start in decision.starts:
             record = self.queued.pop(start.run_id)
+            self.waiting_on_others.discard(start.run_id)
             record.waiting = None
             run = _ActiveRun(record, start.allocation, trio.CancelScope(),
                              ends_by=now + record.spec["max_run_duration_seconds"])
@@ -456,18 +580,18 @@ class Supervisor:
             if run.kill_scope.cancelled_caught:
                 if run.cancel_reason is None:
                     run.cancel_reason = "max_run_duration_exceeded"
-                    self._transition(record, CANCEL_REQUESTED, reason=run.cancel_reason)
+                    await self._durably(self._transition, record, CANCEL_REQUESTED, reason=run.cancel_reason)
                 if handle is not None:
                     with trio.move_on_after(self.config.stop_grace_seconds + KILL_WAIT_SECONDS, shield=True):
                         await self.store.durable()
                         await executor.stop(handle, self.config.stop_grace_seconds)
                         result = await executor.wait(handle)
-            self._finish(run, result)
+            await self._durably(self._finish, run, result)
         except Exception as exc:
             # A bug or an I/O error of the agent: the run fails, the agent goes on.
             log.exception("run.supervise.failed", run_id=record.run_id)
             if record.status not in TERMINAL:
-                self._fail(run, "agent_error", f"agent error: {exc}")
+                await self._durably(self._fail, run, "agent_error", f"agent error: {exc}")
         finally:
             del self.active[record.run_id]
             self.wake()
@@ -483,32 +607,39 @@ class Supervisor:
             launch = await executor.prepare(Preparation(record, run.allocation, token, run_dir,
                                                         self._target(record.spec), self.launches))
         except PrepareFailed as exc:
-            self._fail_to_start(run, run_dir.std_log, exc.reason, str(exc))
+            await self._fail_to_start(run, run_dir.std_log, exc.reason, str(exc))
             return None
         queues = executor.capabilities.own_queue
         if not queues:
-            self._advance(run, STARTING)
+            await self._durably(self._advance, run, STARTING)
         await self.store.durable()   # a process starts only for a run whose state is saved
-        try:
-            handle = await executor.start(launch)
-        except StartFailed as exc:
-            self._fail_to_start(run, launch.ranks[0].log_path, exc.reason, str(exc))
+        # Shielded: a cancel or time limit arriving while the executor starts the run must not lose the
+        # handle of processes that already exist. The cancel then takes effect at the wait that follows.
+        with trio.move_on_after(START_SECONDS, shield=True) as starting:
+            try:
+                handle = await executor.start(launch)
+            except StartFailed as exc:
+                await self._fail_to_start(run, launch.ranks[0].log_path, exc.reason, str(exc))
+                return None
+        if starting.cancelled_caught:
+            await self._fail_to_start(run, launch.ranks[0].log_path, "start_failed",
+                                      f"the run did not start within {START_SECONDS:.0f} seconds")
             return None
         if queues:
             # The run now waits in the cluster's queue; it is Running (and its time limit counts) once it runs.
             run.ends_by = math.inf
-            self._advance(run, QUEUED, handle=handle.to_store())
+            await self._durably(self._advance, run, QUEUED, handle=handle.to_store())
             return handle
         duration = record.spec["max_run_duration_seconds"]
         run.ends_by = time.time() + duration
         run.kill_scope.deadline = trio.current_time() + duration
-        self._advance(run, RUNNING, started_at=time.time(), pid=handle.pid, handle=handle.to_store())
+        await self._durably(self._advance, run, RUNNING, started_at=time.time(), pid=handle.pid,
+                            handle=handle.to_store())
         return handle
 
-    def _fail_to_start(self, run: _ActiveRun, log_path: Path, reason: str, error: str) -> None:
-        with open(log_path, "a") as log_file:
-            log_file.write(f"labrun: {error}\n")
-        self._fail(run, reason, error)
+    async def _fail_to_start(self, run: _ActiveRun, log_path: Path, reason: str, error: str) -> None:
+        note_in_log(run.record, log_path, f"labrun: {error}\n")
+        await self._durably(self._fail, run, reason, error)
 
     async def _recover_one(self, run: _ActiveRun, executor: Executor | None, handle: Handle | None,
                            why: str) -> None:
@@ -545,13 +676,14 @@ class Supervisor:
             return
         try:
             if isinstance(state, Ended):
-                self._finish(run, state.result)
+                await self._durably(self._finish, run, state.result)
             else:
                 log.warning("run.lost", run_id=record.run_id, status=record.status, why=state.why)
                 if run.cancel_reason is not None:
-                    self._finish(run, None)
+                    await self._durably(self._finish, run, None)
                 else:
-                    self._fail(run, "agent_lost", f"the run's process is gone and left no exit status: {state.why}")
+                    await self._durably(self._fail, run, "agent_lost",
+                                        f"the run's process is gone and left no exit status: {state.why}")
         finally:
             del self.active[record.run_id]
             self.wake()
@@ -580,18 +712,18 @@ class Supervisor:
 
     # -- runs in a cluster's own queue (Slurm) ------------------------------------------
 
-    def _progress(self, run: _ActiveRun, status: str, waiting: dict | None) -> None:
+    async def _progress(self, run: _ActiveRun, status: str, waiting: dict | None) -> None:
         """The cluster reports a new state of the run, as a labrun status, and while Queued why it waits there."""
         record = run.record
         if status == QUEUED:
             record.waiting = {"position": None, **(waiting or {"reason": "queued elsewhere"})}
             if record.status in (STARTING, RUNNING) and run.cancel_reason is None:   # preempted or requeued
-                self._transition(record, QUEUED, event_type="run.requeued")
+                await self._durably(self._transition, record, QUEUED, event_type="run.requeued")
                 run.ends_by, run.kill_scope.deadline = math.inf, math.inf
             self.changed.notify()
             return
         record.waiting = None
-        self._walk(run, status)
+        await self._durably(self._walk, run, status)
 
     def _walk(self, run: _ActiveRun, status: str) -> None:
         """Through each status a local run passes on its way to ``status``: Starting, Running, Finalizing."""

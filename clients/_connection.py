@@ -2,38 +2,119 @@
 
 Built on the protocol's sans-I/O codec, with the standard library's socket module
 only, so it imports anywhere a training script runs.
+
+Before sending anything (the client's environment and source travel in a submit), the
+connection checks who serves the socket (SO_PEERCRED): the system socket must be root's,
+any other socket root's or the user's own; the ``/tmp`` fallback directory must be the
+user's and 0700. A squatter gets nothing but a refusal that says why.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
+import select
 import socket
+import struct
 from collections.abc import Iterator
 
 from labrun.protocol._errors import AgentError, ProtocolError
 from labrun.protocol._framing import FrameDecoder, pack_frame
 from labrun.protocol._messages import request
+from labrun.protocol._paths import SYSTEM_SOCKET, private_dir_problem, tmp_fallback_dir
 from labrun.protocol._version import PROTOCOL_VERSION
 
-from .exceptions import AgentUnavailable
+from .exceptions import AgentAccessDenied, AgentUnavailable, AgentUntrusted
 
 RECEIVE_SIZE = 256 * 1024
+_UCRED = struct.Struct("3i")   # SO_PEERCRED: pid, uid, gid
+
+
+def _user_name(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def _check_server(path: str, sock: socket.socket) -> None:
+    """Refuse a server that is neither root nor this user (nor root, for the system socket)."""
+    _pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    if path == SYSTEM_SOCKET:
+        if uid != 0:
+            raise AgentUntrusted(f"refusing the agent at {path}: it runs as {_user_name(uid)}, and the system "
+                                 "agent must run as root; ask an administrator to check the labrun service")
+    elif uid not in (0, os.getuid()):
+        raise AgentUntrusted(f"refusing the agent at {path}: it runs as {_user_name(uid)}, not as you or root, "
+                             "so it could be another user's trap for your environment and source; remove the "
+                             "socket or point LABRUN_SOCKET at your own agent")
+
+
+def _access_denied_message(path: str) -> str:
+    group = None
+    # The socket's group, or its directory's when that is what keeps the user out.
+    for where in (path, os.path.dirname(path)):
+        try:
+            import grp
+
+            group = grp.getgrgid(os.stat(where).st_gid).gr_name
+            break
+        except (ImportError, KeyError, OSError):
+            pass
+    if group == "root":
+        group = None
+    ask = f"ask an administrator to add you to the group '{group}'" if group else "ask an administrator for access"
+    return (f"the labrun agent at {path} does not accept you: {ask}, then log in again. "
+            "(labrun does not start a private agent beside the system one: its runs would share the same "
+            "cores and GPUs without either agent knowing.)")
 
 
 class AgentConnection:
     def __init__(self, path: str | os.PathLike, *, client: str = "labrun-python"):
         self.path = os.fspath(path)
+        self._client = client
+        self._ids = itertools.count(1)
+        self._open()
+
+    def _open(self) -> None:
+        if os.path.dirname(os.path.abspath(self.path)) == tmp_fallback_dir():
+            problem = private_dir_problem(tmp_fallback_dir(), os.getuid())
+            if problem:
+                raise AgentUntrusted(f"refusing the agent socket {self.path}: {problem}")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.connect(self.path)
+            _check_server(self.path, self._sock)
         except OSError as exc:
             self._sock.close()
+            if exc.errno == errno.EACCES:
+                raise AgentAccessDenied(_access_denied_message(self.path)) from None
             raise AgentUnavailable(f"no labrun agent answers on {self.path}: {exc.strerror or exc}") from None
+        except AgentUntrusted:
+            self._sock.close()
+            raise
         self._decoder = FrameDecoder()
         self._pending: list[dict] = []
-        self._ids = itertools.count(1)
-        self.agent = self.call("hello", protocol=PROTOCOL_VERSION, client=client)
+        self.agent = self.call("hello", protocol=PROTOCOL_VERSION, client=self._client)
+
+    def _closed_by_agent(self) -> bool:
+        """Whether the agent has closed this idle connection (or said it is about to: its idle notice)."""
+        if self._pending:
+            return False
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def _refresh(self) -> None:
+        """Reconnect first if the agent closed the connection while we were not using it (idle timeout)."""
+        if self._closed_by_agent():
+            self._sock.close()
+            self._open()
 
     def close(self) -> None:
         self._sock.close()
@@ -79,11 +160,17 @@ class AgentConnection:
         if message.get("id") not in (id, None):
             raise AgentUnavailable(f"the agent answered request {message.get('id')} while we waited for {id}")
         if message.get("ok") is False:
-            raise AgentError.from_wire(message.get("error") or {})
+            error = message.get("error") or {}
+            if message.get("id") is None and (error.get("details") or {}).get("reason"):
+                # The agent closed this connection (idle, say) just as we sent: as if it had gone away.
+                raise AgentUnavailable(f"the agent at {self.path} closed the connection: {error.get('message')}")
+            raise AgentError.from_wire(error)
         return message
 
     def call(self, op: str, **args) -> object:
         """Send one request and return its result; an error reply raises its ``AgentError``."""
+        if op != "hello":
+            self._refresh()
         id = self._send(op, args)
         return self._reply_for(id)["result"]
 
@@ -93,6 +180,7 @@ class AgentConnection:
         Closing the iterator early closes the connection, since the agent may still be sending.
         ``timeout`` bounds the wait for each item (``TimeoutError`` past it).
         """
+        self._refresh()
         self._sock.settimeout(timeout)
         id = self._send(op, args)
         finished = False

@@ -3,7 +3,8 @@
 ``SubmittedRun`` is authenticated by the run's token (``LABRUN_RUN_TOKEN``), one per run and
 valid only while it is active. Metrics are buffered and sent in batches (at 500 values, after a
 second of logging, on ``flush``/``complete``, and at exit), so a loop logging thousands of values a
-second is not slowed. ``OfflineRun`` prints what it would have logged, as Azure ML's does.
+second is not slowed. When the agent cannot take them (it is restarting, or its disk is full), they are
+held and sent at a later flush; the script goes on. ``OfflineRun`` prints what it would have logged, as Azure ML's does.
 """
 
 from __future__ import annotations
@@ -12,10 +13,22 @@ import atexit
 import sys
 import time
 
+from labrun.protocol._errors import Unavailable
+
 from ._run import Run
+from .exceptions import AgentUnavailable
 
 FLUSH_COUNT = 500
 FLUSH_SECONDS = 1.0
+MAX_BATCH = 10_000       # values per log_metrics request
+MAX_HELD = 1_000_000     # values kept while the agent cannot take them
+
+
+def _warn(message: str) -> None:
+    try:
+        print(message, file=sys.stderr)
+    except OSError:
+        pass   # the run's log is on the same full disk: the warning must not end the script
 
 
 class SubmittedRun(Run):
@@ -41,6 +54,7 @@ class SubmittedRun(Run):
         self._token = token
         self._details = None
         self._buffer: list[dict] = []
+        self._held = False   # the last send failed: wait for the next flush time instead of every 500 values
         self._last_flush = time.monotonic()
         atexit.register(self.flush)
 
@@ -67,14 +81,28 @@ class SubmittedRun(Run):
     def _queue_metric(self, name, kind, value, description="", step=None):
         self._buffer.append({"name": str(name), "kind": kind, "value": value, "step": step, "time": time.time(),
                              "description": description or None})
-        if len(self._buffer) >= FLUSH_COUNT or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+        if time.monotonic() - self._last_flush >= FLUSH_SECONDS or (
+                len(self._buffer) >= FLUSH_COUNT and not self._held):
             self.flush()
 
     def flush(self, timeout_seconds=300) -> None:
         self._last_flush = time.monotonic()
-        if self._buffer:
-            batch, self._buffer = self._buffer, []
-            self._send_metrics(batch)
+        while self._buffer:
+            try:
+                self._send_metrics(self._buffer[:MAX_BATCH])
+            except (AgentUnavailable, Unavailable) as exc:
+                # The agent is restarting or cannot write now (a full disk): keep the metrics and send them at
+                # a later flush; the training goes on. Past MAX_HELD the oldest go, with a word on stderr.
+                if not self._held:
+                    _warn(f"labrun: metrics held for later, the agent cannot take them now: {exc}")
+                self._held = True
+                if len(self._buffer) > MAX_HELD:
+                    dropped = len(self._buffer) - MAX_HELD
+                    del self._buffer[:dropped]
+                    _warn(f"labrun: dropped the {dropped} oldest metrics held for the agent")
+                return
+            del self._buffer[:MAX_BATCH]
+            self._held = False
 
     def complete(self, _set_status=True):
         # The agent sets the status when the script exits; this only sends what is buffered.

@@ -12,20 +12,23 @@ import os
 import sys
 import time
 
-from labrun.protocol._paths import candidate_sockets, user_socket, user_state_dir
+from labrun.protocol._paths import candidate_sockets, private_dir_problem, user_socket, user_state_dir
 
 from ._connection import AgentConnection
-from .exceptions import AgentUnavailable
+from .exceptions import AgentAccessDenied, AgentUnavailable, AgentUntrusted
 
 AUTOSTART_TIMEOUT = 15.0
 
 
 def _try(path: str) -> AgentConnection | None:
+    """A connection, or None when nothing answers; refusals (access denied, untrusted) propagate."""
     try:
         if not os.path.exists(path):
             return None
         return AgentConnection(path)
-    except (AgentUnavailable, PermissionError):
+    except (AgentAccessDenied, AgentUntrusted):
+        raise
+    except AgentUnavailable:
         return None
 
 
@@ -50,6 +53,11 @@ def connect(socket: str | os.PathLike | None = None, *, autostart: bool | None =
 def start_user_agent() -> AgentConnection:
     path = user_socket()
     state = user_state_dir()
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    problem = private_dir_problem(directory, os.getuid())
+    if problem:
+        raise AgentUntrusted(f"not starting a per-user agent on {path}: {problem}")
     os.makedirs(state, mode=0o700, exist_ok=True)
     try:
         import trio  # noqa: F401  (only to tell whether the agent's dependencies are installed)

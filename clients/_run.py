@@ -144,7 +144,7 @@ class Run:
         """
         if show_output:
             out = sys.stdout
-            out.write(f"RunId: {self._id}\nWeb View: None\n\nStreaming {LOG_NAME}\n"
+            out.write(f"RunId: {self._id}\nWeb View: {self.get_portal_url(_wait_seconds=2)}\n\nStreaming {LOG_NAME}\n"
                       f"{'=' * (len('Streaming ') + len(LOG_NAME))}\n\n")
             out.flush()
             try:
@@ -159,7 +159,8 @@ class Run:
             self.experiment.workspace.wait_for_run(self._id)
         details = self.get_details()
         if show_output:
-            sys.stdout.write(f"\nExecution Summary\n=================\nRunId: {self._id}\nWeb View: None\n\n")
+            sys.stdout.write(f"\nExecution Summary\n=================\nRunId: {self._id}\n"
+                             f"Web View: {self.get_portal_url()}\n\n")
             if details["status"] == "Failed" and not raise_on_error:
                 sys.stdout.write(f"Error:\n{json.dumps(details.get('error'), indent=4)}\n")
             sys.stdout.flush()
@@ -169,6 +170,18 @@ class Run:
                 "Detailed error not set on the Run. Please check the logs for details."
             raise ActivityFailedException(error_details=text)
         return details
+
+    def get_portal_url(self, _wait_seconds: float = 0.0) -> str | None:
+        """The run's page in the MLflow UI (None when the agent mirrors into no MLflow server).
+
+        Until the run exists in MLflow (moments after it is queued), this is the experiment's page.
+        """
+        deadline = time.monotonic() + _wait_seconds
+        while True:
+            link = self._refresh().get("mlflow")
+            if link is None or link["run_id"] is not None or time.monotonic() >= deadline:
+                return link["url"] if link else None
+            time.sleep(0.1)
 
     def get_log(self) -> str:
         """The whole of the run's log so far."""

@@ -50,7 +50,7 @@ class ScriptRunConfig:
     def __init__(self, source_directory, script=None, arguments=None, run_config=None, _telemetry_values=None,
                  compute_target=None, environment=None, distributed_job_config=None, resume_from=None,
                  max_run_duration_seconds=MAX_DURATION_SECONDS_DEFAULT, command=None, docker_runtime_config=None,
-                 *, resources=None, priority=None, snapshot=True):
+                 *, resources=None, priority=None, snapshot=True, after=None, afterok=None):
         if script is not None and command:
             raise RunConfigurationException("Both 'command' and 'script' are set; use either 'command', or "
                                             "'script' with 'arguments'.")
@@ -63,6 +63,9 @@ class ScriptRunConfig:
         self._telemetry_values = _telemetry_values
         self._resume_from = resume_from
         self._distributed_job_config = None
+        # labrun additions: start after these runs (Run objects or ids) have ended / only if they completed.
+        self.after = _run_ids(after, "after")
+        self.afterok = _run_ids(afterok, "afterok")
 
         if run_config:
             if (max_run_duration_seconds != MAX_DURATION_SECONDS_DEFAULT or compute_target or environment
@@ -206,8 +209,22 @@ class ScriptRunConfig:
             "distributed": self._distributed_wire(),
             "resume_from": self._resume_wire(),
             "docker": self._docker_wire(),
+            **({"after": self.after} if self.after else {}),
+            **({"afterok": self.afterok} if self.afterok else {}),
         }
 
     def __repr__(self) -> str:
         what = f"command={self.command!r}" if self.command else f"script={self.script!r}, arguments={self.arguments!r}"
         return f"ScriptRunConfig(source_directory={self.source_directory!r}, {what}, target={self.run_config.target!r})"
+
+
+def _run_ids(runs, name: str) -> list[str]:
+    """Run objects or run ids (``after=[prep]``) -> run ids."""
+    if runs is None:
+        return []
+    if isinstance(runs, str) or hasattr(runs, "id"):
+        runs = [runs]
+    ids = [run if isinstance(run, str) else getattr(run, "id", None) for run in runs]
+    if not all(isinstance(i, str) and i for i in ids):
+        raise RunConfigurationException(f"'{name}' takes runs or run ids, got {runs!r}")
+    return ids

@@ -1,7 +1,7 @@
 """The snapshot a submit carries: a manifest of ``source_directory``'s files by content hash.
 
 Ignore rules, as Azure ML: ``.labrunignore`` if present, else ``.amlignore``, else
-``.gitignore``; only the file at the root, gitignore syntax. The limits are the agent's
+``.gitignore``; only the file at the root, gitignore syntax; ``.git`` never. The limits are the agent's
 (``[snapshot] max_files`` and ``max_bytes``, Azure ML's 2000 files and 300 MB by default),
 checked while walking, before anything is read or sent.
 
@@ -18,11 +18,14 @@ import stat as stats
 from labrun.protocol._errors import NotFound
 
 from ._hashcache import HashCache
-from .exceptions import SnapshotException
+from .exceptions import AgentUnavailable, SnapshotException
 
 DEFAULT_MAX_FILES = 2000
 DEFAULT_MAX_BYTES = 300 * 1024 * 1024
 IGNORE_FILES = (".labrunignore", ".amlignore", ".gitignore")
+GIT_DIR = ".git"
+# Past a limit, files are still counted up to this many more, so the message can say how far over it is.
+MAX_COUNTED_FILES = 100_000
 # One blob_put carries up to this much content (the frame limit is 16 MiB); bigger files go in chunks.
 UPLOAD_CHUNK = 8 * 1024 * 1024
 _IN_PLACE_HINT = ("; exclude files with a .labrunignore (or .amlignore/.gitignore) file, or run in the source "
@@ -46,22 +49,28 @@ def collect_files(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
     """``(name in the snapshot, path, stat)`` of every file to snapshot after the ignore rules, sorted by name.
 
     Symbolic links to files count as the file they point to; sockets, broken links and
-    unreadable files are skipped, as Azure ML does.
+    unreadable files are skipped, as Azure ML does. ``.git`` is never taken, whatever the ignore
+    files say (as Azure ML).
 
     Raises:
-        SnapshotException: the directory is missing, a name is not UTF-8, or the tree is over the limits.
+        SnapshotException: the directory is missing, a name is not UTF-8, or the tree is over the limits;
+            then the message gives the count, the directories holding the most, and the ways out.
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise SnapshotException(f"source_directory {root!r} is not a directory")
     spec = ignore_spec(root)
     files, total = [], 0
+    # Per top-level entry: [files, bytes], to say where an over-limit tree's weight is.
+    weight: dict[str, list[int]] = {}
     pending = [("", root)]
-    while pending:
+    while pending and len(files) <= max_files + MAX_COUNTED_FILES:
         rel_dir, directory = pending.pop()
         with os.scandir(directory) as entries:
             for entry in entries:
                 rel = rel_dir + entry.name
+                if entry.name == GIT_DIR:
+                    continue
                 try:
                     if entry.is_dir(follow_symlinks=False):   # links to directories are not followed, as os.walk
                         if spec is None or not spec.match_file(rel + "/"):
@@ -81,14 +90,26 @@ def collect_files(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
                                             "UTF-8; rename it or exclude it with a .labrunignore file") from None
                 files.append((rel, entry.path, st))
                 total += st.st_size
-                if len(files) > max_files:
-                    raise SnapshotException(f"While attempting to take snapshot of {root}\nYour project has more "
-                                            f"than {max_files} files" + _IN_PLACE_HINT)
-                if total > max_bytes:
-                    raise SnapshotException(f"While attempting to take snapshot of {root}\nYour total snapshot size "
-                                            f"exceeds the limit of {max_bytes / 1024 / 1024:.1f} MB" + _IN_PLACE_HINT)
+                top = weight.setdefault(rel.split("/")[0] + ("/" if "/" in rel else ""), [0, 0])
+                top[0] += 1
+                top[1] += st.st_size
+    if len(files) > max_files:
+        count = f"{len(files):,}" + ("+" if len(files) > max_files + MAX_COUNTED_FILES else "")
+        raise SnapshotException(f"While attempting to take snapshot of {root}\nYour project has {count} files, more "
+                                f"than {max_files} files; the most are in "
+                                f"{_heaviest(weight, 0, lambda n: f'{n:,} files')}" + _IN_PLACE_HINT)
+    if total > max_bytes:
+        raise SnapshotException(f"While attempting to take snapshot of {root}\nYour total snapshot size is "
+                                f"{total / 1e6:.1f} MB and exceeds the limit of {max_bytes / 1024 / 1024:.1f} MB; "
+                                f"the largest are {_heaviest(weight, 1, lambda n: f'{n / 1e6:.1f} MB')}"
+                                + _IN_PLACE_HINT)
     files.sort()
     return files
+
+
+def _heaviest(weight: dict[str, list[int]], key: int, unit) -> str:
+    top = sorted(weight.items(), key=lambda item: item[1][key], reverse=True)[:3]
+    return ", ".join(f"{name} ({unit(counts[key])})" for name, counts in top)
 
 
 def build_manifest(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
@@ -112,19 +133,36 @@ def build_manifest(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
     return manifest, paths
 
 
-def submit_spec(workspace, spec: dict, source_directory, *, in_place: bool = False) -> dict:
+def submit_spec(workspace, spec: dict, source_directory, *, in_place: bool = False, array: dict | None = None) -> dict:
     """Submit ``spec`` with the snapshot of ``source_directory`` (or, ``in_place``, to run in it); returns the run.
 
     The CLI's path as well as ``Experiment.submit``'s: it imports neither ``Run`` nor the config classes.
+    With ``array`` (``indices``, ``throttle``): one run per index; returns ``{"array_id", "runs"}``.
+
+    The submit carries a fresh idempotency key. If the connection is lost before the reply (the agent
+    restarted, say), it is sent once more on a new connection with the same key: the agent returns the
+    run it already made, or makes it if it had not.
     """
-    connection = workspace.connection
+    extra = {"idempotency_key": os.urandom(16).hex()}
+    if array is not None:
+        extra["array"] = array
+    try:
+        return _submit_once(workspace.connection, spec, source_directory, in_place, extra)
+    except AgentUnavailable:
+        if workspace._socket is None:
+            raise
+        workspace._reconnect()
+        return _submit_once(workspace.connection, spec, source_directory, in_place, extra)
+
+
+def _submit_once(connection, spec: dict, source_directory, in_place: bool, extra: dict) -> dict:
     if in_place:
         spec["snapshot"] = {"in_place": os.path.abspath(source_directory)}
-        return connection.call("submit", spec=spec)
-    return _submit_manifest(connection, spec, source_directory)
+        return connection.call("submit", spec=spec, **extra)
+    return _submit_manifest(connection, spec, source_directory, extra)
 
 
-def _submit_manifest(connection, spec: dict, root: str | os.PathLike) -> dict:
+def _submit_manifest(connection, spec: dict, root: str | os.PathLike, extra: dict) -> dict:
     limits = connection.agent.get("snapshot") or {}
     manifest, paths = build_manifest(root, limits.get("max_files", DEFAULT_MAX_FILES),
                                      limits.get("max_bytes", DEFAULT_MAX_BYTES))
@@ -133,7 +171,7 @@ def _submit_manifest(connection, spec: dict, root: str | os.PathLike) -> dict:
     uploaded: set[str] = set()
     while True:
         try:
-            return connection.call("submit", spec=spec)
+            return connection.call("submit", spec=spec, **extra)
         except NotFound as exc:
             # A long list comes in parts; asked for the same content twice, something else is wrong.
             missing = exc.details.get("missing")

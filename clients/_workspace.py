@@ -6,7 +6,7 @@ import os
 
 from ._connection import AgentConnection
 from ._discovery import connect
-from .exceptions import AgentUnavailable
+from .exceptions import AgentAccessDenied, AgentUnavailable, AgentUntrusted
 
 # Safe to send again after the agent restarted mid-call: they change nothing, or nothing twice.
 RETRYABLE_OPS = frozenset({"get", "list", "wait", "status", "cancel", "logs"})
@@ -95,6 +95,8 @@ class Workspace:
                     yield event
                 else:
                     return
+            except (AgentAccessDenied, AgentUntrusted):
+                raise   # not an agent going away: waiting would not help
             except AgentUnavailable:
                 if not resume or not follow:
                     raise
@@ -107,6 +109,8 @@ class Workspace:
             try:
                 self._reconnect()
                 return
+            except (AgentAccessDenied, AgentUntrusted):
+                raise
             except AgentUnavailable:
                 time.sleep(interval)
         raise AgentUnavailable(f"the agent at {self._socket} did not come back")
@@ -151,6 +155,20 @@ class Workspace:
             if not page or before is not None and page[-1]["order"] >= before:
                 return
             before = page[-1]["order"]
+
+    def get_mlflow_tracking_uri(self) -> str:
+        """The MLflow tracking server this agent mirrors runs into, as Azure ML's method returns the workspace's.
+
+        Raises:
+            UserErrorException: the agent has no MLflow server (``[mlflow]`` in its config, or ``labrun ui``).
+        """
+        mlflow = self._call("status").get("mlflow")
+        if not mlflow:
+            from .exceptions import UserErrorException
+
+            raise UserErrorException("this labrun agent has no MLflow tracking server: set [mlflow] tracking_uri "
+                                     "or embedded = true in its config, or run 'labrun ui' for a per-user agent")
+        return mlflow["tracking_uri"]
 
     @property
     def compute_targets(self) -> dict:

@@ -7,6 +7,8 @@
     - ``ActivityFailedException``: ``wait_for_completion`` saw the run end ``Failed``.
     - ``ActivityCanceledException``
     - ``AgentUnavailable``: no agent answers on the socket.
+        - ``AgentAccessDenied``: the system agent answers, but not to this user (ask for its group).
+        - ``AgentUntrusted``: what answers is not root's nor the user's: refused before anything is sent.
 
 Errors the agent returns are ``labrun.protocol.AgentError`` subclasses
 (``BadRequest``, ``NotFound``, ``Forbidden``, ...), re-exported here.
@@ -59,3 +61,11 @@ class ActivityCanceledException(AzureMLException):
 
 class AgentUnavailable(AzureMLException):
     """No labrun agent answers, and none could be started."""
+
+
+class AgentAccessDenied(AgentUnavailable):
+    """The machine's agent is there, but this user may not use it (not in its socket's group)."""
+
+
+class AgentUntrusted(AgentUnavailable):
+    """Something answers on the socket, but not an agent this user can trust (wrong owner or directory)."""

@@ -18,7 +18,7 @@ _EXPORTS = {
     "EXPERIMENT_NAME_RE": "._constants", "MAX_DURATION_SECONDS_DEFAULT": "._constants",
     "OP_SCHEMAS": "._schema", "validate_run_spec": "._schema",
     "ACTIVE": "._statuses", "STATUSES": "._statuses", "TERMINAL": "._statuses",
-    "format_memory": "._units", "parse_duration": "._units", "parse_memory": "._units",
+    "format_memory": "._units", "parse_duration": "._units", "parse_memory": "._units", "parse_array": "._units",
     "candidate_sockets": "._paths", "user_socket": "._paths", "user_state_dir": "._paths",
     "PROTOCOL_VERSION": "._version", "__version__": "._version",
 }

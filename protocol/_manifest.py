@@ -100,6 +100,10 @@ def validate_manifest(value, path: str = "spec.snapshot.files", max_files: int |
         clash = min(clashes)
         inside = next(name for name in sorted(files) if name.startswith(clash + "/"))
         raise _refuse(path, f"{clash!r} is a file and also a directory holding {inside!r}")
+    if "outputs" in files:
+        # The agent makes outputs/ the run's artifact directory: a file of that name cannot be one.
+        raise _refuse(path, "'outputs' is a file; the run's outputs/ directory must be a directory (rename the "
+                            "file, or add it to .labrunignore)")
     return entries
 
 

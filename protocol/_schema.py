@@ -8,18 +8,22 @@ is an error rather than a silently ignored option.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable
 
 from ._constants import EXPERIMENT_NAME_RE, MAX_DURATION_SECONDS_DEFAULT
 from ._errors import BadRequest
+from ._limits import DESCRIPTION_MAX, DISPLAY_NAME_MAX, LABEL_KEY_MAX, LABEL_VALUE_MAX
 from ._manifest import check_hash, validate_manifest
-from ._statuses import STATUSES
+from ._statuses import CANCELED, COMPLETED, FAILED, STATUSES
 
 Validator = Callable[[Any, str], Any]
 _MISSING = object()
 
 RUN_ID_RE = re.compile(r"^[\w\-.]{1,300}$")
+# Integers are stored in SQLite and handed to the kernel: anything outside a signed 64-bit integer is refused.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _type_name(value: Any) -> str:
@@ -30,12 +34,18 @@ def _fail(path: str, expected: str, value: Any) -> BadRequest:
     return BadRequest(f"{path}: expected {expected}, got {_type_name(value)}", details={"field": path})
 
 
-def string(*, min_len: int = 0, max_len: int = 1 << 20, pattern: re.Pattern | None = None, what: str = "") -> Validator:
+def string(*, min_len: int = 0, max_len: int = 1 << 20, pattern: re.Pattern | None = None, what: str = "",
+           nul: bool = True) -> Validator:
+    """A string of ``min_len`` to ``max_len`` characters; ``nul=False`` refuses NUL (paths, argv, environment)."""
     def check(value, path):
         if not isinstance(value, str):
             raise _fail(path, "a string", value)
         if not min_len <= len(value) <= max_len:
             raise BadRequest(f"{path}: length must be between {min_len} and {max_len}", details={"field": path})
+        if not nul and "\0" in value:
+            error = BadRequest(f"{path}: must not contain a NUL character", details={"field": path})
+            error.nul = True   # one_of reports this rather than a type mismatch
+            raise error
         if pattern is not None and not pattern.match(value):
             raise BadRequest(f"{path}: {what or 'invalid value'}: {value[:80]!r}", details={"field": path})
         return value
@@ -43,12 +53,12 @@ def string(*, min_len: int = 0, max_len: int = 1 << 20, pattern: re.Pattern | No
     return check
 
 
-def integer(*, min: int | None = None, max: int | None = None) -> Validator:
+def integer(*, min: int = INT64_MIN, max: int = INT64_MAX) -> Validator:
     def check(value, path):
         if isinstance(value, bool) or not isinstance(value, int):
             raise _fail(path, "an integer", value)
-        if (min is not None and value < min) or (max is not None and value > max):
-            bounds = f"at least {min}" if max is None else f"between {min} and {max}"
+        if not min <= value <= max:
+            bounds = f"at least {min}" if max == INT64_MAX else f"between {min} and {max}"
             raise BadRequest(f"{path}: must be {bounds}, got {value}", details={"field": path})
         return value
 
@@ -56,9 +66,14 @@ def integer(*, min: int | None = None, max: int | None = None) -> Validator:
 
 
 def number(*, min: float | None = None) -> Validator:
+    """A finite int or float (NaN and infinities are refused), within a signed 64-bit integer's range."""
     def check(value, path):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _fail(path, "a number", value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadRequest(f"{path}: must be a finite number, got {value}", details={"field": path})
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise BadRequest(f"{path}: out of range, got {value}", details={"field": path})
         if min is not None and value < min:
             raise BadRequest(f"{path}: must be at least {min}, got {value}", details={"field": path})
         return value
@@ -109,17 +124,19 @@ def list_of(inner: Validator, *, min_items: int = 0, max_items: int = 100_000) -
     return check
 
 
-def map_of(inner: Validator, *, max_items: int = 100_000) -> Validator:
+def map_of(inner: Validator, *, max_items: int = 100_000, key: Validator | None = None) -> Validator:
     def check(value, path):
         if not isinstance(value, dict):
             raise _fail(path, "a map", value)
         if len(value) > max_items:
             raise BadRequest(f"{path}: at most {max_items} entries", details={"field": path})
         out = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise _fail(f"{path} key", "a string", key)
-            out[key] = inner(item, f"{path}.{key}")
+        for key_, item in value.items():
+            if not isinstance(key_, str):
+                raise _fail(f"{path} key", "a string", key_)
+            if key is not None:
+                key(key_, f"{path} key {key_[:80]!r}")
+            out[key_] = inner(item, f"{path}.{key_}")
         return out
 
     return check
@@ -129,11 +146,16 @@ def one_of(*options: tuple[str, Validator]) -> Validator:
     """Accept the first option whose validator passes; the error lists all of them."""
 
     def check(value, path):
+        errors = []
         for _name, validator in options:
             try:
                 return validator(value, path)
-            except BadRequest:
-                continue
+            except BadRequest as exc:
+                errors.append(exc)
+        # A NUL inside an option of the right type says more than "expected X or Y".
+        for exc in errors:
+            if getattr(exc, "nul", False):
+                raise exc
         expected = " or ".join(name for name, _ in options)
         raise _fail(path, expected, value)
 
@@ -177,7 +199,7 @@ def struct(fields: dict[str, Field]) -> Validator:
 
 
 def _relative_path(value, path):
-    string(min_len=1, max_len=4096)(value, path)
+    string(min_len=1, max_len=4096, nul=False)(value, path)
     parts = value.replace("\\", "/").split("/")
     if value.startswith("/") or ".." in parts:
         raise BadRequest(f"{path}: must be a path inside the source directory, got {value!r}", details={"field": path})
@@ -210,9 +232,14 @@ BLOB = struct({
     "data": Field(binary),
 })
 
-_ENV = map_of(string(max_len=1 << 17), max_items=10_000)
-_LABELS = map_of(string(max_len=4096), max_items=1000)
+_ENV_KEY_RE = re.compile(r"^[^=\0]+$")
+# execve takes "KEY=value" strings: a key with '=' or NUL, or a value with NUL, cannot be passed to a run.
+_ENV = map_of(string(max_len=1 << 17, nul=False), max_items=10_000,
+              key=string(min_len=1, max_len=4096, pattern=_ENV_KEY_RE,
+                         what="an environment variable name must be non-empty and contain no '=' or NUL"))
+_LABELS = map_of(string(max_len=LABEL_VALUE_MAX), max_items=1000, key=string(min_len=1, max_len=LABEL_KEY_MAX))
 _NAME = string(min_len=1, max_len=255)
+_ARG = string(max_len=1 << 17, nul=False)
 
 ENVIRONMENT = struct({
     "name": Field(_NAME),
@@ -220,7 +247,7 @@ ENVIRONMENT = struct({
     "environment_variables": Field(_ENV, dict),
     "python": Field(struct({
         "user_managed_dependencies": Field(boolean, False),
-        "interpreter_path": Field(nullable(string(min_len=1, max_len=4096)), None),
+        "interpreter_path": Field(nullable(string(min_len=1, max_len=4096, nul=False)), None),
         "pip_requirements": Field(nullable(list_of(string(max_len=4096), max_items=10_000)), None),
         "conda_specification": Field(nullable(string(max_len=1 << 20)), None),
     }), lambda: {"user_managed_dependencies": False, "interpreter_path": None, "pip_requirements": None,
@@ -255,14 +282,14 @@ RUN_SPEC = struct({
     "experiment": Field(string(pattern=EXPERIMENT_NAME_RE, what=(
         "experiment name must be 1 to 255 characters, start with a letter or digit, and contain only "
         "letters, digits, hyphens and underscores"))),
-    "display_name": Field(nullable(string(max_len=1024)), None),
+    "display_name": Field(nullable(string(max_len=DISPLAY_NAME_MAX)), None),
     "script": Field(nullable(_relative_path), None),
-    "arguments": Field(list_of(string(max_len=1 << 17), max_items=10_000), list),
+    "arguments": Field(list_of(_ARG, max_items=10_000), list),
     "command": Field(nullable(one_of(
-        ("a non-empty list of strings", list_of(string(max_len=1 << 17), min_items=1, max_items=10_000)),
-        ("a non-empty string", string(min_len=1, max_len=1 << 17)),
+        ("a non-empty list of strings", list_of(_ARG, min_items=1, max_items=10_000)),
+        ("a non-empty string", string(min_len=1, max_len=1 << 17, nul=False)),
     )), None),
-    "interpreter": Field(nullable(string(min_len=1, max_len=4096)), None),
+    "interpreter": Field(nullable(string(min_len=1, max_len=4096, nul=False)), None),
     "snapshot": Field(SNAPSHOT),
     "environ": Field(_ENV, dict),
     "environment_variables": Field(_ENV, dict),
@@ -276,13 +303,30 @@ RUN_SPEC = struct({
     "distributed": Field(nullable(DISTRIBUTED), None),
     "resume_from": Field(nullable(RESUME_FROM), None),
     "docker": Field(nullable(DOCKER), None),
+    # Dependencies (labrun's own, after Slurm's --dependency): start once these runs (or arrays) have ended
+    # whatever their outcome (``after``), or only if they all Completed (``afterok``).
+    "after": Field(list_of(string(pattern=RUN_ID_RE, what="not a run id"), max_items=1000), list),
+    "afterok": Field(list_of(string(pattern=RUN_ID_RE, what="not a run id"), max_items=1000), list),
 })
 
 _RUN_ID = string(pattern=RUN_ID_RE, what="not a run id")
 
+# ``labrun submit --array 1-20%4``: one run per index, at most ``throttle`` running at once (0: no limit).
+MAX_ARRAY_SIZE = 10_000
+ARRAY = struct({
+    "indices": Field(list_of(integer(min=0, max=4_000_000), min_items=1, max_items=MAX_ARRAY_SIZE)),
+    "throttle": Field(integer(min=0, max=MAX_ARRAY_SIZE), 0),
+})
+_FINISHED = (COMPLETED, FAILED, CANCELED)
+
 OP_SCHEMAS: dict[str, Validator] = {
     "hello": struct({"protocol": Field(integer(min=0)), "client": Field(nullable(string(max_len=200)), None)}),
-    "submit": struct({"spec": Field(lambda value, path: validate_run_spec(value, path))}),
+    "submit": struct({
+        "spec": Field(lambda value, path: validate_run_spec(value, path)),
+        "array": Field(nullable(ARRAY), None),
+        # The client's idempotency key: the same key from the same user returns the run it already made.
+        "idempotency_key": Field(nullable(string(min_len=1, max_len=128, nul=False)), None),
+    }),
     "blob_put": struct({"blobs": Field(list_of(BLOB, min_items=1, max_items=100_000))}),
     "get": struct({"run_id": Field(_RUN_ID)}),
     "list": struct({
@@ -291,8 +335,16 @@ OP_SCHEMAS: dict[str, Validator] = {
         "status": Field(nullable(list_of(enum(STATUSES), max_items=len(STATUSES))), None),
         "limit": Field(nullable(integer(min=1, max=10_000)), None),
         "before": Field(nullable(integer(min=1)), None),
+        "array": Field(nullable(_RUN_ID), None),
     }),
     "cancel": struct({"run_id": Field(_RUN_ID)}),
+    "remove": struct({"run_id": Field(_RUN_ID), "purge": Field(boolean, False)}),
+    "clean": struct({
+        "older_than": Field(nullable(number(min=0)), None),
+        "status": Field(nullable(list_of(enum(_FINISHED), min_items=1, max_items=3)), None),
+        "all_users": Field(boolean, False),
+        "purge": Field(boolean, False),
+    }),
     "wait": struct({"run_id": Field(_RUN_ID), "timeout": Field(nullable(number(min=0)), None)}),
     "logs": struct({
         "run_id": Field(_RUN_ID),
@@ -312,7 +364,7 @@ OP_SCHEMAS: dict[str, Validator] = {
             "value": Field(anything),
             "step": Field(nullable(integer()), None),
             "time": Field(number()),
-            "description": Field(nullable(string(max_len=4096)), None),
+            "description": Field(nullable(string(max_len=DESCRIPTION_MAX)), None),
         }), max_items=100_000)),
     }),
     "get_metrics": struct({"run_id": Field(_RUN_ID), "name": Field(nullable(_NAME), None)}),
@@ -320,7 +372,9 @@ OP_SCHEMAS: dict[str, Validator] = {
         "run_id": Field(_RUN_ID),
         "token": Field(nullable(string(max_len=200)), None),
         "kind": Field(enum(("tags", "properties", "error"))),
-        "values": Field(map_of(nullable(string(max_len=1 << 16)), max_items=1000)),
+        # An error's text may be long; tags and properties are held to the agent's [limits] by the agent.
+        "values": Field(map_of(nullable(string(max_len=1 << 16)), max_items=1000,
+                               key=string(min_len=1, max_len=LABEL_KEY_MAX))),
     }),
     "files": struct({"run_id": Field(_RUN_ID)}),
     "download": struct({"run_id": Field(_RUN_ID), "name": Field(_relative_path), "offset": Field(integer(min=0), 0)}),
@@ -334,6 +388,7 @@ OP_SCHEMAS: dict[str, Validator] = {
     "env_register": struct({"environment": Field(ENVIRONMENT)}),
     "env_get": struct({"name": Field(_NAME), "version": Field(nullable(integer(min=1)), None)}),
     "env_list": struct({}),
+    "ui": struct({"start": Field(boolean, True), "timeout": Field(number(min=0), 120.0)}),
     "watch": struct({
         "since": Field(nullable(integer(min=0)), None),
         "run_id": Field(nullable(_RUN_ID), None),

@@ -53,3 +53,32 @@ def format_memory(size: int | None) -> str:
             value = size / factor
             return f"{value:.0f}{suffix}" if value == int(value) else f"{value:.1f}{suffix}"
     return f"{size}B"
+
+
+_ARRAY_PART_RE = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
+
+
+def parse_array(value: str, max_size: int = 10_000) -> tuple[list[int], int]:
+    """Slurm's ``--array`` forms -> (indices, throttle): ``1-20``, ``1,3,5``, ``0-15:4``, ``1-5,10``, ``...%4``.
+
+    Throttle 0 means no limit. Indices are sorted and distinct.
+    """
+    text, _, throttle_text = str(value).strip().partition("%")
+    throttle = 0
+    if throttle_text:
+        if not throttle_text.isdigit() or int(throttle_text) < 1:
+            raise ValueError(f"array: the limit after % must be a positive number, got {throttle_text!r}")
+        throttle = int(throttle_text)
+    indices: set[int] = set()
+    for part in text.split(","):
+        match = _ARRAY_PART_RE.match(part.strip())
+        if not match:
+            raise ValueError(f"array: {part.strip()!r} is not an index, a range like 1-20, or a stepped range "
+                             "like 0-15:4")
+        first, last, step = int(match[1]), int(match[2] or match[1]), int(match[3] or 1)
+        if last < first or step < 1:
+            raise ValueError(f"array: {part.strip()!r} is an empty range")
+        if (last - first) // step + 1 + len(indices) > max_size:
+            raise ValueError(f"array: more than {max_size} runs")
+        indices.update(range(first, last + 1, step))
+    return sorted(indices), throttle

@@ -142,3 +142,13 @@ def source(tmp_path) -> Path:
         "open('outputs/model.txt', 'w').write('trained')\n"
     )
     return src
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (MLflow from PyPI) on 127.0.0.1, shared by the tests that only read it."""
+    from tests.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server
+    server.stop()

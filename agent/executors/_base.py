@@ -34,9 +34,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from labrun.protocol import BadRequest
 
+from .._asuser import make_private_dir
 from .._states import ExitResult
 
 if TYPE_CHECKING:
+    from .._asuser import Credentials
     from .._config import TargetConfig
     from .._launch import LaunchPlanner
     from .._model import RunRecord
@@ -206,9 +208,11 @@ class Executor:
         if spec["resources"].get("gpus") and not self.capabilities.gpus:
             refuse("resources", f"{self.kind} targets cannot hand out GPUs")
 
-    def make_run_dir(self, target: "TargetConfig | None", run_dir: "RunDir") -> None:
-        """Create the run's directory at submit: by default in the agent's state directory."""
-        run_dir.root.mkdir(parents=True)
+    def make_run_dir(self, target: "TargetConfig | None", run_dir: "RunDir",
+                     creds: "Credentials | None" = None) -> None:
+        """Create the run's directory at submit, as ``creds``' private directory: by default in the agent's
+        state directory."""
+        make_private_dir(run_dir.root.parent, run_dir.run_id, creds)
 
     async def prepare(self, preparation: Preparation) -> LaunchSpec:
         """Plan the launch: by default the run's processes on this machine, as the planner makes them."""

@@ -186,6 +186,10 @@ class DockerExecutor(Executor):
             "NetworkMode": "bridge",
             "GroupAdd": [str(g) for g in launch.groups],
             **{k: v for k, v in container["host"].items() if k != "Binds"},
+            # A run is a plain user process: no capabilities, no way to gain privileges, bounded forks.
+            "CapDrop": ["ALL"],
+            "SecurityOpt": ["no-new-privileges:true"],
+            "PidsLimit": self.policy.pids_limit,
         }
         if container.get("shm_size"):
             host["ShmSize"] = container["shm_size"]

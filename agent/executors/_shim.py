@@ -18,7 +18,8 @@ then, in this order:
    twice a second and SIGKILLs the run past the limit, as the kernel would;
 5. once the ranks have ended, kills what is left of the run (a daemon it started, an escaped
    double fork): the run ends with all its processes;
-6. writes how the run ended to ``exit_path`` atomically (temporary file, fsync, rename) and exits.
+6. writes how the run ended to ``exit_path`` atomically (temporary file, fsync, rename) and exits; the
+   temporary file is written full size when the run starts, so a disk that fills meanwhile cannot stop it.
 
 "The processes of the run" are the members of its tracking cgroup where it has one, else the
 shim's descendants and the members of the ranks' sessions and process groups.
@@ -131,12 +132,32 @@ def signal_all(pids: list[int], signum: int) -> None:
 
 # -- exit records --------------------------------------------------------------------------------
 
-def write_exit(path: str, record: dict) -> None:
-    """Atomically: a reader sees the whole record or none."""
-    temporary = f"{path}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+# Room for the record, written when the run starts: the record then reuses these blocks, so the end of
+# a run is recorded even when the disk filled up while it ran.
+EXIT_RESERVE_BYTES = 4096
+
+
+def reserve_exit(path: str) -> None:
+    """Write the exit record's temporary file now, full size; a full disk only costs the reservation."""
     try:
-        os.write(fd, json.dumps(record).encode())
+        fd = os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, b" " * EXIT_RESERVE_BYTES)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def write_exit(path: str, record: dict) -> None:
+    """Atomically: a reader sees the whole record or none. Overwrites the reservation in place."""
+    temporary = f"{path}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        data = json.dumps(record).encode()
+        os.write(fd, data)
+        os.ftruncate(fd, len(data))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -306,6 +327,7 @@ def main(argv: list[str]) -> int:
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)
+        reserve_exit(plan["exit_path"])
         shim.start()
     except (StartError, OSError) as exc:
         os.write(status, (json.dumps({"error": str(exc), "errno": exc.errno}) + "\n").encode())

@@ -30,7 +30,7 @@ import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 import structlog
 import trio
@@ -38,6 +38,7 @@ import trio
 from labrun.protocol import MAX_DURATION_SECONDS_DEFAULT, Unavailable
 from labrun.protocol._statuses import COMPLETED, FAILED, QUEUED
 
+from .._asuser import Credentials, make_private_dir
 from .._environments import EnvironmentBuilder, needs_conda
 from .._rundir import RunDir
 from ._base import (
@@ -206,16 +207,15 @@ class SlurmExecutor(Executor):
         if target.slurm.time is not None and spec["max_run_duration_seconds"] == MAX_DURATION_SECONDS_DEFAULT:
             spec["max_run_duration_seconds"] = target.slurm.time
 
-    def make_run_dir(self, target, run_dir: RunDir) -> None:
+    def make_run_dir(self, target, run_dir: RunDir, creds: Credentials | None = None) -> None:
         """The run's directory is in the target's run_root, which the nodes share; the agent's is a link to it."""
         run_root = target.slurm.run_root
         if not run_root.is_dir():
             raise Unavailable(f"the Slurm target's run_root {str(run_root)!r} is not a directory on this machine; "
                               "ask the agent's administrator")
-        real = run_root / run_dir.run_id
-        real.mkdir(mode=0o700)
-        run_dir.root.parent.mkdir(parents=True, exist_ok=True)
-        run_dir.root.symlink_to(real)
+        # The owner's private directory (0700), as a local run's is.
+        make_private_dir(run_root, run_dir.run_id, creds)
+        run_dir.root.symlink_to(run_root / run_dir.run_id)
 
     async def prepare(self, preparation: Preparation) -> LaunchSpec:
         slurm = preparation.target.slurm
@@ -297,7 +297,7 @@ class SlurmExecutor(Executor):
         found = [line.strip() for line in result.stdout.decode(errors="replace").split() if line.strip().isdigit()]
         return max(found, key=int) if result.returncode == 0 and found else None
 
-    async def wait(self, handle: SlurmHandle, progress: Callable[[str, dict | None], None] | None = None
+    async def wait(self, handle: SlurmHandle, progress: Callable[[str, dict | None], Awaitable[None]] | None = None
                    ) -> ExitResult:
         """Until the job has ended; ``progress(labrun status, waiting)`` on each change of its state or reason."""
         job_id = handle.job_id
@@ -320,7 +320,7 @@ class SlurmExecutor(Executor):
                     last = (job.state, job.reason)
                     seen = seen or status != QUEUED
                     if progress is not None:
-                        progress(status, _waiting(job) if status == QUEUED else None)
+                        await progress(status, _waiting(job) if status == QUEUED else None)
                     interval = POLL_MIN_SECONDS
                 if job.state.split()[0] in ENDED:
                     return await self._result(handle, job.state.split()[0])

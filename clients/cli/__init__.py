@@ -1,24 +1,34 @@
 """``labrun``: the command line. Each subcommand is a short function: build the request, call the agent,
 print, and exit non-zero on failure. ``main`` maps agent errors to one clear line on stderr.
 
-Exit codes: a run's own exit code for ``run`` and ``wait``; 124 when a run hit its
-max duration, 130 when canceled, 128+N when killed by signal N; 1 for an error
-from the agent, 2 for bad usage.
+Exit codes, following docker: a run's own exit code passes through (``run``, ``wait``,
+``logs --exit-status``); 124 when a run hit its max duration, 130 when canceled, 128+N
+when killed by signal N. labrun's own failures use codes no ordinary program uses for
+itself: 125 when labrun or the agent failed or refused, 126 when the command could
+not be started, 127 when it was not found. 2 is argparse's bad usage, and only ever
+comes before anything was submitted.
+
+Output: ``--json`` prints one JSON document (an object, or an array for lists);
+``--jsonl`` one object per line, for streams and many-run outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
-from labrun.protocol import TERMINAL, AgentError, parse_duration, parse_memory
+from labrun.protocol import TERMINAL, AgentError, parse_array, parse_duration, parse_memory
 
 from ..exceptions import AzureMLException
 from . import _format
 
 DEFAULT_EXPERIMENT = "default"
+EXIT_LABRUN = 125        # labrun or the agent failed, or the agent refused
+EXIT_CANNOT_START = 126  # the command exists but could not be started
+EXIT_NOT_FOUND = 127     # the command was not found
 
 
 class UsageError(Exception):
@@ -44,6 +54,7 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
 
 
 def exit_code_of(run: dict) -> int:
+    """What ``wait``, ``run`` and ``logs --exit-status`` exit with for a finished run (docker's conventions)."""
     if run["status"] == "Completed":
         return 0
     if run["status"] == "Canceled":
@@ -51,16 +62,62 @@ def exit_code_of(run: dict) -> int:
     if run["signal"] is not None:
         return 128 + run["signal"]
     if run["exit_code"] is not None:
-        return run["exit_code"] or 1
-    return 127 if run["reason"] == "start_failed" else 1
+        return run["exit_code"] or EXIT_LABRUN
+    if run["reason"] == "command_not_found":
+        return EXIT_NOT_FOUND
+    if run["reason"] == "start_failed":
+        return EXIT_CANNOT_START
+    return EXIT_LABRUN   # the agent lost it, failed to prepare it, or has no image for it
 
 
 def _print_json(value) -> None:
-    # One-shot dumps, compact for lists: only that uses json's C encoder (100,000 runs: seconds, not half a minute).
+    """One JSON document on stdout. One-shot dumps, compact for lists: only that uses json's C encoder
+    (100,000 runs: seconds, not half a minute)."""
     if isinstance(value, list):
         sys.stdout.write(json.dumps(value, sort_keys=True, default=str, separators=(",", ":")) + "\n")
     else:
         sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _print_jsonl(value) -> None:
+    """One JSON object on one line, flushed: a stream consumer sees it at once."""
+    sys.stdout.write(json.dumps(value, sort_keys=True, default=str, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def _split_ids(values: list[str] | None) -> list[str]:
+    """``--after A,B --after C`` -> [A, B, C]."""
+    return [part for value in values or [] for part in value.split(",") if part]
+
+
+def _slurm_dependency(value: str | None) -> tuple[list[str], list[str]]:
+    """Slurm's ``--dependency afterok:A:B,afterany:C`` -> (after, afterok) run ids."""
+    after: list[str] = []
+    afterok: list[str] = []
+    for part in (value or "").split(","):
+        if not part:
+            continue
+        kind, _, ids = part.partition(":")
+        if kind not in ("afterany", "afterok") or not ids:
+            raise UsageError(f"--dependency: labrun supports afterok:RUN[:RUN...] and afterany:RUN[:RUN...], "
+                             f"got {part!r}")
+        (after if kind == "afterany" else afterok).extend(i for i in ids.split(":") if i)
+    return after, afterok
+
+
+def _expand(workspace, ids: list[str], *, queued_first: bool = False) -> list[str]:
+    """Run ids, with each array id replaced by its members in index order.
+
+    ``queued_first``: an array's queued runs before its running ones, so canceling it never frees a
+    slot that one of its queued runs could take.
+    """
+    runs = []
+    for run_id in ids:
+        members = sorted(workspace.list_runs(array=run_id), key=lambda m: m["array"]["index"])
+        if queued_first:
+            members.sort(key=lambda m: m["status"] != "Queued")
+        runs += [m["run_id"] for m in members] or [run_id]
+    return runs
 
 
 # -- submit and run ----------------------------------------------------------------------
@@ -97,9 +154,16 @@ def _submit(args) -> tuple[object, dict]:
         raise UsageError("--shm-size goes with --image")
     spec = config._to_spec(args.experiment)
     spec["display_name"] = args.name
-    spec["tags"] = _pairs(args.tag, "--tag")
+    spec["tags"] = {k: v or "" for k, v in _tag_options(args.tag).items()}   # --tag K: a tag without value
+    after, afterok = _slurm_dependency(args.dependency)
+    spec["after"] = _split_ids(args.after) + after
+    spec["afterok"] = _split_ids(args.afterok) + afterok
+    array = None
+    if getattr(args, "array", None):
+        indices, throttle = args.array
+        array = {"indices": indices, "throttle": throttle}
     workspace = _workspace(args)
-    return workspace, submit_spec(workspace, spec, args.source_dir, in_place=args.in_place)
+    return workspace, submit_spec(workspace, spec, args.source_dir, in_place=args.in_place, array=array)
 
 
 def cmd_submit(args) -> int:
@@ -107,7 +171,7 @@ def cmd_submit(args) -> int:
     if args.json:
         _print_json(run)
     else:
-        print(run["run_id"])
+        print(run.get("array_id") or run["run_id"])
     return 0
 
 
@@ -121,7 +185,8 @@ def cmd_run(args) -> int:
     workspace, run = _submit(args)
     run_id = run["run_id"]
     print(f"labrun: submitted {run_id}", file=sys.stderr)
-    out = sys.stdout.buffer
+    # With --json, stdout carries the one JSON document: the log goes to stderr.
+    out = sys.stderr.buffer if args.json else sys.stdout.buffer
     try:
         _follow(workspace, run_id, out)
     except KeyboardInterrupt:
@@ -134,22 +199,42 @@ def cmd_run(args) -> int:
     if args.json:
         _print_json(run)
     if run["status"] != "Completed":
-        print(f"labrun: run {run_id} {run['status']}: {run['error'] or run['reason'] or ''}".rstrip(": "),
-              file=sys.stderr)
+        print(_ending(run), file=sys.stderr)
     return exit_code_of(run)
 
 
 # -- inspecting --------------------------------------------------------------------------
 
 def cmd_ls(args) -> int:
-    runs = list(_workspace(args).list_runs(all=args.all, experiment=args.experiment))
+    filters = {"all": args.all, "experiment": args.experiment}
+    if args.array:
+        filters = {"array": args.array}
+    runs = list(_workspace(args).list_runs(**filters))
+    wanted = _tag_options(args.tag)
+    runs = [r for r in runs if all(k in r["tags"] and (v is None or r["tags"][k] == v) for k, v in wanted.items())]
     if args.json:
         _print_json(runs)
         return 0
-    rows = [[r["run_id"], r["status"], r["user"], r["experiment"], _format.age(r["submitted_at"]),
-             _format.run_duration(r), _format.outcome(r)] for r in runs]
-    print(_format.table(["RUN", "STATUS", "USER", "EXPERIMENT", "SUBMITTED", "TIME", "INFO"], rows))
+    if args.jsonl:
+        for run in runs:
+            _print_jsonl(run)
+        return 0
+    rows = [[r["run_id"], _format.name(r), r["status"], r["user"], r["experiment"], _format.age(r["submitted_at"]),
+             _format.run_duration(r), _format.outcome(r), _format.tags(r)]
+            for r in (runs if args.array or args.expand else _format.group_arrays(runs))]
+    print(_format.table(["RUN", "NAME", "STATUS", "USER", "EXPERIMENT", "SUBMITTED", "TIME", "INFO", "TAGS"], rows))
     return 0
+
+
+def _tag_options(values: list[str] | None) -> dict[str, str | None]:
+    """``--tag K=V`` (that value) and ``--tag K`` (any value) filters."""
+    found = {}
+    for value in values or []:
+        key, sep, rest = value.partition("=")
+        if not key:
+            raise UsageError(f"--tag must be KEY or KEY=VALUE, got {value!r}")
+        found[key] = rest if sep else None
+    return found
 
 
 def cmd_show(args) -> int:
@@ -161,96 +246,130 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _ending(run: dict) -> str:
+    """The one line that closes ``logs -f`` and ``run``: how the run ended."""
+    detail = run["error"] or run["reason"] or ""
+    return _format.escape(f"labrun: run {run['run_id']} {run['status']}" + (f": {detail}" if detail else ""))
+
+
 def cmd_logs(args) -> int:
     workspace = _workspace(args)
     out = sys.stdout.buffer
+    follow = args.follow or args.exit_status
+    run_ids = _expand(workspace, [args.run])
+    code = 0
     try:
-        for item in workspace._stream("logs", run_id=args.run, follow=args.follow):
-            out.write(item["data"])
-            out.flush()
+        for run_id in run_ids:
+            if len(run_ids) > 1:
+                # An array's logs one after another, each under a header, as tail does for several files.
+                out.write(f"==> {run_id} <==\n".encode())
+            for item in workspace._stream("logs", run_id=run_id, follow=follow):
+                out.write(item["data"])
+                out.flush()
+            if follow:
+                run = workspace._call("get", run_id=run_id)
+                print(_ending(run), file=sys.stderr)
+                code = code or exit_code_of(run)
     except KeyboardInterrupt:
         return 130
-    return 0
+    return code if args.exit_status else 0
 
 
 def cmd_cancel(args) -> int:
     workspace = _workspace(args)
-    failed = 0
-    for run_id in args.runs:
+    failed, canceled = 0, []
+    for run_id in _expand(workspace, args.runs, queued_first=True):
         try:
             run = workspace._call("cancel", run_id=run_id)
-            print(f"{run_id}: {run['status']}")
         except AgentError as exc:
             print(f"labrun: {run_id}: {exc.message}", file=sys.stderr)
-            failed = 1
+            failed = EXIT_LABRUN
+            continue
+        canceled.append(run)
+        if args.jsonl:
+            _print_jsonl(run)
+        elif not args.json:
+            print(f"{run_id}: {run['status']}")
+    if args.json:
+        _print_json(canceled)
     return failed
 
 
 def cmd_wait(args) -> int:
     workspace = _workspace(args)
-    code = 0
-    for run_id in args.runs:
+    code, ended = 0, []
+    for run_id in _expand(workspace, args.runs):
         run = workspace.wait_for_run(run_id, timeout=args.timeout)
         if run["status"] not in TERMINAL:
             print(f"labrun: {run_id} is still {run['status']} after {args.timeout} s", file=sys.stderr)
+            if args.json:
+                _print_json(ended)
             return 124
-        if args.json:
-            _print_json(run)
-        else:
-            print(f"{run_id}: {run['status']}" + (f" ({run['error']})" if run["error"] else ""))
+        ended.append(run)
+        if args.jsonl:
+            _print_jsonl(run)
+        elif not args.json:
+            print(_format.escape(f"{run_id}: {run['status']}" + (f" ({run['error']})" if run["error"] else "")))
         code = code or exit_code_of(run)
+    if args.json:
+        _print_json(ended)
     return code
 
 
-def _run_handle(args):
+def _run_handle(workspace, details: dict):
     from .._experiment import Experiment
     from .._run import ScriptRun
 
-    workspace = _workspace(args)
-    details = workspace._call("get", run_id=args.run)
-    return ScriptRun(Experiment(workspace, details["experiment"], _skip_name_validation=True), args.run,
+    return ScriptRun(Experiment(workspace, details["experiment"], _skip_name_validation=True), details["run_id"],
                      _details=details)
 
 
 def cmd_metrics(args) -> int:
-    metrics = _run_handle(args).get_metrics()
+    from . import _compare
+
+    workspace = _workspace(args)
+    runs = [workspace._call("get", run_id=run_id) for run_id in _expand(workspace, args.runs)]
+    metrics = [_run_handle(workspace, run).get_metrics() for run in runs]
     if args.json:
-        _print_json(metrics)
+        # One run: Azure ML's get_metrics shape; several: that shape per run id.
+        _print_json(metrics[0] if len(args.runs) == 1 and len(runs) == 1
+                    else {run["run_id"]: m for run, m in zip(runs, metrics)})
         return 0
-    rows = []
-    for name, value in sorted(metrics.items()):
-        if isinstance(value, list):
-            shown = f"{len(value)} values, last {value[-1]!r}"
-        else:
-            shown = json.dumps(value, default=str)
-        rows.append([name, shown])
-    print(_format.table(["METRIC", "VALUE"], rows) if rows else "no metrics")
+    print(_compare.table(runs, metrics))
     return 0
 
 
 def cmd_download(args) -> int:
-    run = _run_handle(args)
+    workspace = _workspace(args)
+    run = _run_handle(workspace, workspace._call("get", run_id=args.run))
     for path in run.download_files(prefix=args.prefix, output_directory=args.output):
         print(path)
     return 0
 
 
 def cmd_events(args) -> int:
+    if args.json and args.follow:
+        raise UsageError("--json prints one document once the history is read; a stream (--follow) takes --jsonl")
     workspace = _workspace(args)
     types = args.type or None
+    events = []
     try:
         for event in workspace.watch(args.since, run_id=args.run, experiment=args.experiment, types=types,
                                      follow=args.follow):
             if args.json:
-                sys.stdout.write(json.dumps(event, sort_keys=True, default=str) + "\n")
+                events.append(event)
+            elif args.jsonl:
+                _print_jsonl(event)
             else:
                 data = event["data"]
                 detail = " ".join(f"{k}={v}" for k, v in sorted(data.items()) if k != "previous")
-                print(f"{event['seq']:>6}  {_format.age(event['time'])}  {event['type']:<22} "
-                      f"{event['run_id'] or '-'}  {event['user'] or '-'}  {detail}".rstrip())
+                print(_format.escape(f"{event['seq']:>6}  {_format.age(event['time'])}  {event['type']:<22} "
+                                     f"{event['run_id'] or '-'}  {event['user'] or '-'}  {detail}".rstrip()))
             sys.stdout.flush()
     except KeyboardInterrupt:
         return 130
+    if args.json:
+        _print_json(events)
     return 0
 
 
@@ -268,6 +387,14 @@ def cmd_status(args) -> int:
           + (f" ({','.join(used['gpus'])} of {','.join(cap['gpus'])})" if cap["gpus"] else ""))
     counts = ", ".join(f"{k} {v}" for k, v in sorted(status["runs"].items())) or "none"
     print(f"runs      {counts}")
+    disk = status.get("disk")
+    if disk:
+        kept = (f"run directories kept {disk['retention_days']:g} days" if disk["retention_days"]
+                else "run directories kept until labrun rm/clean")
+        print(f"disk      runs use {_format.format_memory(disk['runs_bytes'])}, snapshot store "
+              f"{_format.format_memory(disk['snapshot_store_bytes'])}, "
+              f"{_format.format_memory(disk['free_bytes'])} free of {_format.format_memory(disk['total_bytes'])}; "
+              f"{kept}")
     if status.get("draining"):
         print("state     drained: no run is active; 'labrun agent resume' starts queued runs again"
               if status.get("drained") else f"state     draining: {status['active']} active run(s) left, none starts")
@@ -278,9 +405,19 @@ def cmd_status(args) -> int:
     if hub:
         print(f"hub       {hub['url']}: {hub['state']}, delivered up to event {hub['delivered_seq']}, "
               f"backlog {hub['backlog']}" + (f", last error: {hub['last_error']}" if hub["last_error"] else ""))
+    mlflow = status.get("mlflow")
+    if mlflow:
+        mirror = mlflow.get("mirror") or {"state": "starting", "delivered_seq": 0, "backlog": 0, "last_error": None}
+        print(f"mlflow    {mlflow['tracking_uri']}: {mirror['state']}, mirrored up to event {mirror['delivered_seq']}, "
+              f"backlog {mirror['backlog']}" + (f", last error: {mirror['last_error']}" if mirror["last_error"] else ""))
+        server = mlflow.get("server")
+        if server:
+            print(f"          embedded server: {server['state']}, pid {server['pid'] or '-'}, {server['restarts']} restarts"
+                  + (f", last error: {server['last_error']}" if server["last_error"] else ""))
+    _print_faults(status.get("faults") or [])
     for user, use in sorted(status["by_user"].items()):
         gpus = ",".join(use["gpus"]) or "-"
-        print(f"  {user}: {use['runs']} running, cpus {use['cpus']}, "
+        print(f"  {_format.escape(user)}: {use['runs']} running, cpus {use['cpus']}, "
               f"memory {_format.format_memory(use['memory'] or None)}, gpus {gpus}")
     return 0
 
@@ -307,6 +444,47 @@ def cmd_agent_resume(args) -> int:
     return 0
 
 
+def cmd_completion(args) -> int:
+    from . import _completion
+
+    sys.stdout.write(_completion.script(args.shell))
+    return 0
+
+
+def cmd_complete(args) -> int:
+    from . import _completion
+
+    words = args.words
+    if "--socket" in words[:-1]:   # labrun --socket PATH ...: complete from that agent
+        args.socket = words[words.index("--socket") + 1]
+    for word in _completion.candidates(build_parser(), words, lambda: _workspace(args)):
+        print(word)
+    return 0
+
+
+def _print_faults(faults: list) -> None:
+    """Problems the agent is living through (a full state disk); it retries and says when they clear."""
+    for fault in faults:
+        print(f"FAULT     {fault['where']}: {fault['error']} (since {_format.age(fault['since'])}, "
+              f"{fault['count']} failed writes; the agent retries, runs go on, queued runs wait)")
+
+
+def cmd_ui(args) -> int:
+    """Print the MLflow UI's address; on a per-user agent with none yet, start the embedded one first."""
+    result = _workspace(args)._call("ui", start=not args.no_start, timeout=args.timeout)
+    if args.json:
+        _print_json(result)
+    elif result["url"] is None:
+        print("labrun: this agent has no MLflow server; 'labrun ui' starts one on a per-user agent",
+              file=sys.stderr)
+        return EXIT_LABRUN
+    else:
+        print(result["url"])
+        if not result["ready"]:
+            print(f"labrun: the MLflow server at {result['url']} is still starting", file=sys.stderr)
+    return 0
+
+
 def cmd_agent(args) -> int:
     if args.agent_args and args.agent_args[0] == "drain":
         return cmd_agent_drain(args)
@@ -329,6 +507,13 @@ def _duration(value: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _array(value: str) -> tuple[list[int], int]:
+    try:
+        return parse_array(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _memory(value: str) -> int:
     try:
         return parse_memory(value)
@@ -337,7 +522,12 @@ def _memory(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from labrun.protocol import __version__
+
+    from . import _cleanup
+
     parser = argparse.ArgumentParser(prog="labrun", description="Submit and watch runs on this machine's labrun agent.")
+    parser.add_argument("--version", action="version", version=f"labrun {__version__}")
     parser.add_argument("--socket", help="the agent's socket (default: $LABRUN_SOCKET, the system agent, "
                                          "then a per-user agent started on demand)")
     commands = parser.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -355,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--env", action="append", metavar="K=V", help="environment variable for the run (repeatable)")
         p.add_argument("--max-duration", type=_duration, metavar="DURATION",
                        help="time limit: seconds or like 1h30m (default 30 days)")
-        p.add_argument("--tag", action="append", metavar="K=V", help="tag (repeatable)")
+        p.add_argument("--tag", action="append", metavar="K[=V]", help="tag (repeatable)")
         p.add_argument("--cpus", type=int, default=1, help="CPU cores to reserve (default 1)")
         p.add_argument("--memory", type=_memory, help="memory to reserve, like 4G")
         p.add_argument("--gpus", type=int, default=0, help="GPUs to reserve (default 0)")
@@ -364,17 +554,29 @@ def build_parser() -> argparse.ArgumentParser:
                                         "such as a Slurm cluster")
         p.add_argument("--image", help="run in a container of this Docker image")
         p.add_argument("--shm-size", help="with --image: size of /dev/shm, like 2g (default 2g)")
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--after", action="append", metavar="RUN[,RUN...]",
+                       help="start once these runs (or arrays) have ended, whatever their outcome (repeatable)")
+        p.add_argument("--afterok", action="append", metavar="RUN[,RUN...]",
+                       help="start only if these runs (or arrays) all completed; else end Canceled (repeatable)")
+        p.add_argument("-d", "--dependency", metavar="afterok:RUN[:RUN],afterany:RUN",
+                       help="Slurm's spelling of --afterok and --after")
+        p.add_argument("--json", action="store_true", help="print the run as one JSON object")
         p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
         p.set_defaults(func=func)
+        return p
 
     submitting("run", cmd_run, "submit a run, stream its log, exit with its exit code (Ctrl-C cancels it)")
-    submitting("submit", cmd_submit, "submit a run and print its id")
+    p = submitting("submit", cmd_submit, "submit a run and print its id")
+    p.add_argument("--array", type=_array, metavar="INDICES[%N]",
+                   help="one run per index, like Slurm: 1-20, 1,3,5, 0-15:4; %%N runs at most N at once")
 
     p = commands.add_parser("ls", help="list runs (queued, running and recent; --all for every run)")
     p.add_argument("--all", action="store_true")
     p.add_argument("-e", "--experiment")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--tag", action="append", metavar="K[=V]", help="only runs with this tag (repeatable)")
+    p.add_argument("--array", metavar="ARRAY", help="only this array's runs")
+    p.add_argument("-x", "--expand", action="store_true", help="one line per array run instead of one per array")
+    _json_options(p, "an array of runs", "one run per line")
     p.set_defaults(func=cmd_ls)
 
     p = commands.add_parser("show", help="show one run")
@@ -382,25 +584,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
 
-    p = commands.add_parser("logs", help="print a run's log")
-    p.add_argument("run")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
+    p = commands.add_parser("logs", help="print a run's log (an array's: each run's in turn)")
+    p.add_argument("run", metavar="RUN|ARRAY")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing until the run ends, then say how it ended on stderr")
+    p.add_argument("--exit-status", action="store_true",
+                   help="follow, then exit with the run's exit code (as labrun wait does)")
     p.set_defaults(func=cmd_logs)
 
-    p = commands.add_parser("cancel", help="cancel runs")
-    p.add_argument("runs", nargs="+", metavar="RUN")
+    p = commands.add_parser("cancel", help="cancel runs or arrays")
+    p.add_argument("runs", nargs="+", metavar="RUN|ARRAY")
+    _json_options(p, "an array of the runs", "one run per line")
     p.set_defaults(func=cmd_cancel)
 
-    p = commands.add_parser("wait", help="wait for runs to end; exit with the first failure's code")
-    p.add_argument("runs", nargs="+", metavar="RUN")
+    p = commands.add_parser("wait", help="wait for runs or arrays to end; exit with the first failure's code")
+    p.add_argument("runs", nargs="+", metavar="RUN|ARRAY")
     p.add_argument("--timeout", type=_duration)
-    p.add_argument("--json", action="store_true")
+    _json_options(p, "an array of the ended runs", "each run once it has ended, one per line")
     p.set_defaults(func=cmd_wait)
 
-    p = commands.add_parser("metrics", help="a run's metrics (Azure ML's get_metrics shape with --json)")
-    p.add_argument("run")
-    p.add_argument("--json", action="store_true")
+    p = commands.add_parser("metrics", help="metrics of runs: one column per run, with the last and best values")
+    p.add_argument("runs", nargs="+", metavar="RUN|ARRAY")
+    p.add_argument("--json", action="store_true",
+                   help="one run: Azure ML's get_metrics shape; several: that shape per run id")
     p.set_defaults(func=cmd_metrics)
+
+    p = commands.add_parser("rm", help="delete finished runs' directories (logs, outputs, snapshot)")
+    p.add_argument("runs", nargs="+", metavar="RUN|ARRAY")
+    p.add_argument("--purge", action="store_true", help="forget the runs too: details, metrics and tags")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cleanup.cmd_rm)
+
+    p = commands.add_parser("clean", help="delete the directories of your finished runs, like pueue clean")
+    p.add_argument("--older-than", type=_duration, metavar="DURATION",
+                   help="only runs that ended at least this long ago, like 7d or 12h")
+    p.add_argument("--status", action="append", choices=["Completed", "Failed", "Canceled"],
+                   help="only runs that ended so (repeatable; default: all three)")
+    p.add_argument("--all-users", action="store_true", help="everyone's runs (admins only)")
+    p.add_argument("--purge", action="store_true", help="forget the runs too: details, metrics and tags")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cleanup.cmd_clean)
 
     p = commands.add_parser("download", help="download a run's files (outputs, logs, uploads)")
     p.add_argument("run")
@@ -414,18 +637,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-e", "--experiment")
     p.add_argument("--type", action="append", help="only events of this type, e.g. run.completed (repeatable)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    _json_options(p, "an array of the events (not with --follow)", "one event per line, as they come")
     p.set_defaults(func=cmd_events)
 
     p = commands.add_parser("status", help="the agent's capacity, what is in use, and by whom")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
+    p = commands.add_parser("ui", help="print the MLflow UI's URL (starts a per-user agent's embedded MLflow server)")
+    p.add_argument("--no-start", action="store_true", help="only print the URL of a server already configured")
+    p.add_argument("--timeout", type=_duration, default=120, help="how long to wait for the server to answer")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ui)
+
     p = commands.add_parser("agent", help="run the agent in the foreground (same options as labrund); "
                                           "'agent drain [--no-wait]' and 'agent resume' for maintenance")
     p.add_argument("agent_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_agent)
+
+    p = commands.add_parser("completion", help="print the shell completion script: eval \"$(labrun completion bash)\"")
+    p.add_argument("shell", choices=["bash", "zsh"])
+    p.set_defaults(func=cmd_completion)
+
+    # Hidden (no help): what the completion scripts call with the words typed so far.
+    p = commands.add_parser("__complete")
+    p.add_argument("words", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_complete)
     return parser
+
+
+def _json_options(parser: argparse.ArgumentParser, json_shape: str, jsonl_shape: str) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--json", action="store_true", help=f"one JSON document: {json_shape}")
+    group.add_argument("--jsonl", action="store_true", help=f"JSON lines: {jsonl_shape}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -441,7 +685,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"labrun: {exc}\n")
     except (AgentError, AzureMLException) as exc:
         message = exc.message if isinstance(exc, AgentError) else str(exc)
-        print(f"labrun: {message}", file=sys.stderr)
-        return 1
+        print(f"labrun: {_format.escape(message)}", file=sys.stderr)
+        return EXIT_LABRUN
     except BrokenPipeError:
-        return 1
+        # The reader went away (| head): exit as a shell reports a process that SIGPIPE ended, and keep
+        # Python's final flush of stdout from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE

@@ -1,4 +1,9 @@
-"""Human-readable output for the CLI: tables, times, sizes."""
+"""Human-readable output for the CLI: tables, times, sizes.
+
+Names, tags, descriptions and errors come from other users: every string shown to a human goes
+through ``escape``, so no control character (a terminal escape sequence, a carriage return that
+hides what came before) reaches the terminal raw. ``--json`` output is JSON-escaped already.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,18 @@ import datetime
 import time
 
 from labrun.protocol import format_memory
+
+
+# C0 and C1 controls, DEL, and the Unicode marks that reorder or hide text on a terminal.
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
+_ESCAPES = {code: _NAMED.get(chr(code), f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+            for code in [*range(0x20), *range(0x7f, 0xa0), *range(0x200b, 0x2010), *range(0x202a, 0x202f),
+                         *range(0x2066, 0x206a)]}
+
+
+def escape(value) -> str:
+    """``value`` as text that is safe to print: each control character as a visible escape (``\\e``, ``\\x07``)."""
+    return str(value).translate(_ESCAPES)
 
 
 def age(timestamp: float | None) -> str:
@@ -31,8 +48,13 @@ def run_duration(run: dict) -> str:
 
 def outcome(run: dict) -> str:
     """What ``ls`` shows for a run beyond its status: why it waits, or how it ended."""
-    if run.get("waiting"):
-        return f"waiting: {run['waiting']['reason']}" + _position(run["waiting"])
+    waiting = run.get("waiting")
+    if waiting and waiting.get("on"):
+        return f"waiting: {waiting['reason']} ({','.join(waiting['on'])})"
+    if waiting:
+        return f"waiting: {waiting['reason']}" + _position(waiting)
+    if run.get("files_removed_at"):
+        return "files removed"
     if run["status"] in ("Completed", "Failed", "Canceled"):
         if run["status"] == "Canceled":
             return run["reason"] or "canceled"
@@ -48,8 +70,9 @@ def outcome(run: dict) -> str:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    rows = [[escape(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(c) for c in column) for column in zip(*rows)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)
 
 
@@ -95,10 +118,74 @@ def show(run: dict) -> str:
         rows.append(("Reason", run["reason"]))
     if run["error"]:
         rows.append(("Error", run["error"]))
+    if run.get("array"):
+        array = run["array"]
+        rows.append(("Array", f"{array['id']} index {array['index']} of {array['size']}"
+                              + (f", at most {array['throttle']} at once" if array["throttle"] else "")))
+    for key in ("after", "afterok"):
+        if run.get(key):
+            rows.append(("After" if key == "after" else "After ok", ", ".join(run[key])))
+    if run.get("files_removed_at"):
+        rows.append(("Files", f"removed {age(run['files_removed_at'])}"))
     for key, value in sorted(run["tags"].items()):
         rows.append(("Tag", f"{key}={value}"))
+    if run.get("mlflow"):
+        rows.append(("MLflow", run["mlflow"]["url"]))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k + ':':<{width + 1}} {v if v is not None else '-'}" for k, v in rows)
+    return "\n".join(f"{k + ':':<{width + 1}} {escape(v) if v is not None else '-'}" for k, v in rows)
+
+
+def name(run: dict) -> str:
+    """The display name, when one was given (else it is the run id, already in the first column)."""
+    shown = run.get("display_name")
+    return shown if shown and shown != run["run_id"] else "-"
+
+
+def tags(run: dict) -> str:
+    return ",".join(f"{k}={v}" if v else k for k, v in sorted(run["tags"].items())) or "-"
+
+
+def index_ranges(indices: list[int]) -> str:
+    """[1, 2, 3, 5, 7, 8] -> "1-3,5,7-8", as squeue shows array tasks."""
+    parts, start = [], None
+    for i, index in enumerate(indices):
+        if start is None:
+            start = index
+        if i + 1 == len(indices) or indices[i + 1] != index + 1:
+            parts.append(str(start) if start == index else f"{start}-{index}")
+            start = None
+    return ",".join(parts)
+
+
+def group_arrays(runs: list[dict]) -> list[dict]:
+    """One summary line per array (``ID_[0-9%2]``, status counts), where the array's first run was listed."""
+    members: dict[str, list[dict]] = {}
+    for run in runs:
+        if run.get("array"):
+            members.setdefault(run["array"]["id"], []).append(run)
+    shown, done = [], set()
+    for run in runs:
+        array = run.get("array")
+        if not array:
+            shown.append(run)
+            continue
+        if array["id"] in done:
+            continue
+        done.add(array["id"])
+        group = sorted(members[array["id"]], key=lambda r: r["array"]["index"])
+        throttle = f"%{array['throttle']}" if array["throttle"] else ""
+        counts: dict[str, int] = {}
+        for member in group:
+            counts[member["status"]] = counts.get(member["status"], 0) + 1
+        first = group[0]
+        shown.append({**first, "run_id": f"{array['id']}_[{index_ranges([r['array']['index'] for r in group])}{throttle}]",
+                      "status": ",".join(f"{n} {status}" for status, n in sorted(counts.items())),
+                      "started_at": min((r["started_at"] for r in group if r["started_at"]), default=None),
+                      "ended_at": None if any(r["ended_at"] is None for r in group)
+                      else max(r["ended_at"] for r in group),
+                      "waiting": None, "files_removed_at": None, "reason": None, "exit_code": None, "signal": None,
+                      "allocation": None})
+    return shown
 
 
 def _position(waiting: dict, word: str = "#") -> str:

@@ -188,3 +188,35 @@ def test_runs_that_take_nothing_here_are_not_concurrent_runs_of_this_machine():
     decision = schedule(pending, active, capacity, 0.0)
     assert sorted(s.run_id for s in decision.starts) == ["local", "remote2"]
     assert decision.waiting["local2"][0] == "max_concurrent"
+
+
+class TestDependenciesAndArrays:
+    def test_a_blocked_run_waits_and_reserves_nothing(self):
+        blocked = Pending("r1", "alice", 0, 1, Demand(cpus=4), 3600, blocked_by=("r0",))
+        d = schedule([blocked, run(2, cpus=4)], [], cap(cpus=4), 0)
+        assert started(d) == ["r2"]
+        assert d.waiting["r1"] == ("dependency", 1)
+
+    def test_array_limit_counts_active_and_this_pass(self):
+        members = [Pending(f"a{i}", "alice", 0, i, Demand(), 3600, array="A") for i in range(5)]
+        d = schedule(members, [], cap(cpus=4), 0, array_limits={"A": 2})
+        assert started(d) == ["a0", "a1"]
+        assert {d.waiting[f"a{i}"][0] for i in (2, 3, 4)} == {"array_limit"}
+        running = Active("a0", "alice", Allocation(cpus=1, memory=None), 100, array="A")
+        d = schedule(members[1:], [running], cap(cpus=4), 0, array_limits={"A": 2})
+        assert started(d) == ["a1"]
+
+    def test_a_throttled_array_lets_other_runs_through(self):
+        members = [Pending(f"a{i}", "alice", 0, i, Demand(), 3600, array="A") for i in range(3)]
+        d = schedule([*members, run(9)], [], cap(cpus=4), 0, array_limits={"A": 1})
+        assert started(d) == ["a0", "r9"]
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 2), st.booleans()), max_size=12), st.integers(1, 3), st.integers(1, 6))
+    def test_never_more_than_the_limit(self, shape, limit, cpus):
+        pending = [Pending(f"r{i}", "alice", 0, i, Demand(), 60, blocked_by=("x",) if blocked else (),
+                           array=f"A{group}") for i, (group, blocked) in enumerate(shape)]
+        d = schedule(pending, [], cap(cpus=cpus, gpus=()), 0, array_limits={f"A{g}": limit for g in range(3)})
+        per_array = Counter(next(p.array for p in pending if p.run_id == s.run_id) for s in d.starts)
+        assert all(count <= limit for count in per_array.values())
+        assert not {s.run_id for s in d.starts} & {p.run_id for p in pending if p.blocked_by}

@@ -308,7 +308,7 @@ def test_in_run_metrics_and_files(agent, project, tmp_path):
 
     cli = agent.cli("metrics", run.id, "--json", check=True)
     assert json.loads(cli.stdout)["accuracy"] == 0.9
-    assert "loss      2000 values, last 0.0005" in agent.cli("metrics", run.id, check=True).stdout
+    assert "loss      0.0005 (2000 values)" in agent.cli("metrics", run.id, check=True).stdout
     out = tmp_path / "cli-dl"
     agent.cli("download", run.id, "--prefix", "outputs/", "-o", str(out), check=True)
     assert (out / "outputs" / "model.bin").read_bytes() == b"weights"

@@ -18,8 +18,8 @@ def test_run_streams_the_log_and_exits_with_the_runs_code(agent, source):
 def test_run_script_with_arguments_env_and_tags(agent, source):
     result = agent.cli("run", "--source-dir", str(source), "-e", "cli-exp", "--name", "nice", "--script", "train.py",
                        "--env", "A=1", "--tag", "k=v", "--json", "--", "--lr", "0.5", check=True)
-    assert "args ['--lr', '0.5']" in result.stdout
-    run = json.loads(result.stdout[result.stdout.index("{"):])
+    assert "args ['--lr', '0.5']" in result.stderr   # with --json the log goes to stderr
+    run = json.loads(result.stdout)
     assert run["experiment"] == "cli-exp" and run["display_name"] == "nice" and run["tags"] == {"k": "v"}
     assert run["environment_variables"] == {"A": "1"} and run["status"] == "Completed"
 
@@ -32,10 +32,10 @@ def test_submit_ls_show_logs_wait(agent, source):
     run_id = agent.cli("submit", "--source-dir", str(source), "--", "sh", "-c", "sleep 1; echo hi; exit 3",
                        check=True).stdout.strip()
     listing = agent.cli("ls", check=True).stdout
-    assert run_id in listing and listing.splitlines()[0].split() == ["RUN", "STATUS", "USER", "EXPERIMENT",
-                                                                      "SUBMITTED", "TIME", "INFO"]
+    assert run_id in listing and listing.splitlines()[0].split() == ["RUN", "NAME", "STATUS", "USER", "EXPERIMENT",
+                                                                      "SUBMITTED", "TIME", "INFO", "TAGS"]
     follow = agent.cli("logs", "-f", run_id, check=True)
-    assert follow.stdout == "hi\n"
+    assert follow.stdout == "hi\n" and follow.stderr == f"labrun: run {run_id} Failed: exited with code 3\n"
     wait = agent.cli("wait", run_id)
     assert wait.returncode == 3 and f"{run_id}: Failed (exited with code 3)" in wait.stdout
     shown = agent.cli("show", run_id, check=True).stdout
@@ -51,7 +51,7 @@ def test_cancel_and_wait_codes(agent, source):
     assert agent.cli("cancel", run_id, check=True).stdout.startswith(f"{run_id}: Cancel")
     assert agent.cli("wait", run_id).returncode == 130
     missing = agent.cli("cancel", "nope")
-    assert missing.returncode == 1 and "no run with id 'nope'" in missing.stderr
+    assert missing.returncode == 125 and "no run with id 'nope'" in missing.stderr
     limited = agent.cli("run", "--source-dir", str(source), "--max-duration", "1s", "--", "sleep", "60")
     assert limited.returncode == 124 and "max_run_duration_seconds" in limited.stderr
 
@@ -96,4 +96,4 @@ def test_no_agent(tmp_path):
 
     agent = AgentProcess(tmp_path)   # never started
     result = agent.cli("ls")
-    assert result.returncode == 1 and "no labrun agent answers" in result.stderr
+    assert result.returncode == 125 and "no labrun agent answers" in result.stderr

@@ -57,7 +57,7 @@ def test_filters(agent, source):
 
 def test_cli_follows_live_events(agent, source):
     last = list(agent.workspace().watch(0, follow=False))[-1]["seq"]
-    follower = subprocess.Popen([sys.executable, "-m", "labrun.cli", "events", "--follow", "--json", "--since",
+    follower = subprocess.Popen([sys.executable, "-m", "labrun.cli", "events", "--follow", "--jsonl", "--since",
                                  str(last)], env=agent.env, stdout=subprocess.PIPE, text=True)
     try:
         run = submit(agent, source, ["true"])

@@ -72,9 +72,9 @@ def test_priority_orders_the_starts_and_ls_says_why(make_agent, source):
 def test_request_larger_than_the_machine_is_refused(make_agent, source):
     agent = make_agent(CAPACITY)
     result = agent.cli("submit", "--source-dir", str(source), "--gpus", "3", "--", "true")
-    assert result.returncode == 1 and "asks for 3 GPUs but the agent has 2" in result.stderr
+    assert result.returncode == 125 and "asks for 3 GPUs but the agent has 2" in result.stderr
     result = agent.cli("submit", "--source-dir", str(source), "--memory", "3G", "--", "true")
-    assert result.returncode == 1 and "memory" in result.stderr
+    assert result.returncode == 125 and "memory" in result.stderr
 
 
 @needs_root

@@ -225,7 +225,7 @@ def test_over_the_default_limit_the_error_points_to_in_place(agent, tmp_path):
         Experiment(agent.workspace(), "cas").submit(ScriptRunConfig(str(many), command=["true"]))
     assert "labrun run --in-place" in str(info.value) and "ScriptRunConfig(..., snapshot=False)" in str(info.value)
     result = agent.cli("run", "--source-dir", str(many), "--", "true")
-    assert result.returncode == 1 and "--in-place" in result.stderr
+    assert result.returncode == 125 and "--in-place" in result.stderr
 
 
 def test_in_place_runs_in_the_source_directory(agent, tmp_path):

@@ -74,4 +74,4 @@ def test_autostart_of_a_per_user_agent(tmp_path, source):
             time.sleep(0.05)
     off = subprocess.run([sys.executable, "-m", "labrun.cli", "ls"], env=dict(env, LABRUN_NO_AUTOSTART="1"),
                          capture_output=True, text=True, timeout=60)
-    assert off.returncode == 1 and "autostart is off" in off.stderr
+    assert off.returncode == 125 and "autostart is off" in off.stderr

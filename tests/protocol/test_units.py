@@ -28,3 +28,21 @@ def test_bad_duration(text):
 
 def test_format_memory():
     assert format_memory(4 << 30) == "4G" and format_memory(None) == "-" and format_memory(1536) == "1.5K"
+
+
+@pytest.mark.parametrize("text, indices, throttle", [
+    ("1-20%4", list(range(1, 21)), 4), ("1,3,5", [1, 3, 5], 0), ("0-15:4", [0, 4, 8, 12], 0),
+    ("1-3,10,2", [1, 2, 3, 10], 0), ("7", [7], 0), ("0-9%2", list(range(10)), 2),
+])
+def test_array(text, indices, throttle):
+    from labrun.protocol import parse_array
+
+    assert parse_array(text) == (indices, throttle)
+
+
+@pytest.mark.parametrize("text", ["", "a-b", "5-1", "1-10%0", "1-10%x", "0-4:0", "1-", "0-20000"])
+def test_bad_array(text):
+    from labrun.protocol import parse_array
+
+    with pytest.raises(ValueError, match="array"):
+        parse_array(text)

@@ -1,0 +1,130 @@
+"""Checks of the state directory before the agent opens it, and the cleaning of what a killed agent left.
+
+- The database must be whole: ``PRAGMA quick_check`` passes and every table and column
+  the store expects is there (more is fine: a newer agent may have added some). An
+  empty (0-byte), missing, corrupt or foreign database next to existing run
+  directories is ``StateDamaged``: the agent refuses to start, with a message naming
+  the file and what to do, rather than start afresh and bury the history and queue.
+- A submit marks its run in ``<state>/submitting/`` before making the run directory
+  and clears the mark once the run's row is committed. A mark whose run has no row
+  means the agent died in between (say, during snapshot extraction): the directory
+  is an orphan and is removed. Run directories with no row and no mark are never
+  removed (they may be all that is left of a lost database); they are only reported.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import structlog
+
+from ._faults import is_disk_error
+from ._store import SCHEMA
+
+log = structlog.get_logger("labrun.state")
+
+# sysexits' EX_DATAERR: the systemd unit lists it in RestartPreventExitStatus, so a damaged state
+# directory stops the service with one clear message instead of a restart loop.
+EXIT_STATE_DAMAGED = 65
+SUBMITTING = "submitting"
+
+
+class StateDamaged(Exception):
+    """The state directory cannot be used as it is; the message says what the admin should do."""
+
+
+def _expected_tables() -> dict[str, set[str]]:
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(SCHEMA)
+        return _tables(db)
+    finally:
+        db.close()
+
+
+def _tables(db: sqlite3.Connection) -> dict[str, set[str]]:
+    names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    return {name: {r[1] for r in db.execute(f"PRAGMA table_info('{name}')")} for name in names}
+
+
+def _advice(db: Path, runs: Path) -> str:
+    return (f"Stop here and keep the files. Restore {db.name} from a backup (into {db.parent}), or, to start "
+            f"afresh with the old runs kept for reference, move both {db} and {runs} aside, then start the agent.")
+
+
+def check_state(state_dir: Path) -> None:
+    """Refuse a state directory whose database is missing, empty or damaged while run directories exist.
+
+    Raises:
+        StateDamaged: naming the file, what is wrong and what to do.
+    """
+    db, runs = state_dir / "state.db", state_dir / "runs"
+    run_dirs = sum(1 for d in runs.iterdir() if d.is_dir()) if runs.is_dir() else 0
+    if not db.exists() or db.stat().st_size == 0:
+        if run_dirs:
+            what = "is missing" if not db.exists() else "is empty (0 bytes)"
+            raise StateDamaged(f"the state database {db} {what}, but {runs} holds {run_dirs} run directories: "
+                               f"the history and queue of those runs would be lost. {_advice(db, runs)}")
+        return
+    try:
+        probe = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            problems = [r[0] for r in probe.execute("PRAGMA quick_check(5)").fetchall()]
+            found = _tables(probe)
+        finally:
+            probe.close()
+    except sqlite3.DatabaseError as exc:
+        if is_disk_error(exc):
+            # A full disk is not damage: start, serve what can be read, and retry writes (see _faults).
+            log.warning("state.check.skipped", error=str(exc), detail="the state disk is full or failing")
+            return
+        raise StateDamaged(f"the state database {db} cannot be read ({exc}). {_advice(db, runs)}") from None
+    if problems != ["ok"]:
+        raise StateDamaged(f"the state database {db} is corrupt (integrity check: {'; '.join(problems)}). "
+                           f"{_advice(db, runs)}")
+    if not found and not run_dirs:
+        return   # an empty database file and nothing else: a first start
+    missing = []
+    for table, columns in _expected_tables().items():
+        if table not in found:
+            missing.append(table)
+        else:
+            missing += [f"{table}.{column}" for column in sorted(columns - found[table])]
+    if missing:
+        raise StateDamaged(f"the state database {db} is not a labrun database, or a damaged one (missing: "
+                           f"{', '.join(missing[:5])}). {_advice(db, runs)}")
+
+
+def mark_submitting(state_dir: Path, run_id: str) -> Path:
+    """Mark ``run_id`` as being submitted; ``unlink`` the returned path once its row is committed."""
+    marks = state_dir / SUBMITTING
+    marks.mkdir(mode=0o700, exist_ok=True)
+    mark = marks / run_id
+    mark.touch(mode=0o600)
+    return mark
+
+
+def clean_orphans(state_dir: Path, has_run) -> list[str]:
+    """Remove run directories whose submit never committed; returns their run ids.
+
+    ``has_run(run_id)`` says whether the store has that run's row.
+    """
+    marks, runs = state_dir / SUBMITTING, state_dir / "runs"
+    removed = []
+    if marks.is_dir():
+        for mark in marks.iterdir():
+            if not has_run(mark.name):
+                shutil.rmtree(runs / mark.name, ignore_errors=True)
+                removed.append(mark.name)
+            mark.unlink(missing_ok=True)
+    if removed:
+        log.warning("state.orphans.removed", count=len(removed), run_ids=removed[:20],
+                    detail="run directories of submits the agent did not finish (it was killed)")
+    if runs.is_dir():
+        unknown = [d.name for d in runs.iterdir() if d.is_dir() and not has_run(d.name)]
+        if unknown:
+            log.warning("state.runs.unknown", count=len(unknown), run_ids=unknown[:20],
+                        detail="run directories with no row in the database; kept, remove them by hand if unwanted")
+    return removed

@@ -1,0 +1,99 @@
+"""The mirror in-process, on a real store and a real MLflow server: nesting, refusals, hostile names."""
+
+import sys
+import time
+
+import trio
+
+from labrun.agent._events import EventLog
+from labrun.agent._mlflow import MlflowConfig, MlflowMirror
+from labrun.agent._model import RunRecord
+from labrun.agent._store import Store
+from tests.mlflow_server import MlflowApi, params, tags
+
+
+def spec(**extra) -> dict:
+    return {"experiment": "nest", "display_name": None, "script": "train.py", "arguments": ["--lr", "0.1"],
+            "command": None, "tags": {}, "properties": {}, "compute_target": "local",
+            "resources": {"cpus": 1, "memory": None, "gpus": 0}, "max_run_duration_seconds": 60, "priority": 0,
+            **extra}
+
+
+def add_run(store: Store, run_id: str, status: str, **extra) -> RunRecord:
+    record = RunRecord(run_id=run_id, order=0, experiment="nest", number=0, uid=0, gid=0, user="alice",
+                       status=status, spec=spec(**extra), environ={}, submitted_at=time.time())
+    store.add_run(record, "run.queued")
+    return record
+
+
+async def mirror_until(mirror: MlflowMirror, store: Store, done) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        with trio.fail_after(120):
+            while not done():
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_child_runs_are_nested_under_their_parent(tmp_path, mlflow_server):
+    store = Store(tmp_path / "state.db")
+    events = EventLog(store)
+    (tmp_path / "runs").mkdir()
+    # The child comes first in the log: its parent's MLflow run is created for it.
+    child = add_run(store, "nest_1_child", "Completed", parent_run_id="nest_1_parent")
+    store.update_run(child, "run.completed", ended_at=time.time())
+    add_run(store, "nest_1_parent", "Running")
+    store.add_metrics(child, [{"name": "acc@top-1", "kind": "scalar", "value": 0.5, "step": None, "time": time.time()},
+                              {"name": "inf", "kind": "scalar", "value": float("inf"), "step": 3, "time": time.time()}])
+    mirror = MlflowMirror(MlflowConfig(tracking_uri=mlflow_server.url), mlflow_server.url, store, events,
+                          tmp_path / "runs")
+    api = MlflowApi(mlflow_server.url)
+    await mirror_until(mirror, store, lambda: mirror.delivered == store.last_seq())
+    # (Blocking reads: the mirror has stopped, nothing else runs in this trio loop.)
+    parent, nested = api.run_by_labrun_id("nest_1_parent"), api.run_by_labrun_id("nest_1_child")
+    assert tags(nested)["mlflow.parentRunId"] == parent["info"]["run_id"]
+    assert nested["info"]["experiment_id"] == parent["info"]["experiment_id"]
+    assert "mlflow.parentRunId" not in tags(parent)
+    assert nested["info"]["status"] == "FINISHED" and parent["info"]["status"] == "RUNNING"
+    assert tags(nested)["mlflow.user"] == "alice"
+    assert params(nested)["lr"] == "0.1"
+    # Names MLflow would refuse are made acceptable rather than stalling delivery.
+    assert api.history(nested["info"]["run_id"], "acc_top-1") == [(0, 0.5)]
+    assert api.history(nested["info"]["run_id"], "inf") == [(3, sys.float_info.max)]   # MLflow's SQL store clamps
+    assert mirror.state == "idle" and mirror.last_error is None
+
+    # A second mirror on the same state (an agent restart) sends nothing twice and creates no second run.
+    store.add_metrics(child, [{"name": "late", "kind": "scalar", "value": 1, "step": None, "time": time.time()}])
+    again = MlflowMirror(MlflowConfig(tracking_uri=mlflow_server.url), mlflow_server.url, store, events,
+                         tmp_path / "runs")
+    await mirror_until(again, store, lambda: again.delivered == store.last_seq())
+    assert api.run_by_labrun_id("nest_1_child")["info"]["run_id"] == nested["info"]["run_id"]
+    assert api.history(nested["info"]["run_id"], "acc_top-1") == [(0, 0.5)]
+    store.close()
+
+
+async def test_a_run_deleted_in_mlflow_does_not_stop_the_others(tmp_path, mlflow_server):
+    """Editing or deleting in MLflow never reaches labrun, and never stalls the mirror."""
+    import httpx
+
+    store = Store(tmp_path / "state.db")
+    events = EventLog(store)
+    (tmp_path / "runs").mkdir()
+    first = add_run(store, "nest_2_first", "Running")
+    mirror = MlflowMirror(MlflowConfig(tracking_uri=mlflow_server.url), mlflow_server.url, store, events,
+                          tmp_path / "runs")
+    api = MlflowApi(mlflow_server.url)
+    await mirror_until(mirror, store, lambda: mirror.delivered == store.last_seq())
+    twin = api.run_by_labrun_id("nest_2_first")
+    httpx.post(f"{mlflow_server.url}/api/2.0/mlflow/runs/delete", json={"run_id": twin["info"]["run_id"]}).raise_for_status()
+
+    store.add_metrics(first, [{"name": "loss", "kind": "scalar", "value": 1.0, "step": None, "time": time.time()}])
+    store.update_run(first, "run.completed", status="Completed", ended_at=time.time())
+    add_run(store, "nest_2_second", "Queued")
+    again = MlflowMirror(MlflowConfig(tracking_uri=mlflow_server.url), mlflow_server.url, store, events,
+                         tmp_path / "runs")
+    await mirror_until(again, store, lambda: again.delivered == store.last_seq())
+    assert api.run_by_labrun_id("nest_2_second")["info"]["status"] == "SCHEDULED"
+    assert again.state == "refused" and "nest_2_first" in again.last_error
+    assert store.get_run("nest_2_first").status == "Completed"   # labrun's run is untouched
+    store.close()
