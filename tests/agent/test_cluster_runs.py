@@ -19,12 +19,12 @@ class FakeCluster(FakeExecutor):
     def let_run(self, pid: int) -> None:
         self.admitted.setdefault(pid, trio.Event()).set()
 
-    async def wait(self, handle, progress=lambda status, waiting: None) -> ExitResult:
+    async def wait(self, handle, progress=None) -> ExitResult:
         admitted = self.admitted.setdefault(handle.fake_pid, trio.Event())
         if not admitted.is_set():
-            progress("Queued", {"reason": "cluster: Resources", "job_id": str(handle.fake_pid)})
+            await progress("Queued", {"reason": "cluster: Resources", "job_id": str(handle.fake_pid)})
             await admitted.wait()
-        progress("Running", None)
+        await progress("Running", None)
         return await super().wait(handle)
 
 

@@ -105,7 +105,7 @@ def _status(agent, run) -> str:
 
 
 def _cli_events(agent, run) -> list[str]:
-    result = agent.cli("events", "--run", run.id, "--json", check=True)
+    result = agent.cli("events", "--run", run.id, "--jsonl", check=True)
     return [json.loads(line)["type"] for line in result.stdout.splitlines()]
 
 
