@@ -19,6 +19,12 @@ max_concurrent_runs = 0
 [targets.MyCluster]
 kind = "local"
 
+[targets.cluster]            # runs go to Slurm (sbatch as the submitting user)
+kind = "slurm"
+run_root = "/shared/labrun"  # required: a directory every node shares; holds the run directories
+partition = "gpu"            # optional, as are account, qos, time (default --time) and mpi (srun --mpi=)
+sbatch_args = ["--constraint=a100"]   # allow-listed extra sbatch arguments
+
 [events]
 retention_days = 30          # never deletes what the hub has not received
 subscriber_buffer = 1000     # events a slow subscriber may fall behind before it gets a gap
@@ -112,6 +118,20 @@ class TargetConfig:
     memory: int | None = None
     gpus: int | None = None
     image: str | None = None
+    slurm: SlurmTargetConfig | None = None   # kind = "slurm"
+
+
+@dataclass
+class SlurmTargetConfig:
+    """``[targets.<name>] kind = "slurm"``: where runs go, and the run directories the nodes share."""
+
+    run_root: Path
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: int | None = None          # seconds; for runs that leave max_run_duration_seconds at its default
+    sbatch_args: list[str] = field(default_factory=list)
+    mpi: str = "pmi2"                # srun --mpi= for MpiConfiguration runs
 
 
 @dataclass
@@ -229,10 +249,14 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
     for name, table in _expect(data.get("targets", {}), dict, "[targets]").items():
         where = f"targets.{name}"
         _expect(table, dict, where)
-        _check_keys(table, {"kind", "cpus", "memory", "gpus", "image"}, where)
         target = TargetConfig(name=name, kind=_expect(table.get("kind", "local"), str, f"{where}.kind"))
         if target.kind not in KINDS:
             raise ConfigError(f"{where}.kind: must be one of {', '.join(map(repr, KINDS))}, got {target.kind!r}")
+        if target.kind == "slurm":
+            target.slurm = _slurm_target(table, where)
+            config.targets[name] = target
+            continue
+        _check_keys(table, {"kind", "cpus", "memory", "gpus", "image"}, where)
         if "cpus" in table:
             target.cpus = _expect(table["cpus"], int, f"{where}.cpus")
         if "gpus" in table:
@@ -313,6 +337,38 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
     if state_dir is not None:
         config.state_dir = Path(state_dir)
     return config
+
+
+def _slurm_target(table: dict, where: str) -> SlurmTargetConfig:
+    """A ``kind = "slurm"`` target's keys; ``run_root`` is required and absolute."""
+    from .executors._slurm_plan import SbatchArgumentError, check_sbatch_args, parse_time
+
+    _check_keys(table, {"kind", "run_root", "partition", "account", "qos", "time", "sbatch_args", "mpi"}, where)
+    if "run_root" not in table:
+        raise ConfigError(f"{where}.run_root: required for a Slurm target (a directory every node shares)")
+    run_root = _expect(table["run_root"], str, f"{where}.run_root")
+    if not run_root.startswith("/"):
+        raise ConfigError(f"{where}.run_root: must be an absolute path, got {run_root!r}")
+    slurm = SlurmTargetConfig(run_root=Path(run_root))
+    for key in ("partition", "account", "qos", "mpi"):
+        if key in table:
+            value = _expect(table[key], str, f"{where}.{key}")
+            if not value or any(c.isspace() or c == "\0" for c in value):
+                raise ConfigError(f"{where}.{key}: must be a non-empty word, got {value!r}")
+            setattr(slurm, key, value)
+    if "time" in table:
+        try:
+            slurm.time = parse_time(table["time"])
+        except ValueError as exc:
+            raise ConfigError(f"{where}.time: {exc}") from None
+    if "sbatch_args" in table:
+        arguments = [_expect(a, str, f"{where}.sbatch_args[]")
+                     for a in _expect(table["sbatch_args"], list, f"{where}.sbatch_args")]
+        try:
+            slurm.sbatch_args = check_sbatch_args(arguments)
+        except SbatchArgumentError as exc:
+            raise ConfigError(f"{where}.sbatch_args: {exc}") from None
+    return slurm
 
 
 def _load_snapshot(config: AgentConfig, table: dict) -> None:

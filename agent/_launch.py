@@ -125,10 +125,14 @@ class LaunchPlanner:
                                                    "environment": "cloud"})})
                 for n, (kind, index) in enumerate(tasks)]
 
-    async def plan(self, preparation: Preparation, *, in_container: bool = False) -> LaunchSpec:
+    async def plan(self, preparation: Preparation, *, in_container: bool = False, cluster_tasks: int | None = None,
+                   environments: EnvironmentBuilder | None = None) -> LaunchSpec:
         """Everything before the process starts: environment, resume_from, variables, ranks.
 
         ``in_container``: the run executes in an image, which has its own Python and paths.
+        ``cluster_tasks``: the run executes as that many tasks on a cluster (Slurm), which starts them, gives
+        them their ranks and GPUs: no local ranks, GPU variables or mpirun here, one log per task.
+        ``environments``: where pip environments are built (a cluster's shared directory), if not the agent's.
         """
         record, allocation, token, run_dir = (preparation.record, preparation.allocation, preparation.token,
                                               preparation.run_dir)
@@ -143,8 +147,8 @@ class LaunchPlanner:
             prepared = PreparedEnvironment(python=interpreter, variables=environment.get("environment_variables"))
             env = {}
         else:
-            prepared = await self.environments.prepare(spec.get("environment"), spec["interpreter"] or "python3",
-                                                       run_dir.environment_log, creds)
+            prepared = await (environments or self.environments).prepare(
+                spec.get("environment"), spec["interpreter"] or "python3", run_dir.environment_log, creds)
             # Queued runs keep the client's environment on disk only (see Supervisor.submit).
             env = {k: v for k, v in self.store.environ(record.run_id).items() if k != "LABRUN_RUN_TOKEN"}
         env.update(prepared.variables or {})
@@ -164,7 +168,7 @@ class LaunchPlanner:
         })
         if spec.get("array") is not None:
             env.update(array_environment(spec["array"]))
-        if self.capacity.gpus:
+        if self.capacity.gpus and cluster_tasks is None:
             devices = ",".join(allocation.gpus)
             env.update({"CUDA_VISIBLE_DEVICES": devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                         "NVIDIA_VISIBLE_DEVICES": devices or "void"})
@@ -173,8 +177,13 @@ class LaunchPlanner:
             path = await self._resume_path(record, run_dir, creds)
             env["LABRUN_RESUME_FROM"] = path
             extra = ["--resume-from", path]
-        argv = self._argv(record, prepared.python, extra)
-        ranks = self._ranks(record, allocation, run_dir)
+        argv = self._argv(record, prepared.python, extra, mpirun=cluster_tasks is None)
+        if cluster_tasks is None:
+            ranks = self._ranks(record, allocation, run_dir)
+        elif cluster_tasks == 1:
+            ranks = [Rank(log_path=run_dir.std_log)]
+        else:
+            ranks = [Rank(log_path=run_dir.rank_log(task)) for task in range(cluster_tasks)]
         try:
             for rank in ranks:
                 os.close(open_file_as(creds, rank.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND))
@@ -188,7 +197,7 @@ class LaunchPlanner:
                           memory=allocation.memory, run_dir=run_dir)
 
     @staticmethod
-    def _argv(record: RunRecord, python: str, extra: list[str]) -> list[str]:
+    def _argv(record: RunRecord, python: str, extra: list[str], mpirun: bool = True) -> list[str]:
         """The command line: the script with its interpreter, or the command (a string through /bin/sh)."""
         spec = record.spec
         if spec["script"] is not None:
@@ -198,7 +207,7 @@ class LaunchPlanner:
         else:
             argv = [*spec["command"], *extra]
         distributed = spec.get("distributed")
-        if distributed is not None and distributed["kind"] == "mpi":
+        if mpirun and distributed is not None and distributed["kind"] == "mpi":
             count = distributed["process_count_per_node"] or 1
             argv = ["mpirun", "-np", str(count), *(["--allow-run-as-root"] if record.uid == 0 else []), *argv]
         return argv

@@ -135,7 +135,13 @@ class RunFiles:
             if waiting:
                 raise Conflict(f"run {waiting[0]} waits for run {record.run_id}; it cannot be purged yet")
         try:
-            freed = await trio.to_thread.run_sync(remove_tree, self.runs_dir, record.run_id)
+            link = self.runs_dir / record.run_id
+            freed = 0
+            if link.is_symlink():
+                # A cluster's run directory (a Slurm target's run_root), which the agent linked here at submit.
+                real = link.resolve()
+                freed = await trio.to_thread.run_sync(remove_tree, real.parent, real.name)
+            freed += await trio.to_thread.run_sync(remove_tree, self.runs_dir, record.run_id)
         except FileNotFoundError:
             freed = 0   # a removal of the same run at the same time deleted it first: it is gone, as asked
         except OSError as exc:

@@ -187,7 +187,8 @@ def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, n
             array_active[a.array] += 1
     free = _free_now(capacity, active)
     pin = bool(capacity.cores)
-    running = len(active)
+    # A run that takes nothing from this machine (it runs on a cluster) is not one of its concurrent runs.
+    running = sum(1 for a in active if a.allocation.cpus)
 
     usage: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for a in active:
@@ -225,7 +226,7 @@ def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, n
             if capacity.fits_ever(d) is not None:
                 decision.waiting[run.run_id] = ("resources", position)
                 continue
-            if capacity.max_runs and running >= capacity.max_runs:
+            if capacity.max_runs and running >= capacity.max_runs and d.cpus:
                 decision.waiting[run.run_id] = ("max_concurrent", position)
                 continue
             if not free.fits(d):
@@ -255,7 +256,7 @@ def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, n
             allocation = free.take(d, pin)
             decision.starts.append(Start(run.run_id, allocation))
             started.append(Active(run.run_id, run.user, allocation, now + run.duration, run.array))
-            running += 1
+            running += 1 if d.cpus else 0
             if run.array is not None:
                 array_active[run.array] += 1
             u = usage[run.user]

@@ -140,7 +140,11 @@ class Service:
 
     def _run_dir(self, record) -> RunDir:
         self.run_files.check_present(record)
-        return RunDir.of(self.config.state_dir, record.run_id)
+        run_dir = RunDir.of(self.config.state_dir, record.run_id)
+        if run_dir.root.is_symlink():
+            # A cluster's run directory (a Slurm target's run_root): the agent's own link to it, made at submit.
+            run_dir = RunDir(run_dir.root.resolve())
+        return run_dir
 
     # -- ops ---------------------------------------------------------------------------
 
@@ -521,7 +525,8 @@ class Service:
             "queued": len(self.supervisor.queued),
             "active": len(self.supervisor.active),
             "targets": {"local": {"kind": "local"}, **{name: {"kind": t.kind, "cpus": t.cpus, "memory": t.memory,
-                                                              "gpus": t.gpus, "image": t.image}
+                                                              "gpus": t.gpus, "image": t.image,
+                                                              **_slurm_shown(t)}
                                                        for name, t in sorted(self.config.targets.items())}},
             "events": {"last_seq": self.store.last_seq(), "subscribers": len(self.events.subscriptions)},
             "draining": self.supervisor.draining,
@@ -548,3 +553,11 @@ class Service:
             self.mlflow.enable_ui(session.peer.admin)
         ready = await self.mlflow.wait_ready(args["timeout"]) if args["start"] else self.mlflow.mirror is not None
         return {"url": self.mlflow.tracking_uri, "ready": ready, "mlflow": self.mlflow.status()}
+
+
+def _slurm_shown(target) -> dict:
+    """What ``status`` says about a Slurm target (its queue settings; never its sbatch arguments)."""
+    if target.slurm is None:
+        return {}
+    return {"partition": target.slurm.partition, "account": target.slurm.account, "qos": target.slurm.qos,
+            "run_root": str(target.slurm.run_root)}

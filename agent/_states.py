@@ -17,11 +17,13 @@ from labrun.protocol._statuses import (
 )
 
 _NEXT: dict[str, frozenset[str]] = {
-    QUEUED: frozenset({PREPARING, CANCEL_REQUESTED, CANCELED, FAILED}),
-    # Back to Queued only when an agent restarts and finds a run it had not yet launched.
+    # Queued -> Starting: a Slurm run leaves the cluster's queue (after Preparing, as on Azure ML's clusters).
+    QUEUED: frozenset({PREPARING, STARTING, CANCEL_REQUESTED, CANCELED, FAILED}),
+    # Back to Queued when an agent restarts and finds a run it had not yet launched, when a Slurm run
+    # enters the cluster's queue after Preparing, or when Slurm requeues a started run (preemption).
     PREPARING: frozenset({STARTING, CANCEL_REQUESTED, FAILED, QUEUED}),
     STARTING: frozenset({RUNNING, CANCEL_REQUESTED, FAILED, QUEUED}),
-    RUNNING: frozenset({FINALIZING, CANCEL_REQUESTED, FAILED}),
+    RUNNING: frozenset({FINALIZING, CANCEL_REQUESTED, FAILED, QUEUED}),
     FINALIZING: frozenset({COMPLETED, FAILED, CANCEL_REQUESTED}),
     CANCEL_REQUESTED: frozenset({CANCELED, FAILED}),
     COMPLETED: frozenset(),
@@ -66,6 +68,12 @@ class ExitResult:
     exit_code: int | None = None
     signal: int | None = None
     memory_exceeded: bool = False   # killed for using more memory than the run asked for
+    # Set by executors that know more than an exit status (Slurm's NODE_FAIL, TIMEOUT...): the run's final
+    # status, reason and message. ``started``: the command ran at all.
+    status: str | None = None
+    reason: str | None = None
+    error: str | None = None
+    started: bool = True
 
     @property
     def ok(self) -> bool:
@@ -98,6 +106,8 @@ def outcome(result: ExitResult | None, *, cancel_reason: str | None = None, memo
         return Outcome(CANCELED, cancel_reason, error)
     if result is None:
         return Outcome(FAILED, "agent_error", "the run ended and its exit status is unknown")
+    if result.status is not None:
+        return Outcome(result.status, result.reason, result.error)
     if result.ok:
         return Outcome(COMPLETED, None, None)
     if result.memory_exceeded:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import math
 import os
 import secrets
 import shutil
@@ -41,6 +42,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -155,6 +157,8 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             self._recover(nursery)
             for record in self.store.runs_with_status([QUEUED]):
+                if record.run_id in self.active:
+                    continue   # in a cluster's queue, being recovered
                 record.environ = None
                 self._enqueue(record)
             ready = False
@@ -189,7 +193,9 @@ class Supervisor:
     def _recover(self, nursery: trio.Nursery) -> None:
         """Hold every active run's allocation again and start a task recovering each (see the module doc)."""
         owned: dict[str, list[Handle]] = defaultdict(list)
-        for record in self.store.runs_with_status(ACTIVE):
+        # A Queued run with a handle waits in a cluster's own queue (Slurm): it is recovered like an active one.
+        waiting_elsewhere = [r for r in self.store.runs_with_status([QUEUED]) if r.handle is not None]
+        for record in [*self.store.runs_with_status(ACTIVE), *waiting_elsewhere]:
             if is_interactive(record):
                 # Its client's connection went with the old agent.
                 self._transition(record, FAILED, ended_at=time.time(), reason="agent_lost",
@@ -330,7 +336,7 @@ class Supervisor:
                 created.append(member_id)
                 # Until the row commits, the run directory is marked: a killed agent's next start removes it.
                 marks.append(mark_submitting(self.config.state_dir, member_id))
-                self._make_run_dir(member_id, owner)
+                self._make_run_dir(member_id, owner, member_spec)
                 if entries is not None:
                     self.snapshots.acquire(member_id, owner.uid, tree, entries)
                 records.append(RunRecord(
@@ -346,7 +352,11 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 for member_id in created:
                     self.snapshots.release_snapshot(member_id)
-                    await trio.to_thread.run_sync(shutil.rmtree, self._run_dir(member_id).root, True)
+                    root = self._run_dir(member_id).root
+                    if root.is_symlink():   # a cluster's run directory, elsewhere
+                        await trio.to_thread.run_sync(shutil.rmtree, root.resolve(), True)
+                        root.unlink()
+                    await trio.to_thread.run_sync(shutil.rmtree, root, True)
             raise
         finally:
             for mark in marks:
@@ -359,11 +369,11 @@ class Supervisor:
         self.wake()
         return records
 
-    def _make_run_dir(self, run_id: str, owner: Owner) -> None:
+    def _make_run_dir(self, run_id: str, owner: Owner, spec: dict) -> None:
         creds = owner.credentials()
         layout = self._run_dir(run_id)
         # The run directory is its owner's (0700); what is in it is created with their rights.
-        make_private_dir(layout.root.parent, run_id, creds)
+        self._executor(spec).make_run_dir(self._target(spec), layout, creds)
         with acting_as(creds):
             # The snapshot itself is made when the run starts (Launch), from the contents stored now.
             layout.outputs_link.symlink_to(layout.outputs.relative_to(layout.root))
@@ -496,9 +506,9 @@ class Supervisor:
 
     def _saturated(self) -> bool:
         """True when no queued run can start: every run needs a CPU, and none is free (or the run cap is hit)."""
-        if self.capacity.max_runs and len(self.active) >= self.capacity.max_runs:
-            return True
-        if sum(a.allocation.cpus for a in self.active.values()) < self.capacity.cpus:
+        local = [a for a in self.active.values() if a.allocation.cpus]   # a cluster's runs take no local CPU
+        if not (self.capacity.max_runs and len(local) >= self.capacity.max_runs) and \
+                sum(a.allocation.cpus for a in local) < self.capacity.cpus:
             return False
         # Runs that take no local CPU may still start; only agents with such an executor pay for this scan.
         if any(not e.capabilities.counted_locally for e in self.executors.values()):
@@ -598,7 +608,10 @@ class Supervisor:
                     handle = await self._launch(run, executor)
                     if handle is None:
                         return   # it failed to start, and is finished
-                result = await executor.wait(handle)
+                if executor.capabilities.own_queue:
+                    result = await executor.wait(handle, partial(self._progress, run))
+                else:
+                    result = await executor.wait(handle)
             if run.kill_scope.cancelled_caught:
                 if run.cancel_reason is None:
                     run.cancel_reason = "max_run_duration_exceeded"
@@ -631,7 +644,9 @@ class Supervisor:
         except PrepareFailed as exc:
             await self._fail_to_start(run, run_dir.std_log, exc.reason, str(exc))
             return None
-        await self._durably(self._advance, run, STARTING)
+        queues = executor.capabilities.own_queue
+        if not queues:
+            await self._durably(self._advance, run, STARTING)
         await self.store.durable()   # a process starts only for a run whose state is saved
         # Shielded: a cancel or time limit arriving while the executor starts the run must not lose the
         # handle of processes that already exist. The cancel then takes effect at the wait that follows.
@@ -645,6 +660,11 @@ class Supervisor:
             await self._fail_to_start(run, launch.ranks[0].log_path, "start_failed",
                                       f"the run did not start within {START_SECONDS:.0f} seconds")
             return None
+        if queues:
+            # The run now waits in the cluster's queue; it is Running (and its time limit counts) once it runs.
+            run.ends_by = math.inf
+            await self._durably(self._advance, run, QUEUED, handle=handle.to_store())
+            return handle
         duration = record.spec["max_run_duration_seconds"]
         run.ends_by = time.time() + duration
         run.kill_scope.deadline = trio.current_time() + duration
@@ -661,7 +681,7 @@ class Supervisor:
         """Find out what became of a run an earlier agent started, then supervise it if it still runs."""
         record = run.record
         try:
-            if record.status == FINALIZING:
+            if record.status == FINALIZING and (record.exit_code is not None or record.signal is not None):
                 # It had ended, and the agent stopped before recording how: the exit is in the store.
                 state = Ended(ExitResult(exit_code=record.exit_code, signal=record.signal))
             elif executor is None or handle is None:
@@ -680,8 +700,11 @@ class Supervisor:
             self.wake()
         if isinstance(state, Live):
             log.info("run.reattached", run_id=record.run_id, status=record.status)
-            remaining = run.ends_by - time.time()
-            run.kill_scope.deadline = trio.current_time() + max(0.0, remaining)
+            if record.status in (RUNNING, FINALIZING) or not executor.capabilities.own_queue:
+                remaining = run.ends_by - time.time()
+                run.kill_scope.deadline = trio.current_time() + max(0.0, remaining)
+            else:
+                run.ends_by = math.inf   # still in the cluster's queue: its time limit counts once it runs
             if run.cancel_reason is not None:
                 run.kill_scope.cancel()   # the cancel was asked for before the restart: carry it out
             await self._run_one(run, executor, state.handle)
@@ -716,8 +739,44 @@ class Supervisor:
         if ended.reason == "exit_code":
             # The error a user sees is the exception their script raised, when its traceback is in the logs.
             error = failure_message(self._run_dir(record.run_id).root) or error
+        if result is not None and result.started:
+            self._walk(run, RUNNING)   # a cluster run that ended between two looks at it
+        if ended.status == CANCELED and record.status not in (QUEUED, CANCEL_REQUESTED):
+            # Canceled by the cluster (Slurm's scancel or time limit): the same two steps as a cancel here.
+            self._transition(record, CANCEL_REQUESTED, reason=ended.reason)
         if record.status == RUNNING and ended.status != CANCELED:
             self._transition(record, FINALIZING, **exit_fields)
         self._transition(record, ended.status, ended_at=time.time(), reason=ended.reason, error=error,
                          **exit_fields)
         self.store.set_token_hash(record.run_id, None)
+
+    # -- runs in a cluster's own queue (Slurm) ------------------------------------------
+
+    async def _progress(self, run: _ActiveRun, status: str, waiting: dict | None) -> None:
+        """The cluster reports a new state of the run, as a labrun status, and while Queued why it waits there."""
+        record = run.record
+        if status == QUEUED:
+            record.waiting = {"position": None, **(waiting or {"reason": "queued elsewhere"})}
+            if record.status in (STARTING, RUNNING) and run.cancel_reason is None:   # preempted or requeued
+                await self._durably(self._transition, record, QUEUED, event_type="run.requeued")
+                run.ends_by, run.kill_scope.deadline = math.inf, math.inf
+            self.changed.notify()
+            return
+        record.waiting = None
+        await self._durably(self._walk, run, status)
+
+    def _walk(self, run: _ActiveRun, status: str) -> None:
+        """Through each status a local run passes on its way to ``status``: Starting, Running, Finalizing."""
+        steps = [STARTING, RUNNING, FINALIZING]
+        if status not in steps or run.cancel_reason is not None:
+            return   # an end is _finish's to record
+        reached = steps.index(run.record.status) if run.record.status in steps else -1
+        for step in steps[reached + 1: steps.index(status) + 1]:
+            if step == RUNNING:
+                # The time limit counts from here, as for a local run.
+                now = time.time()
+                run.ends_by = now + run.record.spec["max_run_duration_seconds"]
+                run.kill_scope.deadline = trio.current_time() + run.record.spec["max_run_duration_seconds"]
+                self._transition(run.record, RUNNING, started_at=now)
+            else:
+                self._transition(run.record, step)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import signal
 import socket
@@ -559,18 +560,99 @@ def docker_latency(root: Path, n: int) -> list[tuple]:
 
 # -- 6. slurm ------------------------------------------------------------------------------------
 
+# The Slurm target's goal: labrun adds at most 50 ms to sbatch's submit-to-start, or 1.1x, whichever is larger.
+SLURM_ADDED_SECONDS = 0.050
+SLURM_RATIO = 1.1
+
+
+def _node_idle(phase: float, timeout: float = 60) -> None:
+    """Wait for an idle node, then for the next moment at ``phase`` of a second.
+
+    slurmctld starts pending batch jobs on a one-second tick, so a job's wait for it depends on when in the second
+    it was submitted. Each labrun run and its ``sbatch`` twin are submitted at the same, random, phase: the tick
+    then costs both the same, and their difference is what labrun adds.
+    """
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.split() != ["idle"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the Slurm node did not become idle")
+        time.sleep(0.05)
+    now = time.time()
+    time.sleep((phase - now % 1.0) % 1.0)
+
+
+def _cluster() -> str:
+    """The cluster measured: its nodes and scheduler settings (they set the pace of a batch job's start)."""
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    params = next((line.split("=", 1)[1].strip() for line in config.splitlines()
+                   if line.startswith("SchedulerParameters")), "?")
+    nodes = len(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split())
+    return f"{nodes} node(s), SchedulerParameters={params}"
+
+
+def _sbatch_returned(workspace, run_id: str) -> float:
+    """When the agent's sbatch returned: the run's second ``run.queued`` event (Preparing -> Queued in Slurm)."""
+    queued = []
+    for event in workspace.watch(since=0, run_id=run_id):
+        if event.get("type") == "run.queued":
+            queued.append(event["time"])
+        if event.get("type") in ("run.completed", "run.failed", "run.canceled"):
+            return queued[1]
+    raise RuntimeError(f"run {run_id} has no end in its events")
+
+
 def slurm(root: Path, n: int) -> list[tuple]:
+    """labrun on a Slurm target against a plain ``sbatch --wrap``, alternating, on the same cluster."""
+    from labrun import Experiment, ScriptRunConfig
+
     if shutil.which("sbatch") is None or subprocess.run(["sinfo"], capture_output=True).returncode != 0:
         return [("Slurm `sbatch --wrap`", "no single-node Slurm answers here "
-                 "(../shared/tools/slurm-single-node.sh sets one up)", "-", "-", "-", "-")]
-    times = []
-    for i in range(n):
-        stamp = root / f"s{i}"
-        t0 = time.time()
-        subprocess.run(["sbatch", "--wrap", stamp_command(stamp), "-o", "/dev/null"], check=True, capture_output=True)
-        times.append(read_stamp(stamp, timeout=120) - t0)
-    med, p95 = median_p95(times)
-    return [("submit-to-start, Slurm `sbatch --wrap`", f"{ms(med)} (p95 {ms(p95)})", "-", "-", "-", "-")]
+                 "(scripts/slurm-single-node.sh sets one up)", "-", "-", "-", "-")]
+    source, run_root = root / "slurm-src", root / "slurm-runs"
+    source.mkdir()
+    run_root.mkdir()
+    (root / "slurm-agent").mkdir()
+    agent = Agent(root / "slurm-agent", f'[targets.cluster]\nkind = "slurm"\nrun_root = "{run_root}"\n').start()
+    labrun_times, sbatch_times, labrun_submit, sbatch_submit = [], [], [], []
+    try:
+        experiment = Experiment(agent.workspace(), "bench")
+        experiment.workspace.connection   # connect once, like a long-lived client
+        for i in range(n):
+            phase = random.random()
+            _node_idle(phase)
+            stamp = root / f"sl{i}"
+            t0 = time.time()
+            config = ScriptRunConfig(str(source), command=stamp_command(stamp), compute_target="cluster")
+            run = experiment.submit(config)
+            labrun_times.append(read_stamp(stamp, timeout=120) - t0)
+            experiment.workspace.wait_for_run(run.id)
+            labrun_submit.append(_sbatch_returned(experiment.workspace, run.id) - t0)
+            _node_idle(phase)
+            stamp = root / f"s{i}"
+            t0 = time.time()
+            job = subprocess.run(["sbatch", "--parsable", "--wrap", stamp_command(stamp), "-o", "/dev/null"],
+                                 check=True, capture_output=True, text=True).stdout.strip()
+            sbatch_submit.append(time.time() - t0)
+            sbatch_times.append(read_stamp(stamp, timeout=120) - t0)
+            while subprocess.run(["squeue", "-h", "-j", job, "-t", "PD,CF,R,CG", "-o", "%i"], capture_output=True,
+                                 text=True).stdout.strip():
+                time.sleep(0.05)   # one job at a time, as the labrun run above
+    finally:
+        agent.stop()
+    med, p95 = median_p95(labrun_times)
+    reference, ref_p95 = median_p95(sbatch_times)
+    added = statistics.median(a - b for a, b in zip(labrun_times, sbatch_times))   # paired: same tick phase
+    allowed = max(SLURM_ADDED_SECONDS, reference * (SLURM_RATIO - 1))
+    submit_med, submit_p95 = median_p95(labrun_submit)
+    sbatch_med, sbatch_p95 = median_p95(sbatch_submit)
+    return [("submit-to-start, Slurm target (Python client)", f"{ms(med)} (p95 {ms(p95)})",
+             f"sbatch --wrap {ms(reference)}", f"{med / reference:.2f}x; adds {ms(added)} (median of pairs)",
+             "adds <= 50 ms or 0.1x", verdict(added <= allowed)),
+            ("submit-to-start, Slurm `sbatch --wrap`", f"{ms(reference)} (p95 {ms(ref_p95)})", _cluster(), "-", "-",
+             "-"),
+            ("submit until the job is in Slurm's queue: labrun client -> agent -> sbatch returned",
+             f"{ms(submit_med)} (p95 {ms(submit_p95)})", f"sbatch {ms(sbatch_med)} (p95 {ms(sbatch_p95)})",
+             f"+{ms(submit_med - sbatch_med)}", "-", "-")]
 
 
 # -- main ----------------------------------------------------------------------------------------

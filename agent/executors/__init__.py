@@ -2,6 +2,7 @@
 
 - ``_local``: processes on this machine, each run owned by its shim (``_shim``, a standalone script);
 - ``_docker``: containers on this machine's Docker engine;
+- ``_slurm``: batch jobs on a Slurm cluster (``_slurm_plan``: its pure parts);
 - ``_fake``: in memory, for tests.
 """
 

@@ -34,9 +34,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from labrun.protocol import BadRequest
 
+from .._asuser import make_private_dir
 from .._states import ExitResult
 
 if TYPE_CHECKING:
+    from .._asuser import Credentials
     from .._config import TargetConfig
     from .._launch import LaunchPlanner
     from .._model import RunRecord
@@ -57,6 +59,10 @@ class Capabilities:
     logs: str = "run_dir"         # where logs live: "run_dir" (the agent reads them), or "remote"
     counted_locally: bool = True  # the local scheduler counts its CPUs, memory and GPUs
     outlives_agent: bool = False  # its runs keep running while the agent is down, and recover() reattaches
+    # The runs wait in a queue of the executor's own (a Slurm cluster's): after Preparing a run is Queued
+    # there, and ``wait(handle, progress)`` reports each change: ``progress(status, waiting)``, where
+    # ``waiting`` says why a Queued run waits (``{"reason": ..., ...}``, shown by ``labrun ls``).
+    own_queue: bool = False
 
 
 @dataclass
@@ -84,6 +90,7 @@ class LaunchSpec:
     memory: int | None = None       # bytes; enforced when set
     container: dict | None = None   # Docker runs: image, mounts, limits, translated arguments
     run_dir: "RunDir | None" = None
+    slurm: dict | None = None       # Slurm runs: {"job": SlurmJob, "settings": SlurmSettings}
 
 
 @dataclass
@@ -200,6 +207,12 @@ class Executor:
             refuse("distributed", f"distributed runs on {self.kind} targets are not supported yet")
         if spec["resources"].get("gpus") and not self.capabilities.gpus:
             refuse("resources", f"{self.kind} targets cannot hand out GPUs")
+
+    def make_run_dir(self, target: "TargetConfig | None", run_dir: "RunDir",
+                     creds: "Credentials | None" = None) -> None:
+        """Create the run's directory at submit, as ``creds``' private directory: by default in the agent's
+        state directory."""
+        make_private_dir(run_dir.root.parent, run_dir.run_id, creds)
 
     async def prepare(self, preparation: Preparation) -> LaunchSpec:
         """Plan the launch: by default the run's processes on this machine, as the planner makes them."""

@@ -35,9 +35,16 @@ def _docker(config: "AgentConfig", store: "Store") -> "Executor":
                           on_first_container=lambda: store.set_meta("docker_used", True))
 
 
+def _slurm(config: "AgentConfig", store: "Store") -> "Executor":
+    from ._slurm import SlurmExecutor
+
+    return SlurmExecutor(config.stop_grace_seconds)
+
+
 FACTORIES: dict[str, Callable[["AgentConfig", "Store"], "Executor"]] = {
     "local": _local,
     "docker": _docker,
+    "slurm": _slurm,
 }
 
 # The kinds a target in the configuration may name.
@@ -50,6 +57,8 @@ def build_executors(config: "AgentConfig", store: "Store") -> dict[str, "Executo
 
 def kind_for(spec: dict, target: "TargetConfig | None") -> str:
     """The kind of executor a run needs: its target's, or Docker where the run asks for a container."""
+    if target is not None and target.kind not in ("local", "docker"):
+        return target.kind   # a cluster: it refuses what it cannot run (containers) in its admit
     docker = spec.get("docker")
     if docker is not None and docker["use_docker"]:
         return "docker"

@@ -142,6 +142,8 @@ def _submit(args) -> tuple[object, dict]:
         rc.max_run_duration_seconds = args.max_duration
     rc.resources = {"cpus": args.cpus, "memory": args.memory, "gpus": args.gpus}
     rc.priority = args.priority
+    if args.target:
+        rc.target = args.target
     if args.image:
         from .._environment import Environment
         from .._runconfig import DockerConfiguration
@@ -552,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--memory", type=_memory, help="memory to reserve, like 4G")
         p.add_argument("--gpus", type=int, default=0, help="GPUs to reserve (default 0)")
         p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+        p.add_argument("--target", help="compute target: local (default) or a name from the agent's config, "
+                                        "such as a Slurm cluster")
         p.add_argument("--image", help="run in a container of this Docker image")
         p.add_argument("--shm-size", help="with --image: size of /dev/shm, like 2g (default 2g)")
         p.add_argument("--after", action="append", metavar="RUN[,RUN...]",

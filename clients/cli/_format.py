@@ -52,7 +52,7 @@ def outcome(run: dict) -> str:
     if waiting and waiting.get("on"):
         return f"waiting: {waiting['reason']} ({','.join(waiting['on'])})"
     if waiting:
-        return f"waiting: {waiting['reason']} (#{waiting['position']})"
+        return f"waiting: {waiting['reason']}" + _position(waiting)
     if run.get("files_removed_at"):
         return "files removed"
     if run["status"] in ("Completed", "Failed", "Canceled"):
@@ -134,7 +134,7 @@ def show(run: dict) -> str:
         gpus = ",".join(allocation.get("gpus") or []) or "-"
         rows.append(("Allocated", f"cpus={allocation['cpus']} cores={cores} gpus={gpus}"))
     if run.get("waiting"):
-        rows.append(("Waiting", f"{run['waiting']['reason']} (position {run['waiting']['position']})"))
+        rows.append(("Waiting", f"{run['waiting']['reason']}" + _position(run["waiting"], "position ")))
     if run["exit_code"] is not None:
         rows.append(("Exit code", run["exit_code"]))
     if run["signal"] is not None:
@@ -211,3 +211,8 @@ def group_arrays(runs: list[dict]) -> list[dict]:
                       "waiting": None, "files_removed_at": None, "reason": None, "exit_code": None, "signal": None,
                       "allocation": None})
     return shown
+
+
+def _position(waiting: dict, word: str = "#") -> str:
+    """A run's place in this agent's queue; a run waiting in a cluster's queue (Slurm) has none here."""
+    return f" ({word}{waiting['position']})" if waiting.get("position") is not None else ""

@@ -178,6 +178,18 @@ def test_backfill_never_delays_the_head(situation):
     assert _fits_at(shadow, head.demand, after, capacity)
 
 
+def test_runs_that_take_nothing_here_are_not_concurrent_runs_of_this_machine():
+    """A cluster's runs (zero local demand) neither count toward max_concurrent_runs nor wait for it."""
+    capacity = Capacity(cpus=4, memory=None, gpus=(), max_runs=1)
+    cluster = Allocation(cpus=0, memory=None)
+    active = [Active("remote", "a", cluster, 100.0)]
+    pending = [Pending("local", "a", 0, 1, Demand(cpus=1), 10.0), Pending("local2", "a", 0, 2, Demand(cpus=1), 10.0),
+               Pending("remote2", "a", 0, 3, Demand(cpus=0), 10.0)]
+    decision = schedule(pending, active, capacity, 0.0)
+    assert sorted(s.run_id for s in decision.starts) == ["local", "remote2"]
+    assert decision.waiting["local2"][0] == "max_concurrent"
+
+
 class TestDependenciesAndArrays:
     def test_a_blocked_run_waits_and_reserves_nothing(self):
         blocked = Pending("r1", "alice", 0, 1, Demand(cpus=4), 3600, blocked_by=("r0",))

@@ -1,0 +1,332 @@
+"""Runs on a Slurm target, against a real single-node Slurm (slurmctld, slurmd, munge; scripts/test starts it)."""
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from labrun import Experiment, PyTorchConfiguration, ScriptRunConfig, TensorflowConfiguration
+from tests.e2e.test_agent import nobody_client, processes_of, wait_until  # noqa: F401
+
+pytestmark = pytest.mark.slurm
+TEST_USER = "lrslurm-user"   # scripts/test creates it: Slurm runs jobs as the submitting user
+# The single node has at least two CPUs; a run asking for all of them keeps the next one pending.
+NODE_CPUS = 2
+
+
+def _slurm(*argv, check=True) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=60, check=check)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A Slurm controller that answers, with an idle node."""
+    answers = shutil.which("sinfo") is not None and _slurm("scontrol", "ping", check=False).stdout.count("UP")
+    if not answers:
+        if os.environ.get("LABRUN_REQUIRE_SLURM") == "1":
+            pytest.fail("LABRUN_REQUIRE_SLURM=1 but no Slurm controller answers (scripts/slurm-single-node.sh)")
+        pytest.skip("no Slurm controller answers (scripts/test starts a single-node one)")
+    cpus = int(_slurm("sinfo", "-h", "-o", "%c").stdout.split()[0])
+    assert cpus >= NODE_CPUS, "the test cluster needs a node with two CPUs"
+
+
+def _open_up(path: Path) -> None:
+    """Let the run's user reach ``path`` (tests' temporary directories are root's own)."""
+    for parent in [path, *path.parents]:
+        if str(parent).startswith("/tmp/"):
+            parent.chmod(parent.stat().st_mode | 0o755)
+
+
+@pytest.fixture
+def cluster_agent(make_agent, slurm_cluster, tmp_path_factory):
+    run_root = tmp_path_factory.mktemp("slurm-runs")
+    _open_up(run_root)
+    agent = make_agent(f'[agent]\nstop_grace_seconds = 1\n[targets.cluster]\nkind = "slurm"\nrun_root = "{run_root}"\n')
+    agent.run_root = run_root
+    yield agent
+    # Nothing of this agent's is left in Slurm's queue.
+    for run_id in os.listdir(run_root):
+        if not (run_root / run_id / "logs").is_dir():
+            continue   # envs/: the pip environments of the runs
+        job = _job_of(agent, run_id)
+        if job is not None:
+            _slurm("scancel", job, check=False)
+
+
+@pytest.fixture
+def cluster_source(source) -> Path:
+    """The shared source directory (train.py), with scripts that report ranks and log metrics."""
+    src = source
+    (src / "ranks.py").write_text(
+        "import json, os\n"
+        "keys = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'NODE_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'TF_CONFIG')\n"
+        "seen = {k: os.environ.get(k) for k in keys}\n"
+        "task = json.loads(seen['TF_CONFIG'])['task'] if seen['TF_CONFIG'] else None\n"
+        "name = seen['RANK'] if task is None else f\"{task['type']}{task['index']}\"\n"
+        "open(f'outputs/rank_{name}.json', 'w').write(json.dumps(seen))\n"
+        "print('rank', name)\n"
+    )
+    (src / "metrics.py").write_text(
+        "from labrun import Run\n"
+        "run = Run.get_context()\n"
+        "for step in range(3):\n    run.log('loss', 1.0 / (step + 1), step=step)\n"
+        "run.log('accuracy', 0.9)\n"
+    )
+    _open_up(src)
+    return src
+
+
+def _job_of(agent, run_id: str) -> str | None:
+    waiting = agent.workspace()._call("get", run_id=run_id).get("waiting") or {}
+    if waiting.get("job_id"):
+        return waiting["job_id"]
+    # Else from Slurm: the handle is not shown to clients, and the job's name ends with the run id.
+    listed = _slurm("squeue", "-h", "-t", "all", "-o", "%i|%j", check=False).stdout.split()
+    return next((line.split("|")[0] for line in listed if line.endswith(run_id)), None)
+
+
+def _submit(agent, source, **kwargs):
+    workspace = agent.workspace()
+    kwargs.setdefault("compute_target", workspace.compute_targets["cluster"])
+    return Experiment(workspace, "slurm").submit(ScriptRunConfig(str(source), **kwargs))
+
+
+def _waiting(agent, run) -> dict | None:
+    return agent.workspace()._call("get", run_id=run.id).get("waiting")
+
+
+def _status(agent, run) -> str:
+    return agent.workspace()._call("get", run_id=run.id)["status"]
+
+
+def _cli_events(agent, run) -> list[str]:
+    result = agent.cli("events", "--run", run.id, "--jsonl", check=True)
+    return [json.loads(line)["type"] for line in result.stdout.splitlines()]
+
+
+def test_script_with_arguments_completes_with_log_and_outputs(cluster_agent, cluster_source):
+    run = _submit(cluster_agent, cluster_source, script="train.py", arguments=["--lr", 0.1, "--epochs", 2])
+    details = run.wait_for_completion()
+    assert details["status"] == "Completed" and details["target"] == "cluster"
+    log = run.get_log()
+    real = cluster_agent.run_root / run.id
+    assert "args ['--lr', '0.1', '--epochs', '2']" in log
+    assert f"cwd {real / 'snapshot'}" in log   # in run_root, which the nodes share
+    assert _job_of(cluster_agent, run.id) is not None   # it really ran as a Slurm job
+    assert "outputs/model.txt" in run.get_file_names()
+    assert (real / "outputs" / "model.txt").read_text() == "trained"
+    # The same events as a local run, with the wait in Slurm's queue between Preparing and Starting.
+    assert _cli_events(cluster_agent, run) == ["run.queued", "run.preparing", "run.queued", "run.starting",
+                                               "run.started", "run.finalizing", "run.completed"]
+    status = cluster_agent.workspace()._call("status")
+    assert status["targets"]["cluster"]["kind"] == "slurm" and status["in_use"]["cpus"] == 0
+
+
+def test_cli_failing_run_fails_with_its_exit_code(cluster_agent, cluster_source):
+    result = cluster_agent.cli("run", "--source-dir", str(cluster_source), "--target", "cluster", "--",
+                               "sh", "-c", "echo about to fail; exit 3")
+    assert result.returncode == 3, result.stderr
+    assert "about to fail" in result.stdout
+    shown = json.loads(cluster_agent.cli("ls", "--all", "--json", check=True).stdout)
+    run = next(r for r in shown if r["target"] == "cluster")
+    assert (run["status"], run["exit_code"], run["reason"]) == ("Failed", 3, "exit_code")
+
+
+def test_cancel_running_and_pending_runs(cluster_agent, cluster_source):
+    """A run holding the whole node keeps the next one pending, with Slurm's reason shown in ls."""
+    busy = _submit(cluster_agent, cluster_source, command="echo busy; exec sleep 300", resources={"cpus": NODE_CPUS})
+    wait_until(lambda: _status(cluster_agent, busy) == "Running", 60, "the first run to start")
+    pending = _submit(cluster_agent, cluster_source, command=["echo", "never"], resources={"cpus": NODE_CPUS})
+    # Slurm's reason: Resources, or Priority when someone else's job also waits for the node.
+    reasons = ("slurm: Resources", "slurm: Priority")
+    wait_until(lambda: (_waiting(cluster_agent, pending) or {}).get("reason") in reasons, 60,
+               "the second run to wait in Slurm's queue for resources")
+    listed = cluster_agent.cli("ls", check=True).stdout
+    line = next(line for line in listed.splitlines() if pending.id in line)
+    assert "Queued" in line and ("slurm: Resources" in line or "slurm: Priority" in line), listed
+    wait_until(lambda: "busy" in busy.get_log(), 30, "the first run's output")
+    busy_job = _job_of(cluster_agent, busy.id)
+    pending_job = _job_of(cluster_agent, pending.id)
+
+    assert cluster_agent.cli("cancel", pending.id, busy.id).returncode == 0
+    assert cluster_agent.workspace().wait_for_run(pending.id)["status"] == "Canceled"
+    finished = cluster_agent.workspace().wait_for_run(busy.id)
+    assert (finished["status"], finished["reason"]) == ("Canceled", "canceled")
+    assert "never" not in pending.get_log()
+    # Neither job is left running in Slurm, and the sleep is gone.
+    for job in (busy_job, pending_job):
+        state = _slurm("squeue", "-h", "-t", "all", "-j", job, "-o", "%T", check=False).stdout.strip()
+        assert state not in ("RUNNING", "PENDING", "CONFIGURING"), (job, state)
+    wait_until(lambda: not processes_of(busy.id), 10, "the run's processes to end")
+
+
+def test_time_limit_cancels_with_max_run_duration_exceeded(cluster_agent, cluster_source):
+    run = _submit(cluster_agent, cluster_source, command="echo started; sleep 300", max_run_duration_seconds=3)
+    details = run.wait_for_completion(raise_on_error=False)
+    assert details["status"] == "Canceled"
+    shown = cluster_agent.workspace()._call("get", run_id=run.id)
+    assert shown["reason"] == "max_run_duration_exceeded"
+    assert shown["ended_at"] - shown["started_at"] < 3 + 10
+    assert "started" in run.get_log()
+
+
+def test_two_task_pytorch_run_sees_correct_ranks(cluster_agent, cluster_source):
+    run = _submit(cluster_agent, cluster_source, script="ranks.py",
+                  distributed_job_config=PyTorchConfiguration(process_count=2, node_count=1))
+    assert run.wait_for_completion()["status"] == "Completed", run.get_log()
+    outputs = cluster_agent.run_root / run.id / "outputs"
+    ranks = [json.loads((outputs / f"rank_{rank}.json").read_text()) for rank in range(2)]
+    node = _slurm("hostname", "-s").stdout.strip()
+    for rank, seen in enumerate(ranks):
+        got = (seen["RANK"], seen["LOCAL_RANK"], seen["WORLD_SIZE"], seen["NODE_RANK"])
+        assert got == (str(rank), str(rank), "2", "0")
+        assert seen["MASTER_ADDR"] == node and seen["MASTER_PORT"].isdigit()
+    assert ranks[0]["MASTER_PORT"] == ranks[1]["MASTER_PORT"]
+    names = run.get_file_names()
+    assert "user_logs/std_log_process_0.txt" in names and "user_logs/std_log_process_1.txt" in names
+    assert "rank 1" in (cluster_agent.run_root / run.id / "logs" / "std_log_process_1.txt").read_text()
+
+
+def test_tensorflow_run_gets_tf_config_from_the_node_list(cluster_agent, cluster_source):
+    run = _submit(cluster_agent, cluster_source, script="ranks.py",
+                  distributed_job_config=TensorflowConfiguration(worker_count=2, parameter_server_count=0))
+    assert run.wait_for_completion()["status"] == "Completed", run.get_log()
+    outputs = cluster_agent.run_root / run.id / "outputs"
+    node = _slurm("hostname", "-s").stdout.strip()
+    configs = [json.loads(json.loads((outputs / f"rank_worker{i}.json").read_text())["TF_CONFIG"]) for i in range(2)]
+    workers = configs[0]["cluster"]["worker"]
+    assert len(workers) == 2 and all(w.startswith(f"{node}:") for w in workers) and workers[0] != workers[1]
+    assert [c["task"] for c in configs] == [{"type": "worker", "index": 0}, {"type": "worker", "index": 1}]
+    assert configs[1]["cluster"] == configs[0]["cluster"]
+
+
+def test_agent_restart_loses_neither_a_pending_nor_a_running_run(cluster_agent, cluster_source):
+    running = _submit(cluster_agent, cluster_source, command="echo first; sleep 6; echo first done",
+                      resources={"cpus": NODE_CPUS})
+    wait_until(lambda: _status(cluster_agent, running) == "Running", 60, "the first run to start")
+    pending = _submit(cluster_agent, cluster_source, command=["echo", "second done"], resources={"cpus": NODE_CPUS})
+    wait_until(lambda: (_waiting(cluster_agent, pending) or {}).get("job_id"), 30,
+               "the second run to wait in Slurm's queue")
+    cluster_agent.restart()
+    # The new agent finds both where Slurm has them, and follows each to its end.
+    assert _status(cluster_agent, running) == "Running"
+    assert _status(cluster_agent, pending) == "Queued"
+    assert cluster_agent.workspace().wait_for_run(running.id, timeout=120)["status"] == "Completed"
+    assert cluster_agent.workspace().wait_for_run(pending.id, timeout=120)["status"] == "Completed"
+    assert "first done" in running.get_log() and "second done" in pending.get_log()
+    assert _cli_events(cluster_agent, pending)[-4:] == ["run.starting", "run.started", "run.finalizing",
+                                                        "run.completed"]
+
+
+def test_in_run_metrics(cluster_agent, cluster_source):
+    run = _submit(cluster_agent, cluster_source, script="metrics.py")
+    assert run.wait_for_completion()["status"] == "Completed", run.get_log()
+    metrics = run.get_metrics()
+    assert metrics["loss"] == [1.0, 0.5, 1.0 / 3] and metrics["accuracy"] == 0.9
+
+
+def _drop_to_test_user():
+    user = pwd.getpwnam(TEST_USER)
+    os.setgroups([])
+    os.setgid(user.pw_gid)
+    os.setuid(user.pw_uid)
+
+
+def test_sbatch_runs_as_the_submitting_user(cluster_agent, cluster_source, nobody_client):
+    try:
+        user = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        if os.environ.get("LABRUN_REQUIRE_SLURM") == "1":
+            pytest.fail(f"scripts/test creates the user {TEST_USER}")
+        pytest.skip(f"no user {TEST_USER} (scripts/test creates it)")
+    if os.geteuid() != 0:
+        pytest.skip("a run of another user needs a root agent")
+    cluster_agent.root.chmod(0o755)
+    python, site = nobody_client
+    code = ("from labrun import Workspace, Experiment, ScriptRunConfig\n"
+            "ws = Workspace()\n"
+            "config = ScriptRunConfig('.', command='id -u; id -g; echo job $SLURM_JOB_ID', compute_target='cluster')\n"
+            "run = Experiment(ws, 'users').submit(config)\n"
+            "print(run.wait_for_completion()['status'])\nprint(run.id)\nprint(run.get_log(), end='')\n")
+    result = subprocess.run([python, "-c", code], cwd=cluster_source, preexec_fn=_drop_to_test_user,
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(cluster_agent.env, HOME="/nonexistent", PYTHONPATH=str(site)))
+    assert result.returncode == 0, result.stderr
+    status, run_id, uid, gid, job = result.stdout.splitlines()[:5]
+    assert status == "Completed"
+    assert (int(uid), int(gid)) == (user.pw_uid, user.pw_gid)
+    real = cluster_agent.run_root / run_id
+    assert real.stat().st_uid == user.pw_uid and (real / "logs" / "std_log.txt").stat().st_uid == user.pw_uid
+
+
+def test_cancel_a_run_that_ignores_sigterm_kills_it_after_the_grace_period(cluster_agent, cluster_source):
+    run = _submit(cluster_agent, cluster_source, command="trap '' TERM; echo started; sleep 300; echo survived")
+    wait_until(lambda: "started" in run.get_log(), 60, "the run to start")
+    began = time.monotonic()
+    run.cancel()
+    finished = cluster_agent.workspace().wait_for_run(run.id, timeout=60)
+    assert (finished["status"], finished["reason"]) == ("Canceled", "canceled")
+    assert time.monotonic() - began >= 1   # the grace period (1 s here) before SIGKILL
+    wait_until(lambda: not processes_of(run.id), 10, "the run's processes to end")
+    assert "survived" not in run.get_log()
+
+
+def test_resume_from_and_environment_variables_reach_the_node(cluster_agent, cluster_source, tmp_path):
+    checkpoint = tmp_path / "ckpt.txt"
+    checkpoint.write_text("epoch 7")
+    # The final echo prints the "--resume-from PATH" that labrun appends.
+    config = ScriptRunConfig(str(cluster_source), command='echo seed=$SEED; cat "$LABRUN_RESUME_FROM"; echo',
+                             compute_target="cluster", resume_from=str(checkpoint))
+    config.run_config.environment_variables = {"SEED": "42"}
+    run = Experiment(cluster_agent.workspace(), "slurm").submit(config)
+    assert run.wait_for_completion()["status"] == "Completed", run.get_log()
+    log = run.get_log()
+    copy = cluster_agent.run_root / run.id / "resume_from" / "ckpt.txt"
+    assert "seed=42" in log and "epoch 7" in log and copy.read_text() == "epoch 7"
+    assert f"--resume-from {copy}" in log   # the node's path: in run_root
+
+
+async def test_a_run_an_agent_died_submitting_is_not_submitted_twice(slurm_cluster, tmp_path):
+    """sbatch returned, the agent died before recording the job: the next agent finds the job by its name."""
+    from labrun.agent.executors import LaunchSpec, Rank
+    from labrun.agent.executors._slurm import SlurmExecutor
+    from labrun.agent.executors._slurm_plan import SlurmJob, SlurmSettings
+
+    run_dir = tmp_path / f"slurm_{int(time.time())}_{os.urandom(4).hex()}"
+    (run_dir / "snapshot").mkdir(parents=True)
+    (run_dir / "logs").mkdir()
+    job = SlurmJob(run_id=run_dir.name, argv=["sleep", "30"], cwd=str(run_dir / "snapshot"),
+                   logs=str(run_dir / "logs"), run_dir=str(run_dir), duration=120, grace=1)
+    launch = LaunchSpec(run_id=job.run_id, argv=job.argv, env={"PATH": os.defpath}, cwd=run_dir / "snapshot",
+                        ranks=[Rank(log_path=run_dir / "logs" / "std_log.txt")], uid=os.getuid(), gid=os.getgid(),
+                        slurm={"job": job, "settings": SlurmSettings()})
+    first = await SlurmExecutor(grace=1).start(launch)
+    try:
+        again = await SlurmExecutor(grace=1).start(launch)   # the next agent, preparing the same run again
+        assert again == first
+        named = _slurm("squeue", "-h", "-t", "all", f"--name=labrun-{job.run_id}", "-o", "%i").stdout.split()
+        assert named == [first.job_id]
+    finally:
+        _slurm("scancel", first.job_id, check=False)
+
+
+@pytest.mark.slow
+def test_a_pip_environment_is_built_in_run_root_where_the_nodes_see_it(cluster_agent, cluster_source, tmp_path):
+    from labrun import Environment
+    from tests.e2e.test_azureml import _wheel
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels)
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(f"--no-index\n--find-links {wheels}\ntinypkg==1.0\n")
+    command = ["sh", "-c", "python -c 'import tinypkg, sys; print(tinypkg.VALUE, sys.prefix)'"]
+    run = _submit(cluster_agent, cluster_source, command=command,
+                  environment=Environment.from_pip_requirements("tiny", str(requirements)))
+    assert run.wait_for_completion()["status"] == "Completed", run.get_log()
+    assert f"tiny-ok {cluster_agent.run_root / 'envs'}" in run.get_log()
