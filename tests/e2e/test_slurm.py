@@ -325,7 +325,8 @@ def test_a_pip_environment_is_built_in_run_root_where_the_nodes_see_it(cluster_a
     _wheel(wheels)
     requirements = tmp_path / "requirements.txt"
     requirements.write_text(f"--no-index\n--find-links {wheels}\ntinypkg==1.0\n")
-    command = ["sh", "-c", "python -c 'import tinypkg, sys; print(tinypkg.VALUE, sys.prefix)'"]
+    # A command string runs through the shell (a list would be joined with spaces, as Azure ML does).
+    command = "python -c 'import tinypkg, sys; print(tinypkg.VALUE, sys.prefix)'"
     run = _submit(cluster_agent, cluster_source, command=command,
                   environment=Environment.from_pip_requirements("tiny", str(requirements)))
     assert run.wait_for_completion()["status"] == "Completed", run.get_log()
