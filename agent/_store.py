@@ -108,12 +108,6 @@ CREATE TABLE IF NOT EXISTS environments (
     PRIMARY KEY (name, version)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
-CREATE TABLE IF NOT EXISTS submit_keys (
-    uid INTEGER NOT NULL,
-    key TEXT NOT NULL,
-    run_id TEXT NOT NULL,
-    PRIMARY KEY (uid, key)
-);
 """
 
 # Who owns each environment name: only they (or an admin) may publish its versions.
@@ -200,6 +194,9 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     RELATIONS_SCHEMA,
     # 6: run hierarchies (child runs) and experiment metadata.
     HIERARCHY_SCHEMA,
+    # 7: clients' idempotency keys, so a submit retried after a lost reply returns the run already made.
+    "CREATE TABLE IF NOT EXISTS submit_keys (uid INTEGER NOT NULL, key TEXT NOT NULL, run_id TEXT NOT NULL, "
+    "PRIMARY KEY (uid, key));",
 ]
 
 

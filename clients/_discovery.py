@@ -55,6 +55,10 @@ def start_user_agent() -> AgentConnection:
     state = user_state_dir()
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    info = os.lstat(directory)
+    if info.st_uid == os.getuid() and (info.st_mode & 0o170000) == 0o040000 and info.st_mode & 0o077:
+        # Ours and a real directory, left open by an older labrun: nobody else could write in it, so tighten it.
+        os.chmod(directory, 0o700)
     problem = private_dir_problem(directory, os.getuid())
     if problem:
         raise AgentUntrusted(f"not starting a per-user agent on {path}: {problem}")

@@ -60,3 +60,17 @@ def test_a_failing_step_leaves_the_previous_version(tmp_path, monkeypatch):
     assert version(path) == len(MIGRATIONS)
     with sqlite3.connect(path) as db:   # the step's first statement was rolled back with it
         assert db.execute("SELECT name FROM sqlite_master WHERE name = 'fine'").fetchone() is None
+
+
+def test_a_first_release_database_next_to_its_runs_passes_the_start_check_and_is_upgraded(tmp_path):
+    # The state check must not mistake an older (smaller) schema for a damaged database: migrations add the rest.
+    from labrun.agent._statecheck import check_state
+
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA)
+    (tmp_path / "runs" / "old_1_00000000").mkdir(parents=True)
+    check_state(tmp_path)
+    store = Store(path)
+    assert store.run_for_key(0, "no-such-key") is None   # a table the first release did not have
+    store.close()
