@@ -162,7 +162,7 @@ async def _serve(config: AgentConfig, store: Store, faults: Faults, executors: d
                  task_status, activated, notifier: SystemdNotifier) -> None:
     capacity = discover_capacity(config.resources)
     supervisor = Supervisor(config, store, capacity, executors, faults)
-    events = EventLog(store, buffer=config.subscriber_buffer)
+    events = EventLog(store, buffer=config.subscriber_buffer, replay_max=config.replay_max)
     hub = HubSender(config.hub, store, events) if config.hub is not None else None
     run_files = RunFiles(config, store, supervisor)
     limits = Limits(config.limits)

@@ -47,6 +47,7 @@ log = structlog.get_logger("labrun.mlflow")
 
 ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
 METRIC_PAGE = 1000
+EXPERIMENT_CACHE = 1024   # experiment ids kept in memory (the rest are asked of MLflow again)
 # Woken by new events, the mirror first lets this much time pass: the scheduler starts the run just
 # submitted without the mirror's HTTP work beside it, and what follows comes as one batch.
 SETTLE_SECONDS = 0.25
@@ -213,7 +214,11 @@ class MlflowMirror:
 
     async def _experiment_id(self, name: str) -> str:
         if name not in self._experiments:
-            self._experiments[name] = await self._rest.experiment_id(name)
+            experiment_id = await self._rest.experiment_id(name)
+            # Experiment names are the users': the cache keeps the most recently added, not every one ever seen.
+            if len(self._experiments) >= EXPERIMENT_CACHE:
+                del self._experiments[next(iter(self._experiments))]
+            self._experiments[name] = experiment_id
         return self._experiments[name]
 
     async def _ensure(self, record) -> Entry:
