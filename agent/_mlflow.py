@@ -37,10 +37,12 @@ import trio
 from labrun.protocol._statuses import TERMINAL
 
 from . import _mlflow_map as mapping
+from ._artifacts import owner_of
 from ._events import EventLog
 from ._mlflow_files import read_chunk, run_files
 from ._mlflow_ledger import Entry, Ledger
 from ._mlflow_rest import MlflowError, MlflowRest, Refused, Unavailable
+from ._rundir import RunDir
 from ._store import Store
 
 log = structlog.get_logger("labrun.mlflow")
@@ -350,7 +352,7 @@ class MlflowMirror:
             log.warning("mlflow.artifacts.not_proxied", run_id=record.run_id, artifact_uri=entry.artifact_uri,
                         hint="start the MLflow server with --serve-artifacts (its default) to receive files")
             return
-        files = run_files(self.runs_dir / record.run_id, record.uid)
+        files = run_files(RunDir(self.runs_dir / record.run_id), owner_of(record))   # read as the run's user
         budget, skipped = self.config.max_artifact_bytes, 0
         try:
             while (found := await trio.to_thread.run_sync(next, files, None)) is not None:
