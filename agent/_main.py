@@ -231,6 +231,8 @@ def _probe_disk(state_dir: Path, store: Store) -> None:
     finally:
         probe.unlink(missing_ok=True)
     store.set_meta("disk_probe", time.time())
+    if store.commit_error is not None:
+        raise store.commit_error   # (the write above only joined the batch that cannot commit yet)
 
 
 def _lifecycle_event(store: Store, faults: Faults, type: str, data: dict) -> None:

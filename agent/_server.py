@@ -38,6 +38,9 @@ from ._service import Service, Session
 log = structlog.get_logger("labrun.server")
 
 HANDSHAKE_TIMEOUT = 10.0
+# Ops that change nothing and describe the agent: answered without waiting for a pending commit, so that on a
+# full state disk, when a batch waits for space, ``labrun status`` still shows the fault.
+ANSWERED_AT_ONCE = frozenset({"hello", "status"})
 RECEIVE_SIZE = 256 * 1024
 
 
@@ -193,9 +196,10 @@ class ConnectionHandler:
         pid, uid, gid = peer_credentials(stream.socket)
         send_lock = trio.Lock()
 
-        async def send(message: dict) -> None:
+        async def send(message: dict, *, durable: bool = True) -> None:
             data = pack_frame(message)
-            await self.service.store.durable()   # nothing is told before it is committed
+            if durable:
+                await self.service.store.durable()   # nothing is told before it is committed
             async with send_lock:
                 await stream.send_all(data)
 
@@ -307,7 +311,8 @@ class ConnectionHandler:
                 await handler(session, request.args, lambda item: send(stream_item(request.id, item)))
                 await send(stream_end(request.id))
             else:
-                await send(reply_ok(request.id, await handler(session, request.args)))
+                await send(reply_ok(request.id, await handler(session, request.args)),
+                           durable=request.op not in ANSWERED_AT_ONCE)
         except AgentError as exc:
             await send(reply_error(request.id, exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError):

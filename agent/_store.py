@@ -330,6 +330,7 @@ class Store:
         # Fault hooks (see _faults): make room before a commit; hear of a commit that failed.
         self.before_commit: Callable[[], None] = lambda: None
         self.on_commit_failed: Callable[[Exception], None] = lambda exc: None
+        self.commit_error: Exception | None = None   # why the pending batch has not committed yet
 
     def reserve_space(self, nbytes: int) -> None:
         """Keep ``nbytes`` of free pages in the database and of written WAL: later commits then overwrite
@@ -439,8 +440,10 @@ class Store:
                 try:
                     self.before_commit()
                     self._commit_batch()
+                    self.commit_error = None
                     delay = 0.05
                 except sqlite3.OperationalError as exc:
+                    self.commit_error = exc
                     self.on_commit_failed(exc)
                     rolled_back = not self._db.in_transaction
                     if rolled_back:
