@@ -36,6 +36,7 @@ RECENT_FINISHED = 20
 THREAD_BYTES = 1024 * 1024
 # A list reply is one frame: pages keep it well under the frame limit. Clients follow ``before``.
 LIST_PAGE = 1000
+ENV_PAGE = 200
 
 SendItem = Callable[[object], Awaitable[None]]
 
@@ -256,16 +257,19 @@ class Service:
             records = sorted(records, key=lambda r: r.order, reverse=True)[:limit]
         ids = [r.run_id for r in records]
         labels, removed, parents = self.store.labels_of(ids), self.store.removed_of(ids), self.store.parents_of(ids)
-        # A page ends at limits.list_page_bytes as well, so runs with many large labels never make a
-        # reply larger than a frame; the client follows ``before`` as for any page.
+        return self._page(self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}),
+                                     removed, parents.get(r.run_id)) for r in records)
+
+    def _page(self, shown) -> list:
+        """A page ends at limits.list_page_bytes as well, so entries with many large labels or definitions never
+        make a reply larger than a frame, nor the agent hold more than that for it; the client follows the next
+        page as for any page."""
         page, size = [], 0
-        for r in records:
-            shown = self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}), removed,
-                               parents.get(r.run_id))
-            size += len(msgpack.packb(shown, use_bin_type=True))
+        for entry in shown:
+            size += len(msgpack.packb(entry, use_bin_type=True))
             if page and size > self.bounds.list_page_bytes:
                 break
-            page.append(shown)
+            page.append(entry)
         return page
 
     def _children_page(self, args: dict) -> list:
@@ -471,7 +475,9 @@ class Service:
         return self._env_shown(session, found)
 
     async def env_list(self, session: Session, args: dict) -> list:
-        return [self._env_shown(session, e) for e in self.store.list_environments()]
+        """One page of environments by name (their newest versions), after ``args["after"]``."""
+        found = self.store.list_environments(after=args["after"], limit=min(args["limit"] or ENV_PAGE, ENV_PAGE))
+        return self._page(self._env_shown(session, e) for e in found)
 
     # -- draining ----------------------------------------------------------------------
 

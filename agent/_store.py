@@ -792,9 +792,15 @@ class Store:
         return None if row is None else {"name": row[0], "version": row[1], "definition": _unpack(row[2]),
                                          "user": row[3], "created_at": row[4]}
 
-    def list_environments(self) -> list[dict]:
-        names = [r[0] for r in self._db.execute("SELECT DISTINCT name FROM environments ORDER BY name")]
-        return [self.get_environment(name) for name in names]
+    def list_environments(self, *, after: str | None = None, limit: int = 1000) -> list[dict]:
+        """The newest version of each environment named after ``after``, by name: one page of ``limit``."""
+        rows = self._db.execute(
+            "SELECT e.name, e.version, e.definition, e.user, e.created_at FROM environments e JOIN "
+            "(SELECT name, MAX(version) AS version FROM environments WHERE name > ? GROUP BY name ORDER BY name "
+            "LIMIT ?) newest ON e.name = newest.name AND e.version = newest.version ORDER BY e.name",
+            ("" if after is None else after, limit)).fetchall()
+        return [{"name": r[0], "version": r[1], "definition": _unpack(r[2]), "user": r[3], "created_at": r[4]}
+                for r in rows]
 
     # -- run hierarchies and experiments -------------------------------------------------
 
