@@ -36,7 +36,7 @@ RECENT_FINISHED = 20
 THREAD_BYTES = 1024 * 1024
 # A list reply is one frame: pages keep it well under the frame limit. Clients follow ``before``.
 LIST_PAGE = 1000
-ENV_PAGE = 200
+ENV_PAGE = 200   # environments or experiments in one page
 
 SendItem = Callable[[object], Awaitable[None]]
 
@@ -325,17 +325,20 @@ class Service:
         session.bound_runs.clear()
 
     async def experiments(self, session: Session, args: dict) -> list:
-        return self.store.experiments()
+        """One page of experiments by name, after ``args["after"]`` (or the one named ``args["name"]``)."""
+        found = self.store.experiments(after=args["after"], limit=min(args["limit"] or ENV_PAGE, ENV_PAGE),
+                                       name=args["name"])
+        return self._page(found)
 
     async def experiment_update(self, session: Session, args: dict) -> dict:
         name = args["name"]
-        current = next((e for e in self.store.experiments() if e["name"] == name), None)
+        current = next(iter(self.store.experiments(name=name)), None)
         if current is not None and current.get("user") not in (None, session.peer.user) and not session.peer.admin:
             raise Forbidden(f"experiment {name!r}'s tags and archive state belong to {current['user']}")
         archived = ... if args["archived"] is None else (time.time() if args["archived"] else None)
         self.store.update_experiment(name, session.peer.user, tags=args["tags"], remove_tags=args["remove_tags"] or (),
                                      archived_at=archived)
-        return next(e for e in self.store.experiments() if e["name"] == name)
+        return self.store.experiments(name=name)[0]
 
     async def wait(self, session: Session, args: dict) -> dict:
         timeout = args["timeout"]

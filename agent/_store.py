@@ -826,14 +826,17 @@ class Store:
                 break
         return children
 
-    def experiments(self) -> list[dict]:
-        """Every experiment with runs or metadata: ``{"name", "runs", "user", "tags", "archived_at"}``."""
-        found = {name: {"name": name, "runs": count, "user": None, "tags": {}, "archived_at": None}
-                 for name, count in self._db.execute("SELECT name, last_number FROM experiments")}
-        for name, user, tags, archived_at in self._db.execute("SELECT name, user, tags, archived_at FROM experiment_meta"):
-            entry = found.setdefault(name, {"name": name, "runs": 0})
-            entry.update(user=user, tags=_unpack(tags), archived_at=archived_at)
-        return sorted(found.values(), key=lambda e: e["name"])
+    def experiments(self, *, after: str | None = None, limit: int = -1, name: str | None = None) -> list[dict]:
+        """Experiments with runs or metadata, by name: ``{"name", "runs", "user", "tags", "archived_at"}``; one
+        page of ``limit`` after ``after`` (-1: all), or only the one named ``name``."""
+        where, params = ("name = ?", (name,)) if name is not None else ("name > ?", ("" if after is None else after,))
+        rows = self._db.execute(
+            f"SELECT n.name, COALESCE(e.last_number, 0), m.user, m.tags, m.archived_at FROM "
+            f"(SELECT name FROM experiments WHERE {where} UNION SELECT name FROM experiment_meta WHERE {where}) n "
+            "LEFT JOIN experiments e ON e.name = n.name LEFT JOIN experiment_meta m ON m.name = n.name "
+            "ORDER BY n.name LIMIT ?", (*params, *params, limit)).fetchall()
+        return [{"name": r[0], "runs": r[1], "user": r[2], "tags": _unpack(r[3]) or {}, "archived_at": r[4]}
+                for r in rows]
 
     def update_experiment(self, name: str, user: str, *, tags: dict | None = None, remove_tags=(),
                           archived_at=..., ) -> None:

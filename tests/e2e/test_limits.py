@@ -257,3 +257,18 @@ def test_environments_are_listed_a_page_at_a_time(make_agent):
     assert workspace._call("env_list", after="pages-4") == []
     listed = Environment.list(workspace)
     assert sorted(listed) == sorted(names) and listed["pages-1"].version == "2"
+
+
+def test_experiments_are_listed_a_page_at_a_time(make_agent, source):
+    """``experiments`` answers one bounded page, or the one experiment asked for; ``Experiment.list`` follows."""
+    agent = make_agent("[limits]\nlist_page_bytes = 1\n")
+    workspace = agent.workspace()
+    Experiment(workspace, "pages-b").submit(ScriptRunConfig(str(source), command=["true"])).wait_for_completion()
+    for name in ("pages-c", "pages-a"):
+        Experiment(workspace, name).set_tags({"t": name})
+    assert [e["name"] for e in workspace._call("experiments")] == ["pages-a"]
+    assert workspace._call("experiments", after="pages-a") == [
+        {"name": "pages-b", "runs": 1, "user": None, "tags": {}, "archived_at": None}]
+    assert [e["name"] for e in workspace._call("experiments", name="pages-c")] == ["pages-c"]
+    assert sorted(e.name for e in Experiment.list(workspace)) == ["pages-a", "pages-b", "pages-c"]
+    assert Experiment(workspace, "pages-c").tags == {"t": "pages-c"}
