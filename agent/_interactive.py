@@ -10,7 +10,6 @@ too, so interactive runs it finds open end ``Failed`` with the reason ``agent_lo
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 
@@ -19,7 +18,9 @@ from labrun.protocol._statuses import (
     CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, RUNNING, TERMINAL,
 )
 
+from ._asuser import acting_as, make_private_dir
 from ._model import RunRecord
+from ._rundir import RunDir
 from ._states import EVENT_TYPES
 
 CLIENT_EXITED = ("the process that started this run exited without calling complete() or fail() "
@@ -68,15 +69,19 @@ class InteractiveRuns:
 
     @staticmethod
     def _make_run_dir(run_dir, owner) -> None:
-        """The same layout a submitted run has, so outputs, logs and uploads work alike."""
-        run_dir.mkdir(parents=True)
-        outputs = run_dir / "snapshot" / "outputs"
-        outputs.mkdir(parents=True)
-        (run_dir / "outputs").symlink_to("snapshot/outputs")
-        (run_dir / "logs").mkdir()
-        if os.geteuid() == 0 and owner.uid != 0:
-            for path in (run_dir, run_dir / "snapshot", outputs, run_dir / "logs"):
-                os.chown(path, owner.uid, owner.gid)
+        """The same layout a submitted run has, so outputs, logs and uploads work alike.
+
+        Made as a submitted run's is: the agent creates the private directory (it alone may write the
+        runs directory), and everything inside it is created with the owner's rights, so nothing in
+        the user's tree is ever created or chowned as root.
+        """
+        creds = owner.credentials()
+        make_private_dir(run_dir.parent, run_dir.name, creds)
+        layout = RunDir(run_dir)
+        with acting_as(creds):
+            layout.outputs.mkdir(parents=True)
+            layout.outputs_link.symlink_to(layout.outputs.relative_to(layout.root))
+            layout.logs.mkdir()
 
     def finish(self, record: RunRecord, status: str, error: str | None = None, reason: str | None = None) -> RunRecord:
         """End an open interactive run as ``status`` (Completed, Failed or Canceled)."""

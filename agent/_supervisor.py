@@ -69,6 +69,7 @@ from ._snapshot import ContentStore
 from ._statecheck import mark_submitting
 from ._states import EVENT_TYPES, ExitResult, check_transition, outcome
 from ._store import Store
+from ._warnings import BACKGROUND_PROCESSES, KIND as WARNINGS, SNAPSHOT_NEAR_LIMITS
 from .executors import Ended, Executor, Handle, HandleError, Live, Lost, Preparation, StartFailed, kind_for
 
 log = structlog.get_logger("labrun.supervisor")
@@ -361,7 +362,10 @@ class Supervisor:
         finally:
             for mark in marks:
                 mark.unlink(missing_ok=True)
+        near = self.snapshots.near_limits(entries) if entries is not None else None
         for record in records:
+            if near:
+                self.store.set_labels(record.run_id, WARNINGS, {SNAPSHOT_NEAR_LIMITS: near})
             log.debug("run.submitted", run_id=record.run_id, user=owner.user)
             record.environ = None   # stored; read back at launch, so ten thousand queued runs stay small
             self._enqueue(record)
@@ -749,6 +753,11 @@ class Supervisor:
         self._transition(record, ended.status, ended_at=time.time(), reason=ended.reason, error=error,
                          **exit_fields)
         self.store.set_token_hash(record.run_id, None)
+        if result is not None and result.left_behind:
+            self.store.set_labels(record.run_id, WARNINGS, {BACKGROUND_PROCESSES: (
+                f"Run: {result.left_behind} background process(es) of the run were still running when its program "
+                "ended; labrun ended them (SIGTERM, then SIGKILL), since a run ends with all its processes. "
+                "Wait for them in the program if their work matters.")})
 
     # -- runs in a cluster's own queue (Slurm) ------------------------------------------
 
