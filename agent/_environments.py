@@ -253,6 +253,10 @@ class EnvironmentBuilder:
         if tool is not None:
             spec = _conda.parse(python["conda_specification"])
             spec["pip"] = _without_azureml(spec["pip"], build_log)
+            if not any(_conda.package_name(p) == "python" for p in spec["conda"]):
+                # The run, and the labrun client put in the environment, need an interpreter there.
+                spec["conda"].append("python")
+                build_log.write(b"labrun: the specification names no python: adding python to it\n")
             spec_file = user_dir / f"{key}.yml"
             await run_as(creds, spec_file.write_text, _conda.dump(spec))
             if Path(tool).name == "micromamba":
