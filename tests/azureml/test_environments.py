@@ -275,3 +275,12 @@ def test_conda_dependencies_are_built_with_conda_or_micromamba_when_the_machine_
     assert f"$ {bin_dir / tool} {' '.join(expected)} --yes --prefix {prefix}" in build
     assert "with pip under the same names" not in build and "pins python" not in build
     assert "reusing environment with-conda" in _build_log(runs[1], tmp_path)
+
+    # A specification that names no python gets one: the run and the labrun client need an interpreter there.
+    (tmp_path / "bare.yml").write_text("name: bare\ndependencies:\n- tinypkg=1.0\n")
+    bare = Environment.from_conda_specification("conda-no-python", str(tmp_path / "bare.yml"))
+    run = experiment.submit(ScriptRunConfig(source_directory=str(source), script="train.py", environment=bare))
+    assert run.wait_for_completion(raise_on_error=False)["status"] == "Completed", _build_log(run, tmp_path)
+    spec = _conda.parse(json.loads(record.read_text().splitlines()[-1])["spec"])
+    assert spec["conda"] == ["tinypkg=1.0", "python"]
+    assert "the specification names no python: adding python to it" in _build_log(run, tmp_path)
