@@ -128,7 +128,7 @@ class Service:
         shown["interactive"] = is_interactive(record)
         shown["display_name"] = attributes.get("display_name") or shown["display_name"]
         shown["description"] = attributes.get("description", record.spec.get("description"))
-        shown["warnings"] = _warnings.shown(labels) if privileged else []
+        shown["warnings"] = _warnings.shown(record.spec, labels) if privileged else []
         if privileged:
             shown["run_definition"] = record.spec.get("run_definition")
             # None once labrun rm, clean or retention removed the run's files.

@@ -317,6 +317,10 @@ class Supervisor:
         else:
             await self._check_in_place(in_place, spec["script"], owner)
         spec["in_place"] = in_place
+        near = self.snapshots.near_limits(entries) if entries is not None else None
+        if near:
+            # In the spec, so the warning is stored with the run, in the same transaction.
+            spec[WARNINGS] = {SNAPSHOT_NEAR_LIMITS: near}
 
         now = time.time()
         run_id = f"{spec['experiment']}_{int(now)}_{uuid.uuid4().hex[:8]}"
@@ -362,10 +366,7 @@ class Supervisor:
         finally:
             for mark in marks:
                 mark.unlink(missing_ok=True)
-        near = self.snapshots.near_limits(entries) if entries is not None else None
         for record in records:
-            if near:
-                self.store.set_labels(record.run_id, WARNINGS, {SNAPSHOT_NEAR_LIMITS: near})
             log.debug("run.submitted", run_id=record.run_id, user=owner.user)
             record.environ = None   # stored; read back at launch, so ten thousand queued runs stay small
             self._enqueue(record)
@@ -739,6 +740,12 @@ class Supervisor:
             exit_fields = {"exit_code": result.exit_code, "signal": result.signal}
         ended = outcome(result, cancel_reason=run.cancel_reason, memory=run.allocation.memory,
                         fail_error=run.fail_error)
+        if result is not None and result.left_behind:
+            # Before the end is recorded: whoever sees the run ended sees this too (and a retry writes it again).
+            self.store.set_labels(record.run_id, WARNINGS, {BACKGROUND_PROCESSES: (
+                f"Run: {result.left_behind} background process(es) of the run were still running when its program "
+                "ended; labrun ended them (SIGTERM, then SIGKILL), since a run ends with all its processes. "
+                "Wait for them in the program if their work matters.")})
         error = ended.error
         if ended.reason == "exit_code":
             # The error a user sees is the exception their script raised, when its traceback is in the logs.
@@ -753,11 +760,6 @@ class Supervisor:
         self._transition(record, ended.status, ended_at=time.time(), reason=ended.reason, error=error,
                          **exit_fields)
         self.store.set_token_hash(record.run_id, None)
-        if result is not None and result.left_behind:
-            self.store.set_labels(record.run_id, WARNINGS, {BACKGROUND_PROCESSES: (
-                f"Run: {result.left_behind} background process(es) of the run were still running when its program "
-                "ended; labrun ended them (SIGTERM, then SIGKILL), since a run ends with all its processes. "
-                "Wait for them in the program if their work matters.")})
 
     # -- runs in a cluster's own queue (Slurm) ------------------------------------------
 

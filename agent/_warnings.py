@@ -1,7 +1,8 @@
 """A run's warnings (Azure ML's ``get_details()["warnings"]``): what the run should know that did not fail it.
 
 They are kept as the run's labels of kind ``warnings`` (so they need no table of their own), one per key:
-each kind of warning has its key below, and telling it again replaces the message. Clients cannot set them.
+each kind of warning has its key below, and telling it again replaces the message. Those known at submit are
+in the run's spec (``spec["warnings"]``), stored with the run itself. Clients can set neither.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ SNAPSHOT_NEAR_LIMITS = "snapshot.near_limits"
 BACKGROUND_PROCESSES = "run.background_processes"
 
 
-def shown(labels: dict) -> list[dict]:
+def shown(spec: dict, labels: dict) -> list[dict]:
     """Azure ML's shape: ``[{"source", "message"}]``, in a stable order."""
-    return [{"source": key.partition(".")[0], "message": message}
-            for key, message in sorted(labels.get(KIND, {}).items())]
+    found = {**(spec.get(KIND) or {}), **labels.get(KIND, {})}
+    return [{"source": key.partition(".")[0], "message": message} for key, message in sorted(found.items())]
