@@ -2,7 +2,6 @@
 with arguments and a pip environment. Built environments get the labrun client without listing it."""
 
 import json
-import os
 import shutil
 import sys
 import textwrap
@@ -241,7 +240,8 @@ def test_conda_dependencies_are_built_with_conda_or_micromamba_when_the_machine_
     (bin_dir / tool).write_text(STAND_IN.format(python=sys.executable, record=str(record)))
     (bin_dir / tool).chmod(0o755)
     agent = make_agent(start=False)
-    agent.env["PATH"] = f"{bin_dir}:{agent.env.get('PATH', os.defpath)}"
+    # Only the stand-in: a conda the machine may have elsewhere (/opt/conda/bin...) must not be found first.
+    agent.env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
     agent.start()
     source = tmp_path / "src"
     source.mkdir()
