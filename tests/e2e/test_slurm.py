@@ -3,6 +3,7 @@
 import json
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import time
@@ -331,3 +332,92 @@ def test_a_pip_environment_is_built_in_run_root_where_the_nodes_see_it(cluster_a
                   environment=Environment.from_pip_requirements("tiny", str(requirements)))
     assert run.wait_for_completion()["status"] == "Completed", run.get_log()
     assert f"tiny-ok {cluster_agent.run_root / 'envs'}" in run.get_log()
+
+
+# -- arrays: one sbatch --array job ------------------------------------------------------------------------------
+
+# Each task says when it started and ended, by its own clock, and which index it saw; index 4 fails.
+ARRAY_TASK = ('echo "start $(date +%s.%N) $LABRUN_ARRAY_INDEX $SLURM_ARRAY_TASK_ID $SLURM_ARRAY_JOB_ID"; sleep 2; '
+              'echo "end $(date +%s.%N)"; [ "$LABRUN_ARRAY_INDEX" != 4 ] || exit 5')
+
+
+def _array_tasks(array_id: str) -> dict[str, str]:
+    """The Slurm job array of a labrun array, from Slurm: task id (``JOBID_INDEX``) -> state."""
+    listed = _slurm("squeue", "-h", "-t", "all", "-r", f"--name=labrun-{array_id}", "-o", "%i|%T").stdout.split()
+    return dict(line.split("|") for line in listed)
+
+
+def _submit_array(agent, source, indices: str, command: str) -> str:
+    return agent.cli("submit", "--source-dir", str(source), "--target", "cluster", "--array", indices, "--", command,
+                     check=True).stdout.strip()
+
+
+def test_an_array_is_one_slurm_job_array_throttled_by_slurm(cluster_agent, cluster_source):
+    array_id = _submit_array(cluster_agent, cluster_source, "1-6%2", ARRAY_TASK)
+    wait_until(lambda: len(_array_tasks(array_id)) == 6, 60, "the array's six tasks in Slurm's queue")
+    tasks = _array_tasks(array_id)
+    job_id = next(iter(tasks)).split("_")[0]
+    assert sorted(tasks) == sorted(f"{job_id}_{i}" for i in range(1, 7))   # one job array
+    assert "ArrayTaskThrottle=2" in _slurm("scontrol", "show", "job", job_id).stdout   # Slurm's throttle, not ours
+
+    waited = cluster_agent.cli("wait", array_id, timeout=180)
+    assert waited.returncode == 5, waited.stderr   # the failed run's own code
+    members = {m["array"]["index"]: m for m in json.loads(cluster_agent.cli("ls", "--array", array_id, "--json",
+                                                                             check=True).stdout)}
+    assert {i: (m["status"], m["exit_code"]) for i, m in members.items()} == \
+        {1: ("Completed", 0), 2: ("Completed", 0), 3: ("Completed", 0), 4: ("Failed", 5), 5: ("Completed", 0),
+         6: ("Completed", 0)}
+    assert members[4]["reason"] == "exit_code" and {m["target"] for m in members.values()} == {"cluster"}
+    spans = []
+    for index in range(1, 7):
+        log = cluster_agent.cli("logs", f"{array_id}_{index}", check=True).stdout
+        start, seen, slurm_index, slurm_job = re.search(r"^start (\S+) (\d+) (\d+) (\d+)$", log, re.M).groups()
+        assert int(seen) == int(slurm_index) == index and slurm_job == job_id
+        spans.append((float(start), float(re.search(r"^end (\S+)$", log, re.M)[1])))
+    # The tasks' own clocks: never more than two at once.
+    at_once = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
+    assert at_once <= 2, spans
+    assert "==> " in cluster_agent.cli("logs", array_id, check=True).stdout   # the array's logs, run after run
+
+
+def test_canceling_one_task_and_then_the_whole_array(cluster_agent, cluster_source):
+    array_id = _submit_array(cluster_agent, cluster_source, "1-4%1", "echo started; exec sleep 300")
+    first = f"{array_id}_1"
+    wait_until(lambda: "started" in cluster_agent.cli("logs", first).stdout, 60, "the first task to start")
+    tasks = _array_tasks(array_id)
+    job_id = next(iter(tasks)).split("_")[0]
+    assert tasks[f"{job_id}_1"] == "RUNNING" and tasks[f"{job_id}_2"] == "PENDING"
+
+    # One run: scancel of its task alone.
+    assert cluster_agent.cli("cancel", f"{array_id}_2", check=True).stdout.startswith(f"{array_id}_2: Cancel")
+    assert cluster_agent.workspace().wait_for_run(f"{array_id}_2", timeout=60)["status"] == "Canceled"
+    tasks = _array_tasks(array_id)
+    assert tasks[f"{job_id}_1"] == "RUNNING" and tasks.get(f"{job_id}_3") == "PENDING", tasks
+
+    # The array: one scancel of the job array, for the running task and the pending ones.
+    canceled = json.loads(cluster_agent.cli("cancel", array_id, "--json", check=True).stdout)
+    assert sorted(r["run_id"] for r in canceled) == [f"{array_id}_{i}" for i in (1, 3, 4)]
+    assert cluster_agent.cli("wait", array_id, timeout=120).returncode == 130
+    for index in range(1, 5):
+        shown = cluster_agent.workspace()._call("get", run_id=f"{array_id}_{index}")
+        assert (shown["status"], shown["reason"]) == ("Canceled", "canceled"), shown
+    assert not {s for s in _array_tasks(array_id).values() if s in ("RUNNING", "PENDING", "CONFIGURING")}
+    scancels = [json.loads(line) for line in cluster_agent.log_path.read_text().splitlines()
+                if '"slurm.scancel"' in line]
+    assert {tuple(e["argv"]) for e in scancels} >= {(f"{job_id}_2",), ("--state=PENDING", job_id), (job_id,)}
+    assert not any(e["argv"][-1] in (f"{job_id}_3", f"{job_id}_4") for e in scancels)
+    wait_until(lambda: not processes_of(first), 10, "the running task's processes to end")
+
+
+def test_an_agent_restart_reattaches_each_task_of_an_array(cluster_agent, cluster_source):
+    array_id = _submit_array(cluster_agent, cluster_source, "1-3%1",
+                             'echo "go $LABRUN_ARRAY_INDEX"; sleep 3; echo "done $SLURM_ARRAY_TASK_ID"')
+    first = cluster_agent.workspace()
+    wait_until(lambda: first._call("get", run_id=f"{array_id}_1")["status"] == "Running", 60, "the first task to run")
+    cluster_agent.restart()
+    statuses = [cluster_agent.workspace()._call("get", run_id=f"{array_id}_{i}")["status"] for i in (1, 2, 3)]
+    assert statuses[0] in ("Running", "Completed") and statuses[1:] in (["Queued", "Queued"], ["Running", "Queued"])
+    assert cluster_agent.cli("wait", array_id, timeout=120).returncode == 0
+    for index in (1, 2, 3):
+        assert f"done {index}" in cluster_agent.cli("logs", f"{array_id}_{index}", check=True).stdout
+    assert len({task.split("_")[0] for task in _array_tasks(array_id)}) == 1   # not submitted again
