@@ -559,12 +559,17 @@ class Supervisor:
     def _array_of(self, spec: dict) -> str | None:
         return (spec.get("array") or {}).get("id")
 
+    def _arrays_native(self, spec: dict) -> bool:
+        """Whether the run's executor starts an array as one job of its own, and keeps its limit itself."""
+        executor = self.executors.get(kind_for(spec, self._target(spec)))
+        return executor is not None and executor.capabilities.arrays
+
     def _decide(self):
         now = time.time()
         pending, limits = [], {}
         for r in self.queued.values():
             array = self._array_of(r.spec)
-            if array is not None and not self._executor(r.spec).capabilities.arrays:
+            if array is not None and not self._arrays_native(r.spec):
                 limits[array] = r.spec["array"]["throttle"]
             pending.append(Pending(run_id=r.run_id, user=r.user, priority=r.spec["priority"], order=r.order,
                                    demand=self._demand(r.spec), duration=r.spec["max_run_duration_seconds"],
@@ -605,7 +610,7 @@ class Supervisor:
             # Here, not in the task: the events then show the order in which the scheduler took the runs.
             self._transition(record, PREPARING, allocation=start.allocation.to_wire())
             array = self._array_of(record.spec)
-            if array is not None and self._executor(record.spec).capabilities.arrays:
+            if array is not None and self._arrays_native(record.spec):
                 together[array].append(run)
             else:
                 nursery.start_soon(self._run_one, run, name=f"run {record.run_id}")
