@@ -26,6 +26,9 @@ import trio
 from labrun.protocol import AgentError, Conflict, NotFound
 from labrun.protocol._statuses import TERMINAL
 
+from ._artifacts import owner_of
+from ._asuser import run_as
+
 log = structlog.get_logger("labrun.retention")
 
 RETENTION_INTERVAL_SECONDS = 3600.0
@@ -138,9 +141,12 @@ class RunFiles:
             link = self.runs_dir / record.run_id
             freed = 0
             if link.is_symlink():
-                # A cluster's run directory (a Slurm target's run_root), which the agent linked here at submit.
-                real = link.resolve()
-                freed = await trio.to_thread.run_sync(remove_tree, real.parent, real.name)
+                # A cluster's run directory (a Slurm target's run_root), which the agent linked here at submit:
+                # the link's own target, never resolved further (its owner may have swapped it for a link to
+                # elsewhere where run_root is theirs to write), removed as its owner, as a share that squashes
+                # root requires, so nothing its owner could not delete goes.
+                real = Path(os.readlink(link))
+                freed = await run_as(owner_of(record), remove_tree, real.parent, real.name)
             freed += await trio.to_thread.run_sync(remove_tree, self.runs_dir, record.run_id)
         except FileNotFoundError:
             freed = 0   # a removal of the same run at the same time deleted it first: it is gone, as asked

@@ -360,8 +360,8 @@ class Supervisor:
                 for member_id in created:
                     self.snapshots.release_snapshot(member_id)
                     root = self._run_dir(member_id).root
-                    if root.is_symlink():   # a cluster's run directory, elsewhere
-                        await trio.to_thread.run_sync(shutil.rmtree, root.resolve(), True)
+                    if root.is_symlink():   # a cluster's run directory, elsewhere: the link's target, not resolved
+                        await trio.to_thread.run_sync(shutil.rmtree, os.readlink(root), True)
                         root.unlink()
                     await trio.to_thread.run_sync(shutil.rmtree, root, True)
             raise

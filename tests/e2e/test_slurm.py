@@ -421,3 +421,76 @@ def test_an_agent_restart_reattaches_each_task_of_an_array(cluster_agent, cluste
     for index in (1, 2, 3):
         assert f"done {index}" in cluster_agent.cli("logs", f"{array_id}_{index}", check=True).stdout
     assert len({task.split("_")[0] for task in _array_tasks(array_id)}) == 1   # not submitted again
+
+
+# -- run directories in run_root, as their user: resume_from and removal ---------------------------------------
+
+def _as_test_user(agent, client, code: str, cwd: Path) -> subprocess.CompletedProcess:
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        if os.environ.get("LABRUN_REQUIRE_SLURM") == "1":
+            pytest.fail(f"scripts/test creates the user {TEST_USER}")
+        pytest.skip(f"no user {TEST_USER} (scripts/test creates it)")
+    if os.geteuid() != 0:
+        pytest.skip("a run of another user needs a root agent")
+    agent.root.chmod(0o755)
+    python, site = client
+    return subprocess.run([python, "-c", code], cwd=cwd, preexec_fn=_drop_to_test_user, capture_output=True,
+                          text=True, timeout=120, env=dict(agent.env, HOME="/nonexistent", PYTHONPATH=str(site)))
+
+
+RESUME_AND_REMOVE = """
+from labrun import DataPath, Experiment, ScriptRunConfig, Workspace
+ws = Workspace()
+experiment = Experiment(ws, 'resumes')
+first = experiment.submit(ScriptRunConfig('.', compute_target='cluster', command=(
+    'mkdir -p outputs/ckpt && echo epoch 3 > outputs/ckpt/state.txt && ln -s {victim} outputs/escape && '
+    'mkdir outputs/locked && touch outputs/locked/f && chmod 500 outputs/locked')))
+assert first.wait_for_completion(raise_on_error=False)['status'] == 'Completed', first.get_log()
+second = experiment.submit(ScriptRunConfig('.', compute_target='cluster', command='cat "$LABRUN_RESUME_FROM/state.txt"; echo',
+                                           resume_from=DataPath.from_run(first, 'outputs/ckpt')))
+assert second.wait_for_completion(raise_on_error=False)['status'] == 'Completed', second.get_log()
+print(first.id)
+print(second.id)
+print(second.get_log().splitlines()[0])
+print(ws._call('remove', run_id=first.id)['freed_bytes'])
+# A run_root its users may write (a shared scratch, sticky like /tmp): a run's directory swapped for a link.
+import os
+third = experiment.submit(ScriptRunConfig('.', compute_target='cluster', command='true'))
+assert third.wait_for_completion(raise_on_error=False)['status'] == 'Completed', third.get_log()
+os.rename('{run_root}/' + third.id, '{run_root}/' + third.id + '.moved')
+os.symlink('{victim}', '{run_root}/' + third.id)
+print(third.id)
+print(ws._call('remove', run_id=third.id)['freed_bytes'])
+"""
+
+
+def test_a_slurm_runs_outputs_resume_a_later_run_and_its_removal_stays_in_run_root(cluster_agent, cluster_source,
+                                                                                    nobody_client, tmp_path):
+    victim = tmp_path / "victim"
+    (victim / "keep").mkdir(parents=True)
+    (victim / "keep" / "file").write_text("not yours")
+    _open_up(victim)
+    cluster_agent.run_root.chmod(0o1777)
+    code = RESUME_AND_REMOVE.format(victim=victim, run_root=cluster_agent.run_root)
+    result = _as_test_user(cluster_agent, nobody_client, code, cluster_source)
+    assert result.returncode == 0, result.stderr + result.stdout
+    first, second, log, freed, third, _ = result.stdout.splitlines()
+    user = pwd.getpwnam(TEST_USER)
+    # The later run resumed from a copy its user made of the first run's outputs, in run_root where its node sees it.
+    copy = cluster_agent.run_root / second / "resume_from" / "ckpt" / "state.txt"
+    assert log.strip() == "epoch 3" and copy.read_text() == "epoch 3\n" and copy.stat().st_uid == user.pw_uid
+    # Removed: the first run's directory in run_root and the agent's link to it; nothing the run's links point to.
+    assert int(freed) > 0
+    assert not (cluster_agent.run_root / first).exists() and not (cluster_agent.state_dir / "runs" / first).is_symlink()
+    assert (victim / "keep" / "file").read_text() == "not yours"
+    assert (cluster_agent.run_root / second / "logs" / "std_log.txt").exists()
+    shown = cluster_agent.workspace()._call("get", run_id=first)
+    assert shown["status"] == "Completed" and shown["files_removed_at"] is not None
+    assert "removed" in cluster_agent.cli("logs", first).stderr
+    # The swapped-in link went, as a link: not what it points to.
+    assert not (cluster_agent.run_root / third).is_symlink() and (victim / "keep" / "file").exists()
+    moved = cluster_agent.run_root / f"{third}.moved"
+    assert moved.is_dir()   # where its user put it: theirs to delete
+    shutil.rmtree(moved)
