@@ -484,8 +484,8 @@ class SlurmExecutor(Executor):
             await self._scancel([scancel, "--signal=TERM", "--batch", job_id], owner)
             with trio.move_on_after(grace + SCRIPT_KILL_MARGIN_SECONDS):
                 for h in running:
-                    await self._exit_status(h, grace + SCRIPT_KILL_MARGIN_SECONDS)
-            if all(read_status_file(Path(h.run_dir) / EXIT_FILE) is not None for h in running) and len(handles) == 1:
+                    await self._exit_status(h, math.inf)
+            if all(read_status_file(Path(h.run_dir) / EXIT_FILE) is not None for h in running):
                 return
         await self._scancel([scancel, job_id], owner)
 
@@ -511,4 +511,3 @@ class SlurmExecutor(Executor):
         if job.state.split()[0] in ENDED:
             return Ended(await self._result(handle, job.state.split()[0]))
         return Live(handle)
-
