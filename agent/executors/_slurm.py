@@ -485,8 +485,11 @@ class SlurmExecutor(Executor):
             with trio.move_on_after(grace + SCRIPT_KILL_MARGIN_SECONDS):
                 for h in running:
                     await self._exit_status(h, math.inf)
-            if all(read_status_file(Path(h.run_dir) / EXIT_FILE) is not None for h in running):
+            recorded = all(read_status_file(Path(h.run_dir) / EXIT_FILE) is not None for h in running)
+            if recorded and len(handles) == 1:
                 return
+        # What is left of the job ends now: a command that outlived the grace period, or of a job array, also a
+        # task that started between the look at its states and the cancel of its pending tasks.
         await self._scancel([scancel, job_id], owner)
 
     async def _scancel(self, argv: list[str], handle: SlurmHandle) -> None:

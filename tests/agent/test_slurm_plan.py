@@ -125,8 +125,9 @@ def test_array_tasks_in_squeue_output():
 
 def test_an_array_is_one_sbatch_array_job():
     assert index_ranges([8, 1, 2, 3, 5, 7]) == "1-3,5,7-8" and index_ranges([4]) == "4"
-    tasks = {i: job(run_id=f"exp_1_abc_{i}", cwd=f"/shared/r/exp_1_abc_{i}/snapshot", logs=f"/shared/r/exp_1_abc_{i}/logs",
-                    run_dir=f"/shared/r/exp_1_abc_{i}", cpus=2) for i in (1, 2, 3, 5)}
+    tasks = {i: job(run_id=f"exp_1_abc_{i}", cwd=f"/shared/r/exp_1_abc_{i}/snapshot",
+                    logs=f"/shared/r/exp_1_abc_{i}/logs", run_dir=f"/shared/r/exp_1_abc_{i}", cpus=2)
+             for i in (1, 2, 3, 5)}
     array = SlurmArray(array_id="exp_1_abc", run_root="/shared/r", tasks=tasks, throttle=2)
     got = options(sbatch_argv(array.job(), SlurmSettings(partition="gpu"), "-", array=array.array_option()))
     assert got["--array"] == "1-3,5%2" and got["--job-name"] == "labrun-exp_1_abc"

@@ -238,26 +238,31 @@ def _drop_to_test_user():
     os.setuid(user.pw_uid)
 
 
-def test_sbatch_runs_as_the_submitting_user(cluster_agent, cluster_source, nobody_client):
+def _as_test_user(agent, client, code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``code`` run by the thin client as the test user, against a root agent."""
     try:
-        user = pwd.getpwnam(TEST_USER)
+        pwd.getpwnam(TEST_USER)
     except KeyError:
         if os.environ.get("LABRUN_REQUIRE_SLURM") == "1":
             pytest.fail(f"scripts/test creates the user {TEST_USER}")
         pytest.skip(f"no user {TEST_USER} (scripts/test creates it)")
     if os.geteuid() != 0:
         pytest.skip("a run of another user needs a root agent")
-    cluster_agent.root.chmod(0o755)
-    python, site = nobody_client
+    agent.root.chmod(0o755)
+    python, site = client
+    return subprocess.run([python, "-c", code], cwd=cwd, preexec_fn=_drop_to_test_user, capture_output=True,
+                          text=True, timeout=120, env=dict(agent.env, HOME="/nonexistent", PYTHONPATH=str(site)))
+
+
+def test_sbatch_runs_as_the_submitting_user(cluster_agent, cluster_source, nobody_client):
     code = ("from labrun import Workspace, Experiment, ScriptRunConfig\n"
             "ws = Workspace()\n"
             "config = ScriptRunConfig('.', command='id -u; id -g; echo job $SLURM_JOB_ID', compute_target='cluster')\n"
             "run = Experiment(ws, 'users').submit(config)\n"
             "print(run.wait_for_completion()['status'])\nprint(run.id)\nprint(run.get_log(), end='')\n")
-    result = subprocess.run([python, "-c", code], cwd=cluster_source, preexec_fn=_drop_to_test_user,
-                            capture_output=True, text=True, timeout=120,
-                            env=dict(cluster_agent.env, HOME="/nonexistent", PYTHONPATH=str(site)))
+    result = _as_test_user(cluster_agent, nobody_client, code, cluster_source)
     assert result.returncode == 0, result.stderr
+    user = pwd.getpwnam(TEST_USER)
     status, run_id, uid, gid, job = result.stdout.splitlines()[:5]
     assert status == "Completed"
     assert (int(uid), int(gid)) == (user.pw_uid, user.pw_gid)
@@ -425,21 +430,6 @@ def test_an_agent_restart_reattaches_each_task_of_an_array(cluster_agent, cluste
 
 # -- run directories in run_root, as their user: resume_from and removal ---------------------------------------
 
-def _as_test_user(agent, client, code: str, cwd: Path) -> subprocess.CompletedProcess:
-    try:
-        pwd.getpwnam(TEST_USER)
-    except KeyError:
-        if os.environ.get("LABRUN_REQUIRE_SLURM") == "1":
-            pytest.fail(f"scripts/test creates the user {TEST_USER}")
-        pytest.skip(f"no user {TEST_USER} (scripts/test creates it)")
-    if os.geteuid() != 0:
-        pytest.skip("a run of another user needs a root agent")
-    agent.root.chmod(0o755)
-    python, site = client
-    return subprocess.run([python, "-c", code], cwd=cwd, preexec_fn=_drop_to_test_user, capture_output=True,
-                          text=True, timeout=120, env=dict(agent.env, HOME="/nonexistent", PYTHONPATH=str(site)))
-
-
 RESUME_AND_REMOVE = """
 from labrun import DataPath, Experiment, ScriptRunConfig, Workspace
 ws = Workspace()
@@ -448,7 +438,8 @@ first = experiment.submit(ScriptRunConfig('.', compute_target='cluster', command
     'mkdir -p outputs/ckpt && echo epoch 3 > outputs/ckpt/state.txt && ln -s {victim} outputs/escape && '
     'mkdir outputs/locked && touch outputs/locked/f && chmod 500 outputs/locked')))
 assert first.wait_for_completion(raise_on_error=False)['status'] == 'Completed', first.get_log()
-second = experiment.submit(ScriptRunConfig('.', compute_target='cluster', command='cat "$LABRUN_RESUME_FROM/state.txt"; echo',
+second = experiment.submit(ScriptRunConfig('.', compute_target='cluster',
+                                           command='cat "$LABRUN_RESUME_FROM/state.txt"; echo',
                                            resume_from=DataPath.from_run(first, 'outputs/ckpt')))
 assert second.wait_for_completion(raise_on_error=False)['status'] == 'Completed', second.get_log()
 print(first.id)
