@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import shlex
 from dataclasses import dataclass, field
 
@@ -287,6 +288,8 @@ class SlurmArray:
 
 # -- the batch script --------------------------------------------------------------------
 
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
 # A port free on this node right now, from the run's Python; else one derived from the job id.
 _FREE_PORT = ("MASTER_PORT=$({python} -c 'import socket; s = socket.socket(); s.bind((\"\", 0)); "
               "print(s.getsockname()[1])' 2>/dev/null) || MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))")
@@ -376,7 +379,8 @@ def batch_script(job: SlurmJob, settings: SlurmSettings) -> str:
 def array_batch_script(array: SlurmArray, settings: SlurmSettings) -> str:
     """One batch script for every task of a job array: the task's run is chosen by ``$SLURM_ARRAY_TASK_ID``.
 
-    A member's own variables go through ``env`` in front of its command, so any variable name works.
+    A member's own variables are exported by the script (never command-line arguments, which anyone on the
+    node may read: the run's token is one); a name the shell cannot export goes through ``env``.
     """
     q = shlex.quote
     lines = [
@@ -385,12 +389,14 @@ def array_batch_script(array: SlurmArray, settings: SlurmSettings) -> str:
         'case "$SLURM_ARRAY_TASK_ID" in',
     ]
     for index, job in sorted(array.tasks.items()):
-        own = [f"{k}={v}" for k, v in sorted(array.task_env.get(index, {}).items())]
-        argv = (["env", "--", *own] if own else []) + _command_argv(job, settings)
+        own = sorted(array.task_env.get(index, {}).items())
+        odd = [f"{k}={v}" for k, v in own if not _SHELL_NAME.fullmatch(k)]
+        argv = (["env", "--", *odd] if odd else []) + _command_argv(job, settings)
         lines += [
             f"{index})",
             f"  cd {q(job.cwd)} || exit 127",
             f"  labrun_exit={q(f'{job.run_dir}/{EXIT_FILE}')}",
+            *(f"  export {k}={q(v)}" for k, v in own if _SHELL_NAME.fullmatch(k)),
             *(f"  {line}" for line in _rank_logs(job)),
             f"  set -- {' '.join(q(part) for part in argv)} ;;",
         ]

@@ -144,15 +144,18 @@ def test_the_array_batch_script_runs_each_task_as_its_run(tmp_path):
         run_dir = tmp_path / f"arr_{index}"
         (run_dir / "snapshot").mkdir(parents=True)
         tasks[index] = job(run_id=f"arr_{index}", run_dir=str(run_dir), cwd=str(run_dir / "snapshot"),
-                           argv=["sh", "-c", 'echo "$LABRUN_RUN_ID $ODD-NAME.x $(pwd)"; exit "$CODE"'])
+                           argv=["python3", "-c", "import os; e = os.environ; print(e['LABRUN_RUN_ID'], os.getcwd(), "
+                                 "e['ODD-NAME.x']); raise SystemExit(int(e['CODE']))"])
         env[index] = {"LABRUN_RUN_ID": f"arr_{index}", "CODE": str(index * 3), "ODD-NAME.x": "it's $x"}
     script = tmp_path / "batch.sh"
     script.write_text(array_batch_script(SlurmArray("arr", str(tmp_path), tasks, env, throttle=1), SlurmSettings()))
+    # A run's own variables (its token among them) are exported, never arguments others on the node could read.
+    assert "  export LABRUN_RUN_ID=arr_1" in script.read_text() and "LABRUN_RUN_ID=arr_1 " not in script.read_text()
     for index in (1, 2):
         result = subprocess.run(["/bin/sh", str(script)], capture_output=True, text=True,
                                 env={"PATH": os.defpath, "SLURM_ARRAY_TASK_ID": str(index)})
         assert result.returncode == index * 3
-        assert result.stdout == f"arr_{index} -NAME.x {tmp_path / f'arr_{index}' / 'snapshot'}\n"
+        assert result.stdout == f"arr_{index} {tmp_path / f'arr_{index}' / 'snapshot'} it's $x\n"
         assert (tmp_path / f"arr_{index}" / EXIT_FILE).read_text() == f"{index * 3}\n"
     stranger = subprocess.run(["/bin/sh", str(script)], capture_output=True, text=True,
                               env={"PATH": os.defpath, "SLURM_ARRAY_TASK_ID": "7"})
