@@ -485,3 +485,14 @@ def test_a_slurm_runs_outputs_resume_a_later_run_and_its_removal_stays_in_run_ro
     moved = cluster_agent.run_root / f"{third}.moved"
     assert moved.is_dir()   # where its user put it: theirs to delete
     shutil.rmtree(moved)
+
+
+def test_an_array_slurm_refuses_fails_each_run_with_slurms_message(cluster_agent, cluster_source):
+    # Beyond the cluster's MaxArraySize (1001 unless configured): sbatch refuses the job array.
+    array_id = _submit_array(cluster_agent, cluster_source, "5000,5002", "true")
+    assert cluster_agent.cli("wait", array_id, timeout=60).returncode != 0
+    for index in (5000, 5002):
+        shown = cluster_agent.workspace()._call("get", run_id=f"{array_id}_{index}")
+        assert shown["status"] == "Failed" and shown["reason"] == "start_failed", shown
+        assert "Slurm refused the job" in shown["error"]
+        assert "Slurm refused the job" in cluster_agent.cli("logs", f"{array_id}_{index}").stdout
