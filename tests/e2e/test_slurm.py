@@ -392,6 +392,11 @@ def test_canceling_one_task_and_then_the_whole_array(cluster_agent, cluster_sour
     tasks = _array_tasks(array_id)
     job_id = next(iter(tasks)).split("_")[0]
     assert tasks[f"{job_id}_1"] == "RUNNING" and tasks[f"{job_id}_2"] == "PENDING"
+    # Slurm holds the others back, and ls says so.
+    wait_until(lambda: (cluster_agent.workspace()._call("get", run_id=f"{array_id}_2").get("waiting") or {}).get(
+        "reason") == "slurm: JobArrayTaskLimit", 30, "the waiting reason of Slurm's throttle")
+    listed = cluster_agent.cli("ls", "--array", array_id, check=True).stdout
+    assert "slurm: JobArrayTaskLimit" in listed, listed
 
     # One run: scancel of its task alone.
     assert cluster_agent.cli("cancel", f"{array_id}_2", check=True).stdout.startswith(f"{array_id}_2: Cancel")
