@@ -505,7 +505,9 @@ class Supervisor:
         together: dict[str, list[Handle]] = defaultdict(list)
         for record in records:
             active = self.active.get(record.run_id)
-            if active is not None and active.handle is not None and active.cancel_reason is None:
+            # The runs cancel() stops: started, and neither being canceled already nor ending by themselves.
+            if active is not None and active.handle is not None and active.cancel_reason is None \
+                    and active.record.status != FINALIZING:
                 together[kind_for(record.spec, self._target(record.spec))].append(active.handle)
         for kind, handles in together.items():
             self.executors[kind].stopping_together(handles)
