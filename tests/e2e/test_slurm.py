@@ -460,6 +460,8 @@ os.symlink('{victim}', '{run_root}/' + third.id)
 print(third.id)
 print(ws._call('remove', run_id=third.id)['freed_bytes'])
 """
+# labrun clean (and retention, which cleans by age) takes the rest of a user's finished runs the same way.
+CLEAN = "from labrun import Workspace\nprint(sorted(r['run_id'] for r in Workspace()._call('clean')['removed']))\n"
 
 
 def test_a_slurm_runs_outputs_resume_a_later_run_and_its_removal_stays_in_run_root(cluster_agent, cluster_source,
@@ -490,6 +492,9 @@ def test_a_slurm_runs_outputs_resume_a_later_run_and_its_removal_stays_in_run_ro
     moved = cluster_agent.run_root / f"{third}.moved"
     assert moved.is_dir()   # where its user put it: theirs to delete
     shutil.rmtree(moved)
+    cleaned = _as_test_user(cluster_agent, nobody_client, CLEAN, cluster_source)
+    assert cleaned.stdout.strip() == repr([second]), cleaned.stderr
+    assert not (cluster_agent.run_root / second).exists() and not (cluster_agent.state_dir / "runs" / second).is_symlink()
 
 
 def test_an_array_slurm_refuses_fails_each_run_with_slurms_message(cluster_agent, cluster_source):
