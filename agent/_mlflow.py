@@ -224,7 +224,7 @@ class MlflowMirror:
                 entry = self.ledger.get(record.run_id)
                 if entry is not None and entry.mlflow_run_id is not None:
                     return entry
-                parent_id = _parent_of(record)
+                parent_id = self.store.parents_of([record.run_id]).get(record.run_id)
                 parent = None
                 if parent_id is not None and parent_id != record.run_id:
                     parent_record = self._record(parent_id)
@@ -392,11 +392,6 @@ class MlflowMirror:
                 return None
         return {"MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_RUN_ID": entry.mlflow_run_id,
                 "MLFLOW_EXPERIMENT_ID": entry.experiment_id}
-
-
-def _parent_of(record) -> str | None:
-    """The labrun run this one is a child of, if any (set by the client's child-run API)."""
-    return getattr(record, "parent_run_id", None) or record.spec.get("parent_run_id")
 
 
 async def _chunks(fd: int, size: int):

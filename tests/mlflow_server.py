@@ -91,6 +91,11 @@ class MlflowApi:
         assert len(found) <= 1, f"{len(found)} MLflow runs for {run_id}"
         return found[0] if found else None
 
+    def search_children(self, experiment_id: str, parent_mlflow_id: str) -> list[dict]:
+        return httpx.post(self.base + "runs/search", timeout=30, json={
+            "experiment_ids": [experiment_id],
+            "filter": f"tags.`mlflow.parentRunId` = '{parent_mlflow_id}'"}).json().get("runs", [])
+
     def run(self, mlflow_run_id: str) -> dict:
         return self.get("runs/get", run_id=mlflow_run_id)["run"]
 

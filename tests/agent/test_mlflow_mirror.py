@@ -19,10 +19,10 @@ def spec(**extra) -> dict:
             **extra}
 
 
-def add_run(store: Store, run_id: str, status: str, **extra) -> RunRecord:
+def add_run(store: Store, run_id: str, status: str, parent_id: str | None = None, **extra) -> RunRecord:
     record = RunRecord(run_id=run_id, order=0, experiment="nest", number=0, uid=0, gid=0, user="alice",
                        status=status, spec=spec(**extra), environ={}, submitted_at=time.time())
-    store.add_run(record, "run.queued")
+    store.add_run(record, "run.queued", parent_id=parent_id)
     return record
 
 
@@ -40,7 +40,7 @@ async def test_child_runs_are_nested_under_their_parent(tmp_path, mlflow_server)
     events = EventLog(store)
     (tmp_path / "runs").mkdir()
     # The child comes first in the log: its parent's MLflow run is created for it.
-    child = add_run(store, "nest_1_child", "Completed", parent_run_id="nest_1_parent")
+    child = add_run(store, "nest_1_child", "Completed", parent_id="nest_1_parent")
     store.update_run(child, "run.completed", ended_at=time.time())
     add_run(store, "nest_1_parent", "Running")
     store.add_metrics(child, [{"name": "acc@top-1", "kind": "scalar", "value": 0.5, "step": None, "time": time.time()},

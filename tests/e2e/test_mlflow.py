@@ -276,3 +276,49 @@ def test_labrun_ui_starts_the_embedded_server(make_agent, nobody_client, tmp_pat
     agent.restart()   # remembered
     assert agent.workspace().status()["mlflow"]["tracking_uri"] == url
     wait_until(lambda: answers(url), 300, "the UI back after a restart")
+
+
+PARENT = """
+from labrun import Run
+run = Run.get_context()
+run.log("parent_loss", 0.5)
+child = run.child_run(name="fold-0")
+child.log("fold_acc", 0.9)
+child.complete()
+for i, kid in enumerate(run.create_children(count=2)):
+    kid.log("batch_acc", float(i))
+    kid.complete()
+"""
+
+
+def test_child_runs_from_the_client_api_are_nested_in_mlflow(make_agent, mlflow_server, tmp_path):
+    """child_run, create_children and submit_child become MLflow nested runs with their own metrics."""
+    agent = make_agent(config(mlflow_server.url))
+    api = MlflowApi(mlflow_server.url)
+    source = source_with(tmp_path, "parent.py", PARENT)
+    (source / "child.py").write_text("from labrun import Run\nRun.get_context().log('submitted_acc', 0.75)\n")
+    parent = Experiment(agent.workspace(), "nested").submit(ScriptRunConfig(str(source), script="parent.py"))
+    parent.wait_for_completion()
+    submitted = parent.submit_child(ScriptRunConfig(str(source), script="child.py"))
+    submitted.wait_for_completion()
+    children = list(parent.get_children())
+    assert len(children) == 4
+
+    parent_twin = mirrored(agent, api, parent.id, "FINISHED")
+    parent_mlflow_id = parent_twin["info"]["run_id"]
+    assert api.history(parent_mlflow_id, "parent_loss") == [(0, 0.5)]
+    assert "mlflow.parentRunId" not in tags(parent_twin)
+    logged = {}
+    for child in children:
+        twin = mirrored(agent, api, child.id, "FINISHED")
+        assert tags(twin)["mlflow.parentRunId"] == parent_mlflow_id, child.id
+        assert twin["info"]["experiment_id"] == parent_twin["info"]["experiment_id"]
+        logged[child.id] = {m["key"]: m["value"] for m in twin["data"]["metrics"]}
+    fold = next(c for c in children if c.display_name == "fold-0")
+    assert tags(mirrored(agent, api, fold.id, "FINISHED"))["mlflow.runName"] == "fold-0"
+    assert logged.pop(fold.id) == {"fold_acc": 0.9}
+    assert logged.pop(submitted.id) == {"submitted_acc": 0.75}
+    assert sorted(m["batch_acc"] for m in logged.values()) == [0.0, 1.0]
+    # MLflow's own search for a parent's children (what its UI's nesting uses) finds all four.
+    found = api.search_children(parent_twin["info"]["experiment_id"], parent_mlflow_id)
+    assert {tags(r)["labrun.run_id"] for r in found} == {c.id for c in children}
