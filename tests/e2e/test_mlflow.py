@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
 from labrun import Experiment, ScriptRunConfig
@@ -208,13 +209,13 @@ def test_mlflow_down_mid_run_and_an_agent_restart_lose_nothing(make_agent, tmp_p
         server.stop()
         go.touch()
         run.wait_for_completion()
-        # A run started while MLflow is down starts at once, without MLflow's variables, and says so.
+        wait_until(lambda: agent.workspace().status()["mlflow"]["mirror"]["state"] == "retrying", 30, "retrying")
+        # A run started while MLflow is known to be down starts at once, without MLflow's variables, and says so.
         t0 = time.monotonic()
         later = experiment.submit(ScriptRunConfig(str(source), command="env | grep ^MLFLOW_ || echo none"))
         later.wait_for_completion()
         assert time.monotonic() - t0 < 30
         assert "none" in later.get_log() and "did not answer in time" in later.get_log()
-        wait_until(lambda: agent.workspace().status()["mlflow"]["mirror"]["state"] == "retrying", 30, "retrying")
         assert agent.cli("status", check=True).stdout.count("mlflow") >= 1
 
         agent.restart()   # the backlog survives the agent too
@@ -322,3 +323,59 @@ def test_child_runs_from_the_client_api_are_nested_in_mlflow(make_agent, mlflow_
     # MLflow's own search for a parent's children (what its UI's nesting uses) finds all four.
     found = api.search_children(parent_twin["info"]["experiment_id"], parent_mlflow_id)
     assert {tags(r)["labrun.run_id"] for r in found} == {c.id for c in children}
+
+
+POOLED = """
+import os
+import mlflow
+print("env", os.environ.get("MLFLOW_RUN_ID"))
+mlflow.log_metric("own", 2.0)   # the run's own mlflow, straight away: the run must be out of MLflow's trash
+"""
+
+
+def active_runs(api: MlflowApi, experiment_id: str) -> list[dict]:
+    return httpx.post(api.base + "runs/search", timeout=30, json={
+        "experiment_ids": [experiment_id], "run_view_type": "ACTIVE_ONLY"}).json().get("runs", [])
+
+
+def test_runs_that_start_at_once_take_a_ready_mlflow_run(make_agent, mlflow_server, tmp_path):
+    """A run takes an MLflow run made ahead (no round trip before it starts), shown with its own name and tags."""
+    agent = make_agent(config(mlflow_server.url, pool_max_age_seconds=120))
+    api = MlflowApi(mlflow_server.url)
+    source = source_with(tmp_path, "pooled.py", POOLED)
+    experiment = Experiment(agent.workspace(), "pooled")
+    first = experiment.submit(ScriptRunConfig(str(source), script="pooled.py"))
+    first.wait_for_completion()
+    first_twin = mirrored(agent, api, first.id, "FINISHED")
+    experiment_id = first_twin["info"]["experiment_id"]
+    # The first run of the experiment waited for its own MLflow run; now runs keep starting there: a pool.
+    wait_until(lambda: agent.workspace().status()["mlflow"]["mirror"]["pool_ready"] == 2, MIRRORED, "a pool")
+    assert [r["info"]["run_id"] for r in active_runs(api, experiment_id)] == [first_twin["info"]["run_id"]]
+
+    second = experiment.submit(ScriptRunConfig(str(source), script="pooled.py", arguments=["--seed", "7"]))
+    second.display_name = "second"
+    second.wait_for_completion()
+    twin = mirrored(agent, api, second.id, "FINISHED")
+    mlflow_id = twin["info"]["run_id"]
+    assert f"env {mlflow_id}" in second.get_log()
+    assert agent.workspace().status()["mlflow"]["mirror"]["pool_claimed"] == 1
+    assert twin["info"]["lifecycle_stage"] == "active" and twin["info"]["run_name"] == "second"
+    found_tags = tags(twin)
+    assert "labrun.pool" not in found_tags and found_tags["mlflow.user"] == found_tags["labrun.user"]
+    assert found_tags["labrun.run_id"] == second.id and found_tags["mlflow.runName"] == "second"
+    assert params(twin)["seed"] == "7"
+    assert api.history(mlflow_id, "own") == [(0, 2.0)]
+    # MLflow cannot change a start time: a ready run is one made at most pool_max_age_seconds before the submit.
+    submitted = agent.workspace()._call("get", run_id=second.id)["submitted_at"]
+    assert submitted - 120 <= twin["info"]["start_time"] / 1000 <= submitted
+
+    # Nothing else is visible in MLflow; the ready runs wait in its trash, and a restart keeps or trashes them.
+    wait_until(lambda: agent.workspace().status()["mlflow"]["mirror"]["pool_ready"] == 2, MIRRORED, "refilled")
+    agent.restart()
+    third = experiment.submit(ScriptRunConfig(str(source), script="pooled.py"))
+    third.wait_for_completion()
+    third_twin = mirrored(agent, api, third.id, "FINISHED")
+    assert f"env {third_twin['info']['run_id']}" in third.get_log()
+    assert agent.workspace().status()["mlflow"]["mirror"]["pool_claimed"] == 1   # kept across the restart
+    visible = {tags(r)["labrun.run_id"] for r in active_runs(api, experiment_id)}
+    assert visible == {first.id, second.id, third.id}
