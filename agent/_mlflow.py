@@ -105,7 +105,7 @@ class MlflowMirror:
         return {"tracking_uri": self.tracking_uri, "state": self.state, "delivered_seq": self.delivered,
                 "backlog": max(0, self.store.last_seq() - self.delivered), "last_error": self.last_error,
                 "last_error_at": self.last_error_at, "pool_ready": self.pool.ready_count(),
-                "pool_claimed": self.pool_claimed}
+                "pool_claimed": self.pool_claimed, "pool_filling": self.pool.filling}
 
     def link(self, run_id: str) -> dict:
         """The run's page in MLflow's UI (the experiment's page until the run exists there)."""

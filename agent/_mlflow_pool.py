@@ -69,6 +69,7 @@ class Pool:
         self.max_age = max_age
         self._db = store._db   # the store's connection, as the ledger's
         self._db.execute(SCHEMA)
+        self.filling = False   # making runs now (what "caught up" waits for, besides the event backlog)
         self._wanted: dict[str, float] = {}   # experiment name -> when a run last wanted a pooled run there
         self._changed = trio.Event()
 
@@ -126,6 +127,7 @@ class Pool:
             # Too old to be claimed: left in MLflow's trash (mlflow gc), forgotten here.
             self._db.execute("DELETE FROM mlflow_pool WHERE tracking_uri = ? AND ready AND run_id IS NULL AND "
                              "created_at < ?", (self.tracking_uri, now - self.max_age))
+            self.filling = True
             try:
                 for experiment, wanted_at in list(self._wanted.items()):
                     if wanted_at < now - self.max_age:
@@ -142,6 +144,8 @@ class Pool:
                 log.warning("mlflow.pool.refused", error=str(exc))
                 self._wanted.pop(experiment, None)
                 continue
+            finally:
+                self.filling = False
             with trio.move_on_after(self._next_expiry(now)):
                 await self._changed.wait()
 

@@ -3,8 +3,8 @@
     python bench/mlflow.py [--quick]
 
 Three agents run side by side, and each measurement goes round them, each first in turn, so that they
-share the machine's ups and downs: mirroring off; on, with ``MLFLOW_*`` in runs (the default: the MLflow
-run must exist before the run starts); on, with ``run_env = false``. The two that mirror each run their
+share the machine's ups and downs: mirroring off; on, with ``MLFLOW_*`` in runs (the default: a run takes
+an MLflow run made ready ahead, or waits for its own); on, with ``run_env = false``. The two that mirror each run their
 embedded MLflow server (a real ``mlflow server``, SQLite, on 127.0.0.1), as ``labrun ui`` sets up.
 Writes bench/results/mlflow.md.
 """
@@ -64,7 +64,8 @@ def main() -> int:
                 for i in range(n):
                     if settled:   # each run is submitted once the mirrors have caught up with the earlier ones
                         for name in names[1:]:
-                            while experiments[name].workspace.status()["mlflow"]["mirror"]["backlog"]:
+                            while (mirror := experiments[name].workspace.status()["mlflow"]["mirror"])["backlog"] \
+                                    or mirror["pool_filling"]:
                                 time.sleep(0.01)
                     for name in names[i % 3:] + names[:i % 3]:   # each agent goes first in turn
                         experiment = experiments[name]

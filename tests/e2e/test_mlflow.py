@@ -12,7 +12,8 @@ import pytest
 
 from labrun import Experiment, ScriptRunConfig
 from tests.e2e.test_agent import as_nobody, nobody_client, wait_until  # noqa: F401 (a fixture)
-from tests.mlflow_server import MlflowApi, MlflowServer, answers, free_port, params, tags
+from tests.e2e.test_docker import image  # noqa: F401 (a fixture)
+from tests.mlflow_server import MlflowApi, answers, free_port, params, tags
 
 MIRRORED = 120.0   # MLflow on a busy 2-core machine answers in tens of milliseconds, sometimes seconds
 
@@ -191,43 +192,40 @@ open("outputs/final.txt", "w").write("done")
 
 
 @pytest.mark.slow
-def test_mlflow_down_mid_run_and_an_agent_restart_lose_nothing(make_agent, tmp_path):
-    server = MlflowServer(tmp_path / "mlflow").start()
+def test_mlflow_down_mid_run_and_an_agent_restart_lose_nothing(make_agent, make_mlflow_server, tmp_path):
+    server = make_mlflow_server()
     api = MlflowApi(server.url)
-    try:
-        agent = make_agent(config(server.url, prepare_timeout_seconds=1.0))
-        source = source_with(tmp_path, "slow.py", SLOW)
-        go = tmp_path / "go"
-        rc = ScriptRunConfig(str(source), script="slow.py")
-        rc.run_config.environment_variables = {"GO_FILE": str(go)}
-        experiment = Experiment(agent.workspace(), "outage")
-        run = experiment.submit(rc)
-        wait_until(lambda: (twin := api.run_by_labrun_id(run.id)) is not None
-                   and len(api.history(twin["info"]["run_id"], "step_loss")) == 10, MIRRORED, "first metrics")
-        mlflow_id = api.run_by_labrun_id(run.id)["info"]["run_id"]
+    agent = make_agent(config(server.url, prepare_timeout_seconds=1.0))
+    source = source_with(tmp_path, "slow.py", SLOW)
+    go = tmp_path / "go"
+    rc = ScriptRunConfig(str(source), script="slow.py")
+    rc.run_config.environment_variables = {"GO_FILE": str(go)}
+    experiment = Experiment(agent.workspace(), "outage")
+    run = experiment.submit(rc)
+    wait_until(lambda: (twin := api.run_by_labrun_id(run.id)) is not None
+               and len(api.history(twin["info"]["run_id"], "step_loss")) == 10, MIRRORED, "first metrics")
+    mlflow_id = api.run_by_labrun_id(run.id)["info"]["run_id"]
 
-        server.stop()
-        go.touch()
-        run.wait_for_completion()
-        wait_until(lambda: agent.workspace().status()["mlflow"]["mirror"]["state"] == "retrying", 30, "retrying")
-        # A run started while MLflow is known to be down starts at once, without MLflow's variables, and says so.
-        t0 = time.monotonic()
-        later = experiment.submit(ScriptRunConfig(str(source), command="env | grep ^MLFLOW_ || echo none"))
-        later.wait_for_completion()
-        assert time.monotonic() - t0 < 30
-        assert "none" in later.get_log() and "did not answer in time" in later.get_log()
-        assert agent.cli("status", check=True).stdout.count("mlflow") >= 1
+    server.stop()
+    go.touch()
+    run.wait_for_completion()
+    wait_until(lambda: agent.workspace().status()["mlflow"]["mirror"]["state"] == "retrying", 30, "retrying")
+    # A run started while MLflow is known to be down starts at once, without MLflow's variables, and says so.
+    t0 = time.monotonic()
+    later = experiment.submit(ScriptRunConfig(str(source), command="env | grep ^MLFLOW_ || echo none"))
+    later.wait_for_completion()
+    assert time.monotonic() - t0 < 30
+    assert "none" in later.get_log() and "did not answer in time" in later.get_log()
+    assert agent.cli("status", check=True).stdout.count("mlflow") >= 1
 
-        agent.restart()   # the backlog survives the agent too
-        server.start()
-        twin = mirrored(agent, api, run.id, "FINISHED")
-        assert twin["info"]["run_id"] == mlflow_id   # the same MLflow run, not a second one
-        assert api.history(mlflow_id, "step_loss") == [(i, float(i)) for i in range(30)]
-        assert api.artifacts(mlflow_id) == {"late/notes.txt", "outputs/final.txt"}
-        assert mirrored(agent, api, later.id, "FINISHED") is not None
-        wait_until(lambda: agent.workspace().status()["mlflow"]["mirror"]["backlog"] == 0, MIRRORED, "no backlog")
-    finally:
-        server.stop()
+    agent.restart()   # the backlog survives the agent too
+    server.start()
+    twin = mirrored(agent, api, run.id, "FINISHED")
+    assert twin["info"]["run_id"] == mlflow_id   # the same MLflow run, not a second one
+    assert api.history(mlflow_id, "step_loss") == [(i, float(i)) for i in range(30)]
+    assert api.artifacts(mlflow_id) == {"late/notes.txt", "outputs/final.txt"}
+    assert mirrored(agent, api, later.id, "FINISHED") is not None
+    wait_until(lambda: agent.workspace().status()["mlflow"]["mirror"]["backlog"] == 0, MIRRORED, "no backlog")
 
 
 @pytest.mark.slow
@@ -379,3 +377,50 @@ def test_runs_that_start_at_once_take_a_ready_mlflow_run(make_agent, mlflow_serv
     assert agent.workspace().status()["mlflow"]["mirror"]["pool_claimed"] == 1   # kept across the restart
     visible = {tags(r)["labrun.run_id"] for r in active_runs(api, experiment_id)}
     assert visible == {first.id, second.id, third.id}
+
+
+DOCKER_ENV = "env | grep ^MLFLOW_ | sort; echo end"
+
+
+def docker_run(agent, source, image, arguments=()):
+    from labrun import DockerConfiguration, Environment
+
+    config = ScriptRunConfig(str(source), command=DOCKER_ENV, environment=Environment.from_docker_image("bb", image),
+                             docker_runtime_config=DockerConfiguration(use_docker=True, arguments=list(arguments)))
+    run = Experiment(agent.workspace(), "in-docker").submit(config)
+    run.wait_for_completion()
+    return run
+
+
+def seen(run) -> dict:
+    return dict(line.split("=", 1) for line in run.get_log().splitlines() if line.startswith("MLFLOW_"))
+
+
+@pytest.mark.docker
+def test_docker_runs_get_mlflow_variables_they_can_use(make_agent, mlflow_server, make_mlflow_server, image,
+                                                       tmp_path):
+    """On the host's network as on the host; on the bridge, through the host's gateway address or not at all."""
+    import subprocess
+
+    api = MlflowApi(mlflow_server.url)
+    source = source_with(tmp_path, "x.txt", "")
+    agent = make_agent(config(mlflow_server.url) + "[docker]\nallow_host_network = true\n")
+    host = docker_run(agent, source, image, ["--network=host"])
+    twin = mirrored(agent, api, host.id, "FINISHED")
+    assert seen(host) == {"MLFLOW_TRACKING_URI": mlflow_server.url, "MLFLOW_RUN_ID": twin["info"]["run_id"],
+                          "MLFLOW_EXPERIMENT_ID": twin["info"]["experiment_id"]}
+    # The bridge: 127.0.0.1 is the container itself, and this server listens on 127.0.0.1 only.
+    bridged = docker_run(agent, source, image)
+    assert seen(bridged) == {} and "cannot reach MLflow" in bridged.get_log()
+    assert mirrored(agent, api, bridged.id, "FINISHED") is not None   # mirrored all the same
+
+    # A server that listens on every address: the container reaches it through the bridge's gateway.
+    everywhere = make_mlflow_server(host="0.0.0.0")
+    gateway = subprocess.run(["docker", "network", "inspect", "bridge", "--format",
+                              "{{(index .IPAM.Config 0).Gateway}}"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    other = make_agent(config(everywhere.url))
+    run = docker_run(other, source, image)
+    twin = mirrored(other, MlflowApi(everywhere.url), run.id, "FINISHED")
+    assert seen(run) == {"MLFLOW_TRACKING_URI": f"http://{gateway}:{everywhere.port}",
+                         "MLFLOW_RUN_ID": twin["info"]["run_id"], "MLFLOW_EXPERIMENT_ID": twin["info"]["experiment_id"]}
