@@ -9,8 +9,9 @@ then gives it the run's name, tags, parent, params, metrics and status (``Mlflow
 What users see in MLflow:
 
 - a waiting run is *deleted* (MLflow's trash, hidden from its UI and searches), named
-  ``labrun-reserved`` and tagged ``labrun.pool``; claiming restores it at once, before the run's
-  own ``mlflow`` can ask for it (it refuses a deleted run), and drops the tag;
+  ``labrun-reserved`` and tagged ``labrun.pool``; claiming restores it at once (the run's own
+  ``mlflow`` refuses a deleted run: one round trip, done long before a script has even imported
+  ``mlflow``), then drops the tag;
 - MLflow never changes a run's start time, so a claimed run shows the time it was made ready:
   that is why a waiting run is used only while younger than ``pool_max_age_seconds`` (10), and
   pools are kept only where runs keep starting (demand within that age). Older ones stay in
@@ -182,7 +183,7 @@ class Pool:
             while True:
                 try:
                     if run_id is not None:
-                        await adopt(run_id)
+                        await adopt(run_id)   # releases it once done; delivery tries again at the run's next event
                         break
                     if mlflow_run_id is None:   # its creation's answer was lost: find it by its slot tag
                         found = await rest.call("POST", "runs/search", {
@@ -195,7 +196,8 @@ class Pool:
                     break
                 except Unavailable:
                     await trio.sleep(1.0)
-                except MlflowError as exc:   # gone (a wiped server): nothing left to trash
-                    log.debug("mlflow.pool.recover_refused", slot=slot, error=str(exc))
-                    self.release(slot)
+                except MlflowError as exc:
+                    log.warning("mlflow.pool.recover_refused", slot=slot, run_id=run_id, error=str(exc))
+                    if run_id is None:   # gone (a wiped server): nothing left to trash
+                        self.release(slot)
                     break
