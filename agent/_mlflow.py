@@ -37,7 +37,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from labrun.protocol._statuses import TERMINAL
+from labrun.protocol._statuses import PREPARING, STARTING, TERMINAL
 
 from . import _mlflow_map as mapping
 from ._events import EventLog
@@ -54,6 +54,9 @@ METRIC_PAGE = 1000
 # Woken by new events, the mirror first lets this much time pass: the scheduler starts the run just
 # submitted without the mirror's HTTP work beside it, and what follows comes as one batch.
 SETTLE_SECONDS = 0.25
+# A run taken from the pool is restored in MLflow once its process has started (not beside its start),
+# and before its own mlflow is imported (seconds); this long at most if its start is slow.
+ADOPT_WAIT_SECONDS = 5.0
 
 
 @dataclass
@@ -148,7 +151,7 @@ class MlflowMirror:
                 self._nursery = nursery
                 if self.pool.size:
                     nursery.start_soon(self.pool.run, self._rest, self._experiment_id, self._adopt,
-                                       self.config.retry_initial_seconds)
+                                       self.config.retry_initial_seconds, SETTLE_SECONDS)
                 task_status.started()
                 await self._deliver()
         finally:
@@ -295,7 +298,14 @@ class MlflowMirror:
             log.debug("mlflow.run.adopted", run_id=run_id, mlflow_run_id=pooled.mlflow_run_id)
 
     async def _adopt_now(self, run_id: str) -> None:
-        """At claim time, so that the run's own ``mlflow`` finds its run restored; else delivery adopts it."""
+        """Right after the run's start, so that its own ``mlflow`` finds its run restored; else delivery adopts it."""
+        with trio.move_on_after(ADOPT_WAIT_SECONDS):
+            while True:
+                wakeup = self.events.appended.current()
+                record = self._record(run_id)
+                if record is None or record.status not in (PREPARING, STARTING):
+                    break
+                await wakeup.wait()
         try:
             await self._adopt(run_id)
         except MlflowError as exc:

@@ -115,11 +115,12 @@ class Pool:
 
     # -- filling (the mirror's task) ---------------------------------------------------
 
-    async def run(self, rest, experiment_id, adopt, retry_seconds: float) -> None:
+    async def run(self, rest, experiment_id, adopt, retry_seconds: float, settle_seconds: float) -> None:
         """Keep the wanted pools full until cancelled.
 
         ``experiment_id(name)``: the mirror's (cached) MLflow experiment id; ``adopt(run_id)``: the
-        mirror's adoption of a claimed run, for those a restart left claimed and not adopted.
+        mirror's adoption of a claimed run, for those a restart left claimed and not adopted. Woken by
+        a claim, it first lets ``settle_seconds`` pass: the run that claimed starts without its work beside it.
         """
         await self._recover(rest, adopt)
         while True:
@@ -149,6 +150,7 @@ class Pool:
                 self.filling = False
             with trio.move_on_after(self._next_expiry(now)):
                 await self._changed.wait()
+                await trio.sleep(settle_seconds)
 
     def _free(self, experiment_id: str) -> int:
         return self._db.execute("SELECT count(*) FROM mlflow_pool WHERE tracking_uri = ? AND experiment_id = ? AND "
