@@ -26,6 +26,7 @@ from labrun.protocol import Forbidden
 from ._artifacts import note_in_log
 from ._mlflow import ENV_KEYS, MlflowConfig, MlflowMirror
 from ._mlflow_server import EmbeddedServer, free_port, mlflow_installed
+from ._warnings import KIND as WARNINGS, MLFLOW_NO_RUN_ENV
 
 log = structlog.get_logger("labrun.mlflow")
 
@@ -196,3 +197,4 @@ class Mlflow:
                     "files and status reach MLflow once it answers.\n")
         # The logs directory is the user's: written as them, never through a link they left there.
         note_in_log(record, log_path, note)
+        self.store.set_labels(record.run_id, WARNINGS, {MLFLOW_NO_RUN_ENV: note.removeprefix("labrun: ").strip()})

@@ -216,6 +216,7 @@ def test_mlflow_down_mid_run_and_an_agent_restart_lose_nothing(make_agent, make_
     later.wait_for_completion()
     assert time.monotonic() - t0 < 30
     assert "none" in later.get_log() and "did not answer in time" in later.get_log()
+    assert [w["source"] for w in later.get_details()["warnings"]] == ["mlflow"]
     assert agent.cli("status", check=True).stdout.count("mlflow") >= 1
 
     agent.restart()   # the backlog survives the agent too
@@ -412,6 +413,8 @@ def test_docker_runs_get_mlflow_variables_they_can_use(make_agent, mlflow_server
     # The bridge: 127.0.0.1 is the container itself, and this server listens on 127.0.0.1 only.
     bridged = docker_run(agent, source, image)
     assert seen(bridged) == {} and "cannot reach MLflow" in bridged.get_log()
+    warnings = bridged.get_details()["warnings"]
+    assert warnings[0]["source"] == "mlflow" and "does not listen on the host's address there" in warnings[0]["message"]
     assert mirrored(agent, api, bridged.id, "FINISHED") is not None   # mirrored all the same
 
     # A server that listens on every address: the container reaches it through the bridge's gateway.
