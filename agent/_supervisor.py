@@ -736,12 +736,12 @@ class Supervisor:
                     log.exception("run.supervise.failed", run_id=run.record.run_id)
                     await self._durably(self._fail, run, "agent_error", f"agent error: {exc}")
                     continue
-                if launch is None:
-                    continue
+                if launch is not None:
+                    prepared.append((run, launch))
+            for run, _ in prepared:
                 if run.cancel_reason is not None:
                     await self._durably(self._finish, run, None)   # canceled while its array was prepared
-                    continue
-                prepared.append((run, launch))
+            prepared = [(run, launch) for run, launch in prepared if run.cancel_reason is None]
             if not prepared:
                 return
             await self.store.durable()
