@@ -321,6 +321,37 @@ async def test_a_run_an_agent_died_submitting_is_not_submitted_twice(slurm_clust
         _slurm("scancel", first.job_id, check=False)
 
 
+async def test_an_array_an_agent_died_submitting_is_not_submitted_twice(slurm_cluster, tmp_path):
+    """sbatch --array returned, the agent died before recording the tasks: the next agent finds the job array."""
+    from labrun.agent.executors import LaunchSpec, Rank
+    from labrun.agent.executors._slurm import SlurmExecutor
+    from labrun.agent.executors._slurm_plan import SlurmJob, SlurmSettings
+
+    array_id = f"slurm_{int(time.time())}_{os.urandom(4).hex()}"
+    launches = []
+    for index in (1, 2):
+        run_dir = tmp_path / f"{array_id}_{index}"
+        (run_dir / "snapshot").mkdir(parents=True)
+        (run_dir / "logs").mkdir()
+        job = SlurmJob(run_id=run_dir.name, argv=["sleep", "30"], cwd=str(run_dir / "snapshot"),
+                       logs=str(run_dir / "logs"), run_dir=str(run_dir), duration=120, grace=1)
+        launches.append(LaunchSpec(run_id=job.run_id, argv=job.argv, env={"PATH": os.defpath, "I": str(index)},
+                                   cwd=run_dir / "snapshot", ranks=[Rank(log_path=run_dir / "logs" / "std_log.txt")],
+                                   uid=os.getuid(), gid=os.getgid(),
+                                   slurm={"job": job, "settings": SlurmSettings(),
+                                          "array": {"id": array_id, "index": index, "size": 2, "throttle": 1}}))
+    first = await SlurmExecutor(grace=1).start_array(launches, 1)
+    try:
+        job_id = first[0].array_job
+        assert [h.job_id for h in first] == [f"{job_id}_1", f"{job_id}_2"]
+        again = await SlurmExecutor(grace=1).start_array(launches, 1)   # the next agent, starting them again
+        assert again == first
+        named = _slurm("squeue", "-h", "-t", "all", f"--name=labrun-{array_id}", "-o", "%F").stdout.split()
+        assert set(named) == {job_id}
+    finally:
+        _slurm("scancel", first[0].array_job, check=False)
+
+
 @pytest.mark.slow
 def test_a_pip_environment_is_built_in_run_root_where_the_nodes_see_it(cluster_agent, cluster_source, tmp_path):
     from labrun import Environment
