@@ -393,7 +393,8 @@ def cmd_status(args) -> int:
     print(f"runs      {counts}")
     disk = status.get("disk")
     if disk:
-        kept = (f"run directories kept {disk['retention_days']:g} days" if disk["retention_days"]
+        kept = (f"run directories kept {disk['retention_days']:g} days (checked every "
+                f"{_format.interval(disk.get('retention_interval_seconds', 3600))})" if disk["retention_days"]
                 else "run directories kept until labrun rm/clean")
         print(f"disk      runs use {_format.format_memory(disk['runs_bytes'])}, snapshot store "
               f"{_format.format_memory(disk['snapshot_store_bytes'])}, "

@@ -40,6 +40,16 @@ def duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def interval(seconds: float) -> str:
+    """A period as the configuration writes it: ``1h``, ``10m``, ``1h30m``, ``45s``."""
+    seconds, parts = int(seconds), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(parts)
+
+
 def run_duration(run: dict) -> str:
     if run["started_at"] is None:
         return "-"

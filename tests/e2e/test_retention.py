@@ -121,6 +121,40 @@ def test_retention_days_removes_old_run_directories(make_agent, source, tmp_path
     assert "kept 2e-05 days" in agent.cli("status", check=True).stdout
 
 
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def store_objects(agent) -> list:
+    return [p for p in (agent.state_dir / "cas" / "objects").rglob("*") if p.is_file()]
+
+
+def test_retention_interval_sweeps_while_the_agent_runs(make_agent, source, tmp_path):
+    agent = make_agent('[runs]\nretention_days = 0.00002\nretention_interval = "1s"\n')   # about 1.7 s
+    assert "kept 2e-05 days (checked every 1s)" in agent.cli("status", check=True).stdout
+    assert json.loads(agent.cli("status", "--json", check=True).stdout)["disk"]["retention_interval_seconds"] == 1
+    victim = victim_dir(tmp_path)
+    old = make_run(agent, source, victim)
+    # The same source, so the same contents in the snapshot store; running, so retention leaves it alone.
+    running = agent.cli("submit", "--source-dir", str(source), "--", "sleep", "120", check=True).stdout.strip()
+    wait_until(lambda: not (agent.state_dir / "runs" / old).exists())   # no restart: the periodic sweep did it
+    assert (victim / "precious.txt").read_text() == "keep me"
+    assert rows(agent, "runs", old) == rows(agent, "metrics", old) == rows(agent, "removed_run_dirs", old) == 1
+    assert "score   1.5" in agent.cli("metrics", old, check=True).stdout
+    assert (agent.state_dir / "runs" / running).is_dir()
+    assert store_objects(agent) != []   # still used by the running run
+    agent.cli("cancel", running, check=True)
+    wait_until(lambda: not (agent.state_dir / "runs" / running).exists())
+    # The contents went with the last run using them; both runs are still listed.
+    wait_until(lambda: store_objects(agent) == [])
+    listed = json.loads(agent.cli("ls", "--all", "--json", check=True).stdout)
+    assert sorted((r["run_id"], r["files_removed_at"] is not None) for r in listed) == sorted([(old, True),
+                                                                                              (running, True)])
+
+
 def test_retention_with_purge_forgets_the_runs(make_agent, source, tmp_path):
     agent = make_agent("[runs]\nretention_days = 0.00002\npurge = true\n")
     old = make_run(agent, source, victim_dir(tmp_path))
