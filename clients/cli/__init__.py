@@ -655,8 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ui)
 
+    # Everything after "agent" is labrund's (--socket, --config, --help...): "+" marks no option of this parser.
     p = commands.add_parser("agent", help="run the agent in the foreground (same options as labrund); "
-                                          "'agent drain [--no-wait]' and 'agent resume' for maintenance")
+                                          "'agent drain [--no-wait]' and 'agent resume' for maintenance",
+                            prefix_chars="+", add_help=False)
     p.add_argument("agent_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_agent)
 

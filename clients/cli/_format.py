@@ -214,6 +214,7 @@ def group_arrays(runs: list[dict]) -> list[dict]:
             counts[member["status"]] = counts.get(member["status"], 0) + 1
         first = group[0]
         shown.append({**first, "run_id": f"{array['id']}_[{index_ranges([r['array']['index'] for r in group])}{throttle}]",
+                      "display_name": None if name(first) == "-" else first["display_name"],
                       "status": ",".join(f"{n} {status}" for status, n in sorted(counts.items())),
                       "started_at": min((r["started_at"] for r in group if r["started_at"]), default=None),
                       "ended_at": None if any(r["ended_at"] is None for r in group)
