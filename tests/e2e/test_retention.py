@@ -7,7 +7,7 @@ import sqlite3
 import time
 
 from labrun.agent._retention import disk_usage, remove_tree
-from tests.e2e.test_agent import as_nobody, needs_root, nobody_client, shared_source  # noqa: F401
+from tests.e2e.test_agent import as_nobody, needs_root, nobody_client, shared_source, wait_until  # noqa: F401
 
 # A run that writes 4 MiB of outputs and a metric, and plants what a hostile user would: links out of the run
 # directory (to a file and to a directory) and a directory it made read-only.
@@ -121,13 +121,6 @@ def test_retention_days_removes_old_run_directories(make_agent, source, tmp_path
     assert "kept 2e-05 days" in agent.cli("status", check=True).stdout
 
 
-def wait_until(condition, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
 def store_objects(agent) -> list:
     return [p for p in (agent.state_dir / "cas" / "objects").rglob("*") if p.is_file()]
 
@@ -140,16 +133,17 @@ def test_retention_interval_sweeps_while_the_agent_runs(make_agent, source, tmp_
     old = make_run(agent, source, victim)
     # The same source, so the same contents in the snapshot store; running, so retention leaves it alone.
     running = agent.cli("submit", "--source-dir", str(source), "--", "sleep", "120", check=True).stdout.strip()
-    wait_until(lambda: not (agent.state_dir / "runs" / old).exists())   # no restart: the periodic sweep did it
+    # No restart: the periodic sweep did it.
+    wait_until(lambda: not (agent.state_dir / "runs" / old).exists(), 30, "the sweep")
     assert (victim / "precious.txt").read_text() == "keep me"
     assert rows(agent, "runs", old) == rows(agent, "metrics", old) == rows(agent, "removed_run_dirs", old) == 1
     assert "score   1.5" in agent.cli("metrics", old, check=True).stdout
     assert (agent.state_dir / "runs" / running).is_dir()
     assert store_objects(agent) != []   # still used by the running run
     agent.cli("cancel", running, check=True)
-    wait_until(lambda: not (agent.state_dir / "runs" / running).exists())
-    # The contents went with the last run using them; both runs are still listed.
-    wait_until(lambda: store_objects(agent) == [])
+    wait_until(lambda: not (agent.state_dir / "runs" / running).exists(), 30, "the next sweep")
+    # The contents went with the last run using them (released just after its directory); both runs are still listed.
+    wait_until(lambda: store_objects(agent) == [], 10, "the snapshot store's contents to go")
     listed = json.loads(agent.cli("ls", "--all", "--json", check=True).stdout)
     assert sorted((r["run_id"], r["files_removed_at"] is not None) for r in listed) == sorted([(old, True),
                                                                                               (running, True)])

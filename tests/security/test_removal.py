@@ -4,12 +4,12 @@ plants links and read-only directories in it: only the run's own files go, and o
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import AgentProcess
+from tests.e2e.test_agent import wait_until
 from tests.security.conftest import AGENT_CONFIG, Client, assert_still_serving
 
 pytestmark = pytest.mark.slow
@@ -82,11 +82,7 @@ def test_retention_sweeps_a_planted_run_directory(clients, thin_client, shared_s
         alice = Client(agent, thin_client, "lrsec-alice")
         victim = _victim(scratch)
         run_id = _planting_run(alice, shared_source, victim)
-        run_dir = agent.state_dir / "runs" / run_id
-        deadline = time.monotonic() + 30
-        while os.path.lexists(run_dir):
-            assert time.monotonic() < deadline, agent.log_path.read_text()[-3000:]
-            time.sleep(0.2)
+        wait_until(lambda: not os.path.lexists(agent.state_dir / "runs" / run_id), 30, "the retention sweep")
         assert _intact(victim)
         assert alice.json(f"out(ws._call('get', run_id={run_id!r})['status'])") == "Completed"
     finally:
