@@ -6,8 +6,11 @@ import os
 import sqlite3
 import time
 
+import pytest
+
 from labrun.agent._retention import disk_usage, remove_tree
 from tests.e2e.test_agent import as_nobody, needs_root, nobody_client, shared_source, wait_until  # noqa: F401
+from tests.e2e.test_slurm import cluster_agent, cluster_source, slurm_cluster  # noqa: F401
 
 # A run that writes 4 MiB of outputs and a metric, and plants what a hostile user would: links out of the run
 # directory (to a file and to a directory) and a directory it made read-only.
@@ -182,3 +185,16 @@ def test_remove_tree_never_follows_links(tmp_path):
     remove_tree(tmp_path, "link")   # a top-level link: the link goes, not what it points at
     assert not (tmp_path / "link").exists() and (outside / "f").exists()
     assert remove_tree(tmp_path, "missing") == 0
+
+
+@pytest.mark.slurm
+def test_rm_of_a_cluster_run_removes_its_directory_in_run_root(cluster_agent, cluster_source, tmp_path):
+    victim = victim_dir(tmp_path)
+    run_id = make_run(cluster_agent, cluster_source, victim, "--target", "cluster")
+    link, real = cluster_agent.state_dir / "runs" / run_id, cluster_agent.run_root / run_id
+    assert link.is_symlink() and (real / "outputs" / "big.bin").exists()
+    removed = cluster_agent.cli("rm", run_id, check=True)
+    assert removed.stdout.startswith(f"removed {run_id} (") and "freed 4" in removed.stderr
+    assert not os.path.lexists(link) and not os.path.lexists(real)
+    assert (victim / "precious.txt").read_text() == "keep me"
+    assert "score   1.5" in cluster_agent.cli("metrics", run_id, check=True).stdout
