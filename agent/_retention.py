@@ -42,14 +42,27 @@ DISK_USAGE_TTL_SECONDS = 60.0
 BATCH = 500
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _open_dir(name: str, dir_fd: int | None, expected: os.stat_result) -> int:
-    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    if not os.path.samestat(os.fstat(fd), expected):
-        os.close(fd)
-        raise OSError(f"{name!r} changed while it was being removed")
-    return fd
+def _open_dir(name: str, dir_fd: int, expected: os.stat_result) -> int:
+    """Open the directory ``name`` in ``dir_fd``, the one ``expected`` describes, to list and delete in.
+
+    It is opened by path first (which needs no right on it), checked, given its owner's full rights where it
+    lacks them (a directory its owner made read-only or unreadable cannot be emptied otherwise), and only
+    then opened for reading through that handle: the same directory throughout, never a link.
+    """
+    handle = os.open(name, _PATH_FLAGS, dir_fd=dir_fd)
+    try:
+        info = os.fstat(handle)
+        if not os.path.samestat(info, expected):
+            raise OSError(f"{name!r} changed while it was being removed")
+        if info.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+            # fchmod refuses a path handle; its /proc name reaches exactly the directory it holds.
+            os.chmod(f"/proc/self/fd/{handle}", stat.S_IRWXU)
+        return os.open(".", _DIR_FLAGS, dir_fd=handle)
+    finally:
+        os.close(handle)
 
 
 def remove_tree(parent: Path, name: str, creds: Credentials | None = None) -> int:
@@ -89,9 +102,6 @@ def _empty(top_fd: int) -> int:
         while stack:
             fd, dir_name, entries = stack[-1]
             if entries is None:
-                if stat.S_IMODE(os.fstat(fd).st_mode) & stat.S_IRWXU != stat.S_IRWXU:
-                    # A directory its owner made read-only cannot be emptied otherwise.
-                    os.fchmod(fd, stat.S_IRWXU)
                 entries = [e.name for e in os.scandir(fd)]
                 stack[-1] = (fd, dir_name, entries)
             if not entries:

@@ -136,15 +136,16 @@ def test_retention_interval_sweeps_while_the_agent_runs(make_agent, source, tmp_
     old = make_run(agent, source, victim)
     # The same source, so the same contents in the snapshot store; running, so retention leaves it alone.
     running = agent.cli("submit", "--source-dir", str(source), "--", "sleep", "120", check=True).stdout.strip()
-    # No restart: the periodic sweep did it.
-    wait_until(lambda: not (agent.state_dir / "runs" / old).exists(), 30, "the sweep")
-    assert (victim / "precious.txt").read_text() == "keep me"
-    assert rows(agent, "runs", old) == rows(agent, "metrics", old) == rows(agent, "removed_run_dirs", old) == 1
+    # No restart: the periodic sweep did it (the row is written once the directory is gone).
+    wait_until(lambda: rows(agent, "removed_run_dirs", old) == 1, 30, "the sweep")
+    assert not (agent.state_dir / "runs" / old).exists() and (victim / "precious.txt").read_text() == "keep me"
+    assert rows(agent, "runs", old) == rows(agent, "metrics", old) == 1
     assert "score   1.5" in agent.cli("metrics", old, check=True).stdout
     assert (agent.state_dir / "runs" / running).is_dir()
     assert store_objects(agent) != []   # still used by the running run
     agent.cli("cancel", running, check=True)
-    wait_until(lambda: not (agent.state_dir / "runs" / running).exists(), 30, "the next sweep")
+    wait_until(lambda: rows(agent, "removed_run_dirs", running) == 1, 30, "the next sweep")
+    assert not (agent.state_dir / "runs" / running).exists()
     # The contents went with the last run using them (released just after its directory); both runs are still listed.
     wait_until(lambda: store_objects(agent) == [], 10, "the snapshot store's contents to go")
     listed = json.loads(agent.cli("ls", "--all", "--json", check=True).stdout)

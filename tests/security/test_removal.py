@@ -31,9 +31,11 @@ def _intact(victim: Path) -> bool:
 
 
 def _planting_run(alice: Client, source: Path, victim: Path) -> str:
-    """A run that leaves links to the victim in its outputs and in place of its own logs/ directory."""
+    """A run that leaves links to the victim in its outputs and in place of its own logs/ directory, and
+    directories it made read-only and unreadable."""
     plant = (f"ln -s {victim} outputs/dir && ln -s {victim}/precious.txt outputs/file && "
              "mkdir -p outputs/ro/deep && echo x > outputs/ro/deep/f && chmod 500 outputs/ro/deep outputs/ro && "
+             "mkdir outputs/locked && echo x > outputs/locked/f && chmod 000 outputs/locked && "
              f"mv ../logs ../logs.old && ln -s {victim} ../logs")
     run_id = alice.submit(source, ["sh", "-c", plant])
     assert alice.wait(run_id)["status"] == "Completed"
