@@ -6,10 +6,12 @@ changing it while it is deleted. Deletion therefore never follows a link and nev
 resolves a path: it walks from directory file descriptors (``openat`` with
 ``O_NOFOLLOW``, ``unlinkat``), checks that each directory it opened is the one it
 looked at, and deletes links as links. And everything under the run directory is
-deleted with its owner's rights (``acting_as``), so even a walk the owner raced into
-another place could delete nothing the owner could not delete themselves; only the
+deleted with the rights of that directory's owner (``acting_as``): the run's user, to
+whom the agent gave it and who cannot give it away. So even a walk the owner raced
+into another place could delete nothing they could not delete themselves; only the
 emptied run directory itself, in the agent's own directory, is removed as the agent.
-Paths come from ``RunDir``, which owns the layout.
+Paths come from ``RunDir``, which owns the layout. ``remove_run_dir`` is the one way a
+run's directory is deleted: here, after a failed submit, and for an orphan at start.
 
 Only the directory goes; the run's row, metrics and events stay (``ls``, ``show``
 and ``metrics`` keep working) unless ``purge`` is asked for. The run's reference to
@@ -65,12 +67,24 @@ def _open_dir(name: str, dir_fd: int, expected: os.stat_result) -> int:
         os.close(handle)
 
 
-def remove_tree(parent: Path, name: str, creds: Credentials | None = None) -> int:
+def remove_run_dir(layout: RunDir) -> int:
+    """Delete a run's directory (and the cluster run directory its link names); returns the bytes freed. Blocking.
+
+    A cluster's run directory (in a Slurm target's run_root) is linked from ``runs/`` by the agent at submit.
+    The link is read, not resolved: what the agent wrote names the directory, never a link in it.
+    """
+    freed = 0
+    if layout.root.is_symlink():
+        real = Path(os.readlink(layout.root))
+        freed = remove_tree(real.parent, real.name)
+    return freed + remove_tree(layout.root.parent, layout.run_id)
+
+
+def remove_tree(parent: Path, name: str) -> int:
     """Delete ``parent/name`` and everything under it without following any link; returns the bytes freed.
 
-    ``parent`` is the agent's; what is under ``parent/name`` is deleted with ``creds``' rights (the run's
-    owner; None: the agent's own). Iterative, so a deep tree cannot exhaust the stack; a missing tree
-    frees nothing.
+    ``parent`` is the agent's; what is under ``parent/name`` is deleted with the rights of its owner.
+    Iterative, so a deep tree cannot exhaust the stack; a missing tree frees nothing.
     """
     parent_fd = os.open(parent, _DIR_FLAGS)
     try:
@@ -83,7 +97,7 @@ def remove_tree(parent: Path, name: str, creds: Credentials | None = None) -> in
             return top.st_blocks * 512
         top_fd = _open_dir(name, parent_fd, top)
         try:
-            with acting_as(creds):
+            with acting_as(Credentials.of(top.st_uid, top.st_gid)):
                 freed = _empty(top_fd)
         finally:
             os.close(top_fd)
@@ -170,16 +184,8 @@ class RunFiles:
                                                   *self.supervisor.queued[r].spec["afterok"]))
             if waiting:
                 raise Conflict(f"run {waiting[0]} waits for run {record.run_id}; it cannot be purged yet")
-        layout = RunDir.of(self.config.state_dir, record.run_id)
-        creds = Credentials.of(record.uid, record.gid, record.user)
         try:
-            freed = 0
-            if layout.root.is_symlink():
-                # A cluster's run directory (in a Slurm target's run_root), which the agent linked here at submit.
-                # The link is read, not resolved: what the agent wrote names the directory, never a link in it.
-                real = Path(os.readlink(layout.root))
-                freed = await trio.to_thread.run_sync(remove_tree, real.parent, real.name, creds)
-            freed += await trio.to_thread.run_sync(remove_tree, layout.root.parent, layout.run_id, creds)
+            freed = await trio.to_thread.run_sync(remove_run_dir, RunDir.of(self.config.state_dir, record.run_id))
         except FileNotFoundError:
             freed = 0   # a removal of the same run at the same time deleted it first: it is gone, as asked
         except OSError as exc:
