@@ -21,6 +21,7 @@ last run using it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
@@ -86,7 +87,10 @@ def remove_tree(parent: Path, name: str) -> int:
     ``parent`` is the agent's; what is under ``parent/name`` is deleted with the rights of its owner.
     Iterative, so a deep tree cannot exhaust the stack; a missing tree frees nothing.
     """
-    parent_fd = os.open(parent, _DIR_FLAGS)
+    try:
+        parent_fd = os.open(parent, _DIR_FLAGS)
+    except FileNotFoundError:
+        return 0
     try:
         try:
             top = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
@@ -125,16 +129,20 @@ def _empty(top_fd: int) -> int:
                         freed += os.fstat(fd).st_blocks * 512
                     finally:
                         os.close(fd)
-                    os.rmdir(dir_name, dir_fd=stack[-1][0])
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rmdir(dir_name, dir_fd=stack[-1][0])
                 continue
             entry = entries.pop()
-            info = os.stat(entry, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISDIR(info.st_mode):
-                stack.append((_open_dir(entry, fd, info), entry, None))
-            else:
-                os.unlink(entry, dir_fd=fd)
-                if info.st_nlink <= 1:
-                    freed += info.st_blocks * 512
+            try:
+                info = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(info.st_mode):
+                    stack.append((_open_dir(entry, fd, info), entry, None))
+                else:
+                    os.unlink(entry, dir_fd=fd)
+                    if info.st_nlink <= 1:
+                        freed += info.st_blocks * 512
+            except FileNotFoundError:
+                pass   # gone meanwhile (its owner deleting too), as wanted
     finally:
         for fd, _, _ in stack[1:]:
             os.close(fd)
