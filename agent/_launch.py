@@ -17,6 +17,7 @@ import trio
 from ._artifacts import artifact_path, owner_of
 from ._asuser import Credentials, acting_as, open_directory, open_file_as
 from ._environments import EnvironmentBuilder, PreparedEnvironment, PrepareFailed
+from ._warnings import KIND as WARNINGS
 from ._model import RunRecord
 from ._rundir import RunDir
 from ._scheduler import Allocation, Capacity
@@ -147,8 +148,14 @@ class LaunchPlanner:
             prepared = PreparedEnvironment(python=interpreter, variables=environment.get("environment_variables"))
             env = {}
         else:
-            prepared = await (environments or self.environments).prepare(
-                spec.get("environment"), spec["interpreter"] or "python3", run_dir.environment_log, creds)
+            warnings: dict[str, str] = {}
+            try:
+                prepared = await (environments or self.environments).prepare(
+                    spec.get("environment"), spec["interpreter"] or "python3", run_dir.environment_log, creds,
+                    warnings)
+            finally:
+                if warnings:   # a failed build's too: they say why it may have failed
+                    self.store.set_labels(record.run_id, WARNINGS, warnings)
             # Queued runs keep the client's environment on disk only (see Supervisor.submit).
             env = {k: v for k, v in self.store.environ(record.run_id).items() if k != "LABRUN_RUN_TOKEN"}
         env.update(prepared.variables or {})
