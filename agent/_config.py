@@ -74,6 +74,7 @@ max_bytes = "300M"           # bytes in one run's snapshot (Azure ML's limit); a
 
 [runs]
 retention_days = 14          # delete run directories 14 days after the run ended (default: keep)
+retention_interval = "1h"    # how often that is checked (also once at start); seconds or like "10m", "1h30m"
 purge = false                # true: forget the runs too (rows, metrics); false keeps them for ls/metrics
 ```
 
@@ -89,7 +90,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labrun.protocol import DEFAULT_MAX_FRAME, parse_memory
+from labrun.protocol import DEFAULT_MAX_FRAME, parse_duration, parse_memory
 from labrun.protocol._paths import SYSTEM_SOCKET, SYSTEM_STATE_DIR, user_socket, user_state_dir
 
 from ._docker_args import DockerPolicy
@@ -148,6 +149,7 @@ class RunsConfig:
     """``[runs]``: how long finished runs keep their directory."""
 
     retention_days: float | None = None   # None: run directories are kept until ``labrun rm``/``clean``
+    retention_interval: int = 3600        # seconds between retention sweeps (one also runs at start)
     purge: bool = False                   # also forget the run (row, metrics, tags), not only its files
 
 
@@ -325,12 +327,17 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
         config.mlflow = _mlflow_config(_expect(data["mlflow"], dict, "[mlflow]"))
 
     runs = _expect(data.get("runs", {}), dict, "[runs]")
-    _check_keys(runs, {"retention_days", "purge"}, "[runs]")
+    _check_keys(runs, {"retention_days", "retention_interval", "purge"}, "[runs]")
     if "retention_days" in runs:
         days = float(_expect(runs["retention_days"], (int, float), "runs.retention_days"))
         if days <= 0:
             raise ConfigError(f"runs.retention_days: must be more than 0 (leave it out to keep runs), got {days}")
         config.runs.retention_days = days
+    if "retention_interval" in runs:
+        try:
+            config.runs.retention_interval = parse_duration(runs["retention_interval"])
+        except ValueError as exc:
+            raise ConfigError(f"runs.retention_interval: {exc}") from None
     if "purge" in runs:
         config.runs.purge = _expect(runs["purge"], bool, "runs.purge")
 

@@ -600,7 +600,7 @@ class Service:
         runs, snapshots = await self.run_files.disk_used()
         return {"runs_bytes": runs, "snapshot_store_bytes": snapshots, "free_bytes": fs.f_bavail * fs.f_frsize,
                 "total_bytes": fs.f_blocks * fs.f_frsize, "retention_days": self.config.runs.retention_days,
-                "purge": self.config.runs.purge}
+                "retention_interval_seconds": self.config.runs.retention_interval, "purge": self.config.runs.purge}
 
     async def ui(self, session: Session, args: dict) -> dict:
         """``labrun ui``: the MLflow UI's address, starting the embedded server on a per-user agent."""

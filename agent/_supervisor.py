@@ -41,7 +41,6 @@ import hashlib
 import math
 import os
 import secrets
-import shutil
 import time
 import uuid
 from collections import defaultdict
@@ -67,6 +66,7 @@ from ._interactive import InteractiveRuns, is_interactive
 from ._launch import LaunchPlanner
 from ._model import RunRecord
 from ._notify import Notifier
+from ._retention import remove_run_dir
 from ._rundir import RunDir, runs_root
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
 from ._snapshot import ContentStore
@@ -364,11 +364,10 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 for member_id in created:
                     self.snapshots.release_snapshot(member_id)
-                    root = self._run_dir(member_id).root
-                    if root.is_symlink():   # a cluster's run directory, elsewhere: the link's target, not resolved
-                        await trio.to_thread.run_sync(shutil.rmtree, os.readlink(root), True)
-                        root.unlink()
-                    await trio.to_thread.run_sync(shutil.rmtree, root, True)
+                    try:
+                        await trio.to_thread.run_sync(remove_run_dir, self._run_dir(member_id))
+                    except OSError as exc:
+                        log.warning("run.dir.remove_failed", run_id=member_id, error=str(exc))
             raise
         finally:
             for mark in marks:

@@ -127,7 +127,8 @@ class HandleError(Exception):
 
 @dataclass(frozen=True)
 class Handle:
-    """An executor's persisted handle. Subclasses are frozen dataclasses with ``kind`` and ``VERSION``.
+    """An executor's persisted handle. Subclasses are frozen dataclasses with ``kind`` and ``VERSION`` (1 unless
+    they set it).
 
     Bump ``VERSION`` when the fields change, and teach ``upgrade`` to read the older shapes.
     """

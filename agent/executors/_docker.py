@@ -62,7 +62,6 @@ def image_for(spec: dict, target) -> str | None:
 @dataclass(frozen=True)
 class DockerHandle(Handle):
     kind = "docker"
-    VERSION = 1
 
     container: str
 
@@ -268,12 +267,19 @@ class DockerExecutor(Executor):
         return _exit_result(*await self.bridge.call(wait_and_remove))
 
     async def stop(self, handle: DockerHandle, grace: float) -> None:
+        await self._stop(handle.container, grace, delete=False)
+
+    async def _stop(self, container_id: str, grace: float, *, delete: bool) -> None:
+        """``docker stop`` (SIGTERM, ``grace``, SIGKILL), then with ``delete`` ``docker rm``; gone is no error."""
         import aiodocker
 
         async def stop():
             docker = await self._client()
+            container = docker.containers.container(container_id)
             try:
-                await docker.containers.container(handle.container).stop(t=max(1, int(round(grace))))
+                await container.stop(t=max(1, int(round(grace))))
+                if delete:
+                    await container.delete(force=True)
             except aiodocker.DockerError as exc:
                 if exc.status not in (304, 404):   # already stopped, or gone
                     raise
@@ -309,20 +315,8 @@ class DockerExecutor(Executor):
             await self.remove_orphans(self.grace, keep={h.container for h in owned})
 
     async def _remove(self, container_id: str, grace: float) -> None:
-        import aiodocker
-
-        async def remove():
-            docker = await self._client()
-            container = docker.containers.container(container_id)
-            try:
-                await container.stop(t=max(1, int(round(grace))))
-                await container.delete(force=True)
-            except aiodocker.DockerError as exc:
-                if exc.status != 404:
-                    raise
-
         try:
-            await self.bridge.call(remove)
+            await self._stop(container_id, grace, delete=True)
         except Exception as exc:
             log.warning("docker.remove.failed", container=container_id, error=str(exc))
 

@@ -389,7 +389,8 @@ def cmd_status(args) -> int:
     print(f"runs      {counts}")
     disk = status.get("disk")
     if disk:
-        kept = (f"run directories kept {disk['retention_days']:g} days" if disk["retention_days"]
+        kept = (f"run directories kept {disk['retention_days']:g} days (checked every "
+                f"{_format.interval(disk.get('retention_interval_seconds', 3600))})" if disk["retention_days"]
                 else "run directories kept until labrun rm/clean")
         print(f"disk      runs use {_format.format_memory(disk['runs_bytes'])}, snapshot store "
               f"{_format.format_memory(disk['snapshot_store_bytes'])}, "
@@ -650,8 +651,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ui)
 
+    # Everything after "agent" is labrund's (--socket, --config, --help...): "+" marks no option of this parser.
     p = commands.add_parser("agent", help="run the agent in the foreground (same options as labrund); "
-                                          "'agent drain [--no-wait]' and 'agent resume' for maintenance")
+                                          "'agent drain [--no-wait]' and 'agent resume' for maintenance",
+                            prefix_chars="+", add_help=False)
     p.add_argument("agent_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_agent)
 
