@@ -59,6 +59,8 @@ tracking_uri = "http://127.0.0.1:5000"   # mirror runs into this MLflow server
 run_env = true               # runs get MLFLOW_TRACKING_URI, MLFLOW_RUN_ID, MLFLOW_EXPERIMENT_ID
 artifacts = true             # outputs/ and uploaded files go to MLflow when a run ends
 max_artifact_mb = 1024       # per run
+pool_size = 2                # MLflow runs made ready per busy experiment, so runs start without waiting for MLflow
+pool_max_age_seconds = 10    # one older than this is not used (MLflow would show the run started then)
 
 [docker]
 allow_pull = false           # no registry is assumed reachable
@@ -73,6 +75,7 @@ max_bytes = "300M"           # bytes in one run's snapshot (Azure ML's limit); a
 
 [runs]
 retention_days = 14          # delete run directories 14 days after the run ended (default: keep)
+retention_interval = "1h"    # how often that is checked (also once at start); seconds or like "10m", "1h30m"
 purge = false                # true: forget the runs too (rows, metrics); false keeps them for ls/metrics
 ```
 
@@ -88,7 +91,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labrun.protocol import DEFAULT_MAX_FRAME, parse_memory
+from labrun.protocol import DEFAULT_MAX_FRAME, parse_duration, parse_memory
 from labrun.protocol._paths import SYSTEM_SOCKET, SYSTEM_STATE_DIR, user_socket, user_state_dir
 
 from ._docker_args import DockerPolicy
@@ -147,6 +150,7 @@ class RunsConfig:
     """``[runs]``: how long finished runs keep their directory."""
 
     retention_days: float | None = None   # None: run directories are kept until ``labrun rm``/``clean``
+    retention_interval: int = 3600        # seconds between retention sweeps (one also runs at start)
     purge: bool = False                   # also forget the run (row, metrics, tags), not only its files
 
 
@@ -329,12 +333,17 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
         config.mlflow = _mlflow_config(_expect(data["mlflow"], dict, "[mlflow]"))
 
     runs = _expect(data.get("runs", {}), dict, "[runs]")
-    _check_keys(runs, {"retention_days", "purge"}, "[runs]")
+    _check_keys(runs, {"retention_days", "retention_interval", "purge"}, "[runs]")
     if "retention_days" in runs:
         days = float(_expect(runs["retention_days"], (int, float), "runs.retention_days"))
         if days <= 0:
             raise ConfigError(f"runs.retention_days: must be more than 0 (leave it out to keep runs), got {days}")
         config.runs.retention_days = days
+    if "retention_interval" in runs:
+        try:
+            config.runs.retention_interval = parse_duration(runs["retention_interval"])
+        except ValueError as exc:
+            raise ConfigError(f"runs.retention_interval: {exc}") from None
     if "purge" in runs:
         config.runs.purge = _expect(runs["purge"], bool, "runs.purge")
 
@@ -388,10 +397,11 @@ def _load_snapshot(config: AgentConfig, table: dict) -> None:
 
 
 def _mlflow_config(table: dict) -> MlflowConfig:
-    numbers = {"prepare_timeout_seconds", "timeout_seconds", "retry_initial_seconds", "retry_max_seconds"}
+    numbers = {"prepare_timeout_seconds", "timeout_seconds", "retry_initial_seconds", "retry_max_seconds",
+               "pool_max_age_seconds"}
     flags = {"embedded", "run_env", "artifacts"}
-    _check_keys(table, {"tracking_uri", "port", "user", "username", "password_file", "max_artifact_mb", *numbers,
-                        *flags}, "[mlflow]")
+    _check_keys(table, {"tracking_uri", "port", "user", "username", "password_file", "max_artifact_mb", "pool_size",
+                        *numbers, *flags}, "[mlflow]")
     config = MlflowConfig()
     for key in flags & set(table):
         setattr(config, key, _expect(table[key], bool, f"mlflow.{key}"))
@@ -427,6 +437,10 @@ def _mlflow_config(table: dict) -> MlflowConfig:
         if megabytes < 0:
             raise ConfigError("mlflow.max_artifact_mb: must be at least 0")
         config.max_artifact_bytes = megabytes << 20
+    if "pool_size" in table:
+        config.pool_size = _expect(table["pool_size"], int, "mlflow.pool_size")
+        if not 0 <= config.pool_size <= 100:
+            raise ConfigError("mlflow.pool_size: must be between 0 and 100")
     for key in numbers & set(table):
         value = _expect(table[key], (int, float), f"mlflow.{key}")
         if value <= 0:

@@ -191,7 +191,7 @@ async def _serve(config: AgentConfig, store: Store, faults: Faults, executors: d
                     return min((c for c in cursors if c is not None), default=None)
 
                 await nursery.start(events.retain, config.retention_days, delivered)
-                await nursery.start(run_files.retain, config.runs.retention_days, config.runs.purge)
+                await nursery.start(run_files.retain)
                 if activated is not None:
                     listener = listener_from_socket(activated)
                 else:

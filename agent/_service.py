@@ -286,14 +286,26 @@ class Service:
         return records[:limit]
 
     async def cancel(self, session: Session, args: dict) -> dict:
-        """Cancel a run and, as in Azure ML, every run below it that has not ended."""
-        record = self._owned(session, args["run_id"], "cancel it")
+        """Cancel a run and, as in Azure ML, every run below it that has not ended; or an array's runs
+        (``{"array_id", "runs"}``: those it canceled, together, as ``scancel`` of a job array does)."""
+        run_id = args["run_id"]
+        members = self.store.array_members(run_id) if self.store.get_run(run_id) is None else []
+        if members:
+            records = [self._owned(session, member, "cancel it") for member in members]
+            canceled = self.supervisor.cancel_array(records)
+            for record in canceled:
+                self._cancel_children(record)
+            return {"array_id": run_id, "runs": [self._show(session, record) for record in canceled]}
+        record = self._owned(session, run_id, "cancel it")
         canceled = self.supervisor.cancel(record)
+        self._cancel_children(record)
+        return self._show(session, canceled)
+
+    def _cancel_children(self, record) -> None:
         for child_id in self.store.children_of(record.run_id, recursive=True):
             child = self.supervisor.live_record(child_id) or self.store.get_run(child_id)
             if child is not None and child.status not in TERMINAL:
                 self.supervisor.cancel(child)
-        return self._show(session, canceled)
 
     # -- interactive runs and experiments ------------------------------------------------
 
@@ -597,7 +609,7 @@ class Service:
         runs, snapshots = await self.run_files.disk_used()
         return {"runs_bytes": runs, "snapshot_store_bytes": snapshots, "free_bytes": fs.f_bavail * fs.f_frsize,
                 "total_bytes": fs.f_blocks * fs.f_frsize, "retention_days": self.config.runs.retention_days,
-                "purge": self.config.runs.purge}
+                "retention_interval_seconds": self.config.runs.retention_interval, "purge": self.config.runs.purge}
 
     async def ui(self, session: Session, args: dict) -> dict:
         """``labrun ui``: the MLflow UI's address, starting the embedded server on a per-user agent."""

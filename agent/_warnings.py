@@ -17,6 +17,8 @@ PYTHON_NOT_PINNED = "environment.python_version"
 SNAPSHOT_NEAR_LIMITS = "snapshot.near_limits"
 # Processes of the run were still running when its program ended, and were ended.
 BACKGROUND_PROCESSES = "run.background_processes"
+# The run got no MLFLOW_* variables: MLflow did not answer in time, or its container cannot reach the server.
+MLFLOW_NO_RUN_ENV = "mlflow.run_env"
 
 
 def shown(spec: dict, labels: dict) -> list[dict]:
