@@ -1,13 +1,14 @@
 """The local executor: a run is its processes on this machine, owned by a per-run shim (``_shim``).
 
-- The agent makes the run's cgroups (``_cgroups``, where the machine allows) and starts the
-  shim in a session of its own, pinned to the run's cores (set on the agent's own thread
-  around the spawn, so the shim and the run inherit them and are never briefly unpinned). The
-  shim joins the cgroups, drops to the run's user, starts the ranks, reports their pids, and
-  from then on owns the run: its logs, its ranks, the memory watchdog, killing all of it, and
-  its exit status, written atomically to ``RunDir.exit_status``.
-- ``wait`` holds a pidfd on the shim (a child of this agent, or of an earlier one: pidfds work
-  for any process) and reads the exit record once the shim is gone. ``stop`` is SIGTERM to the
+- The agent makes the run's cgroups (``_cgroups``, where the machine allows) and has its
+  forkserver (``_Forkserver``: ``_shim.py --forkserver``, started on first use and again
+  should it die) fork the shim, in a session of its own. The shim pins itself to the run's
+  cores (the run inherits them), joins the cgroups, drops to the run's user, starts the ranks,
+  reports their pids, and from then on owns the run: its logs, its ranks, the memory
+  watchdog, killing all of it, and its exit status, written atomically to
+  ``RunDir.exit_status``.
+- ``wait`` holds a pidfd on the shim (a child of the forkserver, of this agent or an earlier
+  one: pidfds work for any process) and reads the exit record once the shim is gone. ``stop`` is SIGTERM to the
   shim, which stops the run (SIGTERM, grace, SIGKILL to every process of it).
 - Stopping or killing the agent touches neither the shim nor the run; ``recover`` finds the
   shim again by pid and start time (``Live``), or reads the exit record it left (``Ended``);
@@ -20,11 +21,13 @@ Handle: ``LocalHandle``.
 
 from __future__ import annotations
 
+import array
 import errno
 import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -38,7 +41,7 @@ from .._cgroups import RunCgroups
 from ._base import (
     Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Recovery, StartFailed, refuse,
 )
-from ._shim import cgroup_processes, process_start_time, related_processes, signal_all
+from ._shim import REQUEST_HEADER, cgroup_processes, process_start_time, related_processes, signal_all
 
 log = structlog.get_logger("labrun.local")
 
@@ -102,14 +105,78 @@ def read_exit_record(path: str | None) -> ExitResult | None:
                       memory_exceeded=record.get("memory_exceeded") is True)
 
 
-async def _exited(process: subprocess.Popen) -> int:
-    if process.returncode is None:
-        pidfd = os.pidfd_open(process.pid)
+class _Forkserver:
+    """The process that forks the runs' shims (see ``_shim``), started on first use and again if it dies.
+
+    It exits when this end of its socket closes: when the agent exits or is killed, or at ``close``.
+    """
+
+    def __init__(self):
+        self._process: subprocess.Popen | None = None
+        self._socket: trio.socket.SocketType | None = None
+        self._sending = trio.Lock()
+
+    def _spawn(self) -> None:
+        self.close()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await trio.lowlevel.wait_readable(pidfd)
+            self._process = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(SHIM), "--forkserver", str(theirs.fileno())], cwd="/", env={},
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True, close_fds=True, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            ours.close()
+            raise
         finally:
-            os.close(pidfd)
-    return process.wait()
+            theirs.close()
+        self._socket = trio.socket.from_stdlib_socket(ours)
+
+    async def fork(self, plan: bytes, status_fd: int) -> None:
+        """Have a shim forked for ``plan``; it reports on ``status_fd`` (which stays ours to close)."""
+        request = REQUEST_HEADER.pack(len(plan)) + plan
+        async with self._sending:
+            for attempt in (1, 2):
+                if self._process is None or self._process.poll() is not None:
+                    self._spawn()
+                try:
+                    sent = await self._socket.sendmsg(
+                        [request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [status_fd]))])
+                    view = memoryview(request)[sent:]
+                    while view:
+                        view = view[await self._socket.send(view):]
+                    return
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close()   # it died since: start another and send again
+                    if attempt == 2:
+                        raise
+                except BaseException:
+                    self.close()   # cancelled part-way, say: what it has read is no longer a request
+                    raise
+
+    def close(self) -> None:
+        """Close our end and end it (it exits on its own when our end closes; a stuck one is killed)."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        if self._process is not None:
+            self._process.kill()   # the forkserver alone: the shims it forked are in sessions of their own
+            self._process.wait()
+            self._process = None
+
+
+def _kill_process(pid: int, start_time: int | None) -> None:
+    """SIGKILL ``pid`` if it is still the process that started at ``start_time``."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        if start_time is not None and process_start_time(pid) == start_time:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 def _shim_alive(handle: LocalHandle) -> bool:
@@ -124,7 +191,7 @@ class LocalExecutor(Executor):
     def __init__(self, cgroups: RunCgroups | None = None, grace: float = 10.0):
         self.cgroups = cgroups
         self.grace = grace
-        self._shims: dict[int, subprocess.Popen] = {}   # shims this agent started, to reap
+        self._forkserver = _Forkserver()
 
     @property
     def containment(self) -> str:
@@ -149,30 +216,12 @@ class LocalExecutor(Executor):
                        "daemon": rank.daemon} for rank in launch.ranks],
             "cwd": str(launch.cwd), "cgroups": groups, "grace": self.grace, "exit_path": exit_path,
             "uid": launch.uid if owned else None, "gid": launch.gid, "groups": launch.groups,
+            "cores": list(launch.cores),
             # Without a memory cgroup, the shim's watchdog enforces the request.
             "watchdog_memory": launch.memory if launch.memory is not None and (
                 self.cgroups is None or self.cgroups.memory is None) else None,
         }
         return json.dumps(plan).encode()
-
-    def _spawn_shim(self, launch: LaunchSpec, plan: bytes, status_fd: int) -> subprocess.Popen:
-        # The shim opens the run's files itself, once it is the run's user: the agent opens none of them.
-        previous = os.sched_getaffinity(0)
-        try:
-            if launch.cores:
-                os.sched_setaffinity(0, launch.cores)
-            shim = subprocess.Popen([sys.executable, "-I", "-S", str(SHIM), str(status_fd)], cwd="/", env={},
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True, close_fds=True, pass_fds=(status_fd,))
-        finally:
-            if launch.cores:
-                os.sched_setaffinity(0, previous)
-        try:
-            shim.stdin.write(plan)
-            shim.stdin.close()
-        except BrokenPipeError:
-            pass   # it died at once: the status pipe says so
-        return shim
 
     async def start(self, launch: LaunchSpec) -> LocalHandle:
         try:
@@ -182,29 +231,35 @@ class LocalExecutor(Executor):
         exit_path = launch.run_dir.exit_status
         exit_path.unlink(missing_ok=True)
         read_end, write_end = os.pipe()
+        report = b""
         try:
-            try:
-                shim = self._spawn_shim(launch, self._plan(launch, groups, str(exit_path)), write_end)
-            finally:
-                os.close(write_end)
-            report = b""
             # Shielded (and bounded): a cancel landing now must not leave a started run without a handle.
             with trio.CancelScope(shield=True), trio.move_on_after(SHIM_REPORT_SECONDS):
+                try:
+                    # The shim opens the run's files itself, once it is the run's user: the agent opens none.
+                    await self._forkserver.fork(self._plan(launch, groups, str(exit_path)), write_end)
+                finally:
+                    os.close(write_end)
                 async with trio.lowlevel.FdStream(read_end) as stream:
                     read_end = None
                     while chunk := await stream.receive_some(4096):
                         report += chunk
+        except OSError as exc:
+            report = json.dumps({"error": f"its shim did not start: {exc}"}).encode()
         finally:
             if read_end is not None:
                 os.close(read_end)
+        answer = {}
         try:
-            answer = json.loads(report)
-        except ValueError:
-            answer = {"error": "its shim did not start (see the run's log)"}
+            for line in report.splitlines():   # the forkserver's line and the shim's, in either order
+                answer.update(json.loads(line))
+        except (ValueError, TypeError):
+            answer = {}
         if "pids" not in answer:
+            answer.setdefault("error", "its shim did not start (see the run's log)")
             with trio.CancelScope(shield=True):
-                shim.kill()
-                await _exited(shim)
+                if isinstance(answer.get("shim"), int):   # it is stuck, or has failed and gone
+                    _kill_process(answer["shim"], answer.get("start_time"))
                 await self._kill_groups(groups)
                 if self.cgroups is not None:
                     self.cgroups.remove(groups)
@@ -212,9 +267,8 @@ class LocalExecutor(Executor):
             if not message.startswith("cannot start"):
                 message = f"cannot start {launch.argv[0]!r}: {message}"
             raise StartFailed(message, "command_not_found" if answer.get("errno") == errno.ENOENT else "start_failed")
-        self._shims[shim.pid] = shim
         return LocalHandle(pids=tuple(answer["pids"]), daemons=tuple(r.daemon for r in launch.ranks),
-                           start_time=process_start_time(shim.pid), memory=launch.memory, shim=shim.pid,
+                           start_time=answer["start_time"], memory=launch.memory, shim=answer["shim"],
                            cgroups=tuple(groups), exit_path=str(exit_path))
 
     # -- wait, stop, recover ----------------------------------------------------------------
@@ -236,9 +290,6 @@ class LocalExecutor(Executor):
         if handle.shim is None:
             raise RuntimeError("a run started before runs had shims cannot be awaited")
         await self._shim_exited(handle)
-        own = self._shims.pop(handle.shim, None)
-        if own is not None:
-            own.wait()   # reap it (it has exited: no blocking)
         result = self._exit_record(handle)
         with trio.CancelScope(shield=True):
             await self._release(handle)
@@ -284,6 +335,7 @@ class LocalExecutor(Executor):
         return result
 
     async def aclose(self) -> None:
+        self._forkserver.close()
         if self.cgroups is not None:
             self.cgroups.remove_roots()
 
