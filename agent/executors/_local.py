@@ -2,14 +2,17 @@
 
 - The agent makes the run's cgroups (``_cgroups``, where the machine allows) and has its
   forkserver (``_Forkserver``: ``_shim.py --forkserver``, started on first use and again
-  should it die) fork the shim, in a session of its own. The shim pins itself to the run's
-  cores (the run inherits them), joins the cgroups, drops to the run's user, starts the ranks,
-  reports their pids, and from then on owns the run: its logs, its ranks, the memory
+  should it die) fork the shim into them, in a session of its own. With cgroups, the next
+  run's shim is forked ahead into a spare group, which is renamed to the run's when the run
+  comes: joining a cgroup waits for an RCU grace period of the kernel (about 10 ms), and a run
+  then does not wait for it. Given its plan, the shim pins itself to the run's cores (the run
+  inherits them), joins the cgroups it is not in yet, drops to the run's user, starts the
+  ranks, reports their pids, and from then on owns the run: its logs, its ranks, the memory
   watchdog, killing all of it, and its exit status, written atomically to
   ``RunDir.exit_status``.
 - ``wait`` holds a pidfd on the shim (a child of the forkserver, of this agent or an earlier
-  one: pidfds work for any process) and reads the exit record once the shim is gone. ``stop`` is SIGTERM to the
-  shim, which stops the run (SIGTERM, grace, SIGKILL to every process of it).
+  one: pidfds work for any process) and reads the exit record once the shim is gone. ``stop``
+  is SIGTERM to the shim, which stops the run (SIGTERM, grace, SIGKILL to every process of it).
 - Stopping or killing the agent touches neither the shim nor the run; ``recover`` finds the
   shim again by pid and start time (``Live``), or reads the exit record it left (``Ended``);
   only when neither is there is the run ``Lost``, and what is left of it is killed.
@@ -48,6 +51,8 @@ log = structlog.get_logger("labrun.local")
 SHIM = Path(__file__).with_name("_shim.py")
 # The shim reports its ranks' pids at once; longer means it is stuck, and the start fails.
 SHIM_REPORT_SECONDS = 30.0
+# Shims waiting for the next runs, with cgroups (see LocalExecutor): two runs can start back to back.
+SPARE_SHIMS = 2
 # An exit record is a few hundred bytes; anything larger is not one.
 EXIT_RECORD_MAX = 64 * 1024
 
@@ -131,16 +136,30 @@ class _Forkserver:
             theirs.close()
         self._socket = trio.socket.from_stdlib_socket(ours)
 
-    async def fork(self, plan: bytes, status_fd: int) -> None:
-        """Have a shim forked for ``plan``; it reports on ``status_fd`` (which stays ours to close)."""
-        request = REQUEST_HEADER.pack(len(plan)) + plan
+    async def fork(self, groups: list[str]) -> "_Waiting":
+        """A shim forked into ``groups``, waiting for its plan."""
+        status_read, status_write = os.pipe()
+        plan_read, plan_write = os.pipe()
+        try:
+            await self._send(json.dumps({"cgroups": groups}).encode(), [status_write, plan_read])
+        except BaseException:
+            os.close(status_read)
+            os.close(plan_write)
+            raise
+        finally:
+            os.close(status_write)
+            os.close(plan_read)
+        return _Waiting(groups, plan_write, status_read)
+
+    async def _send(self, body: bytes, fds: list[int]) -> None:
+        request = REQUEST_HEADER.pack(len(body)) + body
         async with self._sending:
             for attempt in (1, 2):
                 if self._process is None or self._process.poll() is not None:
                     self._spawn()
                 try:
                     sent = await self._socket.sendmsg(
-                        [request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [status_fd]))])
+                        [request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
                     view = memoryview(request)[sent:]
                     while view:
                         view = view[await self._socket.send(view):]
@@ -162,6 +181,22 @@ class _Forkserver:
             self._process.kill()   # the forkserver alone: the shims it forked are in sessions of their own
             self._process.wait()
             self._process = None
+
+
+@dataclass
+class _Waiting:
+    """A forked shim that has joined ``groups`` and waits for its plan: ``plan`` and ``status`` are our ends
+    of its pipes (ours to close: a closed plan pipe without a plan ends it)."""
+
+    groups: list[str]
+    plan: int | None
+    status: int | None
+
+    def close(self) -> None:
+        for fd in (self.plan, self.status):
+            if fd is not None:
+                os.close(fd)
+        self.plan = self.status = None
 
 
 def _kill_process(pid: int, start_time: int | None) -> None:
@@ -192,6 +227,11 @@ class LocalExecutor(Executor):
         self.cgroups = cgroups
         self.grace = grace
         self._forkserver = _Forkserver()
+        # With cgroups, shims already in groups of their own wait for the next runs: joining a cgroup
+        # waits for the kernel (an RCU grace period, ~10 ms), so it is done before the run is there.
+        self._spares: list[_Waiting] = []
+        self._spare_names = 0
+        self._refilling = False
 
     @property
     def containment(self) -> str:
@@ -209,12 +249,12 @@ class LocalExecutor(Executor):
 
     # -- start ------------------------------------------------------------------------------
 
-    def _plan(self, launch: LaunchSpec, groups: list[str], exit_path: str) -> bytes:
+    def _plan(self, launch: LaunchSpec, groups: list[str], join: list[str], exit_path: str) -> bytes:
         owned = os.geteuid() == 0 and launch.uid != 0
         plan = {
             "ranks": [{"argv": launch.argv, "env": {**launch.env, **rank.env}, "log": str(rank.log_path),
                        "daemon": rank.daemon} for rank in launch.ranks],
-            "cwd": str(launch.cwd), "cgroups": groups, "grace": self.grace, "exit_path": exit_path,
+            "cwd": str(launch.cwd), "cgroups": groups, "join": join, "grace": self.grace, "exit_path": exit_path,
             "uid": launch.uid if owned else None, "gid": launch.gid, "groups": launch.groups,
             "cores": list(launch.cores),
             # Without a memory cgroup, the shim's watchdog enforces the request.
@@ -223,32 +263,73 @@ class LocalExecutor(Executor):
         }
         return json.dumps(plan).encode()
 
-    async def start(self, launch: LaunchSpec) -> LocalHandle:
+    async def _claim_spare(self, launch: LaunchSpec) -> tuple[_Waiting | None, list[str]]:
+        """A spare shim and the run's groups (its group renamed to the run's), or (None, [])."""
+        if not self._spares:
+            return None, []
+        spare = self._spares.pop(0)
         try:
-            groups = self.cgroups.create(launch.run_id, launch.memory) if self.cgroups is not None else []
+            return spare, self.cgroups.claim(spare.groups[0], launch.run_id, launch.memory)
         except OSError as exc:
-            raise StartFailed(f"cannot make the run's cgroup: {exc}") from None
+            log.warning("shim.spare.unusable", error=str(exc))
+            await self._discard(spare)
+            return None, []
+
+    async def _refill(self) -> None:
+        """Fork shims into spare groups until ``SPARE_SHIMS`` wait (one refill at a time)."""
+        if self.cgroups is None or self._refilling:
+            return
+        self._refilling = True
+        try:
+            while len(self._spares) < SPARE_SHIMS:
+                self._spare_names += 1
+                group = self.cgroups.create_spare(f"spare-{os.getpid()}-{self._spare_names}")
+                try:
+                    self._spares.append(await self._forkserver.fork([group]))
+                except BaseException:
+                    self.cgroups.remove([group])
+                    raise
+        except OSError as exc:
+            log.warning("shim.spare.failed", error=str(exc))
+        finally:
+            self._refilling = False
+
+    async def _discard(self, spare: _Waiting) -> None:
+        spare.close()   # it ends at once; killed should it not
+        await self._kill_groups(spare.groups)
+        self.cgroups.remove(spare.groups)
+
+    async def start(self, launch: LaunchSpec) -> LocalHandle:
         exit_path = launch.run_dir.exit_status
         exit_path.unlink(missing_ok=True)
-        read_end, write_end = os.pipe()
+        shim, groups = await self._claim_spare(launch)
+        if shim is None:
+            try:
+                groups = self.cgroups.create(launch.run_id, launch.memory) if self.cgroups is not None else []
+            except OSError as exc:
+                raise StartFailed(f"cannot make the run's cgroup: {exc}") from None
         report = b""
         try:
             # Shielded (and bounded): a cancel landing now must not leave a started run without a handle.
             with trio.CancelScope(shield=True), trio.move_on_after(SHIM_REPORT_SECONDS):
-                try:
-                    # The shim opens the run's files itself, once it is the run's user: the agent opens none.
-                    await self._forkserver.fork(self._plan(launch, groups, str(exit_path)), write_end)
-                finally:
-                    os.close(write_end)
-                async with trio.lowlevel.FdStream(read_end) as stream:
-                    read_end = None
+                # The shim opens the run's files itself, once it is the run's user: the agent opens none.
+                if shim is not None and not await self._hand_plan(shim, self._plan(
+                        launch, groups, groups[1:], str(exit_path))):
+                    shim.close()   # the spare died meanwhile: fork one now
+                    shim = None
+                if shim is None:
+                    shim = await self._forkserver.fork(groups)
+                    if not await self._hand_plan(shim, self._plan(launch, groups, [], str(exit_path))):
+                        raise OSError(errno.EPIPE, "it ended before it had its plan")
+                async with trio.lowlevel.FdStream(shim.status) as stream:
+                    shim.status = None
                     while chunk := await stream.receive_some(4096):
                         report += chunk
         except OSError as exc:
             report = json.dumps({"error": f"its shim did not start: {exc}"}).encode()
         finally:
-            if read_end is not None:
-                os.close(read_end)
+            if shim is not None:
+                shim.close()
         answer = {}
         try:
             for line in report.splitlines():   # the forkserver's line and the shim's, in either order
@@ -267,9 +348,22 @@ class LocalExecutor(Executor):
             if not message.startswith("cannot start"):
                 message = f"cannot start {launch.argv[0]!r}: {message}"
             raise StartFailed(message, "command_not_found" if answer.get("errno") == errno.ENOENT else "start_failed")
+        with trio.CancelScope(shield=True):
+            await self._refill()
         return LocalHandle(pids=tuple(answer["pids"]), daemons=tuple(r.daemon for r in launch.ranks),
                            start_time=answer["start_time"], memory=launch.memory, shim=answer["shim"],
                            cgroups=tuple(groups), exit_path=str(exit_path))
+
+    @staticmethod
+    async def _hand_plan(shim: _Waiting, plan: bytes) -> bool:
+        """Write the plan and close the pipe; False if the shim is gone."""
+        async with trio.lowlevel.FdStream(shim.plan) as stream:
+            shim.plan = None
+            try:
+                await stream.send_all(plan)
+            except trio.BrokenResourceError:
+                return False
+        return True
 
     # -- wait, stop, recover ----------------------------------------------------------------
 
@@ -335,6 +429,8 @@ class LocalExecutor(Executor):
         return result
 
     async def aclose(self) -> None:
+        while self._spares:
+            await self._discard(self._spares.pop())
         self._forkserver.close()
         if self.cgroups is not None:
             self.cgroups.remove_roots()

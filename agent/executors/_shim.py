@@ -1,17 +1,18 @@
 """The per-run shim: a small process that owns one local run, so the run outlives the agent.
 
 The agent starts shims through a *forkserver*: this module run once, as root, as
-``python -I -S _shim.py --forkserver SOCKET_FD`` (``serve``). For each run the agent sends it
-the run's plan as JSON, with the write end of a status pipe attached (SCM_RIGHTS), and the
-forkserver forks the run's shim: a process in a session of its own with this module already
-imported, so a run pays for a fork, not for an interpreter's start-up. The forkserver has the
-kernel reap its children (the agent waits on a shim through a pidfd, as on any process), and
-exits when the agent's end of its socket closes; the shims it forked outlive it and the agent.
-``python -I -S _shim.py STATUS_FD``, with the plan on stdin, runs one shim directly.
+``python -I -S _shim.py --forkserver SOCKET_FD`` (``serve``). The forkserver forks a shim for
+each request, with a status pipe and a plan pipe attached (SCM_RIGHTS): a process in a session
+of its own with this module already imported, so a run pays for a fork, not for an
+interpreter's start-up. The shim joins the cgroups the request names, then waits for the run's
+plan (JSON) on the plan pipe. The forkserver has the kernel reap its children (the agent waits
+on a shim through a pidfd, as on any process), and exits when the agent's end of its socket
+closes; the shims it forked outlive it and the agent. ``python -I -S _shim.py STATUS_FD``,
+with the plan on stdin, runs one shim directly.
 
-The shim sets the run's CPU affinity (the run inherits it), then, in this order:
+Once it has its plan, the shim sets the run's CPU affinity (the run inherits it), then, in this order:
 
-1. joins the run's cgroups (so every process it starts is in them, whatever it forks), becomes
+1. joins the run's cgroups it is not in yet (so every process it starts is in them, whatever it forks), becomes
    a child subreaper (so a process of the run that double-forks is reparented to the shim, not
    to init), and drops to the run's user, groups and gid: everything below happens with the
    user's rights;
@@ -180,6 +181,12 @@ def write_exit(path: str, record: dict) -> None:
 
 
 # -- the shim ------------------------------------------------------------------------------------
+def join_groups(groups: list[str]) -> None:
+    for group in groups:
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+
 
 class Shim:
     def __init__(self, plan: dict):
@@ -199,10 +206,6 @@ class Shim:
             return [pid for pid in cgroup_processes(self.groups[0]) if pid != os.getpid()]
         return related_processes(set(self.pids), {os.getpid()})
 
-    def join_groups(self) -> None:
-        for group in self.groups:
-            with open(os.path.join(group, "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
 
     def start(self) -> None:
         """Start every rank, or none (a rank that cannot start ends those started before it)."""
@@ -346,8 +349,10 @@ def _drop_privileges(plan: dict) -> None:
     os.setuid(uid)
 
 
-def run(plan: dict, status: int) -> int:
-    """One shim, from its plan to its exit record (see the module doc); returns the shim's exit code."""
+def run(plan: dict, status: int, join: list[str]) -> int:
+    """One shim, from its plan to its exit record (see the module doc); returns the shim's exit code.
+
+    ``join``: the cgroups it joins now (those it is not in already)."""
     os.set_inheritable(status, False)   # the run's processes get nothing of the shim's but their logs
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -362,7 +367,7 @@ def run(plan: dict, status: int) -> int:
     try:
         if plan.get("cores"):
             os.sched_setaffinity(0, plan["cores"])
-        shim.join_groups()
+        join_groups(join)
         _drop_privileges(plan)
         # Anything the shim itself has to say (a crash) goes to the run's log, opened as the run's user.
         log = os.open(plan["ranks"][0]["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o640)
@@ -389,7 +394,7 @@ REQUEST_HEADER = struct.Struct(">I")
 
 def _receive(sock: socket.socket) -> tuple[bytes, list[int]] | None:
     """One request (plan, fds), or None once the agent's end is closed."""
-    data, fds, _, _ = socket.recv_fds(sock, REQUEST_HEADER.size, 1)
+    data, fds, _, _ = socket.recv_fds(sock, REQUEST_HEADER.size, 2)
     while data and len(data) < REQUEST_HEADER.size:
         more = sock.recv(REQUEST_HEADER.size - len(data))
         if not more:
@@ -410,7 +415,14 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]] | None:
 
 
 def serve(sock_fd: int) -> int:
-    """Fork a shim for each plan the agent sends, until the agent's end of the socket closes."""
+    """Fork a shim for each request of the agent, until the agent's end of the socket closes.
+
+    A request is ``{"cgroups": [...]}`` with two pipes attached: the status pipe's write end and the
+    plan pipe's read end. The shim joins the cgroups at once, then waits for its plan on the plan pipe:
+    the agent may ask for a shim before it has a run for it (``_local``'s spare), so that joining a
+    cgroup, which waits for an RCU grace period of the kernel, is not on the way to a run's start.
+    A plan pipe closed without a plan ends the shim.
+    """
     sock = socket.socket(fileno=sock_fd)
     # The kernel reaps the shims: nothing here waits for them (the agent does, through pidfds).
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
@@ -422,15 +434,16 @@ def serve(sock_fd: int) -> int:
         if request is None:
             return 0
         body, fds = request
-        if len(fds) != 1:
+        if len(fds) != 2:
             for fd in fds:
                 os.close(fd)
             continue
-        status = fds[0]
+        status, plan_fd = fds
         try:
-            plan = json.loads(body)
+            groups = json.loads(body)["cgroups"]
             pid = os.fork()
-        except (ValueError, OSError) as exc:
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            os.close(plan_fd)
             _report(status, {"error": f"its shim did not start: {exc}"})
             continue
         if pid == 0:
@@ -439,14 +452,31 @@ def serve(sock_fd: int) -> int:
                 sock.close()
                 os.setsid()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                code = run(plan, status)
+                code = _wait_for_plan(groups, status, plan_fd)
             except BaseException:
                 import traceback
                 traceback.print_exc()   # the run's log, once the shim has opened it
             finally:
                 os._exit(code)
+        os.close(plan_fd)
         # Which process the shim is, should it never report (the agent then kills it).
         _report(status, {"shim": pid, "start_time": process_start_time(pid)})
+
+
+def _wait_for_plan(groups: list[str], status: int, plan_fd: int) -> int:
+    try:
+        join_groups(groups)
+    except OSError as exc:
+        _report(status, {"error": f"cannot join the run's cgroup: {exc}", "errno": exc.errno})
+        return 127
+    body = bytearray()
+    while chunk := os.read(plan_fd, 1 << 16):
+        body += chunk
+    os.close(plan_fd)
+    if not body:
+        return 0   # not needed after all
+    plan = json.loads(body)
+    return run(plan, status, plan.get("join") or [])
 
 
 def _report(status: int, report: dict) -> None:
@@ -462,7 +492,8 @@ def _report(status: int, report: dict) -> None:
 def main(argv: list[str]) -> int:
     if argv[1] == "--forkserver":
         return serve(int(argv[2]))
-    return run(json.loads(sys.stdin.buffer.read()), int(argv[1]))
+    plan = json.loads(sys.stdin.buffer.read())
+    return run(plan, int(argv[1]), plan.get("cgroups") or [])
 
 
 if __name__ == "__main__":

@@ -107,12 +107,16 @@ def start_forkserver() -> tuple[subprocess.Popen, socket.socket]:
     return server, ours
 
 
-def fork_shim(sock: socket.socket, plan: dict) -> dict:
-    """Send one plan with a status pipe; the report: the forkserver's line and the shim's, merged."""
+def fork_shim(sock: socket.socket, plan: dict, groups: list[str] = ()) -> dict:
+    """Ask for a shim in ``groups``, then give it ``plan``; the report: the forkserver's line and the shim's."""
     read_end, write_end = os.pipe()
-    body = json.dumps(plan).encode()
-    socket.send_fds(sock, [REQUEST_HEADER.pack(len(body)) + body], [write_end])
+    plan_read, plan_write = os.pipe()
+    body = json.dumps({"cgroups": list(groups)}).encode()
+    socket.send_fds(sock, [REQUEST_HEADER.pack(len(body)) + body], [write_end, plan_read])
     os.close(write_end)
+    os.close(plan_read)
+    with os.fdopen(plan_write, "wb") as pipe:
+        pipe.write(json.dumps(plan).encode())
     with os.fdopen(read_end, "rb") as status:
         report = {}
         for line in status.read().splitlines():

@@ -141,6 +141,40 @@ def test_runs_start_and_go_on_when_the_forkserver_dies(make_agent, source):
     wait_until(lambda: not _alive(forkserver), what="the forkserver to exit with the agent")
 
 
+def test_spare_shims_go_with_the_agent_or_with_the_next_one(make_agent, source):
+    """With cgroups, shims wait in spare groups for the next runs; a stopped agent ends them, and an agent
+    that was killed leaves them to the next, which kills them and removes their groups at start."""
+    from labrun.agent._cgroups import RunCgroups
+    from labrun.agent.executors._base import agent_id
+
+    agent = make_agent()
+    cgroups = RunCgroups.detect(name=agent_id(agent.state_dir))
+    if cgroups is None:
+        pytest.skip("no cgroup can be made here: spare shims wait only in cgroups")
+
+    def spares() -> list[Path]:
+        return [g for g in cgroups.tracking.iterdir() if g.name.startswith("spare-")]
+
+    def waiting() -> list[int]:
+        return [int(pid) for group in spares() for pid in (group / "cgroup.procs").read_text().split()]
+
+    assert submit(agent, source, ["true"]).wait_for_completion()["status"] == "Completed"
+    wait_until(lambda: len(waiting()) == 2, what="two spare shims in their groups")
+    shims = waiting()
+    agent.stop()
+    assert all(not _alive(pid) for pid in shims) and not cgroups.tracking.exists()
+
+    agent.start()
+    assert submit(agent, source, ["true"]).wait_for_completion()["status"] == "Completed"
+    wait_until(lambda: len(waiting()) == 2, what="two spare shims in their groups")
+    left, shims = {group.name for group in spares()}, waiting()
+    agent.stop(signal.SIGKILL)
+    assert all(_alive(pid) for pid in shims)
+    agent.start()
+    wait_until(lambda: all(not _alive(pid) for pid in shims), what="the old spares to be killed")
+    assert not left & {group.name for group in spares()}
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
