@@ -143,8 +143,24 @@ class RunCgroups:
 
     def create(self, run_id: str, limit: int | None) -> list[str]:
         """The run's groups (tracking first); ``limit``: memory in bytes."""
-        groups = [self.tracking / run_id]
-        groups[0].mkdir(exist_ok=True)
+        group = self.tracking / run_id
+        group.mkdir(exist_ok=True)
+        return self._limited(group, run_id, limit)
+
+    def create_spare(self, name: str) -> str:
+        """A tracking group for a shim that waits for its run (see ``_local``); ``claim`` gives it to the run."""
+        group = self.tracking / name
+        group.mkdir(exist_ok=True)
+        return str(group)
+
+    def claim(self, spare: str, run_id: str, limit: int | None) -> list[str]:
+        """The run's groups, as ``create`` makes them, with ``spare`` (and its member) as the tracking group."""
+        group = self.tracking / run_id
+        os.rename(spare, group)
+        return self._limited(group, run_id, limit)
+
+    def _limited(self, group: Path, run_id: str, limit: int | None) -> list[str]:
+        groups = [group]
         if limit is not None and self.memory is not None:
             if self.version == 2:
                 _limit(groups[0], "memory.max", limit)

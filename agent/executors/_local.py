@@ -1,14 +1,18 @@
 """The local executor: a run is its processes on this machine, owned by a per-run shim (``_shim``).
 
-- The agent makes the run's cgroups (``_cgroups``, where the machine allows) and starts the
-  shim in a session of its own, pinned to the run's cores (set on the agent's own thread
-  around the spawn, so the shim and the run inherit them and are never briefly unpinned). The
-  shim joins the cgroups, drops to the run's user, starts the ranks, reports their pids, and
-  from then on owns the run: its logs, its ranks, the memory watchdog, killing all of it, and
-  its exit status, written atomically to ``RunDir.exit_status``.
-- ``wait`` holds a pidfd on the shim (a child of this agent, or of an earlier one: pidfds work
-  for any process) and reads the exit record once the shim is gone. ``stop`` is SIGTERM to the
-  shim, which stops the run (SIGTERM, grace, SIGKILL to every process of it).
+- The agent makes the run's cgroups (``_cgroups``, where the machine allows) and has its
+  forkserver (``_Forkserver``: ``_shim.py --forkserver``, started on first use and again
+  should it die) fork the shim into them, in a session of its own. With cgroups, the next
+  run's shim is forked ahead into a spare group, which is renamed to the run's when the run
+  comes: joining a cgroup waits for an RCU grace period of the kernel (about 10 ms), and a run
+  then does not wait for it. Given its plan, the shim pins itself to the run's cores (the run
+  inherits them), joins the cgroups it is not in yet, drops to the run's user, starts the
+  ranks, reports their pids, and from then on owns the run: its logs, its ranks, the memory
+  watchdog, killing all of it, and its exit status, written atomically to
+  ``RunDir.exit_status``.
+- ``wait`` holds a pidfd on the shim (a child of the forkserver, of this agent or an earlier
+  one: pidfds work for any process) and reads the exit record once the shim is gone. ``stop``
+  is SIGTERM to the shim, which stops the run (SIGTERM, grace, SIGKILL to every process of it).
 - Stopping or killing the agent touches neither the shim nor the run; ``recover`` finds the
   shim again by pid and start time (``Live``), or reads the exit record it left (``Ended``);
   only when neither is there is the run ``Lost``, and what is left of it is killed.
@@ -20,11 +24,13 @@ Handle: ``LocalHandle``.
 
 from __future__ import annotations
 
+import array
 import errno
 import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -39,13 +45,15 @@ from .._cgroups import RunCgroups
 from ._base import (
     Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Recovery, StartFailed, refuse,
 )
-from ._shim import cgroup_processes, process_start_time, related_processes, signal_all
+from ._shim import REQUEST_HEADER, cgroup_processes, process_start_time, related_processes, signal_all
 
 log = structlog.get_logger("labrun.local")
 
 SHIM = Path(__file__).with_name("_shim.py")
 # The shim reports its ranks' pids at once; longer means it is stuck, and the start fails.
 SHIM_REPORT_SECONDS = 30.0
+# Shims waiting for the next runs, with cgroups (see LocalExecutor): two runs can start back to back.
+SPARE_SHIMS = 2
 # An exit record is a few hundred bytes; anything larger is not one.
 EXIT_RECORD_MAX = 64 * 1024
 
@@ -104,14 +112,108 @@ def read_exit_record(path: str | None) -> ExitResult | None:
                       left_behind=left if isinstance(left := record.get("left_behind"), int) and left > 0 else 0)
 
 
-async def _exited(process: subprocess.Popen) -> int:
-    if process.returncode is None:
-        pidfd = os.pidfd_open(process.pid)
+class _Forkserver:
+    """The process that forks the runs' shims (see ``_shim``), started on first use and again if it dies.
+
+    It exits when this end of its socket closes: when the agent exits or is killed, or at ``close``.
+    """
+
+    def __init__(self):
+        self._process: subprocess.Popen | None = None
+        self._socket: trio.socket.SocketType | None = None
+        self._sending = trio.Lock()
+
+    def _spawn(self) -> None:
+        self.close()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await trio.lowlevel.wait_readable(pidfd)
+            self._process = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(SHIM), "--forkserver", str(theirs.fileno())], cwd="/", env={},
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True, close_fds=True, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            ours.close()
+            raise
         finally:
-            os.close(pidfd)
-    return process.wait()
+            theirs.close()
+        self._socket = trio.socket.from_stdlib_socket(ours)
+
+    async def fork(self, groups: list[str]) -> "_Waiting":
+        """A shim forked into ``groups``, waiting for its plan."""
+        status_read, status_write = os.pipe()
+        plan_read, plan_write = os.pipe()
+        try:
+            await self._send(json.dumps({"cgroups": groups}).encode(), [status_write, plan_read])
+        except BaseException:
+            os.close(status_read)
+            os.close(plan_write)
+            raise
+        finally:
+            os.close(status_write)
+            os.close(plan_read)
+        return _Waiting(groups, plan_write, status_read)
+
+    async def _send(self, body: bytes, fds: list[int]) -> None:
+        request = REQUEST_HEADER.pack(len(body)) + body
+        async with self._sending:
+            for attempt in (1, 2):
+                if self._process is None or self._process.poll() is not None:
+                    self._spawn()
+                try:
+                    sent = await self._socket.sendmsg(
+                        [request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                    view = memoryview(request)[sent:]
+                    while view:
+                        view = view[await self._socket.send(view):]
+                    return
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close()   # it died since: start another and send again
+                    if attempt == 2:
+                        raise
+                except BaseException:
+                    self.close()   # cancelled part-way, say: what it has read is no longer a request
+                    raise
+
+    def close(self) -> None:
+        """Close our end and end it (it exits on its own when our end closes; a stuck one is killed)."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        if self._process is not None:
+            self._process.kill()   # the forkserver alone: the shims it forked are in sessions of their own
+            self._process.wait()
+            self._process = None
+
+
+@dataclass
+class _Waiting:
+    """A forked shim that has joined ``groups`` and waits for its plan: ``plan`` and ``status`` are our ends
+    of its pipes (ours to close: a closed plan pipe without a plan ends it)."""
+
+    groups: list[str]
+    plan: int | None
+    status: int | None
+
+    def close(self) -> None:
+        for fd in (self.plan, self.status):
+            if fd is not None:
+                os.close(fd)
+        self.plan = self.status = None
+
+
+def _kill_process(pid: int, start_time: int | None) -> None:
+    """SIGKILL ``pid`` if it is still the process that started at ``start_time``."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        if start_time is not None and process_start_time(pid) == start_time:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 def _shim_alive(handle: LocalHandle) -> bool:
@@ -126,7 +228,12 @@ class LocalExecutor(Executor):
     def __init__(self, cgroups: RunCgroups | None = None, grace: float = 10.0):
         self.cgroups = cgroups
         self.grace = grace
-        self._shims: dict[int, subprocess.Popen] = {}   # shims this agent started, to reap
+        self._forkserver = _Forkserver()
+        # With cgroups, shims already in groups of their own wait for the next runs: joining a cgroup
+        # waits for the kernel (an RCU grace period, ~10 ms), so it is done before the run is there.
+        self._spares: list[_Waiting] = []
+        self._spare_names = 0
+        self._refilling = False
 
     @property
     def containment(self) -> str:
@@ -144,69 +251,98 @@ class LocalExecutor(Executor):
 
     # -- start ------------------------------------------------------------------------------
 
-    def _plan(self, launch: LaunchSpec, groups: list[str], exit_path: str) -> bytes:
+    def _plan(self, launch: LaunchSpec, groups: list[str], join: list[str], exit_path: str) -> bytes:
         owned = os.geteuid() == 0 and launch.uid != 0
         plan = {
             "ranks": [{"argv": launch.argv, "env": {**launch.env, **rank.env}, "log": str(rank.log_path),
                        "daemon": rank.daemon} for rank in launch.ranks],
-            "cwd": str(launch.cwd), "cgroups": groups, "grace": self.grace, "exit_path": exit_path,
+            "cwd": str(launch.cwd), "cgroups": groups, "join": join, "grace": self.grace, "exit_path": exit_path,
             "uid": launch.uid if owned else None, "gid": launch.gid, "groups": launch.groups,
+            "cores": list(launch.cores),
             # Without a memory cgroup, the shim's watchdog enforces the request.
             "watchdog_memory": launch.memory if launch.memory is not None and (
                 self.cgroups is None or self.cgroups.memory is None) else None,
         }
         return json.dumps(plan).encode()
 
-    def _spawn_shim(self, launch: LaunchSpec, plan: bytes, status_fd: int) -> subprocess.Popen:
-        # The shim opens the run's files itself, once it is the run's user: the agent opens none of them.
-        previous = os.sched_getaffinity(0)
+    async def _claim_spare(self, launch: LaunchSpec) -> tuple[_Waiting | None, list[str]]:
+        """A spare shim and the run's groups (its group renamed to the run's), or (None, [])."""
+        if not self._spares:
+            return None, []
+        spare = self._spares.pop(0)
         try:
-            if launch.cores:
-                os.sched_setaffinity(0, launch.cores)
-            shim = subprocess.Popen([sys.executable, "-I", "-S", str(SHIM), str(status_fd)], cwd="/", env={},
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True, close_fds=True, pass_fds=(status_fd,))
+            return spare, self.cgroups.claim(spare.groups[0], launch.run_id, launch.memory)
+        except OSError as exc:
+            log.warning("shim.spare.unusable", error=str(exc))
+            await self._discard(spare)
+            return None, []
+
+    async def _refill(self) -> None:
+        """Fork shims into spare groups until ``SPARE_SHIMS`` wait (one refill at a time)."""
+        if self.cgroups is None or self._refilling:
+            return
+        self._refilling = True
+        try:
+            while len(self._spares) < SPARE_SHIMS:
+                self._spare_names += 1
+                group = self.cgroups.create_spare(f"spare-{os.getpid()}-{self._spare_names}")
+                try:
+                    self._spares.append(await self._forkserver.fork([group]))
+                except BaseException:
+                    self.cgroups.remove([group])
+                    raise
+        except OSError as exc:
+            log.warning("shim.spare.failed", error=str(exc))
         finally:
-            if launch.cores:
-                os.sched_setaffinity(0, previous)
-        try:
-            shim.stdin.write(plan)
-            shim.stdin.close()
-        except BrokenPipeError:
-            pass   # it died at once: the status pipe says so
-        return shim
+            self._refilling = False
+
+    async def _discard(self, spare: _Waiting) -> None:
+        spare.close()   # it ends at once; killed should it not
+        await self._kill_groups(spare.groups)
+        self.cgroups.remove(spare.groups)
 
     async def start(self, launch: LaunchSpec) -> LocalHandle:
-        try:
-            groups = self.cgroups.create(launch.run_id, launch.memory) if self.cgroups is not None else []
-        except OSError as exc:
-            raise StartFailed(f"cannot make the run's cgroup: {exc}") from None
         exit_path = launch.run_dir.exit_status
         exit_path.unlink(missing_ok=True)
-        read_end, write_end = os.pipe()
-        try:
+        shim, groups = await self._claim_spare(launch)
+        if shim is None:
             try:
-                shim = self._spawn_shim(launch, self._plan(launch, groups, str(exit_path)), write_end)
-            finally:
-                os.close(write_end)
-            report = b""
+                groups = self.cgroups.create(launch.run_id, launch.memory) if self.cgroups is not None else []
+            except OSError as exc:
+                raise StartFailed(f"cannot make the run's cgroup: {exc}") from None
+        report = b""
+        try:
             # Shielded (and bounded): a cancel landing now must not leave a started run without a handle.
             with trio.CancelScope(shield=True), trio.move_on_after(SHIM_REPORT_SECONDS):
-                async with trio.lowlevel.FdStream(read_end) as stream:
-                    read_end = None
+                # The shim opens the run's files itself, once it is the run's user: the agent opens none.
+                if shim is not None and not await self._hand_plan(shim, self._plan(
+                        launch, groups, groups[1:], str(exit_path))):
+                    shim.close()   # the spare died meanwhile: fork one now
+                    shim = None
+                if shim is None:
+                    shim = await self._forkserver.fork(groups)
+                    if not await self._hand_plan(shim, self._plan(launch, groups, [], str(exit_path))):
+                        raise OSError(errno.EPIPE, "it ended before it had its plan")
+                async with trio.lowlevel.FdStream(shim.status) as stream:
+                    shim.status = None
                     while chunk := await stream.receive_some(4096):
                         report += chunk
+        except OSError as exc:
+            report = json.dumps({"error": f"its shim did not start: {exc}"}).encode()
         finally:
-            if read_end is not None:
-                os.close(read_end)
+            if shim is not None:
+                shim.close()
+        answer = {}
         try:
-            answer = json.loads(report)
-        except ValueError:
-            answer = {"error": "its shim did not start (see the run's log)"}
+            for line in report.splitlines():   # the forkserver's line and the shim's, in either order
+                answer.update(json.loads(line))
+        except (ValueError, TypeError):
+            answer = {}
         if "pids" not in answer:
+            answer.setdefault("error", "its shim did not start (see the run's log)")
             with trio.CancelScope(shield=True):
-                shim.kill()
-                await _exited(shim)
+                if isinstance(answer.get("shim"), int):   # it is stuck, or has failed and gone
+                    _kill_process(answer["shim"], answer.get("start_time"))
                 await self._kill_groups(groups)
                 if self.cgroups is not None:
                     self.cgroups.remove(groups)
@@ -214,10 +350,22 @@ class LocalExecutor(Executor):
             if not message.startswith("cannot start"):
                 message = f"cannot start {launch.argv[0]!r}: {message}"
             raise StartFailed(message, "command_not_found" if answer.get("errno") == errno.ENOENT else "start_failed")
-        self._shims[shim.pid] = shim
+        with trio.CancelScope(shield=True):
+            await self._refill()
         return LocalHandle(pids=tuple(answer["pids"]), daemons=tuple(r.daemon for r in launch.ranks),
-                           start_time=process_start_time(shim.pid), memory=launch.memory, shim=shim.pid,
+                           start_time=answer["start_time"], memory=launch.memory, shim=answer["shim"],
                            cgroups=tuple(groups), exit_path=str(exit_path))
+
+    @staticmethod
+    async def _hand_plan(shim: _Waiting, plan: bytes) -> bool:
+        """Write the plan and close the pipe; False if the shim is gone."""
+        async with trio.lowlevel.FdStream(shim.plan) as stream:
+            shim.plan = None
+            try:
+                await stream.send_all(plan)
+            except trio.BrokenResourceError:
+                return False
+        return True
 
     # -- wait, stop, recover ----------------------------------------------------------------
 
@@ -238,9 +386,6 @@ class LocalExecutor(Executor):
         if handle.shim is None:
             raise RuntimeError("a run started before runs had shims cannot be awaited")
         await self._shim_exited(handle)
-        own = self._shims.pop(handle.shim, None)
-        if own is not None:
-            own.wait()   # reap it (it has exited: no blocking)
         result = self._exit_record(handle)
         with trio.CancelScope(shield=True):
             await self._release(handle)
@@ -286,6 +431,9 @@ class LocalExecutor(Executor):
         return result
 
     async def aclose(self) -> None:
+        while self._spares:
+            await self._discard(self._spares.pop())
+        self._forkserver.close()
         if self.cgroups is not None:
             self.cgroups.remove_roots()
 

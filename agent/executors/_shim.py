@@ -1,16 +1,25 @@
 """The per-run shim: a small process that owns one local run, so the run outlives the agent.
 
-The agent starts it (as root, in a session of its own, with the run's CPU affinity) as
-``python -I -S _shim.py STATUS_FD`` and writes the run's plan as JSON on its stdin. The shim
-then, in this order:
+The agent starts shims through a *forkserver*: this module run once, as root, as
+``python -I -S _shim.py --forkserver SOCKET_FD`` (``serve``). The forkserver forks a shim for
+each request, with a status pipe and a plan pipe attached (SCM_RIGHTS): a process in a session
+of its own with this module already imported, so a run pays for a fork, not for an
+interpreter's start-up. The shim joins the cgroups the request names, then waits for the run's
+plan (JSON) on the plan pipe. The forkserver has the kernel reap its children (the agent waits
+on a shim through a pidfd, as on any process), and exits when the agent's end of its socket
+closes; the shims it forked outlive it and the agent. ``python -I -S _shim.py STATUS_FD``,
+with the plan on stdin, runs one shim directly.
 
-1. joins the run's cgroups (so every process it starts is in them, whatever it forks), becomes
+Once it has its plan, the shim sets the run's CPU affinity (the run inherits it), then, in this order:
+
+1. joins the run's cgroups it is not in yet (so every process it starts is in them, whatever it forks), becomes
    a child subreaper (so a process of the run that double-forks is reparented to the shim, not
    to init), and drops to the run's user, groups and gid: everything below happens with the
    user's rights;
 2. starts each rank in a session of its own, with stdout and stderr appended to the rank's log
    file;
-3. reports the ranks' pids (or why they could not start) on STATUS_FD, and closes it;
+3. reports its own pid and start time and the ranks' pids (or why they could not start) on the
+   status pipe, one line of JSON, and closes it (the forkserver adds a line with the shim's pid);
 4. waits: when a rank fails, the others are stopped; when the other ranks are done, parameter
    servers (``daemon`` ranks) are stopped; SIGTERM (the agent canceling the run) stops them all;
    "stop" is SIGTERM to every process of the run, ``grace`` seconds, then SIGKILL. Where no
@@ -18,7 +27,7 @@ then, in this order:
    twice a second and SIGKILLs the run past the limit, as the kernel would;
 5. once the ranks have ended, kills what is left of the run (a daemon it started, an escaped
    double fork): the run ends with all its processes;
-6. writes how the run ended to ``exit_path`` atomically (temporary file, fsync, rename) and exits; the
+6. writes how the run ended to ``exit_path`` atomically (temporary file, rename) and exits; the
    temporary file is written full size when the run starts, so a disk that fills meanwhile cannot stop it.
 
 "The processes of the run" are the members of its tracking cgroup where it has one, else the
@@ -31,10 +40,12 @@ interpreter the agent runs on, without the agent's packages on its path.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import signal
-import subprocess
+import socket
+import struct
 import sys
 import time
 
@@ -133,7 +144,8 @@ def signal_all(pids: list[int], signum: int) -> None:
 # -- exit records --------------------------------------------------------------------------------
 
 # Room for the record, written when the run starts: the record then reuses these blocks, so the end of
-# a run is recorded even when the disk filled up while it ran.
+# a run is recorded even when the disk filled up while it ran. (Space is taken when a file is written,
+# also where the filesystem allocates blocks later, so no fsync is needed for that.)
 EXIT_RESERVE_BYTES = 4096
 
 
@@ -143,7 +155,6 @@ def reserve_exit(path: str) -> None:
         fd = os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         try:
             os.write(fd, b" " * EXIT_RESERVE_BYTES)
-            os.fsync(fd)
         finally:
             os.close(fd)
     except OSError:
@@ -151,25 +162,31 @@ def reserve_exit(path: str) -> None:
 
 
 def write_exit(path: str, record: dict) -> None:
-    """Atomically: a reader sees the whole record or none. Overwrites the reservation in place."""
+    """Atomically: a reader sees the whole record or none. Overwrites the reservation in place.
+
+    Not fsynced, as the agent's own commits are not (SQLite's synchronous=NORMAL): the record outlives
+    the shim and the agent in the page cache; only a power cut can lose it, and the run, which ended
+    with the machine then, counts as lost. Two fsyncs per run would hold each run's slot for longer
+    than a short run takes.
+    """
     temporary = f"{path}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         data = json.dumps(record).encode()
         os.write(fd, data)
         os.ftruncate(fd, len(data))
-        os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(temporary, path)
-    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 # -- the shim ------------------------------------------------------------------------------------
+def join_groups(groups: list[str]) -> None:
+    for group in groups:
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+
 
 class Shim:
     def __init__(self, plan: dict):
@@ -190,29 +207,30 @@ class Shim:
             return [pid for pid in cgroup_processes(self.groups[0]) if pid != os.getpid()]
         return related_processes(set(self.pids), {os.getpid()})
 
-    def join_groups(self) -> None:
-        for group in self.groups:
-            with open(os.path.join(group, "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
 
     def start(self) -> None:
-        processes = []
-        for index, rank in enumerate(self.ranks):
-            log = os.open(rank["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o640)
-            try:
-                processes.append(subprocess.Popen(
-                    rank["argv"], cwd=self.plan["cwd"], env=rank["env"], stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=log, start_new_session=True, close_fds=True, preexec_fn=_unblock_signals))
-            except OSError as exc:
-                signal_all([p.pid for p in processes], signal.SIGKILL)
-                for process in processes:
-                    process.wait()
-                raise StartError(f"cannot start {rank['argv'][0]!r}: {exc.strerror or exc}", exc.errno) from None
-            finally:
-                os.close(log)
-        # Reaped below with os.waitpid: the Popen objects are kept only so they never reap.
-        self._processes = processes
-        self.pids = [p.pid for p in processes]
+        """Start every rank, or none (a rank that cannot start ends those started before it)."""
+        pids: list[int] = []
+        try:
+            os.chdir(self.plan["cwd"])   # the ranks' working directory (posix_spawn has no chdir of its own)
+        except OSError as exc:
+            raise StartError(f"cannot start {self.ranks[0]['argv'][0]!r}: cannot enter {self.plan['cwd']}: "
+                             f"{exc.strerror or exc}", exc.errno) from None
+        try:
+            for rank in self.ranks:
+                log = os.open(rank["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o640)
+                try:
+                    pids.append(spawn(rank["argv"], rank["env"], log))
+                except OSError as exc:
+                    signal_all(pids, signal.SIGKILL)
+                    for pid in pids:
+                        os.waitpid(pid, 0)
+                    raise StartError(f"cannot start {rank['argv'][0]!r}: {exc.strerror or exc}", exc.errno) from None
+                finally:
+                    os.close(log)
+        finally:
+            os.chdir("/")
+        self.pids = pids
         self.by_pid = {pid: index for index, pid in enumerate(self.pids)}
 
     def stop(self) -> None:
@@ -232,7 +250,6 @@ class Shim:
             if pid in self.by_pid:   # else an adopted orphan of the run: reaped, nothing more
                 index = self.by_pid[pid]
                 self.codes[index] = os.waitstatus_to_exitcode(status)
-                self._processes[index].returncode = self.codes[index]
                 if self.codes[index] != 0 and self.failed is None and not self.ranks[index].get("daemon"):
                     self.failed = index
                     self.stop()
@@ -295,9 +312,35 @@ class StartError(Exception):
         self.errno = errno
 
 
-def _unblock_signals() -> None:
-    # In the child, before exec: the shim's blocked signals must not stay blocked in the run.
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+# What a started process gets back to default: the shim ignores SIGHUP, and Python ignores SIGPIPE and
+# SIGXFSZ (subprocess's restore_signals); an ignored signal would stay ignored across exec.
+SPAWN_DEFAULT_SIGNALS = {signal.SIGHUP, signal.SIGPIPE, signal.SIGXFSZ}
+
+
+def spawn(argv: list[str], env: dict[str, str], log: int) -> int:
+    """Start ``argv`` in the current directory, in a session of its own, its output appended to ``log``.
+
+    posix_spawn (a vfork, no Python code in the child): the shim's blocked signals are unblocked and its
+    ignored ones restored in the child. A bare name is looked up in ``env``'s PATH, as subprocess does:
+    the first candidate that runs wins, and the error of a candidate that exists (EACCES) beats ENOENT.
+    """
+    if os.sep in argv[0]:
+        candidates = [argv[0]]
+    else:
+        candidates = [os.path.join(directory, argv[0]) for directory in os.get_exec_path(env)]
+    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+               (os.POSIX_SPAWN_DUP2, log, 1), (os.POSIX_SPAWN_DUP2, log, 2)]
+    first_error: OSError | None = None
+    for path in candidates:
+        try:
+            return os.posix_spawn(path, argv, env, file_actions=actions, setsid=True, setsigmask=(),
+                                  setsigdef=SPAWN_DEFAULT_SIGNALS)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                first_error = first_error or exc
+            elif first_error is None or first_error.errno in (errno.ENOENT, errno.ENOTDIR):
+                first_error = exc
+    raise first_error or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
 
 
 def _drop_privileges(plan: dict) -> None:
@@ -309,9 +352,11 @@ def _drop_privileges(plan: dict) -> None:
     os.setuid(uid)
 
 
-def main(argv: list[str]) -> int:
-    status = int(argv[1])
-    plan = json.loads(sys.stdin.buffer.read())
+def run(plan: dict, status: int, join: list[str]) -> int:
+    """One shim, from its plan to its exit record (see the module doc); returns the shim's exit code.
+
+    ``join``: the cgroups it joins now (those it is not in already)."""
+    os.set_inheritable(status, False)   # the run's processes get nothing of the shim's but their logs
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
@@ -323,7 +368,9 @@ def main(argv: list[str]) -> int:
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     shim = Shim(plan)
     try:
-        shim.join_groups()
+        if plan.get("cores"):
+            os.sched_setaffinity(0, plan["cores"])
+        join_groups(join)
         _drop_privileges(plan)
         # Anything the shim itself has to say (a crash) goes to the run's log, opened as the run's user.
         log = os.open(plan["ranks"][0]["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o640)
@@ -333,14 +380,123 @@ def main(argv: list[str]) -> int:
         reserve_exit(plan["exit_path"])
         shim.start()
     except (StartError, OSError) as exc:
-        os.write(status, (json.dumps({"error": str(exc), "errno": exc.errno}) + "\n").encode())
+        _report(status, {"error": str(exc), "errno": exc.errno})
         return 127
-    os.write(status, (json.dumps({"pids": shim.pids}) + "\n").encode())
-    os.close(status)
+    _report(status, {"pids": shim.pids, "shim": os.getpid(), "start_time": process_start_time(os.getpid())})
     shim.supervise()
     shim.sweep()
     write_exit(plan["exit_path"], shim.result())
     return 0
+
+
+# -- the forkserver --------------------------------------------------------------------------------
+
+# A request: a 4-byte big-endian length, then the plan as JSON; the status pipe rides on its first bytes.
+REQUEST_HEADER = struct.Struct(">I")
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, list[int]] | None:
+    """One request (plan, fds), or None once the agent's end is closed."""
+    data, fds, _, _ = socket.recv_fds(sock, REQUEST_HEADER.size, 2)
+    while data and len(data) < REQUEST_HEADER.size:
+        more = sock.recv(REQUEST_HEADER.size - len(data))
+        if not more:
+            break
+        data += more
+    if len(data) < REQUEST_HEADER.size:
+        for fd in fds:
+            os.close(fd)
+        return None
+    (length,) = REQUEST_HEADER.unpack(data)
+    body = bytearray()
+    while len(body) < length:
+        more = sock.recv(min(length - len(body), 1 << 20))
+        if not more:
+            break
+        body += more
+    return bytes(body), fds
+
+
+def serve(sock_fd: int) -> int:
+    """Fork a shim for each request of the agent, until the agent's end of the socket closes.
+
+    A request is ``{"cgroups": [...]}`` with two pipes attached: the status pipe's write end and the
+    plan pipe's read end. The shim joins the cgroups at once, then waits for its plan on the plan pipe:
+    the agent may ask for a shim before it has a run for it (``_local``'s spare), so that joining a
+    cgroup, which waits for an RCU grace period of the kernel, is not on the way to a run's start.
+    A plan pipe closed without a plan ends the shim.
+    """
+    sock = socket.socket(fileno=sock_fd)
+    # The kernel reaps the shims: nothing here waits for them (the agent does, through pidfds).
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    while True:
+        try:
+            request = _receive(sock)
+        except OSError:
+            return 0
+        if request is None:
+            return 0
+        body, fds = request
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            continue
+        status, plan_fd = fds
+        try:
+            groups = json.loads(body)["cgroups"]
+            pid = os.fork()
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            os.close(plan_fd)
+            _report(status, {"error": f"its shim did not start: {exc}"})
+            continue
+        if pid == 0:
+            code = 70
+            try:
+                sock.close()
+                os.setsid()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                code = _wait_for_plan(groups, status, plan_fd)
+            except BaseException:
+                import traceback
+                traceback.print_exc()   # the run's log, once the shim has opened it
+            finally:
+                os._exit(code)
+        os.close(plan_fd)
+        # Which process the shim is, should it never report (the agent then kills it).
+        _report(status, {"shim": pid, "start_time": process_start_time(pid)})
+
+
+def _wait_for_plan(groups: list[str], status: int, plan_fd: int) -> int:
+    try:
+        join_groups(groups)
+    except OSError as exc:
+        _report(status, {"error": f"cannot join the run's cgroup: {exc}", "errno": exc.errno})
+        return 127
+    body = bytearray()
+    while chunk := os.read(plan_fd, 1 << 16):
+        body += chunk
+    os.close(plan_fd)
+    if not body:
+        return 0   # not needed after all
+    plan = json.loads(body)
+    return run(plan, status, plan.get("join") or [])
+
+
+def _report(status: int, report: dict) -> None:
+    """One line on the status pipe, and this process's end of it closed."""
+    try:
+        os.write(status, (json.dumps(report) + "\n").encode())
+    except OSError:
+        pass
+    finally:
+        os.close(status)
+
+
+def main(argv: list[str]) -> int:
+    if argv[1] == "--forkserver":
+        return serve(int(argv[2]))
+    plan = json.loads(sys.stdin.buffer.read())
+    return run(plan, int(argv[1]), plan.get("cgroups") or [])
 
 
 if __name__ == "__main__":

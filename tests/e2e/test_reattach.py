@@ -121,6 +121,75 @@ def test_agent_lost_only_when_the_shim_is_really_gone(make_agent, source):
     assert processes_of(run.id) == []   # what the shim left is killed
 
 
+def test_runs_start_and_go_on_when_the_forkserver_dies(make_agent, source):
+    """The agent's forkserver forks the runs' shims: a run outlives it, and a new one is started for the next run."""
+    agent = make_agent()
+    first = submit(agent, source, ["sh", "-c", GATED.format(code=0)])
+    wait_until(lambda: "start" in first.get_log(), what="started")
+    forkserver = _forkserver_of(agent.process.pid)
+    os.kill(forkserver, signal.SIGKILL)
+    wait_until(lambda: _forkserver_of(agent.process.pid) != forkserver, what="the forkserver to go")
+    second = submit(agent, source, ["echo", "second"])
+    assert second.wait_for_completion()["status"] == "Completed" and second.get_log() == "second\n"
+    assert _forkserver_of(agent.process.pid) not in (None, forkserver)
+    assert first.get_status() == "Running"
+    go(agent, first)
+    assert first.wait_for_completion()["status"] == "Completed"
+    # It goes with the agent: its socket closes.
+    forkserver = _forkserver_of(agent.process.pid)
+    agent.stop(signal.SIGKILL)
+    wait_until(lambda: not _alive(forkserver), what="the forkserver to exit with the agent")
+
+
+def test_spare_shims_go_with_the_agent_or_with_the_next_one(make_agent, source):
+    """With cgroups, shims wait in spare groups for the next runs; a stopped agent ends them, and an agent
+    that was killed leaves them to the next, which kills them and removes their groups at start."""
+    from labrun.agent._cgroups import RunCgroups
+    from labrun.agent.executors._base import agent_id
+
+    agent = make_agent()
+    cgroups = RunCgroups.detect(name=agent_id(agent.state_dir))
+    if cgroups is None:
+        pytest.skip("no cgroup can be made here: spare shims wait only in cgroups")
+
+    def spares() -> list[Path]:
+        return [g for g in cgroups.tracking.iterdir() if g.name.startswith("spare-")]
+
+    def waiting() -> list[int]:
+        return [int(pid) for group in spares() for pid in (group / "cgroup.procs").read_text().split()]
+
+    assert submit(agent, source, ["true"]).wait_for_completion()["status"] == "Completed"
+    wait_until(lambda: len(waiting()) == 2, what="two spare shims in their groups")
+    shims = waiting()
+    agent.stop()
+    assert all(not _alive(pid) for pid in shims) and not cgroups.tracking.exists()
+
+    agent.start()
+    assert submit(agent, source, ["true"]).wait_for_completion()["status"] == "Completed"
+    wait_until(lambda: len(waiting()) == 2, what="two spare shims in their groups")
+    left, shims = {group.name for group in spares()}, waiting()
+    agent.stop(signal.SIGKILL)
+    assert all(_alive(pid) for pid in shims)
+    agent.start()
+    wait_until(lambda: all(not _alive(pid) for pid in shims), what="the old spares to be killed")
+    assert not left & {group.name for group in spares()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _forkserver_of(agent_pid: int) -> int | None:
+    for pid in _shims():
+        if _parent(pid) == agent_pid and b"--forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    return None
+
+
 def _shims() -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
