@@ -6,7 +6,7 @@ import functools
 import os
 import sys
 
-from labrun.protocol import EXPERIMENT_NAME_RE
+from labrun.protocol import EXPERIMENT_NAME_RE, BadRequest
 
 from ._run import ScriptRun
 from ._script_run_config import ScriptRunConfig
@@ -127,6 +127,10 @@ class Experiment:
             return start(snapshot_directory=snapshot_directory)
         try:
             return start(snapshot_directory=os.getcwd())
+        except BadRequest as exc:
+            if exc.details.get("field") != "args.snapshot":
+                raise
+            return start(snapshot_directory=None)   # an agent older than interactive snapshots
         except (SnapshotException, OSError) as exc:
             print(f"labrun: start_logging() takes no snapshot of the current directory: {exc}\n(give "
                   "snapshot_directory=PATH to snapshot another directory, or None to take none)", file=sys.stderr)

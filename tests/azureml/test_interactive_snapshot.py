@@ -78,3 +78,25 @@ def test_a_directory_over_the_agents_limits(make_agent, tmp_path, monkeypatch, c
     with pytest.raises(SnapshotException, match="without a snapshot_directory"):
         run.restore_snapshot()
     run.complete()
+
+
+def test_an_agent_that_takes_no_interactive_snapshot(agent, tmp_path, monkeypatch):
+    """An older agent refuses the unknown ``snapshot`` argument: the default snapshot is then left out."""
+    from labrun import _hierarchy
+    from labrun.exceptions import BadRequest
+
+    real = _hierarchy.start_run
+
+    def older_agent(*args, snapshot_directory=None, **kwargs):
+        if snapshot_directory is not None:
+            raise BadRequest("args: unknown field 'snapshot'", details={"field": "args.snapshot"})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_hierarchy, "start_run", older_agent)
+    monkeypatch.chdir(project(tmp_path / "cwd", {"a.txt": "a"}))
+    experiment = Experiment(agent.workspace(), "older")
+    run = experiment.start_logging()
+    assert run.get_status() == "Running"
+    with pytest.raises(BadRequest, match="unknown field"):
+        experiment.start_logging(snapshot_directory=".")
+    run.complete()
