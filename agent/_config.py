@@ -28,6 +28,7 @@ sbatch_args = ["--constraint=a100"]   # allow-listed extra sbatch arguments
 [events]
 retention_days = 30          # never deletes what the hub has not received
 subscriber_buffer = 1000     # events a slow subscriber may fall behind before it gets a gap
+replay_max = 10000           # events one watch request replays; then a gap to resume from (clients do)
 
 [hub]
 url = "https://hub.example.org/v1/events"
@@ -166,6 +167,7 @@ class AgentConfig:
     targets: dict[str, TargetConfig] = field(default_factory=dict)
     retention_days: float = 30.0
     subscriber_buffer: int = 1000
+    replay_max: int = 10_000
     hub: HubConfig | None = None
     docker: DockerPolicy = field(default_factory=DockerPolicy)
     docker_url: str | None = None    # None: DOCKER_HOST, else the local engine's socket
@@ -272,13 +274,17 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
         config.targets[name] = target
 
     events = _expect(data.get("events", {}), dict, "[events]")
-    _check_keys(events, {"retention_days", "subscriber_buffer"}, "[events]")
+    _check_keys(events, {"retention_days", "subscriber_buffer", "replay_max"}, "[events]")
     if "retention_days" in events:
         config.retention_days = float(_expect(events["retention_days"], (int, float), "events.retention_days"))
     if "subscriber_buffer" in events:
         config.subscriber_buffer = _expect(events["subscriber_buffer"], int, "events.subscriber_buffer")
         if config.subscriber_buffer < 1:
             raise ConfigError("events.subscriber_buffer: must be at least 1")
+    if "replay_max" in events:
+        config.replay_max = _expect(events["replay_max"], int, "events.replay_max")
+        if config.replay_max < 1:
+            raise ConfigError("events.replay_max: must be at least 1")
 
     if "hub" in data:
         hub = _expect(data["hub"], dict, "[hub]")

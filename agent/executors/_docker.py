@@ -34,7 +34,7 @@ import trio
 from labrun.protocol import parse_memory
 
 from .._asyncio_bridge import AsyncioBridge
-from .._docker_args import DockerPolicy, translate_arguments
+from .._docker_args import DockerPolicy, moved_volumes, translate_arguments
 from .._mlflow_setup import ContainerNetwork
 from ._base import (
     Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Preparation, Recovery, StartFailed,
@@ -238,6 +238,11 @@ class DockerExecutor(Executor):
     async def start(self, launch: LaunchSpec) -> DockerHandle:
         await self._ensure_image(launch.container["image"])
         config = self._config(launch)
+        # The volumes were checked at prepare, and pulling an image takes a while: checked again now.
+        moved = moved_volumes(launch.container["host"].get("Binds", []))
+        if moved:
+            raise StartFailed(f"the volume {moved[0]!r} resolves to another path than when it was checked "
+                              "(a link swapped in?); it is not mounted")
 
         async def create_and_start():
             docker = await self._client()
