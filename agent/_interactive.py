@@ -24,6 +24,7 @@ from ._model import RunRecord
 from ._retention import remove_run_dir
 from ._rundir import RunDir
 from ._states import EVENT_TYPES
+from ._warnings import KIND as WARNINGS, SNAPSHOT_NEAR_LIMITS
 
 CLIENT_EXITED = ("the process that started this run exited without calling complete() or fail() "
                  "(a run from start_logging() or child_run() is open only while that process runs)")
@@ -36,13 +37,19 @@ def is_interactive(record: RunRecord) -> bool:
 class InteractiveRuns:
     """Creates, ends and unbinds interactive runs. ``transition`` is the supervisor's checked state change."""
 
-    def __init__(self, store, runs_dir, transition):
+    def __init__(self, store, runs_dir, transition, snapshots):
         self.store = store
         self.runs_dir = runs_dir
         self.transition = transition
+        self.snapshots = snapshots   # the content store
 
     def start(self, owner, args: dict, parent=None) -> RunRecord:
-        """A new ``Running`` run of ``args["experiment"]``; ``parent``: the parent's record, if any."""
+        """A new ``Running`` run of ``args["experiment"]``; ``parent``: the parent's record, if any.
+
+        ``args["snapshot"]``: the manifest of ``start_logging(snapshot_directory=...)``, checked and kept as a
+        submit's (``not_found`` with the contents to upload first), so the run's source can be restored. The
+        run has no process, so its snapshot is never copied out of the store.
+        """
         now = time.time()
         run_id = args.get("run_id") or f"{args['experiment']}_{int(now)}_{uuid.uuid4().hex[:8]}"
         if run_id.startswith("."):
@@ -50,6 +57,8 @@ class InteractiveRuns:
                              details={"field": "args.run_id"})
         if self.store.get_run(run_id) is not None:
             raise Conflict(f"a run with id {run_id!r} already exists")
+        entries = (args.get("snapshot") or {}).get("files")
+        tree = self.snapshots.check(owner.uid, entries) if entries is not None else None
         spec = {
             "experiment": args["experiment"], "interactive": True, "display_name": args.get("display_name"),
             "description": args.get("description"), "script": None, "command": None, "arguments": [],
@@ -58,6 +67,9 @@ class InteractiveRuns:
             "resources": {"cpus": 0, "memory": None, "gpus": 0}, "priority": 0, "max_run_duration_seconds": None,
             "environment": None, "distributed": None,
         }
+        near = self.snapshots.near_limits(entries) if entries is not None else None
+        if near:
+            spec[WARNINGS] = {SNAPSHOT_NEAR_LIMITS: near}
         run_dir = self.runs_dir / run_id
         try:
             make_private_dir(run_dir.parent, run_dir.name, owner.credentials())
@@ -68,8 +80,12 @@ class InteractiveRuns:
                            submitted_at=now, started_at=now)
         try:
             self._fill_run_dir(RunDir(run_dir), owner)
+            if entries is not None:
+                self.snapshots.acquire(run_id, owner.uid, tree, entries)
             self.store.add_run(record, EVENT_TYPES[RUNNING], parent_id=parent.run_id if parent else None)
         except BaseException:
+            if entries is not None:
+                self.snapshots.release_snapshot(run_id)
             with contextlib.suppress(OSError):   # small, and no run refers to it
                 remove_run_dir(RunDir(run_dir))
             raise

@@ -43,6 +43,8 @@ log = structlog.get_logger("labrun.retention")
 DISK_USAGE_TTL_SECONDS = 60.0
 # Runs removed per store query; retention works through a long history in batches.
 BATCH = 500
+# Directory levels the disk-usage walk enters (one open descriptor each); deeper ones count, unlisted.
+MAX_DEPTH = 128
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -150,20 +152,70 @@ def _empty(top_fd: int) -> int:
 
 
 def disk_usage(root: Path) -> int:
-    """Bytes allocated under ``root``, links not followed, hard links counted once."""
+    """Bytes allocated under ``root`` and only there: links not followed, hard links counted once. Blocking.
+
+    Run directories are their owners' to change while they are measured, so the walk is made as deletion's
+    is: from directory file descriptors, each directory opened in its parent with ``O_NOFOLLOW`` and checked
+    to be the one listed. A directory swapped for a link meanwhile is not entered, so nothing outside
+    ``root`` is ever read or counted. Directories deeper than ``MAX_DEPTH`` are counted but not entered
+    (a walk holds one descriptor per level); what cannot be read counts as nothing.
+    """
+    try:
+        # ``root`` itself is the agent's (its runs directory or snapshot store), which an admin may have linked.
+        top_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return 0
     total, seen = 0, set()
-    for directory, dirs, files in os.walk(root):
-        for name in dirs + files:
+    # The directories open from ``root`` down to the one being listed, each with its entries left to visit.
+    stack: list[tuple[int, list[os.DirEntry] | None]] = [(top_fd, None)]
+    try:
+        while stack:
+            fd, entries = stack[-1]
+            if entries is None:
+                entries = _entries(fd)
+                stack[-1] = (fd, entries)
+            if not entries:
+                stack.pop()
+                os.close(fd)
+                continue
+            entry = entries.pop()
             try:
-                info = os.lstat(os.path.join(directory, name))
+                info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            if info.st_nlink > 1 and not stat.S_ISDIR(info.st_mode):
+            if stat.S_ISDIR(info.st_mode):
+                child = _open_listed(entry.name, fd, info) if len(stack) < MAX_DEPTH else None
+                if child is not None:
+                    stack.append((child, None))
+            elif info.st_nlink > 1:
                 if (info.st_dev, info.st_ino) in seen:
                     continue
                 seen.add((info.st_dev, info.st_ino))
             total += info.st_blocks * 512
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
     return total
+
+
+def _entries(fd: int) -> list[os.DirEntry]:
+    try:
+        with os.scandir(fd) as listing:
+            return list(listing)
+    except OSError:
+        return []
+
+
+def _open_listed(name: str, dir_fd: int, listed: os.stat_result) -> int | None:
+    """The directory ``name`` in ``dir_fd`` opened for listing, if it is still the one ``listed`` describes."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return None   # gone, or a link swapped in (O_NOFOLLOW), or unreadable
+    if os.path.samestat(os.fstat(fd), listed):
+        return fd
+    os.close(fd)
+    return None
 
 
 class RunFiles:

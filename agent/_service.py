@@ -316,6 +316,8 @@ class Service:
         peer = session.peer
         record = self.supervisor.interactive.start(
             Owner(peer.uid, peer.gid, peer.user, list(peer.groups), peer.admin), args, parent)
+        if args["snapshot"] is not None:
+            session.unsubmitted_bytes = 0   # what this connection uploaded is used, as by a submit
         session.bound_runs.add(record.run_id)
         return self._show(session, record, parent=parent.run_id if parent else None)
 
@@ -451,7 +453,8 @@ class Service:
         if manifest is None:
             entries = self.supervisor.snapshots.entries(record.run_id)
             if entries is None:
-                why = "it is interactive" if is_interactive(record) else "it ran in its source directory (in place)"
+                why = ("it is interactive and was started without a snapshot_directory"
+                       if is_interactive(record) else "it ran in its source directory (in place)")
                 raise NotFound(f"run {record.run_id} has no snapshot: {why}")
             manifest = {entry[0]: tuple(entry) for entry in entries}
         self._manifests[record.run_id] = manifest

@@ -140,10 +140,10 @@ class Supervisor:
         self._recovering = 0
         # Draining: no run starts (an admin's choice for upgrades and maintenance; kept across restarts).
         self.draining = bool(store.get_meta("draining", False))
-        self.interactive = InteractiveRuns(store, runs, self._transition)
         # The content store of snapshots; ``snapshots.release_snapshot(run_id)`` when a run is removed.
         self.snapshots = ContentStore(config.state_dir / "cas", store, config.snapshot.max_files,
                                       config.snapshot.max_bytes)
+        self.interactive = InteractiveRuns(store, runs, self._transition, self.snapshots)
         self.launches = LaunchPlanner(config, store, capacity, EnvironmentBuilder(config.state_dir / "envs"),
                                       self.snapshots)
 

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from labrun.protocol import EXPERIMENT_NAME_RE
+import functools
+import os
+import sys
+
+from labrun.protocol import EXPERIMENT_NAME_RE, BadRequest
 
 from ._run import ScriptRun
 from ._script_run_config import ScriptRunConfig
 from ._snapshot import submit_spec
 from ._workspace import Workspace
-from .exceptions import UserErrorException
+from .exceptions import SnapshotException, UserErrorException
+
+
+class _CurrentDirectory(str):
+    """``start_logging``'s default ``"."``, told apart from a ``"."`` given."""
+
+
+CURRENT_DIRECTORY = _CurrentDirectory(".")
 
 
 class ViewType:
@@ -98,16 +109,32 @@ class Experiment:
 
     # -- runs ------------------------------------------------------------------------------
 
-    def start_logging(self, *args, outputs=None, snapshot_directory=".", run_id=None, display_name=None,
-                      description=None, tags=None, **kwargs):
+    def start_logging(self, *args, outputs=None, snapshot_directory=CURRENT_DIRECTORY, run_id=None,
+                      display_name=None, description=None, tags=None, **kwargs):
         """An interactive run, ``Running`` until ``complete()``, ``fail()`` or ``cancel()``.
 
         If this process exits without ending it, the agent marks it ``Failed`` (reason ``client_exited``).
+        ``snapshot_directory`` (default: the current directory; None: no snapshot) is snapshotted as a
+        submit's source is, for ``restore_snapshot()``. A directory given that cannot be snapshotted (over the
+        agent's limits, say) is an error, as in Azure ML; the current directory taken by default is not: the
+        run then has no snapshot, and a warning on stderr says why.
         """
         from ._hierarchy import start_run
 
-        return start_run(self, run_id=run_id, display_name=display_name or kwargs.get("name"),
-                         description=description, tags=tags, outputs=outputs)
+        start = functools.partial(start_run, self, run_id=run_id, display_name=display_name or kwargs.get("name"),
+                                  description=description, tags=tags, outputs=outputs)
+        if not isinstance(snapshot_directory, _CurrentDirectory):
+            return start(snapshot_directory=snapshot_directory)
+        try:
+            return start(snapshot_directory=os.getcwd())
+        except BadRequest as exc:
+            if exc.details.get("field") != "args.snapshot":
+                raise
+            return start(snapshot_directory=None)   # an agent older than interactive snapshots
+        except (SnapshotException, OSError) as exc:
+            print(f"labrun: start_logging() takes no snapshot of the current directory: {exc}\n(give "
+                  "snapshot_directory=PATH to snapshot another directory, or None to take none)", file=sys.stderr)
+            return start(snapshot_directory=None)
 
     def submit(self, config: ScriptRunConfig, tags: dict | None = None, **kwargs) -> ScriptRun:
         """Snapshot ``config.source_directory`` and queue the run; returns once the agent has stored it."""

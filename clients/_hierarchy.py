@@ -29,21 +29,37 @@ def _binding(workspace):
 
 
 def start_run(experiment, *, parent=None, run_id=None, display_name=None, description=None, tags=None,
-              properties=None, outputs=None):
-    """A new interactive run of ``experiment`` (a child of ``parent``), ``Running`` until it ends."""
+              properties=None, outputs=None, snapshot_directory=None):
+    """A new interactive run of ``experiment`` (a child of ``parent``), ``Running`` until it ends.
+
+    ``snapshot_directory``: a directory to snapshot as the run's source, as a submit does (through the same
+    manifest and content store, so ``restore_snapshot()`` gives it back); None takes none.
+    """
     from ._run import Run
+    from ._snapshot import agent_manifest, call_uploading
     from .exceptions import AgentUnavailable
 
     args = dict(experiment=experiment.name, run_id=run_id, display_name=display_name, description=description,
                 tags={str(k): "" if v is None else str(v) for k, v in (tags or {}).items()},
                 properties={str(k): str(v) for k, v in (properties or {}).items()},
                 parent_run_id=parent.id if parent is not None else None)
+    manifest = None
+    if snapshot_directory is not None:
+        manifest, paths = agent_manifest(_binding(experiment.workspace), snapshot_directory)
+        args["snapshot"] = {"files": manifest}
+
+    def start():
+        binding = _binding(experiment.workspace)
+        if manifest is None:
+            return binding.call("start_run", **args)
+        return call_uploading(binding, manifest, paths, lambda: binding.call("start_run", **args))
+
     try:
-        details = _binding(experiment.workspace).call("start_run", **args)
+        details = start()
     except AgentUnavailable:
         # The agent restarted since this process last opened a run: bind to the new one.
         _BINDINGS.pop(experiment.workspace.connection.path, None)
-        details = _binding(experiment.workspace).call("start_run", **args)
+        details = start()
     run = Run(experiment, details["run_id"], _details=details)
     # None or True: ./outputs is uploaded on complete(); a path names another folder; False: nothing.
     run._outputs = "./outputs" if outputs in (None, True) else (outputs or None)

@@ -167,15 +167,28 @@ def _submit_once(connection, spec: dict, source_directory, in_place: bool, extra
 
 
 def _submit_manifest(connection, spec: dict, root: str | os.PathLike, extra: dict) -> dict:
-    limits = connection.agent.get("snapshot") or {}
-    manifest, paths = build_manifest(root, limits.get("max_files", DEFAULT_MAX_FILES),
-                                     limits.get("max_bytes", DEFAULT_MAX_BYTES))
+    manifest, paths = agent_manifest(connection, root)
     spec["snapshot"] = {"files": manifest}
+    return call_uploading(connection, manifest, paths, lambda: connection.call("submit", spec=spec, **extra))
+
+
+def agent_manifest(connection, root: str | os.PathLike) -> tuple[list[list], dict[str, str]]:
+    """``build_manifest`` within the limits of the agent at the other end of ``connection``."""
+    limits = connection.agent.get("snapshot") or {}
+    return build_manifest(root, limits.get("max_files", DEFAULT_MAX_FILES), limits.get("max_bytes", DEFAULT_MAX_BYTES))
+
+
+def call_uploading(connection, manifest: list[list], paths: dict[str, str], call):
+    """``call()`` (a request carrying ``manifest``), after uploading on ``connection`` the contents the agent lacks.
+
+    The uploads and the request go over the same connection: the agent keeps what a connection uploaded until
+    it closes, so a request on another could find the contents gone again.
+    """
     sizes = {entry[3]: entry[1] for entry in manifest}
     uploaded: set[str] = set()
     while True:
         try:
-            return connection.call("submit", spec=spec, **extra)
+            return call()
         except NotFound as exc:
             # A long list comes in parts; asked for the same content twice, something else is wrong.
             missing = exc.details.get("missing")

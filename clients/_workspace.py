@@ -211,9 +211,16 @@ class Workspace:
     def get_mlflow_tracking_uri(self) -> str:
         """The MLflow tracking server this agent mirrors runs into, as Azure ML's method returns the workspace's.
 
+        Inside a run of this agent, the run's own ``MLFLOW_TRACKING_URI`` where it has one: the address the run
+        reaches MLflow at (a container on a bridge network gets the host's gateway address, not the agent's
+        127.0.0.1), or the one the run's environment sets.
+
         Raises:
             UserErrorException: the agent has no MLflow server (``[mlflow]`` in its config, or ``labrun ui``).
         """
+        own = self._runs_tracking_uri()
+        if own:
+            return own
         mlflow = self._call("status").get("mlflow")
         if not mlflow:
             from .exceptions import UserErrorException
@@ -221,6 +228,18 @@ class Workspace:
             raise UserErrorException("this labrun agent has no MLflow tracking server: set [mlflow] tracking_uri "
                                      "or embedded = true in its config, or run 'labrun ui' for a per-user agent")
         return mlflow["tracking_uri"]
+
+    def _runs_tracking_uri(self) -> str | None:
+        """``MLFLOW_TRACKING_URI`` of the run this process belongs to, if this workspace is that run's agent.
+
+        Outside a run the variable is the shell's own, which says nothing about this agent's server.
+        """
+        env = os.environ
+        if not (env.get("LABRUN_RUN_ID") and env.get("LABRUN_RUN_TOKEN")):
+            return None
+        if self._socket is not None and self._socket != env.get("LABRUN_SOCKET"):
+            return None
+        return env.get("MLFLOW_TRACKING_URI") or None
 
     @property
     def compute_targets(self) -> dict:

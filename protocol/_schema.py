@@ -405,6 +405,9 @@ OP_SCHEMAS: dict[str, Validator] = {
         "tags": Field(_LABELS, dict),
         "properties": Field(_LABELS, dict),
         "parent_run_id": Field(nullable(_RUN_ID), None),
+        # start_logging(snapshot_directory=...): a manifest, as a submit's, with the same uploads.
+        "snapshot": Field(nullable(struct({"files": Field(lambda value, path: validate_manifest(value, path))})),
+                          None),
     }),
     "finish": struct({
         "run_id": Field(_RUN_ID),

@@ -166,6 +166,9 @@ def show(run: dict) -> str:
         rows.append(("Tag", f"{key}={value}"))
     if run.get("mlflow"):
         rows.append(("MLflow", run["mlflow"]["url"]))
+    # What did not fail the run but its owner should know (Azure ML's get_details()["warnings"]).
+    for warning in run.get("warnings") or []:
+        rows.append(("Warning", warning["message"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k + ':':<{width + 1}} {escape(v) if v is not None else '-'}" for k, v in rows)
 

@@ -148,3 +148,28 @@ def test_completion(agent, source):
 @pytest.mark.parametrize("shell", ["fish"])
 def test_unknown_shell_is_bad_usage(agent, shell):
     assert agent.cli("completion", shell).returncode == 2
+
+
+def test_show_prints_the_runs_warnings(agent, source):
+    """``labrun show`` gives the run's warnings (Azure ML's ``get_details()["warnings"]``), escaped, and
+    ``--json`` carries them."""
+    from labrun.cli._format import show
+
+    # A program that leaves a process running when it ends: labrun ends it and warns of it.
+    warned = agent.cli("run", "--source-dir", str(source), "--json", "--", "sh", "-c",
+                       "sleep 60 >/dev/null 2>&1 & echo started")
+    run_id = json.loads(warned.stdout)["run_id"]
+    as_json = one_document(agent.cli("show", run_id, "--json", check=True).stdout)
+    assert [w["source"] for w in as_json["warnings"]] == ["run"]
+    message = as_json["warnings"][0]["message"]
+    assert message.startswith("Run: 1 background process(es) of the run were still running")
+    shown = agent.cli("show", run_id, check=True).stdout.splitlines()
+    assert [line.split(":", 1)[1].strip() for line in shown if line.startswith("Warning:")] == [message]
+
+    quiet = json.loads(agent.cli("run", "--source-dir", str(source), "--json", "--", "true").stdout)["run_id"]
+    assert one_document(agent.cli("show", quiet, "--json", check=True).stdout)["warnings"] == []
+    assert "Warning:" not in agent.cli("show", quiet, check=True).stdout
+
+    # A warning's text is shown as safely as every other string (some name what the user wrote).
+    hostile = show({**as_json, "warnings": [{"source": "environment", "message": "bad\x1b[2J\rpkg\nnext"}]})
+    assert "bad\\e[2J\\rpkg\\nnext" in hostile and all(c.isprintable() or c == "\n" for c in hostile)
