@@ -13,6 +13,7 @@ Each section starts its own agent (or ``tsp`` server) on a temporary socket and 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -82,6 +83,14 @@ class Agent:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
+            # Runs outlive their agent by design: cancel what is still queued or running first, so that the
+            # benchmark leaves no process behind.
+            listing = subprocess.run([*CLI, "ls", "-x", "--json"], env=self.env, capture_output=True, text=True)
+            if listing.returncode == 0:
+                active = [run["run_id"] for run in json.loads(listing.stdout)
+                          if run["status"] not in ("Completed", "Failed", "Canceled")]
+                if active:
+                    subprocess.run([*CLI, "cancel", *active], env=self.env, capture_output=True)
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(timeout=30)
 

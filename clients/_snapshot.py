@@ -48,8 +48,8 @@ def collect_files(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
                   max_bytes: int = DEFAULT_MAX_BYTES) -> list[tuple[str, str, os.stat_result]]:
     """``(name in the snapshot, path, stat)`` of every file to snapshot after the ignore rules, sorted by name.
 
-    Symbolic links to files count as the file they point to; sockets, broken links and
-    unreadable files are skipped, as Azure ML does. ``.git`` is never taken, whatever the ignore
+    Symbolic links to files count as the file they point to; sockets, broken links,
+    unreadable files and unreadable directories are skipped, as Azure ML does. ``.git`` is never taken, whatever the ignore
     files say (as Azure ML).
 
     Raises:
@@ -66,7 +66,13 @@ def collect_files(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
     pending = [("", root)]
     while pending and len(files) <= max_files + MAX_COUNTED_FILES:
         rel_dir, directory = pending.pop()
-        with os.scandir(directory) as entries:
+        try:
+            listing = os.scandir(directory)
+        except OSError as exc:
+            if not rel_dir:
+                raise SnapshotException(f"cannot read source_directory {root!r}: {exc.strerror}") from None
+            continue   # an unreadable directory is skipped, as unreadable files are
+        with listing as entries:
             for entry in entries:
                 rel = rel_dir + entry.name
                 if entry.name == GIT_DIR:

@@ -292,6 +292,24 @@ def test_snapshots_are_made_as_the_user_and_in_place_is_checked_as_the_user(agen
     assert "nobody cannot use" in probe.stdout and "Permission denied" in probe.stdout, probe.stdout + probe.stderr
 
 
+@needs_root
+def test_an_unreadable_directory_is_skipped_and_an_unreadable_source_is_named(agent, shared_source, nobody_client):
+    agent.root.chmod(0o755)
+    (shared_source / "secret").mkdir(mode=0o700)
+    (shared_source / "secret" / "key").write_text("root's\n")
+    code = ("import os\nfrom labrun import Workspace, Experiment, ScriptRunConfig\n"
+            "from labrun.exceptions import SnapshotException\n"
+            "run = Experiment(Workspace(), 'users').submit(ScriptRunConfig('.', command='ls -R'))\n"
+            "run.wait_for_completion()\nprint(run.get_status())\nprint(run.get_log(), end='')\n"
+            "try:\n    Experiment(Workspace(), 'users').submit(ScriptRunConfig('secret', command='true'))\n"
+            "except SnapshotException as exc:\n    print('refused:', exc)\n")
+    result = as_nobody(agent, nobody_client, code, shared_source)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Completed\n"), result.stdout
+    assert "whoami.py" in result.stdout and "key" not in result.stdout
+    assert "refused: cannot read source_directory 'secret': Permission denied" in result.stdout, result.stdout
+
+
 def test_a_queued_run_keeps_its_snapshot_across_a_restart_and_edits(make_agent, tmp_path):
     agent = make_agent("[resources]\nmax_concurrent_runs = 1\n")
     tree = make_tree(tmp_path / "src", {"config.txt": b"as submitted\n"})
