@@ -156,11 +156,13 @@ async def write_file(record, run_dir: Path, name: str, data: bytes, *, append: b
         raise refusal(exc, name, record.run_id) from None
 
 
-def _list(run_dir: Path) -> list[dict]:
+def _list(run_dir: Path, prefixes: tuple[str, ...]) -> list[dict]:
     found = []
     run_fd = open_directory(_root(run_dir))
     try:
         for prefix, area in AREAS:
+            if prefix not in prefixes:
+                continue
             try:
                 area_fd = open_beneath(run_fd, area, os.O_RDONLY | os.O_DIRECTORY)
             except OSError:
@@ -183,10 +185,11 @@ def _list(run_dir: Path) -> list[dict]:
     return sorted(found, key=lambda f: f["name"])
 
 
-async def list_files(record, run_dir: Path) -> list[dict]:
-    """Every regular file of the run, as ``{"name", "size"}``, sorted by name (links are not listed)."""
+async def list_files(record, run_dir: Path, prefixes: tuple[str, ...] = tuple(p for p, _ in AREAS)) -> list[dict]:
+    """Every regular file of the run (of the areas ``prefixes`` name: ``(LOGS,)`` for its logs), as
+    ``{"name", "size"}``, sorted by name (links are not listed). Listed with the owner's rights."""
     try:
-        return await run_as(owner_of(record), _list, run_dir)
+        return await run_as(owner_of(record), _list, run_dir, prefixes)
     except FileNotFoundError:
         return []
 

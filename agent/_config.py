@@ -58,6 +58,8 @@ tracking_uri = "http://127.0.0.1:5000"   # mirror runs into this MLflow server
 run_env = true               # runs get MLFLOW_TRACKING_URI, MLFLOW_RUN_ID, MLFLOW_EXPERIMENT_ID
 artifacts = true             # outputs/ and uploaded files go to MLflow when a run ends
 max_artifact_mb = 1024       # per run
+pool_size = 2                # MLflow runs made ready per busy experiment, so runs start without waiting for MLflow
+pool_max_age_seconds = 10    # one older than this is not used (MLflow would show the run started then)
 
 [docker]
 allow_pull = false           # no registry is assumed reachable
@@ -382,10 +384,11 @@ def _load_snapshot(config: AgentConfig, table: dict) -> None:
 
 
 def _mlflow_config(table: dict) -> MlflowConfig:
-    numbers = {"prepare_timeout_seconds", "timeout_seconds", "retry_initial_seconds", "retry_max_seconds"}
+    numbers = {"prepare_timeout_seconds", "timeout_seconds", "retry_initial_seconds", "retry_max_seconds",
+               "pool_max_age_seconds"}
     flags = {"embedded", "run_env", "artifacts"}
-    _check_keys(table, {"tracking_uri", "port", "user", "username", "password_file", "max_artifact_mb", *numbers,
-                        *flags}, "[mlflow]")
+    _check_keys(table, {"tracking_uri", "port", "user", "username", "password_file", "max_artifact_mb", "pool_size",
+                        *numbers, *flags}, "[mlflow]")
     config = MlflowConfig()
     for key in flags & set(table):
         setattr(config, key, _expect(table[key], bool, f"mlflow.{key}"))
@@ -421,6 +424,10 @@ def _mlflow_config(table: dict) -> MlflowConfig:
         if megabytes < 0:
             raise ConfigError("mlflow.max_artifact_mb: must be at least 0")
         config.max_artifact_bytes = megabytes << 20
+    if "pool_size" in table:
+        config.pool_size = _expect(table["pool_size"], int, "mlflow.pool_size")
+        if not 0 <= config.pool_size <= 100:
+            raise ConfigError("mlflow.pool_size: must be between 0 and 100")
     for key in numbers & set(table):
         value = _expect(table[key], (int, float), f"mlflow.{key}")
         if value <= 0:

@@ -43,6 +43,7 @@ import trio
 from labrun.protocol import __version__, _conda
 
 from ._asuser import Credentials, agent_dir, acting_as, make_private_dir, open_file_as, run_as
+from ._warnings import PIP_FOR_CONDA, PYTHON_NOT_PINNED
 
 log = structlog.get_logger("labrun.environments")
 
@@ -60,6 +61,10 @@ class PreparedEnvironment:
     python: str                     # the interpreter a script runs with
     bin_dir: Path | None = None     # put first on PATH
     variables: dict | None = None
+
+
+# Kept in a built environment, so that every run reusing it is told what its build was told.
+WARNINGS_FILE = ".labrun-warnings.json"
 
 
 def needs_conda(definition: dict) -> bool:
@@ -116,7 +121,7 @@ def _without_azureml(requirements: list[str], build_log) -> list[str]:
     return kept
 
 
-async def _interpreter_for(version: str | None, default: str, build_log, creds, env) -> str:
+async def _interpreter_for(version: str | None, default: str, build_log, creds, env, warnings: dict) -> str:
     """An interpreter of Python ``version`` (``"3.10"``) if this machine has a working one, else ``default``."""
     if version is None:
         return default
@@ -131,8 +136,10 @@ async def _interpreter_for(version: str | None, default: str, build_log, creds, 
             continue
         if result.returncode == 0 and result.stdout.decode().strip() == version:
             return candidate
-    build_log.write(f"labrun: the specification pins python={version}, and this machine has no working "
-                    f"python{version} (with venv): building with {default} instead\n".encode())
+    message = (f"the specification pins python={version}, and this machine has no working python{version} "
+               f"(with venv): building with {default} instead")
+    build_log.write(f"labrun: {message}\n".encode())
+    warnings[PYTHON_NOT_PINNED] = f"Environment build: {message}."
     return default
 
 
@@ -142,7 +149,10 @@ class EnvironmentBuilder:
         self._locks: dict[tuple[int, str], trio.Lock] = defaultdict(trio.Lock)
 
     async def prepare(self, definition: dict | None, interpreter: str, log_path: Path,
-                      creds: Credentials | None = None) -> PreparedEnvironment:
+                      creds: Credentials | None = None, warnings: dict | None = None) -> PreparedEnvironment:
+        """The run's environment, built if need be. ``warnings`` (if given) gets what the run should be
+        warned of, by key, even when the build fails."""
+        warnings = {} if warnings is None else warnings
         if definition is None:
             return PreparedEnvironment(python=interpreter)
         python = definition["python"]
@@ -159,7 +169,8 @@ class EnvironmentBuilder:
                 raise PrepareFailed(f"cannot open {log_path.name}: {exc.strerror or exc}") from None
             with build_log:
                 return await self._build(definition, interpreter, build_log, creds,
-                                         conda=bool(python.get("conda_specification")), log_path=log_path)
+                                         conda=bool(python.get("conda_specification")), log_path=log_path,
+                                         warnings=warnings)
         return PreparedEnvironment(python=interpreter, variables=variables)
 
     def _user_dir(self, creds: Credentials) -> Path:
@@ -187,7 +198,7 @@ class EnvironmentBuilder:
         return env
 
     async def _build(self, definition: dict, interpreter: str, build_log, creds: Credentials, *, conda: bool,
-                     log_path: Path):
+                     log_path: Path, warnings: dict):
         python = definition["python"]
         recipe = {"interpreter": interpreter, "pip": python.get("pip_requirements"),
                   "conda": python.get("conda_specification"), "client": __version__,
@@ -201,6 +212,7 @@ class EnvironmentBuilder:
                 complete = (prefix / ".labrun-complete").exists()
             if complete:
                 build_log.write(f"labrun: reusing environment {definition['name']} ({key})\n".encode())
+                warnings.update(await run_as(creds, _read_warnings, prefix))
                 return PreparedEnvironment(python=str(prefix / "bin" / "python"), bin_dir=prefix / "bin",
                                            variables=variables)
             build_log.write(f"labrun: building environment {definition['name']} ({key})\n".encode())
@@ -208,7 +220,7 @@ class EnvironmentBuilder:
             # A build an earlier agent left half done.
             await run_as(creds, shutil.rmtree, prefix, True)
             env = self._build_env(creds, user_dir)
-            steps = await self._steps(python, interpreter, prefix, user_dir, key, build_log, creds, env)
+            steps = await self._steps(python, interpreter, prefix, user_dir, key, build_log, creds, env, warnings)
             for step in steps:
                 shown = ("<put the labrun client in the environment>" if a == _CLIENT_OVERLAY else a for a in step)
                 build_log.write(("$ " + " ".join(shown) + "\n").encode())
@@ -228,18 +240,23 @@ class EnvironmentBuilder:
                     raise PrepareFailed(f"building environment {definition['name']!r} failed: "
                                         f"{' '.join(step[:4])} ... exited with code {result.returncode}; "
                                         "see user_logs/environment_build.txt")
+            await run_as(creds, (prefix / WARNINGS_FILE).write_text, json.dumps(warnings))
             await run_as(creds, (prefix / ".labrun-complete").touch)
             log.info("environment.built", name=definition["name"], key=key, uid=creds.uid)
         return PreparedEnvironment(python=str(prefix / "bin" / "python"), bin_dir=prefix / "bin", variables=variables)
 
     async def _steps(self, python: dict, interpreter: str, prefix: Path, user_dir: Path, key: str, build_log,
-                     creds: Credentials, env: dict):
+                     creds: Credentials, env: dict, warnings: dict):
         """The commands that build this environment, the last of them putting the labrun client in it."""
         env_python = str(prefix / "bin" / "python")
         tool = _conda_tool() if python.get("conda_specification") else None
         if tool is not None:
             spec = _conda.parse(python["conda_specification"])
             spec["pip"] = _without_azureml(spec["pip"], build_log)
+            if not any(_conda.package_name(p) == "python" for p in spec["conda"]):
+                # The run, and the labrun client put in the environment, need an interpreter there.
+                spec["conda"].append("python")
+                build_log.write(b"labrun: the specification names no python: adding python to it\n")
             spec_file = user_dir / f"{key}.yml"
             await run_as(creds, spec_file.write_text, _conda.dump(spec))
             if Path(tool).name == "micromamba":
@@ -252,10 +269,13 @@ class EnvironmentBuilder:
                 spec = _conda.parse(python["conda_specification"])
                 conda = [p for p in spec["conda"] if _conda.package_name(p) not in _PROVIDED]
                 if conda:
-                    build_log.write(("labrun: no conda or micromamba on this machine: installing the conda "
-                                     f"packages {', '.join(conda)} with pip under the same names\n").encode())
+                    message = ("no conda or micromamba on this machine: installing the conda packages "
+                               f"{', '.join(conda)} with pip under the same names")
+                    build_log.write(f"labrun: {message}\n".encode())
+                    warnings[PIP_FOR_CONDA] = f"Environment build: {message}."
                 requirements = [_conda.conda_to_pip(p) for p in conda] + spec["pip"]
-                interpreter = await _interpreter_for(_conda.python_version(spec), interpreter, build_log, creds, env)
+                interpreter = await _interpreter_for(_conda.python_version(spec), interpreter, build_log, creds, env,
+                                                     warnings)
             requirements = _without_azureml(requirements, build_log)
             steps = [[interpreter, "-I", "-m", "venv", str(prefix)]]
             if requirements:
@@ -269,6 +289,15 @@ class EnvironmentBuilder:
 
 def _conda_tool() -> str | None:
     return shutil.which("conda") or shutil.which("micromamba")
+
+
+def _read_warnings(prefix: Path) -> dict:
+    """What a reused environment's build warned of (nothing, for one an older labrun built)."""
+    try:
+        found = json.loads((prefix / WARNINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
 
 
 def _tail(path: Path, size: int = 64 * 1024) -> str:

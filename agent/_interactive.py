@@ -10,7 +10,7 @@ too, so interactive runs it finds open end ``Failed`` with the reason ``agent_lo
 
 from __future__ import annotations
 
-import os
+import shutil
 import time
 import uuid
 
@@ -19,7 +19,9 @@ from labrun.protocol._statuses import (
     CANCEL_REQUESTED, CANCELED, COMPLETED, FAILED, FINALIZING, RUNNING, TERMINAL,
 )
 
+from ._asuser import acting_as, make_private_dir
 from ._model import RunRecord
+from ._rundir import RunDir
 from ._states import EVENT_TYPES
 
 CLIENT_EXITED = ("the process that started this run exited without calling complete() or fail() "
@@ -57,26 +59,32 @@ class InteractiveRuns:
         }
         run_dir = self.runs_dir / run_id
         try:
-            self._make_run_dir(run_dir, owner)
+            make_private_dir(run_dir.parent, run_dir.name, owner.credentials())
         except FileExistsError:
             raise Conflict(f"a run with id {run_id!r} already exists") from None
         record = RunRecord(run_id=run_id, order=0, experiment=args["experiment"], number=0, uid=owner.uid,
                            gid=owner.gid, user=owner.user, status=RUNNING, spec=spec, environ={},
                            submitted_at=now, started_at=now)
-        self.store.add_run(record, EVENT_TYPES[RUNNING], parent_id=parent.run_id if parent else None)
+        try:
+            self._fill_run_dir(RunDir(run_dir), owner)
+            self.store.add_run(record, EVENT_TYPES[RUNNING], parent_id=parent.run_id if parent else None)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)   # small, and no run refers to it
+            raise
         return record
 
     @staticmethod
-    def _make_run_dir(run_dir, owner) -> None:
-        """The same layout a submitted run has, so outputs, logs and uploads work alike."""
-        run_dir.mkdir(parents=True)
-        outputs = run_dir / "snapshot" / "outputs"
-        outputs.mkdir(parents=True)
-        (run_dir / "outputs").symlink_to("snapshot/outputs")
-        (run_dir / "logs").mkdir()
-        if os.geteuid() == 0 and owner.uid != 0:
-            for path in (run_dir, run_dir / "snapshot", outputs, run_dir / "logs"):
-                os.chown(path, owner.uid, owner.gid)
+    def _fill_run_dir(layout: RunDir, owner) -> None:
+        """The same layout a submitted run has, so outputs, logs and uploads work alike.
+
+        Made as a submitted run's is: the agent creates the private directory (it alone may write the
+        runs directory), and everything inside it is created with the owner's rights, so nothing in
+        the user's tree is ever created or chowned as root.
+        """
+        with acting_as(owner.credentials()):
+            layout.outputs.mkdir(parents=True)
+            layout.outputs_link.symlink_to(layout.outputs.relative_to(layout.root))
+            layout.logs.mkdir()
 
     def finish(self, record: RunRecord, status: str, error: str | None = None, reason: str | None = None) -> RunRecord:
         """End an open interactive run as ``status`` (Completed, Failed or Canceled)."""

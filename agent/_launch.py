@@ -17,6 +17,7 @@ import trio
 from ._artifacts import artifact_path, owner_of
 from ._asuser import Credentials, acting_as, open_directory, open_file_as
 from ._environments import EnvironmentBuilder, PreparedEnvironment, PrepareFailed
+from ._warnings import KIND as WARNINGS
 from ._model import RunRecord
 from ._rundir import RunDir
 from ._scheduler import Allocation, Capacity
@@ -126,10 +127,11 @@ class LaunchPlanner:
                 for n, (kind, index) in enumerate(tasks)]
 
     async def plan(self, preparation: Preparation, *, in_container: bool = False, cluster_tasks: int | None = None,
-                   environments: EnvironmentBuilder | None = None) -> LaunchSpec:
+                   environments: EnvironmentBuilder | None = None, container_network=None) -> LaunchSpec:
         """Everything before the process starts: environment, resume_from, variables, ranks.
 
-        ``in_container``: the run executes in an image, which has its own Python and paths.
+        ``in_container``: the run executes in an image, which has its own Python and paths; its
+        network (``_mlflow_setup.ContainerNetwork``) says how it reaches this machine's MLflow server.
         ``cluster_tasks``: the run executes as that many tasks on a cluster (Slurm), which starts them, gives
         them their ranks and GPUs: no local ranks, GPU variables or mpirun here, one log per task.
         ``environments``: where pip environments are built (a cluster's shared directory), if not the agent's.
@@ -147,15 +149,21 @@ class LaunchPlanner:
             prepared = PreparedEnvironment(python=interpreter, variables=environment.get("environment_variables"))
             env = {}
         else:
-            prepared = await (environments or self.environments).prepare(
-                spec.get("environment"), spec["interpreter"] or "python3", run_dir.environment_log, creds)
+            warnings: dict[str, str] = {}
+            try:
+                prepared = await (environments or self.environments).prepare(
+                    spec.get("environment"), spec["interpreter"] or "python3", run_dir.environment_log, creds,
+                    warnings)
+            finally:
+                if warnings:   # a failed build's too: they say why it may have failed
+                    self.store.set_labels(record.run_id, WARNINGS, warnings)
             # Queued runs keep the client's environment on disk only (see Supervisor.submit).
             env = {k: v for k, v in self.store.environ(record.run_id).items() if k != "LABRUN_RUN_TOKEN"}
         env.update(prepared.variables or {})
         env.update(spec["environment_variables"])
-        if self.mlflow is not None and not in_container:   # 127.0.0.1 is not the agent's inside a container
+        if self.mlflow is not None:
             await self.mlflow.prepare_env(record, env, {**(prepared.variables or {}), **spec["environment_variables"]},
-                                          run_dir.std_log)
+                                          run_dir.std_log, container_network if in_container else None)
         if prepared.bin_dir is not None:
             env["PATH"] = f"{prepared.bin_dir}:{env.get('PATH', os.defpath)}"
             env["VIRTUAL_ENV"] = str(prepared.bin_dir.parent)

@@ -16,14 +16,17 @@ For each run:
   its final status and end time.
 
 ``run_env`` gives a starting run ``MLFLOW_TRACKING_URI``, ``MLFLOW_RUN_ID`` and
-``MLFLOW_EXPERIMENT_ID``, waiting at most ``prepare_timeout_seconds`` for the MLflow run to exist:
-a slow or dead MLflow never holds a run back. Answers: 408, 429, 5xx and network errors retry
+``MLFLOW_EXPERIMENT_ID``: its own MLflow run if it exists (a run that waited in the queue), else
+one made ahead (``_mlflow_pool``) without any round trip, else (the first run of an experiment, a
+pool used up) it waits at most ``prepare_timeout_seconds`` for its MLflow run to be created: a
+slow or dead MLflow never holds a run back. Answers: 408, 429, 5xx and network errors retry
 with backoff and jitter; MLflow refusing something (a run deleted in its UI) is logged, and
 delivery goes on with the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -34,12 +37,13 @@ from pathlib import Path
 import structlog
 import trio
 
-from labrun.protocol._statuses import TERMINAL
+from labrun.protocol._statuses import PREPARING, STARTING, TERMINAL
 
 from . import _mlflow_map as mapping
 from ._events import EventLog
 from ._mlflow_files import read_chunk, run_files
 from ._mlflow_ledger import Entry, Ledger
+from ._mlflow_pool import POOL_TAG, Pool
 from ._mlflow_rest import MlflowError, MlflowRest, Refused, Unavailable
 from ._store import Store
 
@@ -50,6 +54,9 @@ METRIC_PAGE = 1000
 # Woken by new events, the mirror first lets this much time pass: the scheduler starts the run just
 # submitted without the mirror's HTTP work beside it, and what follows comes as one batch.
 SETTLE_SECONDS = 0.25
+# A run taken from the pool is restored in MLflow once its process has started (not beside its start),
+# and before its own mlflow is imported (seconds); this long at most if its start is slow.
+ADOPT_WAIT_SECONDS = 5.0
 
 
 @dataclass
@@ -65,6 +72,8 @@ class MlflowConfig:
     artifacts: bool = True
     max_artifact_bytes: int = 1 << 30   # per run
     prepare_timeout_seconds: float = 2.0
+    pool_size: int = 2                  # MLflow runs kept ready per busy experiment (0: none, runs wait)
+    pool_max_age_seconds: float = 10.0  # a ready run older than this is not used: MLflow would show it started then
     timeout_seconds: float = 10.0
     retry_initial_seconds: float = 1.0
     retry_max_seconds: float = 60.0
@@ -81,6 +90,8 @@ class MlflowMirror:
         self.runs_dir = runs_dir
         self.live_record = live_record
         self.ledger = Ledger(store, self.tracking_uri)
+        self.pool = Pool(store, self.tracking_uri, config.pool_size if config.run_env else 0,
+                         config.pool_max_age_seconds)
         self.delivered = self.ledger.cursor()
         self.state = "starting"
         self.last_error: str | None = None
@@ -89,13 +100,15 @@ class MlflowMirror:
         self._nursery: trio.Nursery | None = None
         self._experiments: dict[str, str] = {}
         self._locks: dict[str, trio.Lock] = {}
+        self.pool_claimed = 0   # runs that started on a ready MLflow run, since the agent started
 
     # -- what clients see --------------------------------------------------------------
 
     def status(self) -> dict:
         return {"tracking_uri": self.tracking_uri, "state": self.state, "delivered_seq": self.delivered,
                 "backlog": max(0, self.store.last_seq() - self.delivered), "last_error": self.last_error,
-                "last_error_at": self.last_error_at}
+                "last_error_at": self.last_error_at, "pool_ready": self.pool.ready_count(),
+                "pool_claimed": self.pool_claimed, "pool_filling": self.pool.filling}
 
     def link(self, run_id: str) -> dict:
         """The run's page in MLflow's UI (the experiment's page until the run exists there)."""
@@ -136,6 +149,9 @@ class MlflowMirror:
                     trio.open_nursery() as nursery:
                 self._rest = MlflowRest(client, self.tracking_uri)
                 self._nursery = nursery
+                if self.pool.size:
+                    nursery.start_soon(self.pool.run, self._rest, self._experiment_id, self._adopt,
+                                       self.config.retry_initial_seconds, SETTLE_SECONDS)
                 task_status.started()
                 await self._deliver()
         finally:
@@ -186,6 +202,7 @@ class MlflowMirror:
             # that ends meanwhile has a later event, and so a later sync).
             status = record.status
             entry = await self._ensure(record)
+            await self._adopt(record.run_id)
             await self._send_data(record, entry, status)
             await self._send_status(record, entry, status)
         except Refused as exc:
@@ -194,6 +211,8 @@ class MlflowMirror:
                 log.warning("mlflow.run.recreated", run_id=run_id, error=str(exc))
                 self._experiments.clear()
                 self.ledger.forget(run_id)
+                if (pooled := self.pool.claimed(run_id)) is not None:
+                    self.pool.release(pooled.slot)
                 await self._sync(run_id, again=False)
                 return
             # MLflow will not take it (a run deleted in its UI, a param the script set first): say so, go on.
@@ -208,8 +227,16 @@ class MlflowMirror:
 
     # -- one run -----------------------------------------------------------------------
 
-    def _lock(self, run_id: str) -> trio.Lock:
-        return self._locks.setdefault(run_id, trio.Lock())
+    @contextlib.asynccontextmanager
+    async def _run_lock(self, run_id: str):
+        """One task at a time creates or adopts a run's MLflow run."""
+        lock = self._locks.setdefault(run_id, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._locks.pop(run_id, None)
 
     async def _experiment_id(self, name: str) -> str:
         if name not in self._experiments:
@@ -218,40 +245,71 @@ class MlflowMirror:
 
     async def _ensure(self, record) -> Entry:
         """The run's ledger entry, creating its MLflow run (and its parent's, first) if need be."""
-        lock = self._lock(record.run_id)
-        try:
-            async with lock:
-                entry = self.ledger.get(record.run_id)
-                if entry is not None and entry.mlflow_run_id is not None:
-                    return entry
-                parent_id = _parent_of(record)
-                parent = None
-                if parent_id is not None and parent_id != record.run_id:
-                    parent_record = self._record(parent_id)
-                    if parent_record is not None:
-                        parent = await self._ensure(parent_record)
-                experiment_id = parent.experiment_id if parent is not None else \
-                    await self._experiment_id(record.experiment)
-                tags, digest = self._tags(record, parent.mlflow_run_id if parent else None)
-                info = None
-                if entry is not None:   # an earlier attempt's answer was lost: the run may exist
-                    info = await self._find(experiment_id, record.run_id)
-                else:
-                    entry = Entry(record.run_id, experiment_id=experiment_id)
-                    self.ledger.put(entry)
-                if info is None:
-                    info = await self._rest.create_run(
-                        experiment_id, user=record.user, start_ms=int(record.submitted_at * 1000),
-                        run_name=tags["mlflow.runName"], tags=tags)
-                    entry.tags_hash, entry.status_sent = digest, "RUNNING"   # what a new MLflow run has
-                entry.mlflow_run_id, entry.experiment_id = info["run_id"], experiment_id
-                entry.artifact_uri = info.get("artifact_uri")
+        async with self._run_lock(record.run_id):
+            entry = self.ledger.get(record.run_id)
+            if entry is not None and entry.mlflow_run_id is not None:
+                return entry
+            parent_id = self.store.parents_of([record.run_id]).get(record.run_id)
+            parent = None
+            if parent_id is not None and parent_id != record.run_id:
+                parent_record = self._record(parent_id)
+                if parent_record is not None:
+                    parent = await self._ensure(parent_record)
+            experiment_id = parent.experiment_id if parent is not None else \
+                await self._experiment_id(record.experiment)
+            tags, digest = self._tags(record, parent.mlflow_run_id if parent else None)
+            info = None
+            if entry is not None:   # an earlier attempt's answer was lost: the run may exist
+                info = await self._find(experiment_id, record.run_id)
+            else:
+                entry = Entry(record.run_id, experiment_id=experiment_id)
                 self.ledger.put(entry)
-                log.debug("mlflow.run.created", run_id=record.run_id, mlflow_run_id=entry.mlflow_run_id)
-                return entry   # all the rest is _sync's: a starting run waits for this much only
-        finally:
-            if not lock.locked() and not lock.statistics().tasks_waiting:
-                self._locks.pop(record.run_id, None)
+            if info is None:
+                info = await self._rest.create_run(
+                    experiment_id, user=record.user, start_ms=int(record.submitted_at * 1000),
+                    run_name=tags["mlflow.runName"], tags=tags)
+                entry.tags_hash, entry.status_sent = digest, "RUNNING"   # what a new MLflow run has
+            entry.mlflow_run_id, entry.experiment_id = info["run_id"], experiment_id
+            entry.artifact_uri = info.get("artifact_uri")
+            self.ledger.put(entry)
+            log.debug("mlflow.run.created", run_id=record.run_id, mlflow_run_id=entry.mlflow_run_id)
+            return entry   # all the rest is _sync's: a starting run waits for this much only
+
+    async def _adopt(self, run_id: str) -> None:
+        """Make a run taken from the pool this run's: out of MLflow's trash first (its ``mlflow`` refuses
+        a deleted run), then its parent link; its name, tags and the rest follow as for any run."""
+        async with self._run_lock(run_id):
+            pooled = self.pool.claimed(run_id)
+            if pooled is None:
+                return
+            await self._rest.restore_run(pooled.mlflow_run_id)
+            try:
+                await self._rest.call("POST", "runs/delete-tag", {"run_id": pooled.mlflow_run_id, "key": POOL_TAG})
+            except Refused as exc:   # already gone: an earlier attempt's answer was lost
+                if exc.code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+            parent_id = self.store.parents_of([run_id]).get(run_id)
+            parent_record = self._record(parent_id) if parent_id is not None else None
+            if parent_record is not None:
+                parent = await self._ensure(parent_record)
+                await self._rest.log_batch(pooled.mlflow_run_id,
+                                           tags=[{"key": "mlflow.parentRunId", "value": parent.mlflow_run_id}])
+            self.pool.release(pooled.slot)
+            log.debug("mlflow.run.adopted", run_id=run_id, mlflow_run_id=pooled.mlflow_run_id)
+
+    async def _adopt_now(self, run_id: str) -> None:
+        """Right after the run's start, so that its own ``mlflow`` finds its run restored; else delivery adopts it."""
+        with trio.move_on_after(ADOPT_WAIT_SECONDS):
+            while True:
+                wakeup = self.events.appended.current()
+                record = self._record(run_id)
+                if record is None or record.status not in (PREPARING, STARTING):
+                    break
+                await wakeup.wait()
+        try:
+            await self._adopt(run_id)
+        except MlflowError as exc:
+            self._failed(f"run {run_id}: {exc}", "retrying" if isinstance(exc, Unavailable) else "refused")
 
     async def _send_params(self, record, entry: Entry, params: list[dict]) -> None:
         """One at a time: MLflow refuses a whole batch for one param already set (by the script, as 1.0 for 1)."""
@@ -270,7 +328,9 @@ class MlflowMirror:
 
     def _tags(self, record, parent_mlflow_id: str | None = None) -> tuple[dict[str, str], str]:
         """The run's tags and their digest (without the parent link, which is set once, at creation)."""
-        tags = mapping.tags(record, self.store.labels(record.run_id, "tags"), parent_mlflow_id)
+        # A display name set after submit (``run.display_name = ...``) is an attribute label.
+        renamed = self.store.labels(record.run_id, "attributes").get("display_name")
+        tags = mapping.tags(record, self.store.labels(record.run_id, "tags"), parent_mlflow_id, renamed)
         plain = {k: v for k, v in tags.items() if k != "mlflow.parentRunId"}
         return tags, hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
 
@@ -373,6 +433,10 @@ class MlflowMirror:
         if entry is None or entry.mlflow_run_id is None:
             if self._nursery is None or self.state == "retrying":
                 return None   # down or not started yet: the run starts now, and is mirrored later
+            if entry is None and record.run_id not in self._locks:   # nothing under way for it: take a ready one
+                entry = self._claim(record)
+                if entry is not None:
+                    return self._env(entry)
             done = trio.Event()
 
             async def attempt():
@@ -390,13 +454,29 @@ class MlflowMirror:
             entry = self.ledger.get(record.run_id)
             if entry is None or entry.mlflow_run_id is None:
                 return None
+        return self._env(entry)
+
+    def _env(self, entry: Entry) -> dict[str, str]:
         return {"MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_RUN_ID": entry.mlflow_run_id,
                 "MLFLOW_EXPERIMENT_ID": entry.experiment_id}
 
-
-def _parent_of(record) -> str | None:
-    """The labrun run this one is a child of, if any (set by the client's child-run API)."""
-    return getattr(record, "parent_run_id", None) or record.spec.get("parent_run_id")
+    def _claim(self, record) -> Entry | None:
+        """The run's ledger entry on a pooled MLflow run of its experiment (its parent's, for a child), if one is ready."""
+        self.pool.want(record.experiment)
+        parent_id = self.store.parents_of([record.run_id]).get(record.run_id)
+        parent = self.ledger.get(parent_id) if parent_id is not None else None
+        experiment_id = parent.experiment_id if parent is not None and parent.experiment_id else \
+            self._experiments.get(record.experiment) or self.pool.experiment_id(record.experiment)
+        pooled = self.pool.claim(experiment_id, record.run_id) if experiment_id is not None else None
+        if pooled is None:
+            return None
+        # A new MLflow run is RUNNING, its tags and params all to send: as for one created for it.
+        entry = Entry(record.run_id, mlflow_run_id=pooled.mlflow_run_id, experiment_id=pooled.experiment_id,
+                      artifact_uri=pooled.artifact_uri, status_sent="RUNNING")
+        self.ledger.put(entry)
+        self.pool_claimed += 1
+        self._nursery.start_soon(self._adopt_now, record.run_id)
+        return entry
 
 
 async def _chunks(fd: int, size: int):

@@ -124,7 +124,7 @@ def command_text(spec: dict) -> str:
     return command if isinstance(command, str) else " ".join(command or [])
 
 
-def tags(record, labels: dict[str, str], parent_mlflow_id: str | None) -> dict[str, str]:
+def tags(record, labels: dict[str, str], parent_mlflow_id: str | None, display_name: str | None = None) -> dict[str, str]:
     """Every tag of the MLflow run: labrun's identity, MLflow's own, and the run's labrun tags."""
     spec = record.spec
     found: dict[str, str] = {}
@@ -142,7 +142,7 @@ def tags(record, labels: dict[str, str], parent_mlflow_id: str | None) -> dict[s
         "labrun.user": record.user,
         "labrun.target": spec.get("compute_target", "local"),
         "labrun.command": command_text(spec),
-        "mlflow.runName": spec.get("display_name") or record.run_id,
+        "mlflow.runName": display_name or spec.get("display_name") or record.run_id,
         "mlflow.user": record.user,
         "mlflow.source.name": spec.get("script") or command_text(spec),
         "mlflow.source.type": "JOB",

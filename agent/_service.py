@@ -18,6 +18,7 @@ import trio
 from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Conflict, Forbidden, NotFound, TooLarge, __version__
 from labrun.protocol._statuses import ACTIVE, QUEUED
 
+from . import _warnings
 from ._artifacts import LOGS, list_files, open_for_reading, write_file
 from ._events import EventFilter, EventLog
 from ._interactive import is_interactive
@@ -25,7 +26,7 @@ from ._limits import LimitsConfig, check_labels, check_text, labels_size
 from ._peers import Peer
 from ._retention import RunFiles
 from ._rundir import RunDir
-from ._snapshot import ContentStore
+from ._snapshot import ContentStore, SnapshotFailed
 from ._supervisor import Owner, Supervisor
 
 LOG_CHUNK = 1024 * 1024
@@ -36,6 +37,8 @@ RECENT_FINISHED = 20
 THREAD_BYTES = 1024 * 1024
 # A list reply is one frame: pages keep it well under the frame limit. Clients follow ``before``.
 LIST_PAGE = 1000
+# Snapshot manifests kept by run id for downloads of their files (a restore downloads each file in turn).
+MANIFESTS_KEPT = 4
 
 SendItem = Callable[[object], Awaitable[None]]
 
@@ -73,6 +76,7 @@ class Service:
         self.events = events
         self.hub = hub
         self.started = time.time()
+        self._manifests: dict[str, dict] = {}
         self.handlers = {
             "hello": self.hello, "submit": self.submit, "blob_put": self.blob_put, "get": self.get,
             "list": self.list, "cancel": self.cancel, "wait": self.wait, "logs": self.logs, "status": self.status,
@@ -124,6 +128,7 @@ class Service:
         shown["interactive"] = is_interactive(record)
         shown["display_name"] = attributes.get("display_name") or shown["display_name"]
         shown["description"] = attributes.get("description", record.spec.get("description"))
+        shown["warnings"] = _warnings.shown(record.spec, labels) if privileged else []
         if privileged:
             shown["run_definition"] = record.spec.get("run_definition")
             # None once labrun rm, clean or retention removed the run's files.
@@ -413,11 +418,49 @@ class Service:
 
     async def files(self, session: Session, args: dict) -> list:
         record = self._owned(session, args["run_id"], "list its files")
+        if args["area"] == "snapshot":
+            return [{"name": path, "size": size, "mode": mode, "hash": digest}
+                    for path, size, mode, digest in self._snapshot(record).values()]
+        if args["area"] == "logs":
+            return await list_files(record, self._run_dir(record), (LOGS,))
         return await list_files(record, self._run_dir(record))
+
+    def _snapshot(self, record) -> dict[str, tuple]:
+        """The manifest the run was submitted with, by path (the last few are kept: a restore reads each file)."""
+        self.run_files.check_present(record)
+        manifest = self._manifests.pop(record.run_id, None)
+        if manifest is None:
+            entries = self.supervisor.snapshots.entries(record.run_id)
+            if entries is None:
+                why = "it is interactive" if is_interactive(record) else "it ran in its source directory (in place)"
+                raise NotFound(f"run {record.run_id} has no snapshot: {why}")
+            manifest = {entry[0]: tuple(entry) for entry in entries}
+        self._manifests[record.run_id] = manifest
+        while len(self._manifests) > MANIFESTS_KEPT:
+            del self._manifests[next(iter(self._manifests))]
+        return manifest
+
+    def _open_snapshot_file(self, record, name: str) -> int | None:
+        """A file of the run's snapshot as submitted: its content in the agent's own store (never the run's
+        working directory, which the run may have changed). None for an empty file."""
+        entry = self._snapshot(record).get(name)
+        if entry is None:
+            raise NotFound(f"the snapshot of run {record.run_id} has no file {name!r}")
+        if not entry[1]:
+            return None
+        try:
+            return self.supervisor.snapshots.open_content(entry[3])
+        except SnapshotFailed as exc:
+            raise NotFound(f"run {record.run_id}: {exc}") from None
 
     async def download(self, session: Session, args: dict, send_item: SendItem) -> None:
         record = self._owned(session, args["run_id"], "read its files")
-        fd = await open_for_reading(record, self._run_dir(record), args["name"])
+        if args["area"] == "snapshot":
+            fd = self._open_snapshot_file(record, args["name"])
+            if fd is None:
+                return
+        else:
+            fd = await open_for_reading(record, self._run_dir(record), args["name"])
         if fd is None:
             raise NotFound(f"run {record.run_id} has no file {args['name']!r}")
         try:

@@ -39,6 +39,8 @@ MAX_OPEN_UPLOADS = 64
 # Hashes named in one "missing" answer, so that the answer fits in a frame; the client asks again for the rest.
 MAX_MISSING = 50_000
 COPY_CHUNK = 1 << 30
+# A snapshot this close to a limit gets a warning (``get_details()["warnings"]``).
+NEAR_LIMIT = 0.8
 
 
 class SnapshotFailed(Exception):
@@ -123,6 +125,22 @@ class ContentStore:
 
     def entries(self, run_id: str) -> list[tuple] | None:
         return self.store.cas_tree_of(run_id)
+
+    def near_limits(self, entries: list[tuple]) -> str | None:
+        """A warning for a snapshot close to this agent's limits (the next, slightly bigger, will be refused)."""
+        files, total = len(entries), sum(e[1] for e in entries)
+        if files >= NEAR_LIMIT * self.max_files:
+            return (f"Snapshot: {files} files, near this agent's limit of {self.max_files} ([snapshot] max_files); "
+                    "add what the run does not need to .labrunignore (or .amlignore), or run in place.")
+        if total >= NEAR_LIMIT * self.max_bytes:
+            return (f"Snapshot: {total / 1e6:.1f} MB, near this agent's limit of {self.max_bytes / 1e6:.1f} MB "
+                    "([snapshot] max_bytes); add what the run does not need to .labrunignore (or .amlignore), "
+                    "or run in place.")
+        return None
+
+    def open_content(self, digest: str) -> int:
+        """An fd on a stored content (the agent's own file, named by a hash from the database)."""
+        return _open_blob(self.objects, digest)
 
     def _delete(self, digests) -> None:
         doomed = [d for d in digests if not self._pins[d]]

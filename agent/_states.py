@@ -68,6 +68,7 @@ class ExitResult:
     exit_code: int | None = None
     signal: int | None = None
     memory_exceeded: bool = False   # killed for using more memory than the run asked for
+    left_behind: int = 0            # background processes still running when the program ended (then ended)
     # Set by executors that know more than an exit status (Slurm's NODE_FAIL, TIMEOUT...): the run's final
     # status, reason and message. ``started``: the command ran at all.
     status: str | None = None

@@ -69,6 +69,7 @@ from ._snapshot import ContentStore
 from ._statecheck import mark_submitting
 from ._states import EVENT_TYPES, ExitResult, check_transition, outcome
 from ._store import Store
+from ._warnings import BACKGROUND_PROCESSES, KIND as WARNINGS, SNAPSHOT_NEAR_LIMITS
 from .executors import Ended, Executor, Handle, HandleError, Live, Lost, Preparation, StartFailed, kind_for
 
 log = structlog.get_logger("labrun.supervisor")
@@ -317,6 +318,10 @@ class Supervisor:
         else:
             await self._check_in_place(in_place, spec["script"], owner)
         spec["in_place"] = in_place
+        near = self.snapshots.near_limits(entries) if entries is not None else None
+        if near:
+            # In the spec, so the warning is stored with the run, in the same transaction.
+            spec[WARNINGS] = {SNAPSHOT_NEAR_LIMITS: near}
 
         now = time.time()
         run_id = f"{spec['experiment']}_{int(now)}_{uuid.uuid4().hex[:8]}"
@@ -746,6 +751,12 @@ class Supervisor:
             exit_fields = {"exit_code": result.exit_code, "signal": result.signal}
         ended = outcome(result, cancel_reason=run.cancel_reason, memory=run.allocation.memory,
                         fail_error=run.fail_error)
+        if result is not None and result.left_behind:
+            # Before the end is recorded: whoever sees the run ended sees this too (and a retry writes it again).
+            self.store.set_labels(record.run_id, WARNINGS, {BACKGROUND_PROCESSES: (
+                f"Run: {result.left_behind} background process(es) of the run were still running when its program "
+                "ended; labrun ended them (SIGTERM, then SIGKILL), since a run ends with all its processes. "
+                "Wait for them in the program if their work matters.")})
         error = ended.error
         if ended.reason == "exit_code":
             # The error a user sees is the exception their script raised, when its traceback is in the logs.

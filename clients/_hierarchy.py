@@ -132,28 +132,6 @@ def fail(run, error_details=None, error_code=None, set_status=True) -> None:
                                             error=message or None, error_code=error_code)
 
 
-def restore_snapshot(run, snapshot_id=None, path=None) -> str:
-    """A zip of the source snapshot the run started from, at ``path`` (default ``./<run id>-snapshot.zip``)."""
-    import zipfile
-
-    run_dir = run._refresh().get("run_dir")
-    snapshot = os.path.join(run_dir, "snapshot") if run_dir else None
-    if snapshot is None or not os.access(snapshot, os.R_OK | os.X_OK):
-        raise UserErrorException(f"the snapshot of run {run.id} is not readable from here (it is on the agent's "
-                                 "machine, under its state directory)")
-    target = path or os.path.join(os.getcwd(), f"{run.id}-snapshot.zip")
-    if os.path.isdir(target):
-        target = os.path.join(target, f"{run.id}-snapshot.zip")
-    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
-        for directory, dirs, files in os.walk(snapshot):
-            dirs[:] = [d for d in dirs if not (directory == snapshot and d == "outputs")]
-            for file in sorted(files):
-                full = os.path.join(directory, file)
-                if os.path.isfile(full) and not os.path.islink(full):
-                    archive.write(full, os.path.relpath(full, snapshot))
-    return target
-
-
 def run_definition(d: dict) -> dict:
     """Azure ML's ``runDefinition``: the one the client sent at submit, else one made from the run's fields."""
     if d.get("run_definition"):

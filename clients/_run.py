@@ -15,12 +15,11 @@ import time
 
 from labrun.protocol import TERMINAL
 
-from . import _hierarchy, _links, _metrics
+from . import _hierarchy, _links, _metrics, _run_files
 from .exceptions import (
     ActivityFailedException, ExperimentExecutionException, RunEnvironmentException, UserErrorException,
 )
 
-LOG_NAME = "user_logs/std_log.txt"
 CHUNK = 8 * 1024 * 1024
 
 
@@ -121,7 +120,8 @@ class Run:
         return dict(self._refresh()["properties"])
 
     def get_details(self) -> dict:
-        """Azure ML's shape, with camelCase keys. ``logFiles`` maps each log to a path on this machine."""
+        """Azure ML's shape, with camelCase keys. ``logFiles`` maps each log to a path this process can open
+        (``_run_files``); ``warnings`` are ``{"source", "message"}`` maps, as Azure ML's."""
         d = self._refresh() if self._details["status"] not in TERMINAL or "run_dir" not in self._details \
             else self._details
         details = {
@@ -136,7 +136,7 @@ class Run:
             "runDefinition": _hierarchy.run_definition(d),
             "logFiles": {},
             "submittedBy": d["user"],
-            "warnings": [],
+            "warnings": list(d.get("warnings") or []),
         }
         if d.get("display_name"):
             details["displayName"] = d["display_name"]
@@ -144,12 +144,7 @@ class Run:
             details["description"] = d["description"]
         if d["ended_at"] is not None:
             details["endTimeUtc"] = _utc(d["ended_at"])
-        logs = [f["name"] for f in self.get_file_list() if f["name"].startswith("user_logs/")]
-        if not d.get("interactive"):
-            logs = logs or [LOG_NAME]
-        run_dir = d.get("run_dir")
-        details["logFiles"] = {name: os.path.join(run_dir, "logs", name[len("user_logs/"):]) if run_dir else name
-                               for name in logs}
+        details["logFiles"] = _run_files.log_files(self, d)
         if d["status"] in ("Failed", "Canceled") and d.get("error"):
             user_error = d["reason"] in ("exit_code", "signal", "failed", "client_exited", "canceled")
             error = {"code": (d.get("reported_error") or {}).get("code") or ("UserError" if user_error else "SystemError"),
@@ -192,6 +187,9 @@ class Run:
         if show_output:
             sys.stdout.write(f"\nExecution Summary\n=================\nRunId: {self._id}\n"
                              f"Web View: {self.get_portal_url()}\n\n")
+            messages = [w.get("message") for w in details["warnings"] if w.get("message")]
+            if messages:
+                sys.stdout.write("Warnings:\n" + "\n".join(messages) + "\n\n")
             if details["status"] == "Failed" and not raise_on_error:
                 sys.stdout.write(f"Error:\n{json.dumps(details.get('error'), indent=4)}\n")
             sys.stdout.flush()
@@ -254,7 +252,11 @@ class Run:
         raise NotSupportedError(refusal("Model"))
 
     def restore_snapshot(self, snapshot_id=None, path=None) -> str:
-        return _hierarchy.restore_snapshot(self, snapshot_id, path)
+        """A zip of the source the run was submitted with (``_run_files``); returns its path."""
+        return _run_files.restore_snapshot(self, snapshot_id, path)
+
+    def get_snapshot_id(self) -> str:
+        return _run_files.snapshot_id(self)
 
     @staticmethod
     def list(experiment, type=None, tags=None, properties=None, status=None, include_children=False):

@@ -381,8 +381,10 @@ OP_SCHEMAS: dict[str, Validator] = {
         "values": Field(map_of(nullable(string(max_len=1 << 16)), max_items=1000,
                                key=string(min_len=1, max_len=LABEL_KEY_MAX))),
     }),
-    "files": struct({"run_id": Field(_RUN_ID)}),
-    "download": struct({"run_id": Field(_RUN_ID), "name": Field(_relative_path), "offset": Field(integer(min=0), 0)}),
+    # area: None (outputs, logs and uploads), "logs" (only user_logs/), "snapshot" (the source the run was submitted with).
+    "files": struct({"run_id": Field(_RUN_ID), "area": Field(nullable(enum(("logs", "snapshot"))), None)}),
+    "download": struct({"run_id": Field(_RUN_ID), "name": Field(_relative_path), "offset": Field(integer(min=0), 0),
+                        "area": Field(nullable(enum(("snapshot",))), None)}),
     "put_file": struct({
         "run_id": Field(_RUN_ID),
         "token": Field(nullable(string(max_len=200)), None),

@@ -17,6 +17,21 @@ REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
 
 
+def spawn_until(argv: list[str], log_path: Path, answers, timeout: float, what: str, **popen) -> subprocess.Popen:
+    """Start a process with its output in ``log_path``; return it once ``answers()``, else fail with its log."""
+    log = open(log_path, "ab")
+    process = subprocess.Popen(argv, stdout=log, stderr=log, **popen)
+    log.close()
+    deadline = time.monotonic() + timeout
+    while not answers():
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.02)
+    return process
+
+
 class AgentProcess:
     """A real agent process. ``env`` is what a client needs to reach it."""
 
@@ -40,16 +55,8 @@ class AgentProcess:
         return argv
 
     def start(self) -> "AgentProcess":
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=log, env=self.env)
-        log.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while not socket_answers(self.socket):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.process.returncode}:\n{self.log_path.read_text()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"agent did not start:\n{self.log_path.read_text()}")
-            time.sleep(0.02)
+        self.process = spawn_until(self.command(), self.log_path, lambda: socket_answers(self.socket), START_TIMEOUT,
+                                   "the agent", env=self.env)
         return self
 
     def stop(self, sig=signal.SIGTERM) -> int:
@@ -152,3 +159,19 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def make_mlflow_server(tmp_path_factory):
+    """A test's own MLflow server (to stop and start, or to listen elsewhere), stopped after the test."""
+    from tests.mlflow_server import MlflowServer
+
+    servers = []
+
+    def make(host: str = "127.0.0.1") -> MlflowServer:
+        servers.append(MlflowServer(tmp_path_factory.mktemp("mlflow"), host).start())
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.stop()

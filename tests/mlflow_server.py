@@ -29,32 +29,30 @@ def answers(url: str) -> bool:
 
 
 class MlflowServer:
-    """One server with its SQLite store and artifacts under ``root``; stop and start keep both and the port."""
+    """One server with its SQLite store and artifacts under ``root``; stop and start keep both and the port.
 
-    def __init__(self, root: Path):
+    ``host``: the address it listens on (``0.0.0.0``: every one); the URL is 127.0.0.1's either way.
+    """
+
+    def __init__(self, root: Path, host: str = "127.0.0.1"):
         self.root = root
+        self.host = host
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "MlflowServer":
+        from tests.conftest import spawn_until
+
         self.root.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-        log = open(self.root / "server.log", "ab")
-        self.process = subprocess.Popen(
+        self.process = spawn_until(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", self.host, "--port",
              str(self.port), "--workers", "1"],
-            stdout=log, stderr=log, env=env, start_new_session=True, cwd=self.root)
-        log.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while not answers(self.url):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited:\n{(self.root / 'server.log').read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not answer:\n{(self.root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.2)
+            self.root / "server.log", lambda: answers(self.url), START_TIMEOUT, "mlflow server", env=env,
+            start_new_session=True, cwd=self.root)
         return self
 
     def stop(self) -> None:
@@ -90,6 +88,11 @@ class MlflowApi:
             "filter": f"tags.`labrun.run_id` = '{run_id}'", "run_view_type": "ALL"}).json().get("runs", [])
         assert len(found) <= 1, f"{len(found)} MLflow runs for {run_id}"
         return found[0] if found else None
+
+    def search_children(self, experiment_id: str, parent_mlflow_id: str) -> list[dict]:
+        return httpx.post(self.base + "runs/search", timeout=30, json={
+            "experiment_ids": [experiment_id],
+            "filter": f"tags.`mlflow.parentRunId` = '{parent_mlflow_id}'"}).json().get("runs", [])
 
     def run(self, mlflow_run_id: str) -> dict:
         return self.get("runs/get", run_id=mlflow_run_id)["run"]

@@ -24,6 +24,7 @@ only the labelled containers no run owns (``reconcile``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal as signals
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from labrun.protocol import parse_memory
 
 from .._asyncio_bridge import AsyncioBridge
 from .._docker_args import DockerPolicy, translate_arguments
+from .._mlflow_setup import ContainerNetwork
 from ._base import (
     Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Preparation, Recovery, StartFailed,
     agent_id, refuse,
@@ -46,6 +48,7 @@ log = structlog.get_logger("labrun.docker")
 LABEL_RUN = "org.labrun.run_id"
 LABEL_AGENT = "org.labrun.agent"
 LOG_TO_FILE = 'exec "$@" >>"$0" 2>&1'
+NETWORK_MODE = "bridge"   # unless the run's arguments choose another, as the agent's policy allows
 # Docker answers 128+N for a process killed by signal N.
 SIGNAL_EXIT_BASE = 128
 
@@ -115,10 +118,12 @@ class DockerExecutor(Executor):
                                   "agent: bake them into the image")
 
     async def prepare(self, preparation: Preparation) -> LaunchSpec:
-        launch = await preparation.planner.plan(preparation, in_container=True)
         spec, run_dir, allocation = preparation.record.spec, preparation.run_dir, preparation.allocation
         docker = spec.get("docker") or {"arguments": [], "shm_size": None}
         translated = translate_arguments(docker["arguments"], self.policy)
+        mode = translated["host"].get("NetworkMode", NETWORK_MODE)
+        launch = await preparation.planner.plan(preparation, in_container=True, container_network=ContainerNetwork(
+            mode, functools.partial(self._gateway, mode)))
         read_only = [str(run_dir.resume_from)] if spec.get("resume_from") is not None else []
         if self.socket is not None and self.socket.exists():
             read_only.append(str(self.socket))   # Run.get_context() inside the container
@@ -174,6 +179,24 @@ class DockerExecutor(Executor):
                               + ("" if self.policy.allow_pull else " (and this agent does not pull images)"),
                               "image_not_found")
 
+    async def _gateway(self, network: str) -> str | None:
+        """This machine's address on a Docker network (its IPAM gateway), or None if Docker does not say."""
+        import aiodocker
+
+        async def inspect():
+            docker = await self._client()
+            return await (await docker.networks.get(network)).show()
+
+        try:
+            found = await self.bridge.call(inspect)
+        except (aiodocker.DockerError, OSError) as exc:
+            log.warning("docker.network.inspect_failed", network=network, error=str(exc))
+            return None
+        for config in (found.get("IPAM") or {}).get("Config") or []:
+            if config.get("Gateway"):
+                return config["Gateway"].split("/")[0]
+        return None
+
     def _config(self, launch: LaunchSpec) -> dict:
         container = launch.container
         log_path = str(launch.ranks[0].log_path)
@@ -183,7 +206,7 @@ class DockerExecutor(Executor):
             "Binds": binds + container["host"].get("Binds", []),
             "Privileged": False,
             "Init": True,
-            "NetworkMode": "bridge",
+            "NetworkMode": NETWORK_MODE,
             "GroupAdd": [str(g) for g in launch.groups],
             **{k: v for k, v in container["host"].items() if k != "Binds"},
             # A run is a plain user process: no capabilities, no way to gain privileges, bounded forks.

@@ -34,6 +34,7 @@ import socket
 import stat
 import subprocess
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,8 @@ def read_exit_record(path: str | None) -> ExitResult | None:
         return None
     return ExitResult(exit_code=code if isinstance(code, int) else None,
                       signal=signum if isinstance(signum, int) else None,
-                      memory_exceeded=record.get("memory_exceeded") is True)
+                      memory_exceeded=record.get("memory_exceeded") is True,
+                      left_behind=left if isinstance(left := record.get("left_behind"), int) and left > 0 else 0)
 
 
 class _Forkserver:
@@ -433,7 +435,7 @@ class LocalExecutor(Executor):
         result = read_exit_record(handle.exit_path)
         if result is not None and not result.memory_exceeded and not result.ok and self.cgroups is not None \
                 and self.cgroups.oom_killed(list(handle.cgroups)):
-            result = ExitResult(exit_code=result.exit_code, signal=result.signal, memory_exceeded=True)
+            result = dataclasses.replace(result, memory_exceeded=True)
         return result
 
     async def aclose(self) -> None:

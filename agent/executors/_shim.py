@@ -200,6 +200,7 @@ class Shim:
         self.failed: int | None = None         # the first non-daemon rank that failed
         self.kill_at: float | None = None      # SIGKILL time of a stop in progress
         self.exceeded = False
+        self.left_behind = 0   # processes of the run still there when its ranks had ended
         self.by_pid: dict[int, int] = {}
 
     def run_processes(self) -> list[int]:
@@ -281,6 +282,7 @@ class Shim:
         left = self.run_processes()
         if not left:
             return
+        self.left_behind = len(left)
         signal_all(left, signal.SIGTERM)
         deadline = time.monotonic() + self.grace
         while left and time.monotonic() < deadline:
@@ -299,7 +301,8 @@ class Shim:
         index = self.failed if self.failed is not None else 0
         code = self.codes.get(index, 0)
         record = {"exit_code": code, "signal": None} if code >= 0 else {"exit_code": None, "signal": -code}
-        return {**record, "memory_exceeded": self.exceeded, "ended_at": time.time(), "ranks": [
+        return {**record, "memory_exceeded": self.exceeded, "left_behind": self.left_behind,
+                "ended_at": time.time(), "ranks": [
             self.codes.get(i) for i in range(len(self.ranks))]}
 
 

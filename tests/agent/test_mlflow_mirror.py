@@ -19,10 +19,10 @@ def spec(**extra) -> dict:
             **extra}
 
 
-def add_run(store: Store, run_id: str, status: str, **extra) -> RunRecord:
+def add_run(store: Store, run_id: str, status: str, parent_id: str | None = None, **extra) -> RunRecord:
     record = RunRecord(run_id=run_id, order=0, experiment="nest", number=0, uid=0, gid=0, user="alice",
                        status=status, spec=spec(**extra), environ={}, submitted_at=time.time())
-    store.add_run(record, "run.queued")
+    store.add_run(record, "run.queued", parent_id=parent_id)
     return record
 
 
@@ -40,7 +40,7 @@ async def test_child_runs_are_nested_under_their_parent(tmp_path, mlflow_server)
     events = EventLog(store)
     (tmp_path / "runs").mkdir()
     # The child comes first in the log: its parent's MLflow run is created for it.
-    child = add_run(store, "nest_1_child", "Completed", parent_run_id="nest_1_parent")
+    child = add_run(store, "nest_1_child", "Completed", parent_id="nest_1_parent")
     store.update_run(child, "run.completed", ended_at=time.time())
     add_run(store, "nest_1_parent", "Running")
     store.add_metrics(child, [{"name": "acc@top-1", "kind": "scalar", "value": 0.5, "step": None, "time": time.time()},
@@ -96,4 +96,29 @@ async def test_a_run_deleted_in_mlflow_does_not_stop_the_others(tmp_path, mlflow
     assert api.run_by_labrun_id("nest_2_second")["info"]["status"] == "SCHEDULED"
     assert again.state == "refused" and "nest_2_first" in again.last_error
     assert store.get_run("nest_2_first").status == "Completed"   # labrun's run is untouched
+    store.close()
+
+
+async def test_a_restart_trashes_the_ready_runs_an_earlier_agent_was_making(tmp_path, mlflow_server):
+    """A run made for the pool whose creation's answer was lost is found by its slot tag and put in MLflow's trash."""
+    import httpx
+
+    from labrun.agent._mlflow_pool import POOL_TAG
+
+    store = Store(tmp_path / "state.db")
+    events = EventLog(store)
+    (tmp_path / "runs").mkdir()
+    config = MlflowConfig(tracking_uri=mlflow_server.url)
+    first = MlflowMirror(config, mlflow_server.url, store, events, tmp_path / "runs")
+    api = MlflowApi(mlflow_server.url)
+    base = f"{mlflow_server.url}/api/2.0/mlflow/"
+    experiment_id = httpx.post(base + "experiments/create", json={"name": "pool-recovery"}).json()["experiment_id"]
+    # What the agent had done when it died: the row written, the run created, the answer never read.
+    store._db.execute("INSERT INTO mlflow_pool (tracking_uri, slot, experiment, experiment_id, created_at) VALUES "
+                      "(?, 'slot1', 'pool-recovery', ?, ?)", (first.tracking_uri, experiment_id, time.time()))
+    made = httpx.post(base + "runs/create", json={"experiment_id": experiment_id, "start_time": 0,
+                                                  "tags": [{"key": POOL_TAG, "value": "slot1"}]}).json()["run"]["info"]
+    again = MlflowMirror(config, mlflow_server.url, store, events, tmp_path / "runs")
+    await mirror_until(again, store, lambda: store._db.execute("SELECT count(*) FROM mlflow_pool").fetchone()[0] == 0)
+    assert api.run(made["run_id"])["info"]["lifecycle_stage"] == "deleted"
     store.close()

@@ -1,6 +1,7 @@
 """Environments in the shape of Microsoft's v1 samples: CondaDependencies.create, and a scikit-learn training
 with arguments and a pip environment. Built environments get the labrun client without listing it."""
 
+import json
 import shutil
 import sys
 import textwrap
@@ -10,6 +11,7 @@ import pytest
 
 from labrun import Environment, Experiment, ScriptRunConfig
 from labrun.conda_dependencies import CondaDependencies
+from labrun.protocol import _conda
 from tests.e2e.test_azureml import _wheel
 
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -82,6 +84,15 @@ def test_conda_dependencies_create_without_conda(agent, tmp_path):
     assert "installing the conda packages tinypkg=1.0 with pip under the same names" in build
     assert "leaving out azureml-defaults: the labrun client stands in for it" in build
     assert "pins python" not in build
+    # Azure ML's warnings say so too, for this run and for a run that reuses the environment.
+    again = Experiment(agent.workspace(), "conda-env").submit(
+        ScriptRunConfig(source_directory=str(source), script="train.py", environment=myenv))
+    assert again.wait_for_completion(raise_on_error=False)["status"] == "Completed"
+    assert "reusing environment myenv" in _build_log(again, tmp_path)
+    for details in (run.get_details(), again.get_details()):
+        assert details["warnings"] == [{"source": "environment", "message": (
+            "Environment build: no conda or micromamba on this machine: installing the conda packages "
+            "tinypkg=1.0 with pip under the same names.")}]
 
 
 @pytest.mark.slow
@@ -100,6 +111,10 @@ def test_a_missing_package_fails_the_build_naming_it_and_a_missing_python_is_rep
     assert "pip cannot find the package 'no-such-conda-package'" in details["error"]["error"]["message"]
     build = _build_log(run, tmp_path)
     assert "the specification pins python=3.1, and this machine has no working python3.1" in build
+    # A failed build's warnings are kept: they may say why it failed.
+    assert [w["message"].split(":")[1].strip() for w in details["warnings"]] == [
+        "no conda or micromamba on this machine", "the specification pins python=3.1, and this machine has no "
+        "working python3.1 (with venv)"]
 
 
 SKLEARN_TRAIN = textwrap.dedent("""
@@ -188,3 +203,84 @@ def test_with_micromamba_the_specification_goes_to_it(make_agent, tmp_path):
     given = _conda.parse((tmp_path / "micromamba-args.yml").read_text())
     assert given["conda"] == ["python=3.10.18", "numpy=1.26", "pip"] and given["pip"] == ["joblib"]
     assert "labrun-client" in run.get_log()
+
+
+# A stand-in for conda or micromamba (no conda channel is reachable here): it records how it was called and
+# the specification it was given, and makes a working environment at the prefix (a virtualenv holding a
+# module the run imports, so the run proves it used that prefix).
+STAND_IN = """#!{python}
+import json, os, subprocess, sys
+argv = sys.argv[1:]
+prefix, spec = argv[argv.index("--prefix") + 1], argv[argv.index("--file") + 1]
+with open({record!r}, "a") as f:
+    f.write(json.dumps({{"argv": sys.argv, "spec": open(spec).read()}}) + "\\n")
+subprocess.run([sys.executable, "-m", "venv", "--without-pip", prefix], check=True)
+purelib = subprocess.run([os.path.join(prefix, "bin", "python"), "-c",
+                          "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+with open(os.path.join(purelib, "from_conda.py"), "w") as f:
+    f.write("MADE_BY = 'the conda stand-in'\\n")
+"""
+
+CONDA_TRAIN = textwrap.dedent("""
+    import sys
+    import from_conda
+    from labrun import Run
+    Run.get_context().log("prefix", sys.prefix)
+    print(from_conda.MADE_BY)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["micromamba", "conda"])
+def test_conda_dependencies_are_built_with_conda_or_micromamba_when_the_machine_has_one(make_agent, tmp_path, tool):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "calls.jsonl"
+    (bin_dir / tool).write_text(STAND_IN.format(python=sys.executable, record=str(record)))
+    (bin_dir / tool).chmod(0o755)
+    agent = make_agent(start=False)
+    # Only the stand-in: a conda the machine may have elsewhere (/opt/conda/bin...) must not be found first.
+    agent.env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
+    agent.start()
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "train.py").write_text(CONDA_TRAIN)
+    cd = CondaDependencies.create(conda_packages=["tinypkg=1.0"], pip_packages=["azureml-defaults", "joblib"],
+                                  python_version="3.10")
+    cd.add_channel("conda-forge")
+    env = Environment("with-conda")
+    env.python.conda_dependencies = cd
+    experiment = Experiment(agent.workspace(), "conda-tool")
+    runs = [experiment.submit(ScriptRunConfig(source_directory=str(source), script="train.py", environment=env))
+            for _ in range(2)]
+    for run in runs:
+        details = run.wait_for_completion(raise_on_error=False)
+        assert details["status"] == "Completed", _build_log(run, tmp_path) + run.get_log()
+        assert "the conda stand-in" in run.get_log() and details["warnings"] == []
+
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(calls) == 1   # built once, reused by the second run
+    argv = calls[0]["argv"]
+    prefix = argv[argv.index("--prefix") + 1]
+    expected = ["create"] if tool == "micromamba" else ["env", "create"]
+    assert argv == [str(bin_dir / tool), *expected, "--yes", "--prefix", prefix, "--file", argv[-1]]
+    # The run used that prefix's interpreter.
+    assert {run.get_metrics()["prefix"] for run in runs} == {prefix}
+    spec = _conda.parse(calls[0]["spec"])
+    assert "conda-forge" in spec["channels"]
+    assert "python=3.10" in spec["conda"] and "tinypkg=1.0" in spec["conda"]   # the pin is conda's to honour
+    assert "joblib" in spec["pip"] and not any(p.startswith("azureml") for p in spec["pip"])
+    build = _build_log(runs[0], tmp_path)
+    assert f"$ {bin_dir / tool} {' '.join(expected)} --yes --prefix {prefix}" in build
+    assert "with pip under the same names" not in build and "pins python" not in build
+    assert "reusing environment with-conda" in _build_log(runs[1], tmp_path)
+
+    # A specification that names no python gets one: the run and the labrun client need an interpreter there.
+    (tmp_path / "bare.yml").write_text("name: bare\ndependencies:\n- tinypkg=1.0\n")
+    bare = Environment.from_conda_specification("conda-no-python", str(tmp_path / "bare.yml"))
+    run = experiment.submit(ScriptRunConfig(source_directory=str(source), script="train.py", environment=bare))
+    assert run.wait_for_completion(raise_on_error=False)["status"] == "Completed", _build_log(run, tmp_path)
+    spec = _conda.parse(json.loads(record.read_text().splitlines()[-1])["spec"])
+    assert spec["conda"] == ["tinypkg=1.0", "python"]
+    assert "the specification names no python: adding python to it" in _build_log(run, tmp_path)

@@ -1,0 +1,205 @@
+"""MLflow runs made ahead of need, so that a run which starts at once gets ``MLFLOW_RUN_ID`` without waiting.
+
+MLflow makes its run ids itself: a run's ``MLFLOW_RUN_ID`` exists only once ``runs/create`` has
+answered, a round trip that would otherwise sit between submit and start. So, per MLflow
+experiment where runs have lately started before their own MLflow run existed, the mirror keeps a
+few MLflow runs ready (``pool_size``), and such a run takes one at once (``claim``); the mirror
+then gives it the run's name, tags, parent, params, metrics and status (``MlflowMirror._adopt``).
+
+What users see in MLflow:
+
+- a waiting run is *deleted* (MLflow's trash, hidden from its UI and searches), named
+  ``labrun-reserved`` and tagged ``labrun.pool``; claiming restores it at once (the run's own
+  ``mlflow`` refuses a deleted run: one round trip, done long before a script has even imported
+  ``mlflow``), then drops the tag;
+- MLflow never changes a run's start time, so a claimed run shows the time it was made ready:
+  that is why a waiting run is used only while younger than ``pool_max_age_seconds`` (10), and
+  pools are kept only where runs keep starting (demand within that age). Older ones stay in
+  MLflow's trash, where ``mlflow gc`` removes them; at most ``pool_size`` per burst of runs.
+
+Persistence: each waiting run is a row of ``mlflow_pool`` (through the store's connection, see
+``_mlflow_ledger``), written *before* it is created, under a slot id that is also its
+``labrun.pool`` tag. So a restart finds every run it made, even one whose creation's answer was
+lost, and trashes what was not ready (``recover``); a claimed one not yet adopted is adopted.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from ._mlflow_rest import MlflowError, Refused, Unavailable
+
+log = structlog.get_logger("labrun.mlflow")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS mlflow_pool (
+    tracking_uri TEXT NOT NULL,
+    slot TEXT NOT NULL,
+    experiment TEXT NOT NULL,
+    experiment_id TEXT NOT NULL,
+    mlflow_run_id TEXT,
+    artifact_uri TEXT,
+    created_at REAL NOT NULL,
+    ready INTEGER NOT NULL DEFAULT 0,
+    run_id TEXT,
+    PRIMARY KEY (tracking_uri, slot)
+)"""
+
+POOL_TAG = "labrun.pool"
+POOL_NAME = "labrun-reserved"
+
+
+@dataclass(frozen=True)
+class Pooled:
+    slot: str
+    experiment: str
+    experiment_id: str
+    mlflow_run_id: str
+    artifact_uri: str | None
+
+
+class Pool:
+    def __init__(self, store, tracking_uri: str, size: int, max_age: float):
+        self.tracking_uri = tracking_uri
+        self.size = size
+        self.max_age = max_age
+        self._db = store._db   # the store's connection, as the ledger's
+        self._db.execute(SCHEMA)
+        self.filling = False   # making runs now (what "caught up" waits for, besides the event backlog)
+        self._wanted: dict[str, float] = {}   # experiment name -> when a run last wanted a pooled run there
+        self._changed = trio.Event()
+
+    # -- claiming (synchronous: on a run's way to start) -------------------------------
+
+    def experiment_id(self, experiment: str) -> str | None:
+        row = self._db.execute("SELECT experiment_id FROM mlflow_pool WHERE tracking_uri = ? AND experiment = ? "
+                               "LIMIT 1", (self.tracking_uri, experiment)).fetchone()
+        return row[0] if row else None
+
+    def claim(self, experiment_id: str, run_id: str) -> Pooled | None:
+        """A ready, fresh run of ``experiment_id`` for ``run_id`` (marked claimed), or None."""
+        row = self._db.execute(
+            "SELECT slot, experiment, experiment_id, mlflow_run_id, artifact_uri FROM mlflow_pool WHERE tracking_uri "
+            "= ? AND experiment_id = ? AND ready AND run_id IS NULL AND created_at >= ? ORDER BY created_at LIMIT 1",
+            (self.tracking_uri, experiment_id, time.time() - self.max_age)).fetchone()
+        if row is None:
+            return None
+        self._db.execute("UPDATE mlflow_pool SET run_id = ? WHERE tracking_uri = ? AND slot = ?",
+                         (run_id, self.tracking_uri, row[0]))
+        return Pooled(*row)
+
+    def want(self, experiment: str) -> None:
+        """A run of ``experiment`` started (or is starting) before its own MLflow run existed: keep a pool there."""
+        if self.size:
+            self._wanted[experiment] = time.time()
+            self._changed.set()
+
+    def claimed(self, run_id: str) -> Pooled | None:
+        row = self._db.execute(
+            "SELECT slot, experiment, experiment_id, mlflow_run_id, artifact_uri FROM mlflow_pool WHERE tracking_uri "
+            "= ? AND run_id = ?", (self.tracking_uri, run_id)).fetchone()
+        return Pooled(*row) if row else None
+
+    def release(self, slot: str) -> None:
+        """The claimed run is adopted (or gone): the pool has nothing more to do with it."""
+        self._db.execute("DELETE FROM mlflow_pool WHERE tracking_uri = ? AND slot = ?", (self.tracking_uri, slot))
+
+    def ready_count(self) -> int:
+        return self._db.execute("SELECT count(*) FROM mlflow_pool WHERE tracking_uri = ? AND ready AND run_id IS NULL "
+                                "AND created_at >= ?", (self.tracking_uri, time.time() - self.max_age)).fetchone()[0]
+
+    # -- filling (the mirror's task) ---------------------------------------------------
+
+    async def run(self, rest, experiment_id, adopt, retry_seconds: float, settle_seconds: float) -> None:
+        """Keep the wanted pools full until cancelled.
+
+        ``experiment_id(name)``: the mirror's (cached) MLflow experiment id; ``adopt(run_id)``: the
+        mirror's adoption of a claimed run, for those a restart left claimed and not adopted. Woken by
+        a claim, it first lets ``settle_seconds`` pass: the run that claimed starts without its work beside it.
+        """
+        await self._recover(rest, adopt)
+        while True:
+            self._changed = trio.Event()
+            now = time.time()
+            # Too old to be claimed: left in MLflow's trash (mlflow gc), forgotten here.
+            self._db.execute("DELETE FROM mlflow_pool WHERE tracking_uri = ? AND ready AND run_id IS NULL AND "
+                             "created_at < ?", (self.tracking_uri, now - self.max_age))
+            self.filling = True
+            try:
+                for experiment, wanted_at in list(self._wanted.items()):
+                    if wanted_at < now - self.max_age:
+                        del self._wanted[experiment]
+                        continue
+                    mlflow_experiment = await experiment_id(experiment)
+                    while self._free(mlflow_experiment) < self.size:
+                        await self._make(rest, experiment, mlflow_experiment)
+            except Unavailable as exc:
+                log.debug("mlflow.pool.unavailable", error=str(exc))
+                await trio.sleep(retry_seconds)
+                continue
+            except Refused as exc:   # an experiment MLflow will not take runs in: not pooled until wanted again
+                log.warning("mlflow.pool.refused", error=str(exc))
+                self._wanted.pop(experiment, None)
+                continue
+            finally:
+                self.filling = False
+            with trio.move_on_after(self._next_expiry(now)):
+                await self._changed.wait()
+                await trio.sleep(settle_seconds)
+
+    def _free(self, experiment_id: str) -> int:
+        return self._db.execute("SELECT count(*) FROM mlflow_pool WHERE tracking_uri = ? AND experiment_id = ? AND "
+                                "run_id IS NULL AND created_at >= ?",
+                                (self.tracking_uri, experiment_id, time.time() - self.max_age)).fetchone()[0]
+
+    def _next_expiry(self, now: float) -> float:
+        oldest = self._db.execute("SELECT min(created_at) FROM mlflow_pool WHERE tracking_uri = ? AND run_id IS NULL",
+                                  (self.tracking_uri,)).fetchone()[0]
+        times = [*(t + self.max_age for t in self._wanted.values()), *([oldest + self.max_age] if oldest else [])]
+        return max(0.05, min(times) - now + 0.01) if times else float("inf")
+
+    async def _make(self, rest, experiment: str, experiment_id: str) -> None:
+        slot = uuid.uuid4().hex
+        start = time.time()
+        self._db.execute("INSERT INTO mlflow_pool (tracking_uri, slot, experiment, experiment_id, created_at) "
+                         "VALUES (?, ?, ?, ?, ?)", (self.tracking_uri, slot, experiment, experiment_id, start))
+        info = await rest.create_run(experiment_id, user="labrun", start_ms=int(start * 1000), run_name=POOL_NAME,
+                                     tags={POOL_TAG: slot})
+        self._db.execute("UPDATE mlflow_pool SET mlflow_run_id = ?, artifact_uri = ? WHERE tracking_uri = ? AND "
+                         "slot = ?", (info["run_id"], info.get("artifact_uri"), self.tracking_uri, slot))
+        await rest.call("POST", "runs/delete", {"run_id": info["run_id"]})
+        self._db.execute("UPDATE mlflow_pool SET ready = 1 WHERE tracking_uri = ? AND slot = ?",
+                         (self.tracking_uri, slot))
+        log.debug("mlflow.pool.made", experiment_id=experiment_id, mlflow_run_id=info["run_id"])
+
+    async def _recover(self, rest, adopt) -> None:
+        """After a restart: trash what an earlier agent was making, adopt what it had handed out."""
+        rows = self._db.execute("SELECT slot, experiment_id, mlflow_run_id, run_id FROM mlflow_pool WHERE "
+                                "tracking_uri = ? AND (NOT ready OR run_id IS NOT NULL)", (self.tracking_uri,)).fetchall()
+        for slot, experiment_id, mlflow_run_id, run_id in rows:
+            while True:
+                try:
+                    if run_id is not None:
+                        await adopt(run_id)   # releases it once done; delivery tries again at the run's next event
+                        break
+                    if mlflow_run_id is None:   # its creation's answer was lost: find it by its slot tag
+                        found = await rest.call("POST", "runs/search", {
+                            "experiment_ids": [experiment_id], "filter": f"tags.`{POOL_TAG}` = '{slot}'",
+                            "max_results": 1, "run_view_type": "ALL"})
+                        mlflow_run_id = (found.get("runs") or [{}])[0].get("info", {}).get("run_id")
+                    if mlflow_run_id is not None:
+                        await rest.call("POST", "runs/delete", {"run_id": mlflow_run_id})
+                    self.release(slot)
+                    break
+                except Unavailable:
+                    await trio.sleep(1.0)
+                except MlflowError as exc:
+                    log.warning("mlflow.pool.recover_refused", slot=slot, run_id=run_id, error=str(exc))
+                    if run_id is None:   # gone (a wiped server): nothing left to trash
+                        self.release(slot)
+                    break
