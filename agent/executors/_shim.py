@@ -54,6 +54,7 @@ WATCHDOG_INTERVAL = 0.5
 # How long the final sweep waits for a SIGKILLed process to go before looking again.
 SWEEP_PAUSE = 0.02
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NAME = 15
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -467,6 +468,8 @@ def serve(sock_fd: int) -> int:
 
 
 def _wait_for_plan(groups: list[str], status: int, plan_fd: int) -> int:
+    # Its command line is the forkserver's: its name (ps -o comm, top, pgrep) says what it is.
+    ctypes.CDLL(None).prctl(PR_SET_NAME, b"labrun-shim", 0, 0, 0)
     try:
         join_groups(groups)
     except OSError as exc:

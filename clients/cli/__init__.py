@@ -528,6 +528,24 @@ def _memory(value: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's, with the terminal's width found without importing shutil (argparse makes a formatter for
+    every argument it adds, and shutil, with what it imports, costs a submit more than the rest of argparse's
+    set-up)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+        if width is None:
+            try:
+                width = int(os.environ["COLUMNS"])
+            except (KeyError, ValueError):
+                try:
+                    width = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                except (AttributeError, ValueError, OSError):
+                    width = 80
+            width -= 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class _Skipped:
     """Stands in for the parser of a subcommand that is not the one being run (see ``build_parser``)."""
 
@@ -551,7 +569,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     from . import _cleanup
 
-    parser = argparse.ArgumentParser(prog="labrun", description="Submit and watch runs on this machine's labrun agent.")
+    parser = argparse.ArgumentParser(prog="labrun", description="Submit and watch runs on this machine's labrun agent.",
+                                     formatter_class=_Formatter)
     parser.built = only is None
     parser.add_argument("--version", action="version", version=f"labrun {__version__}")
     parser.add_argument("--socket", help="the agent's socket (default: $LABRUN_SOCKET, the system agent, "
@@ -562,7 +581,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     def add_parser(name, **kwargs):
         if only is None or name == only:
             parser.built = True
-            return commands.add_parser(name, **kwargs)
+            return commands.add_parser(name, formatter_class=_Formatter, **kwargs)
         return _Skipped()
 
     def submitting(name, func, help):

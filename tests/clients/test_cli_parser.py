@@ -45,3 +45,18 @@ def test_an_unknown_command_is_named_with_the_choices(capsys):
     assert exit.value.code == 2
     error = capsys.readouterr().err
     assert "invalid choice: 'sumbit'" in error and "submit" in error and "events" in error
+
+
+def test_a_submit_imports_nothing_it_does_not_use():
+    """argparse's formatter would import shutil, the JSON output json; a submit needs neither."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom labrun import cli\n"
+            "cli.build_parser('submit').parse_args(['submit', '--cpus', '2', '--', 'true'])\n"
+            "import labrun._workspace, labrun._snapshot, labrun._script_run_config\n"
+            "print(' '.join(m for m in ('shutil', 'json', 'typing') if m in sys.modules))\n")
+    baseline = subprocess.run([sys.executable, "-c", "import sys; print(' '.join(sorted(sys.modules)))"],
+                              capture_output=True, text=True, check=True).stdout.split()
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert [m for m in loaded if m not in baseline] == []
