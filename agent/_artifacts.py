@@ -19,9 +19,10 @@ import os
 import stat
 from pathlib import Path
 
-from labrun.protocol import BadRequest, Conflict, Forbidden, NotFound
+from labrun.protocol import AgentError, BadRequest, Conflict, Forbidden, NotFound, Unavailable
 
 from ._asuser import Credentials, make_dirs_beneath, open_beneath, open_directory, open_file_as, run_as
+from ._faults import DISK_ERRNOS
 
 OUTPUTS = "outputs/"
 LOGS = "user_logs/"
@@ -62,25 +63,46 @@ def parse_name(name: str, field: str = "name") -> tuple[str, str]:
     return area, rest
 
 
-def refusal(exc: OSError, name: str, run_id: str) -> Exception:
-    """The client's error for an ``OSError`` met while opening ``name`` of a run."""
-    if exc.errno == errno.ELOOP:
-        return BadRequest(f"{name!r} of run {run_id} is, or passes through, a symbolic link; "
-                          "labrun does not follow links in a run's files")
+# What a request's file name or offset did wrong, as the kernel said it: the client's mistake, not the agent's.
+_CLIENT_ERRNOS = {
+    errno.ELOOP: "is, or passes through, a symbolic link; labrun does not follow links in a run's files",
+    errno.ENOTDIR: "passes through something that is not a directory",
+    errno.EXDEV: "passes through something that is not a directory",
+    errno.EISDIR: "is a directory, not a file",
+    errno.ENXIO: "is not a regular file (a FIFO, socket or device); labrun serves only files",
+    errno.ENODEV: "is not a regular file (a FIFO, socket or device); labrun serves only files",
+    errno.EOPNOTSUPP: "is not a regular file (a FIFO, socket or device); labrun serves only files",
+    errno.ENAMETOOLONG: "has a name that is too long",
+    errno.EINVAL: "has an invalid name, or the offset is invalid",
+    errno.EFBIG: "would be too large",
+}
+
+
+def os_error_reply(exc: OSError, subject: str | None = None) -> AgentError:
+    """The error reply for an ``OSError`` met while serving a request: the one translation of the kernel's
+    errors on users' files. ``subject`` names the file as the client did (by default the last component of
+    the error's file name: never the agent's own paths)."""
+    if subject is None:
+        subject = repr(Path(exc.filename or "").name[:80])
+    if exc.errno in _CLIENT_ERRNOS:
+        return BadRequest(f"{subject} {_CLIENT_ERRNOS[exc.errno]}")
     if exc.errno == errno.ENOENT:
-        return NotFound(f"run {run_id} has no file {name!r}")
-    if exc.errno in (errno.ENOTDIR, errno.EXDEV):
-        return BadRequest(f"{name!r} of run {run_id} passes through something that is not a directory")
-    if exc.errno == errno.EISDIR:
-        return BadRequest(f"{name!r} of run {run_id} is a directory, not a file")
-    if exc.errno in (errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):
-        return BadRequest(f"{name!r} of run {run_id} is not a regular file (a FIFO, socket or device); "
-                          "labrun serves only files")
-    if exc.errno == errno.EEXIST:
-        return Conflict(f"run {run_id} already has a file {name!r}")
+        return NotFound(f"no such file: {subject}")
+    if exc.errno == errno.EEXIST:   # a file where a name needs a directory, or one that may not be replaced
+        return Conflict(f"{subject} already exists")
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return Forbidden(f"{name!r} of run {run_id} is not accessible to the run's owner")
-    return exc
+        return Forbidden(f"{subject} is not accessible to the run's owner")
+    if exc.errno in DISK_ERRNOS:
+        return Unavailable(f"the agent cannot write to its state directory ({exc.strerror}); try again "
+                           "later. 'labrun status' shows the problem while it lasts")
+    return AgentError(f"agent I/O error: {exc.strerror or exc}")
+
+
+def refusal(exc: OSError, name: str, run_id: str) -> Exception:
+    """The client's error for an ``OSError`` met on ``name`` of a run, or the ``OSError`` itself where it is
+    the agent's (a fault of its disk, or a bug): the server reports and logs those."""
+    reply = os_error_reply(exc, f"{name!r} of run {run_id}")
+    return exc if reply.code in ("internal", "unavailable") else reply
 
 
 def _root(run_dir) -> Path:

@@ -28,6 +28,7 @@ sbatch_args = ["--constraint=a100"]   # allow-listed extra sbatch arguments
 [events]
 retention_days = 30          # never deletes what the hub has not received
 subscriber_buffer = 1000     # events a slow subscriber may fall behind before it gets a gap
+replay_max = 10000           # events one watch request replays; then a gap to resume from (clients do)
 
 [hub]
 url = "https://hub.example.org/v1/events"
@@ -74,6 +75,7 @@ max_bytes = "300M"           # bytes in one run's snapshot (Azure ML's limit); a
 
 [runs]
 retention_days = 14          # delete run directories 14 days after the run ended (default: keep)
+retention_interval = "1h"    # how often that is checked (also once at start); seconds or like "10m", "1h30m"
 purge = false                # true: forget the runs too (rows, metrics); false keeps them for ls/metrics
 ```
 
@@ -89,7 +91,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labrun.protocol import DEFAULT_MAX_FRAME, parse_memory
+from labrun.protocol import DEFAULT_MAX_FRAME, parse_duration, parse_memory
 from labrun.protocol._paths import SYSTEM_SOCKET, SYSTEM_STATE_DIR, user_socket, user_state_dir
 
 from ._docker_args import DockerPolicy
@@ -148,6 +150,7 @@ class RunsConfig:
     """``[runs]``: how long finished runs keep their directory."""
 
     retention_days: float | None = None   # None: run directories are kept until ``labrun rm``/``clean``
+    retention_interval: int = 3600        # seconds between retention sweeps (one also runs at start)
     purge: bool = False                   # also forget the run (row, metrics, tags), not only its files
 
 
@@ -164,6 +167,7 @@ class AgentConfig:
     targets: dict[str, TargetConfig] = field(default_factory=dict)
     retention_days: float = 30.0
     subscriber_buffer: int = 1000
+    replay_max: int = 10_000
     hub: HubConfig | None = None
     docker: DockerPolicy = field(default_factory=DockerPolicy)
     docker_url: str | None = None    # None: DOCKER_HOST, else the local engine's socket
@@ -270,13 +274,17 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
         config.targets[name] = target
 
     events = _expect(data.get("events", {}), dict, "[events]")
-    _check_keys(events, {"retention_days", "subscriber_buffer"}, "[events]")
+    _check_keys(events, {"retention_days", "subscriber_buffer", "replay_max"}, "[events]")
     if "retention_days" in events:
         config.retention_days = float(_expect(events["retention_days"], (int, float), "events.retention_days"))
     if "subscriber_buffer" in events:
         config.subscriber_buffer = _expect(events["subscriber_buffer"], int, "events.subscriber_buffer")
         if config.subscriber_buffer < 1:
             raise ConfigError("events.subscriber_buffer: must be at least 1")
+    if "replay_max" in events:
+        config.replay_max = _expect(events["replay_max"], int, "events.replay_max")
+        if config.replay_max < 1:
+            raise ConfigError("events.replay_max: must be at least 1")
 
     if "hub" in data:
         hub = _expect(data["hub"], dict, "[hub]")
@@ -325,12 +333,17 @@ def load_config(path: Path | None, *, socket: Path | None = None, state_dir: Pat
         config.mlflow = _mlflow_config(_expect(data["mlflow"], dict, "[mlflow]"))
 
     runs = _expect(data.get("runs", {}), dict, "[runs]")
-    _check_keys(runs, {"retention_days", "purge"}, "[runs]")
+    _check_keys(runs, {"retention_days", "retention_interval", "purge"}, "[runs]")
     if "retention_days" in runs:
         days = float(_expect(runs["retention_days"], (int, float), "runs.retention_days"))
         if days <= 0:
             raise ConfigError(f"runs.retention_days: must be more than 0 (leave it out to keep runs), got {days}")
         config.runs.retention_days = days
+    if "retention_interval" in runs:
+        try:
+            config.runs.retention_interval = parse_duration(runs["retention_interval"])
+        except ValueError as exc:
+            raise ConfigError(f"runs.retention_interval: {exc}") from None
     if "purge" in runs:
         config.runs.purge = _expect(runs["purge"], bool, "runs.purge")
 

@@ -5,7 +5,11 @@ argument that is unknown or not allowed. Everything else a container gets is dec
 never privileged, no capabilities at all, ``no-new-privileges``, a pids limit, no host network
 or IPC and no host mounts unless the agent's config allows them. Volume paths are resolved
 (symlinks, ``..``) before the allow-list check, and the resolved path is what gets mounted; the
-resolver is passed in, so the rest stays pure.
+resolver is passed in, so the rest stays pure. Just before the container is created,
+``moved_volumes`` resolves them again: a path that names something else by then (a link swapped
+in after the check) fails the start. (What is left: Docker resolves the path once more when it
+mounts it, at the container's start; a path under the allow-list that a user may change can
+still be swapped in that window. Allow only trees their users cannot rename or link in.)
 """
 
 from __future__ import annotations
@@ -55,6 +59,12 @@ def _allowed_volume(host: str, policy: DockerPolicy, resolve) -> bool:
         if host == root or host.startswith(root + "/") or root == "":
             return True
     return False
+
+
+def moved_volumes(binds: list[str], resolve=os.path.realpath) -> list[str]:
+    """The host paths of ``binds`` (as ``translate_arguments`` resolved them) that resolve elsewhere now."""
+    sources = (bind.split(":", 1)[0] for bind in binds)
+    return [source for source in sources if resolve(source) != source]
 
 
 def translate_arguments(arguments: list[str], policy: DockerPolicy, resolve=os.path.realpath) -> dict:

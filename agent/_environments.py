@@ -26,6 +26,7 @@ The run's ``PATH`` starts with the environment's ``bin/``, so ``python`` and con
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -33,7 +34,6 @@ import os
 import pwd
 import shutil
 import subprocess
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +146,7 @@ async def _interpreter_for(version: str | None, default: str, build_log, creds, 
 class EnvironmentBuilder:
     def __init__(self, envs_dir: Path):
         self.envs_dir = envs_dir
-        self._locks: dict[tuple[int, str], trio.Lock] = defaultdict(trio.Lock)
+        self._locks: dict[tuple[int, str], trio.Lock] = {}   # builds under way or awaited, by user and recipe
 
     async def prepare(self, definition: dict | None, interpreter: str, log_path: Path,
                       creds: Credentials | None = None, warnings: dict | None = None) -> PreparedEnvironment:
@@ -172,6 +172,18 @@ class EnvironmentBuilder:
                                          conda=bool(python.get("conda_specification")), log_path=log_path,
                                          warnings=warnings)
         return PreparedEnvironment(python=interpreter, variables=variables)
+
+    @contextlib.asynccontextmanager
+    async def _building(self, key: tuple[int, str]):
+        """One build of a recipe at a time; the lock goes once nobody holds or awaits it (recipes are the users':
+        a lock kept for each one ever built would grow without bound)."""
+        lock = self._locks.setdefault(key, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                del self._locks[key]
 
     def _user_dir(self, creds: Credentials) -> Path:
         """``<envs>/<uid>``: the user's own (0700), made by the agent in its own directory."""
@@ -207,7 +219,7 @@ class EnvironmentBuilder:
         user_dir = self._user_dir(creds)
         prefix = user_dir / key
         variables = definition.get("environment_variables") or {}
-        async with self._locks[(creds.uid, key)]:
+        async with self._building((creds.uid, key)):
             with acting_as(creds):
                 complete = (prefix / ".labrun-complete").exists()
             if complete:

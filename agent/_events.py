@@ -7,6 +7,13 @@ every subscription without ever waiting: a subscription whose buffer is full sto
 taking events, and its stream ends with an explicit ``gap`` item naming the first
 seq it missed. A subscriber that reconnects with ``since=<last seq it saw>`` gets
 exactly what it missed, replayed from the store.
+
+A replay reads the store a page at a time (filtered in SQL) and sends each event before
+reading on, so a client that does not read holds up only its own stream, never makes the
+agent buffer the history. One request replays at most ``replay_max`` events
+(``[events] replay_max``): then its stream ends with a ``gap`` whose ``reason`` is
+``replay_limit``, and the client resumes from ``last_delivered`` (the Python iterator
+does so by itself), so a history of any length is served in bounded requests.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from ._store import Store
 log = structlog.get_logger("labrun.events")
 
 DEFAULT_BUFFER = 1000
+DEFAULT_REPLAY_MAX = 10_000
 REPLAY_PAGE = 500
 RETENTION_CHECK_SECONDS = 3600.0
 
@@ -64,9 +72,10 @@ class Subscription:
 
 
 class EventLog:
-    def __init__(self, store: Store, *, buffer: int = DEFAULT_BUFFER):
+    def __init__(self, store: Store, *, buffer: int = DEFAULT_BUFFER, replay_max: int = DEFAULT_REPLAY_MAX):
         self.store = store
         self.buffer = buffer
+        self.replay_max = replay_max
         self.subscriptions: set[Subscription] = set()
         self.appended = Notifier()   # wakes the hub sender
         store.on_events = self.publish
@@ -85,12 +94,19 @@ class EventLog:
         self.subscriptions.add(subscription)
         try:
             last = self.store.last_seq() if since is None else since
+            replayed = 0
             while True:
-                page = self.store.events_since(last, REPLAY_PAGE, run_id=filter.run_id)
+                await trio.lowlevel.checkpoint()   # a long replay never holds up the agent's other work
+                page = self.store.events_since(last, REPLAY_PAGE, run_id=filter.run_id,
+                                               experiment=filter.experiment, user=filter.user, types=filter.types)
                 for event in page:
-                    if filter.matches(event):
-                        await send_item({"event": event})
+                    if replayed == self.replay_max:
+                        await send_item({"gap": {"first_missed": event["seq"], "last_delivered": last,
+                                                 "reason": "replay_limit"}})
+                        return
+                    await send_item({"event": event})
                     last = event["seq"]
+                    replayed += 1
                 if len(page) < REPLAY_PAGE:
                     break
             if not follow:
@@ -102,7 +118,8 @@ class EventLog:
                         await send_item({"event": event})
                         last = event["seq"]
                 if subscription.first_missed is not None:
-                    await send_item({"gap": {"first_missed": subscription.first_missed, "last_delivered": last}})
+                    await send_item({"gap": {"first_missed": subscription.first_missed, "last_delivered": last,
+                                             "reason": "buffer_full"}})
                     return
                 subscription.wakeup = trio.Event()
                 await subscription.wakeup.wait()

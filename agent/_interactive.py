@@ -10,7 +10,7 @@ too, so interactive runs it finds open end ``Failed`` with the reason ``agent_lo
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 import time
 import uuid
 
@@ -21,6 +21,7 @@ from labrun.protocol._statuses import (
 
 from ._asuser import acting_as, make_private_dir
 from ._model import RunRecord
+from ._retention import remove_run_dir
 from ._rundir import RunDir
 from ._states import EVENT_TYPES
 
@@ -69,7 +70,8 @@ class InteractiveRuns:
             self._fill_run_dir(RunDir(run_dir), owner)
             self.store.add_run(record, EVENT_TYPES[RUNNING], parent_id=parent.run_id if parent else None)
         except BaseException:
-            shutil.rmtree(run_dir, ignore_errors=True)   # small, and no run refers to it
+            with contextlib.suppress(OSError):   # small, and no run refers to it
+                remove_run_dir(RunDir(run_dir))
             raise
         return record
 

@@ -162,7 +162,7 @@ async def _serve(config: AgentConfig, store: Store, faults: Faults, executors: d
                  task_status, activated, notifier: SystemdNotifier) -> None:
     capacity = discover_capacity(config.resources)
     supervisor = Supervisor(config, store, capacity, executors, faults)
-    events = EventLog(store, buffer=config.subscriber_buffer)
+    events = EventLog(store, buffer=config.subscriber_buffer, replay_max=config.replay_max)
     hub = HubSender(config.hub, store, events) if config.hub is not None else None
     run_files = RunFiles(config, store, supervisor)
     limits = Limits(config.limits)
@@ -191,7 +191,7 @@ async def _serve(config: AgentConfig, store: Store, faults: Faults, executors: d
                     return min((c for c in cursors if c is not None), default=None)
 
                 await nursery.start(events.retain, config.retention_days, delivered)
-                await nursery.start(run_files.retain, config.runs.retention_days, config.runs.purge)
+                await nursery.start(run_files.retain)
                 if activated is not None:
                     listener = listener_from_socket(activated)
                 else:
@@ -231,6 +231,8 @@ def _probe_disk(state_dir: Path, store: Store) -> None:
     finally:
         probe.unlink(missing_ok=True)
     store.set_meta("disk_probe", time.time())
+    if store.commit_error is not None:
+        raise store.commit_error   # (the write above only joined the batch that cannot commit yet)
 
 
 def _lifecycle_event(store: Store, faults: Faults, type: str, data: dict) -> None:

@@ -40,17 +40,20 @@ import trio
 from labrun.protocol._statuses import PREPARING, STARTING, TERMINAL
 
 from . import _mlflow_map as mapping
+from ._artifacts import owner_of
 from ._events import EventLog
 from ._mlflow_files import read_chunk, run_files
 from ._mlflow_ledger import Entry, Ledger
 from ._mlflow_pool import POOL_TAG, Pool
 from ._mlflow_rest import MlflowError, MlflowRest, Refused, Unavailable
+from ._rundir import RunDir
 from ._store import Store
 
 log = structlog.get_logger("labrun.mlflow")
 
 ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
 METRIC_PAGE = 1000
+EXPERIMENT_CACHE = 1024   # experiment ids kept in memory (the rest are asked of MLflow again)
 # Woken by new events, the mirror first lets this much time pass: the scheduler starts the run just
 # submitted without the mirror's HTTP work beside it, and what follows comes as one batch.
 SETTLE_SECONDS = 0.25
@@ -240,7 +243,11 @@ class MlflowMirror:
 
     async def _experiment_id(self, name: str) -> str:
         if name not in self._experiments:
-            self._experiments[name] = await self._rest.experiment_id(name)
+            experiment_id = await self._rest.experiment_id(name)
+            # Experiment names are the users': the cache keeps the most recently added, not every one ever seen.
+            if len(self._experiments) >= EXPERIMENT_CACHE:
+                del self._experiments[next(iter(self._experiments))]
+            self._experiments[name] = experiment_id
         return self._experiments[name]
 
     async def _ensure(self, record) -> Entry:
@@ -405,7 +412,7 @@ class MlflowMirror:
             log.warning("mlflow.artifacts.not_proxied", run_id=record.run_id, artifact_uri=entry.artifact_uri,
                         hint="start the MLflow server with --serve-artifacts (its default) to receive files")
             return
-        files = run_files(self.runs_dir / record.run_id, record.uid)
+        files = run_files(RunDir(self.runs_dir / record.run_id), owner_of(record))   # read as the run's user
         budget, skipped = self.config.max_artifact_bytes, 0
         try:
             while (found := await trio.to_thread.run_sync(next, files, None)) is not None:

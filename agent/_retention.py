@@ -1,11 +1,17 @@
 """Deleting run directories: ``labrun rm``, ``labrun clean`` and ``[runs] retention_days``; and the disk they use.
 
 A run directory holds what its (possibly hostile) owner wrote: any name, links
-pointing anywhere, directories without write permission. Deletion therefore never
-follows a link and never resolves a path: it walks from directory file descriptors
-(``openat`` with ``O_NOFOLLOW``, ``unlinkat``), checks that each directory it opened
-is the one it looked at, and deletes links as links. That is safe with root's
-rights, so the agent needs no per-user helper for it.
+pointing anywhere, directories without write permission, and the owner may still be
+changing it while it is deleted. Deletion therefore never follows a link and never
+resolves a path: it walks from directory file descriptors (``openat`` with
+``O_NOFOLLOW``, ``unlinkat``), checks that each directory it opened is the one it
+looked at, and deletes links as links. And everything under the run directory is
+deleted with the rights of that directory's owner (``acting_as``): the run's user, to
+whom the agent gave it and who cannot give it away. So even a walk the owner raced
+into another place could delete nothing they could not delete themselves; only the
+emptied run directory itself, in the agent's own directory, is removed as the agent.
+Paths come from ``RunDir``, which owns the layout. ``remove_run_dir`` is the one way a
+run's directory is deleted: here, after a failed submit, and for an orphan at start.
 
 Only the directory goes; the run's row, metrics and events stay (``ls``, ``show``
 and ``metrics`` keep working) unless ``purge`` is asked for. The run's reference to
@@ -15,7 +21,9 @@ last run using it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import stat
 import time
 from pathlib import Path
@@ -26,31 +34,63 @@ import trio
 from labrun.protocol import AgentError, Conflict, NotFound
 from labrun.protocol._statuses import TERMINAL
 
+from ._asuser import Credentials, acting_as
+from ._faults import is_disk_error
+from ._rundir import RunDir, runs_root
+
 log = structlog.get_logger("labrun.retention")
 
-RETENTION_INTERVAL_SECONDS = 3600.0
 DISK_USAGE_TTL_SECONDS = 60.0
 # Runs removed per store query; retention works through a long history in batches.
 BATCH = 500
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _open_dir(name: str, dir_fd: int | None, expected: os.stat_result) -> int:
-    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    if not os.path.samestat(os.fstat(fd), expected):
-        os.close(fd)
-        raise OSError(f"{name!r} changed while it was being removed")
-    return fd
+def _open_dir(name: str, dir_fd: int, expected: os.stat_result) -> int:
+    """Open the directory ``name`` in ``dir_fd``, the one ``expected`` describes, to list and delete in.
+
+    It is opened by path first (which needs no right on it), checked, given its owner's full rights where it
+    lacks them (a directory its owner made read-only or unreadable cannot be emptied otherwise), and only
+    then opened for reading through that handle: the same directory throughout, never a link.
+    """
+    handle = os.open(name, _PATH_FLAGS, dir_fd=dir_fd)
+    try:
+        info = os.fstat(handle)
+        if not os.path.samestat(info, expected):
+            raise OSError(f"{name!r} changed while it was being removed")
+        if info.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+            # fchmod refuses a path handle; its /proc name reaches exactly the directory it holds.
+            os.chmod(f"/proc/self/fd/{handle}", stat.S_IRWXU)
+        return os.open(".", _DIR_FLAGS, dir_fd=handle)
+    finally:
+        os.close(handle)
+
+
+def remove_run_dir(layout: RunDir) -> int:
+    """Delete a run's directory (and the cluster run directory its link names); returns the bytes freed. Blocking.
+
+    A cluster's run directory (in a Slurm target's run_root) is linked from ``runs/`` by the agent at submit.
+    The link is read, not resolved: what the agent wrote names the directory, never a link in it.
+    """
+    freed = 0
+    if layout.root.is_symlink():
+        real = Path(os.readlink(layout.root))
+        freed = remove_tree(real.parent, real.name)
+    return freed + remove_tree(layout.root.parent, layout.run_id)
 
 
 def remove_tree(parent: Path, name: str) -> int:
     """Delete ``parent/name`` and everything under it without following any link; returns the bytes freed.
 
+    ``parent`` is the agent's; what is under ``parent/name`` is deleted with the rights of its owner.
     Iterative, so a deep tree cannot exhaust the stack; a missing tree frees nothing.
     """
-    parent_fd = os.open(parent, _DIR_FLAGS)
-    freed = 0
+    try:
+        parent_fd = os.open(parent, _DIR_FLAGS)
+    except FileNotFoundError:
+        return 0
     try:
         try:
             top = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
@@ -59,35 +99,53 @@ def remove_tree(parent: Path, name: str) -> int:
         if not stat.S_ISDIR(top.st_mode):
             os.unlink(name, dir_fd=parent_fd)
             return top.st_blocks * 512
-        # The stack holds (fd of the directory's parent, its name, its fd, the entries left to visit).
-        stack = [(parent_fd, name, _open_dir(name, parent_fd, top), None)]
+        top_fd = _open_dir(name, parent_fd, top)
         try:
-            while stack:
-                up_fd, dir_name, fd, entries = stack[-1]
-                if entries is None:
-                    # A directory its owner made read-only cannot be emptied otherwise.
-                    os.fchmod(fd, stat.S_IRWXU)
-                    entries = [e.name for e in os.scandir(fd)]
-                    stack[-1] = (up_fd, dir_name, fd, entries)
-                if not entries:
-                    stack.pop()
-                    freed += os.fstat(fd).st_blocks * 512
-                    os.close(fd)
-                    os.rmdir(dir_name, dir_fd=up_fd)
-                    continue
-                entry = entries.pop()
+            with acting_as(Credentials.of(top.st_uid, top.st_gid)):
+                freed = _empty(top_fd)
+        finally:
+            os.close(top_fd)
+        os.rmdir(name, dir_fd=parent_fd)
+        return freed + top.st_blocks * 512
+    finally:
+        os.close(parent_fd)
+
+
+def _empty(top_fd: int) -> int:
+    """Delete everything in the directory open at ``top_fd``, depth first; returns the bytes freed."""
+    freed = 0
+    # The stack holds (the directory's fd, its name in its parent, its entries left to visit); top_fd stays open.
+    stack: list[tuple[int, str, list[str] | None]] = [(top_fd, "", None)]
+    try:
+        while stack:
+            fd, dir_name, entries = stack[-1]
+            if entries is None:
+                entries = [e.name for e in os.scandir(fd)]
+                stack[-1] = (fd, dir_name, entries)
+            if not entries:
+                stack.pop()
+                if stack:
+                    try:
+                        freed += os.fstat(fd).st_blocks * 512
+                    finally:
+                        os.close(fd)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rmdir(dir_name, dir_fd=stack[-1][0])
+                continue
+            entry = entries.pop()
+            try:
                 info = os.stat(entry, dir_fd=fd, follow_symlinks=False)
                 if stat.S_ISDIR(info.st_mode):
-                    stack.append((fd, entry, _open_dir(entry, fd, info), None))
+                    stack.append((_open_dir(entry, fd, info), entry, None))
                 else:
                     os.unlink(entry, dir_fd=fd)
                     if info.st_nlink <= 1:
                         freed += info.st_blocks * 512
-        finally:
-            for _, _, fd, _ in stack:
-                os.close(fd)
+            except FileNotFoundError:
+                pass   # gone meanwhile (its owner deleting too), as wanted
     finally:
-        os.close(parent_fd)
+        for fd, _, _ in stack[1:]:
+            os.close(fd)
     return freed
 
 
@@ -115,7 +173,7 @@ class RunFiles:
         self.config = config
         self.store = store
         self.supervisor = supervisor
-        self.runs_dir = config.state_dir / "runs"
+        self.runs_dir = runs_root(config.state_dir)
         self._usage: tuple[float, tuple[int, int]] | None = None
         self._usage_lock = trio.Lock()
 
@@ -135,13 +193,7 @@ class RunFiles:
             if waiting:
                 raise Conflict(f"run {waiting[0]} waits for run {record.run_id}; it cannot be purged yet")
         try:
-            link = self.runs_dir / record.run_id
-            freed = 0
-            if link.is_symlink():
-                # A cluster's run directory (a Slurm target's run_root), which the agent linked here at submit.
-                real = link.resolve()
-                freed = await trio.to_thread.run_sync(remove_tree, real.parent, real.name)
-            freed += await trio.to_thread.run_sync(remove_tree, self.runs_dir, record.run_id)
+            freed = await trio.to_thread.run_sync(remove_run_dir, RunDir.of(self.config.state_dir, record.run_id))
         except FileNotFoundError:
             freed = 0   # a removal of the same run at the same time deleted it first: it is gone, as asked
         except OSError as exc:
@@ -156,11 +208,12 @@ class RunFiles:
     async def clean(self, *, older_than: float | None, statuses, uid: int | None, purge: bool) -> list[dict]:
         """Remove every matching finished run (``uid``: only that user's); returns ``{run_id, freed_bytes}``s."""
         ended_before = time.time() - (older_than or 0)
-        removed = []
+        removed, seen = [], set()
         while True:
             batch = self.store.finished_runs_to_remove(ended_before=ended_before, statuses=statuses or TERMINAL,
                                                        uid=uid, limit=BATCH, include_removed=purge)
-            batch = [r for r in batch if r.run_id not in {x["run_id"] for x in removed}]
+            batch = [r for r in batch if r.run_id not in seen]
+            seen.update(r.run_id for r in batch)
             if not batch:
                 return removed
             for record in batch:
@@ -188,14 +241,22 @@ class RunFiles:
                 self._usage = (now, (runs, snapshots))
             return self._usage[1]
 
-    async def retain(self, retention_days: float | None, purge: bool, *,
-                     task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Remove run directories older than ``retention_days`` (by end time), hourly; None: keep all."""
+    async def retain(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Remove run directories older than ``[runs] retention_days`` (by end time): at start, then every
+        ``retention_interval``. Without ``retention_days`` every run directory is kept."""
         task_status.started()
-        if not retention_days:
+        runs = self.config.runs
+        if not runs.retention_days:
             return
         while True:
-            removed = await self.clean(older_than=retention_days * 86400, statuses=None, uid=None, purge=purge)
+            try:
+                removed = await self.clean(older_than=runs.retention_days * 86400, statuses=None, uid=None,
+                                           purge=runs.purge)
+            except (OSError, sqlite3.OperationalError) as exc:
+                if not is_disk_error(exc):
+                    raise
+                log.warning("runs.retention.failed", error=str(exc), detail="tried again at the next check")
+                removed = []
             if removed:
                 log.info("runs.retention.removed", runs=len(removed), bytes=sum(r["freed_bytes"] for r in removed))
-            await trio.sleep(RETENTION_INTERVAL_SECONDS)
+            await trio.sleep(runs.retention_interval)

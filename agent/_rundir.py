@@ -27,9 +27,24 @@ def runs_root(state_dir: Path) -> Path:
     return state_dir / RUNS
 
 
+def _under(*parts: str) -> property:
+    """A path inside the run directory, as a read-only attribute."""
+    return property(lambda self: self.root.joinpath(*parts), doc=f"``<run>/{'/'.join(parts)}``")
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
+
+    snapshot = _under("snapshot")
+    outputs = _under("snapshot", "outputs")
+    outputs_link = _under("outputs")
+    logs = _under("logs")
+    std_log = _under("logs", "std_log.txt")
+    environment_log = _under("logs", "environment_build.txt")
+    artifacts = _under("artifacts")
+    resume_from = _under("resume_from")
+    exit_status = _under("exit.json")
 
     @classmethod
     def of(cls, state_dir: Path, run_id: str) -> "RunDir":
@@ -39,41 +54,5 @@ class RunDir:
     def run_id(self) -> str:
         return self.root.name
 
-    @property
-    def snapshot(self) -> Path:
-        return self.root / "snapshot"
-
-    @property
-    def outputs(self) -> Path:
-        return self.snapshot / "outputs"
-
-    @property
-    def outputs_link(self) -> Path:
-        return self.root / "outputs"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def std_log(self) -> Path:
-        return self.logs / "std_log.txt"
-
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"std_log_process_{rank}.txt"
-
-    @property
-    def environment_log(self) -> Path:
-        return self.logs / "environment_build.txt"
-
-    @property
-    def artifacts(self) -> Path:
-        return self.root / "artifacts"
-
-    @property
-    def resume_from(self) -> Path:
-        return self.root / "resume_from"
-
-    @property
-    def exit_status(self) -> Path:
-        return self.root / "exit.json"

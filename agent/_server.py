@@ -23,12 +23,13 @@ import structlog
 import trio
 
 from labrun.protocol import (
-    STREAMING_OPS, AgentError, BadRequest, Conflict, Forbidden, FrameCorrupt, FrameDecoder, FrameTooLarge, NotFound,
-    TooLarge, Unavailable, pack_frame, parse_request, reply_error, reply_ok, request_id, stream_end, stream_item,
+    STREAMING_OPS, AgentError, BadRequest, Forbidden, FrameCorrupt, FrameDecoder, FrameTooLarge, TooLarge,
+    Unavailable, pack_frame, parse_request, reply_error, reply_ok, request_id, stream_end, stream_item,
 )
 
 from labrun.protocol._paths import tmp_fallback_dir
 
+from ._artifacts import os_error_reply
 from ._faults import DISK_ERRNOS, is_disk_error
 from ._limits import Limits
 from ._peers import peer_credentials, resolve_peer
@@ -37,6 +38,9 @@ from ._service import Service, Session
 log = structlog.get_logger("labrun.server")
 
 HANDSHAKE_TIMEOUT = 10.0
+# Ops that change nothing and describe the agent: answered without waiting for a pending commit, so that on a
+# full state disk, when a batch waits for space, ``labrun status`` still shows the fault.
+ANSWERED_AT_ONCE = frozenset({"hello", "status"})
 RECEIVE_SIZE = 256 * 1024
 
 
@@ -167,28 +171,6 @@ _TIMEOUT_MESSAGES = {
 }
 
 
-# What a request's file name or offset did wrong, as the kernel said it: the client's mistake, not the agent's.
-_CLIENT_ERRNOS = {errno.ENAMETOOLONG: "name too long", errno.EISDIR: "is a directory",
-                  errno.ENOTDIR: "a path component is not a directory", errno.EINVAL: "invalid name or offset",
-                  errno.ELOOP: "too many levels of symbolic links", errno.EFBIG: "file too large"}
-
-
-def os_error_reply(exc: OSError) -> AgentError:
-    """The error reply for an ``OSError`` met while serving a request."""
-    if exc.errno in _CLIENT_ERRNOS:
-        return BadRequest(f"{_CLIENT_ERRNOS[exc.errno]}: {Path(exc.filename or '').name[:80]!r}")
-    if exc.errno == errno.ENOENT:
-        return NotFound(f"no such file: {Path(exc.filename or '').name[:80]!r}")
-    if exc.errno == errno.EEXIST:   # e.g. a file where a name needs a directory
-        return Conflict(f"already exists, and is not a directory: {Path(exc.filename or '').name[:80]!r}")
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return Forbidden(f"permission denied: {Path(exc.filename or '').name[:80]!r}")
-    if exc.errno in DISK_ERRNOS:
-        return Unavailable(f"the agent cannot write to its state directory ({exc.strerror}); try again "
-                           "later. 'labrun status' shows the problem while it lasts")
-    return AgentError(f"agent I/O error: {exc.strerror or exc}")
-
-
 def listener_from_socket(sock: stdsocket.socket) -> trio.SocketListener:
     """A listener on a socket someone else bound (systemd's socket activation): its path, mode and group are theirs."""
     return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
@@ -214,9 +196,10 @@ class ConnectionHandler:
         pid, uid, gid = peer_credentials(stream.socket)
         send_lock = trio.Lock()
 
-        async def send(message: dict) -> None:
+        async def send(message: dict, *, durable: bool = True) -> None:
             data = pack_frame(message)
-            await self.service.store.durable()   # nothing is told before it is committed
+            if durable:
+                await self.service.store.durable()   # nothing is told before it is committed
             async with send_lock:
                 await stream.send_all(data)
 
@@ -328,7 +311,8 @@ class ConnectionHandler:
                 await handler(session, request.args, lambda item: send(stream_item(request.id, item)))
                 await send(stream_end(request.id))
             else:
-                await send(reply_ok(request.id, await handler(session, request.args)))
+                await send(reply_ok(request.id, await handler(session, request.args)),
+                           durable=request.op not in ANSWERED_AT_ONCE)
         except AgentError as exc:
             await send(reply_error(request.id, exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -37,6 +37,7 @@ RECENT_FINISHED = 20
 THREAD_BYTES = 1024 * 1024
 # A list reply is one frame: pages keep it well under the frame limit. Clients follow ``before``.
 LIST_PAGE = 1000
+ENV_PAGE = 200   # environments or experiments in one page
 # Snapshot manifests kept by run id for downloads of their files (a restore downloads each file in turn).
 MANIFESTS_KEPT = 4
 
@@ -261,16 +262,19 @@ class Service:
             records = sorted(records, key=lambda r: r.order, reverse=True)[:limit]
         ids = [r.run_id for r in records]
         labels, removed, parents = self.store.labels_of(ids), self.store.removed_of(ids), self.store.parents_of(ids)
-        # A page ends at limits.list_page_bytes as well, so runs with many large labels never make a
-        # reply larger than a frame; the client follows ``before`` as for any page.
+        return self._page(self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}),
+                                     removed, parents.get(r.run_id)) for r in records)
+
+    def _page(self, shown) -> list:
+        """A page ends at limits.list_page_bytes as well, so entries with many large labels or definitions never
+        make a reply larger than a frame, nor the agent hold more than that for it; the client follows the next
+        page as for any page."""
         page, size = [], 0
-        for r in records:
-            shown = self._show(session, self.supervisor.live_record(r.run_id) or r, labels.get(r.run_id, {}), removed,
-                               parents.get(r.run_id))
-            size += len(msgpack.packb(shown, use_bin_type=True))
+        for entry in shown:
+            size += len(msgpack.packb(entry, use_bin_type=True))
             if page and size > self.bounds.list_page_bytes:
                 break
-            page.append(shown)
+            page.append(entry)
         return page
 
     def _children_page(self, args: dict) -> list:
@@ -282,14 +286,26 @@ class Service:
         return records[:limit]
 
     async def cancel(self, session: Session, args: dict) -> dict:
-        """Cancel a run and, as in Azure ML, every run below it that has not ended."""
-        record = self._owned(session, args["run_id"], "cancel it")
+        """Cancel a run and, as in Azure ML, every run below it that has not ended; or an array's runs
+        (``{"array_id", "runs"}``: those it canceled, together, as ``scancel`` of a job array does)."""
+        run_id = args["run_id"]
+        members = self.store.array_members(run_id) if self.store.get_run(run_id) is None else []
+        if members:
+            records = [self._owned(session, member, "cancel it") for member in members]
+            canceled = self.supervisor.cancel_array(records)
+            for record in canceled:
+                self._cancel_children(record)
+            return {"array_id": run_id, "runs": [self._show(session, record) for record in canceled]}
+        record = self._owned(session, run_id, "cancel it")
         canceled = self.supervisor.cancel(record)
+        self._cancel_children(record)
+        return self._show(session, canceled)
+
+    def _cancel_children(self, record) -> None:
         for child_id in self.store.children_of(record.run_id, recursive=True):
             child = self.supervisor.live_record(child_id) or self.store.get_run(child_id)
             if child is not None and child.status not in TERMINAL:
                 self.supervisor.cancel(child)
-        return self._show(session, canceled)
 
     # -- interactive runs and experiments ------------------------------------------------
 
@@ -326,17 +342,20 @@ class Service:
         session.bound_runs.clear()
 
     async def experiments(self, session: Session, args: dict) -> list:
-        return self.store.experiments()
+        """One page of experiments by name, after ``args["after"]`` (or the one named ``args["name"]``)."""
+        found = self.store.experiments(after=args["after"], limit=min(args["limit"] or ENV_PAGE, ENV_PAGE),
+                                       name=args["name"])
+        return self._page(found)
 
     async def experiment_update(self, session: Session, args: dict) -> dict:
         name = args["name"]
-        current = next((e for e in self.store.experiments() if e["name"] == name), None)
+        current = next(iter(self.store.experiments(name=name)), None)
         if current is not None and current.get("user") not in (None, session.peer.user) and not session.peer.admin:
             raise Forbidden(f"experiment {name!r}'s tags and archive state belong to {current['user']}")
         archived = ... if args["archived"] is None else (time.time() if args["archived"] else None)
         self.store.update_experiment(name, session.peer.user, tags=args["tags"], remove_tags=args["remove_tags"] or (),
                                      archived_at=archived)
-        return next(e for e in self.store.experiments() if e["name"] == name)
+        return self.store.experiments(name=name)[0]
 
     async def wait(self, session: Session, args: dict) -> dict:
         timeout = args["timeout"]
@@ -514,7 +533,9 @@ class Service:
         return self._env_shown(session, found)
 
     async def env_list(self, session: Session, args: dict) -> list:
-        return [self._env_shown(session, e) for e in self.store.list_environments()]
+        """One page of environments by name (their newest versions), after ``args["after"]``."""
+        found = self.store.list_environments(after=args["after"], limit=min(args["limit"] or ENV_PAGE, ENV_PAGE))
+        return self._page(self._env_shown(session, e) for e in found)
 
     # -- draining ----------------------------------------------------------------------
 
@@ -588,7 +609,7 @@ class Service:
         runs, snapshots = await self.run_files.disk_used()
         return {"runs_bytes": runs, "snapshot_store_bytes": snapshots, "free_bytes": fs.f_bavail * fs.f_frsize,
                 "total_bytes": fs.f_blocks * fs.f_frsize, "retention_days": self.config.runs.retention_days,
-                "purge": self.config.runs.purge}
+                "retention_interval_seconds": self.config.runs.retention_interval, "purge": self.config.runs.purge}
 
     async def ui(self, session: Session, args: dict) -> dict:
         """``labrun ui``: the MLflow UI's address, starting the embedded server on a per-user agent."""

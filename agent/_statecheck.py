@@ -14,13 +14,14 @@
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 from pathlib import Path
 
 import structlog
 
 from ._faults import is_disk_error
+from ._retention import remove_run_dir
+from ._rundir import RunDir
 from ._store import SCHEMA
 
 log = structlog.get_logger("labrun.state")
@@ -116,7 +117,10 @@ def clean_orphans(state_dir: Path, has_run) -> list[str]:
     if marks.is_dir():
         for mark in marks.iterdir():
             if not has_run(mark.name):
-                shutil.rmtree(runs / mark.name, ignore_errors=True)
+                try:
+                    remove_run_dir(RunDir.of(state_dir, mark.name))
+                except OSError as exc:
+                    log.warning("state.orphan.remove_failed", run_id=mark.name, error=str(exc))
                 removed.append(mark.name)
             mark.unlink(missing_ok=True)
     if removed:

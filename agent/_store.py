@@ -17,6 +17,13 @@ itself), and the writer commits them together once per pass of the event loop. A
 durable once ``durable()`` returns: the server awaits it before any reply or stream item,
 the supervisor before starting or stopping a process, the hub before sending. Events reach
 subscribers only after their commit.
+
+A batch whose commit fails (a full or failing state disk) is never dropped: SQLite either
+keeps its transaction open, and the commit is tried again, or rolls it back, and then the
+batch's writes are written again from ``_Journal``, statement by statement with the values
+they had, before anything else (the database is back where the batch began, so the replay
+gives the same rows, run numbers and event ``seq``). Until the commit succeeds nobody who
+waits on ``durable()`` goes on.
 """
 
 from __future__ import annotations
@@ -259,13 +266,47 @@ def _record(row: tuple) -> RunRecord:
     return RunRecord(**values)
 
 
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER")
+
+
+class _Journal:
+    """The database connection, keeping the writes of the open batch (while ``recording``) so that a batch
+    SQLite rolled back can be written again. Reads and everything else go straight to the connection."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+        self.recording = False
+        self.writes: list[tuple[bool, str, object]] = []   # (many, sql, parameters), in the order made
+
+    def execute(self, sql: str, parameters=()):
+        cursor = self._db.execute(sql, parameters)
+        # (A write outside a transaction has committed already: nothing to keep.)
+        if self.recording and self._db.in_transaction and sql.lstrip()[:7].upper().startswith(_WRITES):
+            self.writes.append((False, sql, parameters))
+        return cursor
+
+    def executemany(self, sql: str, parameters):
+        parameters = list(parameters)
+        cursor = self._db.executemany(sql, parameters)
+        if self.recording and self._db.in_transaction:
+            self.writes.append((True, sql, parameters))
+        return cursor
+
+    def replay(self) -> None:
+        for many, sql, parameters in self.writes:
+            (self._db.executemany if many else self._db.execute)(sql, parameters)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+
 class Store:
     def __init__(self, path: Path):
         self.path = path
         # Stored environments hold secrets: the database is its owner's alone (SQLite gives the -wal
         # and -shm files the database's mode; older ones are narrowed too).
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db = _Journal(sqlite3.connect(path, isolation_level=None, check_same_thread=False))
         self._db.execute("PRAGMA journal_mode=WAL")
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
@@ -289,7 +330,7 @@ class Store:
         # Fault hooks (see _faults): make room before a commit; hear of a commit that failed.
         self.before_commit: Callable[[], None] = lambda: None
         self.on_commit_failed: Callable[[Exception], None] = lambda exc: None
-        self._lost: dict[trio.Event, Exception] = {}   # batches SQLite rolled back, by their commit event
+        self.commit_error: Exception | None = None   # why the pending batch has not committed yet
 
     def reserve_space(self, nbytes: int) -> None:
         """Keep ``nbytes`` of free pages in the database and of written WAL: later commits then overwrite
@@ -303,8 +344,11 @@ class Store:
         self._db.execute("DELETE FROM space_reserve")
 
     def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):   # a full disk: what could not commit is logged already
+        try:
             self._commit_batch()
+        except sqlite3.Error as exc:   # a full disk at shutdown: say what could not be kept
+            structlog.get_logger("labrun.store").error("store.commit.lost", error=str(exc),
+                                                       writes=len(self._db.writes), events=len(self._uncommitted))
         self._db.close()
 
     # -- transactions ------------------------------------------------------------------
@@ -335,26 +379,42 @@ class Store:
     def _grouped(self):
         """One write in the open batch: a savepoint, so that its failure undoes only itself."""
         if not self._batch_open:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._batch_open = True
-            self._batch_opened.set()
-        mark = len(self._uncommitted)
+            self._begin_batch()
+        mark, written = len(self._uncommitted), len(self._db.writes)
         self._db.execute("SAVEPOINT write")
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK TO write")
-            self._db.execute("RELEASE write")
             del self._uncommitted[mark:]
+            del self._db.writes[written:]
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK TO write")
+                self._db.execute("RELEASE write")
+            else:
+                self._batch_open = False   # SQLite rolled the whole batch back: the others' writes are replayed
             raise
         self._db.execute("RELEASE write")
 
+    def _begin_batch(self) -> None:
+        """Open the batch's transaction, first writing again what a rolled-back commit of it had written."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.replay()
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        self._batch_open = True
+        self._batch_opened.set()
+
     def _commit_batch(self) -> None:
         """Commit the open batch and publish its events (SQLite keeps a transaction whose COMMIT failed)."""
-        if not self._batch_open:
-            return
-        self._db.execute("COMMIT")
+        if not self._batch_open and self._db.writes:
+            self._begin_batch()   # a batch SQLite rolled back
+        if self._batch_open:
+            self._db.execute("COMMIT")
         self._batch_open = False
+        self._db.writes = []
         self._batch_opened = trio.Event()
         committed, self._committed = self._committed, trio.Event()
         events, self._uncommitted = self._uncommitted, []
@@ -365,10 +425,12 @@ class Store:
     async def writer(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The single writer: group-commits what the agent's tasks wrote in one pass of the event loop.
 
-        A commit that fails (a full disk) is retried, with the batch kept: until it succeeds,
-        nothing in it is replied to or acted on, and nothing is lost.
+        A commit that fails (a full disk) is retried with a capped backoff, with the batch kept (or,
+        if SQLite rolled it back, written again): until it succeeds, nothing in it is replied to or
+        acted on, and nothing is lost.
         """
         self._grouping = True
+        self._db.recording = True
         task_status.started()
         delay = 0.05
         try:
@@ -378,41 +440,38 @@ class Store:
                 try:
                     self.before_commit()
                     self._commit_batch()
+                    self.commit_error = None
                     delay = 0.05
                 except sqlite3.OperationalError as exc:
+                    self.commit_error = exc
                     self.on_commit_failed(exc)
-                    if not self._db.in_transaction:
-                        # SQLite rolled the batch back (it may, on a full disk): its writes are gone. The agent
-                        # goes on (a crash would lose more); before_commit's room check makes this rare.
-                        self._drop_batch(exc)
-                        continue
-                    structlog.get_logger("labrun.store").error("store.commit.failed", error=str(exc),
-                                                               retry_in=delay)
+                    rolled_back = not self._db.in_transaction
+                    if rolled_back:
+                        # SQLite rolled the batch back (it may, on a full disk): the next try writes it again.
+                        self._batch_open = False
+                    structlog.get_logger("labrun.store").error(
+                        "store.commit.failed", error=str(exc), rolled_back=rolled_back, writes=len(self._db.writes),
+                        events=len(self._uncommitted), retry_in=delay)
                     await trio.sleep(delay)
                     delay = min(delay * 2, 5.0)
         finally:
-            with contextlib.suppress(sqlite3.Error):
+            self._db.recording = False
+            try:
                 self._commit_batch()
+            except sqlite3.Error as exc:
+                structlog.get_logger("labrun.store").error("store.commit.lost", error=str(exc),
+                                                           writes=len(self._db.writes), events=len(self._uncommitted))
+                self._db.writes = []
             self._grouping = False
 
-    def _drop_batch(self, exc: Exception) -> None:
-        structlog.get_logger("labrun.store").error("store.commit.lost", error=str(exc),
-                                                   events=len(self._uncommitted))
-        self._batch_open = False
-        self._batch_opened = trio.Event()
-        self._uncommitted = []
-        self._lost[self._committed] = exc   # durable() raises it to those who waited for this batch
-        committed, self._committed = self._committed, trio.Event()
-        committed.set()
+    def pending(self) -> bool:
+        """Whether writes wait for a commit (an open batch, or one SQLite rolled back)."""
+        return self._batch_open or bool(self._db.writes)
 
     async def durable(self) -> None:
         """Return once every write made so far has committed."""
-        if self._batch_open:
-            batch = self._committed
-            await batch.wait()
-            lost = self._lost.get(batch)   # (a rare case; the few entries are kept, identity keys stay unique)
-            if lost is not None:
-                raise lost
+        if self.pending():
+            await self._committed.wait()
 
     def _event(self, type: str, *, run_id=None, experiment=None, user=None, data=None, now=None) -> int:
         event = {"id": str(uuid.uuid4()), "time": now or time.time(), "type": type, "run_id": run_id,
@@ -548,13 +607,20 @@ class Store:
     def counts_by_status(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
 
-    def events_since(self, seq: int, limit: int = 1000, run_id: str | None = None) -> list[dict]:
-        """Events after ``seq``, oldest first (only ``run_id``'s when given)."""
+    def events_since(self, seq: int, limit: int = 1000, run_id: str | None = None, *, experiment: str | None = None,
+                     user: str | None = None, types: Iterable[str] | None = None) -> list[dict]:
+        """Events after ``seq``, oldest first (only those of ``run_id``, ``experiment``, ``user`` and ``types``
+        when given: filtered here, so that a replay reads only the rows it sends)."""
         sql = "SELECT seq, id, time, type, run_id, experiment, user, data FROM events WHERE seq > ?"
         params: list = [seq]
-        if run_id is not None:
-            sql += " AND run_id = ?"
-            params.append(run_id)
+        for column, value in (("run_id", run_id), ("experiment", experiment), ("user", user)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        if types is not None:
+            types = sorted(types)
+            sql += f" AND type IN ({', '.join('?' * len(types))})"
+            params.extend(types)
         rows = self._db.execute(sql + " ORDER BY seq LIMIT ?", (*params, limit)).fetchall()
         return [
             {"seq": r[0], "id": r[1], "time": r[2], "type": r[3], "run_id": r[4], "experiment": r[5],
@@ -726,9 +792,15 @@ class Store:
         return None if row is None else {"name": row[0], "version": row[1], "definition": _unpack(row[2]),
                                          "user": row[3], "created_at": row[4]}
 
-    def list_environments(self) -> list[dict]:
-        names = [r[0] for r in self._db.execute("SELECT DISTINCT name FROM environments ORDER BY name")]
-        return [self.get_environment(name) for name in names]
+    def list_environments(self, *, after: str | None = None, limit: int = 1000) -> list[dict]:
+        """The newest version of each environment named after ``after``, by name: one page of ``limit``."""
+        rows = self._db.execute(
+            "SELECT e.name, e.version, e.definition, e.user, e.created_at FROM environments e JOIN "
+            "(SELECT name, MAX(version) AS version FROM environments WHERE name > ? GROUP BY name ORDER BY name "
+            "LIMIT ?) newest ON e.name = newest.name AND e.version = newest.version ORDER BY e.name",
+            ("" if after is None else after, limit)).fetchall()
+        return [{"name": r[0], "version": r[1], "definition": _unpack(r[2]), "user": r[3], "created_at": r[4]}
+                for r in rows]
 
     # -- run hierarchies and experiments -------------------------------------------------
 
@@ -754,14 +826,17 @@ class Store:
                 break
         return children
 
-    def experiments(self) -> list[dict]:
-        """Every experiment with runs or metadata: ``{"name", "runs", "user", "tags", "archived_at"}``."""
-        found = {name: {"name": name, "runs": count, "user": None, "tags": {}, "archived_at": None}
-                 for name, count in self._db.execute("SELECT name, last_number FROM experiments")}
-        for name, user, tags, archived_at in self._db.execute("SELECT name, user, tags, archived_at FROM experiment_meta"):
-            entry = found.setdefault(name, {"name": name, "runs": 0})
-            entry.update(user=user, tags=_unpack(tags), archived_at=archived_at)
-        return sorted(found.values(), key=lambda e: e["name"])
+    def experiments(self, *, after: str | None = None, limit: int = -1, name: str | None = None) -> list[dict]:
+        """Experiments with runs or metadata, by name: ``{"name", "runs", "user", "tags", "archived_at"}``; one
+        page of ``limit`` after ``after`` (-1: all), or only the one named ``name``."""
+        where, params = ("name = ?", (name,)) if name is not None else ("name > ?", ("" if after is None else after,))
+        rows = self._db.execute(
+            f"SELECT n.name, COALESCE(e.last_number, 0), m.user, m.tags, m.archived_at FROM "
+            f"(SELECT name FROM experiments WHERE {where} UNION SELECT name FROM experiment_meta WHERE {where}) n "
+            "LEFT JOIN experiments e ON e.name = n.name LEFT JOIN experiment_meta m ON m.name = n.name "
+            "ORDER BY n.name LIMIT ?", (*params, *params, limit)).fetchall()
+        return [{"name": r[0], "runs": r[1], "user": r[2], "tags": _unpack(r[3]) or {}, "archived_at": r[4]}
+                for r in rows]
 
     def update_experiment(self, name: str, user: str, *, tags: dict | None = None, remove_tags=(),
                           archived_at=..., ) -> None:

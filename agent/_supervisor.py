@@ -25,6 +25,10 @@ Dependencies (``after``/``afterok`` in the spec) and arrays (``spec["array"]``, 
 ``%N`` limit) are inputs to the pure scheduler: each pass tells it which queued runs
 still wait for an unended run, and each array's limit. A queued ``afterok`` run whose
 dependency ended without completing is canceled (``dependency_failed``) before the pass.
+An executor with the ``arrays`` capability (Slurm) keeps the limit itself: the members a
+pass starts are prepared one by one and started together as one job of its own
+(``start_array``), then each is followed by its own task like any run; an array canceled
+as a whole is stopped together (``stopping_together``: one ``scancel`` of the job array).
 
 The supervisor knows no executor by name: ``executors`` maps target kinds to executors,
 and ``kind_for`` says which one a run needs.
@@ -37,7 +41,6 @@ import hashlib
 import math
 import os
 import secrets
-import shutil
 import time
 import uuid
 from collections import defaultdict
@@ -63,6 +66,7 @@ from ._interactive import InteractiveRuns, is_interactive
 from ._launch import LaunchPlanner
 from ._model import RunRecord
 from ._notify import Notifier
+from ._retention import remove_run_dir
 from ._rundir import RunDir, runs_root
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
 from ._snapshot import ContentStore
@@ -70,7 +74,9 @@ from ._statecheck import mark_submitting
 from ._states import EVENT_TYPES, ExitResult, check_transition, outcome
 from ._store import Store
 from ._warnings import BACKGROUND_PROCESSES, KIND as WARNINGS, SNAPSHOT_NEAR_LIMITS
-from .executors import Ended, Executor, Handle, HandleError, Live, Lost, Preparation, StartFailed, kind_for
+from .executors import (
+    Ended, Executor, Handle, HandleError, LaunchSpec, Live, Lost, Preparation, StartFailed, kind_for,
+)
 
 log = structlog.get_logger("labrun.supervisor")
 
@@ -103,6 +109,7 @@ class _ActiveRun:
     cancel_reason: str | None = None
     token_hash: bytes = b""
     fail_error: str | None = None   # set by Run.fail() from outside: the run ends Failed with this error
+    handle: Handle | None = None    # once started (or recovered)
 
 
 def token_hash(token: str) -> bytes:
@@ -358,11 +365,10 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 for member_id in created:
                     self.snapshots.release_snapshot(member_id)
-                    root = self._run_dir(member_id).root
-                    if root.is_symlink():   # a cluster's run directory, elsewhere
-                        await trio.to_thread.run_sync(shutil.rmtree, root.resolve(), True)
-                        root.unlink()
-                    await trio.to_thread.run_sync(shutil.rmtree, root, True)
+                    try:
+                        await trio.to_thread.run_sync(remove_run_dir, self._run_dir(member_id))
+                    except OSError as exc:
+                        log.warning("run.dir.remove_failed", run_id=member_id, error=str(exc))
             raise
         finally:
             for mark in marks:
@@ -492,6 +498,21 @@ class Supervisor:
             active.kill_scope.cancel()
         return active.record
 
+    def cancel_array(self, records: list[RunRecord]) -> list[RunRecord]:
+        """Cancel an array's runs that have not ended: the queued ones first (none then takes a slot a stopped
+        one frees), and the others stopped together where their executor can (Slurm: one ``scancel``)."""
+        records = sorted((r for r in records if r.status not in TERMINAL), key=lambda r: r.run_id not in self.queued)
+        together: dict[str, list[Handle]] = defaultdict(list)
+        for record in records:
+            active = self.active.get(record.run_id)
+            # The runs cancel() stops: started, and neither being canceled already nor ending by themselves.
+            if active is not None and active.handle is not None and active.cancel_reason is None \
+                    and active.record.status != FINALIZING:
+                together[kind_for(record.spec, self._target(record.spec))].append(active.handle)
+        for kind, handles in together.items():
+            self.executors[kind].stopping_together(handles)
+        return [self.cancel(record) for record in records]
+
     def live_record(self, run_id: str) -> RunRecord | None:
         """The in-memory record of a queued or active run (it carries ``waiting``)."""
         if run_id in self.queued:
@@ -556,13 +577,18 @@ class Supervisor:
                        demand=self._demand(record.spec), duration=record.spec["max_run_duration_seconds"],
                        blocked_by=self._unmet(record), array=self._array_of(record.spec))
 
+    def _arrays_native(self, spec: dict) -> bool:
+        """Whether the run's executor starts an array as one job of its own, and keeps its limit itself."""
+        executor = self.executors.get(kind_for(spec, self._target(spec)))
+        return executor is not None and executor.capabilities.arrays
+
     def _decide(self):
         now = time.time()
         pending, limits, previous, self._pendings = [], {}, self._pendings, {}
         for r in self.queued.values():
             p = self._pending(r, previous)
             self._pendings[r.run_id] = (r, p)
-            if p.array is not None:
+            if p.array is not None and not self._arrays_native(r.spec):
                 limits[p.array] = r.spec["array"]["throttle"]
             pending.append(p)
         active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by, self._array_of(a.record.spec))
@@ -590,6 +616,7 @@ class Supervisor:
             self._waiting_stale = True
             return
         decision, now = self._decide()
+        together: dict[str, list[_ActiveRun]] = defaultdict(list)   # array id -> members started as one job
         for start in decision.starts:
             record = self.queued.pop(start.run_id)
             self.waiting_on_others.discard(start.run_id)
@@ -599,7 +626,13 @@ class Supervisor:
             self.active[record.run_id] = run
             # Here, not in the task: the events then show the order in which the scheduler took the runs.
             self._transition(record, PREPARING, allocation=start.allocation.to_wire())
-            nursery.start_soon(self._run_one, run, name=f"run {record.run_id}")
+            array = self._array_of(record.spec)
+            if array is not None and self._arrays_native(record.spec):
+                together[array].append(run)
+            else:
+                nursery.start_soon(self._run_one, run, name=f"run {record.run_id}")
+        for array, runs in together.items():
+            nursery.start_soon(self._run_array, runs, name=f"array {array}")
 
     # -- one run -----------------------------------------------------------------------
 
@@ -624,6 +657,7 @@ class Supervisor:
                     handle = await self._launch(run, executor)
                     if handle is None:
                         return   # it failed to start, and is finished
+                run.handle = handle
                 if executor.capabilities.own_queue:
                     result = await executor.wait(handle, partial(self._progress, run))
                 else:
@@ -649,20 +683,9 @@ class Supervisor:
 
     async def _launch(self, run: _ActiveRun, executor: Executor) -> Handle | None:
         """Preparing and Starting: returns the started run's handle, or None once a failure is recorded."""
-        record = run.record
-        run_dir = self._run_dir(record.run_id)
-        token = secrets.token_urlsafe(24)
-        run.token_hash = token_hash(token)
-        self.store.set_token_hash(record.run_id, run.token_hash)
-        try:
-            launch = await executor.prepare(Preparation(record, run.allocation, token, run_dir,
-                                                        self._target(record.spec), self.launches))
-        except PrepareFailed as exc:
-            await self._fail_to_start(run, run_dir.std_log, exc.reason, str(exc))
+        launch = await self._prepare(run, executor)
+        if launch is None:
             return None
-        queues = executor.capabilities.own_queue
-        if not queues:
-            await self._durably(self._advance, run, STARTING)
         await self.store.durable()   # a process starts only for a run whose state is saved
         # Shielded: a cancel or time limit arriving while the executor starts the run must not lose the
         # handle of processes that already exist. The cancel then takes effect at the wait that follows.
@@ -676,17 +699,91 @@ class Supervisor:
             await self._fail_to_start(run, launch.ranks[0].log_path, "start_failed",
                                       f"the run did not start within {START_SECONDS:.0f} seconds")
             return None
-        if queues:
+        await self._started(run, executor, handle)
+        return handle
+
+    async def _prepare(self, run: _ActiveRun, executor: Executor) -> LaunchSpec | None:
+        """Preparing: the run's launch, or None once its failure is recorded."""
+        record = run.record
+        run_dir = self._run_dir(record.run_id)
+        token = secrets.token_urlsafe(24)
+        run.token_hash = token_hash(token)
+        self.store.set_token_hash(record.run_id, run.token_hash)
+        try:
+            launch = await executor.prepare(Preparation(record, run.allocation, token, run_dir,
+                                                        self._target(record.spec), self.launches))
+        except PrepareFailed as exc:
+            await self._fail_to_start(run, run_dir.std_log, exc.reason, str(exc))
+            return None
+        if not executor.capabilities.own_queue:
+            await self._durably(self._advance, run, STARTING)
+        return launch
+
+    async def _started(self, run: _ActiveRun, executor: Executor, handle: Handle) -> None:
+        """Record the started run's handle: Running, or Queued in the executor's own queue."""
+        if executor.capabilities.own_queue:
             # The run now waits in the cluster's queue; it is Running (and its time limit counts) once it runs.
             run.ends_by = math.inf
             await self._durably(self._advance, run, QUEUED, handle=handle.to_store())
-            return handle
-        duration = record.spec["max_run_duration_seconds"]
+            return
+        duration = run.record.spec["max_run_duration_seconds"]
         run.ends_by = time.time() + duration
         run.kill_scope.deadline = trio.current_time() + duration
         await self._durably(self._advance, run, RUNNING, started_at=time.time(), pid=handle.pid,
                             handle=handle.to_store())
-        return handle
+
+    async def _run_array(self, runs: list[_ActiveRun], executor: Executor | None = None) -> None:
+        """Members of one array that their executor starts as one job (a Slurm job array): prepared one by
+        one, started together, then each followed by its own task (``_run_one``) as any run is."""
+        executor = executor or self._executor(runs[0].record.spec)
+        followed: set[str] = set()
+        try:
+            prepared: list[tuple[_ActiveRun, LaunchSpec]] = []
+            for run in runs:
+                try:
+                    launch = await self._prepare(run, executor)
+                except Exception as exc:
+                    log.exception("run.supervise.failed", run_id=run.record.run_id)
+                    await self._durably(self._fail, run, "agent_error", f"agent error: {exc}")
+                    continue
+                if launch is not None:
+                    prepared.append((run, launch))
+            for run, _ in prepared:
+                if run.cancel_reason is not None:
+                    await self._durably(self._finish, run, None)   # canceled while its array was prepared
+            prepared = [(run, launch) for run, launch in prepared if run.cancel_reason is None]
+            if not prepared:
+                return
+            await self.store.durable()
+            with trio.move_on_after(START_SECONDS, shield=True) as starting:
+                try:
+                    handles = await executor.start_array([launch for _, launch in prepared],
+                                                         prepared[0][0].record.spec["array"]["throttle"])
+                except StartFailed as exc:
+                    for run, launch in prepared:
+                        await self._fail_to_start(run, launch.ranks[0].log_path, exc.reason, str(exc))
+                    return
+                except Exception as exc:
+                    log.exception("array.start.failed", run_ids=[run.record.run_id for run, _ in prepared])
+                    for run, _ in prepared:
+                        await self._durably(self._fail, run, "agent_error", f"agent error: {exc}")
+                    return
+            if starting.cancelled_caught:
+                for run, launch in prepared:
+                    await self._fail_to_start(run, launch.ranks[0].log_path, "start_failed",
+                                              f"the run did not start within {START_SECONDS:.0f} seconds")
+                return
+            for (run, _), handle in zip(prepared, handles):
+                await self._started(run, executor, handle)
+            async with trio.open_nursery() as nursery:
+                for (run, _), handle in zip(prepared, handles):
+                    followed.add(run.record.run_id)
+                    nursery.start_soon(self._run_one, run, executor, handle, name=f"run {run.record.run_id}")
+        finally:
+            for run in runs:
+                if run.record.run_id not in followed:
+                    del self.active[run.record.run_id]
+            self.wake()
 
     async def _fail_to_start(self, run: _ActiveRun, log_path: Path, reason: str, error: str) -> None:
         note_in_log(run.record, log_path, f"labrun: {error}\n")

@@ -22,9 +22,18 @@ the whole history is fuzzed too, but costs time in proportion to the history.
 
 Every batch on a live connection ends with a ``status`` request that must be answered
 within ``HANG_SECONDS``, and a separate probe asks ``status`` every second: a missing
-answer is a *hang*; the agent process exiting is a *crash*. The agent's RSS is read
-at start (after a warm-up of ``WARMUP_FRAMES``) and at the end. Pass: no crash, no
-hang, RSS at the end within 10% of the start.
+answer is a *hang*; the agent process exiting is a *crash*. Pass: no crash, no hang, and
+the agent's RSS at the end within 10% of its RSS after the warm-up.
+
+Memory is compared between two like moments. The warm-up (``WARMUP_FRAMES`` of the same
+fuzzing) brings the agent to its steady state: SQLite's page and statement caches fill to
+their bounds, and whatever the fuzzed ops switch on for good is on; in particular ``ui``
+(the embedded MLflow server, and the mirror that copies every run to it: about 6 MiB of
+code and clients) is asked for once, so that whether a random ``ui`` happens to come
+before or after the first reading does not decide the result. Both readings are then
+taken *quiet*: fuzzing paused, every run the fuzzer submitted ended (none queued or
+running) and the MLflow mirror caught up, then ``SETTLE_SECONDS``. What still grows
+between the two readings is memory the agent keeps for good.
 """
 
 from __future__ import annotations
@@ -59,7 +68,9 @@ from labrun.protocol import PROTOCOL_VERSION  # noqa: E402
 from labrun.protocol._schema import OP_SCHEMAS, RUN_SPEC  # noqa: E402
 
 HANG_SECONDS = 30.0
-WARMUP_FRAMES = 20_000
+WARMUP_FRAMES = 50_000
+QUIET_TIMEOUT = 600.0   # at most this long for the fuzzer's runs to end and the mirror to catch up
+SETTLE_SECONDS = 2.0
 BATCH = 100
 # Spec fields whose valid values would make the agent do heavy or machine-wide work; see the docstring.
 PINNED_SPEC = {"command": ["true"], "script": None, "environment": None, "docker": None, "distributed": None,
@@ -211,7 +222,6 @@ class Fuzzer:
         self.closed_by_agent = 0
         self.hangs: list[str] = []
         self.run_ids: list[str] = []
-        self.on_warm = None
 
     @property
     def total(self) -> int:
@@ -226,16 +236,12 @@ class Fuzzer:
     async def worker(self, index: int) -> None:
         rng = random.Random(f"{self.seed}-{index}")
         values = Values(rng, self.run_ids)
-        warmed = False
         while not self.done():
             kind = rng.choices(["bytes", "truncated", "oversized", "envelope", "requests"], [1, 1, 1, 2, 10])[0]
             try:
                 await getattr(self, f"_{kind}")(rng, values)
             except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 self.closed_by_agent += 1
-            if not warmed and self.total >= WARMUP_FRAMES and self.on_warm is not None:
-                warmed = True
-                self.on_warm()
 
     async def _bytes(self, rng, values) -> None:
         stream = await self._connect()
@@ -335,6 +341,40 @@ class Fuzzer:
         elif message.get("ok") is False:
             self.replies[(message.get("error") or {}).get("code", "?")] += 1
 
+    async def call(self, op: str, args: dict, timeout: float = HANG_SECONDS) -> dict:
+        """One well-formed request on a connection of its own; its reply."""
+        with trio.fail_after(timeout):
+            stream = await self._connect()
+            async with stream:
+                await stream.send_all(HELLO + frame({"id": 1, "op": op, "args": args}))
+                buffer = bytearray()
+                while True:
+                    data = await stream.receive_some(1 << 20)
+                    if not data:
+                        raise OSError(f"the agent closed the connection before answering {op}")
+                    buffer += data
+                    while len(buffer) >= 4 and len(buffer) >= 4 + struct.unpack_from(">I", buffer)[0]:
+                        (length,) = struct.unpack_from(">I", buffer)
+                        message = msgpack.unpackb(bytes(buffer[4:4 + length]), raw=False, strict_map_key=False)
+                        del buffer[:4 + length]
+                        if message.get("id") == 1:
+                            return message
+
+    async def quiet(self) -> dict:
+        """Wait until no run the fuzzer submitted is queued or running and the MLflow mirror has caught up
+        (at most ``QUIET_TIMEOUT``), then ``SETTLE_SECONDS``; what was still going on, and how long it took."""
+        started = time.monotonic()
+        while True:
+            status = (await self.call("status", {})).get("result") or {}
+            mirror = ((status.get("mlflow") or {}).get("mirror") or {})
+            left = {"queued": status.get("queued"), "active": status.get("active"),
+                    "mirror_backlog": mirror.get("backlog", 0)}
+            if not any(left.values()) or time.monotonic() - started > QUIET_TIMEOUT:
+                break
+            await trio.sleep(1)
+        await trio.sleep(SETTLE_SECONDS)
+        return {**left, "waited_seconds": round(time.monotonic() - started, 1)}
+
     async def probe(self, process: subprocess.Popen) -> None:
         """Once a second, from its own connection: the agent is alive and answers ``status`` in time."""
         last_report = time.monotonic()
@@ -381,34 +421,41 @@ def start_agent(root: Path, config: str) -> tuple[subprocess.Popen, Path]:
 
 
 async def fuzz(args, process: subprocess.Popen, sock: Path) -> dict:
-    fuzzer = Fuzzer(str(sock), args.seed, args.frames, args.seconds, args.max_frame)
+    fuzzer = Fuzzer(str(sock), args.seed, min(args.warmup, args.frames), args.seconds, args.max_frame)
     rss = {"launch": rss_mib(process.pid)}
     anon = {"launch": anon_mib(process.pid)}
+    quiet = {}
 
-    def warm():
-        rss.setdefault("start", rss_mib(process.pid))
-        anon.setdefault("start", anon_mib(process.pid))
+    async def phase() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fuzzer.probe, process)
+            for index in range(args.connections):
+                nursery.start_soon(fuzzer.worker, index)
 
-    fuzzer.on_warm = warm
+    async def reading(name: str) -> None:
+        if process.poll() is None and not fuzzer.hangs:
+            quiet[name] = await fuzzer.quiet()
+            rss[name], anon[name] = rss_mib(process.pid), anon_mib(process.pid)
+
     started = time.monotonic()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(fuzzer.probe, process)
-        for index in range(args.connections):
-            nursery.start_soon(fuzzer.worker, index)
+    # Warm-up: the MLflow UI and mirror on (see the docstring), then the same fuzzing as after it.
+    ui = await fuzzer.call("ui", {"start": True, "timeout": 120.0}, timeout=180)
+    mlflow_on = bool(ui.get("ok"))
+    await phase()
+    await reading("start")
+    fuzzer.target = args.frames
+    await phase()
     duration = time.monotonic() - started
-    rss.setdefault("start", rss["launch"])
-    anon.setdefault("start", anon["launch"])
+    await reading("end")
     crashed = process.poll() is not None
-    if not crashed:
-        await trio.sleep(2)   # in-flight work settles
-        rss["end"] = rss_mib(process.pid)
-        anon["end"] = anon_mib(process.pid)
-    growth = (rss["end"] / rss["start"] - 1) if "end" in rss else None
+    growth = (rss["end"] / rss["start"] - 1) if "end" in rss and "start" in rss else None
     return {
         "seed": args.seed, "frames": fuzzer.total, "by_kind": dict(fuzzer.sent), "replies": dict(fuzzer.replies),
         "connections_closed_by_agent": fuzzer.closed_by_agent, "runs_created": len(fuzzer.run_ids),
         "duration_seconds": round(duration, 1), "frames_per_second": round(fuzzer.total / duration),
         "crashes": int(crashed), "crash_exit": process.returncode, "hangs": fuzzer.hangs,
+        "warmup_frames": min(args.warmup, args.frames), "mlflow_on": mlflow_on,
+        "quiet_before_readings": quiet,
         "rss_mib": {k: round(v, 1) for k, v in rss.items()},
         "rss_anon_mib": {k: round(v, 1) for k, v in anon.items()},
         "rss_growth": None if growth is None else round(growth, 4),
@@ -418,12 +465,14 @@ async def fuzz(args, process: subprocess.Popen, sock: Path) -> dict:
 
 def markdown(result: dict) -> str:
     growth = "n/a" if result["rss_growth"] is None else f"{result['rss_growth']:+.1%}"
+    waited = ", ".join(f"{name} {left['waited_seconds']} s" for name, left in result["quiet_before_readings"].items())
     lines = [
         "# Fuzzing a live agent",
         "",
         "`scripts/fuzz` (bench/fuzz.py): random bytes, truncated and oversized frames, random envelopes, and",
         "well-formed requests of every op with random values for every argument, against one live `labrund`.",
-        "Pass: 0 crashes, 0 hangs, agent RSS at the end within 10% of its RSS after warm-up.",
+        "Pass: 0 crashes, 0 hangs, agent RSS at the end within 10% of its RSS after warm-up. Both readings are",
+        "taken quiet (fuzzing paused, the fuzzer's runs ended, the MLflow mirror caught up); see bench/fuzz.py.",
         "",
         "| measure | value |",
         "|---|---|",
@@ -436,6 +485,9 @@ def markdown(result: dict) -> str:
         f"| run ids met in replies (up to 1,000 kept to aim requests at) | {result['runs_created']:,} |",
         f"| duration | {result['duration_seconds']:,} s |",
         f"| rate | {result['frames_per_second']:,} frames/s |",
+        f"| warm-up | {result['warmup_frames']:,} frames, MLflow UI and mirror "
+        f"{'on' if result['mlflow_on'] else 'refused'} |",
+        f"| waited for quiet (runs ended, mirror caught up) before the readings | {waited} |",
         f"| crashes | {result['crashes']} |",
         f"| hangs | {len(result['hangs'])} |",
         f"| agent RSS at launch / after warm-up / at the end | {result['rss_mib'].get('launch')} / "
@@ -454,6 +506,7 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=float("inf"))
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=WARMUP_FRAMES, help="frames before the first memory reading")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--max-frame", type=int, default=1 << 20)
     parser.add_argument("--json", type=Path)

@@ -156,7 +156,11 @@ class Environment(_ConfigElement):
 
     @staticmethod
     def list(workspace) -> dict:
-        return {e["name"]: Environment._from_wire(e) for e in workspace._call("env_list")}
+        found, after = {}, None
+        while page := workspace._call("env_list", after=after):   # the agent answers a page at a time
+            found.update((e["name"], Environment._from_wire(e)) for e in page)
+            after = page[-1]["name"]
+        return found
 
     def _serialize_to_dict(self) -> dict:
         """Azure ML's serialized environment (as in ``runDefinition.environment``)."""

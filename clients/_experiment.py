@@ -39,7 +39,7 @@ class Experiment:
         return self._meta
 
     def refresh(self) -> None:
-        found = [e for e in self.workspace._call("experiments") if e["name"] == self.name]
+        found = self.workspace._call("experiments", name=self.name)
         self._meta = found[0] if found else {"name": self.name, "tags": {}, "archived_at": None}
 
     def _update(self, **changes) -> None:
@@ -78,7 +78,7 @@ class Experiment:
     def list(workspace, experiment_name=None, view_type=ViewType.ActiveOnly, tags=None) -> list:
         """The agent's experiments: those with runs, tags or an archive state."""
         found = []
-        for entry in workspace._call("experiments"):
+        for entry in _all_experiments(workspace, experiment_name):
             archived = entry.get("archived_at") is not None
             if view_type == ViewType.ActiveOnly and archived or view_type == ViewType.ArchivedOnly and not archived:
                 continue
@@ -144,6 +144,17 @@ class Experiment:
 
     def __repr__(self) -> str:
         return f"Experiment(Name: {self.name},\nWorkspace: {self.workspace.name})"
+
+
+def _all_experiments(workspace, name=None):
+    """The agent's experiments (only ``name``, when given), following its pages."""
+    if name is not None:
+        yield from workspace._call("experiments", name=name)
+        return
+    after = None
+    while page := workspace._call("experiments", after=after):
+        yield from page
+        after = page[-1]["name"]
 
 
 def _matches(values: dict, wanted) -> bool:

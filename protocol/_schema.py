@@ -394,7 +394,8 @@ OP_SCHEMAS: dict[str, Validator] = {
     }),
     "env_register": struct({"environment": Field(ENVIRONMENT)}),
     "env_get": struct({"name": Field(_NAME), "version": Field(nullable(integer(min=1)), None)}),
-    "env_list": struct({}),
+    # A page of environments by name, after ``after``; the client follows pages until one is empty.
+    "env_list": struct({"after": Field(nullable(_NAME), None), "limit": Field(nullable(integer(min=1, max=1000)), None)}),
     # Interactive runs (start_logging, child_run): created Running, ended by the client, bound to its connection.
     "start_run": struct({
         "experiment": Field(string(pattern=EXPERIMENT_NAME_RE, what="not an experiment name")),
@@ -412,7 +413,9 @@ OP_SCHEMAS: dict[str, Validator] = {
         "error": Field(nullable(string(max_len=1 << 16)), None),
         "error_code": Field(nullable(string(max_len=200)), None),
     }),
-    "experiments": struct({}),
+    # A page of experiments by name, after ``after`` (or the one named ``name``); follow until a page is empty.
+    "experiments": struct({"after": Field(nullable(_NAME), None), "limit": Field(nullable(integer(min=1, max=1000)), None),
+                           "name": Field(nullable(_NAME), None)}),
     "experiment_update": struct({
         "name": Field(string(pattern=EXPERIMENT_NAME_RE, what="not an experiment name")),
         "tags": Field(nullable(map_of(nullable(string(max_len=4096)), max_items=1000)), None),

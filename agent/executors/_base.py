@@ -12,6 +12,8 @@ The supervisor owns a run's lifecycle and calls only this interface; it knows no
     wait(handle)     -> ExitResult until the run's processes have ended
     stop(handle, grace)            SIGTERM (or the kind's equivalent), grace, then kill
     recover(handle)  -> Live | Ended | Lost   after an agent restart, for each run still active
+    start_array(launches, throttle) -> handles   (``arrays`` kinds) an array's members as one job of the kind's own
+    stopping_together(handles)     the runs of an array canceled as a whole: their ``stop`` may be one command
     reconcile(owned)               at start: clean up what no active run owns (orphans)
     aclose()                       at the agent's exit: the executor's own resources, never runs
 
@@ -63,6 +65,9 @@ class Capabilities:
     # there, and ``wait(handle, progress)`` reports each change: ``progress(status, waiting)``, where
     # ``waiting`` says why a Queued run waits (``{"reason": ..., ...}``, shown by ``labrun ls``).
     own_queue: bool = False
+    # An array's members start together as one job of the executor's own (a Slurm job array, ``start_array``),
+    # which keeps the array's ``%N`` limit itself.
+    arrays: bool = False
 
 
 @dataclass
@@ -122,7 +127,8 @@ class HandleError(Exception):
 
 @dataclass(frozen=True)
 class Handle:
-    """An executor's persisted handle. Subclasses are frozen dataclasses with ``kind`` and ``VERSION``.
+    """An executor's persisted handle. Subclasses are frozen dataclasses with ``kind`` and ``VERSION`` (1 unless
+    they set it).
 
     Bump ``VERSION`` when the fields change, and teach ``upgrade`` to read the older shapes.
     """
@@ -221,11 +227,20 @@ class Executor:
     async def start(self, launch: LaunchSpec) -> Handle:
         raise NotImplementedError
 
+    async def start_array(self, launches: list[LaunchSpec], throttle: int) -> list[Handle]:
+        """(Kinds with the ``arrays`` capability.) Start members of one array as one job, at most ``throttle``
+        (0: all) at once; their handles, in the order of ``launches``."""
+        raise NotImplementedError
+
     async def wait(self, handle: Handle) -> ExitResult:
         raise NotImplementedError
 
     async def stop(self, handle: Handle, grace: float) -> None:
         raise NotImplementedError
+
+    def stopping_together(self, handles: list[Handle]) -> None:
+        """The runs of ``handles`` (an array canceled as a whole) are about to be stopped, each with ``stop``: a
+        kind that stops them all with one command may do so at the first. By default each is stopped alone."""
 
     async def recover(self, handle: Handle) -> Recovery:
         """After an agent restart: reattach (``Live``), report how it ended (``Ended``), or ``Lost``."""

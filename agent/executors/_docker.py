@@ -34,7 +34,7 @@ import trio
 from labrun.protocol import parse_memory
 
 from .._asyncio_bridge import AsyncioBridge
-from .._docker_args import DockerPolicy, translate_arguments
+from .._docker_args import DockerPolicy, moved_volumes, translate_arguments
 from .._mlflow_setup import ContainerNetwork
 from ._base import (
     Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Preparation, Recovery, StartFailed,
@@ -62,7 +62,6 @@ def image_for(spec: dict, target) -> str | None:
 @dataclass(frozen=True)
 class DockerHandle(Handle):
     kind = "docker"
-    VERSION = 1
 
     container: str
 
@@ -239,6 +238,11 @@ class DockerExecutor(Executor):
     async def start(self, launch: LaunchSpec) -> DockerHandle:
         await self._ensure_image(launch.container["image"])
         config = self._config(launch)
+        # The volumes were checked at prepare, and pulling an image takes a while: checked again now.
+        moved = moved_volumes(launch.container["host"].get("Binds", []))
+        if moved:
+            raise StartFailed(f"the volume {moved[0]!r} resolves to another path than when it was checked "
+                              "(a link swapped in?); it is not mounted")
 
         async def create_and_start():
             docker = await self._client()
@@ -268,12 +272,19 @@ class DockerExecutor(Executor):
         return _exit_result(*await self.bridge.call(wait_and_remove))
 
     async def stop(self, handle: DockerHandle, grace: float) -> None:
+        await self._stop(handle.container, grace, delete=False)
+
+    async def _stop(self, container_id: str, grace: float, *, delete: bool) -> None:
+        """``docker stop`` (SIGTERM, ``grace``, SIGKILL), then with ``delete`` ``docker rm``; gone is no error."""
         import aiodocker
 
         async def stop():
             docker = await self._client()
+            container = docker.containers.container(container_id)
             try:
-                await docker.containers.container(handle.container).stop(t=max(1, int(round(grace))))
+                await container.stop(t=max(1, int(round(grace))))
+                if delete:
+                    await container.delete(force=True)
             except aiodocker.DockerError as exc:
                 if exc.status not in (304, 404):   # already stopped, or gone
                     raise
@@ -309,20 +320,8 @@ class DockerExecutor(Executor):
             await self.remove_orphans(self.grace, keep={h.container for h in owned})
 
     async def _remove(self, container_id: str, grace: float) -> None:
-        import aiodocker
-
-        async def remove():
-            docker = await self._client()
-            container = docker.containers.container(container_id)
-            try:
-                await container.stop(t=max(1, int(round(grace))))
-                await container.delete(force=True)
-            except aiodocker.DockerError as exc:
-                if exc.status != 404:
-                    raise
-
         try:
-            await self.bridge.call(remove)
+            await self._stop(container_id, grace, delete=True)
         except Exception as exc:
             log.warning("docker.remove.failed", container=container_id, error=str(exc))
 

@@ -50,7 +50,6 @@ class FakeMachine:
 @dataclass(frozen=True)
 class FakeHandle(Handle):
     kind = "fake"
-    VERSION = 1
 
     fake_pid: int
 

@@ -46,8 +46,9 @@ from ._base import (
     refuse,
 )
 from ._slurm_plan import (
-    ENDED, EXIT_FILE, SQUEUE_FORMAT, SUBMITTED_FILE, JobState, SlurmJob, SlurmSettings, batch_script, layout,
-    map_state, parse_exit_status, parse_squeue, sbatch_argv, sbatch_job_id, state_error,
+    ENDED, EXIT_FILE, SQUEUE_FORMAT, SUBMITTED_FILE, JobState, SlurmArray, SlurmJob, SlurmSettings, array_batch_script,
+    array_job_of, batch_script, layout, map_state, parse_exit_status, parse_squeue, sbatch_argv, sbatch_job_id,
+    state_error, with_array_remainders,
 )
 
 log = structlog.get_logger("labrun.slurm")
@@ -133,11 +134,18 @@ class _Squeue:
 
     async def state_of(self, job_id: str) -> JobState | None:
         """The job's state now (a fresh query), whether or not anyone follows it."""
-        self.watch(job_id)
+        return (await self.states_of([job_id]))[0]
+
+    async def states_of(self, job_ids: list[str]) -> list[JobState | None]:
+        """The jobs' states now (one fresh query), whether or not anyone follows them."""
+        for job_id in job_ids:
+            self.watch(job_id)
         try:
-            return (await self.states(trio.current_time())).get(job_id)
+            states = await self.states(trio.current_time())
+            return [states.get(job_id) for job_id in job_ids]
         finally:
-            self.unwatch(job_id)
+            for job_id in job_ids:
+                self.unwatch(job_id)
 
     def watch(self, job_id: str) -> None:
         self.watched[job_id] = self.watched.get(job_id, 0) + 1
@@ -150,7 +158,9 @@ class _Squeue:
     async def _query(self, job_ids: list[str]) -> dict[str, JobState]:
         if not job_ids:
             return {}
-        argv = [_command("squeue"), "--noheader", "--states=all", f"--jobs={','.join(job_ids)}",
+        # An array task's job array too: its record stands for tasks canceled before they started.
+        arrays = sorted({a for a in map(array_job_of, job_ids) if a is not None} - set(job_ids))
+        argv = [_command("squeue"), "--noheader", "--states=all", "--array", f"--jobs={','.join(job_ids + arrays)}",
                 f"--format={SQUEUE_FORMAT}"]
         try:
             with trio.fail_after(COMMAND_TIMEOUT_SECONDS):
@@ -163,32 +173,49 @@ class _Squeue:
             if "Invalid job id" in error:
                 return {}   # every job asked about has left squeue's memory
             raise SlurmUnavailable(f"squeue: {error or 'exit code %d' % result.returncode}")
-        return parse_squeue(result.stdout.decode(errors="replace"))
+        return with_array_remainders(parse_squeue(result.stdout.decode(errors="replace")), job_ids)
 
 
 @dataclass(frozen=True)
 class SlurmHandle(Handle):
     kind = "slurm"
-    VERSION = 1
+    # 2: ``array_job``, for a run that is one task of a Slurm job array (its ``job_id`` is ``<array_job>_<index>``).
+    VERSION = 2
 
     job_id: str
     run_dir: str      # the run directory as the nodes know it (in run_root)
     uid: int
     gid: int
     groups: tuple[int, ...] = ()
+    array_job: str | None = None   # the job array's id: ``scancel`` of it ends every task
+
+    @classmethod
+    def upgrade(cls, data: dict, version: int) -> dict:
+        if version == 1:
+            return {**data, "array_job": None}   # version 1 knew only single jobs
+        return super().upgrade(data, version)
+
+
+@dataclass
+class _ArrayStop:
+    """An array canceled as a whole: the first of its runs to be stopped stops them all, the others wait."""
+
+    handles: list[SlurmHandle]
+    done: trio.Event | None = None
 
 
 class SlurmExecutor(Executor):
     kind = "slurm"
     # The cluster's capacity, not this machine's; its jobs outlive the agent; Slurm has its own queue.
     capabilities = Capabilities(gpus=True, distributed=True, counted_locally=False, outlives_agent=True,
-                                own_queue=True)
+                                own_queue=True, arrays=True)
     handle_type = SlurmHandle
 
     def __init__(self, grace: float = 10.0):
         self.grace = grace
         self._squeue = _Squeue()
         self._environments: dict[Path, EnvironmentBuilder] = {}
+        self._array_stops: dict[str, _ArrayStop] = {}   # by job array id
 
     def admit(self, spec: dict, target) -> None:
         """Refuse what a Slurm target cannot run; a run without its own time limit gets the target's ``time``."""
@@ -235,7 +262,8 @@ class SlurmExecutor(Executor):
                        python=launch.argv[0] if spec["script"] is not None else "python3", grace=self.grace)
         launch.slurm = {"job": job, "settings": SlurmSettings(partition=slurm.partition, account=slurm.account,
                                                               qos=slurm.qos, sbatch_args=slurm.sbatch_args,
-                                                              mpi=slurm.mpi)}
+                                                              mpi=slurm.mpi),
+                        "array": spec.get("array")}
         return launch
 
     # -- running commands as the run's owner --------------------------------------------
@@ -265,13 +293,50 @@ class SlurmExecutor(Executor):
                 log.warning("slurm.adopted", run_id=launch.run_id, job_id=earlier)
                 return dataclasses.replace(owner, job_id=earlier)
         argv = sbatch_argv(job, settings, script="-", sbatch=_command("sbatch"))[:-1]   # the script on stdin
-        env = job_environment({**launch.env, **launch.ranks[0].env})
+        job_id = await self._sbatch(argv, batch_script(job, settings), {**launch.env, **launch.ranks[0].env}, owner,
+                                    launch.cwd)
+        log.info("slurm.submitted", run_id=launch.run_id, job_id=job_id)
+        return dataclasses.replace(owner, job_id=job_id)
+
+    async def start_array(self, launches: list[LaunchSpec], throttle: int) -> list[SlurmHandle]:
+        """Members of one labrun array as one ``sbatch --array`` job (``throttle``: Slurm's ``%N``); their handles
+        are its tasks, ``<job id>_<index>``, in the order of ``launches``."""
+        first = launches[0]
+        indices = [launch.slurm["array"]["index"] for launch in launches]
+        environments = [job_environment({**launch.env, **launch.ranks[0].env}) for launch in launches]
+        # What every member sees goes in sbatch's environment; the rest (run id, token, index) in the script.
+        shared = dict(set.intersection(*(set(env.items()) for env in environments)))
+        array = SlurmArray(array_id=first.slurm["array"]["id"], run_root=str(Path(first.slurm["job"].run_dir).parent),
+                           tasks={i: launch.slurm["job"] for i, launch in zip(indices, launches)},
+                           task_env={i: {k: v for k, v in env.items() if shared.get(k) != v}
+                                     for i, env in zip(indices, environments)},
+                           throttle=throttle)
+        array_id = array.array_id
+        owner = SlurmHandle(job_id="", run_dir="", uid=first.uid, gid=first.gid, groups=tuple(first.groups))
+        job_id = None
+        submitted = [_first_submit(Path(job.run_dir) / SUBMITTED_FILE) for job in array.tasks.values()]
+        if not all(submitted):
+            # An earlier agent ran sbatch for this array and died before it recorded the job: find that job.
+            job_id = await self._job_named(array.job().name)
+            if job_id is not None:
+                log.warning("slurm.adopted", array_id=array_id, job_id=job_id)
+        if job_id is None:
+            settings = first.slurm["settings"]
+            argv = sbatch_argv(array.job(), settings, script="-", sbatch=_command("sbatch"),
+                               array=array.array_option())[:-1]
+            job_id = await self._sbatch(argv, array_batch_script(array, settings), shared, owner, first.cwd)
+            log.info("slurm.submitted", array_id=array_id, job_id=job_id, tasks=array.array_option())
+        return [dataclasses.replace(owner, job_id=f"{job_id}_{i}", run_dir=launch.slurm["job"].run_dir,
+                                    array_job=job_id) for i, launch in zip(indices, launches)]
+
+    async def _sbatch(self, argv: list[str], script: str, env: dict[str, str], owner: SlurmHandle, cwd) -> str:
+        """Submit ``script`` as the run's owner; the job id, or ``StartFailed`` saying why not."""
+        env = job_environment(env)
         env.setdefault("PATH", os.defpath)
         try:
             # Shielded: a cancel landing mid-submit must not leave a job that no handle knows of.
             with trio.CancelScope(shield=True):
-                result = await self._run(argv, owner, stdin=batch_script(job, settings).encode(), env=env,
-                                         cwd=str(launch.cwd))
+                result = await self._run(argv, owner, stdin=script.encode(), env=env, cwd=str(cwd))
         except OSError as exc:
             raise StartFailed(f"cannot run sbatch: {exc.strerror or exc}", reason="slurm_unavailable") from None
         except trio.TooSlowError:
@@ -281,17 +346,15 @@ class SlurmExecutor(Executor):
             why = result.stderr.decode(errors="replace").strip() or f"sbatch exited {result.returncode}"
             raise StartFailed(f"Slurm refused the job: {why}")
         try:
-            job_id = sbatch_job_id(result.stdout.decode(errors="replace"))
+            return sbatch_job_id(result.stdout.decode(errors="replace"))
         except ValueError as exc:
             raise StartFailed(str(exc)) from None
-        log.info("slurm.submitted", run_id=launch.run_id, job_id=job_id)
-        return dataclasses.replace(owner, job_id=job_id)
 
     async def _job_named(self, name: str) -> str | None:
-        """The newest job of that name Slurm still knows, if any."""
+        """The newest job (or job array) of that name Slurm still knows, if any."""
         try:
             result = await self._run([_command("squeue"), "--noheader", "--states=all", f"--name={name}",
-                                      "--format=%i"], None, env=job_environment(dict(os.environ)))
+                                      "--format=%F"], None, env=job_environment(dict(os.environ)))
         except (OSError, trio.TooSlowError):
             return None
         found = [line.strip() for line in result.stdout.decode(errors="replace").split() if line.strip().isdigit()]
@@ -377,30 +440,65 @@ class SlurmExecutor(Executor):
         lines = result.stdout.decode(errors="replace").split()
         return lines[0].split()[0] if result.returncode == 0 and lines else None
 
+    def stopping_together(self, handles: list[Handle]) -> None:
+        """An array canceled as a whole: its job array is stopped with one ``scancel`` of the array's id."""
+        by_array: dict[str, list[SlurmHandle]] = {}
+        for handle in handles:
+            if handle.array_job is not None:
+                by_array.setdefault(handle.array_job, []).append(handle)
+        for array_job, members in by_array.items():
+            self._array_stops.setdefault(array_job, _ArrayStop(members))
+
     async def stop(self, handle: SlurmHandle, grace: float) -> None:
         """SIGTERM to the run's processes, ``grace`` seconds, then SIGKILL; a pending job just leaves the queue."""
-        job_id = handle.job_id
+        together = self._array_stops.get(handle.array_job) if handle.array_job is not None else None
+        if together is None or handle not in together.handles:
+            await self._stop_job(handle.job_id, [handle], grace)
+        elif together.done is None:
+            together.done = trio.Event()
+            try:
+                await self._stop_job(handle.array_job, together.handles, grace)
+            finally:
+                together.done.set()
+                del self._array_stops[handle.array_job]
+        else:
+            await together.done.wait()
+
+    async def _stop_job(self, job_id: str, handles: list[SlurmHandle], grace: float) -> None:
+        """Stop ``job_id`` (a job, an array task, or a whole job array), whose runs are ``handles``."""
         scancel = _command("scancel")
+        owner = handles[0]
         try:
-            job = await self._squeue.state_of(job_id)
+            states = await self._squeue.states_of([h.job_id for h in handles])
         except SlurmUnavailable:
-            job = None
-        if job is not None and job.state.split()[0] in ENDED:
+            states = [None] * len(handles)
+        if all(job is not None and job.state.split()[0] in ENDED for job in states):
             return
-        if job is not None and map_state(job.state)[0] != QUEUED:
+        running = [h for h, job in zip(handles, states) if job is not None and map_state(job.state)[0] != QUEUED
+                   and job.state.split()[0] not in ENDED]
+        if running:
+            if len(handles) > 1:
+                # The array's pending tasks go first: none may start in the place of a stopped one.
+                await self._scancel([scancel, "--state=PENDING", job_id], owner)
             # The batch script passes SIGTERM on to the command's processes, and SIGKILL after the grace period.
-            await self._scancel([scancel, "--signal=TERM", "--batch", job_id], handle)
-            if await self._exit_status(handle, grace + SCRIPT_KILL_MARGIN_SECONDS) is not None:
+            await self._scancel([scancel, "--signal=TERM", "--batch", job_id], owner)
+            with trio.move_on_after(grace + SCRIPT_KILL_MARGIN_SECONDS):
+                for h in running:
+                    await self._exit_status(h, math.inf)
+            recorded = all(read_status_file(Path(h.run_dir) / EXIT_FILE) is not None for h in running)
+            if recorded and len(handles) == 1:
                 return
-        await self._scancel([scancel, job_id], handle)
+        # What is left of the job ends now: a command that outlived the grace period, or of a job array, also a
+        # task that started between the look at its states and the cancel of its pending tasks.
+        await self._scancel([scancel, job_id], owner)
 
     async def _scancel(self, argv: list[str], handle: SlurmHandle) -> None:
         try:
             result = await self._run(argv, handle)
         except (OSError, trio.TooSlowError) as exc:
-            log.warning("slurm.scancel.failed", job_id=handle.job_id, error=str(exc))
+            log.warning("slurm.scancel.failed", job_id=argv[-1], error=str(exc))
             return
-        log.info("slurm.scancel", job_id=handle.job_id, argv=argv[1:], exit_code=result.returncode,
+        log.info("slurm.scancel", job_id=argv[-1], argv=argv[1:], exit_code=result.returncode,
                  error=result.stderr.decode(errors="replace").strip() or None)
 
     async def recover(self, handle: SlurmHandle) -> Recovery:

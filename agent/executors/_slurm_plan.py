@@ -14,11 +14,16 @@ job states mean to labrun. No I/O here: the Slurm executor runs what these funct
   the first node and a free port there; MPI through ``srun --mpi``; TensorFlow's ``TF_CONFIG`` from
   the hosts Slurm placed the tasks on.
 - Extra ``sbatch`` arguments from the target's configuration are allow-listed, as Docker arguments are.
+- A labrun array is one Slurm job array (``sbatch --array=1-20%4``): Slurm's throttle, and task ``i`` of
+  the job is run ``<array id>_<i>``. One batch script serves every task: it picks the task's run
+  directory, command and own variables (run id, token, index) by ``$SLURM_ARRAY_TASK_ID``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 import shlex
 from dataclasses import dataclass, field
 
@@ -223,8 +228,9 @@ class SlurmSettings:
     mpi: str = "pmi2"
 
 
-def sbatch_argv(job: SlurmJob, settings: SlurmSettings, script: str, sbatch: str = "sbatch") -> list[str]:
-    """The full ``sbatch`` command line (no shell: every element is one argument)."""
+def sbatch_argv(job: SlurmJob, settings: SlurmSettings, script: str, sbatch: str = "sbatch",
+                array: str | None = None) -> list[str]:
+    """The full ``sbatch`` command line (no shell: every element is one argument); ``array``: ``--array``'s value."""
     plan = layout(job.distributed)
     argv = [sbatch, "--parsable", f"--job-name={job.name}",
             f"--chdir={job.cwd}", f"--output={job.logs}/std_log.txt", "--open-mode=append", "--export=ALL",
@@ -241,12 +247,48 @@ def sbatch_argv(job: SlurmJob, settings: SlurmSettings, script: str, sbatch: str
         value = getattr(settings, option)
         if value:
             argv.append(f"--{option}={value}")
+    if array is not None:
+        argv.append(f"--array={array}")
     argv += settings.sbatch_args
     argv.append(script)
     return argv
 
 
+def index_ranges(indices: list[int]) -> str:
+    """[1, 2, 3, 5, 7, 8] -> "1-3,5,7-8", as ``--array`` takes them."""
+    parts, ordered = [], sorted(set(indices))
+    start = previous = ordered[0]
+    for index in [*ordered[1:], None]:
+        if index is not None and index == previous + 1:
+            previous = index
+            continue
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+        start = previous = index
+    return ",".join(parts)
+
+
+@dataclass
+class SlurmArray:
+    """Runs of one labrun array submitted as one Slurm job array: task ``i`` is run ``<array_id>_<i>``."""
+
+    array_id: str
+    run_root: str                      # where the members' run directories are (``<run_root>/<run id>``)
+    tasks: dict[int, SlurmJob]         # index -> the member's job (its command, directories)
+    task_env: dict[int, dict[str, str]] = field(default_factory=dict)   # index -> what only that member sees
+    throttle: int = 0                  # at most this many tasks at once (Slurm's ``%N``); 0: no limit
+
+    def job(self) -> SlurmJob:
+        """The array's job as sbatch sees it: one name, a log per task (``%a`` is the task's index)."""
+        return dataclasses.replace(self.tasks[min(self.tasks)], run_id=self.array_id, cwd=self.run_root,
+                                   logs=f"{self.run_root}/{self.array_id}_%a/logs", run_dir=self.run_root)
+
+    def array_option(self) -> str:
+        return index_ranges(list(self.tasks)) + (f"%{self.throttle}" if self.throttle else "")
+
+
 # -- the batch script --------------------------------------------------------------------
+
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # A port free on this node right now, from the run's Python; else one derived from the job id.
 _FREE_PORT = ("MASTER_PORT=$({python} -c 'import socket; s = socket.socket(); s.bind((\"\", 0)); "
@@ -288,48 +330,103 @@ def srun_argv(job: SlurmJob, settings: SlurmSettings, srun: str = "srun") -> lis
     return argv + ["/bin/sh", "-c", rank_wrapper(plan), "labrun-rank"] + job.argv
 
 
+def _command_argv(job: SlurmJob, settings: SlurmSettings) -> list[str]:
+    """What the batch script starts: the run's command, or the srun of a distributed run."""
+    return job.argv if layout(job.distributed).kind is None else srun_argv(job, settings)
+
+
+def _rank_logs(job: SlurmJob) -> list[str]:
+    """Each rank's log, made before srun appends to it."""
+    plan = layout(job.distributed)
+    if plan.kind is None:
+        return []
+    return [f": >> {shlex.quote(f'{job.logs}/std_log_process_{rank}.txt')}" for rank in range(plan.tasks)]
+
+
+def _distributed_prelude(job: SlurmJob) -> list[str]:
+    """The rendezvous a distributed run's ranks need, found on the first node of the allocation."""
+    q = shlex.quote
+    plan = layout(job.distributed)
+    lines = []
+    if plan.kind == "pytorch":
+        lines += ['MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                  _FREE_PORT.format(python=q(job.python)), "export MASTER_ADDR MASTER_PORT"]
+    elif plan.kind == "tensorflow":
+        lines += [f"LABRUN_TF_WORKERS={plan.workers}",
+                  _FREE_PORT.format(python=q(job.python)).replace("MASTER_PORT", "LABRUN_TF_PORT"),
+                  # The host of each task, in task order (one short step, as srun places them).
+                  f"LABRUN_TASK_HOSTS=$(srun --ntasks={plan.tasks} --label hostname | sort -n | "
+                  "sed 's/^ *[0-9]*: //')",
+                  "export LABRUN_TF_WORKERS LABRUN_TF_PORT LABRUN_TASK_HOSTS"]
+    return lines
+
+
 def batch_script(job: SlurmJob, settings: SlurmSettings) -> str:
     """The batch script: runs the command (or its srun), records the exit status, exits with it."""
     q = shlex.quote
-    plan = layout(job.distributed)
     lines = [
         "#!/bin/sh",
         f"# labrun run {job.run_id}: written by the labrun agent, run by Slurm as the run's owner.",
         f"cd {q(job.cwd)} || exit 127",
+        *_distributed_prelude(job),
+        *_rank_logs(job),
     ]
-    if plan.kind is None:
-        command = " ".join(q(part) for part in job.argv)
-    else:
-        if plan.kind == "pytorch":
-            lines += ['MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-                      _FREE_PORT.format(python=q(job.python)), "export MASTER_ADDR MASTER_PORT"]
-        elif plan.kind == "tensorflow":
-            lines += [f"LABRUN_TF_WORKERS={plan.workers}",
-                      _FREE_PORT.format(python=q(job.python)).replace("MASTER_PORT", "LABRUN_TF_PORT"),
-                      # The host of each task, in task order (one short step, as srun places them).
-                      f"LABRUN_TASK_HOSTS=$(srun --ntasks={plan.tasks} --label hostname | sort -n | "
-                      "sed 's/^ *[0-9]*: //')",
-                      "export LABRUN_TF_WORKERS LABRUN_TF_PORT LABRUN_TASK_HOSTS"]
-        for rank in range(plan.tasks):
-            lines.append(f": >> {q(f'{job.logs}/std_log_process_{rank}.txt')}")
-        command = " ".join(q(part) for part in srun_argv(job, settings))
     exit_file = f"{job.run_dir}/{EXIT_FILE}"
+    command = " ".join(q(part) for part in _command_argv(job, settings))
+    return "\n".join(lines + _run_and_record(job.grace, command, q(exit_file), q(exit_file + ".tmp"))) + "\n"
+
+
+def array_batch_script(array: SlurmArray, settings: SlurmSettings) -> str:
+    """One batch script for every task of a job array: the task's run is chosen by ``$SLURM_ARRAY_TASK_ID``.
+
+    A member's own variables are exported by the script (never command-line arguments, which anyone on the
+    node may read: the run's token is one); a name the shell cannot export goes through ``env``.
+    """
+    q = shlex.quote
+    lines = [
+        "#!/bin/sh",
+        f"# labrun array {array.array_id}: written by the labrun agent, run by Slurm as the runs' owner.",
+        'case "$SLURM_ARRAY_TASK_ID" in',
+    ]
+    for index, job in sorted(array.tasks.items()):
+        own = sorted(array.task_env.get(index, {}).items())
+        odd = [f"{k}={v}" for k, v in own if not _SHELL_NAME.fullmatch(k)]
+        argv = (["env", "--", *odd] if odd else []) + _command_argv(job, settings)
+        lines += [
+            f"{index})",
+            f"  cd {q(job.cwd)} || exit 127",
+            f"  labrun_exit={q(f'{job.run_dir}/{EXIT_FILE}')}",
+            *(f"  export {k}={q(v)}" for k, v in own if _SHELL_NAME.fullmatch(k)),
+            *(f"  {line}" for line in _rank_logs(job)),
+            f"  set -- {' '.join(q(part) for part in argv)} ;;",
+        ]
     lines += [
+        '*) echo "labrun: task $SLURM_ARRAY_TASK_ID is not one of this array\'s runs" >&2; exit 127 ;;',
+        "esac",
+        *_distributed_prelude(array.job()),
+    ]
+    return "\n".join(lines + _run_and_record(array.job().grace, '"$@"', '"$labrun_exit"',
+                                              '"$labrun_exit.tmp"')) + "\n"
+
+
+def _run_and_record(grace: float, command: str, exit_file: str, exit_tmp: str) -> list[str]:
+    """The end of every batch script: ``command`` in a session of its own, its exit status written to
+    ``exit_tmp`` and moved to ``exit_file`` (all shell words, quoted), and the script's exit with it."""
+    return [
         # The command leads a session of its own. A cancel (scancel --signal=TERM --batch) reaches this script
         # only, which passes it on to the command's process group and still records how the command ended.
         # Slurm's own SIGKILL comes only after the cluster's KillWait: the agent's grace period is kept here.
         f"labrun_stop() {{ kill -s TERM -- \"-$pid\" 2>/dev/null; "
-        f"(sleep {job.grace:g}; kill -s KILL -- \"-$pid\" 2>/dev/null) & }}",
+        f"(sleep {grace:g}; kill -s KILL -- \"-$pid\" 2>/dev/null) & }}",
         "pid='' labrun_term=''",
         "trap 'labrun_term=1; [ -z \"$pid\" ] || labrun_stop' TERM",
         f"setsid {command} &",
         "pid=$!",
         '[ -z "$labrun_term" ] || labrun_stop   # a cancel that came before the command started',
         'while :; do wait "$pid"; code=$?; kill -0 "$pid" 2>/dev/null || break; done',
-        f"printf '%s\\n' \"$code\" > {q(exit_file + '.tmp')} && mv -f {q(exit_file + '.tmp')} {q(exit_file)}",
+        f"printf '%s\\n' \"$code\" > {exit_tmp} && mv -f {exit_tmp} {exit_file}",
         'exit "$code"',
     ]
-    return "\n".join(lines) + "\n"
 
 
 def parse_exit_status(text: str | None) -> tuple[int | None, int | None]:
@@ -364,6 +461,22 @@ def parse_squeue(output: str) -> dict[str, JobState]:
         if len(parts) != 4 or not parts[0]:
             continue
         found[parts[0]] = JobState(*parts)
+    return found
+
+
+def array_job_of(job_id: str) -> str | None:
+    """The job array's id of an array task (``1234_3`` -> ``1234``); None for a plain job."""
+    base, sep, index = job_id.partition("_")
+    return base if sep and index.isdigit() else None
+
+
+def with_array_remainders(found: dict[str, JobState], asked: list[str]) -> dict[str, JobState]:
+    """Tasks of a job array that never started and were canceled together are one record under the array's
+    id (``1234|CANCELLED``), not one each: each such task has that record's state."""
+    for job_id in asked:
+        base = array_job_of(job_id)
+        if job_id not in found and base is not None and base in found:
+            found[job_id] = dataclasses.replace(found[base], job_id=job_id)
     return found
 
 

@@ -108,17 +108,11 @@ def _slurm_dependency(value: str | None) -> tuple[list[str], list[str]]:
     return after, afterok
 
 
-def _expand(workspace, ids: list[str], *, queued_first: bool = False) -> list[str]:
-    """Run ids, with each array id replaced by its members in index order.
-
-    ``queued_first``: an array's queued runs before its running ones, so canceling it never frees a
-    slot that one of its queued runs could take.
-    """
+def _expand(workspace, ids: list[str]) -> list[str]:
+    """Run ids, with each array id replaced by its members in index order."""
     runs = []
     for run_id in ids:
         members = sorted(workspace.list_runs(array=run_id), key=lambda m: m["array"]["index"])
-        if queued_first:
-            members.sort(key=lambda m: m["status"] != "Queued")
         runs += [m["run_id"] for m in members] or [run_id]
     return runs
 
@@ -285,18 +279,20 @@ def cmd_logs(args) -> int:
 def cmd_cancel(args) -> int:
     workspace = _workspace(args)
     failed, canceled = 0, []
-    for run_id in _expand(workspace, args.runs, queued_first=True):
+    for run_id in args.runs:
         try:
-            run = workspace._call("cancel", run_id=run_id)
+            # An array id cancels the array's runs together (on Slurm: one scancel of the job array).
+            reply = workspace._call("cancel", run_id=run_id)
         except AgentError as exc:
             print(f"labrun: {run_id}: {exc.message}", file=sys.stderr)
             failed = EXIT_LABRUN
             continue
-        canceled.append(run)
-        if args.jsonl:
-            _print_jsonl(run)
-        elif not args.json:
-            print(f"{run_id}: {run['status']}")
+        for run in reply["runs"] if "array_id" in reply else [reply]:
+            canceled.append(run)
+            if args.jsonl:
+                _print_jsonl(run)
+            elif not args.json:
+                print(f"{run['run_id']}: {run['status']}")
     if args.json:
         _print_json(canceled)
     return failed
@@ -396,7 +392,8 @@ def cmd_status(args) -> int:
     print(f"runs      {counts}")
     disk = status.get("disk")
     if disk:
-        kept = (f"run directories kept {disk['retention_days']:g} days" if disk["retention_days"]
+        kept = (f"run directories kept {disk['retention_days']:g} days (checked every "
+                f"{_format.interval(disk.get('retention_interval_seconds', 3600))})" if disk["retention_days"]
                 else "run directories kept until labrun rm/clean")
         print(f"disk      runs use {_format.format_memory(disk['runs_bytes'])}, snapshot store "
               f"{_format.format_memory(disk['snapshot_store_bytes'])}, "
@@ -701,8 +698,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ui)
 
+    # Everything after "agent" is labrund's (--socket, --config, --help...): "+" marks no option of this parser.
     p = add_parser("agent", help="run the agent in the foreground (same options as labrund); "
-                                          "'agent drain [--no-wait]' and 'agent resume' for maintenance")
+                                 "'agent drain [--no-wait]' and 'agent resume' for maintenance",
+                   prefix_chars="+", add_help=False)
     p.add_argument("agent_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_agent)
 

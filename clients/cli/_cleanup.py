@@ -20,7 +20,8 @@ def _report_removed(args, result: dict) -> int:
                 print(f"labrun: {removed['run_id']}: {removed['error']}", file=sys.stderr)
             else:
                 print(f"removed {removed['run_id']} ({_format.format_memory(removed['freed_bytes'])})")
-        print(f"freed {_format.format_memory(result['freed_bytes'])} in {len(result['removed']) - len(failed)} runs",
+        count = len(result["removed"]) - len(failed)
+        print(f"freed {_format.format_memory(result['freed_bytes'])} in {count} run{'' if count == 1 else 's'}",
               file=sys.stderr)
     return EXIT_LABRUN if failed else 0
 

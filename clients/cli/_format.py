@@ -39,6 +39,16 @@ def duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def interval(seconds: float) -> str:
+    """A period as the configuration writes it: ``1h``, ``10m``, ``1h30m``, ``45s``."""
+    seconds, parts = int(seconds), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(parts)
+
+
 def run_duration(run: dict) -> str:
     if run["started_at"] is None:
         return "-"
@@ -203,6 +213,7 @@ def group_arrays(runs: list[dict]) -> list[dict]:
             counts[member["status"]] = counts.get(member["status"], 0) + 1
         first = group[0]
         shown.append({**first, "run_id": f"{array['id']}_[{index_ranges([r['array']['index'] for r in group])}{throttle}]",
+                      "display_name": None if name(first) == "-" else first["display_name"],
                       "status": ",".join(f"{n} {status}" for status, n in sorted(counts.items())),
                       "started_at": min((r["started_at"] for r in group if r["started_at"]), default=None),
                       "ended_at": None if any(r["ended_at"] is None for r in group)

@@ -96,3 +96,65 @@ async def test_local_runs_do_not_wait_for_cluster_runs(harness, autojump_clock):
     for record in remote:
         await settle(supervisor, record.run_id, "Queued")
     assert all(supervisor.store.get_run(r.run_id).handle for r in remote)   # all three are in the cluster's queue
+
+
+class FakeArrayCluster(FakeCluster):
+    """A cluster that runs an array as one job of its own (Slurm's job arrays), and stops one as a whole."""
+
+    capabilities = Capabilities(**{**CLUSTER.__dict__, "arrays": True})
+
+    def __init__(self, machine):
+        super().__init__(machine)
+        self.capabilities = FakeArrayCluster.capabilities
+        self.arrays: list[tuple[list[str], int]] = []
+        self.together: list[list[int]] = []
+
+    async def start_array(self, launches, throttle):
+        self.arrays.append(([launch.run_id for launch in launches], throttle))
+        return [await self.start(launch) for launch in launches]
+
+    def stopping_together(self, handles):
+        self.together.append(sorted(handle.fake_pid for handle in handles))
+
+
+async def test_an_array_starts_as_one_job_of_the_cluster_with_its_limit_and_is_canceled_together(harness,
+                                                                                                 autojump_clock):
+    harness.config.targets["cluster"] = TargetConfig(name="cluster", kind="cluster")
+    supervisor = await harness.start()
+    supervisor.executors["cluster"] = cluster = FakeArrayCluster(harness.machine)
+    records = await supervisor.submit_array(cluster_spec(), OWNER, {"indices": [1, 2, 3, 4], "throttle": 2})
+    while not all(r.run_id in supervisor.active and supervisor.active[r.run_id].handle for r in records):
+        await trio.sleep(0.1)
+    # All four at once, in one job, with the limit left to the cluster (here: nothing local holds them back).
+    assert cluster.arrays == [([r.run_id for r in records], 2)]
+    cluster.let_run(1000)
+    cluster.let_run(1003)
+    await settle(supervisor, records[0].run_id, "Running")
+    cluster.finish(1003)   # the last one ends by itself first
+    await settle(supervisor, records[3].run_id, "Completed")
+
+    canceled = supervisor.cancel_array([harness.store.get_run(r.run_id) for r in records])
+    assert [r.run_id for r in canceled] == [r.run_id for r in records[:3]]   # not the one that ended
+    assert cluster.together == [[1000, 1001, 1002]]
+    for record in records[:3]:
+        assert (await settle(supervisor, record.run_id, "Canceled")).reason == "canceled"
+
+
+async def test_an_array_member_canceled_while_its_array_is_prepared_is_not_started(harness, autojump_clock):
+    harness.config.targets["cluster"] = TargetConfig(name="cluster", kind="cluster")
+    supervisor = await harness.start()
+    supervisor.executors["cluster"] = cluster = FakeArrayCluster(harness.machine)
+    prepare = cluster.prepare
+
+    async def slow_prepare(preparation):
+        await trio.sleep(10)
+        return await prepare(preparation)
+
+    cluster.prepare = slow_prepare
+    records = await supervisor.submit_array(cluster_spec(), OWNER, {"indices": [0, 1], "throttle": 0})
+    await settle(supervisor, records[1].run_id, "Preparing")
+    supervisor.cancel(supervisor.live_record(records[1].run_id))
+    assert (await settle(supervisor, records[1].run_id, "Canceled")).started_at is None
+    while harness.store.get_run(records[0].run_id).handle is None:
+        await trio.sleep(0.1)
+    assert cluster.arrays == [([records[0].run_id], 0)]

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from labrun.agent._docker_args import DockerPolicy, translate_arguments
+from labrun.agent._docker_args import DockerPolicy, moved_volumes, translate_arguments
 from labrun.protocol import BadRequest
 
 
@@ -36,3 +36,14 @@ def test_policy_opens_what_it_allows():
     policy = DockerPolicy(allow_host_network=True, allow_host_ipc=True, volumes=["/data"])
     out = translate_arguments(["--network=host", "--ipc=host", "-v", "/data/set:/d:ro"], policy)
     assert out["host"]["NetworkMode"] == "host" and out["host"]["Binds"] == ["/data/set:/d:ro"]
+
+
+def test_a_volume_that_resolves_elsewhere_at_start_is_named():
+    policy = DockerPolicy(volumes=["/data"])
+    links = {"/data/a/link": "/data/a/real"}
+    binds = translate_arguments(["-v", "/data/a/link:/in:ro", "-v", "/data/b:/b"], policy,
+                                resolve=lambda path: links.get(path, path))["host"]["Binds"]
+    assert binds == ["/data/a/real:/in:ro", "/data/b:/b"]
+    assert moved_volumes(binds, resolve=lambda path: path) == []
+    links["/data/a/real"] = "/etc"   # swapped for a link after the check
+    assert moved_volumes(binds, resolve=lambda path: links.get(path, path)) == ["/data/a/real"]

@@ -68,6 +68,7 @@ def test_cloudevent_shape():
     ("[hub]\nurl = 'https://h'\nbatch_max = 0", "hub.batch_max: must be positive"),
     ("[hub]\nurl = 'https://h'\nretries = 3", "unknown key 'retries'"),
     ("[events]\nsubscriber_buffer = 0", "at least 1"),
+    ("[events]\nreplay_max = 0", "events.replay_max: must be at least 1"),
 ])
 def test_hub_config_errors(tmp_path, text, message):
     path = tmp_path / "a.toml"
@@ -97,3 +98,14 @@ async def test_backoff_doubles_to_the_cap_then_a_4xx_pauses(store, autojump_cloc
     assert gaps == [1, 2, 4, 4, 4, 100]
     assert sender.last_error is None and attempts[0][0] == start
     assert store.get_meta("hub_cursor:http://hub/") == 1
+
+
+def test_events_since_filters_in_the_database(store):
+    for run_id, experiment, type in (("a", "x", "run.queued"), ("b", "y", "run.queued"), ("a", "x", "run.completed")):
+        store._event(type, run_id=run_id, experiment=experiment, user="u")
+    assert [e["seq"] for e in store.events_since(0, experiment="x")] == [1, 3]
+    assert [e["seq"] for e in store.events_since(0, types=["run.completed", "other"])] == [3]
+    assert [e["seq"] for e in store.events_since(0, run_id="a", types=["run.queued"], user="u")] == [1]
+    assert store.events_since(0, user="v") == [] and store.events_since(0, types=[]) == []
+    assert [e["seq"] for e in store.events_since(1, 1)] == [2]
+

@@ -5,6 +5,7 @@ import pytest
 from labrun.agent.executors import HandleError
 from labrun.agent.executors._docker import DockerHandle
 from labrun.agent.executors._local import LocalHandle
+from labrun.agent.executors._slurm import SlurmHandle
 
 
 def test_a_handle_round_trips_through_its_stored_form():
@@ -27,3 +28,12 @@ def test_a_newer_or_foreign_handle_is_refused():
         DockerHandle.from_store({"kind": "docker", "version": DockerHandle.VERSION + 1, "container": "abc"})
     with pytest.raises(HandleError, match="'docker' handle given to the local executor"):
         LocalHandle.from_store({"kind": "docker", "version": 1, "container": "abc"})
+
+
+def test_a_slurm_handle_of_an_array_task_and_one_from_before_arrays():
+    task = SlurmHandle(job_id="1234_3", run_dir="/shared/r/exp_1_abc_3", uid=1000, gid=1000, groups=(27,),
+                       array_job="1234")
+    assert SlurmHandle.from_store(task.to_store()) == task and task.to_store()["version"] == 2
+    old = {"kind": "slurm", "version": 1, "job_id": "77", "run_dir": "/shared/r/x", "uid": 1000, "gid": 1000,
+           "groups": []}
+    assert SlurmHandle.from_store(old) == SlurmHandle(job_id="77", run_dir="/shared/r/x", uid=1000, gid=1000)

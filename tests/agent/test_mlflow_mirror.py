@@ -99,6 +99,22 @@ async def test_a_run_deleted_in_mlflow_does_not_stop_the_others(tmp_path, mlflow
     store.close()
 
 
+async def test_the_experiment_id_cache_is_bounded(tmp_path, mlflow_server, monkeypatch):
+    """Experiment names are the users': the mirror keeps a bounded number of their ids, and asks again."""
+    monkeypatch.setattr("labrun.agent._mlflow.EXPERIMENT_CACHE", 2)
+    store = Store(tmp_path / "state.db")
+    (tmp_path / "runs").mkdir()
+    mirror = MlflowMirror(MlflowConfig(tracking_uri=mlflow_server.url), mlflow_server.url, store, EventLog(store),
+                          tmp_path / "runs")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        ids = [await mirror._experiment_id(name) for name in ("cache-a", "cache-b", "cache-c", "cache-a")]
+        nursery.cancel_scope.cancel()
+    assert list(mirror._experiments) == ["cache-c", "cache-a"]
+    assert ids[0] == ids[3] and len(set(ids)) == 3
+    store.close()
+
+
 async def test_a_restart_trashes_the_ready_runs_an_earlier_agent_was_making(tmp_path, mlflow_server):
     """A run made for the pool whose creation's answer was lost is found by its slot tag and put in MLflow's trash."""
     import httpx

@@ -10,8 +10,9 @@ import pytest
 
 from labrun.agent._config import ConfigError, load_config
 from labrun.agent.executors._slurm_plan import (
-    EXIT_FILE, SbatchArgumentError, SlurmJob, SlurmSettings, batch_script, check_sbatch_args, format_time, layout,
-    map_state, parse_exit_status, parse_squeue, parse_time, rank_wrapper, sbatch_argv, sbatch_job_id, srun_argv,
+    EXIT_FILE, SbatchArgumentError, SlurmArray, SlurmJob, SlurmSettings, array_batch_script, array_job_of,
+    batch_script, check_sbatch_args, format_time, index_ranges, layout, map_state, parse_exit_status, parse_squeue,
+    parse_time, rank_wrapper, sbatch_argv, sbatch_job_id, srun_argv, with_array_remainders,
 )
 
 
@@ -111,6 +112,54 @@ def test_parsing_slurm_output():
     assert parse_exit_status("0\n") == (0, None) and parse_exit_status("3") == (3, None)
     assert parse_exit_status("143") == (None, 15) and parse_exit_status(None) == (None, None)
     assert parse_exit_status("junk") == (None, None)
+
+
+def test_array_tasks_in_squeue_output():
+    assert array_job_of("1234_3") == "1234" and array_job_of("1234") is None and array_job_of("1234_[3-4]") is None
+    # Tasks canceled before they started are one record under the array's id; a task still listed keeps its own.
+    found = with_array_remainders(parse_squeue("1234|CANCELLED|None|\n1234_1|FAILED|NonZeroExitCode|n1\n"),
+                                  ["1234_1", "1234_3", "99_1"])
+    assert found["1234_3"].state == "CANCELLED" and found["1234_3"].job_id == "1234_3"
+    assert found["1234_1"].state == "FAILED" and "99_1" not in found
+
+
+def test_an_array_is_one_sbatch_array_job():
+    assert index_ranges([8, 1, 2, 3, 5, 7]) == "1-3,5,7-8" and index_ranges([4]) == "4"
+    tasks = {i: job(run_id=f"exp_1_abc_{i}", cwd=f"/shared/r/exp_1_abc_{i}/snapshot",
+                    logs=f"/shared/r/exp_1_abc_{i}/logs", run_dir=f"/shared/r/exp_1_abc_{i}", cpus=2)
+             for i in (1, 2, 3, 5)}
+    array = SlurmArray(array_id="exp_1_abc", run_root="/shared/r", tasks=tasks, throttle=2)
+    got = options(sbatch_argv(array.job(), SlurmSettings(partition="gpu"), "-", array=array.array_option()))
+    assert got["--array"] == "1-3,5%2" and got["--job-name"] == "labrun-exp_1_abc"
+    assert got["--output"] == "/shared/r/exp_1_abc_%a/logs/std_log.txt" and got["--chdir"] == "/shared/r"
+    assert got["--cpus-per-task"] == "2" and got["--partition"] == "gpu"
+    assert "--array" not in options(sbatch_argv(job(), SlurmSettings(), "-"))
+    unthrottled = SlurmArray(array_id="exp_1_abc", run_root="/shared/r", tasks=tasks)
+    assert unthrottled.array_option() == "1-3,5"
+
+
+def test_the_array_batch_script_runs_each_task_as_its_run(tmp_path):
+    tasks, env = {}, {}
+    for index in (1, 2):
+        run_dir = tmp_path / f"arr_{index}"
+        (run_dir / "snapshot").mkdir(parents=True)
+        tasks[index] = job(run_id=f"arr_{index}", run_dir=str(run_dir), cwd=str(run_dir / "snapshot"),
+                           argv=["python3", "-c", "import os; e = os.environ; print(e['LABRUN_RUN_ID'], os.getcwd(), "
+                                 "e['ODD-NAME.x']); raise SystemExit(int(e['CODE']))"])
+        env[index] = {"LABRUN_RUN_ID": f"arr_{index}", "CODE": str(index * 3), "ODD-NAME.x": "it's $x"}
+    script = tmp_path / "batch.sh"
+    script.write_text(array_batch_script(SlurmArray("arr", str(tmp_path), tasks, env, throttle=1), SlurmSettings()))
+    # A run's own variables (its token among them) are exported, never arguments others on the node could read.
+    assert "  export LABRUN_RUN_ID=arr_1" in script.read_text() and "LABRUN_RUN_ID=arr_1 " not in script.read_text()
+    for index in (1, 2):
+        result = subprocess.run(["/bin/sh", str(script)], capture_output=True, text=True,
+                                env={"PATH": os.defpath, "SLURM_ARRAY_TASK_ID": str(index)})
+        assert result.returncode == index * 3
+        assert result.stdout == f"arr_{index} {tmp_path / f'arr_{index}' / 'snapshot'} it's $x\n"
+        assert (tmp_path / f"arr_{index}" / EXIT_FILE).read_text() == f"{index * 3}\n"
+    stranger = subprocess.run(["/bin/sh", str(script)], capture_output=True, text=True,
+                              env={"PATH": os.defpath, "SLURM_ARRAY_TASK_ID": "7"})
+    assert stranger.returncode == 127 and "not one of this array's runs" in stranger.stderr
 
 
 def _rank_env(plan, slurm_env: dict, extra: dict | None = None) -> dict:

@@ -5,6 +5,8 @@ the fake processes keep running) and start another on the same store and fake ma
 recovery is tested here too.
 """
 
+import sqlite3
+
 import pytest
 import trio
 
@@ -330,3 +332,15 @@ async def test_an_executor_that_cannot_tell_keeps_its_run_and_new_runs_wait_for_
     await settle(second, queued.run_id, "Running")
     harness.machine.finish(1000, ExitResult(exit_code=4))
     assert (await settle(second, record.run_id, "Failed")).exit_code == 4   # watched as live all along
+
+
+async def test_an_array_whose_submit_fails_leaves_no_run_directory(supervisor, autojump_clock, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(supervisor.store, "add_array", disk_full)
+    with pytest.raises(sqlite3.OperationalError):
+        await supervisor.submit_array(spec(), OWNER, {"indices": [1, 2, 3], "throttle": 0})
+    state_dir = supervisor.config.state_dir
+    assert list((state_dir / "runs").iterdir()) == [] and list((state_dir / "submitting").iterdir()) == []
+    assert supervisor.store.list_runs() == []

@@ -97,3 +97,26 @@ def test_no_agent(tmp_path):
     agent = AgentProcess(tmp_path)   # never started
     result = agent.cli("ls")
     assert result.returncode == 125 and "no labrun agent answers" in result.stderr
+
+
+def test_agent_takes_labrund_options(tmp_path):
+    """``labrun agent [labrund options]``: every option after ``agent`` is labrund's, as the README says."""
+    from tests.conftest import AgentProcess, socket_answers
+
+    agent = AgentProcess(tmp_path)
+    assert agent.cli("agent", "--help", check=True).stdout.startswith("usage: labrund")
+    process = subprocess.Popen([sys.executable, "-m", "labrun.cli", "agent", "--socket", str(agent.socket),
+                                "--state-dir", str(agent.state_dir)], env=agent.env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not socket_answers(agent.socket):
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "the agent did not start"
+            time.sleep(0.05)
+        status = json.loads(agent.cli("status", "--json", check=True).stdout)
+        assert status["socket"] == str(agent.socket) and status["state_dir"] == str(agent.state_dir)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        process.stderr.close()

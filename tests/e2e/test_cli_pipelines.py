@@ -106,6 +106,8 @@ def test_array_of_ten_runs_two_at_a_time(make_agent, source):
     assert sorted(m["run_id"] for m in members) == sorted(f"{array_id}_{i}" for i in range(10))
     grouped = agent.cli("ls", check=True).stdout
     assert f"{array_id}_[0-9%2]" in grouped and f"{array_id}_3 " not in grouped
+    row = next(line for line in grouped.splitlines() if line.startswith(f"{array_id}_["))
+    assert row.split()[1] == "-"   # no --name: no display name, not the first run's id
 
     follower = submit(agent, source, "--afterok", array_id, "--", "echo", "all done")
     assert show(agent, follower)["afterok"] == [f"{array_id}_{i}" for i in range(10)]   # the array's runs

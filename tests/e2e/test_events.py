@@ -111,3 +111,30 @@ def test_slow_subscriber_gets_a_gap_and_resumes_exactly(make_agent, raw_connect)
     # The client iterator resumes by itself: it sees every event, gap or not.
     assert [e["seq"] for e in agent.workspace().watch(seqs[0] - 1, follow=False)] == \
         [e["seq"] for e in everything if e["seq"] >= seqs[0]]
+
+
+def test_one_request_replays_at_most_replay_max_and_the_iterator_resumes(make_agent, raw_connect, source):
+    """A replay is served in bounded requests: each ends with a gap naming where to resume, and the Python
+    iterator resumes from it, so a client of any history gets all of it, in order, once."""
+    agent = make_agent("[events]\nreplay_max = 5\n")
+    runs = [submit(agent, source, ["true"], name=name) for name in ("one", "two", "one")]
+    for run in runs:
+        run.wait_for_completion()
+    connection = raw_connect(agent)
+    hello(connection)
+    connection.sendall(pack_frame({"id": 1, "op": "watch", "args": {"since": 0, "follow": True}}))
+    items = []
+    while not (frame := read_frame(connection)).get("end"):
+        items.append(frame["item"])
+    assert [list(item) for item in items] == [["event"]] * 5 + [["gap"]]
+    gap = items[-1]["gap"]
+    assert gap == {"first_missed": items[4]["event"]["seq"] + 1, "last_delivered": items[4]["event"]["seq"],
+                   "reason": "replay_limit"}
+    everything = list(agent.workspace().watch(0, follow=False))
+    seqs = [e["seq"] for e in everything]
+    assert len(everything) == 1 + 6 * len(runs) and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    # Filtered replays are bounded the same way (the filter is applied before the count).
+    ones = list(agent.workspace().watch(0, experiment="one", follow=False))
+    assert ones == [e for e in everything if e["experiment"] == "one"] and len(ones) == 12
+    ended = list(agent.workspace().watch(0, types=["run.completed"], follow=False))
+    assert sorted(e["run_id"] for e in ended) == sorted(run.id for run in runs)

@@ -1,7 +1,9 @@
-"""Faults through a real agent process: a full state disk (a small tmpfs), damaged databases, orphans, lost replies."""
+"""Faults through a real agent process (and the store's writer itself): a full state disk (a small tmpfs), damaged
+databases, orphans, lost replies."""
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -9,9 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog
+import trio
 
 from labrun import Experiment, ScriptRunConfig
 from labrun._connection import AgentConnection
+from labrun.agent._model import RunRecord
+from labrun.agent._store import Store
 from labrun.exceptions import AgentError
 from labrun.protocol import pack_frame
 from tests.e2e.test_agent import read_frame, wait_until
@@ -101,6 +107,45 @@ def test_a_run_that_ends_on_a_full_disk_is_recorded_when_space_returns(make_agen
     assert experiment.submit(ScriptRunConfig(str(source), command=["true"])).wait_for_completion()["status"] == "Completed"
     log = agent.log_path.read_text()
     assert "fault.started" in log and "fault.cleared" in log and "fault.reserve.released" in log
+
+
+@needs_root
+async def test_a_batch_sqlite_rolled_back_on_a_full_disk_is_written_again_when_space_returns(small_disk, nursery):
+    # No reserve here: on a full disk SQLite rolls a WAL commit back (the batch's writes are undone), and the
+    # writer must write the batch again, transitions and events, with the seq numbers already handed out.
+    store = Store(small_disk.path / "state.db")
+    published = []
+    store.on_events = published.extend
+    await nursery.start(store.writer)
+
+    def record(run_id):
+        return RunRecord(run_id=run_id, order=0, experiment="e", number=0, uid=0, gid=0, user="root",
+                         status="Queued", spec={}, environ={}, submitted_at=1.0)
+
+    first = store.add_run(record("r1"), "run.queued")
+    await store.durable()
+    small_disk.fill()
+    with structlog.testing.capture_logs() as logs:
+        second = store.add_run(record("r2"), "run.queued")
+        store.update_run(first, "run.started", status="Running", started_at=2.0)
+        padded = [store.add_event("test.padded", {"i": i, "pad": "x" * 4000}) for i in range(40)]
+        with trio.move_on_after(2):
+            await store.durable()
+        failures = [entry for entry in logs if entry["event"] == "store.commit.failed"]
+        assert failures and any(entry["rolled_back"] for entry in failures), failures
+        assert [e["type"] for e in published] == ["run.queued"]   # nothing of the failed batch counts yet
+        store.update_run(second, "run.canceled", status="Canceled", ended_at=3.0)   # joins the pending batch
+        small_disk.free()
+        with trio.fail_after(30):
+            await store.durable()
+    with sqlite3.connect(store.path) as other:
+        statuses = dict(other.execute("SELECT run_id, status FROM runs"))
+        events = other.execute("SELECT seq, type FROM events ORDER BY seq").fetchall()
+    assert statuses == {"r1": "Running", "r2": "Canceled"}
+    assert [t for _, t in events] == ["run.queued", "run.queued", "run.started", *["test.padded"] * 40, "run.canceled"]
+    assert [(e["seq"], e["type"]) for e in published] == events   # the same seq as handed out before the rollback
+    assert [seq for seq, _ in events[3:43]] == padded
+    store.close()
 
 
 METRICS_SCRIPT = """

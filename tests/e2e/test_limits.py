@@ -239,3 +239,36 @@ def test_a_file_where_a_directory_is_needed_is_a_conflict(agent, source):
             connection.call("put_file", run_id=run.id, name="a/b", data=b"y")
         assert refused.value.code in ("conflict", "bad_request")   # a client's mistake, never "internal"
     run.cancel()
+
+
+def test_environments_are_listed_a_page_at_a_time(make_agent):
+    """``env_list`` answers one bounded page (by count and by bytes); ``Environment.list`` follows the pages."""
+    from labrun import Environment
+
+    agent = make_agent("[limits]\nlist_page_bytes = 1\n")   # every page then holds one environment
+    workspace = agent.workspace()
+    names = [f"pages-{i}" for i in (3, 1, 4, 0, 2)]
+    for name in names:
+        Environment(name).register(workspace)
+    Environment("pages-1").register(workspace)   # a second version: listed once, as its newest
+    first = workspace._call("env_list")
+    assert [e["name"] for e in first] == ["pages-0"]
+    assert [e["name"] for e in workspace._call("env_list", after="pages-2")] == ["pages-3"]
+    assert workspace._call("env_list", after="pages-4") == []
+    listed = Environment.list(workspace)
+    assert sorted(listed) == sorted(names) and listed["pages-1"].version == "2"
+
+
+def test_experiments_are_listed_a_page_at_a_time(make_agent, source):
+    """``experiments`` answers one bounded page, or the one experiment asked for; ``Experiment.list`` follows."""
+    agent = make_agent("[limits]\nlist_page_bytes = 1\n")
+    workspace = agent.workspace()
+    Experiment(workspace, "pages-b").submit(ScriptRunConfig(str(source), command=["true"])).wait_for_completion()
+    for name in ("pages-c", "pages-a"):
+        Experiment(workspace, name).set_tags({"t": name})
+    assert [e["name"] for e in workspace._call("experiments")] == ["pages-a"]
+    assert workspace._call("experiments", after="pages-a") == [
+        {"name": "pages-b", "runs": 1, "user": None, "tags": {}, "archived_at": None}]
+    assert [e["name"] for e in workspace._call("experiments", name="pages-c")] == ["pages-c"]
+    assert sorted(e.name for e in Experiment.list(workspace)) == ["pages-a", "pages-b", "pages-c"]
+    assert Experiment(workspace, "pages-c").tags == {"t": "pages-c"}

@@ -6,8 +6,11 @@ import os
 import sqlite3
 import time
 
+import pytest
+
 from labrun.agent._retention import disk_usage, remove_tree
-from tests.e2e.test_agent import as_nobody, needs_root, nobody_client, shared_source  # noqa: F401
+from tests.e2e.test_agent import as_nobody, needs_root, nobody_client, shared_source, wait_until  # noqa: F401
+from tests.e2e.test_slurm import cluster_agent, cluster_source, slurm_cluster  # noqa: F401
 
 # A run that writes 4 MiB of outputs and a metric, and plants what a hostile user would: links out of the run
 # directory (to a file and to a directory) and a directory it made read-only.
@@ -121,6 +124,35 @@ def test_retention_days_removes_old_run_directories(make_agent, source, tmp_path
     assert "kept 2e-05 days" in agent.cli("status", check=True).stdout
 
 
+def store_objects(agent) -> list:
+    return [p for p in (agent.state_dir / "cas" / "objects").rglob("*") if p.is_file()]
+
+
+def test_retention_interval_sweeps_while_the_agent_runs(make_agent, source, tmp_path):
+    agent = make_agent('[runs]\nretention_days = 0.00002\nretention_interval = "1s"\n')   # about 1.7 s
+    assert "kept 2e-05 days (checked every 1s)" in agent.cli("status", check=True).stdout
+    assert json.loads(agent.cli("status", "--json", check=True).stdout)["disk"]["retention_interval_seconds"] == 1
+    victim = victim_dir(tmp_path)
+    old = make_run(agent, source, victim)
+    # The same source, so the same contents in the snapshot store; running, so retention leaves it alone.
+    running = agent.cli("submit", "--source-dir", str(source), "--", "sleep", "120", check=True).stdout.strip()
+    # No restart: the periodic sweep did it (the row is written once the directory is gone).
+    wait_until(lambda: rows(agent, "removed_run_dirs", old) == 1, 30, "the sweep")
+    assert not (agent.state_dir / "runs" / old).exists() and (victim / "precious.txt").read_text() == "keep me"
+    assert rows(agent, "runs", old) == rows(agent, "metrics", old) == 1
+    assert "score   1.5" in agent.cli("metrics", old, check=True).stdout
+    assert (agent.state_dir / "runs" / running).is_dir()
+    assert store_objects(agent) != []   # still used by the running run
+    agent.cli("cancel", running, check=True)
+    wait_until(lambda: rows(agent, "removed_run_dirs", running) == 1, 30, "the next sweep")
+    assert not (agent.state_dir / "runs" / running).exists()
+    # The contents went with the last run using them (released just after its directory); both runs are still listed.
+    wait_until(lambda: store_objects(agent) == [], 10, "the snapshot store's contents to go")
+    listed = json.loads(agent.cli("ls", "--all", "--json", check=True).stdout)
+    assert sorted((r["run_id"], r["files_removed_at"] is not None) for r in listed) == sorted([(old, True),
+                                                                                              (running, True)])
+
+
 def test_retention_with_purge_forgets_the_runs(make_agent, source, tmp_path):
     agent = make_agent("[runs]\nretention_days = 0.00002\npurge = true\n")
     old = make_run(agent, source, victim_dir(tmp_path))
@@ -154,3 +186,16 @@ def test_remove_tree_never_follows_links(tmp_path):
     remove_tree(tmp_path, "link")   # a top-level link: the link goes, not what it points at
     assert not (tmp_path / "link").exists() and (outside / "f").exists()
     assert remove_tree(tmp_path, "missing") == 0
+
+
+@pytest.mark.slurm
+def test_rm_of_a_cluster_run_removes_its_directory_in_run_root(cluster_agent, cluster_source, tmp_path):
+    victim = victim_dir(tmp_path)
+    run_id = make_run(cluster_agent, cluster_source, victim, "--target", "cluster")
+    link, real = cluster_agent.state_dir / "runs" / run_id, cluster_agent.run_root / run_id
+    assert link.is_symlink() and (real / "outputs" / "big.bin").exists()
+    removed = cluster_agent.cli("rm", run_id, check=True)
+    assert removed.stdout.startswith(f"removed {run_id} (") and "freed 4" in removed.stderr
+    assert not os.path.lexists(link) and not os.path.lexists(real)
+    assert (victim / "precious.txt").read_text() == "keep me"
+    assert "score   1.5" in cluster_agent.cli("metrics", run_id, check=True).stdout

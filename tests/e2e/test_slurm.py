@@ -3,6 +3,7 @@
 import json
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import time
@@ -237,26 +238,31 @@ def _drop_to_test_user():
     os.setuid(user.pw_uid)
 
 
-def test_sbatch_runs_as_the_submitting_user(cluster_agent, cluster_source, nobody_client):
+def _as_test_user(agent, client, code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``code`` run by the thin client as the test user, against a root agent."""
     try:
-        user = pwd.getpwnam(TEST_USER)
+        pwd.getpwnam(TEST_USER)
     except KeyError:
         if os.environ.get("LABRUN_REQUIRE_SLURM") == "1":
             pytest.fail(f"scripts/test creates the user {TEST_USER}")
         pytest.skip(f"no user {TEST_USER} (scripts/test creates it)")
     if os.geteuid() != 0:
         pytest.skip("a run of another user needs a root agent")
-    cluster_agent.root.chmod(0o755)
-    python, site = nobody_client
+    agent.root.chmod(0o755)
+    python, site = client
+    return subprocess.run([python, "-c", code], cwd=cwd, preexec_fn=_drop_to_test_user, capture_output=True,
+                          text=True, timeout=120, env=dict(agent.env, HOME="/nonexistent", PYTHONPATH=str(site)))
+
+
+def test_sbatch_runs_as_the_submitting_user(cluster_agent, cluster_source, nobody_client):
     code = ("from labrun import Workspace, Experiment, ScriptRunConfig\n"
             "ws = Workspace()\n"
             "config = ScriptRunConfig('.', command='id -u; id -g; echo job $SLURM_JOB_ID', compute_target='cluster')\n"
             "run = Experiment(ws, 'users').submit(config)\n"
             "print(run.wait_for_completion()['status'])\nprint(run.id)\nprint(run.get_log(), end='')\n")
-    result = subprocess.run([python, "-c", code], cwd=cluster_source, preexec_fn=_drop_to_test_user,
-                            capture_output=True, text=True, timeout=120,
-                            env=dict(cluster_agent.env, HOME="/nonexistent", PYTHONPATH=str(site)))
+    result = _as_test_user(cluster_agent, nobody_client, code, cluster_source)
     assert result.returncode == 0, result.stderr
+    user = pwd.getpwnam(TEST_USER)
     status, run_id, uid, gid, job = result.stdout.splitlines()[:5]
     assert status == "Completed"
     assert (int(uid), int(gid)) == (user.pw_uid, user.pw_gid)
@@ -315,6 +321,37 @@ async def test_a_run_an_agent_died_submitting_is_not_submitted_twice(slurm_clust
         _slurm("scancel", first.job_id, check=False)
 
 
+async def test_an_array_an_agent_died_submitting_is_not_submitted_twice(slurm_cluster, tmp_path):
+    """sbatch --array returned, the agent died before recording the tasks: the next agent finds the job array."""
+    from labrun.agent.executors import LaunchSpec, Rank
+    from labrun.agent.executors._slurm import SlurmExecutor
+    from labrun.agent.executors._slurm_plan import SlurmJob, SlurmSettings
+
+    array_id = f"slurm_{int(time.time())}_{os.urandom(4).hex()}"
+    launches = []
+    for index in (1, 2):
+        run_dir = tmp_path / f"{array_id}_{index}"
+        (run_dir / "snapshot").mkdir(parents=True)
+        (run_dir / "logs").mkdir()
+        job = SlurmJob(run_id=run_dir.name, argv=["sleep", "30"], cwd=str(run_dir / "snapshot"),
+                       logs=str(run_dir / "logs"), run_dir=str(run_dir), duration=120, grace=1)
+        launches.append(LaunchSpec(run_id=job.run_id, argv=job.argv, env={"PATH": os.defpath, "I": str(index)},
+                                   cwd=run_dir / "snapshot", ranks=[Rank(log_path=run_dir / "logs" / "std_log.txt")],
+                                   uid=os.getuid(), gid=os.getgid(),
+                                   slurm={"job": job, "settings": SlurmSettings(),
+                                          "array": {"id": array_id, "index": index, "size": 2, "throttle": 1}}))
+    first = await SlurmExecutor(grace=1).start_array(launches, 1)
+    try:
+        job_id = first[0].array_job
+        assert [h.job_id for h in first] == [f"{job_id}_1", f"{job_id}_2"]
+        again = await SlurmExecutor(grace=1).start_array(launches, 1)   # the next agent, starting them again
+        assert again == first
+        named = _slurm("squeue", "-h", "-t", "all", f"--name=labrun-{array_id}", "-o", "%F").stdout.split()
+        assert set(named) == {job_id}
+    finally:
+        _slurm("scancel", first[0].array_job, check=False)
+
+
 @pytest.mark.slow
 def test_a_pip_environment_is_built_in_run_root_where_the_nodes_see_it(cluster_agent, cluster_source, tmp_path):
     from labrun import Environment
@@ -331,3 +368,173 @@ def test_a_pip_environment_is_built_in_run_root_where_the_nodes_see_it(cluster_a
                   environment=Environment.from_pip_requirements("tiny", str(requirements)))
     assert run.wait_for_completion()["status"] == "Completed", run.get_log()
     assert f"tiny-ok {cluster_agent.run_root / 'envs'}" in run.get_log()
+
+
+# -- arrays: one sbatch --array job ------------------------------------------------------------------------------
+
+# Each task says when it started and ended, by its own clock, and which index it saw; index 4 fails.
+ARRAY_TASK = ('echo "start $(date +%s.%N) $LABRUN_ARRAY_INDEX $SLURM_ARRAY_TASK_ID $SLURM_ARRAY_JOB_ID"; sleep 2; '
+              'echo "end $(date +%s.%N)"; [ "$LABRUN_ARRAY_INDEX" != 4 ] || exit 5')
+
+
+def _array_tasks(array_id: str) -> dict[str, str]:
+    """The Slurm job array of a labrun array, from Slurm: task id (``JOBID_INDEX``) -> state."""
+    listed = _slurm("squeue", "-h", "-t", "all", "-r", f"--name=labrun-{array_id}", "-o", "%i|%T").stdout.split()
+    return dict(line.split("|") for line in listed)
+
+
+def _submit_array(agent, source, indices: str, command: str) -> str:
+    return agent.cli("submit", "--source-dir", str(source), "--target", "cluster", "--array", indices, "--", command,
+                     check=True).stdout.strip()
+
+
+def test_an_array_is_one_slurm_job_array_throttled_by_slurm(cluster_agent, cluster_source):
+    array_id = _submit_array(cluster_agent, cluster_source, "1-6%2", ARRAY_TASK)
+    wait_until(lambda: len(_array_tasks(array_id)) == 6, 60, "the array's six tasks in Slurm's queue")
+    tasks = _array_tasks(array_id)
+    job_id = next(iter(tasks)).split("_")[0]
+    assert sorted(tasks) == sorted(f"{job_id}_{i}" for i in range(1, 7))   # one job array
+    assert "ArrayTaskThrottle=2" in _slurm("scontrol", "show", "job", job_id).stdout   # Slurm's throttle, not ours
+
+    waited = cluster_agent.cli("wait", array_id, timeout=180)
+    assert waited.returncode == 5, waited.stderr   # the failed run's own code
+    members = {m["array"]["index"]: m for m in json.loads(cluster_agent.cli("ls", "--array", array_id, "--json",
+                                                                             check=True).stdout)}
+    assert {i: (m["status"], m["exit_code"]) for i, m in members.items()} == \
+        {1: ("Completed", 0), 2: ("Completed", 0), 3: ("Completed", 0), 4: ("Failed", 5), 5: ("Completed", 0),
+         6: ("Completed", 0)}
+    assert members[4]["reason"] == "exit_code" and {m["target"] for m in members.values()} == {"cluster"}
+    spans = []
+    for index in range(1, 7):
+        log = cluster_agent.cli("logs", f"{array_id}_{index}", check=True).stdout
+        start, seen, slurm_index, slurm_job = re.search(r"^start (\S+) (\d+) (\d+) (\d+)$", log, re.M).groups()
+        assert int(seen) == int(slurm_index) == index and slurm_job == job_id
+        spans.append((float(start), float(re.search(r"^end (\S+)$", log, re.M)[1])))
+    # The tasks' own clocks: never more than two at once.
+    at_once = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
+    assert at_once <= 2, spans
+    assert "==> " in cluster_agent.cli("logs", array_id, check=True).stdout   # the array's logs, run after run
+
+
+def test_canceling_one_task_and_then_the_whole_array(cluster_agent, cluster_source):
+    array_id = _submit_array(cluster_agent, cluster_source, "1-4%1", "echo started; exec sleep 300")
+    first = f"{array_id}_1"
+    wait_until(lambda: "started" in cluster_agent.cli("logs", first).stdout, 60, "the first task to start")
+    tasks = _array_tasks(array_id)
+    job_id = next(iter(tasks)).split("_")[0]
+    assert tasks[f"{job_id}_1"] == "RUNNING" and tasks[f"{job_id}_2"] == "PENDING"
+    # Slurm holds the others back, and ls says so.
+    wait_until(lambda: (cluster_agent.workspace()._call("get", run_id=f"{array_id}_2").get("waiting") or {}).get(
+        "reason") == "slurm: JobArrayTaskLimit", 30, "the waiting reason of Slurm's throttle")
+    listed = cluster_agent.cli("ls", "--array", array_id, check=True).stdout
+    assert "slurm: JobArrayTaskLimit" in listed, listed
+
+    # One run: scancel of its task alone.
+    assert cluster_agent.cli("cancel", f"{array_id}_2", check=True).stdout.startswith(f"{array_id}_2: Cancel")
+    assert cluster_agent.workspace().wait_for_run(f"{array_id}_2", timeout=60)["status"] == "Canceled"
+    tasks = _array_tasks(array_id)
+    assert tasks[f"{job_id}_1"] == "RUNNING" and tasks.get(f"{job_id}_3") == "PENDING", tasks
+
+    # The array: one scancel of the job array, for the running task and the pending ones.
+    canceled = json.loads(cluster_agent.cli("cancel", array_id, "--json", check=True).stdout)
+    assert sorted(r["run_id"] for r in canceled) == [f"{array_id}_{i}" for i in (1, 3, 4)]
+    assert cluster_agent.cli("wait", array_id, timeout=120).returncode == 130
+    for index in range(1, 5):
+        shown = cluster_agent.workspace()._call("get", run_id=f"{array_id}_{index}")
+        assert (shown["status"], shown["reason"]) == ("Canceled", "canceled"), shown
+    assert not {s for s in _array_tasks(array_id).values() if s in ("RUNNING", "PENDING", "CONFIGURING")}
+    scancels = [json.loads(line) for line in cluster_agent.log_path.read_text().splitlines()
+                if '"slurm.scancel"' in line]
+    assert {tuple(e["argv"]) for e in scancels} >= {(f"{job_id}_2",), ("--state=PENDING", job_id), (job_id,)}
+    assert not any(e["argv"][-1] in (f"{job_id}_3", f"{job_id}_4") for e in scancels)
+    wait_until(lambda: not processes_of(first), 10, "the running task's processes to end")
+
+
+def test_an_agent_restart_reattaches_each_task_of_an_array(cluster_agent, cluster_source):
+    array_id = _submit_array(cluster_agent, cluster_source, "1-3%1",
+                             'echo "go $LABRUN_ARRAY_INDEX"; sleep 3; echo "done $SLURM_ARRAY_TASK_ID"')
+    first = cluster_agent.workspace()
+    wait_until(lambda: first._call("get", run_id=f"{array_id}_1")["status"] == "Running", 60, "the first task to run")
+    cluster_agent.restart()
+    statuses = [cluster_agent.workspace()._call("get", run_id=f"{array_id}_{i}")["status"] for i in (1, 2, 3)]
+    assert statuses[0] in ("Running", "Completed") and statuses[1:] in (["Queued", "Queued"], ["Running", "Queued"])
+    assert cluster_agent.cli("wait", array_id, timeout=120).returncode == 0
+    for index in (1, 2, 3):
+        assert f"done {index}" in cluster_agent.cli("logs", f"{array_id}_{index}", check=True).stdout
+    assert len({task.split("_")[0] for task in _array_tasks(array_id)}) == 1   # not submitted again
+
+
+# -- run directories in run_root, as their user: resume_from and removal ---------------------------------------
+
+RESUME_AND_REMOVE = """
+from labrun import DataPath, Experiment, ScriptRunConfig, Workspace
+ws = Workspace()
+experiment = Experiment(ws, 'resumes')
+first = experiment.submit(ScriptRunConfig('.', compute_target='cluster', command=(
+    'mkdir -p outputs/ckpt && echo epoch 3 > outputs/ckpt/state.txt && ln -s {victim} outputs/escape && '
+    'mkdir outputs/locked && touch outputs/locked/f && chmod 500 outputs/locked')))
+assert first.wait_for_completion(raise_on_error=False)['status'] == 'Completed', first.get_log()
+second = experiment.submit(ScriptRunConfig('.', compute_target='cluster',
+                                           command='cat "$LABRUN_RESUME_FROM/state.txt"; echo',
+                                           resume_from=DataPath.from_run(first, 'outputs/ckpt')))
+assert second.wait_for_completion(raise_on_error=False)['status'] == 'Completed', second.get_log()
+print(first.id)
+print(second.id)
+print(second.get_log().splitlines()[0])
+print(ws._call('remove', run_id=first.id)['freed_bytes'])
+# A run_root its users may write (a shared scratch, sticky like /tmp): a run's directory swapped for a link.
+import os
+third = experiment.submit(ScriptRunConfig('.', compute_target='cluster', command='true'))
+assert third.wait_for_completion(raise_on_error=False)['status'] == 'Completed', third.get_log()
+os.rename('{run_root}/' + third.id, '{run_root}/' + third.id + '.moved')
+os.symlink('{victim}', '{run_root}/' + third.id)
+print(third.id)
+print(ws._call('remove', run_id=third.id)['freed_bytes'])
+"""
+# labrun clean (and retention, which cleans by age) takes the rest of a user's finished runs the same way.
+CLEAN = "from labrun import Workspace\nprint(sorted(r['run_id'] for r in Workspace()._call('clean')['removed']))\n"
+
+
+def test_a_slurm_runs_outputs_resume_a_later_run_and_its_removal_stays_in_run_root(cluster_agent, cluster_source,
+                                                                                    nobody_client, tmp_path):
+    victim = tmp_path / "victim"
+    (victim / "keep").mkdir(parents=True)
+    (victim / "keep" / "file").write_text("not yours")
+    _open_up(victim)
+    cluster_agent.run_root.chmod(0o1777)
+    code = RESUME_AND_REMOVE.format(victim=victim, run_root=cluster_agent.run_root)
+    result = _as_test_user(cluster_agent, nobody_client, code, cluster_source)
+    assert result.returncode == 0, result.stderr + result.stdout
+    first, second, log, freed, third, _ = result.stdout.splitlines()
+    user = pwd.getpwnam(TEST_USER)
+    # The later run resumed from a copy its user made of the first run's outputs, in run_root where its node sees it.
+    copy = cluster_agent.run_root / second / "resume_from" / "ckpt" / "state.txt"
+    assert log.strip() == "epoch 3" and copy.read_text() == "epoch 3\n" and copy.stat().st_uid == user.pw_uid
+    # Removed: the first run's directory in run_root and the agent's link to it; nothing the run's links point to.
+    assert int(freed) > 0
+    assert not (cluster_agent.run_root / first).exists() and not (cluster_agent.state_dir / "runs" / first).is_symlink()
+    assert (victim / "keep" / "file").read_text() == "not yours"
+    assert (cluster_agent.run_root / second / "logs" / "std_log.txt").exists()
+    shown = cluster_agent.workspace()._call("get", run_id=first)
+    assert shown["status"] == "Completed" and shown["files_removed_at"] is not None
+    assert "removed" in cluster_agent.cli("logs", first).stderr
+    # The swapped-in link went, as a link: not what it points to.
+    assert not (cluster_agent.run_root / third).is_symlink() and (victim / "keep" / "file").exists()
+    moved = cluster_agent.run_root / f"{third}.moved"
+    assert moved.is_dir()   # where its user put it: theirs to delete
+    shutil.rmtree(moved)
+    cleaned = _as_test_user(cluster_agent, nobody_client, CLEAN, cluster_source)
+    assert cleaned.stdout.strip() == repr([second]), cleaned.stderr
+    assert not (cluster_agent.run_root / second).exists()
+    assert not (cluster_agent.state_dir / "runs" / second).is_symlink()
+
+
+def test_an_array_slurm_refuses_fails_each_run_with_slurms_message(cluster_agent, cluster_source):
+    # Beyond the cluster's MaxArraySize (1001 unless configured): sbatch refuses the job array.
+    array_id = _submit_array(cluster_agent, cluster_source, "5000,5002", "true")
+    assert cluster_agent.cli("wait", array_id, timeout=60).returncode != 0
+    for index in (5000, 5002):
+        shown = cluster_agent.workspace()._call("get", run_id=f"{array_id}_{index}")
+        assert shown["status"] == "Failed" and shown["reason"] == "start_failed", shown
+        assert "Slurm refused the job" in shown["error"]
+        assert "Slurm refused the job" in cluster_agent.cli("logs", f"{array_id}_{index}").stdout
