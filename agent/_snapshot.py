@@ -296,7 +296,9 @@ def _fill(run_fd: int, entries: list[tuple], open_blob, *, close: bool) -> str:
             parent_fd = dirs.get(parent)
             if parent_fd is None:
                 parent_fd = _make_dirs(dirs, parent)
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+            # Made with its mode at once (the snapshot is in the owner's 0700 run directory, so no one else
+            # sees it meanwhile); a chmod, a second metadata write, only where the umask took bits away.
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
                          dir_fd=parent_fd)
             try:
                 if size:
@@ -306,7 +308,8 @@ def _fill(run_fd: int, entries: list[tuple], open_blob, *, close: bool) -> str:
                     finally:
                         if close:
                             os.close(source)
-                os.fchmod(fd, mode)
+                if os.fstat(fd).st_mode & 0o7777 != mode:
+                    os.fchmod(fd, mode)
             finally:
                 os.close(fd)
         try:

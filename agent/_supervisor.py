@@ -131,6 +131,7 @@ class Supervisor:
         if narrow_children(runs):
             log.info("runs.narrowed", detail="run directories an older agent left readable to others are now 0700")
         self.queued: dict[str, RunRecord] = {}
+        self._pendings: dict[str, tuple[RunRecord, Pending]] = {}   # the last pass's, by run id (see _pending)
         self.active: dict[str, _ActiveRun] = {}
         # Queued runs with dependencies (--after/--afterok): the only ones each pass checks for readiness.
         self.waiting_on_others: set[str] = set()
@@ -565,6 +566,17 @@ class Supervisor:
     def _array_of(self, spec: dict) -> str | None:
         return (spec.get("array") or {}).get("id")
 
+    def _pending(self, record: RunRecord, previous: dict) -> Pending:
+        """The scheduler's view of a queued run: kept from the last pass unless it may have changed (its
+        dependencies), so a pass over a long queue does not build it again for every run."""
+        kept = previous.get(record.run_id)
+        if kept is not None and kept[0] is record and kept[1].priority == record.spec["priority"] \
+                and record.run_id not in self.waiting_on_others:
+            return kept[1]
+        return Pending(run_id=record.run_id, user=record.user, priority=record.spec["priority"], order=record.order,
+                       demand=self._demand(record.spec), duration=record.spec["max_run_duration_seconds"],
+                       blocked_by=self._unmet(record), array=self._array_of(record.spec))
+
     def _arrays_native(self, spec: dict) -> bool:
         """Whether the run's executor starts an array as one job of its own, and keeps its limit itself."""
         executor = self.executors.get(kind_for(spec, self._target(spec)))
@@ -572,14 +584,13 @@ class Supervisor:
 
     def _decide(self):
         now = time.time()
-        pending, limits = [], {}
+        pending, limits, previous, self._pendings = [], {}, self._pendings, {}
         for r in self.queued.values():
-            array = self._array_of(r.spec)
-            if array is not None and not self._arrays_native(r.spec):
-                limits[array] = r.spec["array"]["throttle"]
-            pending.append(Pending(run_id=r.run_id, user=r.user, priority=r.spec["priority"], order=r.order,
-                                   demand=self._demand(r.spec), duration=r.spec["max_run_duration_seconds"],
-                                   blocked_by=self._unmet(r), array=array))
+            p = self._pending(r, previous)
+            self._pendings[r.run_id] = (r, p)
+            if p.array is not None and not self._arrays_native(r.spec):
+                limits[p.array] = r.spec["array"]["throttle"]
+            pending.append(p)
         active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by, self._array_of(a.record.spec))
                   for a in self.active.values()]
         decision = schedule(pending, active, self.capacity, now, limits)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from ._connection import AgentConnection
@@ -45,6 +44,8 @@ class Workspace:
         found = _find_config(path, _file_name or "config.json")
         if found is None:
             return cls(**kwargs)
+        import json
+
         try:
             with open(found) as f:
                 config = json.load(f)
@@ -58,6 +59,8 @@ class Workspace:
 
     def write_config(self, path=None, file_name=None) -> str:
         """Write ``<path>/.azureml/<file_name>`` (default ``config.json``) for ``from_config``; returns its path."""
+        import json
+
         directory = os.path.join(path or ".", ".azureml")
         os.makedirs(directory, exist_ok=True)
         target = os.path.join(directory, file_name or "config.json")

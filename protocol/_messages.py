@@ -17,8 +17,6 @@ Several requests may be in flight on one connection; replies carry the request's
 
 from __future__ import annotations
 
-from typing import Any
-
 from ._errors import AgentError, BadRequest
 
 STREAMING_OPS = frozenset({"logs", "watch", "download"})
@@ -44,7 +42,7 @@ def request(id: int, op: str, args: dict | None = None) -> dict:
     return {"id": id, "op": op, "args": args or {}}
 
 
-def reply_ok(id: int | None, result: Any) -> dict:
+def reply_ok(id: int | None, result: object) -> dict:
     return {"id": id, "ok": True, "result": result}
 
 
@@ -52,7 +50,7 @@ def reply_error(id: int | None, error: AgentError) -> dict:
     return {"id": id, "ok": False, "error": error.to_wire()}
 
 
-def stream_item(id: int, item: Any) -> dict:
+def stream_item(id: int, item: object) -> dict:
     return {"id": id, "item": item}
 
 

@@ -54,6 +54,8 @@ SHIM = Path(__file__).with_name("_shim.py")
 SHIM_REPORT_SECONDS = 30.0
 # Shims waiting for the next runs, with cgroups (see LocalExecutor): two runs can start back to back.
 SPARE_SHIMS = 2
+# A spare is in its group within milliseconds; one that is not after this long is gone.
+SPARE_JOIN_SECONDS = 5.0
 # An exit record is a few hundred bytes; anything larger is not one.
 EXIT_RECORD_MAX = 64 * 1024
 
@@ -151,7 +153,7 @@ class _Forkserver:
         finally:
             os.close(status_write)
             os.close(plan_read)
-        return _Waiting(groups, plan_write, status_read)
+        return _Waiting(groups, plan_write, status_read, trio.current_time())
 
     async def _send(self, body: bytes, fds: list[int]) -> None:
         request = REQUEST_HEADER.pack(len(body)) + body
@@ -193,6 +195,7 @@ class _Waiting:
     groups: list[str]
     plan: int | None
     status: int | None
+    forked: float = 0.0   # trio.current_time() when it was asked for
 
     def close(self) -> None:
         for fd in (self.plan, self.status):
@@ -266,16 +269,21 @@ class LocalExecutor(Executor):
         return json.dumps(plan).encode()
 
     async def _claim_spare(self, launch: LaunchSpec) -> tuple[_Waiting | None, list[str]]:
-        """A spare shim and the run's groups (its group renamed to the run's), or (None, [])."""
-        if not self._spares:
-            return None, []
-        spare = self._spares.pop(0)
-        try:
-            return spare, self.cgroups.claim(spare.groups[0], launch.run_id, launch.memory)
-        except OSError as exc:
-            log.warning("shim.spare.unusable", error=str(exc))
-            await self._discard(spare)
-            return None, []
+        """A spare shim that is in its group, and the run's groups (that group renamed to the run's);
+        or (None, []). A spare not in its group long after it was forked is gone: it is replaced."""
+        for spare in list(self._spares):
+            if cgroup_processes(spare.groups[0]):
+                self._spares.remove(spare)
+                try:
+                    return spare, self.cgroups.claim(spare.groups[0], launch.run_id, launch.memory)
+                except OSError as exc:
+                    log.warning("shim.spare.unusable", error=str(exc))
+                    await self._discard(spare)
+                    return None, []
+            if trio.current_time() - spare.forked > SPARE_JOIN_SECONDS:
+                self._spares.remove(spare)
+                await self._discard(spare)
+        return None, []
 
     async def _refill(self) -> None:
         """Fork shims into spare groups until ``SPARE_SHIMS`` wait (one refill at a time)."""

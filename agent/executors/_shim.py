@@ -10,12 +10,13 @@ on a shim through a pidfd, as on any process), and exits when the agent's end of
 closes; the shims it forked outlive it and the agent. ``python -I -S _shim.py STATUS_FD``,
 with the plan on stdin, runs one shim directly.
 
-Once it has its plan, the shim sets the run's CPU affinity (the run inherits it), then, in this order:
+Once it has its plan, the shim sets the run's CPU affinity (the run inherits it), then, in this
+order:
 
-1. joins the run's cgroups it is not in yet (so every process it starts is in them, whatever it forks), becomes
-   a child subreaper (so a process of the run that double-forks is reparented to the shim, not
-   to init), and drops to the run's user, groups and gid: everything below happens with the
-   user's rights;
+1. joins the run's cgroups it is not in yet (so every process it starts is in them, whatever it
+   forks), becomes a child subreaper (so a process of the run that double-forks is reparented to
+   the shim, not to init), and drops to the run's user, groups and gid: everything below happens
+   with the user's rights;
 2. starts each rank in a session of its own, with stdout and stderr appended to the rank's log
    file;
 3. reports its own pid and start time and the ranks' pids (or why they could not start) on the
@@ -53,6 +54,7 @@ WATCHDOG_INTERVAL = 0.5
 # How long the final sweep waits for a SIGKILLed process to go before looking again.
 SWEEP_PAUSE = 0.02
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NAME = 15
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -181,11 +183,11 @@ def write_exit(path: str, record: dict) -> None:
 
 
 # -- the shim ------------------------------------------------------------------------------------
+
 def join_groups(groups: list[str]) -> None:
     for group in groups:
         with open(os.path.join(group, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
-
 
 
 class Shim:
@@ -206,7 +208,6 @@ class Shim:
         if self.groups:
             return [pid for pid in cgroup_processes(self.groups[0]) if pid != os.getpid()]
         return related_processes(set(self.pids), {os.getpid()})
-
 
     def start(self) -> None:
         """Start every rank, or none (a rank that cannot start ends those started before it)."""
@@ -467,6 +468,8 @@ def serve(sock_fd: int) -> int:
 
 
 def _wait_for_plan(groups: list[str], status: int, plan_fd: int) -> int:
+    # Its command line is the forkserver's: its name (ps -o comm, top, pgrep) says what it is.
+    ctypes.CDLL(None).prctl(PR_SET_NAME, b"labrun-shim", 0, 0, 0)
     try:
         join_groups(groups)
     except OSError as exc:

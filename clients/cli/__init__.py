@@ -15,7 +15,6 @@ Output: ``--json`` prints one JSON document (an object, or an array for lists);
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -73,6 +72,8 @@ def exit_code_of(run: dict) -> int:
 def _print_json(value) -> None:
     """One JSON document on stdout. One-shot dumps, compact for lists: only that uses json's C encoder
     (100,000 runs: seconds, not half a minute)."""
+    import json
+
     if isinstance(value, list):
         sys.stdout.write(json.dumps(value, sort_keys=True, default=str, separators=(",", ":")) + "\n")
     else:
@@ -81,6 +82,8 @@ def _print_json(value) -> None:
 
 def _print_jsonl(value) -> None:
     """One JSON object on one line, flushed: a stream consumer sees it at once."""
+    import json
+
     sys.stdout.write(json.dumps(value, sort_keys=True, default=str, separators=(",", ":")) + "\n")
     sys.stdout.flush()
 
@@ -522,20 +525,64 @@ def _memory(value: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Formatter(argparse.HelpFormatter):
+    """argparse's, with the terminal's width found without importing shutil (argparse makes a formatter for
+    every argument it adds, and shutil, with what it imports, costs a submit more than the rest of argparse's
+    set-up)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+        if width is None:
+            try:
+                width = int(os.environ["COLUMNS"])
+            except (KeyError, ValueError):
+                try:
+                    width = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                except (AttributeError, ValueError, OSError):
+                    width = 80
+            width -= 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _Skipped:
+    """Stands in for the parser of a subcommand that is not the one being run (see ``build_parser``)."""
+
+    def add_argument(self, *args, **kwargs) -> None:
+        pass
+
+    def set_defaults(self, **kwargs) -> None:
+        pass
+
+    def add_mutually_exclusive_group(self, **kwargs) -> "_Skipped":
+        return self
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; with ``only``, with that subcommand alone (``parser.built`` says whether it is one).
+
+    Building all thirteen subcommands' parsers takes longer than the rest of a submit's start-up, so
+    ``main`` builds only the one it runs; ``--help``, errors and completion get them all.
+    """
     from labrun.protocol import __version__
 
     from . import _cleanup
 
-    parser = argparse.ArgumentParser(prog="labrun", description="Submit and watch runs on this machine's labrun agent.")
+    parser = argparse.ArgumentParser(prog="labrun", description="Submit and watch runs on this machine's labrun agent.",
+                                     formatter_class=_Formatter)
+    parser.built = only is None
     parser.add_argument("--version", action="version", version=f"labrun {__version__}")
     parser.add_argument("--socket", help="the agent's socket (default: $LABRUN_SOCKET, the system agent, "
                                          "then a per-user agent started on demand)")
     commands = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     commands.required = True
 
+    def add_parser(name, **kwargs):
+        if only is None or name == only:
+            parser.built = True
+            return commands.add_parser(name, formatter_class=_Formatter, **kwargs)
+        return _Skipped()
+
     def submitting(name, func, help):
-        p = commands.add_parser(name, help=help)
+        p = add_parser(name, help=help)
         p.add_argument("-e", "--experiment", default=DEFAULT_EXPERIMENT, help="experiment name (default: default)")
         p.add_argument("--name", help="display name")
         p.add_argument("--source-dir", default=".", help="directory to snapshot as the run's working directory")
@@ -571,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--array", type=_array, metavar="INDICES[%N]",
                    help="one run per index, like Slurm: 1-20, 1,3,5, 0-15:4; %%N runs at most N at once")
 
-    p = commands.add_parser("ls", help="list runs (queued, running and recent; --all for every run)")
+    p = add_parser("ls", help="list runs (queued, running and recent; --all for every run)")
     p.add_argument("--all", action="store_true")
     p.add_argument("-e", "--experiment")
     p.add_argument("--tag", action="append", metavar="K[=V]", help="only runs with this tag (repeatable)")
@@ -580,12 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
     _json_options(p, "an array of runs", "one run per line")
     p.set_defaults(func=cmd_ls)
 
-    p = commands.add_parser("show", help="show one run")
+    p = add_parser("show", help="show one run")
     p.add_argument("run")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
 
-    p = commands.add_parser("logs", help="print a run's log (an array's: each run's in turn)")
+    p = add_parser("logs", help="print a run's log (an array's: each run's in turn)")
     p.add_argument("run", metavar="RUN|ARRAY")
     p.add_argument("-f", "--follow", action="store_true",
                    help="keep printing until the run ends, then say how it ended on stderr")
@@ -593,30 +640,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="follow, then exit with the run's exit code (as labrun wait does)")
     p.set_defaults(func=cmd_logs)
 
-    p = commands.add_parser("cancel", help="cancel runs or arrays")
+    p = add_parser("cancel", help="cancel runs or arrays")
     p.add_argument("runs", nargs="+", metavar="RUN|ARRAY")
     _json_options(p, "an array of the runs", "one run per line")
     p.set_defaults(func=cmd_cancel)
 
-    p = commands.add_parser("wait", help="wait for runs or arrays to end; exit with the first failure's code")
+    p = add_parser("wait", help="wait for runs or arrays to end; exit with the first failure's code")
     p.add_argument("runs", nargs="+", metavar="RUN|ARRAY")
     p.add_argument("--timeout", type=_duration)
     _json_options(p, "an array of the ended runs", "each run once it has ended, one per line")
     p.set_defaults(func=cmd_wait)
 
-    p = commands.add_parser("metrics", help="metrics of runs: one column per run, with the last and best values")
+    p = add_parser("metrics", help="metrics of runs: one column per run, with the last and best values")
     p.add_argument("runs", nargs="+", metavar="RUN|ARRAY")
     p.add_argument("--json", action="store_true",
                    help="one run: Azure ML's get_metrics shape; several: that shape per run id")
     p.set_defaults(func=cmd_metrics)
 
-    p = commands.add_parser("rm", help="delete finished runs' directories (logs, outputs, snapshot)")
+    p = add_parser("rm", help="delete finished runs' directories (logs, outputs, snapshot)")
     p.add_argument("runs", nargs="+", metavar="RUN|ARRAY")
     p.add_argument("--purge", action="store_true", help="forget the runs too: details, metrics and tags")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cleanup.cmd_rm)
 
-    p = commands.add_parser("clean", help="delete the directories of your finished runs, like pueue clean")
+    p = add_parser("clean", help="delete the directories of your finished runs, like pueue clean")
     p.add_argument("--older-than", type=_duration, metavar="DURATION",
                    help="only runs that ended at least this long ago, like 7d or 12h")
     p.add_argument("--status", action="append", choices=["Completed", "Failed", "Canceled"],
@@ -626,13 +673,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cleanup.cmd_clean)
 
-    p = commands.add_parser("download", help="download a run's files (outputs, logs, uploads)")
+    p = add_parser("download", help="download a run's files (outputs, logs, uploads)")
     p.add_argument("run")
     p.add_argument("--prefix", help="only files whose name starts with this, e.g. outputs/")
     p.add_argument("-o", "--output", default=".", help="directory to write into (default .)")
     p.set_defaults(func=cmd_download)
 
-    p = commands.add_parser("events", help="lifecycle events: the history, then (with --follow) new ones as they happen")
+    p = add_parser("events", help="lifecycle events: the history, then (with --follow) new ones as they happen")
     p.add_argument("--since", type=int, default=0, help="only events after this seq (default 0: all kept)")
     p.add_argument("--run", help="only this run's events")
     p.add_argument("-e", "--experiment")
@@ -641,29 +688,29 @@ def build_parser() -> argparse.ArgumentParser:
     _json_options(p, "an array of the events (not with --follow)", "one event per line, as they come")
     p.set_defaults(func=cmd_events)
 
-    p = commands.add_parser("status", help="the agent's capacity, what is in use, and by whom")
+    p = add_parser("status", help="the agent's capacity, what is in use, and by whom")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = commands.add_parser("ui", help="print the MLflow UI's URL (starts a per-user agent's embedded MLflow server)")
+    p = add_parser("ui", help="print the MLflow UI's URL (starts a per-user agent's embedded MLflow server)")
     p.add_argument("--no-start", action="store_true", help="only print the URL of a server already configured")
     p.add_argument("--timeout", type=_duration, default=120, help="how long to wait for the server to answer")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ui)
 
     # Everything after "agent" is labrund's (--socket, --config, --help...): "+" marks no option of this parser.
-    p = commands.add_parser("agent", help="run the agent in the foreground (same options as labrund); "
-                                          "'agent drain [--no-wait]' and 'agent resume' for maintenance",
-                            prefix_chars="+", add_help=False)
+    p = add_parser("agent", help="run the agent in the foreground (same options as labrund); "
+                                 "'agent drain [--no-wait]' and 'agent resume' for maintenance",
+                   prefix_chars="+", add_help=False)
     p.add_argument("agent_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_agent)
 
-    p = commands.add_parser("completion", help="print the shell completion script: eval \"$(labrun completion bash)\"")
+    p = add_parser("completion", help="print the shell completion script: eval \"$(labrun completion bash)\"")
     p.add_argument("shell", choices=["bash", "zsh"])
     p.set_defaults(func=cmd_completion)
 
     # Hidden (no help): what the completion scripts call with the words typed so far.
-    p = commands.add_parser("__complete")
+    p = add_parser("__complete")
     p.add_argument("words", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_complete)
     return parser
@@ -675,8 +722,22 @@ def _json_options(parser: argparse.ArgumentParser, json_shape: str, jsonl_shape:
     group.add_argument("--jsonl", action="store_true", help=f"JSON lines: {jsonl_shape}")
 
 
+def _command_word(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names, if it names one before any option other than --socket."""
+    words = iter(argv)
+    for word in words:
+        if word == "--socket":
+            next(words, None)
+        elif not word.startswith("--socket="):
+            return None if word.startswith("-") else word
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command_word(argv))
+    if not parser.built:   # not a subcommand: the full parser says so, with the choices
+        parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "command", None) and args.command[0] == "--":
         args.command = args.command[1:]

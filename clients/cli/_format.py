@@ -7,7 +7,6 @@ hides what came before) reaches the terminal raw. ``--json`` output is JSON-esca
 
 from __future__ import annotations
 
-import datetime
 import time
 
 from labrun.protocol import format_memory
@@ -28,7 +27,7 @@ def escape(value) -> str:
 def age(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
-    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 def duration(seconds: float | None) -> str:

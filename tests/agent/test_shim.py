@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -143,6 +144,7 @@ def test_forked_shims_run_in_sessions_of_their_own_and_outlive_the_forkserver(tm
         for name, report in reports.items():
             shim = report["shim"]
             assert session_of(shim) == shim != server.pid
+            assert Path(f"/proc/{shim}/comm").read_text() == "labrun-shim\n"
             assert report["start_time"] is not None
             rank = wait_for(tmp_path / name / "pid")
             assert report["pids"] == [rank] and session_of(rank) == rank   # the rank's session is its own too

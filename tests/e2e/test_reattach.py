@@ -142,8 +142,8 @@ def test_runs_start_and_go_on_when_the_forkserver_dies(make_agent, source):
 
 
 def test_spare_shims_go_with_the_agent_or_with_the_next_one(make_agent, source):
-    """With cgroups, shims wait in spare groups for the next runs; a stopped agent ends them, and an agent
-    that was killed leaves them to the next, which kills them and removes their groups at start."""
+    """With cgroups, shims wait in spare groups for the next runs; a stopped agent ends them and removes their
+    groups; those of an agent that was killed end with it, and the next agent removes their groups."""
     from labrun.agent._cgroups import RunCgroups
     from labrun.agent.executors._base import agent_id
 
@@ -169,10 +169,19 @@ def test_spare_shims_go_with_the_agent_or_with_the_next_one(make_agent, source):
     wait_until(lambda: len(waiting()) == 2, what="two spare shims in their groups")
     left, shims = {group.name for group in spares()}, waiting()
     agent.stop(signal.SIGKILL)
-    assert all(_alive(pid) for pid in shims)
+    # Their plan pipes closed with the agent: they end, and leave their groups to the next agent.
+    wait_until(lambda: all(not _alive(pid) for pid in shims), what="the old spares to end")
+    assert left <= {group.name for group in spares()}
     agent.start()
-    wait_until(lambda: all(not _alive(pid) for pid in shims), what="the old spares to be killed")
     assert not left & {group.name for group in spares()}
+
+
+def test_short_runs_back_to_back_all_start(make_agent, source):
+    """Runs starting faster than spare shims join their groups: each run gets a spare that is ready, or a
+    shim of its own."""
+    agent = make_agent("[resources]\nmax_concurrent_runs = 2\n")
+    runs = [submit(agent, source, ["true"]) for _ in range(40)]
+    assert [run.wait_for_completion(raise_on_error=False)["status"] for run in runs] == ["Completed"] * 40
 
 
 def _alive(pid: int) -> bool:
