@@ -56,10 +56,16 @@ def test_cancel_and_wait_codes(agent, source):
     assert limited.returncode == 124 and "max_run_duration_seconds" in limited.stderr
 
 
+def _sigint_as_at_a_terminal() -> None:
+    # A suite started in the background (``scripts/test &``) inherits SIGINT ignored, and so would the CLI
+    # under test: it would then rightly ignore Ctrl-C, as background jobs do.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_cancels_the_run(agent, source):
     process = subprocess.Popen([sys.executable, "-m", "labrun.cli", "run", "--source-dir", str(source), "--",
                                 "sh", "-c", "echo ready; sleep 60"], env=agent.env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_at_a_terminal)
     assert process.stdout.readline() == "ready\n"
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=30)
