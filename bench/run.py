@@ -52,6 +52,21 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def wait_for_socket(path: Path, timeout: float) -> bool:
+    """Whether a connection to the Unix socket ``path`` succeeds within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            time.sleep(0.02)
+        finally:
+            probe.close()
+    return False
+
+
 class Agent:
     """A labrund on a temporary socket and state directory."""
 
@@ -69,17 +84,9 @@ class Agent:
                                          "--state-dir", str(self.state), "--config", str(self.root / "agent.toml"),
                                          "--log-level", "warning"], stdout=log, stderr=log, env=self.env)
         log.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            probe = socket.socket(socket.AF_UNIX)
-            try:
-                probe.connect(str(self.socket))
-                return self
-            except OSError:
-                time.sleep(0.02)
-            finally:
-                probe.close()
-        raise RuntimeError("agent did not start")
+        if not wait_for_socket(self.socket, 30):
+            raise RuntimeError("agent did not start")
+        return self
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,10 @@ from pathlib import Path
 from labrun import Experiment, ScriptRunConfig, Workspace
 from labrun.exceptions import AzureMLException
 from labrun.protocol import TERMINAL
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import wait_for_socket  # noqa: E402  (bench/run.py's helper)
 
 # Unique to this soak, so processes of another soak or an earlier, interrupted one never count here.
 MARKER = f"labrun-soak-{uuid.uuid4().hex[:12]}"
@@ -85,17 +88,8 @@ class Agent:
              str(self.root / "state"), "--config", str(self.root / "agent.toml")],
             stdout=log, stderr=log, env=dict(os.environ, LABRUN_NO_AUTOSTART="1"))
         log.close()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            probe = socket.socket(socket.AF_UNIX)
-            try:
-                probe.connect(str(self.socket))
-                return
-            except OSError:
-                time.sleep(0.05)
-            finally:
-                probe.close()
-        raise RuntimeError("the agent did not come back within 60 s")
+        if not wait_for_socket(self.socket, 60):
+            raise RuntimeError("the agent did not come back within 60 s")
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
