@@ -221,7 +221,7 @@ def _absolute_path(value, path):
 
 SNAPSHOT = struct({
     # A manifest of content hashes (see _manifest.py), or a directory the run works in itself.
-    "files": Field(nullable(lambda value, path: validate_manifest(value, path)), None),
+    "files": Field(nullable(validate_manifest), None),
     "in_place": Field(nullable(_absolute_path), None),
 })
 
@@ -406,7 +406,7 @@ OP_SCHEMAS: dict[str, Validator] = {
         "properties": Field(_LABELS, dict),
         "parent_run_id": Field(nullable(_RUN_ID), None),
         # start_logging(snapshot_directory=...): a manifest, as a submit's, with the same uploads.
-        "snapshot": Field(nullable(struct({"files": Field(lambda value, path: validate_manifest(value, path))})),
+        "snapshot": Field(nullable(struct({"files": Field(validate_manifest)})),
                           None),
     }),
     "finish": struct({
