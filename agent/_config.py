@@ -60,6 +60,7 @@ run_env = true               # runs get MLFLOW_TRACKING_URI, MLFLOW_RUN_ID, MLFL
 artifacts = true             # outputs/ and uploaded files go to MLflow when a run ends
 max_artifact_mb = 1024       # per run
 pool_size = 2                # MLflow runs made ready per busy experiment, so runs start without waiting for MLflow
+pool_max_size = 16           # more where runs start faster than that many are made again, up to this
 pool_max_age_seconds = 10    # one older than this is not used (MLflow would show the run started then)
 
 [docker]
@@ -401,7 +402,7 @@ def _mlflow_config(table: dict) -> MlflowConfig:
                "pool_max_age_seconds"}
     flags = {"embedded", "run_env", "artifacts"}
     _check_keys(table, {"tracking_uri", "port", "user", "username", "password_file", "max_artifact_mb", "pool_size",
-                        *numbers, *flags}, "[mlflow]")
+                        "pool_max_size", *numbers, *flags}, "[mlflow]")
     config = MlflowConfig()
     for key in flags & set(table):
         setattr(config, key, _expect(table[key], bool, f"mlflow.{key}"))
@@ -441,6 +442,12 @@ def _mlflow_config(table: dict) -> MlflowConfig:
         config.pool_size = _expect(table["pool_size"], int, "mlflow.pool_size")
         if not 0 <= config.pool_size <= 100:
             raise ConfigError("mlflow.pool_size: must be between 0 and 100")
+    if "pool_max_size" in table:
+        config.pool_max_size = _expect(table["pool_max_size"], int, "mlflow.pool_max_size")
+        if not config.pool_size <= config.pool_max_size <= 100:
+            raise ConfigError(f"mlflow.pool_max_size: must be between pool_size ({config.pool_size}) and 100")
+    else:
+        config.pool_max_size = max(config.pool_size, config.pool_max_size)
     for key in numbers & set(table):
         value = _expect(table[key], (int, float), f"mlflow.{key}")
         if value <= 0:

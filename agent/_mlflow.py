@@ -58,7 +58,8 @@ EXPERIMENT_CACHE = 1024   # experiment ids kept in memory (the rest are asked of
 # submitted without the mirror's HTTP work beside it, and what follows comes as one batch.
 SETTLE_SECONDS = 0.25
 # A run taken from the pool is restored in MLflow once its process has started (not beside its start),
-# and before its own mlflow is imported (seconds); this long at most if its start is slow.
+# and before its own mlflow is imported (seconds), and the pool is refilled then; this long at most if
+# its start is slow.
 ADOPT_WAIT_SECONDS = 5.0
 
 
@@ -76,6 +77,7 @@ class MlflowConfig:
     max_artifact_bytes: int = 1 << 30   # per run
     prepare_timeout_seconds: float = 2.0
     pool_size: int = 2                  # MLflow runs kept ready per busy experiment (0: none, runs wait)
+    pool_max_size: int = 16             # ... at most, where runs start faster than that many are refilled
     pool_max_age_seconds: float = 10.0  # a ready run older than this is not used: MLflow would show it started then
     timeout_seconds: float = 10.0
     retry_initial_seconds: float = 1.0
@@ -94,7 +96,7 @@ class MlflowMirror:
         self.live_record = live_record
         self.ledger = Ledger(store, self.tracking_uri)
         self.pool = Pool(store, self.tracking_uri, config.pool_size if config.run_env else 0,
-                         config.pool_max_age_seconds)
+                         config.pool_max_age_seconds, config.pool_max_size)
         self.delivered = self.ledger.cursor()
         self.state = "starting"
         self.last_error: str | None = None
@@ -154,7 +156,7 @@ class MlflowMirror:
                 self._nursery = nursery
                 if self.pool.size:
                     nursery.start_soon(self.pool.run, self._rest, self._experiment_id, self._adopt,
-                                       self.config.retry_initial_seconds, SETTLE_SECONDS)
+                                       self.config.retry_initial_seconds)
                 task_status.started()
                 await self._deliver()
         finally:
@@ -304,8 +306,10 @@ class MlflowMirror:
             self.pool.release(pooled.slot)
             log.debug("mlflow.run.adopted", run_id=run_id, mlflow_run_id=pooled.mlflow_run_id)
 
-    async def _adopt_now(self, run_id: str) -> None:
-        """Right after the run's start, so that its own ``mlflow`` finds its run restored; else delivery adopts it."""
+    async def _after_start(self, run_id: str) -> None:
+        """Once a run that wanted a ready MLflow run has started: the pool is refilled, and the run it took (if
+        any) adopted, so that the run's own ``mlflow`` finds it restored (else delivery adopts it). Not before:
+        that work would sit beside the run's start in the agent's one thread."""
         with trio.move_on_after(ADOPT_WAIT_SECONDS):
             while True:
                 wakeup = self.events.appended.current()
@@ -313,6 +317,7 @@ class MlflowMirror:
                 if record is None or record.status not in (PREPARING, STARTING):
                     break
                 await wakeup.wait()
+        self.pool.wake()
         try:
             await self._adopt(run_id)
         except MlflowError as exc:
@@ -442,6 +447,7 @@ class MlflowMirror:
                 return None   # down or not started yet: the run starts now, and is mirrored later
             if entry is None and record.run_id not in self._locks:   # nothing under way for it: take a ready one
                 entry = self._claim(record)
+                self._nursery.start_soon(self._after_start, record.run_id)
                 if entry is not None:
                     return self._env(entry)
             done = trio.Event()
@@ -469,12 +475,12 @@ class MlflowMirror:
 
     def _claim(self, record) -> Entry | None:
         """The run's ledger entry on a pooled MLflow run of its experiment (its parent's, for a child), if one is ready."""
-        self.pool.want(record.experiment)
         parent_id = self.store.parents_of([record.run_id]).get(record.run_id)
         parent = self.ledger.get(parent_id) if parent_id is not None else None
         experiment_id = parent.experiment_id if parent is not None and parent.experiment_id else \
             self._experiments.get(record.experiment) or self.pool.experiment_id(record.experiment)
         pooled = self.pool.claim(experiment_id, record.run_id) if experiment_id is not None else None
+        self.pool.want(record.experiment, found=pooled is not None)
         if pooled is None:
             return None
         # A new MLflow run is RUNNING, its tags and params all to send: as for one created for it.
@@ -482,7 +488,6 @@ class MlflowMirror:
                       artifact_uri=pooled.artifact_uri, status_sent="RUNNING")
         self.ledger.put(entry)
         self.pool_claimed += 1
-        self._nursery.start_soon(self._adopt_now, record.run_id)
         return entry
 
 

@@ -3,8 +3,15 @@
 MLflow makes its run ids itself: a run's ``MLFLOW_RUN_ID`` exists only once ``runs/create`` has
 answered, a round trip that would otherwise sit between submit and start. So, per MLflow
 experiment where runs have lately started before their own MLflow run existed, the mirror keeps a
-few MLflow runs ready (``pool_size``), and such a run takes one at once (``claim``); the mirror
-then gives it the run's name, tags, parent, params, metrics and status (``MlflowMirror._adopt``).
+few MLflow runs ready, and such a run takes one at once (``claim``); the mirror then gives it the
+run's name, tags, parent, params, metrics and status (``MlflowMirror._adopt``).
+
+How many: ``pool_size`` to begin with. A run that finds its experiment's pool empty (runs start
+faster than the pool is refilled) doubles that experiment's target, up to ``pool_max_size``; a
+ready run that ages out unclaimed (runs start more slowly than that) takes one off again, down to
+``pool_size``; an experiment where no run has started for ``pool_max_age_seconds`` has no pool.
+Refilling starts as soon as the run that claimed has started (``wake``: not beside its start),
+and makes up to ``FILL_CONCURRENCY`` runs at once.
 
 What users see in MLflow:
 
@@ -15,7 +22,7 @@ What users see in MLflow:
 - MLflow never changes a run's start time, so a claimed run shows the time it was made ready:
   that is why a waiting run is used only while younger than ``pool_max_age_seconds`` (10), and
   pools are kept only where runs keep starting (demand within that age). Older ones stay in
-  MLflow's trash, where ``mlflow gc`` removes them; at most ``pool_size`` per burst of runs.
+  MLflow's trash, where ``mlflow gc`` removes them; at most ``pool_max_size`` per burst of runs.
 
 Persistence: each waiting run is a row of ``mlflow_pool`` (through the store's connection, see
 ``_mlflow_ledger``), written *before* it is created, under a slot id that is also its
@@ -52,6 +59,7 @@ CREATE TABLE IF NOT EXISTS mlflow_pool (
 
 POOL_TAG = "labrun.pool"
 POOL_NAME = "labrun-reserved"
+FILL_CONCURRENCY = 4   # ready runs made at once when a pool is behind (MLflow's SQLite serializes more anyway)
 
 
 @dataclass(frozen=True)
@@ -64,14 +72,18 @@ class Pooled:
 
 
 class Pool:
-    def __init__(self, store, tracking_uri: str, size: int, max_age: float):
+    def __init__(self, store, tracking_uri: str, size: int, max_age: float, max_size: int | None = None):
         self.tracking_uri = tracking_uri
         self.size = size
+        self.max_size = max(size, max_size if max_size is not None else size)
         self.max_age = max_age
+        self._store = store
         self._db = store._db   # the store's connection, as the ledger's
         self._db.execute(SCHEMA)
         self.filling = False   # making runs now (what "caught up" waits for, besides the event backlog)
         self._wanted: dict[str, float] = {}   # experiment name -> when a run last wanted a pooled run there
+        self._targets: dict[str, int] = {}    # experiment name -> ready runs to keep there now
+        self._making: dict[str, str] = {}     # slot -> MLflow experiment id, of the runs being made now
         self._changed = trio.Event()
 
     # -- claiming (synchronous: on a run's way to start) -------------------------------
@@ -93,11 +105,25 @@ class Pool:
                          (run_id, self.tracking_uri, row[0]))
         return Pooled(*row)
 
-    def want(self, experiment: str) -> None:
-        """A run of ``experiment`` started (or is starting) before its own MLflow run existed: keep a pool there."""
-        if self.size:
-            self._wanted[experiment] = time.time()
-            self._changed.set()
+    def want(self, experiment: str, *, found: bool) -> None:
+        """A run of ``experiment`` is starting before its own MLflow run existed, and ``found`` a ready one or not:
+        keep a pool there, a deeper one if it was already kept and ran dry. Refilling waits for ``wake``."""
+        if not self.size:
+            return
+        now = time.time()
+        if self._wanted.get(experiment, 0) < now - self.max_age:   # runs start there again: a pool from scratch
+            self._targets[experiment] = self.size
+        elif not found:
+            self._targets[experiment] = min(self.max_size, 2 * self._targets.get(experiment, self.size))
+        self._wanted[experiment] = now
+
+    def wake(self) -> None:
+        """The run that wanted is under way: refill now."""
+        self._changed.set()
+
+    def target(self, experiment: str) -> int:
+        """The ready runs kept for ``experiment`` now (0: no pool there)."""
+        return self._targets.get(experiment, 0) if experiment in self._wanted else 0
 
     def claimed(self, run_id: str) -> Pooled | None:
         row = self._db.execute(
@@ -115,29 +141,26 @@ class Pool:
 
     # -- filling (the mirror's task) ---------------------------------------------------
 
-    async def run(self, rest, experiment_id, adopt, retry_seconds: float, settle_seconds: float) -> None:
+    async def run(self, rest, experiment_id, adopt, retry_seconds: float) -> None:
         """Keep the wanted pools full until cancelled.
 
         ``experiment_id(name)``: the mirror's (cached) MLflow experiment id; ``adopt(run_id)``: the
-        mirror's adoption of a claimed run, for those a restart left claimed and not adopted. Woken by
-        a claim, it first lets ``settle_seconds`` pass: the run that claimed starts without its work beside it.
+        mirror's adoption of a claimed run, for those a restart left claimed and not adopted.
         """
         await self._recover(rest, adopt)
         while True:
             self._changed = trio.Event()
             now = time.time()
-            # Too old to be claimed: left in MLflow's trash (mlflow gc), forgotten here.
-            self._db.execute("DELETE FROM mlflow_pool WHERE tracking_uri = ? AND ready AND run_id IS NULL AND "
-                             "created_at < ?", (self.tracking_uri, now - self.max_age))
+            self._expire(now)
             self.filling = True
             try:
+                await self._trash_unfinished(rest)
                 for experiment, wanted_at in list(self._wanted.items()):
                     if wanted_at < now - self.max_age:
                         del self._wanted[experiment]
+                        self._targets.pop(experiment, None)
                         continue
-                    mlflow_experiment = await experiment_id(experiment)
-                    while self._free(mlflow_experiment) < self.size:
-                        await self._make(rest, experiment, mlflow_experiment)
+                    await self._fill(rest, experiment, await experiment_id(experiment))
             except Unavailable as exc:
                 log.debug("mlflow.pool.unavailable", error=str(exc))
                 await trio.sleep(retry_seconds)
@@ -150,12 +173,42 @@ class Pool:
                 self.filling = False
             with trio.move_on_after(self._next_expiry(now)):
                 await self._changed.wait()
-                await trio.sleep(settle_seconds)
+
+    def _expire(self, now: float) -> None:
+        """Forget ready runs too old to be claimed (left in MLflow's trash, for mlflow gc); each one that aged out
+        unclaimed says its experiment's pool is deeper than the runs starting there need."""
+        cutoff = now - self.max_age
+        for experiment, count in self._db.execute(
+                "SELECT experiment, count(*) FROM mlflow_pool WHERE tracking_uri = ? AND ready AND run_id IS NULL "
+                "AND created_at < ? GROUP BY experiment", (self.tracking_uri, cutoff)).fetchall():
+            if experiment in self._targets:
+                self._targets[experiment] = max(self.size, self._targets[experiment] - count)
+        self._db.execute("DELETE FROM mlflow_pool WHERE tracking_uri = ? AND ready AND run_id IS NULL AND "
+                         "created_at < ?", (self.tracking_uri, cutoff))
+
+    async def _fill(self, rest, experiment: str, experiment_id: str) -> None:
+        """Make ready runs until ``experiment`` has its target, several at once; raises the first failure."""
+        while (missing := self.target(experiment) - self._free(experiment_id)) > 0:
+            failures: list[MlflowError] = []
+
+            async def make():
+                try:
+                    await self._make(rest, experiment, experiment_id)
+                except MlflowError as exc:
+                    failures.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(missing, FILL_CONCURRENCY)):
+                    nursery.start_soon(make)
+            if failures:
+                raise failures[0]
 
     def _free(self, experiment_id: str) -> int:
-        return self._db.execute("SELECT count(*) FROM mlflow_pool WHERE tracking_uri = ? AND experiment_id = ? AND "
-                                "run_id IS NULL AND created_at >= ?",
-                                (self.tracking_uri, experiment_id, time.time() - self.max_age)).fetchone()[0]
+        """Ready runs of ``experiment_id`` not claimed and not too old, and those being made."""
+        ready = self._db.execute("SELECT count(*) FROM mlflow_pool WHERE tracking_uri = ? AND experiment_id = ? AND "
+                                 "ready AND run_id IS NULL AND created_at >= ?",
+                                 (self.tracking_uri, experiment_id, time.time() - self.max_age)).fetchone()[0]
+        return ready + sum(1 for made_in in self._making.values() if made_in == experiment_id)
 
     def _next_expiry(self, now: float) -> float:
         oldest = self._db.execute("SELECT min(created_at) FROM mlflow_pool WHERE tracking_uri = ? AND run_id IS NULL",
@@ -166,15 +219,20 @@ class Pool:
     async def _make(self, rest, experiment: str, experiment_id: str) -> None:
         slot = uuid.uuid4().hex
         start = time.time()
-        self._db.execute("INSERT INTO mlflow_pool (tracking_uri, slot, experiment, experiment_id, created_at) "
-                         "VALUES (?, ?, ?, ?, ?)", (self.tracking_uri, slot, experiment, experiment_id, start))
-        info = await rest.create_run(experiment_id, user="labrun", start_ms=int(start * 1000), run_name=POOL_NAME,
-                                     tags={POOL_TAG: slot})
-        self._db.execute("UPDATE mlflow_pool SET mlflow_run_id = ?, artifact_uri = ? WHERE tracking_uri = ? AND "
-                         "slot = ?", (info["run_id"], info.get("artifact_uri"), self.tracking_uri, slot))
-        await rest.call("POST", "runs/delete", {"run_id": info["run_id"]})
-        self._db.execute("UPDATE mlflow_pool SET ready = 1 WHERE tracking_uri = ? AND slot = ?",
-                         (self.tracking_uri, slot))
+        self._making[slot] = experiment_id
+        try:
+            self._db.execute("INSERT INTO mlflow_pool (tracking_uri, slot, experiment, experiment_id, created_at) "
+                             "VALUES (?, ?, ?, ?, ?)", (self.tracking_uri, slot, experiment, experiment_id, start))
+            await self._store.durable()   # recorded before it exists: a restart finds it by its slot
+            info = await rest.create_run(experiment_id, user="labrun", start_ms=int(start * 1000),
+                                         run_name=POOL_NAME, tags={POOL_TAG: slot})
+            self._db.execute("UPDATE mlflow_pool SET mlflow_run_id = ?, artifact_uri = ? WHERE tracking_uri = ? AND "
+                             "slot = ?", (info["run_id"], info.get("artifact_uri"), self.tracking_uri, slot))
+            await rest.call("POST", "runs/delete", {"run_id": info["run_id"]})
+            self._db.execute("UPDATE mlflow_pool SET ready = 1 WHERE tracking_uri = ? AND slot = ?",
+                             (self.tracking_uri, slot))
+        finally:
+            del self._making[slot]
         log.debug("mlflow.pool.made", experiment_id=experiment_id, mlflow_run_id=info["run_id"])
 
     async def _recover(self, rest, adopt) -> None:
@@ -186,20 +244,33 @@ class Pool:
                 try:
                     if run_id is not None:
                         await adopt(run_id)   # releases it once done; delivery tries again at the run's next event
-                        break
-                    if mlflow_run_id is None:   # its creation's answer was lost: find it by its slot tag
-                        found = await rest.call("POST", "runs/search", {
-                            "experiment_ids": [experiment_id], "filter": f"tags.`{POOL_TAG}` = '{slot}'",
-                            "max_results": 1, "run_view_type": "ALL"})
-                        mlflow_run_id = (found.get("runs") or [{}])[0].get("info", {}).get("run_id")
-                    if mlflow_run_id is not None:
-                        await rest.call("POST", "runs/delete", {"run_id": mlflow_run_id})
-                    self.release(slot)
+                    else:
+                        await self._trash(rest, slot, experiment_id, mlflow_run_id)
                     break
                 except Unavailable:
                     await trio.sleep(1.0)
                 except MlflowError as exc:
                     log.warning("mlflow.pool.recover_refused", slot=slot, run_id=run_id, error=str(exc))
-                    if run_id is None:   # gone (a wiped server): nothing left to trash
-                        self.release(slot)
                     break
+
+    async def _trash_unfinished(self, rest) -> None:
+        """Ready runs whose making stopped part-way (MLflow went away meanwhile): into MLflow's trash, forgotten."""
+        for slot, experiment_id, mlflow_run_id in self._db.execute(
+                "SELECT slot, experiment_id, mlflow_run_id FROM mlflow_pool WHERE tracking_uri = ? AND NOT ready",
+                (self.tracking_uri,)).fetchall():
+            if slot not in self._making:
+                await self._trash(rest, slot, experiment_id, mlflow_run_id)
+
+    async def _trash(self, rest, slot: str, experiment_id: str, mlflow_run_id: str | None) -> None:
+        """Put a run made for the pool, and not handed out, in MLflow's trash; raises ``Unavailable`` to be tried again."""
+        try:
+            if mlflow_run_id is None:   # its creation's answer was lost: find it by its slot tag
+                found = await rest.call("POST", "runs/search", {
+                    "experiment_ids": [experiment_id], "filter": f"tags.`{POOL_TAG}` = '{slot}'",
+                    "max_results": 1, "run_view_type": "ALL"})
+                mlflow_run_id = (found.get("runs") or [{}])[0].get("info", {}).get("run_id")
+            if mlflow_run_id is not None:
+                await rest.call("POST", "runs/delete", {"run_id": mlflow_run_id})
+        except Refused as exc:   # gone (a wiped server): nothing left to trash
+            log.warning("mlflow.pool.trash_refused", slot=slot, error=str(exc))
+        self.release(slot)
