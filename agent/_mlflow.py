@@ -44,7 +44,7 @@ from ._artifacts import owner_of
 from ._events import EventLog
 from ._mlflow_files import read_chunk, run_files
 from ._mlflow_ledger import Entry, Ledger
-from ._mlflow_pool import POOL_TAG, Pool
+from ._mlflow_pool import Pool
 from ._mlflow_rest import MlflowError, MlflowRest, Refused, Unavailable
 from ._rundir import RunDir
 from ._store import Store
@@ -286,17 +286,13 @@ class MlflowMirror:
 
     async def _adopt(self, run_id: str) -> None:
         """Make a run taken from the pool this run's: out of MLflow's trash first (its ``mlflow`` refuses
-        a deleted run), then its parent link; its name, tags and the rest follow as for any run."""
+        a deleted run), then its parent link; its name (the pool's until then), tags and the rest follow as
+        for any run."""
         async with self._run_lock(run_id):
             pooled = self.pool.claimed(run_id)
             if pooled is None:
                 return
             await self._rest.restore_run(pooled.mlflow_run_id)
-            try:
-                await self._rest.call("POST", "runs/delete-tag", {"run_id": pooled.mlflow_run_id, "key": POOL_TAG})
-            except Refused as exc:   # already gone: an earlier attempt's answer was lost
-                if exc.code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
             parent_id = self.store.parents_of([run_id]).get(run_id)
             parent_record = self._record(parent_id) if parent_id is not None else None
             if parent_record is not None:

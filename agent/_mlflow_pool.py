@@ -16,17 +16,17 @@ and makes up to ``FILL_CONCURRENCY`` runs at once.
 What users see in MLflow:
 
 - a waiting run is *deleted* (MLflow's trash, hidden from its UI and searches), named
-  ``labrun-reserved`` and tagged ``labrun.pool``; claiming restores it at once (the run's own
-  ``mlflow`` refuses a deleted run: one round trip, done long before a script has even imported
-  ``mlflow``), then drops the tag;
+  ``labrun-reserved-<slot>``; once the run that claimed it has started, it is restored (the run's
+  own ``mlflow`` refuses a deleted run: one round trip, done long before a script has even
+  imported ``mlflow``), and delivery gives it the run's name;
 - MLflow never changes a run's start time, so a claimed run shows the time it was made ready:
   that is why a waiting run is used only while younger than ``pool_max_age_seconds`` (10), and
   pools are kept only where runs keep starting (demand within that age). Older ones stay in
   MLflow's trash, where ``mlflow gc`` removes them; at most ``pool_max_size`` per burst of runs.
 
 Persistence: each waiting run is a row of ``mlflow_pool`` (through the store's connection, see
-``_mlflow_ledger``), written *before* it is created, under a slot id that is also its
-``labrun.pool`` tag. So a restart finds every run it made, even one whose creation's answer was
+``_mlflow_ledger``), committed *before* it is created, under a slot id that is also in its
+name. So a restart finds every run it made, even one whose creation's answer was
 lost, and trashes what was not ready (``recover``); a claimed one not yet adopted is adopted.
 """
 
@@ -57,9 +57,14 @@ CREATE TABLE IF NOT EXISTS mlflow_pool (
     PRIMARY KEY (tracking_uri, slot)
 )"""
 
-POOL_TAG = "labrun.pool"
 POOL_NAME = "labrun-reserved"
+LEGACY_TAG = "labrun.pool"   # what agents before the name had the slot in (one request more per claim)
 FILL_CONCURRENCY = 4   # ready runs made at once when a pool is behind (MLflow's SQLite serializes more anyway)
+
+
+def pool_name(slot: str) -> str:
+    """A waiting run's name, until its run's own replaces it: how a restart finds it without its id."""
+    return f"{POOL_NAME}-{slot}"
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,8 @@ class Pool:
         self._store = store
         self._db = store._db   # the store's connection, as the ledger's
         self._db.execute(SCHEMA)
-        self.filling = False   # making runs now (what "caught up" waits for, besides the event backlog)
+        self._busy = False
+        self._failure: tuple[str, MlflowError] | None = None   # the last making that failed: (experiment, why)
         self._wanted: dict[str, float] = {}   # experiment name -> when a run last wanted a pooled run there
         self._targets: dict[str, int] = {}    # experiment name -> ready runs to keep there now
         self._making: dict[str, str] = {}     # slot -> MLflow experiment id, of the runs being made now
@@ -148,31 +154,42 @@ class Pool:
         mirror's adoption of a claimed run, for those a restart left claimed and not adopted.
         """
         await self._recover(rest, adopt)
-        while True:
-            self._changed = trio.Event()
-            now = time.time()
-            self._expire(now)
-            self.filling = True
-            try:
-                await self._trash_unfinished(rest)
-                for experiment, wanted_at in list(self._wanted.items()):
-                    if wanted_at < now - self.max_age:
-                        del self._wanted[experiment]
-                        self._targets.pop(experiment, None)
-                        continue
-                    await self._fill(rest, experiment, await experiment_id(experiment))
-            except Unavailable as exc:
-                log.debug("mlflow.pool.unavailable", error=str(exc))
-                await trio.sleep(retry_seconds)
-                continue
-            except Refused as exc:   # an experiment MLflow will not take runs in: not pooled until wanted again
-                log.warning("mlflow.pool.refused", error=str(exc))
-                self._wanted.pop(experiment, None)
-                continue
-            finally:
-                self.filling = False
-            with trio.move_on_after(self._next_expiry(now)):
-                await self._changed.wait()
+        async with trio.open_nursery() as makers:
+            while True:
+                self._changed = trio.Event()
+                now = time.time()
+                self._expire(now)
+                if self._failure is not None:
+                    experiment, exc = self._failure
+                    self._failure = None
+                    if isinstance(exc, Refused):   # an experiment MLflow will not take runs in: until wanted again
+                        log.warning("mlflow.pool.refused", error=str(exc))
+                        self._wanted.pop(experiment, None)
+                    else:
+                        log.debug("mlflow.pool.unavailable", error=str(exc))
+                        await trio.sleep(retry_seconds)
+                    continue
+                self._busy = True
+                try:
+                    await self._trash_unfinished(rest)
+                    for experiment, wanted_at in list(self._wanted.items()):
+                        if wanted_at < now - self.max_age:
+                            del self._wanted[experiment]
+                            self._targets.pop(experiment, None)
+                            continue
+                        self._fill(makers, rest, experiment, await experiment_id(experiment))
+                except MlflowError as exc:
+                    self._failure = (experiment, exc)
+                    continue
+                finally:
+                    self._busy = False
+                with trio.move_on_after(self._next_expiry(now)):
+                    await self._changed.wait()
+
+    @property
+    def filling(self) -> bool:
+        """Making runs now (what "caught up" waits for, besides the event backlog)."""
+        return self._busy or bool(self._making)
 
     def _expire(self, now: float) -> None:
         """Forget ready runs too old to be claimed (left in MLflow's trash, for mlflow gc); each one that aged out
@@ -186,22 +203,16 @@ class Pool:
         self._db.execute("DELETE FROM mlflow_pool WHERE tracking_uri = ? AND ready AND run_id IS NULL AND "
                          "created_at < ?", (self.tracking_uri, cutoff))
 
-    async def _fill(self, rest, experiment: str, experiment_id: str) -> None:
-        """Make ready runs until ``experiment`` has its target, several at once; raises the first failure."""
-        while (missing := self.target(experiment) - self._free(experiment_id)) > 0:
-            failures: list[MlflowError] = []
-
-            async def make():
-                try:
-                    await self._make(rest, experiment, experiment_id)
-                except MlflowError as exc:
-                    failures.append(exc)
-
-            async with trio.open_nursery() as nursery:
-                for _ in range(min(missing, FILL_CONCURRENCY)):
-                    nursery.start_soon(make)
-            if failures:
-                raise failures[0]
+    def _fill(self, makers: trio.Nursery, rest, experiment: str, experiment_id: str) -> None:
+        """Start making what ``experiment`` lacks, at most ``FILL_CONCURRENCY`` runs in flight: each one that
+        ends wakes the loop, which starts the next (none waits for the slowest of a batch)."""
+        missing = self.target(experiment) - self._free(experiment_id)
+        for _ in range(min(missing, FILL_CONCURRENCY - len(self._making))):
+            slot, created_at = uuid.uuid4().hex, time.time()
+            self._making[slot] = experiment_id
+            self._db.execute("INSERT INTO mlflow_pool (tracking_uri, slot, experiment, experiment_id, created_at) "
+                             "VALUES (?, ?, ?, ?, ?)", (self.tracking_uri, slot, experiment, experiment_id, created_at))
+            makers.start_soon(self._make, rest, slot, experiment, experiment_id, created_at)
 
     def _free(self, experiment_id: str) -> int:
         """Ready runs of ``experiment_id`` not claimed and not too old, and those being made."""
@@ -216,24 +227,23 @@ class Pool:
         times = [*(t + self.max_age for t in self._wanted.values()), *([oldest + self.max_age] if oldest else [])]
         return max(0.05, min(times) - now + 0.01) if times else float("inf")
 
-    async def _make(self, rest, experiment: str, experiment_id: str) -> None:
-        slot = uuid.uuid4().hex
-        start = time.time()
-        self._making[slot] = experiment_id
+    async def _make(self, rest, slot: str, experiment: str, experiment_id: str, created_at: float) -> None:
+        """Create the run of a slot ``_fill`` recorded, and put it in MLflow's trash, ready."""
         try:
-            self._db.execute("INSERT INTO mlflow_pool (tracking_uri, slot, experiment, experiment_id, created_at) "
-                             "VALUES (?, ?, ?, ?, ?)", (self.tracking_uri, slot, experiment, experiment_id, start))
-            await self._store.durable()   # recorded before it exists: a restart finds it by its slot
-            info = await rest.create_run(experiment_id, user="labrun", start_ms=int(start * 1000),
-                                         run_name=POOL_NAME, tags={POOL_TAG: slot})
+            await self._store.durable()   # recorded before it exists: a restart finds it by its name
+            info = await rest.create_run(experiment_id, user="labrun", start_ms=int(created_at * 1000),
+                                         run_name=pool_name(slot), tags={})
             self._db.execute("UPDATE mlflow_pool SET mlflow_run_id = ?, artifact_uri = ? WHERE tracking_uri = ? AND "
                              "slot = ?", (info["run_id"], info.get("artifact_uri"), self.tracking_uri, slot))
             await rest.call("POST", "runs/delete", {"run_id": info["run_id"]})
             self._db.execute("UPDATE mlflow_pool SET ready = 1 WHERE tracking_uri = ? AND slot = ?",
                              (self.tracking_uri, slot))
+            log.debug("mlflow.pool.made", experiment_id=experiment_id, mlflow_run_id=info["run_id"])
+        except MlflowError as exc:   # the loop waits, then trashes what was made of it and tries again
+            self._failure = (experiment, exc)
         finally:
             del self._making[slot]
-        log.debug("mlflow.pool.made", experiment_id=experiment_id, mlflow_run_id=info["run_id"])
+            self._changed.set()
 
     async def _recover(self, rest, adopt) -> None:
         """After a restart: trash what an earlier agent was making, adopt what it had handed out."""
@@ -264,10 +274,12 @@ class Pool:
     async def _trash(self, rest, slot: str, experiment_id: str, mlflow_run_id: str | None) -> None:
         """Put a run made for the pool, and not handed out, in MLflow's trash; raises ``Unavailable`` to be tried again."""
         try:
-            if mlflow_run_id is None:   # its creation's answer was lost: find it by its slot tag
+            # Its creation's answer was lost: find it by its name (or, made by an older agent, by its tag).
+            for where in (f"attributes.run_name = '{pool_name(slot)}'", f"tags.`{LEGACY_TAG}` = '{slot}'"):
+                if mlflow_run_id is not None:
+                    break
                 found = await rest.call("POST", "runs/search", {
-                    "experiment_ids": [experiment_id], "filter": f"tags.`{POOL_TAG}` = '{slot}'",
-                    "max_results": 1, "run_view_type": "ALL"})
+                    "experiment_ids": [experiment_id], "filter": where, "max_results": 1, "run_view_type": "ALL"})
                 mlflow_run_id = (found.get("runs") or [{}])[0].get("info", {}).get("run_id")
             if mlflow_run_id is not None:
                 await rest.call("POST", "runs/delete", {"run_id": mlflow_run_id})

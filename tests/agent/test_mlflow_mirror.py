@@ -3,6 +3,7 @@
 import sys
 import time
 
+import pytest
 import trio
 
 from labrun.agent._events import EventLog
@@ -115,11 +116,13 @@ async def test_the_experiment_id_cache_is_bounded(tmp_path, mlflow_server, monke
     store.close()
 
 
-async def test_a_restart_trashes_the_ready_runs_an_earlier_agent_was_making(tmp_path, mlflow_server):
-    """A run made for the pool whose creation's answer was lost is found by its slot tag and put in MLflow's trash."""
+@pytest.mark.parametrize("made_by", ["this agent", "an older agent"])
+async def test_a_restart_trashes_the_ready_runs_an_earlier_agent_was_making(tmp_path, mlflow_server, made_by):
+    """A run made for the pool whose creation's answer was lost is found by its name (an older agent's, by its tag)
+    and put in MLflow's trash."""
     import httpx
 
-    from labrun.agent._mlflow_pool import POOL_TAG
+    from labrun.agent._mlflow_pool import LEGACY_TAG, pool_name
 
     store = Store(tmp_path / "state.db")
     events = EventLog(store)
@@ -128,12 +131,15 @@ async def test_a_restart_trashes_the_ready_runs_an_earlier_agent_was_making(tmp_
     first = MlflowMirror(config, mlflow_server.url, store, events, tmp_path / "runs")
     api = MlflowApi(mlflow_server.url)
     base = f"{mlflow_server.url}/api/2.0/mlflow/"
-    experiment_id = httpx.post(base + "experiments/create", json={"name": "pool-recovery"}).json()["experiment_id"]
+    name = f"pool-recovery-{made_by.replace(' ', '-')}"
+    experiment_id = httpx.post(base + "experiments/create", json={"name": name}).json()["experiment_id"]
     # What the agent had done when it died: the row written, the run created, the answer never read.
     store._db.execute("INSERT INTO mlflow_pool (tracking_uri, slot, experiment, experiment_id, created_at) VALUES "
-                      "(?, 'slot1', 'pool-recovery', ?, ?)", (first.tracking_uri, experiment_id, time.time()))
+                      "(?, 'slot1', ?, ?, ?)", (first.tracking_uri, name, experiment_id, time.time()))
+    marked = {"run_name": pool_name("slot1")} if made_by == "this agent" else \
+        {"run_name": "labrun-reserved", "tags": [{"key": LEGACY_TAG, "value": "slot1"}]}
     made = httpx.post(base + "runs/create", json={"experiment_id": experiment_id, "start_time": 0,
-                                                  "tags": [{"key": POOL_TAG, "value": "slot1"}]}).json()["run"]["info"]
+                                                  **marked}).json()["run"]["info"]
     again = MlflowMirror(config, mlflow_server.url, store, events, tmp_path / "runs")
     await mirror_until(again, store, lambda: store._db.execute("SELECT count(*) FROM mlflow_pool").fetchone()[0] == 0)
     assert api.run(made["run_id"])["info"]["lifecycle_stage"] == "deleted"
