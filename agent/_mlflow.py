@@ -475,8 +475,7 @@ class MlflowMirror:
         parent = self.ledger.get(parent_id) if parent_id is not None else None
         experiment_id = parent.experiment_id if parent is not None and parent.experiment_id else \
             self._experiments.get(record.experiment) or self.pool.experiment_id(record.experiment)
-        pooled = self.pool.claim(experiment_id, record.run_id) if experiment_id is not None else None
-        self.pool.want(record.experiment, found=pooled is not None)
+        pooled = self.pool.take(record.experiment, experiment_id, record.run_id)
         if pooled is None:
             return None
         # A new MLflow run is RUNNING, its tags and params all to send: as for one created for it.

@@ -3,12 +3,12 @@
 MLflow makes its run ids itself: a run's ``MLFLOW_RUN_ID`` exists only once ``runs/create`` has
 answered, a round trip that would otherwise sit between submit and start. So, per MLflow
 experiment where runs have lately started before their own MLflow run existed, the mirror keeps a
-few MLflow runs ready, and such a run takes one at once (``claim``); the mirror then gives it the
+few MLflow runs ready, and such a run takes one at once (``take``); the mirror then gives it the
 run's name, tags, parent, params, metrics and status (``MlflowMirror._adopt``).
 
-How many: ``pool_size`` to begin with. A run that finds its experiment's pool empty (runs start
-faster than the pool is refilled) doubles that experiment's target, up to ``pool_max_size``; a
-ready run that ages out unclaimed (runs start more slowly than that) takes one off again, down to
+How many: ``pool_size`` to begin with. A run that finds its experiment's pool short of that
+(runs start faster than the pool is refilled) doubles that experiment's target, up to
+``pool_max_size``; a ready run that ages out unclaimed (runs start more slowly than that) takes one off again, down to
 ``pool_size``; an experiment where no run has started for ``pool_max_age_seconds`` has no pool.
 Refilling starts as soon as the run that claimed has started (``wake``: not beside its start),
 and makes up to ``FILL_CONCURRENCY`` runs at once.
@@ -99,29 +99,31 @@ class Pool:
                                "LIMIT 1", (self.tracking_uri, experiment)).fetchone()
         return row[0] if row else None
 
-    def claim(self, experiment_id: str, run_id: str) -> Pooled | None:
-        """A ready, fresh run of ``experiment_id`` for ``run_id`` (marked claimed), or None."""
-        row = self._db.execute(
-            "SELECT slot, experiment, experiment_id, mlflow_run_id, artifact_uri FROM mlflow_pool WHERE tracking_uri "
-            "= ? AND experiment_id = ? AND ready AND run_id IS NULL AND created_at >= ? ORDER BY created_at LIMIT 1",
-            (self.tracking_uri, experiment_id, time.time() - self.max_age)).fetchone()
-        if row is None:
-            return None
-        self._db.execute("UPDATE mlflow_pool SET run_id = ? WHERE tracking_uri = ? AND slot = ?",
-                         (run_id, self.tracking_uri, row[0]))
-        return Pooled(*row)
+    def take(self, experiment: str, experiment_id: str | None, run_id: str) -> Pooled | None:
+        """A ready, fresh run of ``experiment_id`` for ``run_id`` (marked claimed), or None.
 
-    def want(self, experiment: str, *, found: bool) -> None:
-        """A run of ``experiment`` is starting before its own MLflow run existed, and ``found`` a ready one or not:
-        keep a pool there, a deeper one if it was already kept and ran dry. Refilling waits for ``wake``."""
+        Either way a run of ``experiment`` is starting before its own MLflow run exists: a pool is
+        kept there, twice as deep if it was kept already and this run found it short (refilling has
+        not caught up with the runs before it). Refilling waits for ``wake``.
+        """
         if not self.size:
-            return
+            return None
         now = time.time()
+        target = self._targets.get(experiment, self.size)
+        rows = [] if experiment_id is None else self._db.execute(
+            "SELECT slot, experiment, experiment_id, mlflow_run_id, artifact_uri FROM mlflow_pool WHERE tracking_uri "
+            "= ? AND experiment_id = ? AND ready AND run_id IS NULL AND created_at >= ? ORDER BY created_at LIMIT ?",
+            (self.tracking_uri, experiment_id, now - self.max_age, target)).fetchall()
         if self._wanted.get(experiment, 0) < now - self.max_age:   # runs start there again: a pool from scratch
             self._targets[experiment] = self.size
-        elif not found:
-            self._targets[experiment] = min(self.max_size, 2 * self._targets.get(experiment, self.size))
+        elif len(rows) < target:
+            self._targets[experiment] = min(self.max_size, 2 * target)
         self._wanted[experiment] = now
+        if not rows:
+            return None
+        self._db.execute("UPDATE mlflow_pool SET run_id = ? WHERE tracking_uri = ? AND slot = ?",
+                         (run_id, self.tracking_uri, rows[0][0]))
+        return Pooled(*rows[0])
 
     def wake(self) -> None:
         """The run that wanted is under way: refill now."""
