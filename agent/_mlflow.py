@@ -61,6 +61,9 @@ SETTLE_SECONDS = 0.25
 # and before its own mlflow is imported (seconds), and the pool is refilled then; this long at most if
 # its start is slow.
 ADOPT_WAIT_SECONDS = 5.0
+# ... and this long after that: a process exists once the run is Running, but its first command is still
+# being executed, and the requests (and the MLflow server's work on them) would compete with it.
+AFTER_START_SECONDS = 0.03
 
 
 @dataclass
@@ -313,6 +316,7 @@ class MlflowMirror:
                 if record is None or record.status not in (PREPARING, STARTING):
                     break
                 await wakeup.wait()
+        await trio.sleep(AFTER_START_SECONDS)
         self.pool.wake()
         try:
             await self._adopt(run_id)

@@ -86,7 +86,7 @@ class Pool:
         self._db = store._db   # the store's connection, as the ledger's
         self._db.execute(SCHEMA)
         self._busy = False
-        self._failure: tuple[str, MlflowError] | None = None   # the last making that failed: (experiment, why)
+        self._failure: tuple[str | None, MlflowError] | None = None   # the last making that failed: (experiment, why)
         self._wanted: dict[str, float] = {}   # experiment name -> when a run last wanted a pooled run there
         self._targets: dict[str, int] = {}    # experiment name -> ready runs to keep there now
         self._making: dict[str, str] = {}     # slot -> MLflow experiment id, of the runs being made now
@@ -171,7 +171,7 @@ class Pool:
                         log.debug("mlflow.pool.unavailable", error=str(exc))
                         await trio.sleep(retry_seconds)
                     continue
-                self._busy = True
+                self._busy, experiment = True, None
                 try:
                     await self._trash_unfinished(rest)
                     for experiment, wanted_at in list(self._wanted.items()):

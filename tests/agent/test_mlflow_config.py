@@ -14,12 +14,15 @@ def load(tmp_path, text):
 def test_an_existing_server(tmp_path):
     config = load(tmp_path, '[mlflow]\ntracking_uri = "http://127.0.0.1:5000/"\nrun_env = false\n'
                             'max_artifact_mb = 10\nprepare_timeout_seconds = 0.5\nusername = "labrun"\n'
-                            'pool_size = 0\npool_max_age_seconds = 30\n')
+                            'pool_size = 0\npool_max_size = 5\npool_max_age_seconds = 30\n')
     mlflow = config.mlflow
     assert mlflow.tracking_uri == "http://127.0.0.1:5000" and not mlflow.embedded and not mlflow.run_env
     assert mlflow.max_artifact_bytes == 10 << 20 and mlflow.prepare_timeout_seconds == 0.5
     assert mlflow.username == "labrun" and mlflow.artifacts
-    assert mlflow.pool_size == 0 and mlflow.pool_max_age_seconds == 30
+    assert mlflow.pool_size == 0 and mlflow.pool_max_size == 5 and mlflow.pool_max_age_seconds == 30
+    # Without pool_max_size, a pool_size above its default is its bound too.
+    assert load(tmp_path, '[mlflow]\ntracking_uri = "http://x"\npool_size = 20\n').mlflow.pool_max_size == 20
+    assert load(tmp_path, '[mlflow]\ntracking_uri = "http://x"\n').mlflow.pool_max_size == 16
     assert load_config(None).mlflow is None
 
 
@@ -37,6 +40,9 @@ def test_embedded(tmp_path):
     ('[mlflow]\ntracking_uri = "http://x"\nembeded = true\n', "unknown key 'embeded'"),
     ('[mlflow]\ntracking_uri = "http://x"\ntimeout_seconds = 0\n', "must be positive"),
     ('[mlflow]\ntracking_uri = "http://x"\npool_size = -1\n', "pool_size: must be between 0 and 100"),
+    ('[mlflow]\ntracking_uri = "http://x"\npool_size = 4\npool_max_size = 3\n',
+     r"pool_max_size: must be between pool_size \(4\) and 100"),
+    ('[mlflow]\ntracking_uri = "http://x"\npool_max_size = 101\n', "pool_max_size: must be between"),
     ('[mlflow]\nembedded = true\nuser = "no-such-user-here"\n', "no account"),
 ])
 def test_mistakes_are_named(tmp_path, text, message):
