@@ -197,9 +197,12 @@ class Pool:
         """Forget ready runs too old to be claimed (left in MLflow's trash, for mlflow gc); each one that aged out
         unclaimed says its experiment's pool is deeper than the runs starting there need."""
         cutoff = now - self.max_age
-        for experiment, count in self._db.execute(
-                "SELECT experiment, count(*) FROM mlflow_pool WHERE tracking_uri = ? AND ready AND run_id IS NULL "
-                "AND created_at < ? GROUP BY experiment", (self.tracking_uri, cutoff)).fetchall():
+        expired = self._db.execute(
+            "SELECT experiment, count(*) FROM mlflow_pool WHERE tracking_uri = ? AND ready AND run_id IS NULL "
+            "AND created_at < ? GROUP BY experiment", (self.tracking_uri, cutoff)).fetchall()
+        if not expired:   # (most wakes: no write, no commit)
+            return
+        for experiment, count in expired:
             if experiment in self._targets:
                 self._targets[experiment] = max(self.size, self._targets[experiment] - count)
         self._db.execute("DELETE FROM mlflow_pool WHERE tracking_uri = ? AND ready AND run_id IS NULL AND "

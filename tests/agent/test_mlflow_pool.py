@@ -134,3 +134,32 @@ async def test_a_pool_deeper_than_runs_need_shrinks_and_goes_when_they_stop(tmp_
         await trio.sleep(max_age)
         assert await pool_runs_in_mlflow(mlflow_server.url, "shrink") == made
         assert unclaimed(mirror) == 0
+
+
+async def test_ready_runs_whose_making_mlflow_interrupted_are_trashed_and_made_again(tmp_path, make_mlflow_server):
+    """An MLflow outage while the pool fills: nothing half-made is left (in its table or visible in MLflow), and once
+    MLflow answers again the pool is full."""
+    server = make_mlflow_server()
+    async with running(tmp_path, server.url, pool_size=3, pool_max_size=3, pool_max_age_seconds=600,
+                       retry_initial_seconds=0.2) \
+            as mirror:
+        pool = mirror.pool
+        assert pool.take("outage", None, "outage_0") is None
+        pool.wake()
+        await until(lambda: pool.ready_count() == 3 and not pool.filling, "a full pool")
+        experiment_id = pool.experiment_id("outage")
+        await trio.to_thread.run_sync(server.stop)
+        for i in (1, 2, 3):   # runs take them all while MLflow is away; refilling fails part-way or at once
+            assert pool.take("outage", experiment_id, f"outage_{i}") is not None
+        pool.wake()
+        await until(lambda: pool._failure is not None or unclaimed(mirror) > 0, "an attempt to refill")
+        await trio.sleep(1)
+        await trio.to_thread.run_sync(server.start)
+        await until(lambda: pool.ready_count() == pool.target("outage") and not pool.filling, "refilled")
+        assert mirror.pool._db.execute("SELECT count(*) FROM mlflow_pool WHERE NOT ready").fetchone()[0] == 0
+        base = f"{server.url}/api/2.0/mlflow/"
+        async with httpx.AsyncClient(timeout=30) as client:
+            active = (await client.post(base + "runs/search", json={
+                "experiment_ids": [experiment_id], "run_view_type": "ACTIVE_ONLY",
+                "filter": f"attributes.run_name LIKE '{POOL_NAME}-%'"})).json().get("runs", [])
+        assert active == []   # nothing made for the pool shows in MLflow's UI
