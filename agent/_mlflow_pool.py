@@ -6,12 +6,12 @@ experiment where runs have lately started before their own MLflow run existed, t
 few MLflow runs ready, and such a run takes one at once (``take``); the mirror then gives it the
 run's name, tags, parent, params, metrics and status (``MlflowMirror._adopt``).
 
-How many: ``pool_size`` to begin with. A run that finds its experiment's pool short of that
-(runs start faster than the pool is refilled) doubles that experiment's target, up to
-``pool_max_size``; a ready run that ages out unclaimed (runs start more slowly than that) takes one off again, down to
-``pool_size``; an experiment where no run has started for ``pool_max_age_seconds`` has no pool.
-Refilling starts as soon as the run that claimed has started (``wake``: not beside its start),
-and makes up to ``FILL_CONCURRENCY`` runs at once.
+How many: ``pool_size`` to begin with. A run that finds its experiment's pool short of its
+target (runs start faster than the pool is refilled) doubles that target, up to ``pool_max_size``;
+a ready run that ages out unclaimed (runs start more slowly than that) takes one off again, down
+to ``pool_size``; an experiment where no run has started for ``pool_max_age_seconds`` has no pool.
+Refilling starts once the run that took one has started (``wake``: not beside its start), up to
+``FILL_CONCURRENCY`` runs at once; an outage's half-made ones are trashed when MLflow is back.
 
 What users see in MLflow:
 
@@ -22,12 +22,12 @@ What users see in MLflow:
 - MLflow never changes a run's start time, so a claimed run shows the time it was made ready:
   that is why a waiting run is used only while younger than ``pool_max_age_seconds`` (10), and
   pools are kept only where runs keep starting (demand within that age). Older ones stay in
-  MLflow's trash, where ``mlflow gc`` removes them; at most ``pool_max_size`` per burst of runs.
+  MLflow's trash, where ``mlflow gc`` removes them; at most ``pool_max_size`` per experiment and
+  burst of runs.
 
 Persistence: each waiting run is a row of ``mlflow_pool`` (through the store's connection, see
 ``_mlflow_ledger``), committed *before* it is created, under a slot id that is also in its
-name. So a restart finds every run it made, even one whose creation's answer was
-lost, and trashes what was not ready (``recover``); a claimed one not yet adopted is adopted.
+name. So a restart finds every run it made, even one whose creation's answer was lost, and trashes what was not ready (``recover``); a claimed one not yet adopted is adopted.
 """
 
 from __future__ import annotations
