@@ -21,8 +21,8 @@ def spec(**extra) -> dict:
 
 
 def add_run(store: Store, run_id: str, status: str, parent_id: str | None = None, **extra) -> RunRecord:
-    record = RunRecord(run_id=run_id, order=0, experiment=extra.get("experiment", "nest"), number=0, uid=0, gid=0, user="alice",
-                       status=status, spec=spec(**extra), environ={}, submitted_at=time.time())
+    record = RunRecord(run_id=run_id, order=0, experiment=extra.get("experiment", "nest"), number=0, uid=0, gid=0,
+                       user="alice", status=status, spec=spec(**extra), environ={}, submitted_at=time.time())
     store.add_run(record, "run.queued", parent_id=parent_id)
     return record
 
