@@ -27,7 +27,8 @@ What users see in MLflow:
 
 Persistence: each waiting run is a row of ``mlflow_pool`` (through the store's connection, see
 ``_mlflow_ledger``), committed *before* it is created, under a slot id that is also in its
-name. So a restart finds every run it made, even one whose creation's answer was lost, and trashes what was not ready (``recover``); a claimed one not yet adopted is adopted.
+name. So a restart finds every run it made, even one whose creation's answer was lost, and
+trashes what was not ready (``recover``); a claimed one not yet adopted is adopted.
 """
 
 from __future__ import annotations
@@ -277,7 +278,7 @@ class Pool:
                 await self._trash(rest, slot, experiment_id, mlflow_run_id)
 
     async def _trash(self, rest, slot: str, experiment_id: str, mlflow_run_id: str | None) -> None:
-        """Put a run made for the pool, and not handed out, in MLflow's trash; raises ``Unavailable`` to be tried again."""
+        """Put a run made for the pool, and not handed out, in MLflow's trash (``Unavailable``: to be tried again)."""
         try:
             # Its creation's answer was lost: find it by its name (or, made by an older agent, by its tag).
             for where in (f"attributes.run_name = '{pool_name(slot)}'", f"tags.`{LEGACY_TAG}` = '{slot}'"):
