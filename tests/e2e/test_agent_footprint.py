@@ -1,5 +1,5 @@
-"""What an idle agent holds: it has not imported asyncio (only the Docker executor's bridge uses it), and it logs
-as before."""
+"""What an idle agent holds: it has not imported asyncio (only the Docker executor's bridge uses it, and still
+gets the real module), and it logs as before."""
 
 import json
 import subprocess
@@ -46,3 +46,23 @@ def test_structlog_async_methods_still_reach_asyncio():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "async.logged" in result.stdout and "n=1" in result.stdout
+
+
+def test_the_docker_bridge_still_gets_the_real_asyncio():
+    """The bridge (the one place that runs asyncio code) imports asyncio itself, after structlog's stand-in."""
+    code = ("import sys, trio, labrun.agent\n"
+            "from labrun.agent._asyncio_bridge import AsyncioBridge\n"
+            "async def sleep_and_answer():\n"
+            "    import asyncio\n"
+            "    await asyncio.sleep(0.01)\n"
+            "    return asyncio.get_running_loop().is_running()\n"
+            "async def main():\n"
+            "    bridge = AsyncioBridge()\n"
+            "    try:\n"
+            "        return await bridge.call(sleep_and_answer)\n"
+            "    finally:\n"
+            "        bridge.close()\n"
+            "print(trio.run(main), type(sys.modules['asyncio']).__name__)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "module"]
