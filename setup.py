@@ -16,6 +16,6 @@ for name, directory in ROOTS.items():
         packages.append(f"{name}.{sub}")
         package_dir[f"{name}.{sub}"] = f"{directory}/{sub.replace('.', '/')}"
 
-# `labrun` is a script, not an entry point (see bin/labrun); `labrund` stays pyproject's entry point.
+# `labrun` is a script, not an entry point (see clients/cli/labrun); `labrund` stays pyproject's entry point.
 setup(packages=packages, package_dir=package_dir, package_data={"labrun.protocol": ["PROTOCOL.md"]},
-      scripts=["bin/labrun"])
+      scripts=["clients/cli/labrun"])
