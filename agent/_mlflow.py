@@ -479,13 +479,16 @@ class MlflowMirror:
         parent = self.ledger.get(parent_id) if parent_id is not None else None
         experiment_id = parent.experiment_id if parent is not None and parent.experiment_id else \
             self._experiments.get(record.experiment) or self.pool.experiment_id(record.experiment)
-        pooled = self.pool.take(record.experiment, experiment_id, record.run_id)
-        if pooled is None:
-            return None
-        # A new MLflow run is RUNNING, its tags and params all to send: as for one created for it.
-        entry = Entry(record.run_id, mlflow_run_id=pooled.mlflow_run_id, experiment_id=pooled.experiment_id,
-                      artifact_uri=pooled.artifact_uri, status_sent="RUNNING")
-        self.ledger.put(entry)
+        # The claim and the run's entry in one write, in the batch the run's start waits for anyway (not two
+        # commits of their own on its way): a crash never leaves a run claimed that no entry names.
+        with self.store._transaction():
+            pooled = self.pool.take(record.experiment, experiment_id, record.run_id)
+            if pooled is None:
+                return None
+            # A new MLflow run is RUNNING, its tags and params all to send: as for one created for it.
+            entry = Entry(record.run_id, mlflow_run_id=pooled.mlflow_run_id, experiment_id=pooled.experiment_id,
+                          artifact_uri=pooled.artifact_uri, status_sent="RUNNING")
+            self.ledger.put(entry)
         self.pool_claimed += 1
         return entry
 
