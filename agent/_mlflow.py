@@ -27,7 +27,6 @@ delivery goes on with the rest.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 import json
 import random
@@ -65,11 +64,6 @@ ADOPT_WAIT_SECONDS = 5.0
 # ... and this long after that: a process exists once the run is Running, but its first command is still
 # being executed, and the requests (and the MLflow server's work on them) would compete with it.
 AFTER_START_SECONDS = 0.03
-# While a run is on its way to start (from taking a ready MLflow run, or finding none, to the above), the
-# mirror's requests wait, at most this long each: their work in the agent's one thread (and the MLflow
-# server's) would sit beside the start. The creation of the MLflow run a starting run waits for does not.
-QUIET_MAX_SECONDS = 0.5
-_FOR_A_START = contextvars.ContextVar("labrun_mlflow_for_a_start", default=False)
 
 
 @dataclass
@@ -115,9 +109,6 @@ class MlflowMirror:
         self._experiments: dict[str, str] = {}
         self._locks: dict[str, trio.Lock] = {}
         self.pool_claimed = 0   # runs that started on a ready MLflow run, since the agent started
-        self._starting: set[str] = set()   # runs on their way to start (see QUIET_MAX_SECONDS)
-        self._none_starting = trio.Event()
-        self._none_starting.set()
 
     # -- what clients see --------------------------------------------------------------
 
@@ -164,7 +155,7 @@ class MlflowMirror:
         try:
             async with httpx.AsyncClient(timeout=timeout, auth=self._auth()) as client, \
                     trio.open_nursery() as nursery:
-                self._rest = MlflowRest(client, self.tracking_uri, before=self._quiet)
+                self._rest = MlflowRest(client, self.tracking_uri)
                 self._nursery = nursery
                 if self.pool.size:
                     nursery.start_soon(self.pool.run, self._rest, self._experiment_id, self._adopt,
@@ -318,19 +309,14 @@ class MlflowMirror:
         """Once a run that wanted a ready MLflow run has started: the pool is refilled, and the run it took (if
         any) adopted, so that the run's own ``mlflow`` finds it restored (else delivery adopts it). Not before:
         that work would sit beside the run's start in the agent's one thread."""
-        try:
-            with trio.move_on_after(ADOPT_WAIT_SECONDS):
-                while True:
-                    wakeup = self.events.appended.current()
-                    record = self._record(run_id)
-                    if record is None or record.status not in (PREPARING, STARTING):
-                        break
-                    await wakeup.wait()
-            await trio.sleep(AFTER_START_SECONDS)
-        finally:
-            self._starting.discard(run_id)
-            if not self._starting:
-                self._none_starting.set()
+        with trio.move_on_after(ADOPT_WAIT_SECONDS):
+            while True:
+                wakeup = self.events.appended.current()
+                record = self._record(run_id)
+                if record is None or record.status not in (PREPARING, STARTING):
+                    break
+                await wakeup.wait()
+        await trio.sleep(AFTER_START_SECONDS)
         self.pool.wake()
         try:
             await self._adopt(run_id)
@@ -461,16 +447,12 @@ class MlflowMirror:
                 return None   # down or not started yet: the run starts now, and is mirrored later
             if entry is None and record.run_id not in self._locks:   # nothing under way for it: take a ready one
                 entry = self._claim(record)
-                if not self._starting:
-                    self._none_starting = trio.Event()
-                self._starting.add(record.run_id)
                 self._nursery.start_soon(self._after_start, record.run_id)
                 if entry is not None:
                     return self._env(entry)
             done = trio.Event()
 
             async def attempt():
-                _FOR_A_START.set(True)   # (this task's own context)
                 try:
                     await self._ensure(record)
                 except MlflowError as exc:
@@ -486,12 +468,6 @@ class MlflowMirror:
             if entry is None or entry.mlflow_run_id is None:
                 return None
         return self._env(entry)
-
-    async def _quiet(self) -> None:
-        """Before each request: wait while runs are on their way to start, unless this is what one waits for."""
-        if self._starting and not _FOR_A_START.get():
-            with trio.move_on_after(QUIET_MAX_SECONDS):
-                await self._none_starting.wait()
 
     def _env(self, entry: Entry) -> dict[str, str]:
         return {"MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_RUN_ID": entry.mlflow_run_id,

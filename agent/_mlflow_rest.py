@@ -33,16 +33,13 @@ class Refused(MlflowError):
 
 
 class MlflowRest:
-    def __init__(self, client, tracking_uri: str, before=None):   # an httpx.AsyncClient (imported only when mirroring)
+    def __init__(self, client, tracking_uri: str):   # an httpx.AsyncClient (imported only when mirroring)
         self.client = client
         self.base = tracking_uri.rstrip("/")
-        self.before = before   # awaited before each request (the mirror's: not beside a run's start)
 
     async def _request(self, method: str, url: str, **kwargs) -> dict:
         import httpx
 
-        if self.before is not None:
-            await self.before()
         try:
             response = await self.client.request(method, url, **kwargs)
         except (httpx.HTTPError, OSError) as exc:
