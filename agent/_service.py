@@ -18,7 +18,7 @@ import trio
 from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Conflict, Forbidden, NotFound, TooLarge, __version__
 from labrun.protocol._statuses import ACTIVE, QUEUED
 
-from . import _warnings
+from . import _ingest, _warnings
 from ._artifacts import LOGS, list_files, open_for_reading, write_file
 from ._events import EventFilter, EventLog
 from ._interactive import is_interactive
@@ -79,7 +79,8 @@ class Service:
         self.started = time.time()
         self._manifests: dict[str, dict] = {}
         self.handlers = {
-            "hello": self.hello, "submit": self.submit, "blob_put": self.blob_put, "get": self.get,
+            "hello": self.hello, "submit": self.submit, "blob_put": self.blob_put, "blob_fds": self.blob_fds,
+            "get": self.get,
             "list": self.list, "cancel": self.cancel, "wait": self.wait, "logs": self.logs, "status": self.status,
             "watch": self.watch, "log_metrics": self.log_metrics, "get_metrics": self.get_metrics,
             "set_labels": self.set_labels, "files": self.files, "download": self.download, "put_file": self.put_file,
@@ -162,7 +163,9 @@ class Service:
         limits = self.config.snapshot
         return {"agent_version": __version__, "protocol": PROTOCOL_VERSION, "uid": session.peer.uid,
                 "user": session.peer.user, "admin": session.peer.admin,
-                "snapshot": {"max_files": limits.max_files, "max_bytes": limits.max_bytes}}
+                "snapshot": {"max_files": limits.max_files, "max_bytes": limits.max_bytes},
+                # This agent takes contents as open files (blob_fds); older ones only as bytes (blob_put).
+                "blob_fds": True}
 
     async def blob_put(self, session: Session, args: dict) -> dict:
         """Contents for the store, whole or in chunks; each is checked against its hash before it is kept."""
@@ -194,6 +197,47 @@ class Service:
                 if stored:
                     content.record(session.peer.uid, stored)
         return {"blobs": results}
+
+    async def blob_fds(self, session: Session, args: dict) -> dict:
+        """Contents as open files passed with the request (``args["fds"]``, which the server closes afterwards):
+        each is copied into the store and hashed there; answers each one's hash and size, in order."""
+        content = session.content = self.supervisor.snapshots
+        fds = args["fds"]
+        async with session.upload_lock:
+            files = [(index, fd, _ingest.check(fd, index, content.max_bytes)) for index, fd in enumerate(fds)]
+            total = sum(st.st_size for _, _, st in files)
+            if session.unsubmitted_bytes + total > content.max_bytes:
+                raise TooLarge(f"blob_fds: more than this agent's snapshot limit of {content.max_bytes} bytes sent "
+                               "on this connection without a submit using them")
+            session.unsubmitted_bytes += total
+            made: list = []   # (index, temporary copy), removed unless it reached the store
+            digests: dict[int, str] = {}
+            try:
+                small = [f for f in files if f[2].st_size <= _ingest.SMALL]
+                if small:
+                    hashed = await trio.to_thread.run_sync(content.copy_small, small, made)
+                    digests.update(zip((index for index, _, _ in small), hashed))
+                for index, fd, st in files:
+                    if index not in digests:
+                        tmp_fd, path = content.temporary()
+                        made.append((index, path))
+                        try:
+                            digests[index] = await _ingest.copy_large(fd, st, tmp_fd)
+                        except _ingest.Changed:
+                            raise _ingest.changed(index) from None
+                        finally:
+                            os.close(tmp_fd)
+                copies = [(digests[index], path) for index, path in made]
+                ordered = [digests[index] for index, _, _ in files]
+                content.pin(ordered)
+                session.uploaded.extend(ordered)   # released with the connection
+                await trio.to_thread.run_sync(content.place, copies)
+                made.clear()
+                content.record(session.peer.uid, [(digests[index], st.st_size) for index, _, st in files])
+            finally:
+                for _, path in made:
+                    path.unlink(missing_ok=True)
+        return {"files": [{"hash": digests[index], "size": st.st_size} for index, _, st in files]}
 
     async def submit(self, session: Session, args: dict) -> dict:
         key = args["idempotency_key"]

@@ -29,6 +29,7 @@ from pathlib import Path
 from labrun.protocol import BadRequest, NotFound, TooLarge
 from labrun.protocol._manifest import tree_hash
 
+from . import _ingest
 from ._asuser import AsUserFailed, Credentials, as_user, needs_switch
 
 FICLONE = 0x40049409
@@ -234,6 +235,42 @@ class ContentStore:
             self.abort(uploads, digest)
         self._pins -= Counter(pinned)
         self._delete(self.store.cas_unreferenced(pinned + unfinished))
+
+
+    # -- contents from open files (blob_fds) ----------------------------------------------
+
+    def temporary(self) -> tuple[int, Path]:
+        """A new file of the agent's in ``tmp/``, open for reading and writing."""
+        path = self.tmp / f"fd.{os.urandom(8).hex()}"
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400), path
+
+    def copy_small(self, files: list[tuple[int, int, os.stat_result]], made: list[tuple[int, Path]]) -> list[str]:
+        """Copy small files ``(index, fd, stat)`` into ``tmp/`` (each ``(index, path)`` appended to ``made``);
+        their hashes.
+
+        Blocking: one worker thread for the whole batch.
+        """
+        digests = []
+        for index, fd, st in files:
+            tmp_fd, path = self.temporary()
+            made.append((index, path))
+            try:
+                digests.append(_ingest.copy_small(fd, st.st_size, tmp_fd))
+                _ingest.unchanged(fd, st)
+            except _ingest.Changed:
+                raise _ingest.changed(index) from None
+            finally:
+                os.close(tmp_fd)
+        return digests
+
+    def pin(self, digests: list[str]) -> None:
+        """Keep these contents from collection until ``end_session`` releases them (before they are placed)."""
+        self._pins.update(digests)
+
+    def place(self, copies: list[tuple[str, Path]]) -> None:
+        """Move copies, hashed and pinned, to their place in the store. Blocking."""
+        for digest, path in copies:
+            os.replace(path, self.blob_path(digest))
 
 
 # -- a run's copy ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ user's and 0700. A squatter gets nothing but a refusal that says why.
 
 from __future__ import annotations
 
+import array
 import errno
 import itertools
 import os
@@ -131,10 +132,15 @@ class AgentConnection:
     def __exit__(self, *exc):
         self.close()
 
-    def _send(self, op: str, args: dict) -> int:
+    def _send(self, op: str, args: dict, fds: list[int] = ()) -> int:
         id = next(self._ids)
+        data = pack_frame(request(id, op, args))
         try:
-            self._sock.sendall(pack_frame(request(id, op, args)))
+            if fds:
+                # The files travel with the frame's first bytes; the agent matches them to the frame.
+                sent = self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                data = data[sent:]
+            self._sock.sendall(data)
         except OSError as exc:
             raise AgentUnavailable(f"lost the connection to the agent at {self.path}: {exc}") from None
         return id
@@ -172,6 +178,12 @@ class AgentConnection:
         if op != "hello":
             self._refresh()
         id = self._send(op, args)
+        return self._reply_for(id)["result"]
+
+    def call_passing(self, op: str, fds: list[int], **args) -> object:
+        """``call``, passing the open files ``fds`` with the request (SCM_RIGHTS); they stay open here."""
+        self._refresh()
+        id = self._send(op, args, fds)
         return self._reply_for(id)["result"]
 
     def stream(self, op: str, *, timeout: float | None = None, **args) -> Iterator:
