@@ -36,8 +36,8 @@ class LimitsConfig:
     frame_timeout_seconds: float = 60.0
     reserved_fds: int = 128
     # Open files a client passes with its snapshot (blob_fds): held only until each is copied.
-    passed_fds_per_connection: int = 512
-    passed_fds_per_user: int = 2048
+    passed_fds_per_connection: int = 4096
+    passed_fds_per_user: int = 16384
     label_key_chars: int = LABEL_KEY_MAX
     label_value_chars: int = LABEL_VALUE_MAX
     labels_bytes_per_run: int = 256 * 1024
@@ -194,6 +194,12 @@ class Limits:
                               "yet copied, over all its connections (limits.passed_fds_per_user)",
                               details={"limit": "passed_fds_per_user"})
         self.fds_by_user[uid] += count
+
+    def passed_fds_per_request(self) -> int:
+        """How many open files one ``blob_fds`` may pass: the connection's limit, less where the agent's own
+        open-file limit is low (a quarter of what it does not keep for itself)."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return max(1, min(self.config.passed_fds_per_connection, (soft - self.config.reserved_fds) // 4))
 
     def release_fds(self, uid: int, count: int) -> None:
         _add(self.fds_by_user, uid, -count)

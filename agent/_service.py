@@ -16,6 +16,7 @@ import msgpack
 import trio
 
 from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Conflict, Forbidden, NotFound, TooLarge, __version__
+from labrun.protocol._constants import MAX_FDS_PER_MESSAGE
 from labrun.protocol._statuses import ACTIVE, QUEUED
 
 from . import _ingest, _warnings
@@ -164,8 +165,8 @@ class Service:
         return {"agent_version": __version__, "protocol": PROTOCOL_VERSION, "uid": session.peer.uid,
                 "user": session.peer.user, "admin": session.peer.admin,
                 "snapshot": {"max_files": limits.max_files, "max_bytes": limits.max_bytes},
-                # This agent takes contents as open files (blob_fds); older ones only as bytes (blob_put).
-                "blob_fds": True}
+                # How many open files one blob_fds may pass (older agents take contents only as bytes, blob_put).
+                "blob_fds": self.limits.passed_fds_per_request() if self.limits is not None else MAX_FDS_PER_MESSAGE}
 
     async def blob_put(self, session: Session, args: dict) -> dict:
         """Contents for the store, whole or in chunks; each is checked against its hash before it is kept."""

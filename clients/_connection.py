@@ -20,6 +20,7 @@ import socket
 import struct
 from collections.abc import Iterator
 
+from labrun.protocol._constants import MAX_FDS_PER_MESSAGE
 from labrun.protocol._errors import AgentError, ProtocolError
 from labrun.protocol._framing import FrameDecoder, pack_frame
 from labrun.protocol._messages import request
@@ -136,10 +137,12 @@ class AgentConnection:
         id = next(self._ids)
         data = pack_frame(request(id, op, args))
         try:
-            if fds:
-                # The files travel with the frame's first bytes; the agent matches them to the frame.
-                sent = self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-                data = data[sent:]
+            # The files travel with the frame's first bytes, as many with each byte as one message may carry; the
+            # agent gives them to the frame they came with.
+            for start in range(0, len(fds), MAX_FDS_PER_MESSAGE):
+                chunk = array.array("i", fds[start:start + MAX_FDS_PER_MESSAGE])
+                self._sock.sendmsg([data[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, chunk)])
+                data = data[1:]
             self._sock.sendall(data)
         except OSError as exc:
             raise AgentUnavailable(f"lost the connection to the agent at {self.path}: {exc}") from None
@@ -181,7 +184,10 @@ class AgentConnection:
         return self._reply_for(id)["result"]
 
     def call_passing(self, op: str, fds: list[int], **args) -> object:
-        """``call``, passing the open files ``fds`` with the request (SCM_RIGHTS); they stay open here."""
+        """``call``, passing the open files ``fds`` with the request (SCM_RIGHTS); they stay open here.
+
+        The frame must have a byte for each ``MAX_FDS_PER_MESSAGE`` of them (so up to a few thousand).
+        """
         self._refresh()
         id = self._send(op, args, fds)
         return self._reply_for(id)["result"]

@@ -31,6 +31,8 @@ GIT_DIR = ".git"
 MAX_COUNTED_FILES = 100_000
 # One blob_put carries up to this much content (the frame limit is 16 MiB); bigger files go in chunks.
 UPLOAD_CHUNK = 8 * 1024 * 1024
+# Open files one blob_fds passes, at most: a blob_fds frame has a byte for each MAX_FDS_PER_MESSAGE of them.
+PASS_BATCH = 16 * MAX_FDS_PER_MESSAGE
 _IN_PLACE_HINT = ("; exclude files with a .labrunignore (or .amlignore/.gitignore) file, or run in the source "
                   "directory itself: `labrun run --in-place`, or ScriptRunConfig(..., snapshot=False)")
 
@@ -172,10 +174,12 @@ def pass_files(connection, paths: list[str]):
     Raises:
         SnapshotException: a file vanished or changed while it was being passed.
     """
-    for start in range(0, len(paths), MAX_FDS_PER_MESSAGE):
+    # One request for them all where the agent allows it: each request waits for the agent's commit.
+    batch = max(1, min(connection.agent["blob_fds"], PASS_BATCH))
+    for start in range(0, len(paths), batch):
         opened: list[tuple[int, int, os.stat_result]] = []
         try:
-            for i in range(start, min(start + MAX_FDS_PER_MESSAGE, len(paths))):
+            for i in range(start, min(start + batch, len(paths))):
                 try:
                     # Non-blocking: should the file have become a FIFO since the walk, opening it does not hang.
                     fd = os.open(paths[i], os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
