@@ -11,7 +11,11 @@ the file meanwhile can make the copy torn, which its size and mtime before and a
 (and which is then refused), but never make a stored content differ from its hash. Large files
 are copied in the kernel (``copy_file_range``), a chunk ahead of the hashing of the last one.
 
-Blocking functions, but for ``copy_large``, which runs them in worker threads.
+Small files are read whole into memory, hashed and written straight to their place in the
+store: they are pinned first, so no collection can remove them meanwhile, and created there with
+``O_EXCL``, so what another writer put there is replaced whole (by rename), never rewritten.
+
+Blocking functions, but for ``ingest`` and ``copy_large``, which run them in worker threads.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from labrun.protocol import BadRequest, TooLarge
 
 # Up to this size a content is read into memory, hashed and written: one pass and no mapping.
 SMALL = 1 << 20
+# Small contents are read into memory at most this much at a time, then written.
+SMALL_GROUP = 32 << 20
 # Large contents are copied and hashed in chunks of this size, the copy of one overlapping the hash of the last.
 CHUNK = 16 << 20
 # copy_file_range cannot copy between these two files: read and write instead.
@@ -66,15 +72,35 @@ def check(fd: int, index: int, max_bytes: int) -> os.stat_result:
     return st
 
 
-def copy_small(src: int, size: int, dst: int) -> str:
-    """Read ``size`` bytes of ``src`` into memory, write them to ``dst``; the SHA-256 of those bytes."""
-    data = os.pread(src, size + 1, 0)   # one more: a file that grew is noticed here
-    if len(data) != size:
-        raise Changed
-    view = memoryview(data)
-    while view:
-        view = view[os.write(dst, view):]
-    return hashlib.sha256(data).hexdigest()
+def read_small(files: list[tuple[int, int, os.stat_result]]) -> list[tuple[str, bytes]]:
+    """``(hash, content)`` of small files ``(index, fd, stat)``, read whole into the agent's memory. Blocking.
+
+    Raises:
+        BadRequest: a file changed while it was read.
+    """
+    read = []
+    for index, fd, st in files:
+        data = os.pread(fd, st.st_size + 1, 0)   # one more: a file that grew is noticed here
+        try:
+            if len(data) != st.st_size:
+                raise Changed
+            unchanged(fd, st)
+        except Changed:
+            raise changed(index) from None
+        read.append((hashlib.sha256(data).hexdigest(), data))
+    return read
+
+
+def groups(files: list[tuple[int, int, os.stat_result]]) -> list[list]:
+    """Small files in groups of at most ``SMALL_GROUP`` bytes: what is read into memory before it is written."""
+    grouped, size = [[]], 0
+    for file in files:
+        if size + file[2].st_size > SMALL_GROUP and grouped[-1]:
+            grouped.append([])
+            size = 0
+        grouped[-1].append(file)
+        size += file[2].st_size
+    return grouped if grouped[0] else []
 
 
 def copy_range(src: int, dst: int, offset: int, count: int) -> None:
@@ -140,3 +166,36 @@ async def copy_large(src: int, st: os.stat_result, dst: int) -> str:
         raise Changed   # longer than it was
     unchanged(src, st)
     return hasher.hexdigest()
+
+
+async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: list[str]) -> dict[int, str]:
+    """Store the contents of checked files ``(index, fd, stat)`` in ``content``; the hash of each, by index.
+
+    Each hash is pinned (and added to ``pinned``, for the connection to release) before its content is placed.
+    """
+    digests = {}
+    for group in groups([file for file in files if file[2].st_size <= SMALL]):
+        read = await trio.to_thread.run_sync(read_small, group)
+        hashes = [digest for digest, _ in read]
+        content.pin(hashes)
+        pinned.extend(hashes)
+        await trio.to_thread.run_sync(content.write_small, read)
+        digests.update(zip((index for index, _, _ in group), hashes))
+    for index, fd, st in files:
+        if st.st_size <= SMALL:
+            continue
+        tmp_fd, path = content.temporary()
+        try:
+            try:
+                digest = await copy_large(fd, st, tmp_fd)
+            finally:
+                os.close(tmp_fd)
+            content.pin([digest])
+            pinned.append(digest)
+            await trio.to_thread.run_sync(content.place, [(digest, path)])
+        except Changed:
+            raise changed(index) from None
+        finally:
+            path.unlink(missing_ok=True)   # (gone already once placed)
+        digests[index] = digest
+    return digests

@@ -43,6 +43,9 @@ HANDSHAKE_TIMEOUT = 10.0
 # Ops that change nothing and describe the agent: answered without waiting for a pending commit, so that on a
 # full state disk, when a batch waits for space, ``labrun status`` still shows the fault.
 ANSWERED_AT_ONCE = frozenset({"hello", "status"})
+# Ops whose reply promises nothing that a crash before the commit could take back: ``blob_fds`` answers hashes
+# (true whatever happens to the store); the submit that uses them waits for the same commit before its reply.
+NEEDS_NO_COMMIT = frozenset({"blob_fds"})
 RECEIVE_SIZE = 256 * 1024
 # Room for the most descriptors one message can pass; more would be cut off (MSG_CTRUNC) and refused.
 FD_ANCILLARY = stdsocket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
@@ -409,7 +412,7 @@ class ConnectionHandler:
                 await send(stream_end(request.id))
             else:
                 await send(reply_ok(request.id, await handler(session, request.args)),
-                           durable=request.op not in ANSWERED_AT_ONCE)
+                           durable=request.op not in ANSWERED_AT_ONCE and request.op not in NEEDS_NO_COMMIT)
         except AgentError as exc:
             await send(reply_error(request.id, exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError):

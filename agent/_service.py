@@ -211,33 +211,8 @@ class Service:
                 raise TooLarge(f"blob_fds: more than this agent's snapshot limit of {content.max_bytes} bytes sent "
                                "on this connection without a submit using them")
             session.unsubmitted_bytes += total
-            made: list = []   # (index, temporary copy), removed unless it reached the store
-            digests: dict[int, str] = {}
-            try:
-                small = [f for f in files if f[2].st_size <= _ingest.SMALL]
-                if small:
-                    hashed = await trio.to_thread.run_sync(content.copy_small, small, made)
-                    digests.update(zip((index for index, _, _ in small), hashed))
-                for index, fd, st in files:
-                    if index not in digests:
-                        tmp_fd, path = content.temporary()
-                        made.append((index, path))
-                        try:
-                            digests[index] = await _ingest.copy_large(fd, st, tmp_fd)
-                        except _ingest.Changed:
-                            raise _ingest.changed(index) from None
-                        finally:
-                            os.close(tmp_fd)
-                copies = [(digests[index], path) for index, path in made]
-                ordered = [digests[index] for index, _, _ in files]
-                content.pin(ordered)
-                session.uploaded.extend(ordered)   # released with the connection
-                await trio.to_thread.run_sync(content.place, copies)
-                made.clear()
-                content.record(session.peer.uid, [(digests[index], st.st_size) for index, _, st in files])
-            finally:
-                for _, path in made:
-                    path.unlink(missing_ok=True)
+            digests = await _ingest.ingest(content, files, session.uploaded)   # pinned until the connection closes
+            content.record(session.peer.uid, [(digests[index], st.st_size) for index, _, st in files])
         return {"files": [{"hash": digests[index], "size": st.st_size} for index, _, st in files]}
 
     async def submit(self, session: Session, args: dict) -> dict:

@@ -244,24 +244,35 @@ class ContentStore:
         path = self.tmp / f"fd.{os.urandom(8).hex()}"
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400), path
 
-    def copy_small(self, files: list[tuple[int, int, os.stat_result]], made: list[tuple[int, Path]]) -> list[str]:
-        """Copy small files ``(index, fd, stat)`` into ``tmp/`` (each ``(index, path)`` appended to ``made``);
-        their hashes.
+    def write_small(self, contents: list[tuple[str, bytes]]) -> None:
+        """Write hashed, pinned contents to their place in the store. Blocking.
 
-        Blocking: one worker thread for the whole batch.
+        Created there at once (no rename): nothing reads a content before the database has it, which is after
+        this returns. A file already there (stored, being written by another connection, or half-written
+        before a crash) is replaced whole by rename, never rewritten in place under a reader.
         """
-        digests = []
-        for index, fd, st in files:
-            tmp_fd, path = self.temporary()
-            made.append((index, path))
+        for digest, data in contents:
             try:
-                digests.append(_ingest.copy_small(fd, st.st_size, tmp_fd))
-                _ingest.unchanged(fd, st)
-            except _ingest.Changed:
-                raise _ingest.changed(index) from None
+                fd = os.open(self.blob_path(digest), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o400)
+            except FileExistsError:
+                fd, path = self.temporary()
+                try:
+                    try:
+                        _write_all(fd, data)
+                    finally:
+                        os.close(fd)
+                    self.place([(digest, path)])
+                except BaseException:
+                    path.unlink(missing_ok=True)
+                    raise
+                continue
+            try:
+                # On a failed write (a full disk) the part written stays: the database does not know it, and the
+                # next writer of this content replaces it. Removing it could remove that writer's whole copy.
+                _write_all(fd, data)
             finally:
-                os.close(tmp_fd)
-        return digests
+                os.close(fd)
 
     def pin(self, digests: list[str]) -> None:
         """Keep these contents from collection until ``end_session`` releases them (before they are placed)."""
@@ -271,6 +282,12 @@ class ContentStore:
         """Move copies, hashed and pinned, to their place in the store. Blocking."""
         for digest, path in copies:
             os.replace(path, self.blob_path(digest))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 # -- a run's copy ----------------------------------------------------------------------------
