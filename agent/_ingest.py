@@ -156,10 +156,13 @@ async def copy_large(src: int, st: os.stat_result, dst: int) -> str:
     with mmap.mmap(dst, st.st_size, prot=mmap.PROT_READ) as mapped:
         last = None
         for offset, count in chunks(st.st_size):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, copy_range, src, dst, offset, count)
-                if last is not None:
-                    nursery.start_soon(trio.to_thread.run_sync, hash_range, hasher, mapped, *last)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.to_thread.run_sync, copy_range, src, dst, offset, count)
+                    if last is not None:
+                        nursery.start_soon(trio.to_thread.run_sync, hash_range, hasher, mapped, *last)
+            except BaseExceptionGroup as group:
+                raise _first(group) from None   # (the other thread, if it failed too, failed for the same cause)
             last = offset, count
         await trio.to_thread.run_sync(hash_range, hasher, mapped, *last)
     if os.pread(src, 1, st.st_size):
@@ -199,3 +202,10 @@ async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: 
             path.unlink(missing_ok=True)   # (gone already once placed)
         digests[index] = digest
     return digests
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    leaf = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
