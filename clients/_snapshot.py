@@ -167,9 +167,11 @@ def build_manifest(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
 def pass_files(connection, paths: list[str]):
     """Pass files to the agent open (``blob_fds``), which copies them into its store and hashes them.
 
-    Yields ``(index in paths, {"hash", "size"}, stat)`` for each file passed; ``stat`` is the file's as the agent
-    found it, or None when it changed meanwhile (then not to be cached). Files this user cannot read, or no longer
-    regular files, are skipped, as by the walk.
+    Yields ``(index in paths, {"hash", "size"}, stat)`` for each file passed; ``stat`` is the file's when it was
+    opened, or None when the agent found another size (then not to be cached). The agent refuses a file that
+    changes while it copies it; one that changed between the opening and the copy has a new mtime, so its cache
+    entry, keyed by the old one, is never used. Files this user cannot read, or no longer regular files, are
+    skipped, as by the walk.
 
     Raises:
         SnapshotException: a file vanished or changed while it was being passed.
@@ -200,11 +202,8 @@ def pass_files(connection, paths: list[str]):
                     raise
                 raise SnapshotException(f"{paths[opened[index][0]]} changed while it was being submitted; "
                                         "submit again") from None
-            for (i, fd, before), got in zip(opened, stored):
-                after = os.fstat(fd)
-                same = (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns) == \
-                    (got["size"], after.st_mtime_ns)
-                yield i, got, after if same else None
+            for (i, _, st), got in zip(opened, stored):
+                yield i, got, st if got["size"] == st.st_size else None
         finally:
             for _, fd, _ in opened:
                 os.close(fd)

@@ -305,6 +305,9 @@ def test_snapshots_are_made_as_the_user_and_in_place_is_checked_as_the_user(agen
     # root already stored this content: nobody must still upload it (a hash alone never grants a content).
     root_run = Experiment(agent.workspace(), "cas").submit(ScriptRunConfig(str(shared_source), command=["true"]))
     root_run.wait_for_completion()
+    # A file nobody may not read: nobody's client cannot open it, so the agent never gets it (nor reads it as root).
+    (shared_source / "secret.txt").write_bytes(b"root only")
+    (shared_source / "secret.txt").chmod(0o600)
     code = ("import os\nfrom labrun import Workspace, Experiment, ScriptRunConfig\n"
             f"os.environ['XDG_CACHE_HOME'] = {str(cache)!r}\n"
             "ws = Workspace()\nops = []\ncall, passing = ws.connection.call, ws.connection.call_passing\n"
@@ -320,6 +323,8 @@ def test_snapshots_are_made_as_the_user_and_in_place_is_checked_as_the_user(agen
     assert ops == "blob_fds,submit"   # passed open by nobody, read by the root agent from nobody's descriptor
     owner = f"{nobody.pw_uid}:{nobody.pw_gid}"
     assert log.split() == [f"{owner}:644", f"{owner}:755"]
+    assert not (agent.state_dir / "runs" / run_id / "snapshot" / "secret.txt").exists()
+    assert sha(b"root only") not in objects(agent)
     assert list(cache.glob("labrun/hashes/*.msgpack")), "nobody's hash cache is written"
 
     # In place, the user must be able to enter the directory: checked with their rights, not root's.
