@@ -26,6 +26,7 @@ import hashlib
 import mmap
 import os
 import stat as stats
+from functools import partial
 
 import trio
 
@@ -146,7 +147,7 @@ def chunks(size: int) -> list[tuple[int, int]]:
     return [(offset, min(CHUNK, size - offset)) for offset in range(0, size, CHUNK)]
 
 
-async def copy_large(src: int, st: os.stat_result, dst: int) -> str:
+async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.CapacityLimiter | None = None) -> str:
     """Copy ``src`` (of ``st``) to ``dst``, a file open for reading and writing; the SHA-256 of the copy.
 
     Two worker threads: the kernel copies chunk n+1 while chunk n of the copy is hashed.
@@ -158,31 +159,37 @@ async def copy_large(src: int, st: os.stat_result, dst: int) -> str:
         for offset, count in chunks(st.st_size):
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(trio.to_thread.run_sync, copy_range, src, dst, offset, count)
+                    nursery.start_soon(partial(trio.to_thread.run_sync, copy_range, src, dst, offset, count,
+                                               limiter=limiter))
                     if last is not None:
-                        nursery.start_soon(trio.to_thread.run_sync, hash_range, hasher, mapped, *last)
+                        nursery.start_soon(partial(trio.to_thread.run_sync, hash_range, hasher, mapped, *last,
+                                                   limiter=limiter))
             except BaseExceptionGroup as group:
                 raise _first(group) from None   # (the other thread, if it failed too, failed for the same cause)
             last = offset, count
-        await trio.to_thread.run_sync(hash_range, hasher, mapped, *last)
+        await trio.to_thread.run_sync(hash_range, hasher, mapped, *last, limiter=limiter)
     if os.pread(src, 1, st.st_size):
         raise Changed   # longer than it was
     unchanged(src, st)
     return hasher.hexdigest()
 
 
-async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: list[str]) -> dict[int, str]:
+async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: list[str],
+                 placed: list[tuple[str, int]], limiter: trio.CapacityLimiter) -> dict[int, str]:
     """Store the contents of checked files ``(index, fd, stat)`` in ``content``; the hash of each, by index.
 
-    Each hash is pinned (and added to ``pinned``, for the connection to release) before its content is placed.
+    Each hash is pinned (and added to ``pinned``, for the connection to release) before its content is placed;
+    ``placed`` gets ``(hash, size)`` of each content once it is in the store, to be recorded even if a later one
+    fails. Worker threads are taken from ``limiter``: a file whose reads never return (a user's FUSE mount) holds
+    its user's threads, no one else's.
     """
     digests = {}
     for group in groups([file for file in files if file[2].st_size <= SMALL]):
-        read = await trio.to_thread.run_sync(read_small, group)
+        read = await trio.to_thread.run_sync(read_small, group, limiter=limiter)
         hashes = [digest for digest, _ in read]
         content.pin(hashes)
         pinned.extend(hashes)
-        await trio.to_thread.run_sync(content.write_small, read)
+        await trio.to_thread.run_sync(content.write_small, read, placed, limiter=limiter)
         digests.update(zip((index for index, _, _ in group), hashes))
     for index, fd, st in files:
         if st.st_size <= SMALL:
@@ -190,12 +197,13 @@ async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: 
         tmp_fd, path = content.temporary()
         try:
             try:
-                digest = await copy_large(fd, st, tmp_fd)
+                digest = await copy_large(fd, st, tmp_fd, limiter)
             finally:
                 os.close(tmp_fd)
             content.pin([digest])
             pinned.append(digest)
-            await trio.to_thread.run_sync(content.place, [(digest, path)])
+            await trio.to_thread.run_sync(content.place, [(digest, path)], limiter=limiter)
+            placed.append((digest, st.st_size))
         except Changed:
             raise changed(index) from None
         finally:

@@ -39,6 +39,8 @@ THREAD_BYTES = 1024 * 1024
 # A list reply is one frame: pages keep it well under the frame limit. Clients follow ``before``.
 LIST_PAGE = 1000
 ENV_PAGE = 200   # environments or experiments in one page
+# Worker threads that copy the files one user passed (blob_fds): one large file's copy and hash at once.
+INGEST_THREADS = 2
 # Snapshot manifests kept by run id for downloads of their files (a restore downloads each file in turn).
 MANIFESTS_KEPT = 4
 
@@ -79,6 +81,7 @@ class Service:
         self.hub = hub
         self.started = time.time()
         self._manifests: dict[str, dict] = {}
+        self._ingest_threads: dict[int, trio.CapacityLimiter] = {}   # per user: the worker threads copying files
         self.handlers = {
             "hello": self.hello, "submit": self.submit, "blob_put": self.blob_put, "blob_fds": self.blob_fds,
             "get": self.get,
@@ -211,8 +214,14 @@ class Service:
                 raise TooLarge(f"blob_fds: more than this agent's snapshot limit of {content.max_bytes} bytes sent "
                                "on this connection without a submit using them")
             session.unsubmitted_bytes += total
-            digests = await _ingest.ingest(content, files, session.uploaded)   # pinned until the connection closes
-            content.record(session.peer.uid, [(digests[index], st.st_size) for index, _, st in files])
+            placed: list[tuple[str, int]] = []
+            limiter = self._ingest_threads.setdefault(session.peer.uid, trio.CapacityLimiter(INGEST_THREADS))
+            try:
+                # Pinned until the connection closes; recorded, even if a later file fails, so that it is collected.
+                digests = await _ingest.ingest(content, files, session.uploaded, placed, limiter)
+            finally:
+                if placed:
+                    content.record(session.peer.uid, placed)
         return {"files": [{"hash": digests[index], "size": st.st_size} for index, _, st in files]}
 
     async def submit(self, session: Session, args: dict) -> dict:

@@ -244,8 +244,9 @@ class ContentStore:
         path = self.tmp / f"fd.{os.urandom(8).hex()}"
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400), path
 
-    def write_small(self, contents: list[tuple[str, bytes]]) -> None:
-        """Write hashed, pinned contents to their place in the store. Blocking.
+    def write_small(self, contents: list[tuple[str, bytes]], placed: list[tuple[str, int]]) -> None:
+        """Write hashed, pinned contents to their place in the store, adding ``(hash, size)`` of each to ``placed``.
+        Blocking.
 
         Created there at once (no rename): nothing reads a content before the database has it, which is after
         this returns. A file already there (stored, being written by another connection, or half-written
@@ -266,13 +267,14 @@ class ContentStore:
                 except BaseException:
                     path.unlink(missing_ok=True)
                     raise
-                continue
-            try:
-                # On a failed write (a full disk) the part written stays: the database does not know it, and the
-                # next writer of this content replaces it. Removing it could remove that writer's whole copy.
-                _write_all(fd, data)
-            finally:
-                os.close(fd)
+            else:
+                try:
+                    # On a failed write (a full disk) the part written stays: the database does not know it, and the
+                    # next writer of this content replaces it. Removing it could remove that writer's whole copy.
+                    _write_all(fd, data)
+                finally:
+                    os.close(fd)
+            placed.append((digest, len(data)))
 
     def pin(self, digests: list[str]) -> None:
         """Keep these contents from collection until ``end_session`` releases them (before they are placed)."""

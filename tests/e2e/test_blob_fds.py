@@ -257,3 +257,23 @@ def test_blob_fds_is_refused_before_hello_and_its_files_closed(agent, tmp_path):
     finally:
         sock.close()
         os.close(fd)
+
+
+def test_contents_stored_before_a_later_file_failed_are_collected_with_the_connection(agent, tmp_path):
+    # 32 files of 1 MiB fill the first group the agent reads into memory and stores; the second group's one file
+    # reads shorter than its size (a /sys attribute), as a file that shrank, and fails the request.
+    fds = []
+    try:
+        for i in range(32):
+            (tmp_path / f"f{i}").write_bytes(os.urandom(SMALL_LIMIT))
+            fds.append(os.open(tmp_path / f"f{i}", os.O_RDONLY))
+        fds.append(os.open("/sys/devices/system/cpu/online", os.O_RDONLY))
+        with AgentConnection(agent.socket) as connection:
+            with pytest.raises(BadRequest, match="file 32 changed while it was being copied"):
+                connection.call_passing("blob_fds", fds, count=len(fds))
+            assert len(objects(agent)) == 32   # stored, and pinned while the connection lasts
+        wait_until(lambda: objects(agent) == set(), what="the contents no submit used to be collected")
+        released(agent, *fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
