@@ -139,29 +139,35 @@ def build_manifest(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
         if rel.startswith(own):
             continue
         entry = [rel, st.st_size, st.st_mode & 0o777, cache.cached(rel, st)]
+        manifest.append(entry)
         if entry[3] is None:
-            if connection is not None:
-                unknown.append((entry, path))
-                manifest.append(entry)
-                continue
-            if not os.access(path, os.R_OK):
-                continue   # unreadable: skipped, as Azure ML does
+            unknown.append((entry, path, st))
+        else:
+            paths.setdefault(entry[3], path)
+    if unknown and connection is not None:
+        try:
+            for i, stored, st in pass_files(connection, [path for _, path, _ in unknown]):
+                entry, path, _ = unknown[i]
+                entry[1], entry[3] = stored["size"], stored["hash"]
+                paths.setdefault(entry[3], path)
+                if st is not None:
+                    cache.learn(entry[0], st, entry[3])
+            unknown = []
+        except FilesNotPassed:
+            pass   # hashed here, and uploaded as bytes
+    for entry, path, st in unknown:
+        if entry[3] is None and os.access(path, os.R_OK):   # unreadable: skipped, as Azure ML does
             try:
-                entry[3] = cache.digest(rel, path, st)
+                entry[3] = cache.digest(entry[0], path, st)
             except OSError as exc:
                 raise SnapshotException(f"cannot read {path}: {exc.strerror or exc}") from None
-        manifest.append(entry)
-        paths.setdefault(entry[3], path)
-    if unknown:
-        for i, stored, st in pass_files(connection, [path for _, path in unknown]):
-            entry, path = unknown[i]
-            entry[1], entry[3] = stored["size"], stored["hash"]
             paths.setdefault(entry[3], path)
-            if st is not None:
-                cache.learn(entry[0], st, entry[3])
-        manifest = [entry for entry in manifest if entry[3] is not None]   # less what could not be read
     cache.save()
-    return manifest, paths
+    return [entry for entry in manifest if entry[3] is not None], paths   # less what could not be read
+
+
+class FilesNotPassed(Exception):
+    """The agent got none of the open files passed to it: something between (a proxy) forwards bytes only."""
 
 
 def pass_files(connection, paths: list[str]):
@@ -197,6 +203,9 @@ def pass_files(connection, paths: list[str]):
             try:
                 stored = connection.call_passing("blob_fds", [fd for _, fd, _ in opened], count=len(opened))["files"]
             except BadRequest as exc:
+                if exc.details.get("field") == "args.count":
+                    connection.agent["blob_fds"] = 0   # not on this connection: bytes from now on
+                    raise FilesNotPassed from None
                 index = exc.details.get("index")
                 if exc.details.get("reason") != "changed" or index is None or index >= len(opened):
                     raise
@@ -273,10 +282,13 @@ def upload(connection, blobs: list[tuple[str, str, int]]) -> None:
     """Send contents to the agent: as open files where it takes them; else small ones several to a request,
     large ones in chunks."""
     if connection.agent.get("blob_fds"):
-        for i, stored, _ in pass_files(connection, [path for _, path, _ in blobs]):
-            if stored["hash"] != blobs[i][0]:
-                raise SnapshotException(f"{blobs[i][1]} changed while it was being submitted; submit again")
-        return
+        try:
+            for i, stored, _ in pass_files(connection, [path for _, path, _ in blobs]):
+                if stored["hash"] != blobs[i][0]:
+                    raise SnapshotException(f"{blobs[i][1]} changed while it was being submitted; submit again")
+            return
+        except FilesNotPassed:
+            pass
     batch, batch_bytes = [], 0
 
     def flush():
