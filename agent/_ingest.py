@@ -189,7 +189,14 @@ async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: 
         hashes = [digest for digest, _ in read]
         content.pin(hashes)
         pinned.extend(hashes)
-        await trio.to_thread.run_sync(content.write_small, read, placed, limiter=limiter)
+        # Creating files is most of the cost: two threads create them at once (in different directories, mostly).
+        try:
+            async with trio.open_nursery() as nursery:
+                for half in (read[::2], read[1::2]):
+                    nursery.start_soon(partial(trio.to_thread.run_sync, content.write_small, half, placed,
+                                               limiter=limiter))
+        except BaseExceptionGroup as group:
+            raise _first(group) from None
         digests.update(zip((index for index, _, _ in group), hashes))
     for index, fd, st in files:
         if st.st_size <= SMALL:
