@@ -1,11 +1,11 @@
-"""Contents a client hands over as open files (``blob_fds``): checked, copied into the store's ``tmp/`` and hashed.
+"""Contents a client hands over as open files (``blob_fds``): checked, copied into the content store and hashed.
 
 The client opened each file itself, with its own rights, and passed the descriptor over the
 socket (SCM_RIGHTS); the agent never opens a user's path. A descriptor is taken only if it is
 open for reading and is a regular file (not a directory, FIFO, device or socket) within the
 snapshot limit, by ``fstat`` of the descriptor: a size the client declares is never trusted.
 
-Each content is copied first, into a root-owned temporary file, and the hash is taken of that
+Each content is copied first, into a temporary file of the agent's, and the hash is taken of that
 copy (or, for a small file, of the agent's own buffer that is then written): a user rewriting
 the file meanwhile can make the copy torn, which its size and mtime before and after reveal
 (and which is then refused), but never make a stored content differ from its hash. Large files

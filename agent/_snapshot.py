@@ -8,7 +8,9 @@ each distinct manifest (a *tree*) and which run uses which tree.
 
 A submit names its files by hash. What the submitting user does not hold is answered as
 ``not_found`` with ``details.missing``; the client uploads exactly those (``blob_put``), each
-checked against its hash before it enters the store, and submits again. The run's
+checked against its hash before it enters the store, and submits again. A client may instead
+pass files open (``blob_fds``): the agent copies them in and answers their hashes (``_ingest``).
+The run's
 ``snapshot/`` directory is made when it starts (``materialize``): by reflink where the
 filesystem can, by copy otherwise, never by hard link, so a run writing into its snapshot
 cannot change the store. References are released with the run (``release_snapshot``), and a
@@ -235,7 +237,6 @@ class ContentStore:
             self.abort(uploads, digest)
         self._pins -= Counter(pinned)
         self._delete(self.store.cas_unreferenced(pinned + unfinished))
-
 
     # -- contents from open files (blob_fds) ----------------------------------------------
 
