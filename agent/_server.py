@@ -28,7 +28,7 @@ from labrun.protocol import (
     Unavailable, pack_frame, parse_request, reply_error, reply_ok, request_id, stream_end, stream_item,
 )
 
-from labrun.protocol._constants import MAX_FDS_PER_MESSAGE
+from labrun.protocol._framing import MAX_FDS_PER_MESSAGE
 from labrun.protocol._paths import tmp_fallback_dir
 
 from ._artifacts import os_error_reply

@@ -16,7 +16,7 @@ import msgpack
 import trio
 
 from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Conflict, Forbidden, NotFound, TooLarge, __version__
-from labrun.protocol._constants import MAX_FDS_PER_MESSAGE
+from labrun.protocol._framing import MAX_FDS_PER_MESSAGE
 from labrun.protocol._statuses import ACTIVE, QUEUED
 
 from . import _ingest, _warnings

@@ -20,7 +20,7 @@ import socket
 import struct
 from collections.abc import Iterator
 
-from labrun.protocol._constants import MAX_FDS_PER_MESSAGE
+from labrun.protocol._framing import MAX_FDS_PER_MESSAGE
 from labrun.protocol._errors import AgentError, ProtocolError
 from labrun.protocol._framing import FrameDecoder, pack_frame
 from labrun.protocol._messages import request

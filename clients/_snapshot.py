@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import stat as stats
 
-from labrun.protocol._constants import MAX_FDS_PER_MESSAGE
+from labrun.protocol._framing import MAX_FDS_PER_MESSAGE
 from labrun.protocol._errors import BadRequest, NotFound
 
 from ._hashcache import HashCache, cache_dir
