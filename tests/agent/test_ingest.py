@@ -4,6 +4,7 @@ and the copying functions on real files that change between the agent's check an
 import array
 import hashlib
 import os
+import resource
 import socket
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from labrun.agent import _ingest
 from labrun.agent._limits import Limits, LimitsConfig
 from labrun.agent._server import passed_fds
-from labrun.protocol import BadRequest, Unavailable
+from labrun.protocol import BadRequest, TooLarge, Unavailable
 
 
 class Stat:
@@ -58,8 +59,6 @@ def test_descriptors_held_are_bounded_per_connection_and_per_user():
 
 def test_the_request_size_follows_a_low_open_file_limit():
     limits = Limits(LimitsConfig(passed_fds_per_connection=1_000_000, reserved_fds=128))
-    import resource
-
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     assert limits.passed_fds_per_request() == max(1, (soft - 128) // 4)
 
@@ -125,8 +124,6 @@ async def test_a_large_file_is_hashed_from_the_copy_and_a_change_is_refused(open
 
 def test_the_check_takes_the_size_of_the_file_not_of_a_claim(opened):
     _, fd = opened(b"x" * 2000)
-    from labrun.protocol import TooLarge
-
     with pytest.raises(TooLarge, match="file 5 has 2000 bytes"):
         _ingest.check(fd, 5, 1999)
     assert _ingest.check(fd, 5, 2000).st_size == 2000
