@@ -175,28 +175,31 @@ async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.Capac
 
 
 async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: list[str],
-                 placed: list[tuple[str, int]], limiter: trio.CapacityLimiter) -> dict[int, str]:
+                 placed: list[tuple[str, int]], limiter: trio.CapacityLimiter, memory: trio.Lock) -> dict[int, str]:
     """Store the contents of checked files ``(index, fd, stat)`` in ``content``; the hash of each, by index.
 
     Each hash is pinned (and added to ``pinned``, for the connection to release) before its content is placed;
     ``placed`` gets ``(hash, size)`` of each content once it is in the store, to be recorded even if a later one
     fails. Worker threads are taken from ``limiter``: a file whose reads never return (a user's FUSE mount) holds
-    its user's threads, no one else's.
+    its user's threads, no one else's. ``memory`` (the user's) is held while a group of small files is in memory,
+    so that a user's requests on many connections hold one group's worth at a time.
     """
     digests = {}
     for group in groups([file for file in files if file[2].st_size <= SMALL]):
-        read = await trio.to_thread.run_sync(read_small, group, limiter=limiter)
-        hashes = [digest for digest, _ in read]
-        content.pin(hashes)
-        pinned.extend(hashes)
-        # Creating files is most of the cost: two threads create them at once (in different directories, mostly).
-        try:
-            async with trio.open_nursery() as nursery:
-                for half in (read[::2], read[1::2]):
-                    nursery.start_soon(partial(trio.to_thread.run_sync, content.write_small, half, placed,
-                                               limiter=limiter))
-        except BaseExceptionGroup as group:
-            raise _first(group) from None
+        async with memory:
+            read = await trio.to_thread.run_sync(read_small, group, limiter=limiter)
+            hashes = [digest for digest, _ in read]
+            content.pin(hashes)
+            pinned.extend(hashes)
+            # Creating files is most of the cost: two threads create them at once (mostly in different directories).
+            try:
+                async with trio.open_nursery() as nursery:
+                    for half in (read[::2], read[1::2]):
+                        nursery.start_soon(partial(trio.to_thread.run_sync, content.write_small, half, placed,
+                                                   limiter=limiter))
+            except BaseExceptionGroup as group:
+                raise _first(group) from None
+            del read
         digests.update(zip((index for index, _, _ in group), hashes))
     for index, fd, st in files:
         if st.st_size <= SMALL:

@@ -81,7 +81,8 @@ class Service:
         self.hub = hub
         self.started = time.time()
         self._manifests: dict[str, dict] = {}
-        self._ingest_threads: dict[int, trio.CapacityLimiter] = {}   # per user: the worker threads copying files
+        # Per user: the worker threads that copy the files it passes, and the right to hold some in memory.
+        self._ingest_slots: dict[int, tuple[trio.CapacityLimiter, trio.Lock]] = {}
         self.handlers = {
             "hello": self.hello, "submit": self.submit, "blob_put": self.blob_put, "blob_fds": self.blob_fds,
             "get": self.get,
@@ -215,10 +216,11 @@ class Service:
                                "on this connection without a submit using them")
             session.unsubmitted_bytes += total
             placed: list[tuple[str, int]] = []
-            limiter = self._ingest_threads.setdefault(session.peer.uid, trio.CapacityLimiter(INGEST_THREADS))
+            threads, memory = self._ingest_slots.setdefault(session.peer.uid,
+                                                            (trio.CapacityLimiter(INGEST_THREADS), trio.Lock()))
             try:
                 # Pinned until the connection closes; recorded, even if a later file fails, so that it is collected.
-                digests = await _ingest.ingest(content, files, session.uploaded, placed, limiter)
+                digests = await _ingest.ingest(content, files, session.uploaded, placed, threads, memory)
             finally:
                 if placed:
                     content.record(session.peer.uid, placed)
