@@ -11,18 +11,20 @@ user's and 0700. A squatter gets nothing but a refusal that says why.
 
 from __future__ import annotations
 
-import array
 import errno
 import itertools
 import os
 import select
-import socket
 import struct
 from collections.abc import Iterator
 
-from labrun.protocol._framing import MAX_FDS_PER_MESSAGE
+# The C socket type itself. The socket module's class adds only what a connection never uses (makefile, dup,
+# enum-valued family and type), and importing it (with enum and selectors) cost each CLI command about 3 ms.
+from _socket import AF_UNIX, SCM_RIGHTS, SO_PEERCRED, SOCK_STREAM, SOL_SOCKET
+from _socket import socket as _Socket
+
 from labrun.protocol._errors import AgentError, ProtocolError
-from labrun.protocol._framing import FrameDecoder, pack_frame
+from labrun.protocol._framing import MAX_FDS_PER_MESSAGE, FrameDecoder, pack_frame
 from labrun.protocol._messages import request
 from labrun.protocol._paths import SYSTEM_SOCKET, private_dir_problem, tmp_fallback_dir
 from labrun.protocol._version import PROTOCOL_VERSION
@@ -42,9 +44,9 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _check_server(path: str, sock: socket.socket) -> None:
+def _check_server(path: str, sock: _Socket) -> None:
     """Refuse a server that is neither root nor this user (nor root, for the system socket)."""
-    _pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    _pid, uid, _gid = _UCRED.unpack(sock.getsockopt(SOL_SOCKET, SO_PEERCRED, _UCRED.size))
     if path == SYSTEM_SOCKET:
         if uid != 0:
             raise AgentUntrusted(f"refusing the agent at {path}: it runs as {_user_name(uid)}, and the system "
@@ -86,7 +88,7 @@ class AgentConnection:
             problem = private_dir_problem(tmp_fallback_dir(), os.getuid())
             if problem:
                 raise AgentUntrusted(f"refusing the agent socket {self.path}: {problem}")
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock = _Socket(AF_UNIX, SOCK_STREAM)
         try:
             self._sock.connect(self.path)
             _check_server(self.path, self._sock)
@@ -140,8 +142,8 @@ class AgentConnection:
             # The files travel with the frame's first bytes, as many with each byte as one message may carry; the
             # agent gives them to the frame they came with.
             for start in range(0, len(fds), MAX_FDS_PER_MESSAGE):
-                chunk = array.array("i", fds[start:start + MAX_FDS_PER_MESSAGE])
-                self._sock.sendmsg([data[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, chunk)])
+                chunk = fds[start:start + MAX_FDS_PER_MESSAGE]
+                self._sock.sendmsg([data[:1]], [(SOL_SOCKET, SCM_RIGHTS, struct.pack(f"{len(chunk)}i", *chunk))])
                 data = data[1:]
             self._sock.sendall(data)
         except OSError as exc:
