@@ -384,12 +384,14 @@ def run(plan: dict, status: int, join: list[str], start_time: int | None) -> int
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)
-        reserve_exit(plan["exit_path"])
         shim.start()
     except (StartError, OSError) as exc:
         _report(status, {"error": str(exc), "errno": exc.errno})
         return 127
     _report(status, {"pids": shim.pids, "shim": os.getpid(), "start_time": start_time})
+    # After the report: a file creation less on the way to the run's start; the room is still taken
+    # before the shim waits for the run, and its record can only be written after that wait.
+    reserve_exit(plan["exit_path"])
     shim.supervise()
     shim.sweep()
     write_exit(plan["exit_path"], shim.result())
