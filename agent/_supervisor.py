@@ -586,7 +586,7 @@ class Supervisor:
         executor = self.executors.get(kind_for(spec, self._target(spec)))
         return executor is not None and executor.capabilities.arrays
 
-    def _decide(self):
+    def _decide(self, explain: bool = True):
         now = time.time()
         pending, limits, previous, self._pendings = [], {}, self._pendings, {}
         for r in self.queued.values():
@@ -597,7 +597,11 @@ class Supervisor:
             pending.append(p)
         active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by, self._array_of(a.record.spec))
                   for a in self.active.values()]
-        decision = schedule(pending, active, self.capacity, now, limits)
+        decision = schedule(pending, active, self.capacity, now, limits, explain=explain)
+        if not decision.explained:
+            # A full machine after this pass's starts: why the others wait is worked out when someone looks.
+            self._waiting_stale = True
+            return decision, now
         for run_id, (reason, position) in decision.waiting.items():
             record = self.queued[run_id]
             record.waiting = {"reason": "draining" if self.draining else reason, "position": position}
@@ -619,7 +623,7 @@ class Supervisor:
             # reasons are worked out when someone looks at the queue.
             self._waiting_stale = True
             return
-        decision, now = self._decide()
+        decision, now = self._decide(explain=False)
         together: dict[str, list[_ActiveRun]] = defaultdict(list)   # array id -> members started as one job
         for start in decision.starts:
             record = self.queued.pop(start.run_id)
