@@ -372,6 +372,18 @@ class LocalExecutor(Executor):
     @staticmethod
     async def _hand_plan(shim: _Waiting, plan: bytes) -> bool:
         """Write the plan and close the pipe; False if the shim is gone."""
+        os.set_blocking(shim.plan, False)
+        try:
+            # A plan fits in the empty pipe's buffer: written at once, with no stream to set up.
+            plan = plan[os.write(shim.plan, plan):]
+        except BlockingIOError:
+            pass
+        except BrokenPipeError:
+            return False
+        if not plan:
+            os.close(shim.plan)
+            shim.plan = None
+            return True
         async with trio.lowlevel.FdStream(shim.plan) as stream:
             shim.plan = None
             try:
