@@ -16,4 +16,6 @@ for name, directory in ROOTS.items():
         packages.append(f"{name}.{sub}")
         package_dir[f"{name}.{sub}"] = f"{directory}/{sub.replace('.', '/')}"
 
-setup(packages=packages, package_dir=package_dir, package_data={"labrun.protocol": ["PROTOCOL.md"]})
+# `labrun` is a script, not an entry point (see clients/cli/labrun); `labrund` stays pyproject's entry point.
+setup(packages=packages, package_dir=package_dir, package_data={"labrun.protocol": ["PROTOCOL.md"]},
+      scripts=["clients/cli/labrun"])

@@ -7,6 +7,7 @@ active runs, asking the pure scheduler (``_scheduler``) what starts; executors
 everything in SQLite.
 """
 
+from . import _logging  # noqa: F401  (first: it imports structlog without asyncio)
 from ._config import AgentConfig as AgentConfig, ConfigError as ConfigError, load_config as load_config
 from ._main import main as main, run_agent as run_agent
 

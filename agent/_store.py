@@ -342,6 +342,8 @@ class Store:
         self._db.execute("CREATE TABLE IF NOT EXISTS space_reserve (data BLOB)")
         self._db.execute("INSERT INTO space_reserve VALUES (zeroblob(?))", (nbytes - free,))
         self._db.execute("DELETE FROM space_reserve")
+        # Those pages went through SQLite's page cache (up to 2 MiB), where nothing will read them again.
+        self._db.execute("PRAGMA shrink_memory")
 
     def close(self) -> None:
         try:

@@ -15,9 +15,13 @@ import errno
 import itertools
 import os
 import select
-import socket
 import struct
 from collections.abc import Iterator
+
+# The C socket type itself. The socket module's class adds only what a connection never uses (makefile, dup,
+# enum-valued family and type), and importing it (with enum and selectors) cost each CLI command about 3 ms.
+from _socket import AF_UNIX, SO_PEERCRED, SOCK_STREAM, SOL_SOCKET
+from _socket import socket as _Socket
 
 from labrun.protocol._errors import AgentError, ProtocolError
 from labrun.protocol._framing import FrameDecoder, pack_frame
@@ -40,9 +44,9 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _check_server(path: str, sock: socket.socket) -> None:
+def _check_server(path: str, sock: _Socket) -> None:
     """Refuse a server that is neither root nor this user (nor root, for the system socket)."""
-    _pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    _pid, uid, _gid = _UCRED.unpack(sock.getsockopt(SOL_SOCKET, SO_PEERCRED, _UCRED.size))
     if path == SYSTEM_SOCKET:
         if uid != 0:
             raise AgentUntrusted(f"refusing the agent at {path}: it runs as {_user_name(uid)}, and the system "
@@ -84,7 +88,7 @@ class AgentConnection:
             problem = private_dir_problem(tmp_fallback_dir(), os.getuid())
             if problem:
                 raise AgentUntrusted(f"refusing the agent socket {self.path}: {problem}")
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock = _Socket(AF_UNIX, SOCK_STREAM)
         try:
             self._sock.connect(self.path)
             _check_server(self.path, self._sock)

@@ -11,8 +11,6 @@ or replaced: an untouched default means "the client's interpreter", nothing to b
 
 from __future__ import annotations
 
-import copy
-
 from ._conda_dependencies import CondaDependencies
 from ._runconfig import _ConfigElement
 from .exceptions import NotFound, UserErrorException
@@ -122,6 +120,8 @@ class Environment(_ConfigElement):
         return env
 
     def clone(self, new_name) -> "Environment":
+        import copy
+
         env = copy.deepcopy(self)
         object.__setattr__(env, "name", new_name)
         object.__setattr__(env, "version", None)

@@ -142,11 +142,11 @@ class ScriptRunConfig:
         return None
 
     def _resume_wire(self) -> dict | None:
-        from ._datapath import DataPath
-
         resume = self._resume_from
         if resume is None:
             return None
+        from ._datapath import DataPath
+
         if isinstance(resume, (str, os.PathLike)):
             resume = DataPath(resume)
         if not isinstance(resume, DataPath):

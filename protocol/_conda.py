@@ -8,10 +8,10 @@ comments and blank lines. Anything else raises ``ValueError`` naming the line.
 
 from __future__ import annotations
 
-import re
-
 _SECTIONS = ("name", "channels", "dependencies", "variables", "prefix")
-_PYTHON_RE = re.compile(r"^python\s*(?:[=<>!~]=?\s*)?([0-9][0-9.*]*)?\s*$")
+# ``re`` is imported where text is read: a client that only builds a default ``CondaDependencies`` (every
+# ``ScriptRunConfig``, and so every CLI submit) never needs it.
+_PYTHON_PATTERN = r"^python\s*(?:[=<>!~]=?\s*)?([0-9][0-9.*]*)?\s*$"
 
 
 def _scalar(text: str) -> str:
@@ -22,6 +22,8 @@ def _scalar(text: str) -> str:
 
 
 def _strip_comment(line: str) -> str:
+    import re
+
     # A '#' starts a comment only at the start or after a space (conda's "pkg=1.0=py#build" keeps it).
     match = re.search(r"(^|\s)#", line)
     return line[:match.start()].rstrip() if match else line.rstrip()
@@ -110,6 +112,8 @@ def dump(spec: dict) -> str:
 
 def _package_name(requirement: str) -> str:
     """The package name of a conda or pip requirement (``numpy=1.21``, ``scikit-learn>=1``, ``conda-forge::x``)."""
+    import re
+
     name = requirement.split("::")[-1]
     return re.split(r"[\s=<>!~\[;@]", name, maxsplit=1)[0].strip().lower()
 
@@ -119,8 +123,10 @@ package_name = _package_name
 
 def python_version(spec: dict) -> str | None:
     """The Python version a spec pins (``"3.8"`` from ``python=3.8.13``), or None."""
+    import re
+
     for package in spec["conda"]:
-        match = _PYTHON_RE.match(package.strip())
+        match = re.match(_PYTHON_PATTERN, package.strip())
         if match and match.group(1):
             return ".".join(match.group(1).replace("*", "").strip(".").split(".")[:2])
     return None
@@ -128,6 +134,8 @@ def python_version(spec: dict) -> str | None:
 
 def conda_to_pip(requirement: str) -> str:
     """A conda requirement as pip would read it: ``numpy=1.21`` -> ``numpy==1.21.*``, ``x==1`` kept."""
+    import re
+
     requirement = requirement.split("::")[-1].strip()
     match = re.match(r"^([A-Za-z0-9_.\-]+)\s*=\s*([^=<>!~\s]+)(?:=\S+)?$", requirement)
     if match:   # conda's single '=' is a version prefix; a third part is a build string pip has no use for

@@ -1,12 +1,14 @@
-"""Human units shared by the CLI, the client and the agent's config: memory sizes and durations."""
+"""Human units shared by the CLI, the client and the agent's config: memory sizes and durations.
+
+``re`` is imported by the functions that parse: the CLI formats sizes on paths that never parse one, and
+importing ``re`` (with ``enum``) costs a command a few milliseconds. ``re`` keeps the compiled patterns.
+"""
 
 from __future__ import annotations
 
-import re
-
 _MEMORY_SUFFIX = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_MEMORY_PATTERN = r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$"
+_DURATION_PATTERN = r"(\d+(?:\.\d+)?)([dhms])"
 _DURATION_UNIT = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 
@@ -18,7 +20,9 @@ def parse_memory(value: str | int) -> int:
         if value < 0:
             raise ValueError(f"memory must not be negative, got {value}")
         return value
-    match = _MEMORY_RE.match(str(value))
+    import re
+
+    match = re.match(_MEMORY_PATTERN, str(value))
     if not match:
         raise ValueError(f"memory must be a size like '512M' or '4G', got {value!r}")
     number, suffix = match.groups()
@@ -32,11 +36,13 @@ def parse_duration(value: str | int | float) -> int:
     if isinstance(value, (int, float)):
         seconds = value
     else:
+        import re
+
         text = str(value).strip().lower()
         if re.fullmatch(r"\d+(?:\.\d+)?", text):
             seconds = float(text)
-        elif text and _DURATION_RE.sub("", text) == "":
-            seconds = sum(float(n) * _DURATION_UNIT[u] for n, u in _DURATION_RE.findall(text))
+        elif text and re.sub(_DURATION_PATTERN, "", text) == "":
+            seconds = sum(float(n) * _DURATION_UNIT[u] for n, u in re.findall(_DURATION_PATTERN, text))
         else:
             raise ValueError(f"duration must be seconds or like '1h30m', got {value!r}")
     seconds = int(seconds)
@@ -55,7 +61,7 @@ def format_memory(size: int | None) -> str:
     return f"{size}B"
 
 
-_ARRAY_PART_RE = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
+_ARRAY_PART_PATTERN = r"^(\d+)(?:-(\d+)(?::(\d+))?)?$"
 
 
 def parse_array(value: str, max_size: int = 10_000) -> tuple[list[int], int]:
@@ -63,6 +69,8 @@ def parse_array(value: str, max_size: int = 10_000) -> tuple[list[int], int]:
 
     Throttle 0 means no limit. Indices are sorted and distinct.
     """
+    import re
+
     text, _, throttle_text = str(value).strip().partition("%")
     throttle = 0
     if throttle_text:
@@ -71,7 +79,7 @@ def parse_array(value: str, max_size: int = 10_000) -> tuple[list[int], int]:
         throttle = int(throttle_text)
     indices: set[int] = set()
     for part in text.split(","):
-        match = _ARRAY_PART_RE.match(part.strip())
+        match = re.match(_ARRAY_PART_PATTERN, part.strip())
         if not match:
             raise ValueError(f"array: {part.strip()!r} is not an index, a range like 1-20, or a stepped range "
                              "like 0-15:4")

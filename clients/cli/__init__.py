@@ -14,15 +14,14 @@ Output: ``--json`` prints one JSON document (an object, or an array for lists);
 
 from __future__ import annotations
 
-import argparse
 import os
-import signal
 import sys
 
-from labrun.protocol import TERMINAL, AgentError, parse_array, parse_duration, parse_memory
+from labrun.protocol import TERMINAL, AgentError
 
 from ..exceptions import AzureMLException
-from . import _format
+from . import _args, _format
+from ._args import REMAINDER
 
 DEFAULT_EXPERIMENT = "default"
 EXIT_LABRUN = 125        # labrun or the agent failed, or the agent refused
@@ -190,6 +189,8 @@ def cmd_run(args) -> int:
     try:
         _follow(workspace, run_id, out)
     except KeyboardInterrupt:
+        import signal
+
         # Ctrl-C cancels the run; a second Ctrl-C stops waiting for it to end.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         print(f"\nlabrun: canceling {run_id}", file=sys.stderr)
@@ -428,6 +429,8 @@ def cmd_status(args) -> int:
 
 def cmd_agent_drain(args) -> int:
     """``labrun agent drain [--no-wait] [--timeout D]``: stop starting runs, and wait for the active ones."""
+    import argparse
+
     parser = argparse.ArgumentParser(prog="labrun agent drain",
                                      description="Start no more runs (queued runs stay queued); wait until none is "
                                                  "active. Undo with: labrun agent resume")
@@ -504,43 +507,32 @@ def cmd_agent(args) -> int:
 
 # -- parser ------------------------------------------------------------------------------
 
-def _duration(value: str) -> int:
+def _parsed(parse, value: str):
+    """``parse(value)``, its ValueError told as argparse's bad-value error."""
     try:
-        return parse_duration(value)
+        return parse(value)
     except ValueError as exc:
+        import argparse
+
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(value: str) -> int:
+    from labrun.protocol import parse_duration
+
+    return _parsed(parse_duration, value)
 
 
 def _array(value: str) -> tuple[list[int], int]:
-    try:
-        return parse_array(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    from labrun.protocol import parse_array
+
+    return _parsed(parse_array, value)
 
 
 def _memory(value: str) -> int:
-    try:
-        return parse_memory(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    from labrun.protocol import parse_memory
 
-
-class _Formatter(argparse.HelpFormatter):
-    """argparse's, with the terminal's width found without importing shutil (argparse makes a formatter for
-    every argument it adds, and shutil, with what it imports, costs a submit more than the rest of argparse's
-    set-up)."""
-
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
-        if width is None:
-            try:
-                width = int(os.environ["COLUMNS"])
-            except (KeyError, ValueError):
-                try:
-                    width = os.get_terminal_size(sys.__stdout__.fileno()).columns
-                except (AttributeError, ValueError, OSError):
-                    width = 80
-            width -= 2
-        super().__init__(prog, indent_increment, max_help_position, width)
+    return _parsed(parse_memory, value)
 
 
 class _Skipped:
@@ -562,12 +554,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     Building all thirteen subcommands' parsers takes longer than the rest of a submit's start-up, so
     ``main`` builds only the one it runs; ``--help``, errors and completion get them all.
     """
+    import argparse
+
+    from ._help import Formatter
+
+    parser = argparse.ArgumentParser(prog="labrun", description="Submit and watch runs on this machine's labrun agent.",
+                                     formatter_class=Formatter)
+    _define(parser, only)
+    return parser
+
+
+def _define(parser, only: str | None) -> None:
+    """Add the top level's arguments and the subcommands' (with ``only``, that one's alone) to ``parser``: an
+    argparse parser, or the fast path's recorder (``_args``)."""
     from labrun.protocol import __version__
 
     from . import _cleanup
 
-    parser = argparse.ArgumentParser(prog="labrun", description="Submit and watch runs on this machine's labrun agent.",
-                                     formatter_class=_Formatter)
     parser.built = only is None
     parser.add_argument("--version", action="version", version=f"labrun {__version__}")
     parser.add_argument("--socket", help="the agent's socket (default: $LABRUN_SOCKET, the system agent, "
@@ -578,7 +581,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     def add_parser(name, **kwargs):
         if only is None or name == only:
             parser.built = True
-            return commands.add_parser(name, formatter_class=_Formatter, **kwargs)
+            return commands.add_parser(name, formatter_class=parser.formatter_class, **kwargs)
         return _Skipped()
 
     def submitting(name, func, help):
@@ -609,7 +612,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("-d", "--dependency", metavar="afterok:RUN[:RUN],afterany:RUN",
                        help="Slurm's spelling of --afterok and --after")
         p.add_argument("--json", action="store_true", help="print the run as one JSON object")
-        p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+        p.add_argument("command", nargs=REMAINDER, help="-- CMD [ARGS...]")
         p.set_defaults(func=func)
         return p
 
@@ -702,7 +705,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = add_parser("agent", help="run the agent in the foreground (same options as labrund); "
                                  "'agent drain [--no-wait]' and 'agent resume' for maintenance",
                    prefix_chars="+", add_help=False)
-    p.add_argument("agent_args", nargs=argparse.REMAINDER)
+    p.add_argument("agent_args", nargs=REMAINDER)
     p.set_defaults(func=cmd_agent)
 
     p = add_parser("completion", help="print the shell completion script: eval \"$(labrun completion bash)\"")
@@ -711,9 +714,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     # Hidden (no help): what the completion scripts call with the words typed so far.
     p = add_parser("__complete")
-    p.add_argument("words", nargs=argparse.REMAINDER)
+    p.add_argument("words", nargs=REMAINDER)
     p.set_defaults(func=cmd_complete)
-    return parser
 
 
 def _json_options(parser: argparse.ArgumentParser, json_shape: str, jsonl_shape: str) -> None:
@@ -733,12 +735,21 @@ def _command_word(argv: list[str]) -> str | None:
     return None
 
 
+def _parse_args(argv: list[str]):
+    """The command line's arguments: by the fast path where it can read them, else by argparse (which also
+    prints help and usage errors, and exits)."""
+    args = _args.parse(argv, _define)
+    if args is None:
+        parser = build_parser(_command_word(argv))
+        if not parser.built:   # not a subcommand: the full parser says so, with the choices
+            parser = build_parser()
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(_command_word(argv))
-    if not parser.built:   # not a subcommand: the full parser says so, with the choices
-        parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse_args(argv)
     if getattr(args, "command", None) and args.command[0] == "--":
         args.command = args.command[1:]
     if getattr(args, "agent_args", None) and args.agent_args[0] == "--":
@@ -746,7 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UsageError as exc:
-        parser.exit(2, f"labrun: {exc}\n")
+        sys.stderr.write(f"labrun: {exc}\n")   # as argparse's parser.exit(2, message)
+        sys.exit(2)
     except (AgentError, AzureMLException) as exc:
         message = exc.message if isinstance(exc, AgentError) else str(exc)
         print(f"labrun: {_format.escape(message)}", file=sys.stderr)
@@ -754,5 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader went away (| head): exit as a shell reports a process that SIGPIPE ended, and keep
         # Python's final flush of stdout from failing again.
+        import signal
+
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
