@@ -175,7 +175,8 @@ class ReadyCopies:
     async def _make(self, key: tuple, entries: list[tuple]) -> None:
         creds, _ = key
         size = sum(e[1] for e in entries)
-        if self.failing() or size > self.max_total_bytes:
+        # Wanted again while it was being made (a run came meanwhile and made its own): it is there now.
+        if key in self._copies or self.failing() or size > self.max_total_bytes:
             return
         # Room first: the oldest copies go.
         while self._copies and (len(self._copies) >= self.max_copies or self._total + size > self.max_total_bytes):

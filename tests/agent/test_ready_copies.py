@@ -201,3 +201,11 @@ async def test_a_copy_that_cannot_be_moved_is_dropped_and_the_run_makes_its_own(
         assert not ready.take(ME, tree, target)
         assert os.listdir(ready.root) == [] and (ME, tree) not in ready
         nursery.cancel_scope.cancel()
+
+
+async def test_a_tree_wanted_again_while_its_copy_is_made_gets_one_copy(tmp_path, content):
+    tree, entries = stored(content, {"a.txt": b"alpha"})
+    ready = ready_copies(tmp_path, content)
+    await ready._make((ME, tree), entries)
+    await ready._make((ME, tree), entries)   # the want of a run that started while the first was made
+    assert (ME, tree) in ready and len(os.listdir(ready.root)) == 1
