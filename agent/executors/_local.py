@@ -5,8 +5,10 @@
   should it die) fork the shim into them, in a session of its own. With cgroups, the next
   run's shim is forked ahead into a spare group, which is renamed to the run's when the run
   comes: joining a cgroup waits for an RCU grace period of the kernel (about 10 ms), and a run
-  then does not wait for it. Given its plan, the shim pins itself to the run's cores (the run
-  inherits them), joins the cgroups it is not in yet, drops to the run's user, starts the
+  then does not wait for it. An ended run's empty group is renamed to be the next spare's, where it
+  carries nothing that run would inherit (``RunCgroups.reusable``). Given its plan, the shim pins
+  itself to the run's cores (the run inherits them), joins the cgroups it is not in yet, drops to
+  the run's user, starts the
   ranks, reports their pids, and from then on owns the run: its logs, its ranks, the memory
   watchdog, killing all of it, and its exit status, written atomically to
   ``RunDir.exit_status``.

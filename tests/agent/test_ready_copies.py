@@ -1,7 +1,6 @@
 """Ready copies of repeated trees: made as the user from the store, taken only by the same user and tree,
 bounded, and never left behind."""
 
-import hashlib
 import os
 import stat
 
@@ -11,24 +10,13 @@ import trio
 from labrun.agent._asuser import Credentials, acting_as, make_private_dir
 from labrun.agent._ready import ReadyCopies
 from labrun.agent._snapshot import ContentStore
-from labrun.agent._store import Store
 from labrun.protocol._manifest import tree_hash
+from tests.agent.test_snapshot_store import content, sha  # noqa: F401 (a fixture)
 
 ME = Credentials(os.getuid(), os.getgid())
 # Another user: root makes copies with that user's rights (no entry in /etc/passwd is needed for that).
 OTHER = Credentials(65534, 65534) if os.geteuid() == 0 else ME
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def content(tmp_path):
-    store = Store(tmp_path / "state.db")
-    yield ContentStore(tmp_path / "cas", store, max_files=100, max_bytes=1 << 20)
-    store.close()
 
 
 def stored(content: ContentStore, files: dict[str, bytes]) -> tuple[str, list[tuple]]:
