@@ -20,6 +20,7 @@ whatever a killed agent left (a copy half made, say) is removed at the next star
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import os
@@ -112,8 +113,11 @@ class ReadyCopies:
             finally:
                 os.close(root_fd)
         except OSError as exc:
-            # A run directory on another filesystem (a cluster's), or a snapshot/ an earlier agent left there.
+            # A snapshot/ an earlier agent left there, or run directories on another filesystem (``runs/``
+            # mounted apart from the state directory): then no copy is made again.
             log.info("ready.take.failed", error=str(exc))
+            if exc.errno == errno.EXDEV:
+                self.max_copies = 0
             if not moved:
                 remove_tree(self.root, copy.name)
         return moved
@@ -122,7 +126,8 @@ class ReadyCopies:
         """The run of ``tree`` for ``creds`` has its snapshot: prepare the next one if the tree is a repeated
         one (made once ``go`` is called, so that the copy does not compete with this run's start)."""
         key = (creds, tree)
-        if not entries or len(entries) > self.max_files or key in self._copies or key in self._wanted:
+        if not entries or len(entries) > self.max_files or not self.max_copies or key in self._copies \
+                or key in self._wanted:
             return
         if sum(e[1] for e in entries) > self.max_bytes:
             return
