@@ -35,6 +35,9 @@ class LimitsConfig:
     idle_timeout_seconds: float = 900.0
     frame_timeout_seconds: float = 60.0
     reserved_fds: int = 128
+    # Open files a client passes with its snapshot (blob_fds): held only until each is copied.
+    passed_fds_per_connection: int = 4096
+    passed_fds_per_user: int = 16384
     label_key_chars: int = LABEL_KEY_MAX
     label_value_chars: int = LABEL_VALUE_MAX
     labels_bytes_per_run: int = 256 * 1024
@@ -125,6 +128,7 @@ class Limits:
         self.buffered_by_user: Counter[int] = Counter()
         self.connections_by_user: Counter[int] = Counter()
         self.requests_by_user: Counter[int] = Counter()
+        self.fds_by_user: Counter[int] = Counter()
 
     # -- connections -------------------------------------------------------------------
 
@@ -172,6 +176,33 @@ class Limits:
 
     def end_request(self, uid: int) -> None:
         _add(self.requests_by_user, uid, -1)
+
+    # -- descriptors passed by clients -------------------------------------------------
+
+    def hold_fds(self, uid: int, held_here: int, count: int) -> None:
+        """Count ``count`` more descriptors passed by ``uid``, whose connection already holds ``held_here``.
+
+        Raises:
+            Unavailable: past ``passed_fds_per_connection`` or ``passed_fds_per_user``.
+        """
+        if held_here + count > self.config.passed_fds_per_connection:
+            raise Unavailable(f"more than {self.config.passed_fds_per_connection} open files passed on this "
+                              "connection and not yet copied (limits.passed_fds_per_connection); wait for replies "
+                              "before sending more", details={"limit": "passed_fds_per_connection"})
+        if self.fds_by_user[uid] + count > self.config.passed_fds_per_user:
+            raise Unavailable(f"more than {self.config.passed_fds_per_user} open files passed by uid {uid} and not "
+                              "yet copied, over all its connections (limits.passed_fds_per_user)",
+                              details={"limit": "passed_fds_per_user"})
+        self.fds_by_user[uid] += count
+
+    def passed_fds_per_request(self) -> int:
+        """How many open files one ``blob_fds`` may pass: the connection's limit, less where the agent's own
+        open-file limit is low (a quarter of what it does not keep for itself)."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return max(1, min(self.config.passed_fds_per_connection, (soft - self.config.reserved_fds) // 4))
+
+    def release_fds(self, uid: int, count: int) -> None:
+        _add(self.fds_by_user, uid, -count)
 
     # -- buffered bytes ----------------------------------------------------------------
 

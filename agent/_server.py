@@ -13,6 +13,7 @@ handler error becomes an error reply, and a bug becomes ``internal`` plus a log 
 
 from __future__ import annotations
 
+import array
 import errno
 import grp
 import os
@@ -27,6 +28,7 @@ from labrun.protocol import (
     Unavailable, pack_frame, parse_request, reply_error, reply_ok, request_id, stream_end, stream_item,
 )
 
+from labrun.protocol._framing import MAX_FDS_PER_MESSAGE
 from labrun.protocol._paths import tmp_fallback_dir
 
 from ._artifacts import os_error_reply
@@ -41,7 +43,12 @@ HANDSHAKE_TIMEOUT = 10.0
 # Ops that change nothing and describe the agent: answered without waiting for a pending commit, so that on a
 # full state disk, when a batch waits for space, ``labrun status`` still shows the fault.
 ANSWERED_AT_ONCE = frozenset({"hello", "status"})
+# Ops whose reply promises nothing that a crash before the commit could take back: ``blob_fds`` answers hashes
+# (true whatever happens to the store); the submit that uses them waits for the same commit before its reply.
+NEEDS_NO_COMMIT = frozenset({"blob_fds"})
 RECEIVE_SIZE = 256 * 1024
+# Room for the most descriptors one message can pass; more would be cut off (MSG_CTRUNC) and refused.
+FD_ANCILLARY = stdsocket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 
 
 class AgentAlreadyRunning(Exception):
@@ -129,6 +136,65 @@ async def open_unix_listener(path: Path, *, system: bool, group: str | None) -> 
             os.chmod(path, 0o666)
     sock.listen(512)
     return trio.SocketListener(sock)
+
+
+def passed_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors in ``recvmsg``'s ancillary data (SCM_RIGHTS)."""
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == stdsocket.SOL_SOCKET and kind == stdsocket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+class PassedFds:
+    """The open files a client passed with its frames (SCM_RIGHTS): queued until the ``blob_fds`` frame they came
+    with claims them, counted against the limits while the agent holds them, and closed on every path."""
+
+    def __init__(self, limits: Limits, uid: int):
+        self.limits = limits
+        self.uid = uid
+        self.queued: list[int] = []
+        self.held = 0
+
+    def receive(self, fds: list[int]) -> None:
+        """Queue descriptors that just came in.
+
+        Raises:
+            Unavailable: past the limits on descriptors held (they are closed).
+        """
+        try:
+            self.limits.hold_fds(self.uid, self.held, len(fds))
+        except AgentError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self.queued += fds
+        self.held += len(fds)
+
+    def claim(self, count: int) -> list[int]:
+        """The next ``count`` queued descriptors, for the request they came with.
+
+        Raises:
+            BadRequest: fewer came (what did stays queued, to be closed as strays).
+        """
+        if count > len(self.queued):
+            raise BadRequest(f"blob_fds: count is {count}, but {len(self.queued)} open files came with the frame",
+                             details={"field": "args.count"})
+        claimed, self.queued = self.queued[:count], self.queued[count:]
+        return claimed
+
+    def close(self, fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+        self.held -= len(fds)
+        self.limits.release_fds(self.uid, len(fds))
+
+    def close_queued(self) -> int:
+        """Close what no request claimed; returns how many there were."""
+        strays, self.queued = self.queued, []
+        self.close(strays)
+        return len(strays)
 
 
 class _ConnectionState:
@@ -222,12 +288,13 @@ class ConnectionHandler:
             session = Session(peer=peer)
             decoder = FrameDecoder(self.config.max_frame_bytes)
             state = _ConnectionState(self.limits.config, trio.CancelScope())
+            passed = PassedFds(self.limits, uid)
             with structlog.contextvars.bound_contextvars(peer_uid=uid, peer_pid=pid):
                 try:
                     async with trio.open_nursery() as requests:
                         with state.scope:
                             state.rearm()
-                            await self._receive_loop(stream, decoder, session, send, requests, state)
+                            await self._receive_loop(stream, decoder, session, send, requests, state, passed)
                         if state.scope.cancelled_caught:
                             reason = state.reason()
                             log.info("connection.closed", reason=reason)
@@ -237,6 +304,7 @@ class ConnectionHandler:
                         requests.cancel_scope.cancel()
                 finally:
                     self.limits.buffer(uid, state.buffered, 0)
+                    passed.close_queued()   # (claimed ones were closed by their requests, all ended now)
                     session.discard_uploads()
                     # The client went away (a cancel here means the agent is stopping: its interactive runs
                     # are failed as agent_lost when it starts again).
@@ -245,10 +313,27 @@ class ConnectionHandler:
         finally:
             self.limits.release(uid)
 
-    async def _receive_loop(self, stream, decoder, session, send, requests, state: _ConnectionState) -> None:
+    async def _receive_loop(self, stream, decoder, session, send, requests, state: _ConnectionState,
+                            passed: PassedFds) -> None:
         uid = session.peer.uid
         while True:
-            data = await stream.receive_some(RECEIVE_SIZE)
+            # recvmsg, not recv: a recv would drop the open files a client passes with its blob_fds frames.
+            try:
+                data, ancillary, flags, _ = await stream.socket.recvmsg(RECEIVE_SIZE, FD_ANCILLARY,
+                                                                        stdsocket.MSG_CMSG_CLOEXEC)
+            except OSError:   # reset by the client
+                return
+            if ancillary:
+                try:
+                    passed.receive(passed_fds(ancillary))
+                except AgentError as exc:
+                    log.warning("connection.refused", limit=exc.details.get("limit"))
+                    await send(reply_error(None, exc))
+                    return
+                if flags & stdsocket.MSG_CTRUNC:
+                    await send(reply_error(None, BadRequest(f"more than {MAX_FDS_PER_MESSAGE} open files in one "
+                                                            "message; closing")))
+                    return
             if not data:
                 return
             try:
@@ -275,30 +360,45 @@ class ConnectionHandler:
                 state.frame_started = state.last_activity
             for message in messages:
                 id = request_id(message)
+                fds: list[int] = []
                 try:
                     request = parse_request(message)
+                    if request.op == "blob_fds":
+                        fds = request.args["fds"] = passed.claim(request.args["count"])
                 except AgentError as exc:
                     await send(reply_error(id, exc))
                     continue
-                if request.op == "hello":
-                    await self._serve_request(session, request, send)
-                    state.greeted = session.greeted
-                elif not session.greeted:
-                    await send(reply_error(id, BadRequest("send 'hello' before any other request")))
-                else:
-                    try:
-                        self.limits.start_request(uid, state.in_flight)
-                    except AgentError as exc:
-                        await send(reply_error(id, exc))
-                        continue
-                    state.in_flight += 1
-                    requests.start_soon(self._counted_request, session, request, send, state)
+                try:
+                    if request.op == "hello":
+                        await self._serve_request(session, request, send)
+                        state.greeted = session.greeted
+                    elif not session.greeted:
+                        await send(reply_error(id, BadRequest("send 'hello' before any other request")))
+                    else:
+                        try:
+                            self.limits.start_request(uid, state.in_flight)
+                        except AgentError as exc:
+                            await send(reply_error(id, exc))
+                            continue
+                        state.in_flight += 1
+                        requests.start_soon(self._counted_request, session, request, send, state, passed, fds)
+                        fds = []   # the request closes them
+                finally:
+                    passed.close(fds)
+            if decoder.pending == 0 and passed.queued:
+                # Every frame received is whole and has claimed its files: these came with none that takes them.
+                strays = passed.close_queued()
+                await send(reply_error(None, BadRequest(f"{strays} open files came with frames that take none; "
+                                                        "closing")))
+                return
             state.rearm()
 
-    async def _counted_request(self, session: Session, request, send, state: _ConnectionState) -> None:
+    async def _counted_request(self, session: Session, request, send, state: _ConnectionState, passed: PassedFds,
+                               fds: list[int]) -> None:
         try:
             await self._serve_request(session, request, send)
         finally:
+            passed.close(fds)
             state.in_flight -= 1
             self.limits.end_request(session.peer.uid)
             state.last_activity = trio.current_time()
@@ -312,7 +412,7 @@ class ConnectionHandler:
                 await send(stream_end(request.id))
             else:
                 await send(reply_ok(request.id, await handler(session, request.args)),
-                           durable=request.op not in ANSWERED_AT_ONCE)
+                           durable=request.op not in ANSWERED_AT_ONCE and request.op not in NEEDS_NO_COMMIT)
         except AgentError as exc:
             await send(reply_error(request.id, exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError):

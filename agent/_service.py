@@ -16,9 +16,10 @@ import msgpack
 import trio
 
 from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Conflict, Forbidden, NotFound, TooLarge, __version__
+from labrun.protocol._framing import MAX_FDS_PER_MESSAGE
 from labrun.protocol._statuses import ACTIVE, QUEUED
 
-from . import _warnings
+from . import _ingest, _warnings
 from ._artifacts import LOGS, list_files, open_for_reading, write_file
 from ._events import EventFilter, EventLog
 from ._interactive import is_interactive
@@ -38,6 +39,8 @@ THREAD_BYTES = 1024 * 1024
 # A list reply is one frame: pages keep it well under the frame limit. Clients follow ``before``.
 LIST_PAGE = 1000
 ENV_PAGE = 200   # environments or experiments in one page
+# Worker threads that copy the files one user passed (blob_fds): one large file's copy and hash at once.
+INGEST_THREADS = 2
 # Snapshot manifests kept by run id for downloads of their files (a restore downloads each file in turn).
 MANIFESTS_KEPT = 4
 
@@ -78,8 +81,11 @@ class Service:
         self.hub = hub
         self.started = time.time()
         self._manifests: dict[str, dict] = {}
+        # Per user: the worker threads that copy the files it passes, and the right to hold some in memory.
+        self._ingest_slots: dict[int, tuple[trio.CapacityLimiter, trio.Lock]] = {}
         self.handlers = {
-            "hello": self.hello, "submit": self.submit, "blob_put": self.blob_put, "get": self.get,
+            "hello": self.hello, "submit": self.submit, "blob_put": self.blob_put, "blob_fds": self.blob_fds,
+            "get": self.get,
             "list": self.list, "cancel": self.cancel, "wait": self.wait, "logs": self.logs, "status": self.status,
             "watch": self.watch, "log_metrics": self.log_metrics, "get_metrics": self.get_metrics,
             "set_labels": self.set_labels, "files": self.files, "download": self.download, "put_file": self.put_file,
@@ -162,7 +168,9 @@ class Service:
         limits = self.config.snapshot
         return {"agent_version": __version__, "protocol": PROTOCOL_VERSION, "uid": session.peer.uid,
                 "user": session.peer.user, "admin": session.peer.admin,
-                "snapshot": {"max_files": limits.max_files, "max_bytes": limits.max_bytes}}
+                "snapshot": {"max_files": limits.max_files, "max_bytes": limits.max_bytes},
+                # How many open files one blob_fds may pass (older agents take contents only as bytes, blob_put).
+                "blob_fds": self.limits.passed_fds_per_request() if self.limits is not None else MAX_FDS_PER_MESSAGE}
 
     async def blob_put(self, session: Session, args: dict) -> dict:
         """Contents for the store, whole or in chunks; each is checked against its hash before it is kept."""
@@ -194,6 +202,29 @@ class Service:
                 if stored:
                     content.record(session.peer.uid, stored)
         return {"blobs": results}
+
+    async def blob_fds(self, session: Session, args: dict) -> dict:
+        """Contents as open files passed with the request (``args["fds"]``, which the server closes afterwards):
+        each is copied into the store and hashed there; answers each one's hash and size, in order."""
+        content = session.content = self.supervisor.snapshots
+        fds = args["fds"]
+        async with session.upload_lock:
+            files = [(index, fd, _ingest.check(fd, index, content.max_bytes)) for index, fd in enumerate(fds)]
+            total = sum(st.st_size for _, _, st in files)
+            if session.unsubmitted_bytes + total > content.max_bytes:
+                raise TooLarge(f"blob_fds: more than this agent's snapshot limit of {content.max_bytes} bytes sent "
+                               "on this connection without a submit using them")
+            session.unsubmitted_bytes += total
+            placed: list[tuple[str, int]] = []
+            threads, memory = self._ingest_slots.setdefault(session.peer.uid,
+                                                            (trio.CapacityLimiter(INGEST_THREADS), trio.Lock()))
+            try:
+                # Pinned until the connection closes; recorded, even if a later file fails, so that it is collected.
+                digests = await _ingest.ingest(content, files, session.uploaded, placed, threads, memory)
+            finally:
+                if placed:
+                    content.record(session.peer.uid, placed)
+        return {"files": [{"hash": digests[index], "size": st.st_size} for index, _, st in files]}
 
     async def submit(self, session: Session, args: dict) -> dict:
         key = args["idempotency_key"]

@@ -8,7 +8,9 @@ each distinct manifest (a *tree*) and which run uses which tree.
 
 A submit names its files by hash. What the submitting user does not hold is answered as
 ``not_found`` with ``details.missing``; the client uploads exactly those (``blob_put``), each
-checked against its hash before it enters the store, and submits again. The run's
+checked against its hash before it enters the store, and submits again. A client may instead
+pass files open (``blob_fds``): the agent copies them in and answers their hashes (``_ingest``).
+The run's
 ``snapshot/`` directory is made when it starts (``materialize``): by reflink where the
 filesystem can, by copy otherwise, never by hard link, so a run writing into its snapshot
 cannot change the store. References are released with the run (``release_snapshot``), and a
@@ -29,6 +31,7 @@ from pathlib import Path
 from labrun.protocol import BadRequest, NotFound, TooLarge
 from labrun.protocol._manifest import tree_hash
 
+from . import _ingest
 from ._asuser import AsUserFailed, Credentials, as_user, needs_switch
 
 FICLONE = 0x40049409
@@ -234,6 +237,60 @@ class ContentStore:
             self.abort(uploads, digest)
         self._pins -= Counter(pinned)
         self._delete(self.store.cas_unreferenced(pinned + unfinished))
+
+    # -- contents from open files (blob_fds) ----------------------------------------------
+
+    def temporary(self) -> tuple[int, Path]:
+        """A new file of the agent's in ``tmp/``, open for reading and writing."""
+        path = self.tmp / f"fd.{os.urandom(8).hex()}"
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400), path
+
+    def write_small(self, contents: list[tuple[str, bytes]], placed: list[tuple[str, int]]) -> None:
+        """Write hashed, pinned contents to their place in the store, adding ``(hash, size)`` of each to ``placed``.
+        Blocking.
+
+        Created there at once (no rename): nothing reads a content before the database has it, which is after
+        this returns. A file already there (stored, being written by another connection, or half-written
+        before a crash) is replaced whole by rename, never rewritten in place under a reader.
+        """
+        for digest, data in contents:
+            try:
+                fd = os.open(self.blob_path(digest), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o400)
+            except FileExistsError:
+                fd, path = self.temporary()
+                try:
+                    try:
+                        _write_all(fd, data)
+                    finally:
+                        os.close(fd)
+                    self.place([(digest, path)])
+                except BaseException:
+                    path.unlink(missing_ok=True)
+                    raise
+            else:
+                try:
+                    # On a failed write (a full disk) the part written stays: the database does not know it, and the
+                    # next writer of this content replaces it. Removing it could remove that writer's whole copy.
+                    _write_all(fd, data)
+                finally:
+                    os.close(fd)
+            placed.append((digest, len(data)))
+
+    def pin(self, digests: list[str]) -> None:
+        """Keep these contents from collection until ``end_session`` releases them (before they are placed)."""
+        self._pins.update(digests)
+
+    def place(self, copies: list[tuple[str, Path]]) -> None:
+        """Move copies, hashed and pinned, to their place in the store. Blocking."""
+        for digest, path in copies:
+            os.replace(path, self.blob_path(digest))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 # -- a run's copy ----------------------------------------------------------------------------

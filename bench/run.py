@@ -220,19 +220,24 @@ def make_tree(path: Path, files: int, size: int) -> Path:
 
 
 class SentBytes:
-    """Counts the content bytes a workspace's connection uploads."""
+    """Counts the content bytes a workspace's connection uploads, or passes to the agent as open files."""
 
     def __init__(self, workspace):
         self.bytes = 0
         connection = workspace.connection
-        original = connection.call
+        original, passing = connection.call, connection.call_passing
 
         def call(op, **args):
             if op == "blob_put":
                 self.bytes += sum(len(b["data"]) for b in args["blobs"])
             return original(op, **args)
 
-        connection.call = call
+        def call_passing(op, fds, **args):
+            result = passing(op, fds, **args)
+            self.bytes += sum(f["size"] for f in result["files"])
+            return result
+
+        connection.call, connection.call_passing = call, call_passing
 
 
 def snapshots(root: Path, rounds: int, repeats: int) -> list[tuple]:

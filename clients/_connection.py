@@ -20,11 +20,11 @@ from collections.abc import Iterator
 
 # The C socket type itself. The socket module's class adds only what a connection never uses (makefile, dup,
 # enum-valued family and type), and importing it (with enum and selectors) cost each CLI command about 3 ms.
-from _socket import AF_UNIX, SO_PEERCRED, SOCK_STREAM, SOL_SOCKET
+from _socket import AF_UNIX, SCM_RIGHTS, SO_PEERCRED, SOCK_STREAM, SOL_SOCKET
 from _socket import socket as _Socket
 
 from labrun.protocol._errors import AgentError, ProtocolError
-from labrun.protocol._framing import FrameDecoder, pack_frame
+from labrun.protocol._framing import MAX_FDS_PER_MESSAGE, FrameDecoder, pack_frame
 from labrun.protocol._messages import request
 from labrun.protocol._paths import SYSTEM_SOCKET, private_dir_problem, tmp_fallback_dir
 from labrun.protocol._version import PROTOCOL_VERSION
@@ -135,10 +135,17 @@ class AgentConnection:
     def __exit__(self, *exc):
         self.close()
 
-    def _send(self, op: str, args: dict) -> int:
+    def _send(self, op: str, args: dict, fds: list[int] = ()) -> int:
         id = next(self._ids)
+        data = pack_frame(request(id, op, args))
         try:
-            self._sock.sendall(pack_frame(request(id, op, args)))
+            # The files travel with the frame's first bytes, as many with each byte as one message may carry; the
+            # agent gives them to the frame they came with.
+            for start in range(0, len(fds), MAX_FDS_PER_MESSAGE):
+                chunk = fds[start:start + MAX_FDS_PER_MESSAGE]
+                self._sock.sendmsg([data[:1]], [(SOL_SOCKET, SCM_RIGHTS, struct.pack(f"{len(chunk)}i", *chunk))])
+                data = data[1:]
+            self._sock.sendall(data)
         except OSError as exc:
             raise AgentUnavailable(f"lost the connection to the agent at {self.path}: {exc}") from None
         return id
@@ -176,6 +183,15 @@ class AgentConnection:
         if op != "hello":
             self._refresh()
         id = self._send(op, args)
+        return self._reply_for(id)["result"]
+
+    def call_passing(self, op: str, fds: list[int], **args) -> object:
+        """``call``, passing the open files ``fds`` with the request (SCM_RIGHTS); they stay open here.
+
+        The frame must have a byte for each ``MAX_FDS_PER_MESSAGE`` of them (so up to a few thousand).
+        """
+        self._refresh()
+        id = self._send(op, args, fds)
         return self._reply_for(id)["result"]
 
     def stream(self, op: str, *, timeout: float | None = None, **args) -> Iterator:

@@ -79,12 +79,17 @@ class HashCache:
         digest, size = hash_file(path)
         if size != st.st_size:
             raise OSError(f"{path} changed while it was being read; submit again")
+        self.learn(name, st, digest)
+        return digest
+
+    def learn(self, name: str, st: os.stat_result, digest: str) -> None:
+        """Remember ``digest`` for the file of ``st`` (hashed just now, here or by the agent), unless its mtime is
+        too recent."""
         self.changed = True
         if st.st_mtime_ns >= self.now_ns - RACY_NS:
             self.seen[name] = None   # hashed, but not trusted next time
         else:
             self.seen[name] = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, digest]
-        return digest
 
     def save(self) -> None:
         """Keep the entries of this walk (files gone since are dropped). Never raises."""

@@ -7,7 +7,9 @@ checked while walking, before anything is read or sent.
 
 Submitting sends the manifest; the agent answers with the contents it lacks, and only those
 are uploaded (``blob_put``). Hashes come from a per-directory cache (``_hashcache``), so an
-unchanged file is never read twice.
+unchanged file is never read twice. A file whose hash the cache does not know is not read by
+the client at all where the agent takes open files (``blob_fds``): it is passed to the agent
+open, which copies and hashes it once, and the cache learns the agent's hash.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import os
 import stat as stats
 
-from labrun.protocol._errors import NotFound
+from labrun.protocol._framing import MAX_FDS_PER_MESSAGE
+from labrun.protocol._errors import BadRequest, NotFound
 
 from ._hashcache import HashCache, cache_dir
 from .exceptions import AgentUnavailable, SnapshotException
@@ -28,6 +31,8 @@ GIT_DIR = ".git"
 MAX_COUNTED_FILES = 100_000
 # One blob_put carries up to this much content (the frame limit is 16 MiB); bigger files go in chunks.
 UPLOAD_CHUNK = 8 * 1024 * 1024
+# Open files one blob_fds passes, at most: a blob_fds frame has a byte for each MAX_FDS_PER_MESSAGE of them.
+PASS_BATCH = 16 * MAX_FDS_PER_MESSAGE
 _IN_PLACE_HINT = ("; exclude files with a .labrunignore (or .amlignore/.gitignore) file, or run in the source "
                   "directory itself: `labrun run --in-place`, or ScriptRunConfig(..., snapshot=False)")
 
@@ -119,30 +124,98 @@ def _heaviest(weight: dict[str, list[int]], key: int, unit) -> str:
 
 
 def build_manifest(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
-                   max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[list], dict[str, str]]:
-    """The manifest ``[[name, size, mode, hash], ...]`` and, for uploads, the path of each hash's file."""
+                   max_bytes: int = DEFAULT_MAX_BYTES, connection=None) -> tuple[list[list], dict[str, str]]:
+    """The manifest ``[[name, size, mode, hash], ...]`` and, for uploads, the path of each hash's file.
+
+    With ``connection`` (to an agent that takes open files), a file whose hash is not cached is not read here:
+    it is passed to the agent open, which stores and hashes its content, and the cache learns that hash.
+    """
     files = collect_files(root, max_files, max_bytes)
     cache = HashCache(os.fspath(root))
     # The hash cache itself changes while a tree that holds it (a home directory) is submitted: never part of it.
     own = os.path.relpath(os.path.realpath(cache_dir()), os.path.realpath(root)) + os.sep
-    manifest, paths = [], {}
+    manifest, paths, unknown = [], {}, []
     for rel, path, st in files:
         if rel.startswith(own):
             continue
-        digest = cache.cached(rel, st)
-        if digest is None:
-            if not os.access(path, os.R_OK):
-                continue   # unreadable: skipped, as Azure ML does
+        entry = [rel, st.st_size, st.st_mode & 0o777, cache.cached(rel, st)]
+        manifest.append(entry)
+        if entry[3] is None:
+            unknown.append((entry, path, st))
+        else:
+            paths.setdefault(entry[3], path)
+    if unknown and connection is not None:
+        try:
+            for i, stored, st in pass_files(connection, [path for _, path, _ in unknown]):
+                entry, path, _ = unknown[i]
+                entry[1], entry[3] = stored["size"], stored["hash"]
+                paths.setdefault(entry[3], path)
+                if st is not None:
+                    cache.learn(entry[0], st, entry[3])
+            unknown = []
+        except FilesNotPassed:
+            pass   # hashed here, and uploaded as bytes
+    for entry, path, st in unknown:
+        if entry[3] is None and os.access(path, os.R_OK):   # unreadable: skipped, as Azure ML does
             try:
-                digest = cache.digest(rel, path, st)
+                entry[3] = cache.digest(entry[0], path, st)
             except OSError as exc:
                 raise SnapshotException(f"cannot read {path}: {exc.strerror or exc}") from None
-        manifest.append([rel, st.st_size, st.st_mode & 0o777, digest])
-        paths.setdefault(digest, path)
+            paths.setdefault(entry[3], path)
     cache.save()
-    return manifest, paths
+    return [entry for entry in manifest if entry[3] is not None], paths   # less what could not be read
 
 
+class FilesNotPassed(Exception):
+    """The agent got none of the open files passed to it: something between (a proxy) forwards bytes only."""
+
+
+def pass_files(connection, paths: list[str]):
+    """Pass files to the agent open (``blob_fds``), which copies them into its store and hashes them.
+
+    Yields ``(index in paths, {"hash", "size"}, stat)`` for each file passed; ``stat`` is the file's when it was
+    opened, or None when the agent found another size (then not to be cached). The agent refuses a file that
+    changes while it copies it; one that changed between the opening and the copy has a new mtime, so its cache
+    entry, keyed by the old one, is never used. Files this user cannot read, or no longer regular files, are
+    skipped, as by the walk.
+
+    Raises:
+        SnapshotException: a file vanished or changed while it was being passed.
+    """
+    # One request for them all where the agent allows it: each request waits for the agent's commit.
+    batch = max(1, min(connection.agent["blob_fds"], PASS_BATCH))
+    for start in range(0, len(paths), batch):
+        opened: list[tuple[int, int, os.stat_result]] = []
+        try:
+            for i in range(start, min(start + batch, len(paths))):
+                try:
+                    # Non-blocking: should the file have become a FIFO since the walk, opening it does not hang.
+                    fd = os.open(paths[i], os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+                except PermissionError:
+                    continue   # unreadable: skipped, as Azure ML does
+                except OSError as exc:
+                    raise SnapshotException(f"cannot read {paths[i]}: {exc.strerror or exc}") from None
+                opened.append((i, fd, os.fstat(fd)))
+                if not stats.S_ISREG(opened[-1][2].st_mode):
+                    os.close(opened.pop()[1])
+            if not opened:
+                continue
+            try:
+                stored = connection.call_passing("blob_fds", [fd for _, fd, _ in opened], count=len(opened))["files"]
+            except BadRequest as exc:
+                if exc.details.get("field") == "args.count":
+                    connection.agent["blob_fds"] = 0   # not on this connection: bytes from now on
+                    raise FilesNotPassed from None
+                index = exc.details.get("index")
+                if exc.details.get("reason") != "changed" or index is None or index >= len(opened):
+                    raise
+                raise SnapshotException(f"{paths[opened[index][0]]} changed while it was being submitted; "
+                                        "submit again") from None
+            for (i, _, st), got in zip(opened, stored):
+                yield i, got, st if got["size"] == st.st_size else None
+        finally:
+            for _, fd, _ in opened:
+                os.close(fd)
 def submit_spec(workspace, spec: dict, source_directory, *, in_place: bool = False, array: dict | None = None) -> dict:
     """Submit ``spec`` with the snapshot of ``source_directory`` (or, ``in_place``, to run in it); returns the run.
 
@@ -181,7 +254,8 @@ def _submit_manifest(connection, spec: dict, root: str | os.PathLike, extra: dic
 def agent_manifest(connection, root: str | os.PathLike) -> tuple[list[list], dict[str, str]]:
     """``build_manifest`` within the limits of the agent at the other end of ``connection``."""
     limits = connection.agent.get("snapshot") or {}
-    return build_manifest(root, limits.get("max_files", DEFAULT_MAX_FILES), limits.get("max_bytes", DEFAULT_MAX_BYTES))
+    return build_manifest(root, limits.get("max_files", DEFAULT_MAX_FILES), limits.get("max_bytes", DEFAULT_MAX_BYTES),
+                          connection if connection.agent.get("blob_fds") else None)
 
 
 def call_uploading(connection, manifest: list[list], paths: dict[str, str], call):
@@ -205,7 +279,16 @@ def call_uploading(connection, manifest: list[list], paths: dict[str, str], call
 
 
 def upload(connection, blobs: list[tuple[str, str, int]]) -> None:
-    """Send contents to the agent: small ones several to a request, large ones in chunks."""
+    """Send contents to the agent: as open files where it takes them; else small ones several to a request,
+    large ones in chunks."""
+    if connection.agent.get("blob_fds"):
+        try:
+            for i, stored, _ in pass_files(connection, [path for _, path, _ in blobs]):
+                if stored["hash"] != blobs[i][0]:
+                    raise SnapshotException(f"{blobs[i][1]} changed while it was being submitted; submit again")
+            return
+        except FilesNotPassed:
+            pass
     batch, batch_bytes = [], 0
 
     def flush():

@@ -17,6 +17,8 @@ from ._errors import FrameCorrupt, FrameTooLarge
 
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+# Open files one message on the socket may pass (SCM_RIGHTS): the kernel's limit (SCM_MAX_FD).
+MAX_FDS_PER_MESSAGE = 253
 
 
 def pack_frame(message: dict) -> bytes:

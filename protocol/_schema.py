@@ -332,6 +332,9 @@ OP_SCHEMAS: dict[str, Validator] = {
         "idempotency_key": Field(nullable(string(min_len=1, max_len=128, nul=False)), None),
     }),
     "blob_put": struct({"blobs": Field(list_of(BLOB, min_items=1, max_items=100_000))}),
+    # Contents as open files passed with the frame's first bytes (SCM_RIGHTS, at most MAX_FDS_PER_MESSAGE with each
+    # byte): ``count`` of them, in order; the agent copies and hashes each, and answers their hashes and sizes.
+    "blob_fds": struct({"count": Field(integer(min=1, max=1_000_000))}),
     "get": struct({"run_id": Field(_RUN_ID)}),
     "list": struct({
         "all": Field(boolean, False),

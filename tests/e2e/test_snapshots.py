@@ -46,13 +46,17 @@ class CallSpy:
     def __init__(self, workspace):
         self.ops: list[str] = []
         connection = workspace.connection
-        original = connection.call
+        original, passing = connection.call, connection.call_passing
 
         def call(op, **args):
             self.ops.append(op)
             return original(op, **args)
 
-        connection.call = call
+        def call_passing(op, fds, **args):
+            self.ops.append(op)
+            return passing(op, fds, **args)
+
+        connection.call, connection.call_passing = call, call_passing
 
 
 def test_only_missing_contents_travel_and_a_resubmit_sends_none(agent, tmp_path):
@@ -62,7 +66,8 @@ def test_only_missing_contents_travel_and_a_resubmit_sends_none(agent, tmp_path)
     spy = CallSpy(workspace)
     experiment = Experiment(workspace, "cas")
     first = experiment.submit(ScriptRunConfig(str(tree), command="cat a.txt sub/b.txt sub/dup.txt; sha256sum big.bin"))
-    assert spy.ops[0] == "submit" and spy.ops[-1] == "submit" and "blob_put" in spy.ops
+    # Files the hash cache does not know go to the agent open, all in one request: the client reads none of them.
+    assert spy.ops == ["blob_fds", "submit"]
     first.wait_for_completion()
     log = first.get_log()
     assert log.startswith("alphabetaalpha") and sha((tree / "big.bin").read_bytes()) in log
@@ -77,9 +82,46 @@ def test_only_missing_contents_travel_and_a_resubmit_sends_none(agent, tmp_path)
     (tree / "a.txt").write_bytes(b"changed")
     spy.ops.clear()
     third = experiment.submit(ScriptRunConfig(str(tree), command="cat a.txt"))
-    assert spy.ops == ["submit", "blob_put", "submit"]
+    assert spy.ops == ["blob_fds", "submit"]
     third.wait_for_completion()
     assert third.get_log() == "changed"
+
+
+def test_a_client_of_an_agent_without_blob_fds_hashes_and_uploads_bytes(agent, tmp_path):
+    tree = make_tree(tmp_path / "src", {"a.txt": b"alpha", "big.bin": os.urandom(9 << 20)})
+    workspace = agent.workspace()
+    del workspace.connection.agent["blob_fds"]   # as an older agent answers hello
+    spy = CallSpy(workspace)
+    experiment = Experiment(workspace, "cas")
+    run = experiment.submit(ScriptRunConfig(str(tree), command="cat a.txt; sha256sum big.bin"))
+    # 9 MiB: two frames at least (three when the small file's goes first)
+    assert spy.ops[0] == spy.ops[-1] == "submit" and spy.ops[1:-1] in (["blob_put"] * 2, ["blob_put"] * 3)
+    run.wait_for_completion()
+    assert run.get_log().startswith("alpha") and sha((tree / "big.bin").read_bytes()) in run.get_log()
+    spy.ops.clear()
+    experiment.submit(ScriptRunConfig(str(tree), command="true"))
+    assert spy.ops == ["submit"]
+
+
+def test_a_file_the_client_knows_but_the_agent_lacks_is_passed_open(make_agent, tmp_path):
+    tree = make_tree(tmp_path / "src", {"a.txt": b"alpha"})
+    Experiment(make_agent().workspace(), "cas").submit(ScriptRunConfig(str(tree), command=["true"]))
+    other = make_agent()   # a new agent: the client's hash cache knows a.txt, this store does not
+    spy = CallSpy(workspace := other.workspace())
+    run = Experiment(workspace, "cas").submit(ScriptRunConfig(str(tree), command="cat a.txt"))
+    assert spy.ops == ["submit", "blob_fds", "submit"]
+    run.wait_for_completion()
+    assert run.get_log() == "alpha"
+
+
+def test_a_file_that_changes_while_it_is_passed_is_refused_by_name(agent, tmp_path):
+    tree = make_tree(tmp_path / "src", {"a.txt": b"alpha"})
+    # Regular files whose size is not what reading gives: as one that grew (/proc) or shrank (/sys) meanwhile.
+    for target in ("/proc/self/status", "/sys/devices/system/cpu/online"):
+        (tree / "moving").unlink(missing_ok=True)
+        (tree / "moving").symlink_to(target)
+        with pytest.raises(SnapshotException, match=r"moving changed while it was being submitted; submit again"):
+            Experiment(agent.workspace(), "cas").submit(ScriptRunConfig(str(tree), command=["true"]))
 
 
 def test_agent_answers_the_hashes_it_lacks_and_checks_uploads(agent):
@@ -264,10 +306,14 @@ def test_snapshots_are_made_as_the_user_and_in_place_is_checked_as_the_user(agen
     # root already stored this content: nobody must still upload it (a hash alone never grants a content).
     root_run = Experiment(agent.workspace(), "cas").submit(ScriptRunConfig(str(shared_source), command=["true"]))
     root_run.wait_for_completion()
+    # A file nobody may not read: nobody's client cannot open it, so the agent never gets it (nor reads it as root).
+    (shared_source / "secret.txt").write_bytes(b"root only")
+    (shared_source / "secret.txt").chmod(0o600)
     code = ("import os\nfrom labrun import Workspace, Experiment, ScriptRunConfig\n"
             f"os.environ['XDG_CACHE_HOME'] = {str(cache)!r}\n"
-            "ws = Workspace()\nops = []\ncall = ws.connection.call\n"
+            "ws = Workspace()\nops = []\ncall, passing = ws.connection.call, ws.connection.call_passing\n"
             "ws.connection.call = lambda op, **a: (ops.append(op), call(op, **a))[1]\n"
+            "ws.connection.call_passing = lambda op, fds, **a: (ops.append(op), passing(op, fds, **a))[1]\n"
             "run = Experiment(ws, 'users').submit(ScriptRunConfig('.', command='stat -c %u:%g:%a data.txt .'))\n"
             "submitted = ','.join(ops)\n"
             "run.wait_for_completion()\nprint(run.id, submitted)\nprint(run.get_log(), end='')\n")
@@ -275,9 +321,11 @@ def test_snapshots_are_made_as_the_user_and_in_place_is_checked_as_the_user(agen
     assert result.returncode == 0, result.stderr
     header, log = result.stdout.split("\n", 1)
     run_id, ops = header.split()
-    assert ops == "submit,blob_put,submit"
+    assert ops == "blob_fds,submit"   # passed open by nobody, read by the root agent from nobody's descriptor
     owner = f"{nobody.pw_uid}:{nobody.pw_gid}"
     assert log.split() == [f"{owner}:644", f"{owner}:755"]
+    assert not (agent.state_dir / "runs" / run_id / "snapshot" / "secret.txt").exists()
+    assert sha(b"root only") not in objects(agent)
     assert list(cache.glob("labrun/hashes/*.msgpack")), "nobody's hash cache is written"
 
     # In place, the user must be able to enter the directory: checked with their rights, not root's.

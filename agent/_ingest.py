@@ -1,0 +1,229 @@
+"""Contents a client hands over as open files (``blob_fds``): checked, copied into the content store and hashed.
+
+The client opened each file itself, with its own rights, and passed the descriptor over the
+socket (SCM_RIGHTS); the agent never opens a user's path. A descriptor is taken only if it is
+open for reading and is a regular file (not a directory, FIFO, device or socket) within the
+snapshot limit, by ``fstat`` of the descriptor: a size the client declares is never trusted.
+
+Each content is copied first, into a temporary file of the agent's, and the hash is taken of that
+copy (or, for a small file, of the agent's own buffer that is then written): a user rewriting
+the file meanwhile can make the copy torn, which its size and mtime before and after reveal
+(and which is then refused), but never make a stored content differ from its hash. Large files
+are copied in the kernel (``copy_file_range``), a chunk ahead of the hashing of the last one.
+
+Small files are read whole into memory, hashed and written straight to their place in the
+store: they are pinned first, so no collection can remove them meanwhile, and created there with
+``O_EXCL``, so what another writer put there is replaced whole (by rename), never rewritten.
+
+Blocking functions, but for ``ingest`` and ``copy_large``, which run them in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import mmap
+import os
+import stat as stats
+from functools import partial
+
+import trio
+
+from labrun.protocol import BadRequest, TooLarge
+
+# Up to this size a content is read into memory, hashed and written: one pass and no mapping.
+SMALL = 1 << 20
+# Small contents are read into memory at most this much at a time, then written.
+SMALL_GROUP = 32 << 20
+# Large contents are copied and hashed in chunks of this size, the copy of one overlapping the hash of the last.
+CHUNK = 16 << 20
+# copy_file_range cannot copy between these two files: read and write instead.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+_KINDS = ((stats.S_ISDIR, "a directory"), (stats.S_ISFIFO, "a FIFO"), (stats.S_ISSOCK, "a socket"),
+          (stats.S_ISCHR, "a character device"), (stats.S_ISBLK, "a block device"), (stats.S_ISLNK, "a link"))
+
+
+class Changed(Exception):
+    """The file changed while it was being copied."""
+
+
+def changed(index: int) -> BadRequest:
+    return BadRequest(f"blob_fds: file {index} changed while it was being copied; submit again",
+                      details={"index": index, "reason": "changed"})
+
+
+def check(fd: int, index: int, max_bytes: int) -> os.stat_result:
+    """The ``fstat`` of a passed descriptor, if the agent may take a content from it.
+
+    Raises:
+        BadRequest: not open for reading, or not a regular file (``details.index`` says which).
+        TooLarge: bigger than ``max_bytes``.
+    """
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & getattr(os, "O_PATH", 0) or flags & os.O_ACCMODE == os.O_WRONLY:
+        raise BadRequest(f"blob_fds: file {index} is not open for reading", details={"index": index})
+    st = os.fstat(fd)
+    if not stats.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        raise BadRequest(f"blob_fds: file {index} is {kind}; only regular files are taken", details={"index": index})
+    if st.st_size > max_bytes:
+        raise TooLarge(f"blob_fds: file {index} has {st.st_size} bytes, over this agent's snapshot limit of "
+                       f"{max_bytes} bytes", details={"index": index})
+    return st
+
+
+def read_small(files: list[tuple[int, int, os.stat_result]]) -> list[tuple[str, bytes]]:
+    """``(hash, content)`` of small files ``(index, fd, stat)``, read whole into the agent's memory. Blocking.
+
+    Raises:
+        BadRequest: a file changed while it was read.
+    """
+    read = []
+    for index, fd, st in files:
+        data = os.pread(fd, st.st_size + 1, 0)   # one more: a file that grew is noticed here
+        try:
+            if len(data) != st.st_size:
+                raise Changed
+            unchanged(fd, st)
+        except Changed:
+            raise changed(index) from None
+        read.append((hashlib.sha256(data).hexdigest(), data))
+    return read
+
+
+def groups(files: list[tuple[int, int, os.stat_result]]) -> list[list]:
+    """Small files in groups of at most ``SMALL_GROUP`` bytes: what is read into memory before it is written."""
+    grouped, size = [[]], 0
+    for file in files:
+        if size + file[2].st_size > SMALL_GROUP and grouped[-1]:
+            grouped.append([])
+            size = 0
+        grouped[-1].append(file)
+        size += file[2].st_size
+    return grouped if grouped[0] else []
+
+
+def copy_range(src: int, dst: int, offset: int, count: int) -> None:
+    """Copy ``count`` bytes at ``offset`` from ``src`` to the same offset of ``dst``, in the kernel where it can."""
+    end = offset + count
+    while offset < end:
+        try:
+            copied = os.copy_file_range(src, dst, end - offset, offset, offset)
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+            copied = _read_write(src, dst, offset, min(end - offset, SMALL))
+        if copied == 0:
+            raise Changed   # shorter than it was
+        offset += copied
+
+
+def _read_write(src: int, dst: int, offset: int, count: int) -> int:
+    data = os.pread(src, count, offset)
+    view = memoryview(data)
+    at = offset
+    while view:
+        written = os.pwrite(dst, view, at)
+        view, at = view[written:], at + written
+    return len(data)
+
+
+def hash_range(hasher, mapped: mmap.mmap, offset: int, count: int) -> None:
+    """Feed ``count`` bytes at ``offset`` of the mapped copy to ``hasher`` (which drops the GIL while it hashes)."""
+    with memoryview(mapped) as view, view[offset:offset + count] as part:
+        hasher.update(part)
+
+
+def unchanged(src: int, before: os.stat_result) -> None:
+    """Raises ``Changed`` if ``src`` has grown, shrunk or been written since ``before``."""
+    after = os.fstat(src)
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise Changed
+
+
+def chunks(size: int) -> list[tuple[int, int]]:
+    """``(offset, count)`` of each chunk a large content is copied and hashed in."""
+    return [(offset, min(CHUNK, size - offset)) for offset in range(0, size, CHUNK)]
+
+
+async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.CapacityLimiter | None = None) -> str:
+    """Copy ``src`` (of ``st``) to ``dst``, a file open for reading and writing; the SHA-256 of the copy.
+
+    Two worker threads: the kernel copies chunk n+1 while chunk n of the copy is hashed.
+    """
+    hasher = hashlib.sha256()
+    os.ftruncate(dst, st.st_size)
+    with mmap.mmap(dst, st.st_size, prot=mmap.PROT_READ) as mapped:
+        last = None
+        for offset, count in chunks(st.st_size):
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(partial(trio.to_thread.run_sync, copy_range, src, dst, offset, count,
+                                               limiter=limiter))
+                    if last is not None:
+                        nursery.start_soon(partial(trio.to_thread.run_sync, hash_range, hasher, mapped, *last,
+                                                   limiter=limiter))
+            except BaseExceptionGroup as group:
+                raise _first(group) from None   # (the other thread, if it failed too, failed for the same cause)
+            last = offset, count
+        await trio.to_thread.run_sync(hash_range, hasher, mapped, *last, limiter=limiter)
+    if os.pread(src, 1, st.st_size):
+        raise Changed   # longer than it was
+    unchanged(src, st)
+    return hasher.hexdigest()
+
+
+async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: list[str],
+                 placed: list[tuple[str, int]], limiter: trio.CapacityLimiter, memory: trio.Lock) -> dict[int, str]:
+    """Store the contents of checked files ``(index, fd, stat)`` in ``content``; the hash of each, by index.
+
+    Each hash is pinned (and added to ``pinned``, for the connection to release) before its content is placed;
+    ``placed`` gets ``(hash, size)`` of each content once it is in the store, to be recorded even if a later one
+    fails. Worker threads are taken from ``limiter``: a file whose reads never return (a user's FUSE mount) holds
+    its user's threads, no one else's. ``memory`` (the user's) is held while a group of small files is in memory,
+    so that a user's requests on many connections hold one group's worth at a time.
+    """
+    digests = {}
+    for group in groups([file for file in files if file[2].st_size <= SMALL]):
+        async with memory:
+            read = await trio.to_thread.run_sync(read_small, group, limiter=limiter)
+            hashes = [digest for digest, _ in read]
+            content.pin(hashes)
+            pinned.extend(hashes)
+            # Creating files is most of the cost: two threads create them at once (mostly in different directories).
+            try:
+                async with trio.open_nursery() as nursery:
+                    for half in (read[::2], read[1::2]):
+                        nursery.start_soon(partial(trio.to_thread.run_sync, content.write_small, half, placed,
+                                                   limiter=limiter))
+            except BaseExceptionGroup as group:
+                raise _first(group) from None
+            del read
+        digests.update(zip((index for index, _, _ in group), hashes))
+    for index, fd, st in files:
+        if st.st_size <= SMALL:
+            continue
+        tmp_fd, path = content.temporary()
+        try:
+            try:
+                digest = await copy_large(fd, st, tmp_fd, limiter)
+            finally:
+                os.close(tmp_fd)
+            content.pin([digest])
+            pinned.append(digest)
+            await trio.to_thread.run_sync(content.place, [(digest, path)], limiter=limiter)
+            placed.append((digest, st.st_size))
+        except Changed:
+            raise changed(index) from None
+        finally:
+            path.unlink(missing_ok=True)   # (gone already once placed)
+        digests[index] = digest
+    return digests
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    leaf = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf

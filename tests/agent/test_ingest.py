@@ -1,0 +1,129 @@
+"""Ingest of passed files: the pure parts (grouping, chunking, ancillary data, descriptor budgets) without I/O,
+and the copying functions on real files that change between the agent's check and its copy."""
+
+import array
+import hashlib
+import os
+import resource
+import socket
+
+import pytest
+
+from labrun.agent import _ingest
+from labrun.agent._limits import Limits, LimitsConfig
+from labrun.agent._server import passed_fds
+from labrun.protocol import BadRequest, TooLarge, Unavailable
+
+
+class Stat:
+    def __init__(self, size):
+        self.st_size = size
+
+
+def test_small_files_are_grouped_by_the_memory_they_take():
+    files = [(i, 100 + i, Stat(1 << 20)) for i in range(40)] + [(40, 140, Stat(0))]
+    groups = _ingest.groups(files)
+    assert [len(group) for group in groups] == [32, 9]
+    assert [index for group in groups for index, _, _ in group] == list(range(41))
+    assert _ingest.groups([]) == []
+
+
+def test_large_files_are_copied_in_chunks_that_cover_them_exactly():
+    chunk = _ingest.CHUNK
+    assert _ingest.chunks(chunk * 2 + 5) == [(0, chunk), (chunk, chunk), (2 * chunk, 5)]
+    assert _ingest.chunks(chunk) == [(0, chunk)]
+
+
+def test_descriptors_are_read_from_scm_rights_only():
+    rights = array.array("i", [7, 8, 9]).tobytes()
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights),
+                 (socket.SOL_SOCKET, socket.SCM_CREDENTIALS, array.array("i", [1, 2, 3]).tobytes()),
+                 (socket.SOL_SOCKET, socket.SCM_RIGHTS, rights[:6])]   # a cut-off last entry: its whole ints
+    assert passed_fds(ancillary) == [7, 8, 9, 7]
+
+
+def test_descriptors_held_are_bounded_per_connection_and_per_user():
+    limits = Limits(LimitsConfig(passed_fds_per_connection=10, passed_fds_per_user=15))
+    limits.hold_fds(1000, 0, 10)
+    with pytest.raises(Unavailable, match="passed_fds_per_connection"):
+        limits.hold_fds(1000, 10, 1)
+    with pytest.raises(Unavailable, match="passed_fds_per_user"):
+        limits.hold_fds(1000, 0, 6)   # another connection of the same user
+    limits.hold_fds(1001, 0, 10)      # another user has a budget of their own
+    limits.release_fds(1000, 10)
+    limits.hold_fds(1000, 0, 10)
+    limits.release_fds(1000, 10)
+    limits.release_fds(1001, 10)
+    assert not limits.fds_by_user
+
+
+def test_the_request_size_follows_a_low_open_file_limit():
+    limits = Limits(LimitsConfig(passed_fds_per_connection=1_000_000, reserved_fds=128))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert limits.passed_fds_per_request() == max(1, (soft - 128) // 4)
+
+
+@pytest.fixture
+def opened(tmp_path):
+    fds = []
+
+    def open_(data: bytes, name="f"):
+        path = tmp_path / name
+        path.write_bytes(data)
+        fds.append(os.open(path, os.O_RDONLY))
+        return path, fds[-1]
+
+    yield open_
+    for fd in fds:
+        os.close(fd)
+
+
+def test_a_small_file_is_hashed_as_read(opened):
+    _, fd = opened(b"content")
+    st = _ingest.check(fd, 0, 1000)
+    assert _ingest.read_small([(0, fd, st)]) == [(hashlib.sha256(b"content").hexdigest(), b"content")]
+
+
+@pytest.mark.parametrize("change", ["grow", "shrink", "rewrite"])
+def test_a_small_file_changed_after_the_check_is_refused(opened, change):
+    path, fd = opened(b"content")
+    st = _ingest.check(fd, 3, 1000)
+    if change == "grow":
+        path.write_bytes(b"content and more")
+    elif change == "shrink":
+        path.write_bytes(b"con")
+    else:
+        path.write_bytes(b"CONTENT")   # same size, a new mtime
+        os.utime(path, ns=(st.st_mtime_ns + 10**9, st.st_mtime_ns + 10**9))
+    with pytest.raises(BadRequest, match="file 3 changed while it was being copied") as info:
+        _ingest.read_small([(3, fd, st)])
+    assert info.value.details == {"index": 3, "reason": "changed"}
+
+
+@pytest.mark.parametrize("change", ["grow", "shrink", None])
+async def test_a_large_file_is_hashed_from_the_copy_and_a_change_is_refused(opened, tmp_path, change):
+    data = os.urandom(_ingest.CHUNK + 1000)
+    path, fd = opened(data)
+    st = _ingest.check(fd, 0, 1 << 30)
+    if change == "grow":
+        with open(path, "ab") as f:
+            f.write(b"more")
+    elif change == "shrink":
+        os.truncate(path, 1000)
+    copy = os.open(tmp_path / "copy", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if change is None:
+            assert await _ingest.copy_large(fd, st, copy) == hashlib.sha256(data).hexdigest()
+            assert (tmp_path / "copy").read_bytes() == data
+        else:
+            with pytest.raises(_ingest.Changed):
+                await _ingest.copy_large(fd, st, copy)
+    finally:
+        os.close(copy)
+
+
+def test_the_check_takes_the_size_of_the_file_not_of_a_claim(opened):
+    _, fd = opened(b"x" * 2000)
+    with pytest.raises(TooLarge, match="file 5 has 2000 bytes"):
+        _ingest.check(fd, 5, 1999)
+    assert _ingest.check(fd, 5, 2000).st_size == 2000
