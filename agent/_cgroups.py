@@ -153,6 +153,17 @@ class RunCgroups:
         group.mkdir(exist_ok=True)
         return str(group)
 
+    def reusable(self, group: str) -> bool:
+        """Whether an ended run's (empty) tracking group can be a spare's: it carries no limit and no
+        count that the next run would inherit (v2 puts memory limits and OOM counts on it)."""
+        return Path(group).parent == self.tracking and (self.version == 1 or self.memory is None)
+
+    def recycle(self, group: str, name: str) -> str:
+        """An ended run's empty tracking group, renamed to be a spare's (one rename instead of rmdir and mkdir)."""
+        spare = self.tracking / name
+        os.rename(group, spare)
+        return str(spare)
+
     def claim(self, spare: str, run_id: str, limit: int | None) -> list[str]:
         """The run's groups, as ``create`` makes them, with ``spare`` (and its member) as the tracking group."""
         group = self.tracking / run_id

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import trio
 
+from labrun.protocol._manifest import tree_hash
+
 from ._artifacts import artifact_path, owner_of
 from ._asuser import Credentials, acting_as, open_directory, open_file_as
 from ._environments import EnvironmentBuilder, PreparedEnvironment, PrepareFailed
 from ._warnings import KIND as WARNINGS
 from ._model import RunRecord
-from ._rundir import RunDir
+from ._ready import ReadyCopies
+from ._rundir import RunDir, runs_root
 from ._scheduler import Allocation, Capacity
 from ._snapshot import ContentStore, SnapshotFailed, materialize
 from .executors._base import LaunchSpec, Preparation, Rank
@@ -68,6 +71,7 @@ class LaunchPlanner:
         self.capacity = capacity
         self.environments = environments
         self.mlflow = None                   # the agent's MLflow side (_mlflow_setup.Mlflow), if any
+        self.ready: ReadyCopies | None = None   # copies of repeated trees made ahead (see _ready)
 
     async def _resume_path(self, record: RunRecord, run_dir: RunDir, creds: Credentials) -> str:
         """Copy what the run resumes from into ``resume_from/``, as its owner, and make it read-only.
@@ -223,7 +227,15 @@ class LaunchPlanner:
     async def _materialize(self, record: RunRecord, run_dir: Path) -> None:
         """The run's ``snapshot/`` from the contents stored at submit (only ``outputs/`` for an in-place run)."""
         entries = self.snapshots.entries(record.run_id) or []
-        work = functools.partial(materialize, self.snapshots.objects, entries, run_dir, owner_of(record))
+        creds = owner_of(record)
+        tree = None
+        # Ready copies are made beside the agent's run directories: a cluster's (run_root) is elsewhere.
+        if self.ready is not None and entries and run_dir.parent == runs_root(self.config.state_dir):
+            tree = tree_hash(entries)
+            if self.ready.take(creds, tree, run_dir):
+                self.ready.want(creds, tree, entries)
+                return
+        work = functools.partial(materialize, self.snapshots.objects, entries, run_dir, creds)
         try:
             if len(entries) <= INLINE_MATERIALIZE_FILES and sum(e[1] for e in entries) <= INLINE_MATERIALIZE_BYTES:
                 work()
@@ -231,6 +243,8 @@ class LaunchPlanner:
                 await trio.to_thread.run_sync(work)
         except SnapshotFailed as exc:
             raise PrepareFailed(str(exc), reason="snapshot_failed") from None
+        if tree is not None:
+            self.ready.want(creds, tree, entries)
 
 def array_environment(array: dict) -> dict[str, str]:
     """What an array member sees: labrun's names, and Slurm's so Slurm scripts work unchanged."""

@@ -100,6 +100,9 @@ class Decision:
     starts: list[Start] = field(default_factory=list)
     waiting: dict[str, tuple[str, int]] = field(default_factory=dict)   # run_id -> (reason, position)
     order: list[str] = field(default_factory=list)                     # every run, in the order considered
+    # False when the pass stopped once nothing more could start (``schedule(explain=False)``): ``waiting``
+    # and ``order`` then cover only the runs considered until then.
+    explained: bool = True
 
 
 @dataclass
@@ -174,10 +177,12 @@ def _reserve(head: Pending, free: _Free, active: list[Active], now: float) -> _S
 
 
 def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, now: float,
-             array_limits: dict[str, int] | None = None) -> Decision:
+             array_limits: dict[str, int] | None = None, *, explain: bool = True) -> Decision:
     """Decide which of ``pending`` start now. Deterministic for equal inputs.
 
     ``array_limits``: the most runs of each array that may be active at once (absent or 0: no limit).
+    ``explain``: say why every other run waits; without it, the pass stops once no run can start any
+    more (every CPU or the run cap taken), so that a pass over a long queue costs what it starts.
     """
     decision = Decision()
     array_limits = array_limits or {}
@@ -205,9 +210,14 @@ def schedule(pending: list[Pending], active: list[Active], capacity: Capacity, n
     head: Pending | None = None
     shadow: _Shadow | None = None
     started: list[Active] = []   # this pass's starts: they end (and free resources) too
+    # Runs that take no CPU here (a cluster's) may start on a full machine: then every run is looked at.
+    may_stop = not explain and all(p.demand.cpus for p in pending)
     for priority in sorted(levels, reverse=True):
         queues = levels[priority]
         while queues:
+            if may_stop and (free.cpus <= 0 or (capacity.max_runs and running >= capacity.max_runs)):
+                decision.explained = False
+                return decision
             user = min(queues, key=lambda u: (_share(capacity, *usage[u]), queues[u][-1].order))
             run = queues[user].pop()
             if not queues[user]:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -101,9 +102,13 @@ def check_state(state_dir: Path) -> None:
 def mark_submitting(state_dir: Path, run_id: str) -> Path:
     """Mark ``run_id`` as being submitted; ``unlink`` the returned path once its row is committed."""
     marks = state_dir / SUBMITTING
-    marks.mkdir(mode=0o700, exist_ok=True)
     mark = marks / run_id
-    mark.touch(mode=0o600)
+    try:
+        fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:   # the first submit of this state directory
+        marks.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(fd)
     return mark
 
 

@@ -66,6 +66,7 @@ from ._interactive import InteractiveRuns, is_interactive
 from ._launch import LaunchPlanner
 from ._model import RunRecord
 from ._notify import Notifier
+from ._ready import ReadyCopies
 from ._retention import remove_run_dir
 from ._rundir import RunDir, runs_root
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
@@ -147,6 +148,8 @@ class Supervisor:
         self.interactive = InteractiveRuns(store, runs, self._transition, self.snapshots)
         self.launches = LaunchPlanner(config, store, capacity, EnvironmentBuilder(config.state_dir / "envs"),
                                       self.snapshots)
+        self.ready = self.launches.ready = ReadyCopies(config.state_dir / "ready", self.snapshots.objects,
+                                                       failing=lambda: self.faults.disk_failing)
 
     def token_valid(self, run_id: str, token: str) -> bool:
         active = self.active.get(run_id)
@@ -164,6 +167,7 @@ class Supervisor:
         Reports started once every active run is recovered (reattached, ended or lost).
         """
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.ready.run)
             self._recover(nursery)
             for record in self.store.runs_with_status([QUEUED]):
                 if record.run_id in self.active:
@@ -582,7 +586,7 @@ class Supervisor:
         executor = self.executors.get(kind_for(spec, self._target(spec)))
         return executor is not None and executor.capabilities.arrays
 
-    def _decide(self):
+    def _decide(self, explain: bool = True):
         now = time.time()
         pending, limits, previous, self._pendings = [], {}, self._pendings, {}
         for r in self.queued.values():
@@ -593,7 +597,11 @@ class Supervisor:
             pending.append(p)
         active = [Active(a.record.run_id, a.record.user, a.allocation, a.ends_by, self._array_of(a.record.spec))
                   for a in self.active.values()]
-        decision = schedule(pending, active, self.capacity, now, limits)
+        decision = schedule(pending, active, self.capacity, now, limits, explain=explain)
+        if not decision.explained:
+            # A full machine after this pass's starts: why the others wait is worked out when someone looks.
+            self._waiting_stale = True
+            return decision, now
         for run_id, (reason, position) in decision.waiting.items():
             record = self.queued[run_id]
             record.waiting = {"reason": "draining" if self.draining else reason, "position": position}
@@ -615,7 +623,7 @@ class Supervisor:
             # reasons are worked out when someone looks at the queue.
             self._waiting_stale = True
             return
-        decision, now = self._decide()
+        decision, now = self._decide(explain=False)
         together: dict[str, list[_ActiveRun]] = defaultdict(list)   # array id -> members started as one job
         for start in decision.starts:
             record = self.queued.pop(start.run_id)
@@ -683,6 +691,12 @@ class Supervisor:
 
     async def _launch(self, run: _ActiveRun, executor: Executor) -> Handle | None:
         """Preparing and Starting: returns the started run's handle, or None once a failure is recorded."""
+        try:
+            return await self._launch_prepared(run, executor)
+        finally:
+            self.ready.go()   # the copies this start wanted are made now, no longer competing with it
+
+    async def _launch_prepared(self, run: _ActiveRun, executor: Executor) -> Handle | None:
         launch = await self._prepare(run, executor)
         if launch is None:
             return None

@@ -5,8 +5,10 @@
   should it die) fork the shim into them, in a session of its own. With cgroups, the next
   run's shim is forked ahead into a spare group, which is renamed to the run's when the run
   comes: joining a cgroup waits for an RCU grace period of the kernel (about 10 ms), and a run
-  then does not wait for it. Given its plan, the shim pins itself to the run's cores (the run
-  inherits them), joins the cgroups it is not in yet, drops to the run's user, starts the
+  then does not wait for it. An ended run's empty group is renamed to be the next spare's, where it
+  carries nothing that run would inherit (``RunCgroups.reusable``). Given its plan, the shim pins
+  itself to the run's cores (the run inherits them), joins the cgroups it is not in yet, drops to
+  the run's user, starts the
   ranks, reports their pids, and from then on owns the run: its logs, its ranks, the memory
   watchdog, killing all of it, and its exit status, written atomically to
   ``RunDir.exit_status``.
@@ -237,6 +239,8 @@ class LocalExecutor(Executor):
         self._spares: list[_Waiting] = []
         self._spare_names = 0
         self._refilling = False
+        # Ended runs' empty tracking groups, renamed for the next spares (see RunCgroups.recycle).
+        self._free_groups: list[str] = []
 
     @property
     def containment(self) -> str:
@@ -292,8 +296,7 @@ class LocalExecutor(Executor):
         self._refilling = True
         try:
             while len(self._spares) < SPARE_SHIMS:
-                self._spare_names += 1
-                group = self.cgroups.create_spare(f"spare-{os.getpid()}-{self._spare_names}")
+                group = self._free_groups.pop() if self._free_groups else self.cgroups.create_spare(self._spare_name())
                 try:
                     self._spares.append(await self._forkserver.fork([group]))
                 except BaseException:
@@ -303,6 +306,10 @@ class LocalExecutor(Executor):
             log.warning("shim.spare.failed", error=str(exc))
         finally:
             self._refilling = False
+
+    def _spare_name(self) -> str:
+        self._spare_names += 1
+        return f"spare-{os.getpid()}-{self._spare_names}"
 
     async def _discard(self, spare: _Waiting) -> None:
         spare.close()   # it ends at once; killed should it not
@@ -367,6 +374,18 @@ class LocalExecutor(Executor):
     @staticmethod
     async def _hand_plan(shim: _Waiting, plan: bytes) -> bool:
         """Write the plan and close the pipe; False if the shim is gone."""
+        os.set_blocking(shim.plan, False)
+        try:
+            # A plan fits in the empty pipe's buffer: written at once, with no stream to set up.
+            plan = plan[os.write(shim.plan, plan):]
+        except BlockingIOError:
+            pass
+        except BrokenPipeError:
+            return False
+        if not plan:
+            os.close(shim.plan)
+            shim.plan = None
+            return True
         async with trio.lowlevel.FdStream(shim.plan) as stream:
             shim.plan = None
             try:
@@ -441,6 +460,9 @@ class LocalExecutor(Executor):
     async def aclose(self) -> None:
         while self._spares:
             await self._discard(self._spares.pop())
+        if self._free_groups:
+            self.cgroups.remove(self._free_groups)
+            self._free_groups = []
         self._forkserver.close()
         if self.cgroups is not None:
             self.cgroups.remove_roots()
@@ -452,6 +474,8 @@ class LocalExecutor(Executor):
             return
         keep = {Path(group).name for handle in owned for group in handle.cgroups}
         for groups in self.cgroups.orphans(keep):
+            if Path(groups[0]).name.startswith(f"spare-{os.getpid()}-"):
+                continue   # this agent's own: an ended run's group, recycled meanwhile (see _release)
             log.warning("run.orphan.killed", group=groups[0])
             await self._kill_groups(groups)
             self.cgroups.remove(groups)
@@ -465,19 +489,27 @@ class LocalExecutor(Executor):
             signal_all(related_processes(set(handle.pids), set()), signal.SIGKILL)
 
     @staticmethod
-    async def _kill_groups(groups: list[str]) -> None:
-        """SIGKILL every process in the run's tracking group until none is left (bounded)."""
+    async def _kill_groups(groups: list[str]) -> bool:
+        """SIGKILL every process in the run's tracking group until none is left (bounded); whether none is."""
         if not groups:
-            return
+            return True
         for _ in range(200):
             left = cgroup_processes(groups[0])
             if not left:
-                return
+                return True
             signal_all(left, signal.SIGKILL)
             await trio.sleep(0.01)
         log.warning("cgroups.kill.incomplete", group=groups[0], left=len(cgroup_processes(groups[0])))
+        return False
 
     async def _release(self, handle: LocalHandle) -> None:
         if handle.cgroups and self.cgroups is not None:
-            await self._kill_groups(list(handle.cgroups))
-            self.cgroups.remove(list(handle.cgroups))
+            groups = list(handle.cgroups)
+            if await self._kill_groups(groups) and len(self._free_groups) < SPARE_SHIMS \
+                    and self.cgroups.reusable(groups[0]):
+                try:
+                    self._free_groups.append(self.cgroups.recycle(groups[0], self._spare_name()))
+                    groups = groups[1:]
+                except OSError as exc:
+                    log.warning("cgroups.recycle.failed", group=groups[0], error=str(exc))
+            self.cgroups.remove(groups)

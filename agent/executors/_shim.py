@@ -353,10 +353,9 @@ def _drop_privileges(plan: dict) -> None:
     os.setuid(uid)
 
 
-def run(plan: dict, status: int, join: list[str]) -> int:
-    """One shim, from its plan to its exit record (see the module doc); returns the shim's exit code.
-
-    ``join``: the cgroups it joins now (those it is not in already)."""
+def become_shim(status: int) -> int:
+    """What a shim sets up before its plan (none of it depends on the run, so a spare does it while it
+    waits); returns its start time."""
     os.set_inheritable(status, False)   # the run's processes get nothing of the shim's but their logs
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -367,6 +366,13 @@ def run(plan: dict, status: int, join: list[str]) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    return process_start_time(os.getpid())
+
+
+def run(plan: dict, status: int, join: list[str], start_time: int | None) -> int:
+    """One shim, from its plan to its exit record (see the module doc); returns the shim's exit code.
+
+    ``join``: the cgroups it joins now (those it is not in already); ``start_time``: ``become_shim``'s."""
     shim = Shim(plan)
     try:
         if plan.get("cores"):
@@ -378,12 +384,14 @@ def run(plan: dict, status: int, join: list[str]) -> int:
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)
-        reserve_exit(plan["exit_path"])
         shim.start()
     except (StartError, OSError) as exc:
         _report(status, {"error": str(exc), "errno": exc.errno})
         return 127
-    _report(status, {"pids": shim.pids, "shim": os.getpid(), "start_time": process_start_time(os.getpid())})
+    _report(status, {"pids": shim.pids, "shim": os.getpid(), "start_time": start_time})
+    # After the report: a file creation less on the way to the run's start; the room is still taken
+    # before the shim waits for the run, and its record can only be written after that wait.
+    reserve_exit(plan["exit_path"])
     shim.supervise()
     shim.sweep()
     write_exit(plan["exit_path"], shim.result())
@@ -475,6 +483,7 @@ def _wait_for_plan(groups: list[str], status: int, plan_fd: int) -> int:
     except OSError as exc:
         _report(status, {"error": f"cannot join the run's cgroup: {exc}", "errno": exc.errno})
         return 127
+    start_time = become_shim(status)
     body = bytearray()
     while chunk := os.read(plan_fd, 1 << 16):
         body += chunk
@@ -482,7 +491,7 @@ def _wait_for_plan(groups: list[str], status: int, plan_fd: int) -> int:
     if not body:
         return 0   # not needed after all
     plan = json.loads(body)
-    return run(plan, status, plan.get("join") or [])
+    return run(plan, status, plan.get("join") or [], start_time)
 
 
 def _report(status: int, report: dict) -> None:
@@ -499,7 +508,8 @@ def main(argv: list[str]) -> int:
     if argv[1] == "--forkserver":
         return serve(int(argv[2]))
     plan = json.loads(sys.stdin.buffer.read())
-    return run(plan, int(argv[1]), plan.get("cgroups") or [])
+    status = int(argv[1])
+    return run(plan, status, plan.get("cgroups") or [], become_shim(status))
 
 
 if __name__ == "__main__":

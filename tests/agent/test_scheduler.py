@@ -138,6 +138,25 @@ def test_never_over_allocates(situation):
 
 @settings(max_examples=400)
 @given(situations())
+def test_a_pass_that_stops_early_starts_exactly_what_a_full_pass_starts(situation):
+    """Without reasons, a pass stops once the machine is full: the same starts, the reasons of the runs it
+    looked at, and it says whether it looked at them all."""
+    queue, active, capacity = situation
+    full = schedule(queue, active, capacity, 0)
+    quick = schedule(queue, active, capacity, 0, explain=False)
+    assert quick.starts == full.starts
+    assert quick.waiting.items() <= full.waiting.items()
+    assert quick.explained == (quick.waiting == full.waiting)
+
+
+def test_a_long_queue_on_a_full_machine_is_not_walked_through():
+    queue = [run(i) for i in range(1000)]
+    d = schedule(queue, [], cap(cpus=2, max_runs=2), 0, explain=False)
+    assert started(d) == ["r0", "r1"] and not d.explained and len(d.waiting) == 0
+
+
+@settings(max_examples=400)
+@given(situations())
 def test_idle_machine_makes_progress(situation):
     """With nothing running, some run starts if any run fits the machine at all."""
     queue, _, capacity = situation

@@ -176,6 +176,44 @@ def test_spare_shims_go_with_the_agent_or_with_the_next_one(make_agent, source):
     assert not left & {group.name for group in spares()}
 
 
+def test_an_ended_runs_empty_group_becomes_the_next_spares(make_agent, source):
+    """An ended run's tracking group is renamed for the next spare shim (no rmdir and mkdir per run); a group
+    that carries a limit (a v1 memory group) is removed."""
+    from labrun.agent._cgroups import RunCgroups
+    from labrun.agent.executors._base import agent_id
+
+    agent = make_agent("[resources]\nmax_concurrent_runs = 1\n")
+    cgroups = RunCgroups.detect(name=agent_id(agent.state_dir))
+    if cgroups is None:
+        pytest.skip("no cgroup can be made here: spare shims wait only in cgroups")
+    assert submit(agent, source, ["true"]).wait_for_completion()["status"] == "Completed"
+    run = submit(agent, source, "sleep 1", resources={"memory": "64M"})
+    wait_until(lambda: (cgroups.tracking / run.id).is_dir(), what="the run's group")
+    inode = (cgroups.tracking / run.id).stat().st_ino
+    memory = cgroups.memory / run.id if cgroups.version == 1 and cgroups.memory is not None else None
+    assert memory is None or memory.is_dir()
+    assert run.wait_for_completion()["status"] == "Completed"
+
+    def spare_inodes() -> set[int]:
+        return {g.stat().st_ino for g in cgroups.tracking.iterdir() if g.name.startswith("spare-")}
+
+    if cgroups.reusable(str(cgroups.tracking / run.id)):
+        wait_until(lambda: inode in spare_inodes() and not (cgroups.tracking / run.id).exists(),
+                   what="the run's group recycled as a spare's")
+    wait_until(lambda: memory is None or not memory.exists(), what="the run's memory group removed")
+    assert submit(agent, source, ["true"]).wait_for_completion()["status"] == "Completed"
+
+
+def test_groups_with_limits_or_counts_are_not_recycled(tmp_path):
+    from labrun.agent._cgroups import RunCgroups
+
+    v1 = RunCgroups(version=1, tracking=tmp_path / "pids", memory=tmp_path / "memory")
+    assert v1.reusable(str(tmp_path / "pids" / "run")) and not v1.reusable(str(tmp_path / "memory" / "run"))
+    v2 = RunCgroups(version=2, tracking=tmp_path / "runs", memory=tmp_path / "runs")
+    assert not v2.reusable(str(tmp_path / "runs" / "run"))   # memory.max and memory.events live on it
+    assert RunCgroups(version=2, tracking=tmp_path / "runs").reusable(str(tmp_path / "runs" / "run"))
+
+
 def test_short_runs_back_to_back_all_start(make_agent, source):
     """Runs starting faster than spare shims join their groups: each run gets a spare that is ready, or a
     shim of its own."""
