@@ -28,7 +28,9 @@ the whole history is fuzzed too, but costs time in proportion to the history.
 Every batch on a live connection ends with a ``status`` request that must be answered
 within ``HANG_SECONDS``, and a separate probe asks ``status`` every second: a missing
 answer is a *hang*; the agent process exiting is a *crash*. Pass: no crash, no hang, and
-the agent's RSS at the end within 10% of its RSS after the warm-up, and its open
+no ``internal`` reply (each is logged by the agent with its traceback, and the first
+ones are kept in the results), the agent's RSS at the end within 10% of its RSS after
+the warm-up, and its open
 descriptors at the end no more than ``FD_SLACK`` above their number after the warm-up
 (a passed file the agent failed to close shows up there).
 
@@ -531,7 +533,8 @@ async def fuzz(args, process: subprocess.Popen, sock: Path, fds: list[int]) -> d
         "rss_growth": None if growth is None else round(growth, 4),
         "agent_fds": agent_fds,
         "passed": not crashed and not fuzzer.hangs and growth is not None and growth <= 0.10
-                  and agent_fds.get("end", math.inf) <= agent_fds.get("start", 0) + FD_SLACK,
+                  and agent_fds.get("end", math.inf) <= agent_fds.get("start", 0) + FD_SLACK
+                  and "internal" not in fuzzer.replies,
     }
 
 
@@ -543,8 +546,9 @@ def markdown(result: dict) -> str:
         "",
         "`scripts/fuzz` (bench/fuzz.py): random bytes, truncated and oversized frames, random envelopes,",
         "well-formed requests of every op with random values for every argument, and open files passed with",
-        "frames (SCM_RIGHTS), against one live `labrund`. Pass: 0 crashes, 0 hangs, agent RSS at the end within 10%",
-        "of its RSS after warm-up, and no descriptors left open beyond a small slack. Both readings are",
+        "frames (SCM_RIGHTS), against one live `labrund`. Pass: 0 crashes, 0 hangs, no `internal` reply, agent",
+        "RSS at the end within 10% of its RSS after warm-up, and no descriptors left open beyond a small slack.",
+        "Both readings are",
         "taken quiet (fuzzing paused, the fuzzer's runs ended, the MLflow mirror caught up); see bench/fuzz.py.",
         "",
         "| measure | value |",
@@ -563,6 +567,7 @@ def markdown(result: dict) -> str:
         f"| waited for quiet (runs ended, mirror caught up) before the readings | {waited} |",
         f"| crashes | {result['crashes']} |",
         f"| hangs | {len(result['hangs'])} |",
+        f"| `internal` replies (bugs found) | {result['replies'].get('internal', 0)} |",
         f"| agent RSS at launch / after warm-up / at the end | {result['rss_mib'].get('launch')} / "
         f"{result['rss_mib'].get('start')} / {result['rss_mib'].get('end')} MiB |",
         f"| RSS growth since warm-up | {growth} |",
@@ -603,6 +608,9 @@ def main(argv=None) -> int:
                     process.kill()
         if result["crashes"]:
             result["agent_log_tail"] = (root / "agent.log").read_text()[-4000:]
+        # What an internal error was (a bug found): the agent logs each with its traceback.
+        result["internal_errors"] = [line for line in (root / "agent.log").read_text().splitlines()
+                                     if '"request.failed"' in line][:5]
         if args.agent_log:
             args.agent_log.write_bytes((root / "agent.log").read_bytes())
     text = json.dumps(result, indent=2)
