@@ -15,6 +15,13 @@ Small files are read whole into memory, hashed and written straight to their pla
 store: they are pinned first, so no collection can remove them meanwhile, and created there with
 ``O_EXCL``, so what another writer put there is replaced whole (by rename), never rewritten.
 
+Nothing touches a passed file in the event loop: its filesystem may be a user's own (FUSE), whose daemon
+can leave any call on it (``fstat``, a read, the flush of its ``close``) waiting forever. Each such call
+is made in one of its user's worker threads (``check_all``, ``look_again``, ``close_all`` and the copies),
+so that a hung file holds that user's threads and no one else's; the calls that only read into the agent's
+own buffers are abandoned when their request is cancelled, so that a hung file never keeps the agent from
+stopping.
+
 Blocking functions, but for ``ingest`` and ``copy_large``, which run them in worker threads.
 """
 
@@ -71,6 +78,20 @@ def check(fd: int, index: int, max_bytes: int) -> os.stat_result:
         raise TooLarge(f"blob_fds: file {index} has {st.st_size} bytes, over this agent's snapshot limit of "
                        f"{max_bytes} bytes", details={"index": index})
     return st
+
+
+def check_all(fds: list[int], max_bytes: int) -> list[tuple[int, int, os.stat_result]]:
+    """``(index, fd, stat)`` of each passed descriptor, by ``check``. Blocking."""
+    return [(index, fd, check(fd, index, max_bytes)) for index, fd in enumerate(fds)]
+
+
+def close_all(fds: list[int]) -> None:
+    """Close passed descriptors. Blocking: a close flushes the file to its filesystem, which may never answer."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass   # closed all the same (the error is its filesystem's, e.g. a FUSE daemon gone)
 
 
 def read_small(files: list[tuple[int, int, os.stat_result]]) -> list[tuple[str, bytes]]:
@@ -168,10 +189,15 @@ async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.Capac
                 raise _first(group) from None   # (the other thread, if it failed too, failed for the same cause)
             last = offset, count
         await trio.to_thread.run_sync(hash_range, hasher, mapped, *last, limiter=limiter)
-    if os.pread(src, 1, st.st_size):
-        raise Changed   # longer than it was
-    unchanged(src, st)
+    await trio.to_thread.run_sync(look_again, src, st, limiter=limiter, abandon_on_cancel=True)
     return hasher.hexdigest()
+
+
+def look_again(src: int, before: os.stat_result) -> None:
+    """Raises ``Changed`` if ``src`` is longer than it was, or has changed since ``before``. Blocking."""
+    if os.pread(src, 1, before.st_size):
+        raise Changed   # longer than it was
+    unchanged(src, before)
 
 
 async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: list[str],
@@ -187,7 +213,7 @@ async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: 
     digests = {}
     for group in groups([file for file in files if file[2].st_size <= SMALL]):
         async with memory:
-            read = await trio.to_thread.run_sync(read_small, group, limiter=limiter)
+            read = await trio.to_thread.run_sync(read_small, group, limiter=limiter, abandon_on_cancel=True)
             hashes = [digest for digest, _ in read]
             content.pin(hashes)
             pinned.extend(hashes)

@@ -197,7 +197,7 @@ async def _serve(config: AgentConfig, store: Store, faults: Faults, executors: d
                 else:
                     listener = await open_unix_listener(config.socket, system=config.system, group=config.socket_group)
                     socket_inode = os.stat(config.socket).st_ino
-                await nursery.start(partial(trio.serve_listeners, ConnectionHandler(config, service, limits),
+                await nursery.start(partial(trio.serve_listeners, ConnectionHandler(config, service, limits, handlers),
                                             [listener], handler_nursery=handlers))
                 _lifecycle_event(store, faults, "agent.started", {"version": __version__, "pid": os.getpid()})
                 log.info("agent.started", socket=str(config.socket), state_dir=str(config.state_dir),

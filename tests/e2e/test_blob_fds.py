@@ -2,6 +2,7 @@
 keeps a descriptor a client passed, whatever the client does."""
 
 import array
+import contextlib
 import hashlib
 import os
 import socket
@@ -16,6 +17,7 @@ from labrun._connection import AgentConnection
 from labrun.exceptions import BadRequest, TooLarge, Unavailable
 from labrun.protocol import PROTOCOL_VERSION, FrameDecoder, pack_frame
 from tests.e2e.test_agent import wait_until
+from tests.hostile_fuse import HostileFuse
 
 SMALL_LIMIT = 1 << 20   # the agent reads up to this size into memory, and copies larger files in the kernel
 
@@ -277,3 +279,55 @@ def test_contents_stored_before_a_later_file_failed_are_collected_with_the_conne
     finally:
         for fd in fds:
             os.close(fd)
+
+
+@pytest.fixture
+def hostile_fuse(tmp_path):
+    """A FUSE mount whose daemon stops answering on demand (any user can have one: fusermount, user namespaces)."""
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a FUSE filesystem: run it as root")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    fs = HostileFuse(mountpoint, os.urandom(SMALL_LIMIT + 4321))
+    yield fs
+    fs.close()
+
+
+def answers_hello(agent, timeout: float) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(agent.socket))
+        sock.sendall(pack_frame({"id": 1, "op": "hello", "args": {"protocol": PROTOCOL_VERSION}}))
+        return bool(FrameDecoder().feed(sock.recv(65536)))
+    except TimeoutError:
+        return False
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("hang, after_end", [
+    pytest.param("getattr", False, id="fstat of the passed file"),
+    pytest.param("getattr", True, id="the last look at the file after its copy"),
+    pytest.param("flush", False, id="the close of the passed file"),
+])
+def test_a_passed_file_whose_filesystem_stops_answering_holds_up_no_one_else(agent, hostile_fuse, hang, after_end):
+    fd = os.open(hostile_fuse.file, os.O_RDONLY)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        hostile_fuse.stop_answering(hang, after_end=after_end)
+        sock.connect(str(agent.socket))
+        sock.sendall(pack_frame({"id": 1, "op": "hello", "args": {"protocol": PROTOCOL_VERSION}}))
+        send_with_fds(sock, pack_frame({"id": 2, "op": "blob_fds", "args": {"count": 1}}), [fd])
+        wait_until(lambda: hostile_fuse.unanswered, what="the agent to wait on the hostile filesystem")
+        assert answers_hello(agent, timeout=10), "one user's file stopped the agent for everyone"
+    finally:
+        sock.close()
+        hostile_fuse.close()   # every request still waiting fails: the agent's thread comes back
+        with contextlib.suppress(OSError):
+            os.close(fd)   # (closed, with the error of a filesystem gone)
+    fds = Path(f"/proc/{agent.process.pid}/fd")
+    wait_until(lambda: not any(os.readlink(link).startswith(str(hostile_fuse.mountpoint))
+                               for link in fds.iterdir() if link.is_symlink()),
+               what="the agent to close the passed descriptor")
+    assert answers_hello(agent, timeout=10)
