@@ -5,6 +5,7 @@ import array
 import contextlib
 import hashlib
 import os
+import resource
 import socket
 import stat
 import struct
@@ -331,3 +332,33 @@ def test_a_passed_file_whose_filesystem_stops_answering_holds_up_no_one_else(age
                                for link in fds.iterdir() if link.is_symlink()),
                what="the agent to close the passed descriptor")
     assert answers_hello(agent, timeout=10)
+
+
+def test_passed_files_never_take_the_descriptors_the_agent_keeps_for_itself(agent, tmp_path):
+    """However many connections a user opens, the files it passes and keeps queued (a frame never finished) leave
+    the agent ``reserved_fds`` descriptors and more: the agent is not at its open-file limit for everyone else."""
+    limit, reserved = 1024, 128   # (the agent raises its soft limit to the hard one at start: both are set)
+    resource.prlimit(agent.process.pid, resource.RLIMIT_NOFILE, (limit, limit))
+    (tmp_path / "file").write_bytes(b"data")
+    fd = os.open(tmp_path / "file", os.O_RDONLY)
+    socks = []
+    try:
+        for _ in range(16):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(agent.socket))
+            socks.append(sock)
+            sock.sendall(pack_frame({"id": 1, "op": "hello", "args": {"protocol": PROTOCOL_VERSION}}))
+            sock.sendall(struct.pack(">I", 1 << 20))   # a frame that never ends: the files stay queued
+            try:
+                for _ in range(64):   # one at a time, 64 per connection (far below passed_fds_per_connection)
+                    sock.sendmsg([b"\x00"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+            except OSError:
+                continue   # refused: the agent closed this connection
+        time.sleep(0.5)
+        held = len(os.listdir(f"/proc/{agent.process.pid}/fd"))
+        assert held <= limit - reserved, f"the agent holds {held} descriptors of its {limit}"
+        assert answers_hello(agent, timeout=10)
+    finally:
+        for sock in socks:
+            sock.close()
+        os.close(fd)
