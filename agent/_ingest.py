@@ -51,6 +51,15 @@ _KINDS = ((stats.S_ISDIR, "a directory"), (stats.S_ISFIFO, "a FIFO"), (stats.S_I
           (stats.S_ISCHR, "a character device"), (stats.S_ISBLK, "a block device"), (stats.S_ISLNK, "a link"))
 
 
+# Filesystems whose files the agent does not read for a user. FUSE: each stat, read or close of a file is a request
+# to its daemon, possibly the user's own, which can leave the agent's thread waiting for ever (past its exit: a
+# request already sent is waited for uninterruptibly). The kernel's own (proc, sysfs...): some of their files check
+# the reader's rights when read, not when opened, so the agent would read what only root may. A client passes its
+# bytes instead (``blob_put``). A mount the agent cannot see (in a user's own mount namespace) is refused too.
+_REFUSED_FILESYSTEMS = frozenset({"fuse", "fuseblk", "fusectl", "proc", "sysfs", "debugfs", "tracefs", "securityfs",
+                                  "configfs", "cgroup", "cgroup2", "bpf", "efivarfs", "pstore"})
+
+
 class Changed(Exception):
     """The file changed while it was being copied."""
 
@@ -60,16 +69,51 @@ def changed(index: int) -> BadRequest:
                       details={"index": index, "reason": "changed"})
 
 
-def check(fd: int, index: int, max_bytes: int) -> os.stat_result:
-    """The ``fstat`` of a passed descriptor, if the agent may take a content from it.
+def mounts() -> dict[str, str]:
+    """The filesystem type of each mount, by mount id: those of the agent's mount namespace and of the machine's
+    (init's: a service manager may give the agent a namespace of its own, whose copies of the mounts have other
+    ids). Mount ids are unique on the machine, so an id names the same mount in any list that has it. Blocking."""
+    types = {}
+    for source in ("/proc/1/mountinfo", "/proc/self/mountinfo"):
+        try:
+            with open(source) as info:
+                for line in info:
+                    fields = line.split()
+                    if "-" in fields:
+                        types[fields[0]] = fields[fields.index("-") + 1]
+        except OSError:
+            pass   # not there: a file on a mount no list has is refused, and the client sends bytes
+    return types
+
+
+def filesystem(fd: int, types: dict[str, str]) -> str | None:
+    """The type of the filesystem ``fd`` is on, learnt without any call on the file itself; None if unknown."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as info:
+            for line in info:
+                if line.startswith("mnt_id:"):
+                    return types.get(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def check(fd: int, index: int, max_bytes: int, types: dict[str, str] | None = None) -> os.stat_result:
+    """The ``fstat`` of a passed descriptor, if the agent may take a content from it; ``types``: ``mounts()``.
 
     Raises:
-        BadRequest: not open for reading, or not a regular file (``details.index`` says which).
+        BadRequest: not open for reading, not a regular file, or on a filesystem the agent does not read for
+            users (``details.index`` says which; ``details.reason`` is ``"filesystem"`` for the last).
         TooLarge: bigger than ``max_bytes``.
     """
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     if flags & getattr(os, "O_PATH", 0) or flags & os.O_ACCMODE == os.O_WRONLY:
         raise BadRequest(f"blob_fds: file {index} is not open for reading", details={"index": index})
+    kind = filesystem(fd, mounts() if types is None else types)
+    if kind is None or kind in _REFUSED_FILESYSTEMS or kind.startswith("fuse."):
+        raise BadRequest(f"blob_fds: file {index} is on a filesystem the agent does not read for users "
+                         f"({kind or 'a mount it cannot see'}); send its bytes instead (blob_put)",
+                         details={"index": index, "reason": "filesystem"})
     st = os.fstat(fd)
     if not stats.S_ISREG(st.st_mode):
         kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
@@ -82,7 +126,8 @@ def check(fd: int, index: int, max_bytes: int) -> os.stat_result:
 
 def check_all(fds: list[int], max_bytes: int) -> list[tuple[int, int, os.stat_result]]:
     """``(index, fd, stat)`` of each passed descriptor, by ``check``. Blocking."""
-    return [(index, fd, check(fd, index, max_bytes)) for index, fd in enumerate(fds)]
+    types = mounts()
+    return [(index, fd, check(fd, index, max_bytes, types)) for index, fd in enumerate(fds)]
 
 
 def close_all(fds: list[int]) -> None:

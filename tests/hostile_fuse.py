@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 LOOKUP, FORGET, GETATTR, OPEN, READ, RELEASE, FLUSH, INIT, INTERRUPT, BATCH_FORGET = 1, 2, 3, 14, 15, 18, 25, 26, 36, 42
+CLOSING = {FLUSH, RELEASE, FORGET, BATCH_FORGET}   # what the close of a file asks, and nothing else
 _NO_REPLY = {FORGET, INTERRUPT, BATCH_FORGET}
 _NAMES = {"getattr": GETATTR, "flush": FLUSH, "read": READ}
 _IN = struct.Struct("<IIQQIIIHH")
@@ -31,6 +32,7 @@ class HostileFuse:
         self.content = content
         self.hang: set[int] = set()
         self.unanswered: list[int] = []   # opcodes left waiting
+        self.requests: list[int] = []     # opcodes of every request, in order
         self._stop = False
         self._after_end: set[int] = set()
         self._fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
@@ -83,6 +85,7 @@ class HostileFuse:
                 return   # unmounted
             length, opcode, unique, node, *_ = _IN.unpack_from(request)
             body = request[_IN.size:length]
+            self.requests.append(opcode)
             if opcode in _NO_REPLY:
                 continue
             if opcode in self.hang:

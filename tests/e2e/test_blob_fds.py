@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from labrun._connection import AgentConnection
+from labrun._snapshot import upload
 from labrun.exceptions import BadRequest, TooLarge, Unavailable
 from labrun.protocol import PROTOCOL_VERSION, FrameDecoder, pack_frame
 from tests.e2e.test_agent import wait_until
-from tests.hostile_fuse import HostileFuse
+from tests.hostile_fuse import CLOSING, FLUSH, HostileFuse
 
 SMALL_LIMIT = 1 << 20   # the agent reads up to this size into memory, and copies larger files in the kernel
 
@@ -307,31 +308,55 @@ def answers_hello(agent, timeout: float) -> bool:
         sock.close()
 
 
-@pytest.mark.parametrize("hang, after_end", [
-    pytest.param("getattr", False, id="fstat of the passed file"),
-    pytest.param("getattr", True, id="the last look at the file after its copy"),
-    pytest.param("flush", False, id="the close of the passed file"),
-])
-def test_a_passed_file_whose_filesystem_stops_answering_holds_up_no_one_else(agent, hostile_fuse, hang, after_end):
+def test_a_passed_file_on_fuse_is_refused_without_a_request_to_its_daemon(agent, hostile_fuse):
+    """Each stat or read of a FUSE file is a request to its daemon, which a user's own can leave unanswered for
+    ever (and a process with a request waiting cannot even exit): the agent asks it nothing, and says why."""
     fd = os.open(hostile_fuse.file, os.O_RDONLY)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        hostile_fuse.stop_answering(hang, after_end=after_end)
+        hostile_fuse.requests.clear()
+        hostile_fuse.stop_answering("getattr", "read")
         sock.connect(str(agent.socket))
         sock.sendall(pack_frame({"id": 1, "op": "hello", "args": {"protocol": PROTOCOL_VERSION}}))
         send_with_fds(sock, pack_frame({"id": 2, "op": "blob_fds", "args": {"count": 1}}), [fd])
-        wait_until(lambda: hostile_fuse.unanswered, what="the agent to wait on the hostile filesystem")
-        assert answers_hello(agent, timeout=10), "one user's file stopped the agent for everyone"
+        sock.settimeout(10)
+        decoder, frames = FrameDecoder(), []
+        while len(frames) < 2:
+            frames += decoder.feed(sock.recv(65536))   # (a timeout here: the agent asked the daemon)
+        error = frames[1]["error"]
+        assert "file 0 is on a filesystem the agent does not read for users" in error["message"]
+        assert error["details"]["reason"] == "filesystem"
+        wait_until(lambda: FLUSH in hostile_fuse.requests, what="the agent to close the file")
+        assert set(hostile_fuse.requests) <= CLOSING and not hostile_fuse.unanswered
     finally:
         sock.close()
+        hostile_fuse.close()
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def test_a_passed_file_whose_close_never_returns_holds_up_no_one_else(agent, connection, hostile_fuse):
+    """The agent's close of a passed file flushes it to its filesystem: closes are made in its user's worker
+    threads, never in the event loop, so a daemon that never answers holds up no one else."""
+    fd = os.open(hostile_fuse.file, os.O_RDONLY)
+    try:
+        hostile_fuse.stop_answering("flush")
+        with pytest.raises(BadRequest, match="filesystem"):
+            connection.call_passing("blob_fds", [fd], count=1)
+        wait_until(lambda: FLUSH in hostile_fuse.unanswered, what="the agent to close the file")
+        assert answers_hello(agent, timeout=10), "one user's file stopped the agent for everyone"
+        assert connection.call("status")
+    finally:
         hostile_fuse.close()   # every request still waiting fails: the agent's thread comes back
         with contextlib.suppress(OSError):
             os.close(fd)   # (closed, with the error of a filesystem gone)
-    fds = Path(f"/proc/{agent.process.pid}/fd")
-    wait_until(lambda: not any(os.readlink(link).startswith(str(hostile_fuse.mountpoint))
-                               for link in fds.iterdir() if link.is_symlink()),
-               what="the agent to close the passed descriptor")
-    assert answers_hello(agent, timeout=10)
+
+
+def test_a_client_sends_the_bytes_of_files_the_agent_does_not_read(agent, connection, hostile_fuse):
+    digest = sha(hostile_fuse.content)
+    upload(connection, [(digest, str(hostile_fuse.file), len(hostile_fuse.content))])
+    assert connection.agent["blob_fds"] == 0   # bytes from now on, on this connection
+    assert (agent.state_dir / "cas" / "objects" / digest[:2] / digest).read_bytes() == hostile_fuse.content
 
 
 def test_passed_files_never_take_the_descriptors_the_agent_keeps_for_itself(agent, tmp_path):
