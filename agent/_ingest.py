@@ -3,7 +3,8 @@
 The client opened each file itself, with its own rights, and passed the descriptor over the
 socket (SCM_RIGHTS); the agent never opens a user's path. A descriptor is taken only if it is
 open for reading and is a regular file (not a directory, FIFO, device or socket) within the
-snapshot limit, by ``fstat`` of the descriptor: a size the client declares is never trusted.
+snapshot limit, by ``fstat`` of the descriptor (a size the client declares is never trusted), and is on a
+filesystem the agent reads for users (``check``).
 
 Each content is copied first, into a temporary file of the agent's, and the hash is taken of that
 copy (or, for a small file, of the agent's own buffer that is then written): a user rewriting
@@ -15,12 +16,12 @@ Small files are read whole into memory, hashed and written straight to their pla
 store: they are pinned first, so no collection can remove them meanwhile, and created there with
 ``O_EXCL``, so what another writer put there is replaced whole (by rename), never rewritten.
 
-Nothing touches a passed file in the event loop: its filesystem may be a user's own (FUSE), whose daemon
-can leave any call on it (``fstat``, a read, the flush of its ``close``) waiting forever. Each such call
-is made in one of its user's worker threads (``check_all``, ``look_again``, ``close_all`` and the copies),
-so that a hung file holds that user's threads and no one else's; the calls that only read into the agent's
-own buffers are abandoned when their request is cancelled, so that a hung file never keeps the agent from
-stopping.
+A file on FUSE is refused before any call on it (its filesystem is learnt from ``/proc``): its daemon, possibly
+the user's own, can leave any call on it waiting for ever. The close of a passed file still asks its daemon
+(a flush), and any other call could wait on a slow filesystem: nothing touches a passed file in the event loop.
+Each call is made in one of its user's worker threads (``check_all``, ``look_again``, ``close_all`` and the
+copies), so that a hung file holds that user's threads and no one else's; the calls that only read into the
+agent's own buffers are abandoned when their request is cancelled.
 
 Blocking functions, but for ``ingest`` and ``copy_large``, which run them in worker threads.
 """
@@ -51,13 +52,13 @@ _KINDS = ((stats.S_ISDIR, "a directory"), (stats.S_ISFIFO, "a FIFO"), (stats.S_I
           (stats.S_ISCHR, "a character device"), (stats.S_ISBLK, "a block device"), (stats.S_ISLNK, "a link"))
 
 
-# Filesystems whose files the agent does not read for a user. FUSE: each stat, read or close of a file is a request
-# to its daemon, possibly the user's own, which can leave the agent's thread waiting for ever (past its exit: a
-# request already sent is waited for uninterruptibly). The kernel's own (proc, sysfs...): some of their files check
-# the reader's rights when read, not when opened, so the agent would read what only root may. A client passes its
-# bytes instead (``blob_put``). A mount the agent cannot see (in a user's own mount namespace) is refused too.
-_REFUSED_FILESYSTEMS = frozenset({"fuse", "fuseblk", "fusectl", "proc", "sysfs", "debugfs", "tracefs", "securityfs",
-                                  "configfs", "cgroup", "cgroup2", "bpf", "efivarfs", "pstore"})
+# Filesystems whose files the agent does not read for a user: FUSE's. Each stat, read or close of such a file is a
+# request to its daemon, possibly the user's own, which can leave the agent's thread waiting for ever (past its
+# exit: a request already sent is waited for uninterruptibly). A client sends their bytes instead (``blob_put``).
+# A file on a mount the agent cannot see (in a user's own mount namespace, where FUSE is allowed) is refused too.
+_REFUSED_FILESYSTEMS = frozenset({"fuse", "fuseblk"})
+# What a descriptor on no mount at all links to (sockets, pipes, epoll and the like): never a user's filesystem.
+_INTERNAL = ("socket:", "pipe:", "anon_inode:")
 
 
 class Changed(Exception):
@@ -110,7 +111,8 @@ def check(fd: int, index: int, max_bytes: int, types: dict[str, str] | None = No
     if flags & getattr(os, "O_PATH", 0) or flags & os.O_ACCMODE == os.O_WRONLY:
         raise BadRequest(f"blob_fds: file {index} is not open for reading", details={"index": index})
     kind = filesystem(fd, mounts() if types is None else types)
-    if kind is None or kind in _REFUSED_FILESYSTEMS or kind.startswith("fuse."):
+    if kind is None and not os.readlink(f"/proc/self/fd/{fd}").startswith(_INTERNAL) \
+            or kind in _REFUSED_FILESYSTEMS or (kind or "").startswith("fuse."):
         raise BadRequest(f"blob_fds: file {index} is on a filesystem the agent does not read for users "
                          f"({kind or 'a mount it cannot see'}); send its bytes instead (blob_put)",
                          details={"index": index, "reason": "filesystem"})
