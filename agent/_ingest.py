@@ -90,13 +90,17 @@ def mounts() -> dict[str, str]:
 def filesystem(fd: int, types: dict[str, str]) -> str | None:
     """The type of the filesystem ``fd`` is on, learnt without any call on the file itself; None if unknown."""
     try:
-        with open(f"/proc/self/fdinfo/{fd}") as info:
-            for line in info:
-                if line.startswith("mnt_id:"):
-                    return types.get(line.split()[1])
+        info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(info, 4096)
+        finally:
+            os.close(info)
     except OSError:
-        pass
-    return None
+        return None
+    at = data.find(b"\nmnt_id:")
+    if at < 0:
+        return None
+    return types.get(data[at + 8:data.find(b"\n", at + 1)].strip().decode())
 
 
 def check(fd: int, index: int, max_bytes: int, types: dict[str, str] | None = None) -> os.stat_result:
