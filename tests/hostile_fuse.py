@@ -8,6 +8,7 @@ left unanswered from then on, as a daemon that never answers would.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import errno
 import os
@@ -44,6 +45,8 @@ class HostileFuse:
         self._libc = libc
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
+        # A process cannot exit while it holds a file of a mount whose daemon (its own thread) is gone: end first.
+        atexit.register(self.close)
 
     @property
     def file(self) -> Path:
