@@ -284,12 +284,14 @@ class RunFiles:
                            "its metrics and details are kept")
 
     async def disk_used(self) -> tuple[int, int]:
-        """Bytes under the runs directory and in the snapshot store, measured at most once a minute."""
+        """Bytes under the runs directory and in the snapshot store (with its ready copies), measured at most once
+        a minute."""
         async with self._usage_lock:
             now = time.monotonic()
             if self._usage is None or now - self._usage[0] > DISK_USAGE_TTL_SECONDS:
                 runs = await trio.to_thread.run_sync(disk_usage, self.runs_dir)
-                snapshots = await trio.to_thread.run_sync(disk_usage, self.supervisor.snapshots.root)
+                snapshots = sum([await trio.to_thread.run_sync(disk_usage, root)
+                                 for root in (self.supervisor.snapshots.root, self.supervisor.ready.root)])
                 self._usage = (now, (runs, snapshots))
             return self._usage[1]
 

@@ -12,7 +12,12 @@ passed). Each client connection gets a random *kind*:
 - ``envelope``: well-formed msgpack with random envelopes (ids, ops, arg types);
 - ``requests``: ``hello`` then well-formed requests of every op, with random values
   for every argument, derived from the protocol's own schemas (random types, edge
-  integers such as 2**63, NaN, infinities, NUL and control characters, huge strings).
+  integers such as 2**63, NaN, infinities, NUL and control characters, huge strings);
+- ``fds``: open files passed with frames (SCM_RIGHTS), as ``blob_fds`` passes a
+  snapshot's files: regular files small and large, empty and ``/proc`` ones, and what
+  the agent must refuse (a directory, a device, pipe ends, a socket, a write-only and an
+  ``O_PATH`` descriptor), with ``blob_fds`` requests whose count is right or wrong, with
+  other requests, with broken bytes, and by the hundred in one message.
 
 Submits are fuzzed too. One in twenty has its command, environment, Docker, distribution
 and ``resume_from`` fields pinned (it runs ``true``, if the rest of its random spec is
@@ -23,7 +28,9 @@ the whole history is fuzzed too, but costs time in proportion to the history.
 Every batch on a live connection ends with a ``status`` request that must be answered
 within ``HANG_SECONDS``, and a separate probe asks ``status`` every second: a missing
 answer is a *hang*; the agent process exiting is a *crash*. Pass: no crash, no hang, and
-the agent's RSS at the end within 10% of its RSS after the warm-up.
+the agent's RSS at the end within 10% of its RSS after the warm-up, and its open
+descriptors at the end no more than ``FD_SLACK`` above their number after the warm-up
+(a passed file the agent failed to close shows up there).
 
 Memory is compared between two like moments. The warm-up (``WARMUP_FRAMES`` of the same
 fuzzing) brings the agent to its steady state: SQLite's page and statement caches fill to
@@ -39,6 +46,7 @@ between the two readings is memory the agent keeps for good.
 from __future__ import annotations
 
 import argparse
+import array
 import inspect
 import io
 import json
@@ -46,6 +54,7 @@ import math
 import os
 import random
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -71,6 +80,7 @@ HANG_SECONDS = 30.0
 WARMUP_FRAMES = 50_000
 QUIET_TIMEOUT = 600.0   # at most this long for the fuzzer's runs to end and the mirror to catch up
 SETTLE_SECONDS = 2.0
+FD_SLACK = 32   # descriptors the agent may hold at the end beyond its count after the warm-up (its clients come and go)
 BATCH = 100
 # Spec fields whose valid values would make the agent do heavy or machine-wide work; see the docstring.
 PINNED_SPEC = {"command": ["true"], "script": None, "environment": None, "docker": None, "distributed": None,
@@ -210,9 +220,25 @@ SENTINEL_ID = 10**6
 SENTINEL = frame({"id": SENTINEL_ID, "op": "status", "args": {}})
 
 
+def open_files(root: Path) -> list[int]:
+    """The descriptors the ``fds`` kind passes: what ``blob_fds`` takes, and what it must refuse."""
+    small, large, empty = root / "small", root / "large", root / "empty"
+    small.write_bytes(os.urandom(1024))
+    large.write_bytes(os.urandom(3 << 20))   # over the agent's in-memory size: copied in the kernel
+    empty.write_bytes(b"")
+    read, write = os.pipe()
+    ours, _theirs = socket.socketpair()
+    return [os.open(small, os.O_RDONLY), os.open(large, os.O_RDONLY), os.open(empty, os.O_RDONLY),
+            os.open("/proc/self/status", os.O_RDONLY), os.open(small, os.O_WRONLY), os.open(small, os.O_PATH),
+            os.open(root, os.O_RDONLY | os.O_DIRECTORY), os.open("/dev/null", os.O_RDONLY), read, write,
+            os.dup(ours.fileno())]
+
+
 class Fuzzer:
-    def __init__(self, socket_path: str, seed: int, frames: int, seconds: float, max_frame: int):
+    def __init__(self, socket_path: str, seed: int, frames: int, seconds: float, max_frame: int,
+                 fds: list[int] = ()):
         self.socket_path = socket_path
+        self.fds = list(fds)
         self.seed = seed
         self.target = frames
         self.deadline = time.monotonic() + seconds
@@ -237,7 +263,8 @@ class Fuzzer:
         rng = random.Random(f"{self.seed}-{index}")
         values = Values(rng, self.run_ids)
         while not self.done():
-            kind = rng.choices(["bytes", "truncated", "oversized", "envelope", "requests"], [1, 1, 1, 2, 10])[0]
+            kind = rng.choices(["bytes", "truncated", "oversized", "envelope", "requests", "fds"],
+                               [1, 1, 1, 2, 10, 1 if self.fds else 0])[0]
             try:
                 await getattr(self, f"_{kind}")(rng, values)
             except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -290,6 +317,43 @@ class Fuzzer:
                 data += frame(values.request(i + 1))
                 self.sent["requests"] += 1
             await self._exchange(stream, bytes(data))
+
+    async def _fds(self, rng, values) -> None:
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.connect(self.socket_path)
+        stream = trio.SocketStream(sock)
+        async with stream:
+            if rng.random() < 0.9:
+                await stream.send_all(HELLO)
+            for i in range(rng.randint(1, 10)):
+                count = rng.choice([1, 1, 2, 3, 5, 253, 254, 600])
+                passed = [rng.choice(self.fds) for _ in range(count)]
+                shape = rng.choices(["right", "wrong", "other", "bytes"], [6, 2, 1, 1])[0]
+                if shape == "right":
+                    data = frame({"id": i + 1, "op": "blob_fds", "args": {"count": count}})
+                elif shape == "wrong":
+                    data = frame({"id": i + 1, "op": "blob_fds", "args": {"count": rng.choice([count + 1, count - 1,
+                                                                                             values.anything()])}})
+                elif shape == "other":
+                    data = frame(values.request(i + 1))
+                else:
+                    data = rng.randbytes(rng.choice([1, 4, 100]))
+                # A message carries at most 253 descriptors: the rest go with the frame's next bytes, one each.
+                chunks = [passed[at:at + 253] for at in range(0, len(passed), 253)]
+                try:
+                    for at, part in enumerate(chunks):
+                        piece = data[at:at + 1] if at < len(chunks) - 1 else data[at:]
+                        if not piece:
+                            break
+                        sent = await sock.sendmsg([piece], [(trio.socket.SOL_SOCKET, trio.socket.SCM_RIGHTS,
+                                                             array.array("i", part))])
+                        if sent < len(piece):
+                            await stream.send_all(piece[sent:])
+                except OSError:
+                    self.closed_by_agent += 1
+                    return
+                self.sent["fds"] += 1
+            await self._exchange(stream, b"")
 
     async def _exchange(self, stream, data: bytes) -> None:
         """Send a batch, then ``status`` last, while reading the replies; the answer to ``status`` must come
@@ -420,11 +484,16 @@ def start_agent(root: Path, config: str) -> tuple[subprocess.Popen, Path]:
     return process, sock
 
 
-async def fuzz(args, process: subprocess.Popen, sock: Path) -> dict:
-    fuzzer = Fuzzer(str(sock), args.seed, min(args.warmup, args.frames), args.seconds, args.max_frame)
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def fuzz(args, process: subprocess.Popen, sock: Path, fds: list[int]) -> dict:
+    fuzzer = Fuzzer(str(sock), args.seed, min(args.warmup, args.frames), args.seconds, args.max_frame, fds)
     rss = {"launch": rss_mib(process.pid)}
     anon = {"launch": anon_mib(process.pid)}
     quiet = {}
+    agent_fds = {"launch": open_fds(process.pid)}
 
     async def phase() -> None:
         async with trio.open_nursery() as nursery:
@@ -436,6 +505,7 @@ async def fuzz(args, process: subprocess.Popen, sock: Path) -> dict:
         if process.poll() is None and not fuzzer.hangs:
             quiet[name] = await fuzzer.quiet()
             rss[name], anon[name] = rss_mib(process.pid), anon_mib(process.pid)
+            agent_fds[name] = open_fds(process.pid)
 
     started = time.monotonic()
     # Warm-up: the MLflow UI and mirror on (see the docstring), then the same fuzzing as after it.
@@ -459,7 +529,9 @@ async def fuzz(args, process: subprocess.Popen, sock: Path) -> dict:
         "rss_mib": {k: round(v, 1) for k, v in rss.items()},
         "rss_anon_mib": {k: round(v, 1) for k, v in anon.items()},
         "rss_growth": None if growth is None else round(growth, 4),
-        "passed": not crashed and not fuzzer.hangs and growth is not None and growth <= 0.10,
+        "agent_fds": agent_fds,
+        "passed": not crashed and not fuzzer.hangs and growth is not None and growth <= 0.10
+                  and agent_fds.get("end", math.inf) <= agent_fds.get("start", 0) + FD_SLACK,
     }
 
 
@@ -469,9 +541,10 @@ def markdown(result: dict) -> str:
     lines = [
         "# Fuzzing a live agent",
         "",
-        "`scripts/fuzz` (bench/fuzz.py): random bytes, truncated and oversized frames, random envelopes, and",
-        "well-formed requests of every op with random values for every argument, against one live `labrund`.",
-        "Pass: 0 crashes, 0 hangs, agent RSS at the end within 10% of its RSS after warm-up. Both readings are",
+        "`scripts/fuzz` (bench/fuzz.py): random bytes, truncated and oversized frames, random envelopes,",
+        "well-formed requests of every op with random values for every argument, and open files passed with",
+        "frames (SCM_RIGHTS), against one live `labrund`. Pass: 0 crashes, 0 hangs, agent RSS at the end within 10%",
+        "of its RSS after warm-up, and no descriptors left open beyond a small slack. Both readings are",
         "taken quiet (fuzzing paused, the fuzzer's runs ended, the MLflow mirror caught up); see bench/fuzz.py.",
         "",
         "| measure | value |",
@@ -493,6 +566,9 @@ def markdown(result: dict) -> str:
         f"| agent RSS at launch / after warm-up / at the end | {result['rss_mib'].get('launch')} / "
         f"{result['rss_mib'].get('start')} / {result['rss_mib'].get('end')} MiB |",
         f"| RSS growth since warm-up | {growth} |",
+        f"| agent's open descriptors at launch / after warm-up / at the end | {result['agent_fds'].get('launch')} / "
+        f"{result['agent_fds'].get('start')} / {result['agent_fds'].get('end')} (pass: at most {FD_SLACK} more at "
+        "the end than after warm-up) |",
         f"| of which anonymous memory (heap), at launch / after warm-up / at the end | "
         f"{result['rss_anon_mib'].get('launch')} / {result['rss_anon_mib'].get('start')} / "
         f"{result['rss_anon_mib'].get('end')} MiB |",
@@ -517,7 +593,7 @@ def main(argv=None) -> int:
         root = Path(tmp)
         process, sock = start_agent(root, f"[agent]\nmax_frame_bytes = {args.max_frame}\n")
         try:
-            result = trio.run(fuzz, args, process, sock)
+            result = trio.run(fuzz, args, process, sock, open_files(root))
         finally:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)

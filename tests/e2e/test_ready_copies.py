@@ -1,6 +1,7 @@
 """Ready copies end to end: a user's repeated tree is copied ahead, as that user, taken by the next run of
 it, and no copy outlives the agent, stopped or killed."""
 
+import json
 import os
 import pwd
 import signal
@@ -72,3 +73,15 @@ def test_a_killed_agent_leaves_no_ready_copy_behind(agent, shared_source, nobody
     assert len(ready_entries(agent)) == 1
     agent.start()
     assert ready_entries(agent) == []
+
+
+def test_status_counts_ready_copies_with_the_snapshot_store(agent, tmp_path):
+    source = tmp_path / "tree"
+    source.mkdir()
+    (source / "weights.bin").write_bytes(os.urandom(4 << 20))
+    experiment = Experiment(agent.workspace(), "sweep")
+    for _ in range(2):
+        experiment.submit(ScriptRunConfig(str(source), command="true")).wait_for_completion()
+    wait_until(lambda: len(ready_entries(agent)) == 1, what="a ready copy")
+    disk = json.loads(agent.cli("status", "--json", check=True).stdout)["disk"]
+    assert disk["snapshot_store_bytes"] >= 2 * (4 << 20), "the store's content and its ready copy"
