@@ -3,7 +3,8 @@
 The client opened each file itself, with its own rights, and passed the descriptor over the
 socket (SCM_RIGHTS); the agent never opens a user's path. A descriptor is taken only if it is
 open for reading and is a regular file (not a directory, FIFO, device or socket) within the
-snapshot limit, by ``fstat`` of the descriptor: a size the client declares is never trusted.
+snapshot limit, by ``fstat`` of the descriptor (a size the client declares is never trusted), and is on a
+filesystem the agent reads for users (``check``).
 
 Each content is copied first, into a temporary file of the agent's, and the hash is taken of that
 copy (or, for a small file, of the agent's own buffer that is then written): a user rewriting
@@ -14,6 +15,13 @@ are copied in the kernel (``copy_file_range``), a chunk ahead of the hashing of 
 Small files are read whole into memory, hashed and written straight to their place in the
 store: they are pinned first, so no collection can remove them meanwhile, and created there with
 ``O_EXCL``, so what another writer put there is replaced whole (by rename), never rewritten.
+
+A file on FUSE is refused before any call on it (its filesystem is learnt from ``/proc``): its daemon, possibly
+the user's own, can leave any call on it waiting for ever. The close of a passed file still asks its daemon
+(a flush), and any other call could wait on a slow filesystem: nothing touches a passed file in the event loop.
+Each call is made in one of its user's worker threads (``check_all``, ``look_again``, ``close_all`` and the
+copies), so that a hung file holds that user's threads and no one else's; the calls that only read into the
+agent's own buffers are abandoned when their request is cancelled.
 
 Blocking functions, but for ``ingest`` and ``copy_large``, which run them in worker threads.
 """
@@ -44,6 +52,15 @@ _KINDS = ((stats.S_ISDIR, "a directory"), (stats.S_ISFIFO, "a FIFO"), (stats.S_I
           (stats.S_ISCHR, "a character device"), (stats.S_ISBLK, "a block device"), (stats.S_ISLNK, "a link"))
 
 
+# Filesystems whose files the agent does not read for a user: FUSE's. Each stat, read or close of such a file is a
+# request to its daemon, possibly the user's own, which can leave the agent's thread waiting for ever (past its
+# exit: a request already sent is waited for uninterruptibly). A client sends their bytes instead (``blob_put``).
+# A file on a mount the agent cannot see (in a user's own mount namespace, where FUSE is allowed) is refused too.
+_REFUSED_FILESYSTEMS = frozenset({"fuse", "fuseblk"})
+# What a descriptor on no mount at all links to (sockets, pipes, epoll and the like): never a user's filesystem.
+_INTERNAL = ("socket:", "pipe:", "anon_inode:")
+
+
 class Changed(Exception):
     """The file changed while it was being copied."""
 
@@ -53,16 +70,56 @@ def changed(index: int) -> BadRequest:
                       details={"index": index, "reason": "changed"})
 
 
-def check(fd: int, index: int, max_bytes: int) -> os.stat_result:
-    """The ``fstat`` of a passed descriptor, if the agent may take a content from it.
+def mounts() -> dict[str, str]:
+    """The filesystem type of each mount, by mount id: those of the agent's mount namespace and of the machine's
+    (init's: a service manager may give the agent a namespace of its own, whose copies of the mounts have other
+    ids). Mount ids are unique on the machine, so an id names the same mount in any list that has it. Blocking."""
+    types = {}
+    for source in ("/proc/1/mountinfo", "/proc/self/mountinfo"):
+        try:
+            with open(source) as info:
+                for line in info:
+                    fields = line.split()
+                    if "-" in fields:
+                        types[fields[0]] = fields[fields.index("-") + 1]
+        except OSError:
+            pass   # not there: a file on a mount no list has is refused, and the client sends bytes
+    return types
+
+
+def filesystem(fd: int, types: dict[str, str]) -> str | None:
+    """The type of the filesystem ``fd`` is on, learnt without any call on the file itself; None if unknown."""
+    try:
+        info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(info, 4096)
+        finally:
+            os.close(info)
+    except OSError:
+        return None
+    at = data.find(b"\nmnt_id:")
+    if at < 0:
+        return None
+    return types.get(data[at + 8:data.find(b"\n", at + 1)].strip().decode())
+
+
+def check(fd: int, index: int, max_bytes: int, types: dict[str, str] | None = None) -> os.stat_result:
+    """The ``fstat`` of a passed descriptor, if the agent may take a content from it; ``types``: ``mounts()``.
 
     Raises:
-        BadRequest: not open for reading, or not a regular file (``details.index`` says which).
+        BadRequest: not open for reading, not a regular file, or on a filesystem the agent does not read for
+            users (``details.index`` says which; ``details.reason`` is ``"filesystem"`` for the last).
         TooLarge: bigger than ``max_bytes``.
     """
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     if flags & getattr(os, "O_PATH", 0) or flags & os.O_ACCMODE == os.O_WRONLY:
         raise BadRequest(f"blob_fds: file {index} is not open for reading", details={"index": index})
+    kind = filesystem(fd, mounts() if types is None else types)
+    if kind is None and not os.readlink(f"/proc/self/fd/{fd}").startswith(_INTERNAL) \
+            or kind in _REFUSED_FILESYSTEMS or (kind or "").startswith("fuse."):
+        raise BadRequest(f"blob_fds: file {index} is on a filesystem the agent does not read for users "
+                         f"({kind or 'a mount it cannot see'}); send its bytes instead (blob_put)",
+                         details={"index": index, "reason": "filesystem"})
     st = os.fstat(fd)
     if not stats.S_ISREG(st.st_mode):
         kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
@@ -71,6 +128,21 @@ def check(fd: int, index: int, max_bytes: int) -> os.stat_result:
         raise TooLarge(f"blob_fds: file {index} has {st.st_size} bytes, over this agent's snapshot limit of "
                        f"{max_bytes} bytes", details={"index": index})
     return st
+
+
+def check_all(fds: list[int], max_bytes: int) -> list[tuple[int, int, os.stat_result]]:
+    """``(index, fd, stat)`` of each passed descriptor, by ``check``. Blocking."""
+    types = mounts()
+    return [(index, fd, check(fd, index, max_bytes, types)) for index, fd in enumerate(fds)]
+
+
+def close_all(fds: list[int]) -> None:
+    """Close passed descriptors. Blocking: a close flushes the file to its filesystem, which may never answer."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass   # closed all the same (the error is its filesystem's, e.g. a FUSE daemon gone)
 
 
 def read_small(files: list[tuple[int, int, os.stat_result]]) -> list[tuple[str, bytes]]:
@@ -168,10 +240,15 @@ async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.Capac
                 raise _first(group) from None   # (the other thread, if it failed too, failed for the same cause)
             last = offset, count
         await trio.to_thread.run_sync(hash_range, hasher, mapped, *last, limiter=limiter)
-    if os.pread(src, 1, st.st_size):
-        raise Changed   # longer than it was
-    unchanged(src, st)
+    await trio.to_thread.run_sync(look_again, src, st, limiter=limiter, abandon_on_cancel=True)
     return hasher.hexdigest()
+
+
+def look_again(src: int, before: os.stat_result) -> None:
+    """Raises ``Changed`` if ``src`` is longer than it was, or has changed since ``before``. Blocking."""
+    if os.pread(src, 1, before.st_size):
+        raise Changed   # longer than it was
+    unchanged(src, before)
 
 
 async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: list[str],
@@ -187,7 +264,7 @@ async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: 
     digests = {}
     for group in groups([file for file in files if file[2].st_size <= SMALL]):
         async with memory:
-            read = await trio.to_thread.run_sync(read_small, group, limiter=limiter)
+            read = await trio.to_thread.run_sync(read_small, group, limiter=limiter, abandon_on_cancel=True)
             hashes = [digest for digest, _ in read]
             content.pin(hashes)
             pinned.extend(hashes)

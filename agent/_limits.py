@@ -9,7 +9,10 @@ counters: no I/O, so it is tested without sockets.
 File descriptors: at start the agent raises its soft ``RLIMIT_NOFILE`` to the hard
 limit, and refuses new connections while fewer than ``reserved_fds`` remain, so the
 agent itself (its database, run log files, pipes of starting runs) never meets
-"Too many open files" because of idle clients.
+"Too many open files" because of idle clients. Files clients pass (``blob_fds``) are
+held at most to half of what the agent does not keep (a quarter for one user), whatever
+the per-connection and per-user keys say: a user keeping many queued on many connections
+never brings the agent to its limit.
 """
 
 from __future__ import annotations
@@ -189,17 +192,28 @@ class Limits:
             raise Unavailable(f"more than {self.config.passed_fds_per_connection} open files passed on this "
                               "connection and not yet copied (limits.passed_fds_per_connection); wait for replies "
                               "before sending more", details={"limit": "passed_fds_per_connection"})
-        if self.fds_by_user[uid] + count > self.config.passed_fds_per_user:
-            raise Unavailable(f"more than {self.config.passed_fds_per_user} open files passed by uid {uid} and not "
-                              "yet copied, over all its connections (limits.passed_fds_per_user)",
+        room = self._passed_fds_room()
+        per_user = min(self.config.passed_fds_per_user, room // 2)
+        if self.fds_by_user[uid] + count > per_user:
+            raise Unavailable(f"more than {per_user} open files passed by uid {uid} and not "
+                              "yet copied, over all its connections (limits.passed_fds_per_user, and a quarter of "
+                              "the agent's open-file limit less limits.reserved_fds)",
                               details={"limit": "passed_fds_per_user"})
+        if sum(self.fds_by_user.values()) + count > room:
+            raise Unavailable(f"the agent holds {room} open files passed by clients and not yet copied, half of its "
+                              "open-file limit less limits.reserved_fds; try again shortly",
+                              details={"limit": "passed_fds_total"})
         self.fds_by_user[uid] += count
+
+    def _passed_fds_room(self) -> int:
+        """How many passed files the agent holds at most, over all users."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return max(2, (soft - self.config.reserved_fds) // 2)
 
     def passed_fds_per_request(self) -> int:
         """How many open files one ``blob_fds`` may pass: the connection's limit, less where the agent's own
         open-file limit is low (a quarter of what it does not keep for itself)."""
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        return max(1, min(self.config.passed_fds_per_connection, (soft - self.config.reserved_fds) // 4))
+        return max(1, min(self.config.passed_fds_per_connection, self._passed_fds_room() // 2))
 
     def release_fds(self, uid: int, count: int) -> None:
         _add(self.fds_by_user, uid, -count)

@@ -197,8 +197,8 @@ async def _serve(config: AgentConfig, store: Store, faults: Faults, executors: d
                 else:
                     listener = await open_unix_listener(config.socket, system=config.system, group=config.socket_group)
                     socket_inode = os.stat(config.socket).st_ino
-                await nursery.start(partial(trio.serve_listeners, ConnectionHandler(config, service, limits),
-                                            [listener], handler_nursery=handlers))
+                handler = ConnectionHandler(config, service, limits, handlers)
+                await nursery.start(partial(trio.serve_listeners, handler, [listener], handler_nursery=handlers))
                 _lifecycle_event(store, faults, "agent.started", {"version": __version__, "pid": os.getpid()})
                 log.info("agent.started", socket=str(config.socket), state_dir=str(config.state_dir),
                          version=__version__, cpus=capacity.cpus, gpus=list(capacity.gpus))

@@ -31,6 +31,7 @@ from labrun.protocol import (
 from labrun.protocol._framing import MAX_FDS_PER_MESSAGE
 from labrun.protocol._paths import tmp_fallback_dir
 
+from . import _ingest
 from ._artifacts import os_error_reply
 from ._faults import DISK_ERRNOS, is_disk_error
 from ._limits import Limits
@@ -149,11 +150,17 @@ def passed_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
 
 class PassedFds:
     """The open files a client passed with its frames (SCM_RIGHTS): queued until the ``blob_fds`` frame they came
-    with claims them, counted against the limits while the agent holds them, and closed on every path."""
+    with claims them, counted against the limits while the agent holds them, and closed on every path.
 
-    def __init__(self, limits: Limits, uid: int):
+    Closed in the user's worker threads (``threads``), by tasks of ``closing``: a close flushes the file to its
+    filesystem, and a user's own (FUSE) may never answer. The user's count drops once a close has returned.
+    """
+
+    def __init__(self, limits: Limits, uid: int, closing: trio.Nursery, threads: trio.CapacityLimiter):
         self.limits = limits
         self.uid = uid
+        self.closing = closing
+        self.threads = threads
         self.queued: list[int] = []
         self.held = 0
 
@@ -166,8 +173,7 @@ class PassedFds:
         try:
             self.limits.hold_fds(self.uid, self.held, len(fds))
         except AgentError:
-            for fd in fds:
-                os.close(fd)
+            self.closing.start_soon(self._close, fds, 0)
             raise
         self.queued += fds
         self.held += len(fds)
@@ -185,10 +191,15 @@ class PassedFds:
         return claimed
 
     def close(self, fds: list[int]) -> None:
-        for fd in fds:
-            os.close(fd)
-        self.held -= len(fds)
-        self.limits.release_fds(self.uid, len(fds))
+        if fds:
+            self.held -= len(fds)
+            self.closing.start_soon(self._close, fds, len(fds))
+
+    async def _close(self, fds: list[int], counted: int) -> None:
+        try:
+            await trio.to_thread.run_sync(_ingest.close_all, fds, limiter=self.threads, abandon_on_cancel=True)
+        finally:
+            self.limits.release_fds(self.uid, counted)
 
     def close_queued(self) -> int:
         """Close what no request claimed; returns how many there were."""
@@ -243,10 +254,11 @@ def listener_from_socket(sock: stdsocket.socket) -> trio.SocketListener:
 
 
 class ConnectionHandler:
-    def __init__(self, config, service: Service, limits: Limits):
+    def __init__(self, config, service: Service, limits: Limits, closing: trio.Nursery):
         self.config = config
         self.service = service
         self.limits = limits
+        self.closing = closing   # where the files clients passed are closed (``PassedFds``)
 
     async def __call__(self, stream: trio.SocketStream) -> None:
         try:
@@ -288,7 +300,7 @@ class ConnectionHandler:
             session = Session(peer=peer)
             decoder = FrameDecoder(self.config.max_frame_bytes)
             state = _ConnectionState(self.limits.config, trio.CancelScope())
-            passed = PassedFds(self.limits, uid)
+            passed = PassedFds(self.limits, uid, self.closing, self.service.ingest_slots(uid)[0])
             with structlog.contextvars.bound_contextvars(peer_uid=uid, peer_pid=pid):
                 try:
                     async with trio.open_nursery() as requests:

@@ -208,16 +208,16 @@ class Service:
         each is copied into the store and hashed there; answers each one's hash and size, in order."""
         content = session.content = self.supervisor.snapshots
         fds = args["fds"]
+        threads, memory = self.ingest_slots(session.peer.uid)
         async with session.upload_lock:
-            files = [(index, fd, _ingest.check(fd, index, content.max_bytes)) for index, fd in enumerate(fds)]
+            files = await trio.to_thread.run_sync(_ingest.check_all, fds, content.max_bytes, limiter=threads,
+                                                  abandon_on_cancel=True)
             total = sum(st.st_size for _, _, st in files)
             if session.unsubmitted_bytes + total > content.max_bytes:
                 raise TooLarge(f"blob_fds: more than this agent's snapshot limit of {content.max_bytes} bytes sent "
                                "on this connection without a submit using them")
             session.unsubmitted_bytes += total
             placed: list[tuple[str, int]] = []
-            threads, memory = self._ingest_slots.setdefault(session.peer.uid,
-                                                            (trio.CapacityLimiter(INGEST_THREADS), trio.Lock()))
             try:
                 # Pinned until the connection closes; recorded, even if a later file fails, so that it is collected.
                 digests = await _ingest.ingest(content, files, session.uploaded, placed, threads, memory)
@@ -225,6 +225,10 @@ class Service:
                 if placed:
                     content.record(session.peer.uid, placed)
         return {"files": [{"hash": digests[index], "size": st.st_size} for index, _, st in files]}
+
+    def ingest_slots(self, uid: int) -> tuple[trio.CapacityLimiter, trio.Lock]:
+        """The user's worker threads for what touches the files it passes, and its right to hold some in memory."""
+        return self._ingest_slots.setdefault(uid, (trio.CapacityLimiter(INGEST_THREADS), trio.Lock()))
 
     async def submit(self, session: Session, args: dict) -> dict:
         key = args["idempotency_key"]

@@ -167,7 +167,8 @@ def build_manifest(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
 
 
 class FilesNotPassed(Exception):
-    """The agent got none of the open files passed to it: something between (a proxy) forwards bytes only."""
+    """The agent got none of the open files passed to it (something between, a proxy, forwards bytes only), or
+    refused one for its filesystem: the client sends bytes instead."""
 
 
 def pass_files(connection, paths: list[str]):
@@ -203,8 +204,10 @@ def pass_files(connection, paths: list[str]):
             try:
                 stored = connection.call_passing("blob_fds", [fd for _, fd, _ in opened], count=len(opened))["files"]
             except BadRequest as exc:
-                if exc.details.get("field") == "args.count":
-                    connection.agent["blob_fds"] = 0   # not on this connection: bytes from now on
+                # Not on this connection (a proxy forwards bytes only), or a file on a filesystem the agent does not
+                # read for users (FUSE): bytes from now on.
+                if exc.details.get("field") == "args.count" or exc.details.get("reason") == "filesystem":
+                    connection.agent["blob_fds"] = 0
                     raise FilesNotPassed from None
                 index = exc.details.get("index")
                 if exc.details.get("reason") != "changed" or index is None or index >= len(opened):

@@ -57,6 +57,21 @@ def test_descriptors_held_are_bounded_per_connection_and_per_user():
     assert not limits.fds_by_user
 
 
+def test_descriptors_held_over_all_users_leave_the_agent_its_own(monkeypatch):
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1128, 1128))
+    limits = Limits(LimitsConfig(passed_fds_per_connection=10_000, passed_fds_per_user=10_000, reserved_fds=128))
+    # Half of the 1000 the agent does not keep for itself, a quarter of them for one user.
+    limits.hold_fds(1000, 0, 250)
+    with pytest.raises(Unavailable, match="passed_fds_per_user"):
+        limits.hold_fds(1000, 0, 1)
+    limits.hold_fds(1001, 0, 250)
+    with pytest.raises(Unavailable, match="open files passed by clients") as refused:
+        limits.hold_fds(1002, 0, 1)
+    assert refused.value.details["limit"] == "passed_fds_total"
+    limits.release_fds(1001, 250)
+    limits.hold_fds(1002, 0, 1)
+
+
 def test_the_request_size_follows_a_low_open_file_limit():
     limits = Limits(LimitsConfig(passed_fds_per_connection=1_000_000, reserved_fds=128))
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]

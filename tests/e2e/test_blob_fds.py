@@ -2,8 +2,10 @@
 keeps a descriptor a client passed, whatever the client does."""
 
 import array
+import contextlib
 import hashlib
 import os
+import resource
 import socket
 import stat
 import struct
@@ -13,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from labrun._connection import AgentConnection
+from labrun._snapshot import upload
 from labrun.exceptions import BadRequest, TooLarge, Unavailable
 from labrun.protocol import PROTOCOL_VERSION, FrameDecoder, pack_frame
 from tests.e2e.test_agent import wait_until
+from tests.hostile_fuse import CLOSING, FLUSH, HostileFuse
 
 SMALL_LIMIT = 1 << 20   # the agent reads up to this size into memory, and copies larger files in the kernel
 
@@ -277,3 +281,109 @@ def test_contents_stored_before_a_later_file_failed_are_collected_with_the_conne
     finally:
         for fd in fds:
             os.close(fd)
+
+
+@pytest.fixture
+def hostile_fuse(tmp_path):
+    """A FUSE mount whose daemon stops answering on demand (any user can have one: fusermount, user namespaces)."""
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a FUSE filesystem: run it as root")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    fs = HostileFuse(mountpoint, os.urandom(SMALL_LIMIT + 4321))
+    yield fs
+    fs.close()
+
+
+def answers_hello(agent, timeout: float) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(agent.socket))
+        sock.sendall(pack_frame({"id": 1, "op": "hello", "args": {"protocol": PROTOCOL_VERSION}}))
+        return bool(FrameDecoder().feed(sock.recv(65536)))
+    except TimeoutError:
+        return False
+    finally:
+        sock.close()
+
+
+def test_a_passed_file_on_fuse_is_refused_without_a_request_to_its_daemon(agent, hostile_fuse):
+    """Each stat or read of a FUSE file is a request to its daemon, which a user's own can leave unanswered for
+    ever (and a process with a request waiting cannot even exit): the agent asks it nothing, and says why."""
+    fd = os.open(hostile_fuse.file, os.O_RDONLY)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        hostile_fuse.requests.clear()
+        hostile_fuse.stop_answering("getattr", "read")
+        sock.connect(str(agent.socket))
+        sock.sendall(pack_frame({"id": 1, "op": "hello", "args": {"protocol": PROTOCOL_VERSION}}))
+        send_with_fds(sock, pack_frame({"id": 2, "op": "blob_fds", "args": {"count": 1}}), [fd])
+        sock.settimeout(10)
+        decoder, frames = FrameDecoder(), []
+        while len(frames) < 2:
+            frames += decoder.feed(sock.recv(65536))   # (a timeout here: the agent asked the daemon)
+        error = frames[1]["error"]
+        assert "file 0 is on a filesystem the agent does not read for users" in error["message"]
+        assert error["details"]["reason"] == "filesystem"
+        wait_until(lambda: FLUSH in hostile_fuse.requests, what="the agent to close the file")
+        assert set(hostile_fuse.requests) <= CLOSING and not hostile_fuse.unanswered
+    finally:
+        sock.close()
+        hostile_fuse.close()
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def test_a_passed_file_whose_close_never_returns_holds_up_no_one_else(agent, connection, hostile_fuse):
+    """The agent's close of a passed file flushes it to its filesystem: closes are made in its user's worker
+    threads, never in the event loop, so a daemon that never answers holds up no one else."""
+    fd = os.open(hostile_fuse.file, os.O_RDONLY)
+    try:
+        hostile_fuse.stop_answering("flush")
+        with pytest.raises(BadRequest, match="filesystem"):
+            connection.call_passing("blob_fds", [fd], count=1)
+        wait_until(lambda: FLUSH in hostile_fuse.unanswered, what="the agent to close the file")
+        assert answers_hello(agent, timeout=10), "one user's file stopped the agent for everyone"
+        assert connection.call("status")
+    finally:
+        hostile_fuse.close()   # every request still waiting fails: the agent's thread comes back
+        with contextlib.suppress(OSError):
+            os.close(fd)   # (closed, with the error of a filesystem gone)
+
+
+def test_a_client_sends_the_bytes_of_files_the_agent_does_not_read(agent, connection, hostile_fuse):
+    digest = sha(hostile_fuse.content)
+    upload(connection, [(digest, str(hostile_fuse.file), len(hostile_fuse.content))])
+    assert connection.agent["blob_fds"] == 0   # bytes from now on, on this connection
+    assert (agent.state_dir / "cas" / "objects" / digest[:2] / digest).read_bytes() == hostile_fuse.content
+
+
+def test_passed_files_never_take_the_descriptors_the_agent_keeps_for_itself(agent, tmp_path):
+    """However many connections a user opens, the files it passes and keeps queued (a frame never finished) leave
+    the agent ``reserved_fds`` descriptors and more: the agent is not at its open-file limit for everyone else."""
+    limit, reserved = 1024, 128   # (the agent raises its soft limit to the hard one at start: both are set)
+    resource.prlimit(agent.process.pid, resource.RLIMIT_NOFILE, (limit, limit))
+    (tmp_path / "file").write_bytes(b"data")
+    fd = os.open(tmp_path / "file", os.O_RDONLY)
+    socks = []
+    try:
+        for _ in range(16):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(agent.socket))
+            socks.append(sock)
+            sock.sendall(pack_frame({"id": 1, "op": "hello", "args": {"protocol": PROTOCOL_VERSION}}))
+            sock.sendall(struct.pack(">I", 1 << 20))   # a frame that never ends: the files stay queued
+            try:
+                for _ in range(64):   # one at a time, 64 per connection (far below passed_fds_per_connection)
+                    sock.sendmsg([b"\x00"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+            except OSError:
+                continue   # refused: the agent closed this connection
+        time.sleep(0.5)
+        held = len(os.listdir(f"/proc/{agent.process.pid}/fd"))
+        assert held <= limit - reserved, f"the agent holds {held} descriptors of its {limit}"
+        assert answers_hello(agent, timeout=10)
+    finally:
+        for sock in socks:
+            sock.close()
+        os.close(fd)
