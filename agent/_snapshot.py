@@ -31,7 +31,6 @@ from pathlib import Path
 from labrun.protocol import BadRequest, NotFound, TooLarge
 from labrun.protocol._manifest import tree_hash
 
-from . import _ingest
 from ._asuser import AsUserFailed, Credentials, as_user, needs_switch
 
 FICLONE = 0x40049409
@@ -194,9 +193,7 @@ class ContentStore:
                              details={"field": "args.blobs.data"})
         upload.hasher.update(data)
         if upload.fd is not None:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(upload.fd, view):]
+            _write_all(upload.fd, data)
         upload.received += len(data)
         if upload.received < upload.size:
             return False

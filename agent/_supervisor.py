@@ -57,7 +57,7 @@ from labrun.protocol._statuses import (
 )
 
 from ._artifacts import artifact_path, note_in_log
-from ._asuser import AsUserFailed, Credentials, acting_as, agent_dir, as_user, make_private_dir, narrow_children
+from ._asuser import AsUserFailed, Credentials, acting_as, agent_dir, as_user, narrow_children
 from ._config import AgentConfig
 from ._environments import EnvironmentBuilder, PrepareFailed
 from ._failure import failure_message

@@ -2,7 +2,6 @@
 when runs start faster than it is refilled, its bound, and how it shrinks and goes when they stop."""
 
 import contextlib
-import time
 
 import httpx
 import trio
