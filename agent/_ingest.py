@@ -13,8 +13,10 @@ the file meanwhile can make the copy torn, which its size and mtime before and a
 are copied in the kernel (``copy_file_range``), a chunk ahead of the hashing of the last one.
 
 Small files are read whole into memory, hashed and written straight to their place in the
-store: they are pinned first, so no collection can remove them meanwhile, and created there with
-``O_EXCL``, so what another writer put there is replaced whole (by rename), never rewritten.
+store: they are pinned first, so no collection can remove them meanwhile. The smallest (up to
+``_small.INLINE_MAX``) are rows of the store's database, committed in one transaction per group; the
+others are created in place with ``O_EXCL``, so what another writer put there is replaced whole (by
+rename), never rewritten.
 
 A file on FUSE is refused before any call on it (its filesystem is learnt from ``/proc``): its daemon, possibly
 the user's own, can leave any call on it waiting for ever. The close of a passed file still asks its daemon
@@ -39,6 +41,8 @@ from functools import partial
 import trio
 
 from labrun.protocol import BadRequest, TooLarge
+
+from ._small import INLINE_MAX
 
 # Up to this size a content is read into memory, hashed and written: one pass and no mapping.
 SMALL = 1 << 20
@@ -268,15 +272,21 @@ async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: 
             hashes = [digest for digest, _ in read]
             content.pin(hashes)
             pinned.extend(hashes)
-            # Creating files is most of the cost: two threads create them at once (mostly in different directories).
+            inline = [(digest, data) for digest, data in read if len(data) <= INLINE_MAX]
+            files = [(digest, data) for digest, data in read if len(data) > INLINE_MAX]
+            del read
+            # The smallest go into the store's database in one transaction; creating files is most of the cost of
+            # the others: two threads create them at once (mostly in different directories).
             try:
                 async with trio.open_nursery() as nursery:
-                    for half in (read[::2], read[1::2]):
-                        nursery.start_soon(partial(trio.to_thread.run_sync, content.write_small, half, placed,
-                                                   limiter=limiter))
+                    nursery.start_soon(_write_inline, content, inline, placed)
+                    for half in (files[::2], files[1::2]):
+                        if half:
+                            nursery.start_soon(partial(trio.to_thread.run_sync, content.write_files, half, placed,
+                                                       limiter=limiter))
             except BaseExceptionGroup as group:
                 raise _first(group) from None
-            del read
+            del inline, files
         digests.update(zip((index for index, _, _ in group), hashes))
     for index, fd, st in files:
         if st.st_size <= SMALL:
@@ -297,6 +307,11 @@ async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: 
             path.unlink(missing_ok=True)   # (gone already once placed)
         digests[index] = digest
     return digests
+
+
+async def _write_inline(content, contents: list[tuple[str, bytes]], placed: list[tuple[str, int]]) -> None:
+    await content.small.write(contents)
+    placed.extend((digest, len(data)) for digest, data in contents)
 
 
 def _first(group: BaseExceptionGroup) -> BaseException:
