@@ -273,20 +273,20 @@ async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: 
             content.pin(hashes)
             pinned.extend(hashes)
             inline = [(digest, data) for digest, data in read if len(data) <= INLINE_MAX]
-            files = [(digest, data) for digest, data in read if len(data) > INLINE_MAX]
+            larger = [(digest, data) for digest, data in read if len(data) > INLINE_MAX]
             del read
             # The smallest go into the store's database in one transaction; creating files is most of the cost of
             # the others: two threads create them at once (mostly in different directories).
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_write_inline, content, inline, placed)
-                    for half in (files[::2], files[1::2]):
+                    for half in (larger[::2], larger[1::2]):
                         if half:
                             nursery.start_soon(partial(trio.to_thread.run_sync, content.write_files, half, placed,
                                                        limiter=limiter))
             except BaseExceptionGroup as group:
                 raise _first(group) from None
-            del inline, files
+            del inline, larger
         digests.update(zip((index for index, _, _ in group), hashes))
     for index, fd, st in files:
         if st.st_size <= SMALL:
