@@ -37,6 +37,7 @@ INLINE_MAX = 8 << 10
 # Pages of log written since the last checkpoint past which SQLite checkpoints on its own (``collect`` does it
 # first, in a worker thread, after each write): a bound for an agent whose ``run`` task is not running.
 AUTOCHECKPOINT_PAGES = 16384
+PAGE_SIZE = 65536
 # Idle read connections kept for the next reader.
 READERS_KEPT = 4
 # Host parameters per statement: well under SQLite's smallest limit (999).
@@ -62,6 +63,9 @@ class SmallContents:
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # Set when the database is made (a no-op later): with 4 KiB pages a 2 KiB content takes a page of its own,
+        # and 2,000 of them took 14 ms to commit and 21 ms to checkpoint, against 6 and 7 ms with 64 KiB pages.
+        db.execute(f"PRAGMA page_size={PAGE_SIZE}")
         db.execute("PRAGMA journal_mode=WAL")
         # As the state database: a commit survives an agent crash; a power cut may lose the last ones (of both).
         db.execute("PRAGMA synchronous=NORMAL")
