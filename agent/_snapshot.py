@@ -334,7 +334,7 @@ def materialize(content: ContentStore, entries: list[tuple], run_dir: Path, cred
     method = ["reflink"]
     dirs: dict[str, int] = {}
     run_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    parts = batches(entries)
+    parts = batches(entries, MATERIALIZE_BATCH)
     try:
         if switch:
             # Once it is the user, the thread cannot open root's store: it is given each content's fd.
@@ -380,7 +380,7 @@ def materialize(content: ContentStore, entries: list[tuple], run_dir: Path, cred
     return method[0] if any(e[1] for e in entries) else "empty"
 
 
-def batches(entries: list[tuple], limit: int = MATERIALIZE_BATCH) -> list[list[tuple]]:
+def batches(entries: list[tuple], limit: int) -> list[list[tuple]]:
     """``entries`` in order, cut so that the small contents (kept in the database) of each part add up to at most
     ``limit`` bytes (or one content); an empty tree is one empty part (its snapshot directory is still made)."""
     parts: list[list[tuple]] = [[]]
