@@ -108,6 +108,16 @@ async def test_contents_go_with_the_last_run_but_not_when_stored_again_meanwhile
     assert rows(content) == set() and content.store.cas_unreferenced() == []
 
 
+async def test_collecting_frees_the_disk(content):
+    digests = await stored_inline(content, *(os.urandom(_small.INLINE_MAX) for _ in range(64)))
+    await content.small.collect()   # (checkpointed: the database file holds them)
+    grown = content.small.path.stat().st_size
+    assert grown > 64 * _small.INLINE_MAX
+    content.end_session({}, digests)
+    await content.small.collect()
+    assert rows(content) == set() and content.small.path.stat().st_size <= 4 * _small.PAGE_SIZE < grown / 3
+
+
 async def test_a_failed_commit_stores_nothing_and_loses_no_deletion(content, monkeypatch):
     (old,) = await stored_inline(content, b"old")
     content.end_session({}, [old])   # unused: forgotten, to be deleted with the next write
