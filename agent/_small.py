@@ -38,8 +38,10 @@ INLINE_MAX = 8 << 10
 # first, in a worker thread, after each write): a bound for an agent whose ``run`` task is not running.
 AUTOCHECKPOINT_PAGES = 16384
 PAGE_SIZE = 65536
+# Page cache of each connection, in KiB.
+CACHE_KIB = 512
 # Idle read connections kept for the next reader.
-READERS_KEPT = 4
+READERS_KEPT = 2
 # Host parameters per statement: well under SQLite's smallest limit (999).
 _CHUNK = 500
 
@@ -72,6 +74,9 @@ class SmallContents:
         # As the state database: a commit survives an agent crash; a power cut may lose the last ones (of both).
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+        # Each content is read or written about once: a page cache the size of SQLite's default (2 MiB) for each
+        # connection would only add to the agent's memory.
+        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         for suffix in ("-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(f"{self.path}{suffix}", 0o600)
@@ -189,6 +194,7 @@ class SmallContents:
                                            "(SELECT hash FROM state.cas_blobs)").rowcount
         finally:
             self._db.execute("DETACH DATABASE state")
+            self._db.execute("PRAGMA shrink_memory")   # (the pages read for it: an idle agent's memory)
         return deleted
 
     def read(self, digests: list[str]) -> dict[str, bytes]:
