@@ -30,6 +30,7 @@ import sqlite3
 from pathlib import Path
 from typing import Callable, Iterable
 
+import structlog
 import trio
 
 # Contents up to this size are kept in the database.
@@ -82,11 +83,6 @@ class SmallContents:
                 os.chmod(f"{self.path}{suffix}", 0o600)
         return db
 
-    def close(self) -> None:
-        for db in (self._db, *self._readers):
-            db.close()
-        self._readers = []
-
     # -- writes and deletions (event loop; the work in worker threads) ----------------------
 
     async def write(self, contents: list[tuple[str, bytes]]) -> None:
@@ -132,13 +128,20 @@ class SmallContents:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """``collect`` whenever there is something to collect, until cancelled."""
         task_status.started()
+        delay = 1.0
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             try:
                 await self.collect()
-            except sqlite3.Error:
-                await trio.sleep(1.0)   # a full or failing disk: tried again with the next write or deletion
+                delay = 1.0
+            except sqlite3.Error as exc:
+                # A full or failing disk: tried again later (or with the next write, which deletes them too).
+                structlog.get_logger("labrun.snapshots").warning("small_contents.collect.failed", error=str(exc),
+                                                                 retry_in=delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+                self._wake.set()
 
     def _take_doomed(self) -> list[str]:
         # Taken under the lock: a content pinned after this is written after these deletions.
@@ -189,9 +192,9 @@ class SmallContents:
         """Delete contents the state database does not know (at start, before anything writes); how many."""
         self._db.execute("ATTACH DATABASE ? AS state", (str(state_db),))
         try:
-            with self._transaction():
-                deleted = self._db.execute("DELETE FROM contents WHERE hash NOT IN "
-                                           "(SELECT hash FROM state.cas_blobs)").rowcount
+            # One statement, so atomic; no write transaction on the state database, which it only reads.
+            deleted = self._db.execute("DELETE FROM contents WHERE hash NOT IN "
+                                       "(SELECT hash FROM state.cas_blobs)").rowcount
         finally:
             self._db.execute("DETACH DATABASE state")
             self._db.execute("PRAGMA shrink_memory")   # (the pages read for it: an idle agent's memory)

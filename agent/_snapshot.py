@@ -27,6 +27,7 @@ import hashlib
 import os
 import resource
 import shutil
+import sqlite3
 from collections import Counter
 from pathlib import Path
 
@@ -156,7 +157,7 @@ class ContentStore:
             SnapshotFailed: the content is in neither place.
         """
         if 0 < size <= INLINE_MAX:
-            data = self.small.read([digest]).get(digest)
+            data = _read_small(self, [digest]).get(digest)
             if data is not None:
                 fd = os.memfd_create(f"content-{digest[:16]}", os.MFD_CLOEXEC)
                 try:
@@ -343,7 +344,7 @@ def materialize(content: ContentStore, entries: list[tuple], run_dir: Path, cred
             if soft < most + 64:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, most + 64)), hard))
         for number, batch in enumerate(parts):
-            inline = content.small.read(sorted({e[3] for e in batch if 0 < e[1] <= INLINE_MAX}))
+            inline = _read_small(content, sorted({e[3] for e in batch if 0 < e[1] <= INLINE_MAX}))
             opened: dict[str, int] = {}
             try:
                 if switch:
@@ -393,6 +394,13 @@ def batches(entries: list[tuple], limit: int) -> list[list[tuple]]:
         parts[-1].append(entry)
         held += size
     return parts
+
+
+def _read_small(content: ContentStore, digests: list[str]) -> dict[str, bytes]:
+    try:
+        return content.small.read(digests)
+    except sqlite3.Error as exc:
+        raise SnapshotFailed(f"cannot read the agent's store of small contents: {exc}") from None
 
 
 def _open_blob(objects: Path, digest: str) -> int:

@@ -5,6 +5,7 @@
   empty (0-byte), missing, corrupt or foreign database next to existing run
   directories is ``StateDamaged``: the agent refuses to start, with a message naming
   the file and what to do, rather than start afresh and bury the history and queue.
+- So must the content store's database of small contents (``cas/small.db``).
 - A submit marks its run in ``<state>/submitting/`` before making the run directory
   and clears the mark once the run's row is committed. A mark whose run has no row
   means the agent died in between (say, during snapshot extraction): the directory
@@ -97,6 +98,31 @@ def check_state(state_dir: Path) -> None:
     if missing:
         raise StateDamaged(f"the state database {db} is not a labrun database, or a damaged one (missing: "
                            f"{', '.join(missing[:5])}). {_advice(db, runs)}")
+    _check_small_contents(state_dir / "cas" / "small.db")
+
+
+def _check_small_contents(db: Path) -> None:
+    """The content store's database of small contents (``_small``) must be whole too: the snapshots of queued and
+    kept runs are partly in it."""
+    if not db.exists() or db.stat().st_size == 0:
+        return
+    advice = (f"Stop here and keep the file. Restore it from a backup, or move {db} (with its -wal and -shm files) "
+              "aside and start the agent: runs whose snapshots had small files in it then fail to start, naming "
+              "the missing content, and must be submitted again.")
+    try:
+        probe = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            problems = [r[0] for r in probe.execute("PRAGMA quick_check(5)").fetchall()]
+        finally:
+            probe.close()
+    except sqlite3.DatabaseError as exc:
+        if is_disk_error(exc):
+            log.warning("state.check.skipped", error=str(exc), detail="the state disk is full or failing")
+            return
+        raise StateDamaged(f"the snapshot store's database {db} cannot be read ({exc}). {advice}") from None
+    if problems != ["ok"]:
+        raise StateDamaged(f"the snapshot store's database {db} is corrupt (integrity check: "
+                           f"{'; '.join(problems)}). {advice}")
 
 
 def mark_submitting(state_dir: Path, run_id: str) -> Path:
