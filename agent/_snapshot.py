@@ -371,7 +371,7 @@ def materialize(content: ContentStore, entries: list[tuple], run_dir: Path, cred
                     os.close(fd)
                 del inline
         try:
-            as_user(credentials, lambda: _finish(run_fd, dirs))
+            as_user(credentials, lambda: _finish(dirs))
         except AsUserFailed as exc:
             raise SnapshotFailed(f"cannot make the run's snapshot: {exc}") from None
     finally:
@@ -419,7 +419,7 @@ def _start(run_fd: int, dirs: dict[str, int]) -> None:
     dirs[""] = os.open("snapshot", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=run_fd)
 
 
-def _finish(run_fd: int, dirs: dict[str, int]) -> None:
+def _finish(dirs: dict[str, int]) -> None:
     try:
         os.mkdir("outputs", 0o755, dir_fd=dirs[""])
     except FileExistsError:
