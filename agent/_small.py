@@ -27,11 +27,16 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import urllib.parse
 from pathlib import Path
 from typing import Callable, Iterable
 
 import structlog
 import trio
+
+from ._faults import is_disk_error
+
+log = structlog.get_logger("labrun.snapshots")
 
 # Contents up to this size are kept in the database.
 INLINE_MAX = 8 << 10
@@ -54,9 +59,14 @@ class SmallContents:
         """``keep(hash)``: whether a content is pinned (being uploaded again), so not to be deleted now."""
         self.path = path
         self._keep = keep
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        self._db = self._connect()
-        self._db.execute(SCHEMA)
+        self._db: sqlite3.Connection | None = None
+        try:
+            self._open()
+        except (sqlite3.OperationalError, OSError) as exc:
+            if not is_disk_error(exc):
+                raise
+            # A full state disk: the agent starts all the same, and the first write tries again.
+            log.warning("small_contents.open.deferred", error=str(exc))
         self._readers: list[sqlite3.Connection] = []
         self._lock = trio.Lock()           # one user of ``_db`` at a time: writes and deletions in order
         self._doomed: set[str] = set()     # forgotten by the state database, still here
@@ -64,8 +74,28 @@ class SmallContents:
         self._unchecked = False            # written since the last checkpoint
         self._wake = trio.Event()
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+    def _open(self) -> sqlite3.Connection:
+        """The writing connection, made (with the database) where it is not yet. Blocking."""
+        if self._db is None:
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            db = self._connect()
+            try:
+                db.execute(SCHEMA)
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+        return self._db
+
+    def _connect(self, *, reader: bool = False) -> sqlite3.Connection:
+        # A reader never makes the file (SQLite would, with the process's umask).
+        target = f"file:{urllib.parse.quote(str(self.path))}?mode=rw" if reader else self.path
+        db = sqlite3.connect(target, isolation_level=None, check_same_thread=False, uri=reader)
+        # Each content is read or written about once: a page cache the size of SQLite's default (2 MiB) for each
+        # connection would only add to the agent's memory.
+        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        if reader:
+            return db   # (the journal mode is the database's; a reader writes nothing)
         # Set when the database is made (a no-op later): with 4 KiB pages a 2 KiB content takes a page of its own,
         # and 2,000 of them took 14 ms to commit and 21 ms to checkpoint, against 6 and 7 ms with 64 KiB pages.
         db.execute(f"PRAGMA page_size={PAGE_SIZE}")
@@ -75,9 +105,6 @@ class SmallContents:
         # As the state database: a commit survives an agent crash; a power cut may lose the last ones (of both).
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
-        # Each content is read or written about once: a page cache the size of SQLite's default (2 MiB) for each
-        # connection would only add to the agent's memory.
-        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         for suffix in ("-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(f"{self.path}{suffix}", 0o600)
@@ -137,8 +164,7 @@ class SmallContents:
                 delay = 1.0
             except sqlite3.Error as exc:
                 # A full or failing disk: tried again later (or with the next write, which deletes them too).
-                structlog.get_logger("labrun.snapshots").warning("small_contents.collect.failed", error=str(exc),
-                                                                 retry_in=delay)
+                log.warning("small_contents.collect.failed", error=str(exc), retry_in=delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 60.0)
                 self._wake.set()
@@ -157,48 +183,45 @@ class SmallContents:
     # -- blocking ---------------------------------------------------------------------------
 
     def _commit(self, doomed: list[str], contents: list[tuple[str, bytes]]) -> None:
-        with self._transaction():
-            self._delete(doomed)
+        db = self._open()
+        with _transaction(db):
+            _delete(db, doomed)
             # A content here already is the same bytes (its hash was taken of them).
-            self._db.executemany("INSERT OR IGNORE INTO contents (hash, data) VALUES (?, ?)", contents)
+            db.executemany("INSERT OR IGNORE INTO contents (hash, data) VALUES (?, ?)", contents)
 
     def _collect(self, doomed: list[str], checkpoint: bool) -> None:
+        if self._db is None and not doomed:
+            return   # (nothing was ever written)
+        db = self._open()
         if doomed:
-            with self._transaction():
-                self._delete(doomed)
+            with _transaction(db):
+                _delete(db, doomed)
                 # Python's sqlite3 runs this pragma one step, which frees one page: once for each.
-                for _ in range(self._db.execute("PRAGMA freelist_count").fetchone()[0]):
-                    self._db.execute("PRAGMA incremental_vacuum")
+                for _ in range(db.execute("PRAGMA freelist_count").fetchone()[0]):
+                    db.execute("PRAGMA incremental_vacuum")
         if checkpoint or doomed:
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-
-    @contextlib.contextmanager
-    def _transaction(self):
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
-
-    def _delete(self, digests: list[str]) -> None:
-        for start in range(0, len(digests), _CHUNK):
-            chunk = digests[start:start + _CHUNK]
-            self._db.execute(f"DELETE FROM contents WHERE hash IN ({', '.join('?' * len(chunk))})", chunk)
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def sweep(self, state_db: Path) -> int:
-        """Delete contents the state database does not know (at start, before anything writes); how many."""
+        """Delete contents the state database does not know (at start, before anything writes); how many.
+
+        On a full disk nothing is deleted (the next start tries again).
+        """
+        if self._db is None:
+            return 0
         self._db.execute("ATTACH DATABASE ? AS state", (str(state_db),))
         try:
             # One statement, so atomic; no write transaction on the state database, which it only reads.
-            deleted = self._db.execute("DELETE FROM contents WHERE hash NOT IN "
-                                       "(SELECT hash FROM state.cas_blobs)").rowcount
+            return self._db.execute("DELETE FROM contents WHERE hash NOT IN "
+                                    "(SELECT hash FROM state.cas_blobs)").rowcount
+        except sqlite3.OperationalError as exc:
+            if not is_disk_error(exc):
+                raise
+            log.warning("small_contents.sweep.skipped", error=str(exc))
+            return 0
         finally:
             self._db.execute("DETACH DATABASE state")
             self._db.execute("PRAGMA shrink_memory")   # (the pages read for it: an idle agent's memory)
-        return deleted
 
     def read(self, digests: list[str]) -> dict[str, bytes]:
         """The contents kept here among ``digests`` (committed ones), by hash; from any thread. Blocking."""
@@ -207,13 +230,18 @@ class SmallContents:
         try:
             db = self._readers.pop()
         except IndexError:
-            db = self._connect()
+            db = self._connect(reader=True)
         found: dict[str, bytes] = {}
         try:
             for start in range(0, len(digests), _CHUNK):
                 chunk = digests[start:start + _CHUNK]
                 found.update(db.execute(f"SELECT hash, data FROM contents WHERE hash IN "
                                         f"({', '.join('?' * len(chunk))})", chunk))
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if "no such table" in str(exc) or "unable to open" in str(exc):
+                return {}   # never made (a full disk at start): it holds nothing
+            raise
         except BaseException:
             db.close()
             raise
@@ -222,3 +250,21 @@ class SmallContents:
         else:
             db.close()
         return found
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection):
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _delete(db: sqlite3.Connection, digests: list[str]) -> None:
+    for start in range(0, len(digests), _CHUNK):
+        chunk = digests[start:start + _CHUNK]
+        db.execute(f"DELETE FROM contents WHERE hash IN ({', '.join('?' * len(chunk))})", chunk)

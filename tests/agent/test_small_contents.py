@@ -161,3 +161,24 @@ async def test_a_restart_deletes_rows_the_state_database_never_recorded(tmp_path
     again = ContentStore(tmp_path / "cas", store, 100, 1 << 20)   # as a new agent would
     assert rows(again) == {used}
     store.close()
+
+
+async def test_a_full_disk_at_start_defers_the_database_to_the_first_write(tmp_path, monkeypatch):
+    connect = _small.SmallContents._connect
+    full = [True]
+
+    def connect_unless_full(self, *, reader=False):
+        if full[0] and not reader:
+            raise sqlite3.OperationalError("database or disk is full")
+        return connect(self, reader=reader)
+
+    monkeypatch.setattr(_small.SmallContents, "_connect", connect_unless_full)
+    store = Store(tmp_path / "state.db")
+    content = ContentStore(tmp_path / "cas", store, 100, 1 << 20)   # starts all the same
+    assert content.small.read([sha(b"x")]) == {}
+    await content.small.collect()
+    full[0] = False   # space again
+    await stored_inline(content, b"x")
+    assert content.small.read([sha(b"x")]) == {sha(b"x"): b"x"}
+    assert stat.S_IMODE(content.small.path.stat().st_mode) == 0o600
+    store.close()
