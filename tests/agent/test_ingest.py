@@ -6,13 +6,16 @@ import hashlib
 import os
 import resource
 import socket
+import time
 
 import pytest
+import trio
 
 from labrun.agent import _ingest
 from labrun.agent._limits import Limits, LimitsConfig
 from labrun.agent._server import passed_fds
 from labrun.protocol import BadRequest, TooLarge, Unavailable
+from labrun.protocol._content_hash import CHUNK, CHUNKED, SHA256, content_hash
 
 
 class Stat:
@@ -26,12 +29,6 @@ def test_small_files_are_grouped_by_the_memory_they_take():
     assert [len(group) for group in groups] == [32, 9]
     assert [index for group in groups for index, _, _ in group] == list(range(41))
     assert _ingest.groups([]) == []
-
-
-def test_large_files_are_copied_in_chunks_that_cover_them_exactly():
-    chunk = _ingest.CHUNK
-    assert _ingest.chunks(chunk * 2 + 5) == [(0, chunk), (chunk, chunk), (2 * chunk, 5)]
-    assert _ingest.chunks(chunk) == [(0, chunk)]
 
 
 def test_descriptors_are_read_from_scm_rights_only():
@@ -115,9 +112,10 @@ def test_a_small_file_changed_after_the_check_is_refused(opened, change):
     assert info.value.details == {"index": 3, "reason": "changed"}
 
 
+@pytest.mark.parametrize("form", [SHA256, CHUNKED])
 @pytest.mark.parametrize("change", ["grow", "shrink", None])
-async def test_a_large_file_is_hashed_from_the_copy_and_a_change_is_refused(opened, tmp_path, change):
-    data = os.urandom(_ingest.CHUNK + 1000)
+async def test_a_large_file_is_hashed_from_the_copy_and_a_change_is_refused(opened, tmp_path, change, form):
+    data = os.urandom(2 * CHUNK + 1000)
     path, fd = opened(data)
     st = _ingest.check(fd, 0, 1 << 30)
     if change == "grow":
@@ -128,13 +126,63 @@ async def test_a_large_file_is_hashed_from_the_copy_and_a_change_is_refused(open
     copy = os.open(tmp_path / "copy", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         if change is None:
-            assert await _ingest.copy_large(fd, st, copy) == hashlib.sha256(data).hexdigest()
+            assert await _ingest.copy_large(fd, st, copy, form=form) == content_hash(data, form)
             assert (tmp_path / "copy").read_bytes() == data
         else:
             with pytest.raises(_ingest.Changed):
-                await _ingest.copy_large(fd, st, copy)
+                await _ingest.copy_large(fd, st, copy, form=form)
     finally:
         os.close(copy)
+
+
+@pytest.mark.parametrize("form", [SHA256, CHUNKED])
+async def test_a_large_file_rewritten_during_its_copy_is_refused(opened, tmp_path, monkeypatch, form):
+    data = os.urandom(3 * CHUNK)
+    path, fd = opened(data)
+    st = _ingest.check(fd, 0, 1 << 30)
+    copy_range, copied = _ingest.copy_range, []
+
+    def copy_then_rewrite(src, dst, offset, count):
+        copy_range(src, dst, offset, count)
+        copied.append(offset)
+        if len(copied) == 1:   # the first chunk is copied: the user rewrites the file, keeping its size
+            with open(path, "r+b") as f:
+                f.write(b"x" * 4096)
+            os.utime(path, ns=(st.st_mtime_ns + 10**9, st.st_mtime_ns + 10**9))
+
+    monkeypatch.setattr(_ingest, "copy_range", copy_then_rewrite)
+    copy = os.open(tmp_path / "copy", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(_ingest.Changed):
+            await _ingest.copy_large(fd, st, copy, trio.CapacityLimiter(2), form)
+    finally:
+        os.close(copy)
+    assert sorted(copied) == [0, CHUNK, 2 * CHUNK]   # every chunk was copied; the change was seen at the end
+
+
+async def test_a_large_file_is_hashed_by_chunks_on_both_threads_of_its_user(opened, tmp_path, monkeypatch):
+    data = os.urandom(4 * CHUNK + 1)
+    _, fd = opened(data)
+    st = _ingest.check(fd, 0, 1 << 30)
+    threads, busy, most = trio.CapacityLimiter(2), [], []
+    copy_and_hash = _ingest.copy_and_hash
+
+    def watched(*args):
+        busy.append(1)
+        most.append(len(busy))
+        try:
+            time.sleep(0.05)   # long enough for the other thread to take its chunk meanwhile
+            return copy_and_hash(*args)
+        finally:
+            busy.pop()
+
+    monkeypatch.setattr(_ingest, "copy_and_hash", watched)
+    copy = os.open(tmp_path / "copy", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert await _ingest.copy_large(fd, st, copy, threads, CHUNKED) == content_hash(data, CHUNKED)
+    finally:
+        os.close(copy)
+    assert len(most) == 5 and max(most) == 2   # five chunks, two at a time: never more than the user's threads
 
 
 def test_the_check_takes_the_size_of_the_file_not_of_a_claim(opened):
