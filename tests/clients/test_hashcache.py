@@ -161,4 +161,5 @@ def test_a_large_file_known_by_chunks_only_is_no_sha256_to_an_older_client(tmp_p
                                           "files": {"big": entry[:4] + [hashlib.sha256(big).hexdigest()]}}))
     cache = _hashcache.HashCache(str(tmp_path), CHUNKED)
     assert cache.cached("big", os.stat(tmp_path / "big")) is None
-    assert _hashcache.HashCache(str(tmp_path)).cached("big", os.stat(tmp_path / "big")) == hashlib.sha256(big).hexdigest()
+    plain = _hashcache.HashCache(str(tmp_path))
+    assert plain.cached("big", os.stat(tmp_path / "big")) == hashlib.sha256(big).hexdigest()
