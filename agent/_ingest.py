@@ -37,6 +37,7 @@ import hashlib
 import mmap
 import os
 import stat as stats
+import threading
 from functools import partial
 
 import trio
@@ -218,9 +219,14 @@ def unchanged(src: int, before: os.stat_result) -> None:
         raise Changed
 
 
-def copy_and_hash(src: int, dst: int, mapped: mmap.mmap, offset: int, count: int) -> bytes:
-    """Copy one chunk of ``src`` to ``dst``; the SHA-256 digest of the copy (mapped). Blocking."""
-    copy_range(src, dst, offset, count)
+def copy_and_hash(src: int, dst: int, mapped: mmap.mmap, offset: int, count: int, copying: threading.Lock) -> bytes:
+    """Copy one chunk of ``src`` to ``dst``, holding ``copying``; the SHA-256 digest of the copy (mapped). Blocking.
+
+    Copies take turns. Two at once contend for the file, each as slow as both, and the threads fall in step:
+    copying together, then hashing together. Taking turns, one copies while the other hashes.
+    """
+    with copying:
+        copy_range(src, dst, offset, count)
     hasher = hashlib.sha256()
     hash_range(hasher, mapped, offset, count)
     return hasher.digest()
@@ -230,8 +236,8 @@ async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.Capac
                      form: str = SHA256) -> str:
     """Copy ``src`` (of ``st``) to ``dst``, a file open for reading and writing; the hash of the copy in ``form``.
 
-    In worker threads from ``limiter`` (two without one): each copies a chunk and hashes it where the hash is by
-    chunks; else the kernel copies chunk n+1 while chunk n of the copy is hashed.
+    In worker threads from ``limiter`` (two without one): where the hash is by chunks, each thread copies a chunk
+    and hashes it, then the next; else the kernel copies chunk n+1 while chunk n of the copy is hashed.
     """
     os.ftruncate(dst, st.st_size)
     with mmap.mmap(dst, st.st_size, prot=mmap.PROT_READ) as mapped:
@@ -249,10 +255,11 @@ async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.Capac
 async def _copy_by_chunks(src: int, size: int, dst: int, mapped: mmap.mmap, limiter) -> str:
     digests: list[bytes] = [b""] * len(range(0, size, CHUNK))
     pending = iter(enumerate(chunks(size)))   # shared: each task takes the next chunk when its thread is done
+    copying = threading.Lock()   # (held in a worker thread for one chunk's copy at most)
 
     async def copy_next():
         for index, (offset, count) in pending:
-            digests[index] = await trio.to_thread.run_sync(copy_and_hash, src, dst, mapped, offset, count,
+            digests[index] = await trio.to_thread.run_sync(copy_and_hash, src, dst, mapped, offset, count, copying,
                                                            limiter=limiter)
 
     async with trio.open_nursery() as nursery:

@@ -6,6 +6,7 @@ import hashlib
 import os
 import resource
 import socket
+import threading
 import time
 
 import pytest
@@ -164,25 +165,30 @@ async def test_a_large_file_is_hashed_by_chunks_on_both_threads_of_its_user(open
     data = os.urandom(4 * CHUNK + 1)
     _, fd = opened(data)
     st = _ingest.check(fd, 0, 1 << 30)
-    threads, busy, most = trio.CapacityLimiter(2), [], []
-    copy_and_hash = _ingest.copy_and_hash
+    working, copying = [], []   # the threads at work, and those copying, each time one starts
 
-    def watched(*args):
-        busy.append(1)
-        most.append(len(busy))
-        try:
-            time.sleep(0.05)   # long enough for the other thread to take its chunk meanwhile
-            return copy_and_hash(*args)
-        finally:
-            busy.pop()
+    def watch(function, now):
+        def watched(*args):
+            now.append(threading.get_ident())
+            watch.most[function.__name__].append(len(now))
+            try:
+                time.sleep(0.05)   # long enough for the other thread to start a chunk meanwhile
+                return function(*args)
+            finally:
+                now.remove(threading.get_ident())
+        return watched
 
-    monkeypatch.setattr(_ingest, "copy_and_hash", watched)
+    watch.most = {"copy_and_hash": [], "copy_range": []}
+    monkeypatch.setattr(_ingest, "copy_and_hash", watch(_ingest.copy_and_hash, working))
+    monkeypatch.setattr(_ingest, "copy_range", watch(_ingest.copy_range, copying))
     copy = os.open(tmp_path / "copy", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        assert await _ingest.copy_large(fd, st, copy, threads, CHUNKED) == content_hash(data, CHUNKED)
+        assert await _ingest.copy_large(fd, st, copy, trio.CapacityLimiter(2), CHUNKED) == content_hash(data, CHUNKED)
     finally:
         os.close(copy)
-    assert len(most) == 5 and max(most) == 2   # five chunks, two at a time: never more than the user's threads
+    # Five chunks, two threads at a time, never more than the user's; they take turns to copy.
+    assert len(watch.most["copy_and_hash"]) == 5 and max(watch.most["copy_and_hash"]) == 2
+    assert watch.most["copy_range"] == [1] * 5
 
 
 def test_the_check_takes_the_size_of_the_file_not_of_a_claim(opened):
