@@ -219,17 +219,25 @@ def unchanged(src: int, before: os.stat_result) -> None:
         raise Changed
 
 
-def copy_and_hash(src: int, dst: int, mapped: mmap.mmap, offset: int, count: int, copying: threading.Lock) -> bytes:
-    """Copy one chunk of ``src`` to ``dst``, holding ``copying``; the SHA-256 digest of the copy (mapped). Blocking.
+def copy_chunks(src: int, dst: int, mapped: mmap.mmap, pending, digests: list[bytes], copying: threading.Lock) -> None:
+    """Copy chunks ``(index, (offset, count))`` taken from ``pending`` from ``src`` to ``dst``, and put the SHA-256
+    digest of each chunk of the copy (mapped) in ``digests``, until none is left. In a worker thread of trio's: a
+    cancelled request stops it before its next chunk.
 
-    Copies take turns. Two at once contend for the file, each as slow as both, and the threads fall in step:
-    copying together, then hashing together. Taking turns, one copies while the other hashes.
+    Threads doing this at once take turns to copy (``copying``). Two copies at once contend for the file, each as
+    slow as both, and the threads fall in step: copying together, then hashing together. Taking turns, one copies
+    while the other hashes.
     """
-    with copying:
-        copy_range(src, dst, offset, count)
-    hasher = hashlib.sha256()
-    hash_range(hasher, mapped, offset, count)
-    return hasher.digest()
+    while True:
+        trio.from_thread.check_cancelled()
+        with copying:
+            index, (offset, count) = next(pending, (None, (0, 0)))
+            if index is None:
+                return
+            copy_range(src, dst, offset, count)
+        hasher = hashlib.sha256()
+        hash_range(hasher, mapped, offset, count)
+        digests[index] = hasher.digest()
 
 
 async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.CapacityLimiter | None = None,
@@ -237,7 +245,8 @@ async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.Capac
     """Copy ``src`` (of ``st``) to ``dst``, a file open for reading and writing; the hash of the copy in ``form``.
 
     In worker threads from ``limiter`` (two without one): where the hash is by chunks, each thread copies a chunk
-    and hashes it, then the next; else the kernel copies chunk n+1 while chunk n of the copy is hashed.
+    and hashes it, then the next (``copy_chunks``); else the kernel copies chunk n+1 while chunk n of the copy is
+    hashed.
     """
     os.ftruncate(dst, st.st_size)
     with mmap.mmap(dst, st.st_size, prot=mmap.PROT_READ) as mapped:
@@ -254,17 +263,12 @@ async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.Capac
 
 async def _copy_by_chunks(src: int, size: int, dst: int, mapped: mmap.mmap, limiter) -> str:
     digests: list[bytes] = [b""] * len(range(0, size, CHUNK))
-    pending = iter(enumerate(chunks(size)))   # shared: each task takes the next chunk when its thread is done
-    copying = threading.Lock()   # (held in a worker thread for one chunk's copy at most)
-
-    async def copy_next():
-        for index, (offset, count) in pending:
-            digests[index] = await trio.to_thread.run_sync(copy_and_hash, src, dst, mapped, offset, count, copying,
-                                                           limiter=limiter)
-
+    pending = iter(enumerate(chunks(size)))   # shared: each thread takes the next chunk when it is free
+    copying = threading.Lock()                # (held in a worker thread for one chunk's copy at most)
     async with trio.open_nursery() as nursery:
         for _ in range(min(len(digests), int(limiter.total_tokens) if limiter is not None else 2)):
-            nursery.start_soon(copy_next)
+            nursery.start_soon(partial(trio.to_thread.run_sync, copy_chunks, src, dst, mapped, pending, digests,
+                                       copying, limiter=limiter))
     return root(size, digests)
 
 

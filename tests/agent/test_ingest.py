@@ -161,34 +161,54 @@ async def test_a_large_file_rewritten_during_its_copy_is_refused(opened, tmp_pat
     assert sorted(copied) == [0, CHUNK, 2 * CHUNK]   # every chunk was copied; the change was seen at the end
 
 
+def watch(monkeypatch, *names: str) -> dict[str, list[int]]:
+    """Slow each of these functions of ``_ingest`` down, counting the threads in any of them each time one enters
+    one (by name)."""
+    inside, counts = [], {name: [] for name in names}
+    for name in names:
+        def watched(*args, _function=getattr(_ingest, name), _name=name):
+            inside.append(_name)
+            counts[_name].append(len(inside))
+            counts[_name + " alike"] = counts.get(_name + " alike", []) + [inside.count(_name)]
+            try:
+                time.sleep(0.05)   # long enough for the other thread to start its chunk meanwhile
+                return _function(*args)
+            finally:
+                inside.remove(_name)
+        monkeypatch.setattr(_ingest, name, watched)
+    return counts
+
+
 async def test_a_large_file_is_hashed_by_chunks_on_both_threads_of_its_user(opened, tmp_path, monkeypatch):
     data = os.urandom(4 * CHUNK + 1)
     _, fd = opened(data)
     st = _ingest.check(fd, 0, 1 << 30)
-    working, copying = [], []   # the threads at work, and those copying, each time one starts
-
-    def watch(function, now):
-        def watched(*args):
-            now.append(threading.get_ident())
-            watch.most[function.__name__].append(len(now))
-            try:
-                time.sleep(0.05)   # long enough for the other thread to start a chunk meanwhile
-                return function(*args)
-            finally:
-                now.remove(threading.get_ident())
-        return watched
-
-    watch.most = {"copy_and_hash": [], "copy_range": []}
-    monkeypatch.setattr(_ingest, "copy_and_hash", watch(_ingest.copy_and_hash, working))
-    monkeypatch.setattr(_ingest, "copy_range", watch(_ingest.copy_range, copying))
+    counts = watch(monkeypatch, "copy_range", "hash_range")
     copy = os.open(tmp_path / "copy", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         assert await _ingest.copy_large(fd, st, copy, trio.CapacityLimiter(2), CHUNKED) == content_hash(data, CHUNKED)
     finally:
         os.close(copy)
-    # Five chunks, two threads at a time, never more than the user's; they take turns to copy.
-    assert len(watch.most["copy_and_hash"]) == 5 and max(watch.most["copy_and_hash"]) == 2
-    assert watch.most["copy_range"] == [1] * 5
+    # Five chunks, each copied and hashed once, by two threads at once (never more: the user's), which take turns
+    # to copy: one copies while the other hashes.
+    assert len(counts["copy_range"]) == len(counts["hash_range"]) == 5
+    assert max(counts["copy_range"] + counts["hash_range"]) == 2
+    assert counts["copy_range alike"] == [1] * 5
+
+
+async def test_a_cancelled_copy_by_chunks_stops_before_its_next_chunk(opened, tmp_path, monkeypatch):
+    data = os.urandom(6 * CHUNK)
+    _, fd = opened(data)
+    st = _ingest.check(fd, 0, 1 << 30)
+    counts = watch(monkeypatch, "copy_range")
+    copy = os.open(tmp_path / "copy", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with trio.move_on_after(0.08) as scope:   # during the second copy (the copies take turns: 0.05 s each)
+            await _ingest.copy_large(fd, st, copy, trio.CapacityLimiter(2), CHUNKED)
+    finally:
+        os.close(copy)
+    assert scope.cancelled_caught
+    assert len(counts["copy_range"]) <= 3   # of six: the chunk each thread had begun, and no other
 
 
 def test_the_check_takes_the_size_of_the_file_not_of_a_claim(opened):
