@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from labrun.protocol import BadRequest, NotFound, TooLarge
-from labrun.protocol._content_hash import Hasher
+from labrun.protocol._content_hash import SHA256, Hasher
 from labrun.protocol._manifest import tree_hash
 
 from ._asuser import AsUserFailed, Credentials, as_user, needs_switch
@@ -155,7 +155,7 @@ class ContentStore:
 
     # -- uploads -------------------------------------------------------------------------
 
-    def begin(self, uploads: dict, blob: dict, form: str) -> _Upload:
+    def begin(self, uploads: dict, blob: dict, form: str = SHA256) -> _Upload:
         """The upload a ``blob_put`` chunk continues (a new one at offset 0); its hash is in ``form``."""
         digest, size, offset = blob["hash"], blob["size"], blob["offset"]
         if size > self.max_bytes:
