@@ -16,7 +16,8 @@ from labrun.agent import _ingest
 from labrun.agent._limits import Limits, LimitsConfig
 from labrun.agent._server import passed_fds
 from labrun.protocol import BadRequest, TooLarge, Unavailable
-from labrun.protocol._content_hash import CHUNK, CHUNKED, SHA256, content_hash
+from labrun.protocol import _content_hash
+from labrun.protocol._content_hash import CHUNKED, SHA256, content_hash
 
 
 class Stat:
@@ -113,10 +114,19 @@ def test_a_small_file_changed_after_the_check_is_refused(opened, change):
     assert info.value.details == {"index": 3, "reason": "changed"}
 
 
+@pytest.fixture
+def chunk(monkeypatch) -> int:
+    """A chunk size of 64 KiB for these tests (the form's is 8 MiB): the same copies and hashes, in less disk."""
+    size = 64 << 10
+    monkeypatch.setattr(_content_hash, "CHUNK", size)
+    monkeypatch.setattr(_ingest, "CHUNK", size)
+    return size
+
+
 @pytest.mark.parametrize("form", [SHA256, CHUNKED])
 @pytest.mark.parametrize("change", ["grow", "shrink", None])
-async def test_a_large_file_is_hashed_from_the_copy_and_a_change_is_refused(opened, tmp_path, change, form):
-    data = os.urandom(2 * CHUNK + 1000)
+async def test_a_large_file_is_hashed_from_the_copy_and_a_change_is_refused(opened, tmp_path, change, form, chunk):
+    data = os.urandom(2 * chunk + 1000)
     path, fd = opened(data)
     st = _ingest.check(fd, 0, 1 << 30)
     if change == "grow":
@@ -137,8 +147,8 @@ async def test_a_large_file_is_hashed_from_the_copy_and_a_change_is_refused(open
 
 
 @pytest.mark.parametrize("form", [SHA256, CHUNKED])
-async def test_a_large_file_rewritten_during_its_copy_is_refused(opened, tmp_path, monkeypatch, form):
-    data = os.urandom(3 * CHUNK)
+async def test_a_large_file_rewritten_during_its_copy_is_refused(opened, tmp_path, monkeypatch, form, chunk):
+    data = os.urandom(3 * chunk)
     path, fd = opened(data)
     st = _ingest.check(fd, 0, 1 << 30)
     copy_range, copied = _ingest.copy_range, []
@@ -158,7 +168,7 @@ async def test_a_large_file_rewritten_during_its_copy_is_refused(opened, tmp_pat
             await _ingest.copy_large(fd, st, copy, trio.CapacityLimiter(2), form)
     finally:
         os.close(copy)
-    assert sorted(copied) == [0, CHUNK, 2 * CHUNK]   # every chunk was copied; the change was seen at the end
+    assert sorted(copied) == [0, chunk, 2 * chunk]   # every chunk was copied; the change was seen at the end
 
 
 def watch(monkeypatch, *names: str) -> dict[str, list[int]]:
@@ -179,8 +189,8 @@ def watch(monkeypatch, *names: str) -> dict[str, list[int]]:
     return counts
 
 
-async def test_a_large_file_is_hashed_by_chunks_on_both_threads_of_its_user(opened, tmp_path, monkeypatch):
-    data = os.urandom(4 * CHUNK + 1)
+async def test_a_large_file_is_hashed_by_chunks_on_both_threads_of_its_user(opened, tmp_path, monkeypatch, chunk):
+    data = os.urandom(4 * chunk + 1)
     _, fd = opened(data)
     st = _ingest.check(fd, 0, 1 << 30)
     counts = watch(monkeypatch, "copy_range", "hash_range")
@@ -196,8 +206,8 @@ async def test_a_large_file_is_hashed_by_chunks_on_both_threads_of_its_user(open
     assert counts["copy_range alike"] == [1] * 5
 
 
-async def test_a_cancelled_copy_by_chunks_stops_before_its_next_chunk(opened, tmp_path, monkeypatch):
-    data = os.urandom(6 * CHUNK)
+async def test_a_cancelled_copy_by_chunks_stops_before_its_next_chunk(opened, tmp_path, monkeypatch, chunk):
+    data = os.urandom(6 * chunk)
     _, fd = opened(data)
     st = _ingest.check(fd, 0, 1 << 30)
     counts = watch(monkeypatch, "copy_range")
