@@ -10,7 +10,10 @@ Each content is copied first, into a temporary file of the agent's, and the hash
 copy (or, for a small file, of the agent's own buffer that is then written): a user rewriting
 the file meanwhile can make the copy torn, which its size and mtime before and after reveal
 (and which is then refused), but never make a stored content differ from its hash. Large files
-are copied in the kernel (``copy_file_range``), a chunk ahead of the hashing of the last one.
+are copied in the kernel (``copy_file_range``) chunk by chunk. Hashed by chunks (``"chunked-v1"``, see
+``protocol/_content_hash``), each chunk is copied and hashed by whichever of the user's worker threads is free,
+so both cores work on one file; in plain SHA-256 (older clients), one thread copies the next chunk while the
+other hashes the last.
 
 Small files are read whole into memory, hashed and written straight to their place in the
 store: they are pinned first, so no collection can remove them meanwhile, and created there with
@@ -34,18 +37,20 @@ import hashlib
 import mmap
 import os
 import stat as stats
+import threading
 from functools import partial
 
 import trio
 
 from labrun.protocol import BadRequest, TooLarge
+from labrun.protocol._content_hash import CHUNK, SHA256, chunked, chunks, root
 
-# Up to this size a content is read into memory, hashed and written: one pass and no mapping.
+# Up to this size a content is read into memory, hashed and written: one pass and no mapping. (Within one chunk:
+# its hash is its SHA-256 in either form.)
 SMALL = 1 << 20
+assert SMALL <= CHUNK
 # Small contents are read into memory at most this much at a time, then written.
 SMALL_GROUP = 32 << 20
-# Large contents are copied and hashed in chunks of this size, the copy of one overlapping the hash of the last.
-CHUNK = 16 << 20
 # copy_file_range cannot copy between these two files: read and write instead.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 _KINDS = ((stats.S_ISDIR, "a directory"), (stats.S_ISFIFO, "a FIFO"), (stats.S_ISSOCK, "a socket"),
@@ -214,33 +219,70 @@ def unchanged(src: int, before: os.stat_result) -> None:
         raise Changed
 
 
-def chunks(size: int) -> list[tuple[int, int]]:
-    """``(offset, count)`` of each chunk a large content is copied and hashed in."""
-    return [(offset, min(CHUNK, size - offset)) for offset in range(0, size, CHUNK)]
+def copy_chunks(src: int, dst: int, mapped: mmap.mmap, pending, digests: list[bytes], copying: threading.Lock) -> None:
+    """Copy chunks ``(index, (offset, count))`` taken from ``pending`` from ``src`` to ``dst``, and put the SHA-256
+    digest of each chunk of the copy (mapped) in ``digests``, until none is left. In a worker thread of trio's: a
+    cancelled request stops it before its next chunk.
 
-
-async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.CapacityLimiter | None = None) -> str:
-    """Copy ``src`` (of ``st``) to ``dst``, a file open for reading and writing; the SHA-256 of the copy.
-
-    Two worker threads: the kernel copies chunk n+1 while chunk n of the copy is hashed.
+    Threads doing this at once take turns to copy (``copying``). Two copies at once contend for the file, each as
+    slow as both, and the threads fall in step: copying together, then hashing together. Taking turns, one copies
+    while the other hashes.
     """
-    hasher = hashlib.sha256()
+    while True:
+        trio.from_thread.check_cancelled()
+        with copying:
+            index, (offset, count) = next(pending, (None, (0, 0)))
+            if index is None:
+                return
+            copy_range(src, dst, offset, count)
+        hasher = hashlib.sha256()
+        hash_range(hasher, mapped, offset, count)
+        digests[index] = hasher.digest()
+
+
+async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.CapacityLimiter | None = None,
+                     form: str = SHA256) -> str:
+    """Copy ``src`` (of ``st``) to ``dst``, a file open for reading and writing; the hash of the copy in ``form``.
+
+    In worker threads from ``limiter`` (two without one): where the hash is by chunks, each thread copies a chunk
+    and hashes it, then the next (``copy_chunks``); else the kernel copies chunk n+1 while chunk n of the copy is
+    hashed.
+    """
     os.ftruncate(dst, st.st_size)
     with mmap.mmap(dst, st.st_size, prot=mmap.PROT_READ) as mapped:
-        last = None
-        for offset, count in chunks(st.st_size):
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(partial(trio.to_thread.run_sync, copy_range, src, dst, offset, count,
-                                               limiter=limiter))
-                    if last is not None:
-                        nursery.start_soon(partial(trio.to_thread.run_sync, hash_range, hasher, mapped, *last,
-                                                   limiter=limiter))
-            except BaseExceptionGroup as group:
-                raise _first(group) from None   # (the other thread, if it failed too, failed for the same cause)
-            last = offset, count
-        await trio.to_thread.run_sync(hash_range, hasher, mapped, *last, limiter=limiter)
+        try:
+            if chunked(form, st.st_size):
+                digest = await _copy_by_chunks(src, st.st_size, dst, mapped, limiter)
+            else:
+                digest = await _copy_pipelined(src, st.st_size, dst, mapped, limiter)
+        except BaseExceptionGroup as group:
+            raise _first(group) from None   # (the other thread, if it failed too, failed for the same cause)
     await trio.to_thread.run_sync(look_again, src, st, limiter=limiter, abandon_on_cancel=True)
+    return digest
+
+
+async def _copy_by_chunks(src: int, size: int, dst: int, mapped: mmap.mmap, limiter) -> str:
+    digests: list[bytes] = [b""] * len(range(0, size, CHUNK))
+    pending = iter(enumerate(chunks(size)))   # shared: each thread takes the next chunk when it is free
+    copying = threading.Lock()                # (held in a worker thread for one chunk's copy at most)
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(len(digests), int(limiter.total_tokens) if limiter is not None else 2)):
+            nursery.start_soon(partial(trio.to_thread.run_sync, copy_chunks, src, dst, mapped, pending, digests,
+                                       copying, limiter=limiter))
+    return root(size, digests)
+
+
+async def _copy_pipelined(src: int, size: int, dst: int, mapped: mmap.mmap, limiter) -> str:
+    hasher = hashlib.sha256()
+    last = None
+    for offset, count in chunks(size):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(trio.to_thread.run_sync, copy_range, src, dst, offset, count, limiter=limiter))
+            if last is not None:
+                nursery.start_soon(partial(trio.to_thread.run_sync, hash_range, hasher, mapped, *last,
+                                           limiter=limiter))
+        last = offset, count
+    await trio.to_thread.run_sync(hash_range, hasher, mapped, *last, limiter=limiter)
     return hasher.hexdigest()
 
 
@@ -252,8 +294,10 @@ def look_again(src: int, before: os.stat_result) -> None:
 
 
 async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: list[str],
-                 placed: list[tuple[str, int]], limiter: trio.CapacityLimiter, memory: trio.Lock) -> dict[int, str]:
-    """Store the contents of checked files ``(index, fd, stat)`` in ``content``; the hash of each, by index.
+                 placed: list[tuple[str, int]], limiter: trio.CapacityLimiter, memory: trio.Lock,
+                 form: str = SHA256) -> dict[int, str]:
+    """Store the contents of checked files ``(index, fd, stat)`` in ``content``; the hash of each in ``form``, by
+    index.
 
     Each hash is pinned (and added to ``pinned``, for the connection to release) before its content is placed;
     ``placed`` gets ``(hash, size)`` of each content once it is in the store, to be recorded even if a later one
@@ -284,7 +328,7 @@ async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: 
         tmp_fd, path = content.temporary()
         try:
             try:
-                digest = await copy_large(fd, st, tmp_fd, limiter)
+                digest = await copy_large(fd, st, tmp_fd, limiter, form)
             finally:
                 os.close(tmp_fd)
             content.pin([digest])
