@@ -37,7 +37,6 @@ import hashlib
 import mmap
 import os
 import stat as stats
-import threading
 from functools import partial
 
 import trio
@@ -51,6 +50,8 @@ SMALL = 1 << 20
 assert SMALL <= CHUNK
 # Small contents are read into memory at most this much at a time, then written.
 SMALL_GROUP = 32 << 20
+# A copy by chunks goes through a buffer of this size per thread: small enough to stay in a core's cache.
+PIECE = 256 << 10
 # copy_file_range cannot copy between these two files: read and write instead.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 _KINDS = ((stats.S_ISDIR, "a directory"), (stats.S_ISFIFO, "a FIFO"), (stats.S_ISSOCK, "a socket"),
@@ -219,25 +220,36 @@ def unchanged(src: int, before: os.stat_result) -> None:
         raise Changed
 
 
-def copy_chunks(src: int, dst: int, mapped: mmap.mmap, pending, digests: list[bytes], copying: threading.Lock) -> None:
-    """Copy chunks ``(index, (offset, count))`` taken from ``pending`` from ``src`` to ``dst``, and put the SHA-256
-    digest of each chunk of the copy (mapped) in ``digests``, until none is left. In a worker thread of trio's: a
-    cancelled request stops it before its next chunk.
+def copy_chunk(src: int, dst: int, offset: int, count: int, buffer: memoryview) -> bytes:
+    """Copy ``count`` bytes at ``offset`` from ``src`` to the same offset of ``dst`` through ``buffer``, the agent's
+    own memory, and return the SHA-256 digest of what was written. Blocking.
 
-    Threads doing this at once take turns to copy (``copying``). Two copies at once contend for the file, each as
-    slow as both, and the threads fall in step: copying together, then hashing together. Taking turns, one copies
-    while the other hashes.
+    Each piece is hashed in the buffer it is written from, so the digest is of the copy whatever the file does
+    meanwhile; and a piece the size of a core's cache is read, hashed and written while it is in that cache
+    (a copy in the kernel and a hash of the copy's mapping read every byte from memory twice more).
     """
-    while True:
+    hasher = hashlib.sha256()
+    end = offset + count
+    while offset < end:
+        read = os.preadv(src, [buffer[:min(len(buffer), end - offset)]], offset)
+        if read == 0:
+            raise Changed   # shorter than it was
+        piece = buffer[:read]
+        hasher.update(piece)
+        while piece:
+            written = os.pwrite(dst, piece, offset)
+            piece, offset = piece[written:], offset + written
+    return hasher.digest()
+
+
+def copy_chunks(src: int, dst: int, pending, digests: list[bytes]) -> None:
+    """Copy chunks ``(index, (offset, count))`` taken from ``pending`` from ``src`` to ``dst``, putting the SHA-256
+    digest of each in ``digests``, until none is left. In a worker thread of trio's: a cancelled request stops it
+    before its next chunk."""
+    buffer = memoryview(bytearray(PIECE))
+    for index, (offset, count) in pending:
         trio.from_thread.check_cancelled()
-        with copying:
-            index, (offset, count) = next(pending, (None, (0, 0)))
-            if index is None:
-                return
-            copy_range(src, dst, offset, count)
-        hasher = hashlib.sha256()
-        hash_range(hasher, mapped, offset, count)
-        digests[index] = hasher.digest()
+        digests[index] = copy_chunk(src, dst, offset, count, buffer)
 
 
 async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.CapacityLimiter | None = None,
@@ -245,30 +257,29 @@ async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.Capac
     """Copy ``src`` (of ``st``) to ``dst``, a file open for reading and writing; the hash of the copy in ``form``.
 
     In worker threads from ``limiter`` (two without one): where the hash is by chunks, each thread copies a chunk
-    and hashes it, then the next (``copy_chunks``); else the kernel copies chunk n+1 while chunk n of the copy is
-    hashed.
+    through its buffer, hashing it there, then the next (``copy_chunks``); else the kernel copies chunk n+1 while
+    chunk n of the copy is hashed.
     """
     os.ftruncate(dst, st.st_size)
-    with mmap.mmap(dst, st.st_size, prot=mmap.PROT_READ) as mapped:
-        try:
-            if chunked(form, st.st_size):
-                digest = await _copy_by_chunks(src, st.st_size, dst, mapped, limiter)
-            else:
+    try:
+        if chunked(form, st.st_size):
+            digest = await _copy_by_chunks(src, st.st_size, dst, limiter)
+        else:
+            with mmap.mmap(dst, st.st_size, prot=mmap.PROT_READ) as mapped:
                 digest = await _copy_pipelined(src, st.st_size, dst, mapped, limiter)
-        except BaseExceptionGroup as group:
-            raise _first(group) from None   # (the other thread, if it failed too, failed for the same cause)
+    except BaseExceptionGroup as group:
+        raise _first(group) from None   # (the other thread, if it failed too, failed for the same cause)
     await trio.to_thread.run_sync(look_again, src, st, limiter=limiter, abandon_on_cancel=True)
     return digest
 
 
-async def _copy_by_chunks(src: int, size: int, dst: int, mapped: mmap.mmap, limiter) -> str:
+async def _copy_by_chunks(src: int, size: int, dst: int, limiter) -> str:
     digests: list[bytes] = [b""] * len(range(0, size, CHUNK))
     pending = iter(enumerate(chunks(size)))   # shared: each thread takes the next chunk when it is free
-    copying = threading.Lock()                # (held in a worker thread for one chunk's copy at most)
     async with trio.open_nursery() as nursery:
         for _ in range(min(len(digests), int(limiter.total_tokens) if limiter is not None else 2)):
-            nursery.start_soon(partial(trio.to_thread.run_sync, copy_chunks, src, dst, mapped, pending, digests,
-                                       copying, limiter=limiter))
+            nursery.start_soon(partial(trio.to_thread.run_sync, copy_chunks, src, dst, pending, digests,
+                                       limiter=limiter))
     return root(size, digests)
 
 
