@@ -9,11 +9,11 @@ filesystem the agent reads for users (``check``).
 Each content is copied first, into a temporary file of the agent's, and the hash is taken of that
 copy (or, for a small file, of the agent's own buffer that is then written): a user rewriting
 the file meanwhile can make the copy torn, which its size and mtime before and after reveal
-(and which is then refused), but never make a stored content differ from its hash. Large files
-are copied in the kernel (``copy_file_range``) chunk by chunk. Hashed by chunks (``"chunked-v1"``, see
-``protocol/_content_hash``), each chunk is copied and hashed by whichever of the user's worker threads is free,
-so both cores work on one file; in plain SHA-256 (older clients), one thread copies the next chunk while the
-other hashes the last.
+(and which is then refused), but never make a stored content differ from its hash. Hashed by chunks
+(``"chunked-v1"``, see ``protocol/_content_hash``), a large file's chunks are copied by whichever of the user's
+worker threads is free, so both cores work on one file, each through its own small buffer, where each piece is
+hashed between its read and its write. In plain SHA-256 (older clients), the kernel copies the next chunk
+(``copy_file_range``) while another thread hashes the last chunk of the copy.
 
 Small files are read whole into memory, hashed and written straight to their place in the
 store: they are pinned first, so no collection can remove them meanwhile, and created there with
