@@ -16,8 +16,10 @@ hashed between its read and its write. In plain SHA-256 (older clients), the ker
 (``copy_file_range``) while another thread hashes the last chunk of the copy.
 
 Small files are read whole into memory, hashed and written straight to their place in the
-store: they are pinned first, so no collection can remove them meanwhile, and created there with
-``O_EXCL``, so what another writer put there is replaced whole (by rename), never rewritten.
+store: they are pinned first, so no collection can remove them meanwhile. The smallest (up to
+``_small.INLINE_MAX``) are rows of the store's database, committed in one transaction per group; the
+others are created in place with ``O_EXCL``, so what another writer put there is replaced whole (by
+rename), never rewritten.
 
 A file on FUSE is refused before any call on it (its filesystem is learnt from ``/proc``): its daemon, possibly
 the user's own, can leave any call on it waiting for ever. The close of a passed file still asks its daemon
@@ -43,6 +45,8 @@ import trio
 
 from labrun.protocol import BadRequest, TooLarge
 from labrun.protocol._content_hash import CHUNK, SHA256, chunked, chunks, root
+
+from ._small import INLINE_MAX
 
 # Up to this size a content is read into memory, hashed and written: one pass and no mapping. (Within one chunk:
 # its hash is its SHA-256 in either form.)
@@ -93,10 +97,17 @@ def mounts() -> dict[str, str]:
     return types
 
 
-def filesystem(fd: int, types: dict[str, str]) -> str | None:
-    """The type of the filesystem ``fd`` is on, learnt without any call on the file itself; None if unknown."""
+def filesystem(fd: int, types: dict[str, str], fdinfo: int | None = None) -> str | None:
+    """The type of the filesystem ``fd`` is on, learnt without any call on the file itself; None if unknown.
+
+    ``fdinfo``: the agent's ``/proc/self/fdinfo`` directory, open (``check_all``): an open relative to it costs
+    about half of one by the whole path, most of this check's cost.
+    """
     try:
-        info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        if fdinfo is None:
+            info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        else:
+            info = os.open(str(fd), os.O_RDONLY | os.O_CLOEXEC, dir_fd=fdinfo)
         try:
             data = os.read(info, 4096)
         finally:
@@ -109,8 +120,10 @@ def filesystem(fd: int, types: dict[str, str]) -> str | None:
     return types.get(data[at + 8:data.find(b"\n", at + 1)].strip().decode())
 
 
-def check(fd: int, index: int, max_bytes: int, types: dict[str, str] | None = None) -> os.stat_result:
-    """The ``fstat`` of a passed descriptor, if the agent may take a content from it; ``types``: ``mounts()``.
+def check(fd: int, index: int, max_bytes: int, types: dict[str, str] | None = None,
+          fdinfo: int | None = None) -> os.stat_result:
+    """The ``fstat`` of a passed descriptor, if the agent may take a content from it; ``types``: ``mounts()``,
+    ``fdinfo``: as for ``filesystem``.
 
     Raises:
         BadRequest: not open for reading, not a regular file, or on a filesystem the agent does not read for
@@ -120,7 +133,7 @@ def check(fd: int, index: int, max_bytes: int, types: dict[str, str] | None = No
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     if flags & getattr(os, "O_PATH", 0) or flags & os.O_ACCMODE == os.O_WRONLY:
         raise BadRequest(f"blob_fds: file {index} is not open for reading", details={"index": index})
-    kind = filesystem(fd, mounts() if types is None else types)
+    kind = filesystem(fd, mounts() if types is None else types, fdinfo)
     if kind is None and not os.readlink(f"/proc/self/fd/{fd}").startswith(_INTERNAL) \
             or kind in _REFUSED_FILESYSTEMS or (kind or "").startswith("fuse."):
         raise BadRequest(f"blob_fds: file {index} is on a filesystem the agent does not read for users "
@@ -139,7 +152,11 @@ def check(fd: int, index: int, max_bytes: int, types: dict[str, str] | None = No
 def check_all(fds: list[int], max_bytes: int) -> list[tuple[int, int, os.stat_result]]:
     """``(index, fd, stat)`` of each passed descriptor, by ``check``. Blocking."""
     types = mounts()
-    return [(index, fd, check(fd, index, max_bytes, types)) for index, fd in enumerate(fds)]
+    fdinfo = os.open("/proc/self/fdinfo", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return [(index, fd, check(fd, index, max_bytes, types, fdinfo)) for index, fd in enumerate(fds)]
+    finally:
+        os.close(fdinfo)
 
 
 def close_all(fds: list[int]) -> None:
@@ -323,15 +340,21 @@ async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: 
             hashes = [digest for digest, _ in read]
             content.pin(hashes)
             pinned.extend(hashes)
-            # Creating files is most of the cost: two threads create them at once (mostly in different directories).
+            inline = [(digest, data) for digest, data in read if len(data) <= INLINE_MAX]
+            larger = [(digest, data) for digest, data in read if len(data) > INLINE_MAX]
+            del read
+            # The smallest go into the store's database in one transaction; creating files is most of the cost of
+            # the others: two threads create them at once (mostly in different directories).
             try:
                 async with trio.open_nursery() as nursery:
-                    for half in (read[::2], read[1::2]):
-                        nursery.start_soon(partial(trio.to_thread.run_sync, content.write_small, half, placed,
-                                                   limiter=limiter))
+                    nursery.start_soon(_write_inline, content, inline, placed)
+                    for half in (larger[::2], larger[1::2]):
+                        if half:
+                            nursery.start_soon(partial(trio.to_thread.run_sync, content.write_files, half, placed,
+                                                       limiter=limiter))
             except BaseExceptionGroup as group:
                 raise _first(group) from None
-            del read
+            del inline, larger
         digests.update(zip((index for index, _, _ in group), hashes))
     for index, fd, st in files:
         if st.st_size <= SMALL:
@@ -352,6 +375,11 @@ async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: 
             path.unlink(missing_ok=True)   # (gone already once placed)
         digests[index] = digest
     return digests
+
+
+async def _write_inline(content, contents: list[tuple[str, bytes]], placed: list[tuple[str, int]]) -> None:
+    await content.small.write(contents)
+    placed.extend((digest, len(data)) for digest, data in contents)
 
 
 def _first(group: BaseExceptionGroup) -> BaseException:

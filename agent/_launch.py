@@ -235,7 +235,7 @@ class LaunchPlanner:
             if self.ready.take(creds, tree, run_dir):
                 self.ready.want(creds, tree, entries)
                 return
-        work = functools.partial(materialize, self.snapshots.objects, entries, run_dir, creds)
+        work = functools.partial(materialize, self.snapshots, entries, run_dir, creds)
         try:
             if len(entries) <= INLINE_MATERIALIZE_FILES and sum(e[1] for e in entries) <= INLINE_MATERIALIZE_BYTES:
                 work()

@@ -34,7 +34,7 @@ import trio
 
 from ._asuser import Credentials, acting_as, agent_dir, make_private_dir
 from ._retention import remove_tree
-from ._snapshot import SnapshotFailed, materialize
+from ._snapshot import ContentStore, SnapshotFailed, materialize
 
 log = structlog.get_logger("labrun.ready")
 
@@ -57,11 +57,11 @@ class _Copy:
 
 
 class ReadyCopies:
-    def __init__(self, root: Path, objects: Path, *, failing: Callable[[], bool] = lambda: False,
+    def __init__(self, root: Path, content: ContentStore, *, failing: Callable[[], bool] = lambda: False,
                  max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES, max_copies: int = MAX_COPIES,
                  max_total_bytes: int = MAX_TOTAL_BYTES, max_age: float = MAX_AGE):
         self.root = root
-        self.objects = objects
+        self.content = content
         self.failing = failing
         self.max_files, self.max_bytes, self.max_copies = max_files, max_bytes, max_copies
         self.max_total_bytes, self.max_age = max_total_bytes, max_age
@@ -203,4 +203,4 @@ class ReadyCopies:
 
     def _materialize(self, name: str, creds: Credentials, entries: list[tuple]) -> None:
         make_private_dir(self.root, name, creds)
-        materialize(self.objects, entries, self.root / name, creds)
+        materialize(self.content, entries, self.root / name, creds)

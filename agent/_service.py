@@ -510,7 +510,7 @@ class Service:
         if not entry[1]:
             return None
         try:
-            return self.supervisor.snapshots.open_content(entry[3])
+            return self.supervisor.snapshots.open_content(entry[3], entry[1])
         except SnapshotFailed as exc:
             raise NotFound(f"run {record.run_id}: {exc}") from None
 

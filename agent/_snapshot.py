@@ -1,7 +1,9 @@
 """Content-addressed snapshots: the store of file contents, uploads into it, and runs' copies out of it.
 
 ``<state>/cas/objects/<2 hex>/<hash>`` holds each distinct file content once (root's,
-0400, in a 0700 directory); ``cas/tmp/`` holds uploads in progress. A hash is a content's name in either form
+0400, in a 0700 directory), but for small ones passed open (``blob_fds``), which are rows of
+``cas/small.db`` (``_small``: creating a file costs more than storing them there); every reader
+looks in both places. ``cas/tmp/`` holds uploads in progress. A hash is a content's name in either form
 of ``protocol/_content_hash`` (its SHA-256, or by chunks for a large one): one content may be stored under both
 names, never two contents under one. The database
 (tables ``cas_*`` in the store) knows each blob's size and reference count, which users
@@ -26,6 +28,7 @@ import fcntl
 import os
 import resource
 import shutil
+import sqlite3
 from collections import Counter
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from labrun.protocol._content_hash import SHA256, Hasher
 from labrun.protocol._manifest import tree_hash
 
 from ._asuser import AsUserFailed, Credentials, as_user, needs_switch
+from ._small import INLINE_MAX, SmallContents
 
 FICLONE = 0x40049409
 # Errors that mean "this filesystem (pair) cannot reflink": copy instead.
@@ -45,6 +49,8 @@ MAX_MISSING = 50_000
 COPY_CHUNK = 1 << 30
 # A snapshot this close to a limit gets a warning (``get_details()["warnings"]``).
 NEAR_LIMIT = 0.8
+# A run's snapshot is made in batches holding at most this much of the small contents in memory at once.
+MATERIALIZE_BATCH = 8 << 20
 
 
 class SnapshotFailed(Exception):
@@ -76,8 +82,11 @@ class ContentStore:
                 (self.objects / f"{i:02x}").mkdir(mode=0o700, exist_ok=True)
         for stale in self.tmp.iterdir():
             stale.unlink(missing_ok=True)
-        # No connection survives a restart: what no tree uses is garbage now.
+        self.small = SmallContents(root / "small.db", keep=lambda digest: self._pins[digest] > 0)
+        # No connection survives a restart: what no tree uses is garbage now, and so is what a killed agent
+        # had stored but not recorded yet.
         self._delete(self.store.cas_unreferenced())
+        self.small.sweep(self.store.path)
 
     def blob_path(self, digest: str) -> Path:
         return self.objects / digest[:2] / digest
@@ -143,8 +152,23 @@ class ContentStore:
                     "or run in place.")
         return None
 
-    def open_content(self, digest: str) -> int:
-        """An fd on a stored content (the agent's own file, named by a hash from the database)."""
+    def open_content(self, digest: str, size: int) -> int:
+        """An fd on a stored content of ``size`` bytes (named by a hash from the database): the agent's own
+        file, or a memory file holding a small content kept in ``small.db``.
+
+        Raises:
+            SnapshotFailed: the content is in neither place.
+        """
+        if 0 < size <= INLINE_MAX:
+            data = _read_small(self, [digest]).get(digest)
+            if data is not None:
+                fd = os.memfd_create(f"content-{digest[:16]}", os.MFD_CLOEXEC)
+                try:
+                    _write_all(fd, data)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return fd
         return _open_blob(self.objects, digest)
 
     def _delete(self, digests) -> None:
@@ -152,6 +176,7 @@ class ContentStore:
         for digest in doomed:
             self.blob_path(digest).unlink(missing_ok=True)
         self.store.cas_forget(doomed)
+        self.small.forget(doomed)   # (then, in a worker thread: after the state database, under the write lock)
 
     # -- uploads -------------------------------------------------------------------------
 
@@ -175,7 +200,7 @@ class ContentStore:
                 upload = _Upload(size, form, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400),
                                  path)
             uploads[digest] = upload
-            self._pins[digest] += 1   # from now on, nobody's release deletes the stored copy it relies on
+            self.pin([digest])   # from now on, nobody's release deletes the stored copy it relies on
         elif size != upload.size:
             raise BadRequest(f"blob_put: {digest} was started with size {upload.size}, not {size}",
                              details={"field": "args.blobs.size"})
@@ -249,8 +274,8 @@ class ContentStore:
         path = self.tmp / f"fd.{os.urandom(8).hex()}"
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400), path
 
-    def write_small(self, contents: list[tuple[str, bytes]], placed: list[tuple[str, int]]) -> None:
-        """Write hashed, pinned contents to their place in the store, adding ``(hash, size)`` of each to ``placed``.
+    def write_files(self, contents: list[tuple[str, bytes]], placed: list[tuple[str, int]]) -> None:
+        """Write hashed, pinned contents to their files in the store, adding ``(hash, size)`` of each to ``placed``.
         Blocking.
 
         Created there at once (no rename): nothing reads a content before the database has it, which is after
@@ -284,6 +309,7 @@ class ContentStore:
     def pin(self, digests: list[str]) -> None:
         """Keep these contents from collection until ``end_session`` releases them (before they are placed)."""
         self._pins.update(digests)
+        self.small.pinned(digests)
 
     def place(self, copies: list[tuple[str, Path]]) -> None:
         """Move copies, hashed and pinned, to their place in the store. Blocking."""
@@ -299,41 +325,89 @@ def _write_all(fd: int, data: bytes) -> None:
 
 # -- a run's copy ----------------------------------------------------------------------------
 
-def materialize(objects: Path, entries: list[tuple], run_dir: Path, credentials: Credentials) -> str:
+def materialize(content: ContentStore, entries: list[tuple], run_dir: Path, credentials: Credentials) -> str:
     """Create ``run_dir/snapshot`` with ``entries`` (and an empty ``outputs/``), as the run's user.
 
-    The one function that writes a run's snapshot. The run directory and the store's files are
-    opened here with the agent's rights; everything under ``snapshot/`` is created by
-    ``as_user`` with the user's, so it is theirs and no link they plant is followed as root.
-    Returns ``"reflink"`` or ``"copy"`` (how the contents were placed). Blocking.
+    The one function that writes a run's snapshot. The run directory and the store's contents are
+    opened (and small contents read) here with the agent's rights; everything under ``snapshot/`` is
+    created by ``as_user`` with the user's, so it is theirs and no link they plant is followed as root.
+    Done in batches (``batches``), so that at most ``MATERIALIZE_BATCH`` bytes of small contents are in
+    memory at once. Returns ``"reflink"`` or ``"copy"`` (how the contents kept as files were placed; a small
+    content kept in the database is written). Blocking.
 
     Raises:
         SnapshotFailed: naming the file or content that could not be placed.
     """
-    digests = sorted({e[3] for e in entries if e[1]})
     switch = needs_switch(credentials.uid)
-    opened: dict[str, int] = {}
+    method = ["reflink"]
+    dirs: dict[str, int] = {}
     run_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    parts = batches(entries, MATERIALIZE_BATCH)
     try:
         if switch:
-            # The child cannot open root's store once it is the user: it inherits every content's fd.
+            # Once it is the user, the thread cannot open root's store: it is given each content's fd.
+            most = max(len({e[3] for e in batch if e[1]}) for batch in parts)
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            if soft < len(digests) + 64:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, len(digests) + 64)), hard))
-            for digest in digests:
-                opened[digest] = _open_blob(objects, digest)
+            if soft < most + 64:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, most + 64)), hard))
+        for number, batch in enumerate(parts):
+            inline = _read_small(content, sorted({e[3] for e in batch if 0 < e[1] <= INLINE_MAX}))
+            opened: dict[str, int] = {}
+            try:
+                if switch:
+                    for digest in sorted({e[3] for e in batch if e[1]} - inline.keys()):
+                        opened[digest] = _open_blob(content.objects, digest)
 
-        def open_blob(digest: str) -> int:
-            return opened[digest] if switch else _open_blob(objects, digest)
+                def source(digest: str) -> int | bytes:
+                    found = inline.get(digest)
+                    if found is not None:
+                        return found
+                    return opened[digest] if switch else _open_blob(content.objects, digest)
 
+                def work() -> None:
+                    if number == 0:
+                        _start(run_fd, dirs)
+                    _fill(dirs, batch, source, method, close=not switch)
+
+                try:
+                    as_user(credentials, work)
+                except AsUserFailed as exc:
+                    raise SnapshotFailed(f"cannot make the run's snapshot: {exc}") from None
+            finally:
+                for fd in opened.values():
+                    os.close(fd)
+                del inline
         try:
-            return as_user(credentials, lambda: _fill(run_fd, entries, open_blob, close=not switch))
+            as_user(credentials, lambda: _finish(dirs))
         except AsUserFailed as exc:
             raise SnapshotFailed(f"cannot make the run's snapshot: {exc}") from None
     finally:
-        for fd in opened.values():
+        for fd in dirs.values():
             os.close(fd)
         os.close(run_fd)
+    return method[0] if any(e[1] for e in entries) else "empty"
+
+
+def batches(entries: list[tuple], limit: int) -> list[list[tuple]]:
+    """``entries`` in order, cut so that the small contents (kept in the database) of each part add up to at most
+    ``limit`` bytes (or one content); an empty tree is one empty part (its snapshot directory is still made)."""
+    parts: list[list[tuple]] = [[]]
+    held = 0
+    for entry in entries:
+        size = entry[1] if 0 < entry[1] <= INLINE_MAX else 0
+        if held + size > limit and parts[-1]:
+            parts.append([])
+            held = 0
+        parts[-1].append(entry)
+        held += size
+    return parts
+
+
+def _read_small(content: ContentStore, digests: list[str]) -> dict[str, bytes]:
+    try:
+        return content.small.read(digests)
+    except sqlite3.Error as exc:
+        raise SnapshotFailed(f"cannot read the agent's store of small contents: {exc}") from None
 
 
 def _open_blob(objects: Path, digest: str) -> int:
@@ -343,44 +417,53 @@ def _open_blob(objects: Path, digest: str) -> int:
         raise SnapshotFailed(f"content {digest} is missing from the agent's store") from None
 
 
-def _fill(run_fd: int, entries: list[tuple], open_blob, *, close: bool) -> str:
+def _start(run_fd: int, dirs: dict[str, int]) -> None:
     try:
         os.mkdir("snapshot", 0o755, dir_fd=run_fd)
     except FileExistsError:   # an earlier agent stopped while making it: start again
         shutil.rmtree("snapshot", dir_fd=run_fd)
         os.mkdir("snapshot", 0o755, dir_fd=run_fd)
-    dirs = {"": os.open("snapshot", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=run_fd)}
-    method = ["reflink"]
+    dirs[""] = os.open("snapshot", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=run_fd)
+
+
+def _finish(dirs: dict[str, int]) -> None:
     try:
-        for path, size, mode, digest in entries:
-            parent, _, name = path.rpartition("/")
-            parent_fd = dirs.get(parent)
-            if parent_fd is None:
-                parent_fd = _make_dirs(dirs, parent)
-            # Made with its mode at once (the snapshot is in the owner's 0700 run directory, so no one else
-            # sees it meanwhile); a chmod, a second metadata write, only where the umask took bits away.
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
-                         dir_fd=parent_fd)
-            try:
-                if size:
-                    source = open_blob(digest)
+        os.mkdir("outputs", 0o755, dir_fd=dirs[""])
+    except FileExistsError:
+        pass
+
+
+def _fill(dirs: dict[str, int], entries: list[tuple], source, method: list, *, close: bool) -> None:
+    """Create ``entries`` under the snapshot directory ``dirs[""]`` (``dirs``: the directories open so far, by path).
+
+    ``source(hash)``: a small content's bytes, or an fd on its file (closed here if ``close``).
+    """
+    for path, size, mode, digest in entries:
+        parent, _, name = path.rpartition("/")
+        parent_fd = dirs.get(parent)
+        if parent_fd is None:
+            parent_fd = _make_dirs(dirs, parent)
+        # Made with its mode at once (the snapshot is in the owner's 0700 run directory, so no one else
+        # sees it meanwhile); a chmod, a second metadata write, only where the umask took bits away.
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                     dir_fd=parent_fd)
+        try:
+            if size:
+                found = source(digest)
+                if isinstance(found, bytes):
+                    if len(found) != size:
+                        raise OSError(errno.EIO, f"the stored content of {path!r} is not its {size} bytes")
+                    _write_all(fd, found)
+                else:
                     try:
-                        _place(source, fd, size, method, path)
+                        _place(found, fd, size, method, path)
                     finally:
                         if close:
-                            os.close(source)
-                if os.fstat(fd).st_mode & 0o7777 != mode:
-                    os.fchmod(fd, mode)
-            finally:
-                os.close(fd)
-        try:
-            os.mkdir("outputs", 0o755, dir_fd=dirs[""])
-        except FileExistsError:
-            pass
-    finally:
-        for fd in dirs.values():
+                            os.close(found)
+            if os.fstat(fd).st_mode & 0o7777 != mode:
+                os.fchmod(fd, mode)
+        finally:
             os.close(fd)
-    return method[0] if any(e[1] for e in entries) else "empty"
 
 
 def _make_dirs(dirs: dict, parent: str) -> int:

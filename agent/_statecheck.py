@@ -5,6 +5,7 @@
   empty (0-byte), missing, corrupt or foreign database next to existing run
   directories is ``StateDamaged``: the agent refuses to start, with a message naming
   the file and what to do, rather than start afresh and bury the history and queue.
+- So must the content store's database of small contents (``cas/small.db``).
 - A submit marks its run in ``<state>/submitting/`` before making the run directory
   and clears the mark once the run's row is committed. A mark whose run has no row
   means the agent died in between (say, during snapshot extraction): the directory
@@ -70,22 +71,9 @@ def check_state(state_dir: Path) -> None:
             raise StateDamaged(f"the state database {db} {what}, but {runs} holds {run_dirs} run directories: "
                                f"the history and queue of those runs would be lost. {_advice(db, runs)}")
         return
-    try:
-        probe = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            problems = [r[0] for r in probe.execute("PRAGMA quick_check(5)").fetchall()]
-            found = _tables(probe)
-        finally:
-            probe.close()
-    except sqlite3.DatabaseError as exc:
-        if is_disk_error(exc):
-            # A full disk is not damage: start, serve what can be read, and retry writes (see _faults).
-            log.warning("state.check.skipped", error=str(exc), detail="the state disk is full or failing")
-            return
-        raise StateDamaged(f"the state database {db} cannot be read ({exc}). {_advice(db, runs)}") from None
-    if problems != ["ok"]:
-        raise StateDamaged(f"the state database {db} is corrupt (integrity check: {'; '.join(problems)}). "
-                           f"{_advice(db, runs)}")
+    found = _probe(db, "the state database", _advice(db, runs))
+    if found is None:
+        return
     if not found and not run_dirs:
         return   # an empty database file and nothing else: a first start
     missing = []
@@ -97,6 +85,41 @@ def check_state(state_dir: Path) -> None:
     if missing:
         raise StateDamaged(f"the state database {db} is not a labrun database, or a damaged one (missing: "
                            f"{', '.join(missing[:5])}). {_advice(db, runs)}")
+    _check_small_contents(state_dir / "cas" / "small.db")
+
+
+def _check_small_contents(db: Path) -> None:
+    """The content store's database of small contents (``_small``) must be whole too: the snapshots of queued and
+    kept runs are partly in it."""
+    if not db.exists() or db.stat().st_size == 0:
+        return
+    _probe(db, "the snapshot store's database", f"Stop here and keep the file. Restore it from a backup, or move "
+           f"{db} (with its -wal and -shm files) aside and start the agent: runs whose snapshots had small files in "
+           "it then fail to start, naming the missing content, and must be submitted again.")
+
+
+def _probe(db: Path, what: str, advice: str) -> dict[str, set[str]] | None:
+    """The tables of database ``db`` once its integrity check passes; None if the disk cannot be read now.
+
+    Raises:
+        StateDamaged: it cannot be read or is corrupt (``what`` names it, ``advice`` says what to do).
+    """
+    try:
+        probe = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            problems = [r[0] for r in probe.execute("PRAGMA quick_check(5)").fetchall()]
+            found = _tables(probe)
+        finally:
+            probe.close()
+    except sqlite3.DatabaseError as exc:
+        if is_disk_error(exc):
+            # A full disk is not damage: start, serve what can be read, and retry writes (see _faults).
+            log.warning("state.check.skipped", error=str(exc), detail="the state disk is full or failing")
+            return None
+        raise StateDamaged(f"{what} {db} cannot be read ({exc}). {advice}") from None
+    if problems != ["ok"]:
+        raise StateDamaged(f"{what} {db} is corrupt (integrity check: {'; '.join(problems)}). {advice}")
+    return found
 
 
 def mark_submitting(state_dir: Path, run_id: str) -> Path:

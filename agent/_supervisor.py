@@ -148,7 +148,7 @@ class Supervisor:
         self.interactive = InteractiveRuns(store, runs, self._transition, self.snapshots)
         self.launches = LaunchPlanner(config, store, capacity, EnvironmentBuilder(config.state_dir / "envs"),
                                       self.snapshots)
-        self.ready = self.launches.ready = ReadyCopies(config.state_dir / "ready", self.snapshots.objects,
+        self.ready = self.launches.ready = ReadyCopies(config.state_dir / "ready", self.snapshots,
                                                        failing=lambda: self.faults.disk_failing)
 
     def token_valid(self, run_id: str, token: str) -> bool:
@@ -168,6 +168,7 @@ class Supervisor:
         """
         async with trio.open_nursery() as nursery:
             await nursery.start(self.ready.run)
+            await nursery.start(self.snapshots.small.run)
             self._recover(nursery)
             for record in self.store.runs_with_status([QUEUED]):
                 if record.run_id in self.active:

@@ -45,7 +45,7 @@ async def wait_for(predicate, timeout: float = 10.0) -> None:
 
 
 def ready_copies(tmp_path, content, **bounds) -> ReadyCopies:
-    return ReadyCopies(tmp_path / "ready", content.objects, **bounds)
+    return ReadyCopies(tmp_path / "ready", content, **bounds)
 
 
 async def made(ready: ReadyCopies, creds: Credentials, tree: str, entries: list[tuple]) -> None:
@@ -148,7 +148,7 @@ def test_what_a_killed_agent_left_is_removed_at_the_next_start(tmp_path, content
     finally:
         os.close(copy_fd)
     assert (root / "7" / "snapshot" / "sub" / "f").stat().st_uid == OTHER.uid
-    ReadyCopies(root, content.objects)
+    ReadyCopies(root, content)
     assert os.listdir(root) == []
 
 

@@ -95,7 +95,7 @@ def test_a_content_being_uploaded_again_is_not_collected_meanwhile(content, tmp_
     content.acquire("run", 1, content.check(1, tree), tree)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    materialize(content.objects, tree, run_dir, ME)
+    materialize(content, tree, run_dir, ME)
     assert (run_dir / "snapshot" / "f0").read_bytes() == data
 
 
@@ -139,7 +139,7 @@ def test_materialize_copies_with_modes_and_directories(content, tmp_path):
                       ("a/empty", 0, 0o644, sha(b"")), ("a/b/again.bin", 7, 0o644, sha(b"weights"))])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    method = materialize(content.objects, entries, run_dir, ME)
+    method = materialize(content, entries, run_dir, ME)
     assert method in ("reflink", "copy")
     snapshot = run_dir / "snapshot"
     assert (snapshot / "run.sh").read_bytes() == b"#!/bin/sh\necho hi\n"
@@ -150,7 +150,7 @@ def test_materialize_copies_with_modes_and_directories(content, tmp_path):
     assert (snapshot / "a/b/c/w.bin").stat().st_ino != content.blob_path(sha(b"weights")).stat().st_ino
     # Made again (an agent stopped half way): starts over.
     (snapshot / "stray").write_text("x")
-    materialize(content.objects, entries, run_dir, ME)
+    materialize(content, entries, run_dir, ME)
     assert not (snapshot / "stray").exists()
 
 
@@ -168,7 +168,7 @@ def test_materialize_falls_back_to_copy_when_reflink_is_refused(content, tmp_pat
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     entries = [("a.bin", len(data), 0o644, sha(data)), ("b.bin", len(data), 0o644, sha(data))]
-    assert materialize(content.objects, entries, run_dir, ME) == "copy"
+    assert materialize(content, entries, run_dir, ME) == "copy"
     assert tried == [_snapshot.FICLONE]   # asked once; the filesystem's answer holds for the rest
     assert (run_dir / "snapshot" / "a.bin").read_bytes() == data == (run_dir / "snapshot" / "b.bin").read_bytes()
 
@@ -186,7 +186,7 @@ def test_materialize_uses_reflink_where_the_filesystem_clones(content, tmp_path,
     monkeypatch.setattr(_snapshot.fcntl, "ioctl", clone)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    assert materialize(content.objects, [("x", len(data), 0o644, sha(data))], run_dir, ME) == "reflink"
+    assert materialize(content, [("x", len(data), 0o644, sha(data))], run_dir, ME) == "reflink"
     assert cloned == [_snapshot.FICLONE] and (run_dir / "snapshot" / "x").read_bytes() == data
 
 
@@ -194,10 +194,10 @@ def test_materialize_reports_a_missing_or_short_content(content, tmp_path, monke
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with pytest.raises(SnapshotFailed, match="missing from the agent's store"):
-        materialize(content.objects, [("x", 3, 0o644, sha(b"abc"))], run_dir, ME)
+        materialize(content, [("x", 3, 0o644, sha(b"abc"))], run_dir, ME)
     session, uploaded = {}, []
     put(content, session, uploaded, b"abc")
     monkeypatch.setattr(_snapshot.fcntl, "ioctl", lambda *a: (_ for _ in ()).throw(OSError(errno.EXDEV, "x")))
     (run_dir / "snapshot").mkdir(exist_ok=True)
     with pytest.raises(SnapshotFailed, match="shorter than its 5 bytes"):
-        materialize(content.objects, [("x", 5, 0o644, sha(b"abc"))], run_dir, ME)
+        materialize(content, [("x", 5, 0o644, sha(b"abc"))], run_dir, ME)

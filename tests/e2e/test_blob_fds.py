@@ -20,7 +20,9 @@ from labrun.exceptions import BadRequest, TooLarge, Unavailable
 from labrun.protocol import PROTOCOL_VERSION, FrameDecoder, pack_frame
 from tests.e2e.test_agent import wait_until
 from tests.hostile_fuse import CLOSING, FLUSH, HostileFuse
+from tests.stored_contents import inline, stored, stored_bytes
 
+INLINE_MAX = 8 << 10   # up to this size, a content is kept in the store's database
 SMALL_LIMIT = 1 << 20   # the agent reads up to this size into memory, and copies larger files in the kernel
 
 
@@ -29,7 +31,7 @@ def sha(data: bytes) -> str:
 
 
 def objects(agent) -> set[str]:
-    return {p.name for p in (agent.state_dir / "cas" / "objects").glob("*/*")}
+    return stored(agent.state_dir)
 
 
 def holds(agent, fd: int) -> bool:
@@ -93,10 +95,14 @@ def test_the_agent_stores_and_hashes_passed_files_and_a_submit_can_use_them(agen
         for fd in fds:
             os.close(fd)
     assert objects(agent) == {sha(data) for data in contents}
+    # The small ones are rows of the store's database (root's alone), the others root's files.
+    assert inline(agent.state_dir) == {sha(data) for data in contents if len(data) <= INLINE_MAX}
+    assert stat.S_IMODE((agent.state_dir / "cas" / "small.db").stat().st_mode) == 0o600
     for data in contents:
-        stored = agent.state_dir / "cas" / "objects" / sha(data)[:2] / sha(data)
-        assert stored.read_bytes() == data
-        assert stat.S_IMODE(stored.stat().st_mode) == 0o400 and stored.stat().st_uid == os.geteuid()
+        assert stored_bytes(agent.state_dir, sha(data)) == data
+        path = agent.state_dir / "cas" / "objects" / sha(data)[:2] / sha(data)
+        if len(data) > INLINE_MAX:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o400 and path.stat().st_uid == os.geteuid()
     assert list((agent.state_dir / "cas" / "tmp").iterdir()) == []
     files = [[f"f{i}", len(data), 0o644, sha(data)] for i, data in enumerate(contents)]
     run = connection.call("submit", spec={"experiment": "fds", "command": ["sh", "-c", "sha256sum f3"],
@@ -356,7 +362,7 @@ def test_a_client_sends_the_bytes_of_files_the_agent_does_not_read(agent, connec
     digest = sha(hostile_fuse.content)
     upload(connection, [(digest, str(hostile_fuse.file), len(hostile_fuse.content))])
     assert connection.agent["blob_fds"] == 0   # bytes from now on, on this connection
-    assert (agent.state_dir / "cas" / "objects" / digest[:2] / digest).read_bytes() == hostile_fuse.content
+    assert stored_bytes(agent.state_dir, digest) == hostile_fuse.content
 
 
 def test_passed_files_never_take_the_descriptors_the_agent_keeps_for_itself(agent, tmp_path):

@@ -252,6 +252,18 @@ def test_a_corrupt_database_refuses_to_start(agent_with_history, damage):
     assert "cannot be read" in result.stderr or "corrupt" in result.stderr
 
 
+def test_a_corrupt_database_of_small_contents_refuses_to_start(agent_with_history):
+    agent = agent_with_history
+    db = agent.state_dir / "cas" / "small.db"
+    assert db.exists()   # the snapshot's small files were stored there
+    size = max(db.stat().st_size, 65536)
+    db.write_bytes(b"\xff" * size)
+    result = run_agent_once(agent)
+    assert result.returncode == 65, result.stderr
+    assert str(db) in result.stderr and "Traceback" not in result.stderr
+    assert "cannot be read" in result.stderr or "corrupt" in result.stderr
+
+
 def test_a_missing_database_next_to_runs_refuses_and_a_fresh_state_dir_starts(agent_with_history, make_agent):
     agent = agent_with_history
     (agent.state_dir / "state.db").unlink()

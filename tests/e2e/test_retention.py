@@ -11,6 +11,7 @@ import pytest
 from labrun.agent._retention import disk_usage, remove_tree
 from tests.e2e.test_agent import as_nobody, needs_root, nobody_client, shared_source, wait_until  # noqa: F401
 from tests.e2e.test_slurm import cluster_agent, cluster_source, slurm_cluster  # noqa: F401
+from tests.stored_contents import stored
 
 # A run that writes 4 MiB of outputs and a metric, and plants what a hostile user would: links out of the run
 # directory (to a file and to a directory) and a directory it made read-only.
@@ -73,13 +74,13 @@ def test_rm_frees_the_disk_and_keeps_the_run(agent, source, tmp_path):
     assert rows(agent, "runs", run_id) == 1 and rows(agent, "metrics", run_id) == 1
 
     agent.cli("wait", running)
-    assert [p for p in (agent.state_dir / "cas" / "objects").rglob("*") if p.is_file()] != []
+    assert stored(agent.state_dir) != set()
     purged = agent.cli("rm", "--purge", run_id, running, check=True)
     assert purged.stdout.count("removed ") == 2
     assert rows(agent, "runs", run_id) == rows(agent, "metrics", run_id) == rows(agent, "removed_run_dirs", run_id) == 0
     assert agent.cli("show", run_id).returncode == 125
     # The snapshot store's contents went with the last runs using them.
-    assert [p for p in (agent.state_dir / "cas" / "objects").rglob("*") if p.is_file()] == []
+    wait_until(lambda: stored(agent.state_dir) == set(), what="the snapshot store's contents to go")
 
 
 @needs_root
@@ -125,7 +126,7 @@ def test_retention_days_removes_old_run_directories(make_agent, source, tmp_path
 
 
 def store_objects(agent) -> list:
-    return [p for p in (agent.state_dir / "cas" / "objects").rglob("*") if p.is_file()]
+    return sorted(stored(agent.state_dir))
 
 
 def test_retention_interval_sweeps_while_the_agent_runs(make_agent, source, tmp_path):
