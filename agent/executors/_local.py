@@ -365,8 +365,6 @@ class LocalExecutor(Executor):
             if not message.startswith("cannot start"):
                 message = f"cannot start {launch.argv[0]!r}: {message}"
             raise StartFailed(message, "command_not_found" if answer.get("errno") == errno.ENOENT else "start_failed")
-        with trio.CancelScope(shield=True):
-            await self._refill()
         return LocalHandle(pids=tuple(answer["pids"]), daemons=tuple(r.daemon for r in launch.ranks),
                            start_time=answer["start_time"], memory=launch.memory, shim=answer["shim"],
                            cgroups=tuple(groups), exit_path=str(exit_path))
@@ -412,6 +410,9 @@ class LocalExecutor(Executor):
         """Until the shim has ended the run and gone; its exit record says how the run ended."""
         if handle.shim is None:
             raise RuntimeError("a run started before runs had shims cannot be awaited")
+        # The next runs' spares are forked here, once this run is started and recorded: not on its way there.
+        with trio.CancelScope(shield=True):
+            await self._refill()
         await self._shim_exited(handle)
         result = self._exit_record(handle)
         with trio.CancelScope(shield=True):
