@@ -175,8 +175,9 @@ CREATE TABLE IF NOT EXISTS removed_run_dirs (
     bytes INTEGER NOT NULL
 );
 """
-# How many passes of the event loop the writer lets ready tasks add writes to a batch before committing it.
-GATHER_PASSES = 4
+# How many passes of the event loop the writer lets ready tasks add writes to a batch before committing it
+# (a pass with nothing else to run is a few microseconds).
+GATHER_PASSES = 3
 
 
 class SchemaTooNew(Exception):
@@ -442,13 +443,11 @@ class Store:
         try:
             while True:
                 await self._batch_opened.wait()
-                # Tasks that are ready now add their writes to this batch first, and what they make ready in
-                # turn (a submit wakes the scheduler, which starts the run's task): a run's way from its
-                # submit to its start is then one commit, not three. Bounded, so that a busy loop commits too.
+                # Tasks that are ready now add their writes to this batch first, and those they make ready in
+                # turn: a submit wakes the scheduler, whose pass starts the run's task, which prepares the run
+                # and records it Starting. A run's way from its submit to its start is then one commit.
                 for _ in range(GATHER_PASSES):
                     await trio.sleep(0)
-                    if not trio.lowlevel.current_statistics().tasks_runnable:
-                        break
                 try:
                     self.before_commit()
                     self._commit_batch()

@@ -206,6 +206,17 @@ class _Waiting:
         self.plan = self.status = None
 
 
+def _reports_ranks(report: bytes) -> bool:
+    """Whether the status pipe's complete lines include the shim's report of its started ranks."""
+    for line in report.split(b"\n")[:-1]:
+        try:
+            if "pids" in json.loads(line):
+                return True
+        except (ValueError, TypeError):
+            pass
+    return False
+
+
 def _kill_process(pid: int, start_time: int | None) -> None:
     """SIGKILL ``pid`` if it is still the process that started at ``start_time``."""
     try:
@@ -270,7 +281,7 @@ class LocalExecutor(Executor):
             "watchdog_memory": launch.memory if launch.memory is not None and (
                 self.cgroups is None or self.cgroups.memory is None) else None,
         }
-        return json.dumps(plan).encode()
+        return json.dumps(plan).encode() + b"\n"   # one line: the shim reads up to its end (see _shim)
 
     async def _claim_spare(self, launch: LaunchSpec) -> tuple[_Waiting | None, list[str]]:
         """A spare shim that is in its group, and the run's groups (that group renamed to the run's);
@@ -340,7 +351,8 @@ class LocalExecutor(Executor):
                         raise OSError(errno.EPIPE, "it ended before it had its plan")
                 async with trio.lowlevel.FdStream(shim.status) as stream:
                     shim.status = None
-                    while chunk := await stream.receive_some(4096):
+                    # Until the shim's report of its ranks (it closes the pipe just after), or the pipe's end.
+                    while not _reports_ranks(report) and (chunk := await stream.receive_some(4096)):
                         report += chunk
         except OSError as exc:
             report = json.dumps({"error": f"its shim did not start: {exc}"}).encode()

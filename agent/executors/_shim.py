@@ -5,7 +5,7 @@ The agent starts shims through a *forkserver*: this module run once, as root, as
 each request, with a status pipe and a plan pipe attached (SCM_RIGHTS): a process in a session
 of its own with this module already imported, so a run pays for a fork, not for an
 interpreter's start-up. The shim joins the cgroups the request names, then waits for the run's
-plan (JSON) on the plan pipe. The forkserver has the kernel reap its children (the agent waits
+plan (one line of JSON) on the plan pipe. The forkserver has the kernel reap its children (the agent waits
 on a shim through a pidfd, as on any process), and exits when the agent's end of its socket
 closes; the shims it forked outlive it and the agent. ``python -I -S _shim.py STATUS_FD``,
 with the plan on stdin, runs one shim directly.
@@ -485,7 +485,8 @@ def _wait_for_plan(groups: list[str], status: int, plan_fd: int) -> int:
         return 127
     start_time = become_shim(status)
     body = bytearray()
-    while chunk := os.read(plan_fd, 1 << 16):
+    # The plan is one line: the shim goes on as soon as it has it, not once the agent has closed the pipe.
+    while not body.endswith(b"\n") and (chunk := os.read(plan_fd, 1 << 16)):
         body += chunk
     os.close(plan_fd)
     if not body:
