@@ -56,6 +56,8 @@ SHIM = Path(__file__).with_name("_shim.py")
 SHIM_REPORT_SECONDS = 30.0
 # Shims waiting for the next runs, with cgroups (see LocalExecutor): two runs can start back to back.
 SPARE_SHIMS = 2
+# While a spare is left, the next one is forked this long after a run has started (or at its end).
+REFILL_AFTER_SECONDS = 0.005
 # A spare is in its group within milliseconds; one that is not after this long is gone.
 SPARE_JOIN_SECONDS = 5.0
 # An exit record is a few hundred bytes; anything larger is not one.
@@ -422,7 +424,12 @@ class LocalExecutor(Executor):
         """Until the shim has ended the run and gone; its exit record says how the run ended."""
         if handle.shim is None:
             raise RuntimeError("a run started before runs had shims cannot be awaited")
-        # The next runs' spares are forked here, once this run is started and recorded: not on its way there.
+        # The next runs' spares are forked here, once this run is started and recorded: not on its way there,
+        # and while a spare is left, not in its first moments either (a fork beside a process that is
+        # starting takes CPU from it on a small machine).
+        if self._spares:
+            with trio.move_on_after(REFILL_AFTER_SECONDS):
+                await self._shim_exited(handle)
         with trio.CancelScope(shield=True):
             await self._refill()
         await self._shim_exited(handle)
