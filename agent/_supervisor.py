@@ -541,8 +541,10 @@ class Supervisor:
         if not (self.capacity.max_runs and len(local) >= self.capacity.max_runs) and \
                 sum(a.allocation.cpus for a in local) < self.capacity.cpus:
             return False
-        # Runs that take no local CPU may still start; only agents with such an executor pay for this scan.
-        if any(not e.capabilities.counted_locally for e in self.executors.values()):
+        # Runs that take no local CPU may still start; only agents with a target of such an executor (a cluster:
+        # only a named target leads to one) pay for this scan of the queue.
+        if any(not self.executors[t.kind].capabilities.counted_locally
+               for t in self.config.targets.values() if t.kind in self.executors):
             return all(self._demand(r.spec).cpus for r in self.queued.values())
         return True
 
