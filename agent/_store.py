@@ -477,6 +477,19 @@ class Store:
                 self._db.writes = []
             self._grouping = False
 
+    def commit_now(self) -> None:
+        """Commit the open batch at once, not at the writer's next pass: for a task about to start a process,
+        which must not start before its run's state is saved, and need not wait for the batch to gather.
+        A failed commit is left to the writer, which retries it; ``durable`` then waits for that."""
+        if not self._grouping or not self.pending():
+            return
+        try:
+            self.before_commit()
+            self._commit_batch()
+        except sqlite3.OperationalError:
+            if not self._db.in_transaction:
+                self._batch_open = False   # SQLite rolled it back: the writer writes it again
+
     def pending(self) -> bool:
         """Whether writes wait for a commit (an open batch, or one SQLite rolled back)."""
         return self._batch_open or bool(self._db.writes)

@@ -702,7 +702,9 @@ class Supervisor:
         launch = await self._prepare(run, executor)
         if launch is None:
             return None
-        await self.store.durable()   # a process starts only for a run whose state is saved
+        # A process starts only for a run whose state is saved: committed here, then handed over at once.
+        self.store.commit_now()
+        await self.store.durable()
         # Shielded: a cancel or time limit arriving while the executor starts the run must not lose the
         # handle of processes that already exist. The cancel then takes effect at the wait that follows.
         with trio.move_on_after(START_SECONDS, shield=True) as starting:
