@@ -13,8 +13,8 @@ a schema it does not know. To change the schema, append one step to ``MIGRATIONS
 
 Group commit: while the agent runs, ``writer`` (the single writer task) is attached. Writes
 then join one open transaction (a write that fails undoes only itself: the batch is rolled
-back and the others written again), and the writer commits them together after a few passes
-of the event loop. A write is
+back and the others written again), and the writer commits them together once per pass of
+the event loop (a task about to start a process commits at once: ``commit_now``). A write is
 durable once ``durable()`` returns: the server awaits it before any reply or stream item,
 the supervisor before starting or stopping a process, the hub before sending. Events reach
 subscribers only after their commit.
@@ -176,11 +176,6 @@ CREATE TABLE IF NOT EXISTS removed_run_dirs (
     bytes INTEGER NOT NULL
 );
 """
-# How many passes of the event loop the writer lets ready tasks add writes to a batch before committing it
-# (a pass with nothing else to run is a few microseconds).
-GATHER_PASSES = 3
-
-
 class SchemaTooNew(Exception):
     """The database was written by a newer agent."""
 
@@ -445,11 +440,10 @@ class Store:
         try:
             while True:
                 await self._batch_opened.wait()
-                # Tasks that are ready now add their writes to this batch first, and those they make ready in
-                # turn: a submit wakes the scheduler, whose pass starts the run's task, which prepares the run
-                # and records it Starting. A run's way from its submit to its start is then one commit.
-                for _ in range(GATHER_PASSES):
-                    await trio.sleep(0)
+                # Tasks that are ready now add their writes to this batch first. (Only one pass: a reply waits
+                # for this commit, and more passes let other work in before it. A run about to start commits
+                # its own batch: ``commit_now``.)
+                await trio.sleep(0)
                 try:
                     self.before_commit()
                     self._commit_batch()
