@@ -45,7 +45,8 @@ import trio
 
 from .._cgroups import RunCgroups
 from ._base import (
-    Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Recovery, StartFailed, refuse,
+    Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Preparation, Recovery, StartFailed,
+    refuse,
 )
 from ._shim import REQUEST_HEADER, cgroup_processes, process_start_time, related_processes, signal_all
 
@@ -269,6 +270,11 @@ class LocalExecutor(Executor):
             if distributed["kind"] == "mpi" and shutil.which("mpirun") is None:
                 refuse("distributed", "MPI runs need 'mpirun' on the agent's machine (e.g. Debian's openmpi-bin)")
 
+    async def prepare(self, preparation: Preparation) -> LaunchSpec:
+        # An empty snapshot (an empty tree, an in-place run's outputs) is two directories: the shim makes them
+        # as the run's user, beside the agent rather than in its event loop.
+        return await preparation.planner.plan(preparation, empty_snapshot_by_run=True)
+
     # -- start ------------------------------------------------------------------------------
 
     def _plan(self, launch: LaunchSpec, groups: list[str], join: list[str], exit_path: str) -> bytes:
@@ -277,6 +283,7 @@ class LocalExecutor(Executor):
             "ranks": [{"argv": launch.argv, "env": {**launch.env, **rank.env}, "log": str(rank.log_path),
                        "daemon": rank.daemon} for rank in launch.ranks],
             "cwd": str(launch.cwd), "cgroups": groups, "join": join, "grace": self.grace, "exit_path": exit_path,
+            "empty_snapshot": str(launch.empty_snapshot) if launch.empty_snapshot is not None else None,
             "uid": launch.uid if owned else None, "gid": launch.gid, "groups": launch.groups,
             "cores": list(launch.cores),
             # Without a memory cgroup, the shim's watchdog enforces the request.
