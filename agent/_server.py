@@ -148,6 +148,17 @@ def passed_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     return list(fds)
 
 
+def cut_off(received: int) -> AgentError:
+    """Why the kernel cut off the open files passed with a message (MSG_CTRUNC), given how many arrived."""
+    if received >= MAX_FDS_PER_MESSAGE:
+        return BadRequest(f"more than {MAX_FDS_PER_MESSAGE} open files in one message; closing")
+    # Room for them was there: the kernel could not give the agent more descriptors.
+    log.error("connection.fds_lost", received=received)
+    return Unavailable("the agent is at its open-file limit and could not take the open files passed to it; "
+                       "closing the connection (try again later)",
+                       details={"limit": "open_files"})
+
+
 class PassedFds:
     """The open files a client passed with its frames (SCM_RIGHTS): queued until the ``blob_fds`` frame they came
     with claims them, counted against the limits while the agent holds them, and closed on every path.
@@ -335,17 +346,18 @@ class ConnectionHandler:
                                                                         stdsocket.MSG_CMSG_CLOEXEC)
             except OSError:   # reset by the client
                 return
-            if ancillary:
+            received = passed_fds(ancillary) if ancillary else []
+            if received:
                 try:
-                    passed.receive(passed_fds(ancillary))
+                    passed.receive(received)
                 except AgentError as exc:
                     log.warning("connection.refused", limit=exc.details.get("limit"))
                     await send(reply_error(None, exc))
                     return
-                if flags & stdsocket.MSG_CTRUNC:
-                    await send(reply_error(None, BadRequest(f"more than {MAX_FDS_PER_MESSAGE} open files in one "
-                                                            "message; closing")))
-                    return
+            # Checked with or without descriptors: an agent at its open-file limit receives none of them.
+            if flags & stdsocket.MSG_CTRUNC:
+                await send(reply_error(None, cut_off(len(received))))
+                return
             if not data:
                 return
             try:

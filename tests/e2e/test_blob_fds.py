@@ -387,3 +387,25 @@ def test_passed_files_never_take_the_descriptors_the_agent_keeps_for_itself(agen
         for sock in socks:
             sock.close()
         os.close(fd)
+
+
+def test_an_agent_at_its_open_file_limit_says_so_and_keeps_answering(agent, tmp_path):
+    """The kernel gives an agent at its open-file limit none of the files passed with a message (MSG_CTRUNC, with no
+    descriptors at all): the client hears why, not that its count was wrong."""
+    (tmp_path / "file").write_bytes(b"data")
+    fd = os.open(tmp_path / "file", os.O_RDONLY)
+    pid = agent.process.pid
+    before = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    try:
+        with AgentConnection(agent.socket) as connection:
+            held = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+            lowest_free = min(set(range(len(held) + 1)) - held)
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, before[1]))   # no descriptor more
+            try:
+                with pytest.raises(Unavailable, match="open-file limit"):
+                    connection.call_passing("blob_fds", [fd], count=1)
+            finally:
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, before)
+        assert answers_hello(agent, timeout=10)
+    finally:
+        os.close(fd)
