@@ -124,7 +124,7 @@ class ReadyCopies:
         # Its emptied directory goes later (``go``): an rmdir waits for the filesystem's journal, and
         # is not worth a run's start.
         self._emptied.append(copy.name)
-        return moved
+        return True
 
     def want(self, creds: Credentials, tree: str, entries: list[tuple]) -> None:
         """The run of ``tree`` for ``creds`` has its snapshot: prepare the next one if the tree is a repeated

@@ -5,9 +5,9 @@ The agent starts shims through a *forkserver*: this module run once, as root, as
 each request, with a status pipe and a plan pipe attached (SCM_RIGHTS): a process in a session
 of its own with this module already imported, so a run pays for a fork, not for an
 interpreter's start-up. The shim joins the cgroups the request names, then waits for the run's
-plan (one line of JSON) on the plan pipe. The forkserver has the kernel reap its children (the agent waits
-on a shim through a pidfd, as on any process), and exits when the agent's end of its socket
-closes; the shims it forked outlive it and the agent. ``python -I -S _shim.py STATUS_FD``,
+plan (one line of JSON) on the plan pipe. The forkserver has the kernel reap its children (the
+agent waits on a shim through a pidfd, as on any process), and exits when the agent's end of its
+socket closes; the shims it forked outlive it and the agent. ``python -I -S _shim.py STATUS_FD``,
 with the plan on stdin, runs one shim directly.
 
 Once it has its plan, the shim sets the run's CPU affinity (the run inherits it), then, in this
