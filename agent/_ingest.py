@@ -9,8 +9,11 @@ filesystem the agent reads for users (``check``).
 Each content is copied first, into a temporary file of the agent's, and the hash is taken of that
 copy (or, for a small file, of the agent's own buffer that is then written): a user rewriting
 the file meanwhile can make the copy torn, which its size and mtime before and after reveal
-(and which is then refused), but never make a stored content differ from its hash. Large files
-are copied in the kernel (``copy_file_range``), a chunk ahead of the hashing of the last one.
+(and which is then refused), but never make a stored content differ from its hash. Hashed by chunks
+(``"chunked-v1"``, see ``protocol/_content_hash``), a large file's chunks are copied by whichever of the user's
+worker threads is free, so both cores work on one file, each through its own small buffer, where each piece is
+hashed between its read and its write. In plain SHA-256 (older clients), the kernel copies the next chunk
+(``copy_file_range``) while another thread hashes the last chunk of the copy.
 
 Small files are read whole into memory, hashed and written straight to their place in the
 store: they are pinned first, so no collection can remove them meanwhile, and created there with
@@ -39,13 +42,16 @@ from functools import partial
 import trio
 
 from labrun.protocol import BadRequest, TooLarge
+from labrun.protocol._content_hash import CHUNK, SHA256, chunked, chunks, root
 
-# Up to this size a content is read into memory, hashed and written: one pass and no mapping.
+# Up to this size a content is read into memory, hashed and written: one pass and no mapping. (Within one chunk:
+# its hash is its SHA-256 in either form.)
 SMALL = 1 << 20
+assert SMALL <= CHUNK
 # Small contents are read into memory at most this much at a time, then written.
 SMALL_GROUP = 32 << 20
-# Large contents are copied and hashed in chunks of this size, the copy of one overlapping the hash of the last.
-CHUNK = 16 << 20
+# A copy by chunks goes through a buffer of this size per thread: small enough to stay in a core's cache.
+PIECE = 256 << 10
 # copy_file_range cannot copy between these two files: read and write instead.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 _KINDS = ((stats.S_ISDIR, "a directory"), (stats.S_ISFIFO, "a FIFO"), (stats.S_ISSOCK, "a socket"),
@@ -214,33 +220,80 @@ def unchanged(src: int, before: os.stat_result) -> None:
         raise Changed
 
 
-def chunks(size: int) -> list[tuple[int, int]]:
-    """``(offset, count)`` of each chunk a large content is copied and hashed in."""
-    return [(offset, min(CHUNK, size - offset)) for offset in range(0, size, CHUNK)]
+def copy_chunk(src: int, dst: int, offset: int, count: int, buffer: memoryview) -> bytes:
+    """Copy ``count`` bytes at ``offset`` from ``src`` to the same offset of ``dst`` through ``buffer``, the agent's
+    own memory, and return the SHA-256 digest of what was written. Blocking.
 
-
-async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.CapacityLimiter | None = None) -> str:
-    """Copy ``src`` (of ``st``) to ``dst``, a file open for reading and writing; the SHA-256 of the copy.
-
-    Two worker threads: the kernel copies chunk n+1 while chunk n of the copy is hashed.
+    Each piece is hashed in the buffer it is written from, so the digest is of the copy whatever the file does
+    meanwhile; and a piece the size of a core's cache is read, hashed and written while it is in that cache
+    (a copy in the kernel and a hash of the copy's mapping read every byte from memory twice more).
     """
     hasher = hashlib.sha256()
+    end = offset + count
+    while offset < end:
+        read = os.preadv(src, [buffer[:min(len(buffer), end - offset)]], offset)
+        if read == 0:
+            raise Changed   # shorter than it was
+        piece = buffer[:read]
+        hasher.update(piece)
+        while piece:
+            written = os.pwrite(dst, piece, offset)
+            piece, offset = piece[written:], offset + written
+    return hasher.digest()
+
+
+def copy_chunks(src: int, dst: int, pending, digests: list[bytes]) -> None:
+    """Copy chunks ``(index, (offset, count))`` taken from ``pending`` from ``src`` to ``dst``, putting the SHA-256
+    digest of each in ``digests``, until none is left. In a worker thread of trio's: a cancelled request stops it
+    before its next chunk."""
+    buffer = memoryview(bytearray(PIECE))
+    for index, (offset, count) in pending:
+        trio.from_thread.check_cancelled()
+        digests[index] = copy_chunk(src, dst, offset, count, buffer)
+
+
+async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.CapacityLimiter | None = None,
+                     form: str = SHA256) -> str:
+    """Copy ``src`` (of ``st``) to ``dst``, a file open for reading and writing; the hash of the copy in ``form``.
+
+    In worker threads from ``limiter`` (two without one): where the hash is by chunks, each thread copies a chunk
+    through its buffer, hashing it there, then the next (``copy_chunks``); else the kernel copies chunk n+1 while
+    chunk n of the copy is hashed.
+    """
     os.ftruncate(dst, st.st_size)
-    with mmap.mmap(dst, st.st_size, prot=mmap.PROT_READ) as mapped:
-        last = None
-        for offset, count in chunks(st.st_size):
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(partial(trio.to_thread.run_sync, copy_range, src, dst, offset, count,
-                                               limiter=limiter))
-                    if last is not None:
-                        nursery.start_soon(partial(trio.to_thread.run_sync, hash_range, hasher, mapped, *last,
-                                                   limiter=limiter))
-            except BaseExceptionGroup as group:
-                raise _first(group) from None   # (the other thread, if it failed too, failed for the same cause)
-            last = offset, count
-        await trio.to_thread.run_sync(hash_range, hasher, mapped, *last, limiter=limiter)
+    try:
+        if chunked(form, st.st_size):
+            digest = await _copy_by_chunks(src, st.st_size, dst, limiter)
+        else:
+            with mmap.mmap(dst, st.st_size, prot=mmap.PROT_READ) as mapped:
+                digest = await _copy_pipelined(src, st.st_size, dst, mapped, limiter)
+    except BaseExceptionGroup as group:
+        raise _first(group) from None   # (the other thread, if it failed too, failed for the same cause)
     await trio.to_thread.run_sync(look_again, src, st, limiter=limiter, abandon_on_cancel=True)
+    return digest
+
+
+async def _copy_by_chunks(src: int, size: int, dst: int, limiter) -> str:
+    digests: list[bytes] = [b""] * len(range(0, size, CHUNK))
+    pending = iter(enumerate(chunks(size)))   # shared: each thread takes the next chunk when it is free
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(len(digests), int(limiter.total_tokens) if limiter is not None else 2)):
+            nursery.start_soon(partial(trio.to_thread.run_sync, copy_chunks, src, dst, pending, digests,
+                                       limiter=limiter))
+    return root(size, digests)
+
+
+async def _copy_pipelined(src: int, size: int, dst: int, mapped: mmap.mmap, limiter) -> str:
+    hasher = hashlib.sha256()
+    last = None
+    for offset, count in chunks(size):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(trio.to_thread.run_sync, copy_range, src, dst, offset, count, limiter=limiter))
+            if last is not None:
+                nursery.start_soon(partial(trio.to_thread.run_sync, hash_range, hasher, mapped, *last,
+                                           limiter=limiter))
+        last = offset, count
+    await trio.to_thread.run_sync(hash_range, hasher, mapped, *last, limiter=limiter)
     return hasher.hexdigest()
 
 
@@ -252,8 +305,10 @@ def look_again(src: int, before: os.stat_result) -> None:
 
 
 async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: list[str],
-                 placed: list[tuple[str, int]], limiter: trio.CapacityLimiter, memory: trio.Lock) -> dict[int, str]:
-    """Store the contents of checked files ``(index, fd, stat)`` in ``content``; the hash of each, by index.
+                 placed: list[tuple[str, int]], limiter: trio.CapacityLimiter, memory: trio.Lock,
+                 form: str = SHA256) -> dict[int, str]:
+    """Store the contents of checked files ``(index, fd, stat)`` in ``content``; the hash of each in ``form``, by
+    index.
 
     Each hash is pinned (and added to ``pinned``, for the connection to release) before its content is placed;
     ``placed`` gets ``(hash, size)`` of each content once it is in the store, to be recorded even if a later one
@@ -284,7 +339,7 @@ async def ingest(content, files: list[tuple[int, int, os.stat_result]], pinned: 
         tmp_fd, path = content.temporary()
         try:
             try:
-                digest = await copy_large(fd, st, tmp_fd, limiter)
+                digest = await copy_large(fd, st, tmp_fd, limiter, form)
             finally:
                 os.close(tmp_fd)
             content.pin([digest])

@@ -16,6 +16,7 @@ import msgpack
 import trio
 
 from labrun.protocol import PROTOCOL_VERSION, TERMINAL, BadRequest, Conflict, Forbidden, NotFound, TooLarge, __version__
+from labrun.protocol._content_hash import FORMS as CONTENT_HASHES
 from labrun.protocol._framing import MAX_FDS_PER_MESSAGE
 from labrun.protocol._statuses import ACTIVE, QUEUED
 
@@ -170,7 +171,9 @@ class Service:
                 "user": session.peer.user, "admin": session.peer.admin,
                 "snapshot": {"max_files": limits.max_files, "max_bytes": limits.max_bytes},
                 # How many open files one blob_fds may pass (older agents take contents only as bytes, blob_put).
-                "blob_fds": self.limits.passed_fds_per_request() if self.limits is not None else MAX_FDS_PER_MESSAGE}
+                "blob_fds": self.limits.passed_fds_per_request() if self.limits is not None else MAX_FDS_PER_MESSAGE,
+                # The forms of content hash blob_put and blob_fds take (older agents: SHA-256 only).
+                "content_hashes": list(CONTENT_HASHES)}
 
     async def blob_put(self, session: Session, args: dict) -> dict:
         """Contents for the store, whole or in chunks; each is checked against its hash before it is kept."""
@@ -185,7 +188,7 @@ class Service:
                         if session.unsubmitted_bytes > content.max_bytes:
                             raise TooLarge(f"blob_put: more than this agent's snapshot limit of {content.max_bytes} "
                                            "bytes uploaded on this connection without a submit using them")
-                    upload = content.begin(session.uploads, blob)
+                    upload = content.begin(session.uploads, blob, args["content_hash"])
                     try:
                         if len(blob["data"]) > THREAD_BYTES:
                             complete = await trio.to_thread.run_sync(content.receive, upload, blob)
@@ -220,7 +223,8 @@ class Service:
             placed: list[tuple[str, int]] = []
             try:
                 # Pinned until the connection closes; recorded, even if a later file fails, so that it is collected.
-                digests = await _ingest.ingest(content, files, session.uploaded, placed, threads, memory)
+                digests = await _ingest.ingest(content, files, session.uploaded, placed, threads, memory,
+                                               args["content_hash"])
             finally:
                 if placed:
                     content.record(session.peer.uid, placed)

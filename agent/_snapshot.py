@@ -1,7 +1,9 @@
 """Content-addressed snapshots: the store of file contents, uploads into it, and runs' copies out of it.
 
-``<state>/cas/objects/<2 hex>/<sha256>`` holds each distinct file content once (root's,
-0400, in a 0700 directory); ``cas/tmp/`` holds uploads in progress. The database
+``<state>/cas/objects/<2 hex>/<hash>`` holds each distinct file content once (root's,
+0400, in a 0700 directory); ``cas/tmp/`` holds uploads in progress. A hash is a content's name in either form
+of ``protocol/_content_hash`` (its SHA-256, or by chunks for a large one): one content may be stored under both
+names, never two contents under one. The database
 (tables ``cas_*`` in the store) knows each blob's size and reference count, which users
 have proven they hold its content (by uploading it: a hash alone never grants a content),
 each distinct manifest (a *tree*) and which run uses which tree.
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import resource
 import shutil
@@ -29,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from labrun.protocol import BadRequest, NotFound, TooLarge
+from labrun.protocol._content_hash import SHA256, Hasher
 from labrun.protocol._manifest import tree_hash
 
 from ._asuser import AsUserFailed, Credentials, as_user, needs_switch
@@ -50,10 +52,11 @@ class SnapshotFailed(Exception):
 
 
 class _Upload:
-    __slots__ = ("size", "received", "hasher", "fd", "path")
+    __slots__ = ("size", "form", "received", "hasher", "fd", "path")
 
-    def __init__(self, size: int, fd: int | None, path: Path | None):
-        self.size, self.received, self.hasher, self.fd, self.path = size, 0, hashlib.sha256(), fd, path
+    def __init__(self, size: int, form: str, fd: int | None, path: Path | None):
+        self.size, self.form, self.received, self.fd, self.path = size, form, 0, fd, path
+        self.hasher = Hasher(form, size)
 
 
 class ContentStore:
@@ -152,8 +155,8 @@ class ContentStore:
 
     # -- uploads -------------------------------------------------------------------------
 
-    def begin(self, uploads: dict, blob: dict) -> _Upload:
-        """The upload a ``blob_put`` chunk continues (a new one at offset 0)."""
+    def begin(self, uploads: dict, blob: dict, form: str = SHA256) -> _Upload:
+        """The upload a ``blob_put`` chunk continues (a new one at offset 0); its hash is in ``form``."""
         digest, size, offset = blob["hash"], blob["size"], blob["offset"]
         if size > self.max_bytes:
             raise TooLarge(f"blob_put: a content of {size} bytes is over this agent's snapshot limit "
@@ -166,15 +169,19 @@ class ContentStore:
             if len(uploads) >= MAX_OPEN_UPLOADS:
                 raise TooLarge(f"blob_put: more than {MAX_OPEN_UPLOADS} unfinished uploads on this connection")
             if self.store.cas_blob_size(digest) is not None:
-                upload = _Upload(size, None, None)   # stored already: only the proof of holding it is missing
+                upload = _Upload(size, form, None, None)   # stored already: only the proof of holding it is missing
             else:
                 path = self.tmp / f"{digest}.{os.urandom(8).hex()}"
-                upload = _Upload(size, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400), path)
+                upload = _Upload(size, form, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400),
+                                 path)
             uploads[digest] = upload
             self._pins[digest] += 1   # from now on, nobody's release deletes the stored copy it relies on
         elif size != upload.size:
             raise BadRequest(f"blob_put: {digest} was started with size {upload.size}, not {size}",
                              details={"field": "args.blobs.size"})
+        elif form != upload.form:
+            raise BadRequest(f"blob_put: {digest} was started with content_hash {upload.form!r}, not {form!r}",
+                             details={"field": "args.content_hash"})
         return upload
 
     @staticmethod

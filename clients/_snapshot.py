@@ -10,6 +10,10 @@ are uploaded (``blob_put``). Hashes come from a per-directory cache (``_hashcach
 unchanged file is never read twice. A file whose hash the cache does not know is not read by
 the client at all where the agent takes open files (``blob_fds``): it is passed to the agent
 open, which copies and hashes it once, and the cache learns the agent's hash.
+
+Hashes are in the form the agent takes (``hash_form``): by chunks for a large file where the agent hashes it so
+(``protocol/_content_hash``), so that it can do it on all its cores; plain SHA-256 with an older agent. Each
+request that carries hashes says which (``content_hash``); a request that says nothing means SHA-256.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 import stat as stats
 
+from labrun.protocol._content_hash import CHUNKED, SHA256
 from labrun.protocol._framing import MAX_FDS_PER_MESSAGE
 from labrun.protocol._errors import BadRequest, NotFound
 
@@ -123,15 +128,27 @@ def _heaviest(weight: dict[str, list[int]], key: int, unit) -> str:
     return ", ".join(f"{name} ({unit(counts[key])})" for name, counts in top)
 
 
+def hash_form(connection) -> str:
+    """The form of content hash to use with the agent of ``connection``: by chunks where it takes them."""
+    return CHUNKED if CHUNKED in (connection.agent.get("content_hashes") or ()) else SHA256
+
+
+def _declared(form: str) -> dict:
+    """The argument that says a request's hashes are in ``form`` (none for SHA-256: older agents know no other)."""
+    return {} if form == SHA256 else {"content_hash": form}
+
+
 def build_manifest(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
-                   max_bytes: int = DEFAULT_MAX_BYTES, connection=None) -> tuple[list[list], dict[str, str]]:
-    """The manifest ``[[name, size, mode, hash], ...]`` and, for uploads, the path of each hash's file.
+                   max_bytes: int = DEFAULT_MAX_BYTES, connection=None,
+                   form: str = SHA256) -> tuple[list[list], dict[str, str]]:
+    """The manifest ``[[name, size, mode, hash], ...]``, with hashes in ``form``, and, for uploads, the path of
+    each hash's file.
 
     With ``connection`` (to an agent that takes open files), a file whose hash is not cached is not read here:
     it is passed to the agent open, which stores and hashes its content, and the cache learns that hash.
     """
     files = collect_files(root, max_files, max_bytes)
-    cache = HashCache(os.fspath(root))
+    cache = HashCache(os.fspath(root), form)
     # The hash cache itself changes while a tree that holds it (a home directory) is submitted: never part of it.
     own = os.path.relpath(os.path.realpath(cache_dir()), os.path.realpath(root)) + os.sep
     manifest, paths, unknown = [], {}, []
@@ -146,7 +163,7 @@ def build_manifest(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
             paths.setdefault(entry[3], path)
     if unknown and connection is not None:
         try:
-            for i, stored, st in pass_files(connection, [path for _, path, _ in unknown]):
+            for i, stored, st in pass_files(connection, [path for _, path, _ in unknown], form):
                 entry, path, _ = unknown[i]
                 entry[1], entry[3] = stored["size"], stored["hash"]
                 paths.setdefault(entry[3], path)
@@ -171,8 +188,8 @@ class FilesNotPassed(Exception):
     refused one for its filesystem: the client sends bytes instead."""
 
 
-def pass_files(connection, paths: list[str]):
-    """Pass files to the agent open (``blob_fds``), which copies them into its store and hashes them.
+def pass_files(connection, paths: list[str], form: str):
+    """Pass files to the agent open (``blob_fds``), which copies them into its store and hashes them (in ``form``).
 
     Yields ``(index in paths, {"hash", "size"}, stat)`` for each file passed; ``stat`` is the file's when it was
     opened, or None when the agent found another size (then not to be cached). The agent refuses a file that
@@ -202,7 +219,8 @@ def pass_files(connection, paths: list[str]):
             if not opened:
                 continue
             try:
-                stored = connection.call_passing("blob_fds", [fd for _, fd, _ in opened], count=len(opened))["files"]
+                stored = connection.call_passing("blob_fds", [fd for _, fd, _ in opened], count=len(opened),
+                                                 **_declared(form))["files"]
             except BadRequest as exc:
                 # Not on this connection (a proxy forwards bytes only), or a file on a filesystem the agent does not
                 # read for users (FUSE): bytes from now on.
@@ -258,7 +276,7 @@ def agent_manifest(connection, root: str | os.PathLike) -> tuple[list[list], dic
     """``build_manifest`` within the limits of the agent at the other end of ``connection``."""
     limits = connection.agent.get("snapshot") or {}
     return build_manifest(root, limits.get("max_files", DEFAULT_MAX_FILES), limits.get("max_bytes", DEFAULT_MAX_BYTES),
-                          connection if connection.agent.get("blob_fds") else None)
+                          connection if connection.agent.get("blob_fds") else None, hash_form(connection))
 
 
 def call_uploading(connection, manifest: list[list], paths: dict[str, str], call):
@@ -282,11 +300,12 @@ def call_uploading(connection, manifest: list[list], paths: dict[str, str], call
 
 
 def upload(connection, blobs: list[tuple[str, str, int]]) -> None:
-    """Send contents to the agent: as open files where it takes them; else small ones several to a request,
-    large ones in chunks."""
+    """Send contents (named in ``hash_form``) to the agent: as open files where it takes them; else small ones
+    several to a request, large ones in chunks."""
+    form = hash_form(connection)
     if connection.agent.get("blob_fds"):
         try:
-            for i, stored, _ in pass_files(connection, [path for _, path, _ in blobs]):
+            for i, stored, _ in pass_files(connection, [path for _, path, _ in blobs], form):
                 if stored["hash"] != blobs[i][0]:
                     raise SnapshotException(f"{blobs[i][1]} changed while it was being submitted; submit again")
             return
@@ -297,7 +316,7 @@ def upload(connection, blobs: list[tuple[str, str, int]]) -> None:
     def flush():
         nonlocal batch, batch_bytes
         if batch:
-            connection.call("blob_put", blobs=batch)
+            connection.call("blob_put", blobs=batch, **_declared(form))
             batch, batch_bytes = [], 0
 
     for digest, path, size in blobs:

@@ -1,8 +1,9 @@
 """Snapshot manifests: the list of files a submit names by content hash, and their validation.
 
 A manifest is a list of ``[path, size, mode, hash]`` entries: a relative POSIX path, the
-file's size in bytes, its permission bits (``0o777`` at most) and the lowercase hex SHA-256
-of its content. Validation is pure and strict, since the agent (root) writes these paths:
+file's size in bytes, its permission bits (``0o777`` at most) and the hash of its content
+(``_content_hash``: its SHA-256, or for a large content a hash by chunks), as 64 lowercase hex
+digits. Validation is pure and strict, since the agent (root) writes these paths:
 no absolute paths, no ``.``/``..``/empty components, no NUL, no duplicates, and no path
 that is both a file and a directory of another file.
 """
@@ -31,7 +32,8 @@ def _refuse(path: str, message: str, **details) -> BadRequest:
 
 def check_hash(value, path: str) -> str:
     if not isinstance(value, str) or not HASH_RE.match(value):
-        raise _refuse(path, f"expected a SHA-256 hash as 64 lowercase hex digits, got {str(value)[:80]!r}")
+        raise _refuse(path, "expected a SHA-256 hash (or one by chunks) as 64 lowercase hex digits, "
+                            f"got {str(value)[:80]!r}")
     return value
 
 

@@ -13,6 +13,7 @@ import re
 from typing import Any, Callable
 
 from ._constants import EXPERIMENT_NAME_RE, MAX_DURATION_SECONDS_DEFAULT
+from ._content_hash import FORMS as CONTENT_HASHES, SHA256
 from ._errors import BadRequest
 from ._limits import DESCRIPTION_MAX, DISPLAY_NAME_MAX, LABEL_KEY_MAX, LABEL_VALUE_MAX
 from ._manifest import check_hash, validate_manifest
@@ -331,10 +332,13 @@ OP_SCHEMAS: dict[str, Validator] = {
         # The client's idempotency key: the same key from the same user returns the run it already made.
         "idempotency_key": Field(nullable(string(min_len=1, max_len=128, nul=False)), None),
     }),
-    "blob_put": struct({"blobs": Field(list_of(BLOB, min_items=1, max_items=100_000))}),
+    # ``content_hash``: the form of the hashes in the request (``_content_hash``); older clients send none.
+    "blob_put": struct({"blobs": Field(list_of(BLOB, min_items=1, max_items=100_000)),
+                        "content_hash": Field(enum(CONTENT_HASHES), SHA256)}),
     # Contents as open files passed with the frame's first bytes (SCM_RIGHTS, at most MAX_FDS_PER_MESSAGE with each
     # byte): ``count`` of them, in order; the agent copies and hashes each, and answers their hashes and sizes.
-    "blob_fds": struct({"count": Field(integer(min=1, max=1_000_000))}),
+    "blob_fds": struct({"count": Field(integer(min=1, max=1_000_000)),
+                        "content_hash": Field(enum(CONTENT_HASHES), SHA256)}),
     "get": struct({"run_id": Field(_RUN_ID)}),
     "list": struct({
         "all": Field(boolean, False),

@@ -3,10 +3,12 @@
 import hashlib
 import os
 
+import msgpack
 import pytest
 
 from labrun import _hashcache
 from labrun._snapshot import build_manifest
+from labrun.protocol._content_hash import CHUNK, CHUNKED, content_hash
 
 OLD = 1_600_000_000 * 10**9
 
@@ -17,9 +19,9 @@ def reads(monkeypatch):
     seen = []
     original = _hashcache.hash_file
 
-    def spy(path):
+    def spy(path, *args):
         seen.append(os.path.basename(path))
-        return original(path)
+        return original(path, *args)
 
     monkeypatch.setattr(_hashcache, "hash_file", spy)
     return seen
@@ -122,3 +124,42 @@ def test_a_tree_holding_the_hash_cache_never_snapshots_it(tmp_path, monkeypatch)
     assert any((tmp_path / ".cache" / "labrun" / "hashes").iterdir())
     names = [entry[0] for entry in build_manifest(tmp_path)[0]]
     assert names == ["train.py"]
+
+
+def test_each_form_of_a_large_files_hash_has_its_own_place(tmp_path, reads, hash_cache):
+    big, small = os.urandom(CHUNK + 1), b"small"
+    write(tmp_path / "big", big)
+    write(tmp_path / "small", small)
+    chunked = digests(build_manifest(tmp_path, form=CHUNKED)[0])
+    assert chunked == {"big": content_hash(big, CHUNKED), "small": hashlib.sha256(small).hexdigest()}
+    assert sorted(reads) == ["big", "small"]
+    reads.clear()
+    # Known by chunks only: read again for an agent that takes SHA-256 only. A small file has one hash for both.
+    plain = digests(build_manifest(tmp_path)[0])
+    assert plain == {"big": hashlib.sha256(big).hexdigest(), "small": hashlib.sha256(small).hexdigest()}
+    assert reads == ["big"]
+    reads.clear()
+    assert digests(build_manifest(tmp_path, form=CHUNKED)[0]) == chunked   # both kept: nothing read
+    assert digests(build_manifest(tmp_path)[0]) == plain
+    assert reads == []
+    # What an older client reads, the fifth place, is only ever a SHA-256.
+    (cache_file,) = (hash_cache / "labrun" / "hashes").iterdir()
+    files = msgpack.unpackb(cache_file.read_bytes())["files"]
+    assert files["big"][4:] == [hashlib.sha256(big).hexdigest(), content_hash(big, CHUNKED)]
+    assert files["small"][4:] == [hashlib.sha256(small).hexdigest()]
+
+
+def test_a_large_file_known_by_chunks_only_is_no_sha256_to_an_older_client(tmp_path, hash_cache):
+    big = os.urandom(CHUNK + 1)
+    write(tmp_path / "big", big)
+    build_manifest(tmp_path, form=CHUNKED)
+    (cache_file,) = (hash_cache / "labrun" / "hashes").iterdir()
+    entry = msgpack.unpackb(cache_file.read_bytes())["files"]["big"]
+    assert entry[4] is None and entry[5] == content_hash(big, CHUNKED)
+    # A cache an older client wrote (five places) serves SHA-256 and lacks the form by chunks.
+    cache_file.write_bytes(msgpack.packb({"root": str(tmp_path.resolve()),
+                                          "files": {"big": entry[:4] + [hashlib.sha256(big).hexdigest()]}}))
+    cache = _hashcache.HashCache(str(tmp_path), CHUNKED)
+    assert cache.cached("big", os.stat(tmp_path / "big")) is None
+    plain = _hashcache.HashCache(str(tmp_path))
+    assert plain.cached("big", os.stat(tmp_path / "big")) == hashlib.sha256(big).hexdigest()

@@ -10,6 +10,7 @@ import pytest
 from labrun import Experiment, ScriptRunConfig
 from labrun._connection import AgentConnection
 from labrun.exceptions import BadRequest, NotFound, SnapshotException, TooLarge
+from labrun.protocol._content_hash import CHUNKED, content_hash
 from tests.e2e.test_agent import as_nobody, needs_root, nobody_client, shared_source, wait_until  # noqa: F401
 
 OLD = 1_600_000_000 * 10**9   # an mtime well in the past: the hash cache trusts it
@@ -71,7 +72,8 @@ def test_only_missing_contents_travel_and_a_resubmit_sends_none(agent, tmp_path)
     first.wait_for_completion()
     log = first.get_log()
     assert log.startswith("alphabetaalpha") and sha((tree / "big.bin").read_bytes()) in log
-    assert objects(agent) == {sha(b"alpha"), sha(b"beta"), sha((tree / "big.bin").read_bytes())}   # stored once each
+    # Stored once each; the large one under its hash by chunks, which the agent took on two threads.
+    assert objects(agent) == {sha(b"alpha"), sha(b"beta"), content_hash((tree / "big.bin").read_bytes(), CHUNKED)}
 
     spy.ops.clear()
     second = experiment.submit(ScriptRunConfig(str(tree), command="cat a.txt"))
