@@ -131,7 +131,8 @@ class LaunchPlanner:
                 for n, (kind, index) in enumerate(tasks)]
 
     async def plan(self, preparation: Preparation, *, in_container: bool = False, cluster_tasks: int | None = None,
-                   environments: EnvironmentBuilder | None = None, container_network=None) -> LaunchSpec:
+                   environments: EnvironmentBuilder | None = None, container_network=None,
+                   empty_snapshot_by_run: bool = False) -> LaunchSpec:
         """Everything before the process starts: environment, resume_from, variables, ranks.
 
         ``in_container``: the run executes in an image, which has its own Python and paths; its
@@ -139,12 +140,14 @@ class LaunchPlanner:
         ``cluster_tasks``: the run executes as that many tasks on a cluster (Slurm), which starts them, gives
         them their ranks and GPUs: no local ranks, GPU variables or mpirun here, one log per task.
         ``environments``: where pip environments are built (a cluster's shared directory), if not the agent's.
+        ``empty_snapshot_by_run``: an empty snapshot (an empty tree, or an in-place run's) is not made here but
+        named in the launch's ``empty_snapshot``, for the executor's process to make as the run's user.
         """
         record, allocation, token, run_dir = (preparation.record, preparation.allocation, preparation.token,
                                               preparation.run_dir)
         spec = record.spec
         creds = owner_of(record)
-        await self._materialize(record, run_dir.root)
+        empty_snapshot = await self._materialize(record, run_dir.root, defer_empty=empty_snapshot_by_run)
         workdir = Path(spec["in_place"]) if spec.get("in_place") else run_dir.snapshot
         if in_container:
             # The image has its own Python and paths: the client's interpreter and environment mean nothing there.
@@ -206,7 +209,8 @@ class LaunchPlanner:
             raise PrepareFailed(f"cannot create the run's logs: {exc.strerror or exc}", reason="agent_error") from None
         return LaunchSpec(run_id=record.run_id, argv=argv, env=env, cwd=workdir, ranks=ranks,
                           uid=record.uid, gid=record.gid, groups=list(creds.groups) if creds.switches else [], cores=allocation.cores,
-                          memory=allocation.memory, run_dir=run_dir)
+                          memory=allocation.memory, run_dir=run_dir,
+                          empty_snapshot=run_dir.snapshot if empty_snapshot else None)
 
     @staticmethod
     def _argv(record: RunRecord, python: str, extra: list[str], mpirun: bool = True) -> list[str]:
@@ -224,9 +228,14 @@ class LaunchPlanner:
             argv = ["mpirun", "-np", str(count), *(["--allow-run-as-root"] if record.uid == 0 else []), *argv]
         return argv
 
-    async def _materialize(self, record: RunRecord, run_dir: Path) -> None:
-        """The run's ``snapshot/`` from the contents stored at submit (only ``outputs/`` for an in-place run)."""
+    async def _materialize(self, record: RunRecord, run_dir: Path, *, defer_empty: bool = False) -> bool:
+        """The run's ``snapshot/`` from the contents stored at submit (only ``outputs/`` for an in-place run).
+
+        With ``defer_empty``, an empty one is not made: returns True, and the run's process makes it.
+        """
         entries = self.snapshots.entries(record.run_id) or []
+        if not entries and defer_empty:
+            return True
         creds = owner_of(record)
         tree = None
         # Ready copies are made beside the agent's run directories: a cluster's (run_root) is elsewhere.
@@ -234,7 +243,7 @@ class LaunchPlanner:
             tree = tree_hash(entries)
             if self.ready.take(creds, tree, run_dir):
                 self.ready.want(creds, tree, entries)
-                return
+                return False
         work = functools.partial(materialize, self.snapshots, entries, run_dir, creds)
         try:
             if len(entries) <= INLINE_MATERIALIZE_FILES and sum(e[1] for e in entries) <= INLINE_MATERIALIZE_BYTES:
@@ -245,6 +254,8 @@ class LaunchPlanner:
             raise PrepareFailed(str(exc), reason="snapshot_failed") from None
         if tree is not None:
             self.ready.want(creds, tree, entries)
+        return False
+
 
 def array_environment(array: dict) -> dict[str, str]:
     """What an array member sees: labrun's names, and Slurm's so Slurm scripts work unchanged."""

@@ -69,6 +69,7 @@ class ReadyCopies:
         self._wanted: OrderedDict[tuple, list[tuple]] = OrderedDict()
         self._seen: OrderedDict[tuple, None] = OrderedDict()
         self._names = 0
+        self._emptied: list[str] = []   # taken copies' directories, removed in the background
         self._wake = trio.Event()
         agent_dir(root)
         self._clear()   # what a killed agent left
@@ -109,7 +110,6 @@ class ReadyCopies:
                 finally:
                     os.close(run_fd)
                     os.close(copy_fd)
-                os.rmdir(copy.name, dir_fd=root_fd)
             finally:
                 os.close(root_fd)
         except OSError as exc:
@@ -120,7 +120,11 @@ class ReadyCopies:
                 self.max_copies = 0
             if not moved:
                 remove_tree(self.root, copy.name)
-        return moved
+                return False
+        # Its emptied directory goes later (``go``): an rmdir waits for the filesystem's journal, and
+        # is not worth a run's start.
+        self._emptied.append(copy.name)
+        return True
 
     def want(self, creds: Credentials, tree: str, entries: list[tuple]) -> None:
         """The run of ``tree`` for ``creds`` has its snapshot: prepare the next one if the tree is a repeated
@@ -142,8 +146,8 @@ class ReadyCopies:
             self._wanted.popitem(last=False)
 
     def go(self) -> None:
-        """A run has started: make the copies it wanted now."""
-        if self._wanted:
+        """A run has started: make the copies it wanted now (and remove the directories of those taken)."""
+        if self._wanted or self._emptied:
             self._wake.set()
 
     # -- the background task ----------------------------------------------------------------
@@ -157,6 +161,8 @@ class ReadyCopies:
                 with trio.move_on_at(expires):
                     await self._wake.wait()
                 self._wake = trio.Event()
+                while self._emptied:
+                    await trio.to_thread.run_sync(remove_tree, self.root, self._emptied.pop())
                 await self._expire()
                 while self._wanted:
                     key, entries = self._wanted.popitem(last=False)

@@ -264,14 +264,18 @@ class Service:
         check_labels(self.bounds, "spec.properties", spec["properties"], labels_size(spec["tags"]))
         peer = session.peer
         owner = Owner(peer.uid, peer.gid, peer.user, list(peer.groups), peer.admin)
+        parent = spec.get("parent_run_id")
         if args["array"] is None:
             record = await self.supervisor.submit(spec, owner, args["idempotency_key"])
         else:
             records = await self.supervisor.submit_array(spec, owner, args["array"], args["idempotency_key"])
         session.unsubmitted_bytes = 0
+        # Just made (no await since): no labels yet, not removed, and a run's parent is its spec's (an array's
+        # members are stored with none); nothing to read back.
         if args["array"] is None:
-            return self._show(session, record)
-        return {"array_id": records[0].spec["array"]["id"], "runs": [self._show(session, r) for r in records]}
+            return self._show(session, record, {}, {}, parent)
+        return {"array_id": records[0].spec["array"]["id"],
+                "runs": [self._show(session, r, {}, {}, None) for r in records]}
 
     async def get(self, session: Session, args: dict) -> dict:
         # event_seq: watch from here and no later change of this run can be missed.

@@ -12,8 +12,9 @@ a schema it does not know. To change the schema, append one step to ``MIGRATIONS
 (never edit a step that has shipped): a SQL script, or ``add_column(...)``.
 
 Group commit: while the agent runs, ``writer`` (the single writer task) is attached. Writes
-then join one open transaction, each inside a savepoint (a write that fails undoes only
-itself), and the writer commits them together once per pass of the event loop. A write is
+then join one open transaction (a write that fails undoes only itself: the batch is rolled
+back and the others written again), and the writer commits them together once per pass of
+the event loop (a task about to start a process commits at once: ``commit_now``). A write is
 durable once ``durable()`` returns: the server awaits it before any reply or stream item,
 the supervisor before starting or stopping a process, the hub before sending. Events reach
 subscribers only after their commit.
@@ -379,23 +380,24 @@ class Store:
 
     @contextlib.contextmanager
     def _grouped(self):
-        """One write in the open batch: a savepoint, so that its failure undoes only itself."""
+        """One write in the open batch; its failure undoes only itself. Without a savepoint per write (two
+        statements more for each): the batch is rolled back, and the other writes in it are written again
+        from ``_Journal`` before anything else (``_begin_batch``), as after a commit SQLite rolled back."""
         if not self._batch_open:
             self._begin_batch()
         mark, written = len(self._uncommitted), len(self._db.writes)
-        self._db.execute("SAVEPOINT write")
         try:
             yield
         except BaseException:
             del self._uncommitted[mark:]
             del self._db.writes[written:]
             if self._db.in_transaction:
-                self._db.execute("ROLLBACK TO write")
-                self._db.execute("RELEASE write")
-            else:
-                self._batch_open = False   # SQLite rolled the whole batch back: the others' writes are replayed
+                self._db.execute("ROLLBACK")
+            self._batch_open = False
+            if self._db.writes:
+                with contextlib.suppress(sqlite3.Error):   # else the writer's commit writes them again
+                    self._begin_batch()   # the others' writes, visible again at once
             raise
-        self._db.execute("RELEASE write")
 
     def _begin_batch(self) -> None:
         """Open the batch's transaction, first writing again what a rolled-back commit of it had written."""
@@ -438,7 +440,10 @@ class Store:
         try:
             while True:
                 await self._batch_opened.wait()
-                await trio.sleep(0)   # tasks that are ready now add their writes to this batch first
+                # Tasks that are ready now add their writes to this batch first. (Only one pass: a reply waits
+                # for this commit, and more passes let other work in before it. A run about to start commits
+                # its own batch: ``commit_now``.)
+                await trio.sleep(0)
                 try:
                     self.before_commit()
                     self._commit_batch()
@@ -465,6 +470,19 @@ class Store:
                                                            writes=len(self._db.writes), events=len(self._uncommitted))
                 self._db.writes = []
             self._grouping = False
+
+    def commit_now(self) -> None:
+        """Commit the open batch at once, not at the writer's next pass: for a task about to start a process,
+        which must not start before its run's state is saved, and need not wait for the batch to gather.
+        A failed commit is left to the writer, which retries it; ``durable`` then waits for that."""
+        if not self._grouping or not self.pending():
+            return
+        try:
+            self.before_commit()
+            self._commit_batch()
+        except sqlite3.OperationalError:
+            if not self._db.in_transaction:
+                self._batch_open = False   # SQLite rolled it back: the writer writes it again
 
     def pending(self) -> bool:
         """Whether writes wait for a commit (an open batch, or one SQLite rolled back)."""
@@ -516,13 +534,11 @@ class Store:
         if submit_key is not None:
             self._db.execute("INSERT OR REPLACE INTO submit_keys (uid, key, run_id) VALUES (?, ?, ?)",
                              (record.uid, submit_key, record.run_id))
-        row = self._db.execute("SELECT last_number FROM experiments WHERE name = ?", (record.experiment,)).fetchone()
-        record.number = (row[0] if row else 0) + 1
-        self._db.execute(
-            "INSERT INTO experiments (name, last_number) VALUES (?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET last_number = excluded.last_number",
-            (record.experiment, record.number),
-        )
+        record.number = self._db.execute(
+            "INSERT INTO experiments (name, last_number) VALUES (?, 1) "
+            "ON CONFLICT(name) DO UPDATE SET last_number = last_number + 1 RETURNING last_number",
+            (record.experiment,),
+        ).fetchall()[0][0]
         record.order = self._db.execute("SELECT COALESCE(MAX(ord), 0) + 1 FROM runs").fetchone()[0]
         values = dict(record.__dict__, ord=record.order)
         self._db.execute(

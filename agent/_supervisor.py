@@ -542,8 +542,10 @@ class Supervisor:
         if not (self.capacity.max_runs and len(local) >= self.capacity.max_runs) and \
                 sum(a.allocation.cpus for a in local) < self.capacity.cpus:
             return False
-        # Runs that take no local CPU may still start; only agents with such an executor pay for this scan.
-        if any(not e.capabilities.counted_locally for e in self.executors.values()):
+        # Runs that take no local CPU may still start; only agents with a target of such an executor (a cluster:
+        # only a named target leads to one) pay for this scan of the queue.
+        if any(not self.executors[t.kind].capabilities.counted_locally
+               for t in self.config.targets.values() if t.kind in self.executors):
             return all(self._demand(r.spec).cpus for r in self.queued.values())
         return True
 
@@ -701,7 +703,9 @@ class Supervisor:
         launch = await self._prepare(run, executor)
         if launch is None:
             return None
-        await self.store.durable()   # a process starts only for a run whose state is saved
+        # A process starts only for a run whose state is saved: committed here, then handed over at once.
+        self.store.commit_now()
+        await self.store.durable()
         # Shielded: a cancel or time limit arriving while the executor starts the run must not lose the
         # handle of processes that already exist. The cancel then takes effect at the wait that follows.
         with trio.move_on_after(START_SECONDS, shield=True) as starting:

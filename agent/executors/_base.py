@@ -96,6 +96,9 @@ class LaunchSpec:
     container: dict | None = None   # Docker runs: image, mounts, limits, translated arguments
     run_dir: "RunDir | None" = None
     slurm: dict | None = None       # Slurm runs: {"job": SlurmJob, "settings": SlurmSettings}
+    # An empty snapshot left to the run's own process to make (``plan(..., empty_snapshot_by_run=True)``):
+    # this ``snapshot/`` and its ``outputs/``, made as the run's user before the run starts.
+    empty_snapshot: Path | None = None
 
 
 @dataclass

@@ -45,7 +45,8 @@ import trio
 
 from .._cgroups import RunCgroups
 from ._base import (
-    Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Recovery, StartFailed, refuse,
+    Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Preparation, Recovery, StartFailed,
+    refuse,
 )
 from ._shim import REQUEST_HEADER, cgroup_processes, process_start_time, related_processes, signal_all
 
@@ -56,6 +57,8 @@ SHIM = Path(__file__).with_name("_shim.py")
 SHIM_REPORT_SECONDS = 30.0
 # Shims waiting for the next runs, with cgroups (see LocalExecutor): two runs can start back to back.
 SPARE_SHIMS = 2
+# While a spare is left, the next one is forked this long after a run has started (or at its end).
+REFILL_AFTER_SECONDS = 0.005
 # A spare is in its group within milliseconds; one that is not after this long is gone.
 SPARE_JOIN_SECONDS = 5.0
 # An exit record is a few hundred bytes; anything larger is not one.
@@ -206,6 +209,17 @@ class _Waiting:
         self.plan = self.status = None
 
 
+def _reports_ranks(report: bytes) -> bool:
+    """Whether the status pipe's complete lines include the shim's report of its started ranks."""
+    for line in report.split(b"\n")[:-1]:
+        try:
+            if "pids" in json.loads(line):
+                return True
+        except (ValueError, TypeError):
+            pass
+    return False
+
+
 def _kill_process(pid: int, start_time: int | None) -> None:
     """SIGKILL ``pid`` if it is still the process that started at ``start_time``."""
     try:
@@ -256,6 +270,11 @@ class LocalExecutor(Executor):
             if distributed["kind"] == "mpi" and shutil.which("mpirun") is None:
                 refuse("distributed", "MPI runs need 'mpirun' on the agent's machine (e.g. Debian's openmpi-bin)")
 
+    async def prepare(self, preparation: Preparation) -> LaunchSpec:
+        # An empty snapshot (an empty tree, an in-place run's outputs) is two directories: the shim makes them
+        # as the run's user, beside the agent rather than in its event loop.
+        return await preparation.planner.plan(preparation, empty_snapshot_by_run=True)
+
     # -- start ------------------------------------------------------------------------------
 
     def _plan(self, launch: LaunchSpec, groups: list[str], join: list[str], exit_path: str) -> bytes:
@@ -264,13 +283,14 @@ class LocalExecutor(Executor):
             "ranks": [{"argv": launch.argv, "env": {**launch.env, **rank.env}, "log": str(rank.log_path),
                        "daemon": rank.daemon} for rank in launch.ranks],
             "cwd": str(launch.cwd), "cgroups": groups, "join": join, "grace": self.grace, "exit_path": exit_path,
+            "empty_snapshot": str(launch.empty_snapshot) if launch.empty_snapshot is not None else None,
             "uid": launch.uid if owned else None, "gid": launch.gid, "groups": launch.groups,
             "cores": list(launch.cores),
             # Without a memory cgroup, the shim's watchdog enforces the request.
             "watchdog_memory": launch.memory if launch.memory is not None and (
                 self.cgroups is None or self.cgroups.memory is None) else None,
         }
-        return json.dumps(plan).encode()
+        return json.dumps(plan).encode() + b"\n"   # one line: the shim reads up to its end (see _shim)
 
     async def _claim_spare(self, launch: LaunchSpec) -> tuple[_Waiting | None, list[str]]:
         """A spare shim that is in its group, and the run's groups (that group renamed to the run's);
@@ -340,7 +360,8 @@ class LocalExecutor(Executor):
                         raise OSError(errno.EPIPE, "it ended before it had its plan")
                 async with trio.lowlevel.FdStream(shim.status) as stream:
                     shim.status = None
-                    while chunk := await stream.receive_some(4096):
+                    # Until the shim's report of its ranks (it closes the pipe just after), or the pipe's end.
+                    while not _reports_ranks(report) and (chunk := await stream.receive_some(4096)):
                         report += chunk
         except OSError as exc:
             report = json.dumps({"error": f"its shim did not start: {exc}"}).encode()
@@ -365,8 +386,6 @@ class LocalExecutor(Executor):
             if not message.startswith("cannot start"):
                 message = f"cannot start {launch.argv[0]!r}: {message}"
             raise StartFailed(message, "command_not_found" if answer.get("errno") == errno.ENOENT else "start_failed")
-        with trio.CancelScope(shield=True):
-            await self._refill()
         return LocalHandle(pids=tuple(answer["pids"]), daemons=tuple(r.daemon for r in launch.ranks),
                            start_time=answer["start_time"], memory=launch.memory, shim=answer["shim"],
                            cgroups=tuple(groups), exit_path=str(exit_path))
@@ -412,6 +431,14 @@ class LocalExecutor(Executor):
         """Until the shim has ended the run and gone; its exit record says how the run ended."""
         if handle.shim is None:
             raise RuntimeError("a run started before runs had shims cannot be awaited")
+        # The next runs' spares are forked here, once this run is started and recorded: not on its way there,
+        # and while a spare is left, not in its first moments either (a fork beside a process that is
+        # starting takes CPU from it on a small machine).
+        if self._spares:
+            with trio.move_on_after(REFILL_AFTER_SECONDS):
+                await self._shim_exited(handle)
+        with trio.CancelScope(shield=True):
+            await self._refill()
         await self._shim_exited(handle)
         result = self._exit_record(handle)
         with trio.CancelScope(shield=True):

@@ -5,9 +5,9 @@ The agent starts shims through a *forkserver*: this module run once, as root, as
 each request, with a status pipe and a plan pipe attached (SCM_RIGHTS): a process in a session
 of its own with this module already imported, so a run pays for a fork, not for an
 interpreter's start-up. The shim joins the cgroups the request names, then waits for the run's
-plan (JSON) on the plan pipe. The forkserver has the kernel reap its children (the agent waits
-on a shim through a pidfd, as on any process), and exits when the agent's end of its socket
-closes; the shims it forked outlive it and the agent. ``python -I -S _shim.py STATUS_FD``,
+plan (one line of JSON) on the plan pipe. The forkserver has the kernel reap its children (the
+agent waits on a shim through a pidfd, as on any process), and exits when the agent's end of its
+socket closes; the shims it forked outlive it and the agent. ``python -I -S _shim.py STATUS_FD``,
 with the plan on stdin, runs one shim directly.
 
 Once it has its plan, the shim sets the run's CPU affinity (the run inherits it), then, in this
@@ -17,8 +17,8 @@ order:
    forks), becomes a child subreaper (so a process of the run that double-forks is reparented to
    the shim, not to init), and drops to the run's user, groups and gid: everything below happens
    with the user's rights;
-2. starts each rank in a session of its own, with stdout and stderr appended to the rank's log
-   file;
+2. makes the run's snapshot directory where the agent left that to it (an empty one), then starts
+   each rank in a session of its own, with stdout and stderr appended to the rank's log file;
 3. reports its own pid and start time and the ranks' pids (or why they could not start) on the
    status pipe, one line of JSON, and closes it (the forkserver adds a line with the shim's pid);
 4. waits: when a rank fails, the others are stopped; when the other ranks are done, parameter
@@ -184,6 +184,19 @@ def write_exit(path: str, record: dict) -> None:
 
 # -- the shim ------------------------------------------------------------------------------------
 
+def make_empty_snapshot(path: str) -> None:
+    """An empty ``snapshot/`` with its ``outputs/``, made as the run's user (what ``_snapshot.materialize``
+    makes of an empty tree, left to the shim by the agent)."""
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:   # an earlier start of this run made it: start again
+        import shutil
+
+        shutil.rmtree(path)
+        os.mkdir(path, 0o755)
+    os.mkdir(os.path.join(path, "outputs"), 0o755)
+
+
 def join_groups(groups: list[str]) -> None:
     for group in groups:
         with open(os.path.join(group, "cgroup.procs"), "w") as f:
@@ -212,6 +225,11 @@ class Shim:
     def start(self) -> None:
         """Start every rank, or none (a rank that cannot start ends those started before it)."""
         pids: list[int] = []
+        if self.plan.get("empty_snapshot"):
+            try:
+                make_empty_snapshot(self.plan["empty_snapshot"])
+            except OSError as exc:
+                raise StartError(f"cannot make the run's snapshot: {exc.strerror or exc}", exc.errno) from None
         try:
             os.chdir(self.plan["cwd"])   # the ranks' working directory (posix_spawn has no chdir of its own)
         except OSError as exc:
@@ -485,7 +503,8 @@ def _wait_for_plan(groups: list[str], status: int, plan_fd: int) -> int:
         return 127
     start_time = become_shim(status)
     body = bytearray()
-    while chunk := os.read(plan_fd, 1 << 16):
+    # The plan is one line: the shim goes on as soon as it has it, not once the agent has closed the pipe.
+    while not body.endswith(b"\n") and (chunk := os.read(plan_fd, 1 << 16)):
         body += chunk
     os.close(plan_fd)
     if not body:

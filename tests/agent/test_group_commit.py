@@ -81,3 +81,20 @@ async def test_a_failed_commit_is_retried_and_nothing_counts_until_it_succeeds(s
     assert failures and store.published == []   # still waiting for the retry
     await store.durable()
     assert [e["type"] for e in store.published] == ["kept"] and events_seen_by_another_connection(store) == 1
+
+
+async def test_a_failing_write_leaves_the_others_of_its_batch_visible_and_kept(store):
+    store.add_run(record("r1"), "run.queued")
+    await store.durable()
+    store.add_run(record("r2"), "run.queued")
+    # The failed write's batch is undone and the others' writes written again at once: still readable.
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_run(record("r1"), "run.queued")
+    assert store.get_run("r2").number == 2 and store.pending()
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_run(record("r2"), "run.queued")
+    store.add_run(record("r3"), "run.queued")
+    await store.durable()
+    assert [e["type"] for e in store.published] == ["run.queued"] * 3
+    assert [store.get_run(r).number for r in ("r1", "r2", "r3")] == [1, 2, 3]   # the failed ones took none
+    assert events_seen_by_another_connection(store) == 3 and not store.pending()

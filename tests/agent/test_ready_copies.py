@@ -78,8 +78,12 @@ async def test_a_repeated_tree_gets_a_copy_made_as_its_user_that_the_next_run_ta
             info = path.lstat()
             assert (info.st_uid, info.st_gid) == (OTHER.uid, OTHER.gid), path
         assert stat.S_IMODE((target / "snapshot" / "a.txt").stat().st_mode) == 0o644
-        assert os.listdir(ready.root) == [] and (OTHER, tree) not in ready
+        assert (OTHER, tree) not in ready
         assert not ready.take(OTHER, tree, run_dir(tmp_path, "run-2", OTHER))   # taken: one copy, one run
+        # Its emptied directory is removed once the run has started, off the way to the start.
+        assert [os.listdir(ready.root / name) for name in os.listdir(ready.root)] == [[]]
+        ready.go()
+        await wait_for(lambda: os.listdir(ready.root) == [])
         nursery.cancel_scope.cancel()
 
 

@@ -19,11 +19,11 @@ from labrun.agent.executors._shim import REQUEST_HEADER
 DAEMON = "(setsid sh -c \"trap '' TERM; echo $$ > daemon.pid; sleep 300\" &); "
 
 
-def start_shim(tmp_path, command: str, grace: float = 0.5) -> tuple[subprocess.Popen, dict]:
+def start_shim(tmp_path, command: str, grace: float = 0.5, **more) -> tuple[subprocess.Popen, dict]:
     read_end, write_end = os.pipe()
     plan = {"ranks": [{"argv": ["sh", "-c", command], "env": {"PATH": os.defpath}, "log": str(tmp_path / "log"),
                        "daemon": False}],
-            "cwd": str(tmp_path), "cgroups": [], "grace": grace, "exit_path": str(tmp_path / "exit.json")}
+            "cwd": str(tmp_path), "cgroups": [], "grace": grace, "exit_path": str(tmp_path / "exit.json"), **more}
     shim = subprocess.Popen([sys.executable, "-I", "-S", str(SHIM), str(write_end)], stdin=subprocess.PIPE,
                             pass_fds=(write_end,), start_new_session=True)
     os.close(write_end)
@@ -202,3 +202,25 @@ def test_a_bare_name_is_looked_up_in_the_runs_path_and_signals_are_the_runs_own(
     assert int(masks["SigBlk"], 16) == 0
     ignored = int(masks["SigIgn"], 16)
     assert not ignored & (1 << (signal.SIGHUP - 1)) and not ignored & (1 << (signal.SIGPIPE - 1))
+
+
+@pytest.mark.parametrize("left_over", [False, True])
+def test_an_empty_snapshot_left_to_the_shim_is_made_fresh_before_the_run_starts(tmp_path, left_over):
+    snapshot = tmp_path / "snapshot"
+    if left_over:   # an earlier start of the same run made it, and its run wrote there
+        (snapshot / "outputs").mkdir(parents=True)
+        (snapshot / "stale.txt").write_text("earlier")
+    shim, report = start_shim(tmp_path, "ls -A > ../listing; ls -A outputs > ../outputs", cwd=str(snapshot),
+                              empty_snapshot=str(snapshot))
+    assert len(report["pids"]) == 1 and shim.wait(timeout=30) == 0
+    assert (tmp_path / "listing").read_text() == "outputs\n" and (tmp_path / "outputs").read_text() == ""
+    assert (snapshot.stat().st_mode & 0o777, (snapshot / "outputs").stat().st_mode & 0o777) == (0o755, 0o755)
+
+
+def test_an_empty_snapshot_the_shim_cannot_make_fails_the_start_saying_so(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "snapshot").symlink_to(tmp_path / "elsewhere")   # planted in the run directory: not followed
+    shim, report = start_shim(tmp_path, "true", cwd=str(tmp_path / "snapshot"),
+                              empty_snapshot=str(tmp_path / "snapshot"))
+    assert "pids" not in report and "cannot make the run's snapshot" in report["error"]
+    assert shim.wait(timeout=30) != 0 and list((tmp_path / "elsewhere").iterdir()) == []
