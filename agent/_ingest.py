@@ -269,6 +269,18 @@ def copy_chunks(src: int, dst: int, pending, digests: list[bytes]) -> None:
         digests[index] = copy_chunk(src, dst, offset, count, buffer)
 
 
+def allocate(fd: int, size: int) -> None:
+    """Give the empty file ``fd`` its ``size``, with its blocks allocated where the filesystem can: writing into
+    allocated blocks spares each page's allocation on the way (a tenth of a 200 MB copy here), and a full
+    disk fails the copy before it starts."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)
+
+
 async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.CapacityLimiter | None = None,
                      form: str = SHA256) -> str:
     """Copy ``src`` (of ``st``) to ``dst``, a file open for reading and writing; the hash of the copy in ``form``.
@@ -277,7 +289,7 @@ async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.Capac
     through its buffer, hashing it there, then the next (``copy_chunks``); else the kernel copies chunk n+1 while
     chunk n of the copy is hashed.
     """
-    os.ftruncate(dst, st.st_size)
+    await trio.to_thread.run_sync(allocate, dst, st.st_size, limiter=limiter)
     try:
         if chunked(form, st.st_size):
             digest = await _copy_by_chunks(src, st.st_size, dst, limiter)
