@@ -161,12 +161,13 @@ class ReadyCopies:
                 with trio.move_on_at(expires):
                     await self._wake.wait()
                 self._wake = trio.Event()
-                while self._emptied:
-                    await trio.to_thread.run_sync(remove_tree, self.root, self._emptied.pop())
-                await self._expire()
+                # The next run may come any moment: its copy first, the clearing up after.
                 while self._wanted:
                     key, entries = self._wanted.popitem(last=False)
                     await self._make(key, entries)
+                while self._emptied:
+                    await trio.to_thread.run_sync(remove_tree, self.root, self._emptied.pop())
+                await self._expire()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(30):
                 self._copies.clear()
