@@ -1,6 +1,7 @@
 """Ready copies of repeated trees: made as the user from the store, taken only by the same user and tree,
 bounded, and never left behind."""
 
+import contextlib
 import os
 import stat
 
@@ -48,6 +49,15 @@ def ready_copies(tmp_path, content, **bounds) -> ReadyCopies:
     return ReadyCopies(tmp_path / "ready", content, **bounds)
 
 
+@contextlib.asynccontextmanager
+async def running(ready: ReadyCopies):
+    """``ready``'s background task, from the block's start to its end (when the agent stops)."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ready.run)
+        yield
+        nursery.cancel_scope.cancel()
+
+
 async def made(ready: ReadyCopies, creds: Credentials, tree: str, entries: list[tuple]) -> None:
     """Have ``ready`` make a copy: the tree's second materialization wants one."""
     ready.want(creds, tree, entries)
@@ -60,8 +70,7 @@ async def made(ready: ReadyCopies, creds: Credentials, tree: str, entries: list[
 async def test_a_repeated_tree_gets_a_copy_made_as_its_user_that_the_next_run_takes(tmp_path, content):
     tree, entries = stored(content, {"a.txt": b"alpha", "sub/b.txt": b"beta"})
     ready = ready_copies(tmp_path, content)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(ready.run)
+    async with running(ready):
         ready.want(OTHER, tree, entries)   # seen once: a tree submitted once is not worth a copy
         ready.go()
         await trio.sleep(0.2)
@@ -84,7 +93,6 @@ async def test_a_repeated_tree_gets_a_copy_made_as_its_user_that_the_next_run_ta
         assert [os.listdir(ready.root / name) for name in os.listdir(ready.root)] == [[]]
         ready.go()
         await wait_for(lambda: os.listdir(ready.root) == [])
-        nursery.cancel_scope.cancel()
 
 
 @needs_root
@@ -92,22 +100,19 @@ async def test_a_copy_is_only_for_its_user_and_its_tree(tmp_path, content):
     tree, entries = stored(content, {"a.txt": b"alpha"})
     other_tree, _ = stored(content, {"a.txt": b"other"})
     ready = ready_copies(tmp_path, content)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(ready.run)
+    async with running(ready):
         await made(ready, OTHER, tree, entries)
         assert not ready.take(ME, tree, run_dir(tmp_path, "root-run", ME))
         assert not ready.take(Credentials(OTHER.uid, OTHER.gid + 1), tree, run_dir(tmp_path, "gid-run", OTHER))
         assert not ready.take(OTHER, other_tree, run_dir(tmp_path, "other-tree", OTHER))
         assert (OTHER, tree) in ready
         assert not (tmp_path / "runs" / "root-run" / "snapshot").exists()
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_run_that_changes_its_snapshot_does_not_change_the_next_copy(tmp_path, content):
     tree, entries = stored(content, {"a.txt": b"alpha"})
     ready = ready_copies(tmp_path, content)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(ready.run)
+    async with running(ready):
         await made(ready, ME, tree, entries)
         first = run_dir(tmp_path, "run-1", ME)
         assert ready.take(ME, tree, first)
@@ -121,20 +126,17 @@ async def test_a_run_that_changes_its_snapshot_does_not_change_the_next_copy(tmp
         assert sorted(os.listdir(second / "snapshot")) == ["a.txt", "outputs"]
         assert (second / "snapshot" / "a.txt").read_bytes() == b"alpha"
         assert content.blob_path(sha(b"alpha")).read_bytes() == b"alpha"
-        nursery.cancel_scope.cancel()
 
 
 async def test_copies_expire_and_none_outlives_the_agent(tmp_path, content):
     tree, entries = stored(content, {"a.txt": b"alpha"})
     second_tree, second_entries = stored(content, {"b.txt": b"beta"})
     ready = ready_copies(tmp_path, content, max_age=0.3)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(ready.run)
+    async with running(ready):   # (its end: the agent stops)
         await made(ready, ME, tree, entries)
         await wait_for(lambda: (ME, tree) not in ready and os.listdir(ready.root) == [])
         await made(ready, ME, second_tree, second_entries)
         assert os.listdir(ready.root) != []
-        nursery.cancel_scope.cancel()   # the agent stops
     assert os.listdir(ready.root) == [] and (ME, second_tree) not in ready
 
 
@@ -163,8 +165,7 @@ async def test_copies_are_bounded_in_files_bytes_and_number_and_not_made_on_a_fa
     large, large_entries = stored(content, {"big": b"x" * 2000})
     failing = False
     ready = ready_copies(tmp_path, content, max_files=4, max_bytes=1000, max_copies=1, failing=lambda: failing)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(ready.run)
+    async with running(ready):
         for tree, entries in ((many, many_entries), (large, large_entries)):
             ready.want(ME, tree, entries)
             ready.want(ME, tree, entries)
@@ -178,21 +179,18 @@ async def test_copies_are_bounded_in_files_bytes_and_number_and_not_made_on_a_fa
         ready.go()
         await trio.sleep(0.2)
         assert (ME, small) not in ready and os.listdir(ready.root) == []
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_copy_that_cannot_be_moved_is_dropped_and_the_run_makes_its_own(tmp_path, content):
     tree, entries = stored(content, {"a.txt": b"alpha"})
     ready = ready_copies(tmp_path, content)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(ready.run)
+    async with running(ready):
         await made(ready, ME, tree, entries)
         target = run_dir(tmp_path, "run", ME)
         (target / "snapshot").mkdir()
         (target / "snapshot" / "left.txt").write_bytes(b"an earlier agent's half-made snapshot")
         assert not ready.take(ME, tree, target)
         assert os.listdir(ready.root) == [] and (ME, tree) not in ready
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_tree_wanted_again_while_its_copy_is_made_gets_one_copy(tmp_path, content):

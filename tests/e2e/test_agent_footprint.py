@@ -24,10 +24,15 @@ runpy.run_module("labrun.agent", run_name="__main__", alter_sys=True)
 """
 
 
-def test_an_idle_agent_has_not_imported_asyncio_and_logs_json_lines(tmp_path):
-    result = subprocess.run([sys.executable, "-c", IDLE_AGENT, str(tmp_path / "agent.sock"), str(tmp_path / "state")],
-                            capture_output=True, text=True, timeout=60)
+def python(code: str, *args: str) -> subprocess.CompletedProcess:
+    """``code`` run by a fresh interpreter (the modules it imports are its own), which must succeed."""
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_an_idle_agent_has_not_imported_asyncio_and_logs_json_lines(tmp_path):
+    result = python(IDLE_AGENT, str(tmp_path / "agent.sock"), str(tmp_path / "state"))
     assert result.stdout.strip() == "[]"
     lines = [json.loads(line) for line in result.stderr.splitlines()]
     started = next(line for line in lines if line["event"] == "agent.started")
@@ -43,8 +48,7 @@ def test_structlog_async_methods_still_reach_asyncio():
             "structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stdout))\n"
             "asyncio.run(structlog.get_logger().ainfo('async.logged', n=1))\n"
             "assert structlog.stdlib.asyncio.get_running_loop is asyncio.get_running_loop\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    result = python(code)
     assert "async.logged" in result.stdout and "n=1" in result.stdout
 
 
@@ -63,6 +67,5 @@ def test_the_docker_bridge_still_gets_the_real_asyncio():
             "    finally:\n"
             "        bridge.close()\n"
             "print(trio.run(main), type(sys.modules['asyncio']).__name__)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    result = python(code)
     assert result.stdout.split() == ["True", "module"]
