@@ -304,7 +304,9 @@ async def copy_large(src: int, st: os.stat_result, dst: int, limiter: trio.Capac
 
 async def _copy_by_chunks(src: int, size: int, dst: int, limiter) -> str:
     digests: list[bytes] = [b""] * len(range(0, size, CHUNK))
-    pending = iter(enumerate(chunks(size)))   # shared: each thread takes the next chunk when it is free
+    # Shared: each thread takes the next chunk when it is free (next() of these built-in iterators runs whole
+    # under the GIL, so no two threads get one chunk).
+    pending = iter(enumerate(chunks(size)))
     async with trio.open_nursery() as nursery:
         for _ in range(min(len(digests), int(limiter.total_tokens) if limiter is not None else 2)):
             nursery.start_soon(partial(trio.to_thread.run_sync, copy_chunks, src, dst, pending, digests,
