@@ -6,17 +6,19 @@
   directories is ``StateDamaged``: the agent refuses to start, with a message naming
   the file and what to do, rather than start afresh and bury the history and queue.
 - So must the content store's database of small contents (``cas/small.db``).
-- A submit marks its run in ``<state>/submitting/`` before making the run directory
-  and clears the mark once the run's row is committed. A mark whose run has no row
-  means the agent died in between (say, during snapshot extraction): the directory
-  is an orphan and is removed. Run directories with no row and no mark are never
-  removed (they may be all that is left of a lost database); they are only reported.
+- A run directory with no row in the database, holding nothing but what a submit makes
+  (``logs/``, empty, and the ``outputs`` link), is what an agent killed between making it
+  and committing the run's row leaves: it is removed. Any other run directory with no row
+  is never removed (it may be all that is left of a lost database); it is only reported.
+  Agents before this one marked each submit in ``<state>/submitting/`` instead (a file
+  created and removed per submit); their marks are still honoured.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 from pathlib import Path
 
 import structlog
@@ -122,19 +124,6 @@ def _probe(db: Path, what: str, advice: str) -> dict[str, set[str]] | None:
     return found
 
 
-def mark_submitting(state_dir: Path, run_id: str) -> Path:
-    """Mark ``run_id`` as being submitted; ``unlink`` the returned path once its row is committed."""
-    marks = state_dir / SUBMITTING
-    mark = marks / run_id
-    try:
-        fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except FileNotFoundError:   # the first submit of this state directory
-        marks.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    os.close(fd)
-    return mark
-
-
 def clean_orphans(state_dir: Path, has_run) -> list[str]:
     """Remove run directories whose submit never committed; returns their run ids.
 
@@ -142,21 +131,49 @@ def clean_orphans(state_dir: Path, has_run) -> list[str]:
     """
     marks, runs = state_dir / SUBMITTING, state_dir / "runs"
     removed = []
-    if marks.is_dir():
+    if marks.is_dir():   # an older agent's
         for mark in marks.iterdir():
             if not has_run(mark.name):
-                try:
-                    remove_run_dir(RunDir.of(state_dir, mark.name))
-                except OSError as exc:
-                    log.warning("state.orphan.remove_failed", run_id=mark.name, error=str(exc))
+                _remove(state_dir, mark.name)
                 removed.append(mark.name)
             mark.unlink(missing_ok=True)
+    unknown = []
+    if runs.is_dir():
+        for entry in runs.iterdir():
+            if not entry.is_dir() or has_run(entry.name):
+                continue
+            if _as_submitted(entry):
+                _remove(state_dir, entry.name)
+                removed.append(entry.name)
+            else:
+                unknown.append(entry.name)
     if removed:
         log.warning("state.orphans.removed", count=len(removed), run_ids=removed[:20],
                     detail="run directories of submits the agent did not finish (it was killed)")
-    if runs.is_dir():
-        unknown = [d.name for d in runs.iterdir() if d.is_dir() and not has_run(d.name)]
-        if unknown:
-            log.warning("state.runs.unknown", count=len(unknown), run_ids=unknown[:20],
-                        detail="run directories with no row in the database; kept, remove them by hand if unwanted")
+    if unknown:
+        log.warning("state.runs.unknown", count=len(unknown), run_ids=unknown[:20],
+                    detail="run directories with no row in the database; kept, remove them by hand if unwanted")
     return removed
+
+
+def _as_submitted(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds nothing but (part of) what a submit makes in it: an empty ``logs/`` and the
+    ``outputs`` link. Nothing of a run is lost with such a directory: its run never started."""
+    layout = RunDir(run_dir)
+    try:
+        names = set(os.listdir(run_dir))
+        if not names <= {layout.logs.name, layout.outputs_link.name}:
+            return False
+        if layout.logs.name in names and not (stat.S_ISDIR(os.lstat(layout.logs).st_mode)
+                                              and not os.listdir(layout.logs)):
+            return False
+        return layout.outputs_link.name not in names or layout.outputs_link.is_symlink()
+    except OSError:
+        return False
+
+
+def _remove(state_dir: Path, run_id: str) -> None:
+    try:
+        remove_run_dir(RunDir.of(state_dir, run_id))
+    except OSError as exc:
+        log.warning("state.orphan.remove_failed", run_id=run_id, error=str(exc))

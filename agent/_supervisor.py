@@ -71,7 +71,6 @@ from ._retention import remove_run_dir
 from ._rundir import RunDir, runs_root
 from ._scheduler import Active, Allocation, Capacity, Demand, Pending, schedule
 from ._snapshot import ContentStore
-from ._statecheck import mark_submitting
 from ._states import EVENT_TYPES, ExitResult, check_transition, outcome
 from ._store import Store
 from ._warnings import BACKGROUND_PROCESSES, KIND as WARNINGS, SNAPSHOT_NEAR_LIMITS
@@ -346,14 +345,13 @@ class Supervisor:
                                                                    "throttle": array["throttle"]}})
                        for index in array["indices"]]
         created: list[str] = []
-        marks: list[Path] = []
         try:
             # No await from the snapshot check to the last acquire (ContentStore.acquire's contract).
             records = []
             for member_id, member_spec in members:
                 created.append(member_id)
-                # Until the row commits, the run directory is marked: a killed agent's next start removes it.
-                marks.append(mark_submitting(self.config.state_dir, member_id))
+                # Should the agent be killed before the row commits, its next start removes this directory:
+                # nothing is in it but what is made here (``clean_orphans``).
                 self._make_run_dir(member_id, owner, member_spec)
                 if entries is not None:
                     self.snapshots.acquire(member_id, owner.uid, tree, entries)
@@ -375,9 +373,6 @@ class Supervisor:
                     except OSError as exc:
                         log.warning("run.dir.remove_failed", run_id=member_id, error=str(exc))
             raise
-        finally:
-            for mark in marks:
-                mark.unlink(missing_ok=True)
         for record in records:
             log.debug("run.submitted", run_id=record.run_id, user=owner.user)
             record.environ = None   # stored; read back at launch, so ten thousand queued runs stay small

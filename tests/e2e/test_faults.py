@@ -279,17 +279,27 @@ def test_a_missing_database_next_to_runs_refuses_and_a_fresh_state_dir_starts(ag
 def test_orphan_run_directories_are_removed_at_start(agent_with_history):
     agent = agent_with_history
     runs = agent.state_dir / "runs"
-    # What a kill -9 during snapshot extraction leaves: a marked run directory with no row.
+    # What a kill -9 between a submit's making of the run directory and its row's commit leaves: the directory
+    # as the submit makes it (an empty logs/ and the outputs link), with no row.
     orphan = runs / "exp_1700000000_0badf00d"
-    (orphan / "snapshot" / "deep").mkdir(parents=True)
-    (orphan / "snapshot" / "deep" / "half.py").write_text("x = 1\n")
+    (orphan / "logs").mkdir(parents=True)
+    (orphan / "outputs").symlink_to("snapshot/outputs")
+    # An older agent's: a run directory marked as being submitted, with no row.
+    marked = runs / "exp_1700000000_0badcafe"
+    (marked / "snapshot" / "deep").mkdir(parents=True)
+    (marked / "snapshot" / "deep" / "half.py").write_text("x = 1\n")
     (agent.state_dir / "submitting").mkdir(exist_ok=True)
-    (agent.state_dir / "submitting" / orphan.name).touch()
-    # A directory with no row and no mark may be all that is left of something: it is kept and reported.
+    (agent.state_dir / "submitting" / marked.name).touch()
+    # A directory with no row, no mark, and something in it may be all that is left of something: it is kept
+    # and reported. So is one whose logs/ holds a log, or whose outputs is not the link a submit makes.
     unknown = runs / "exp_1700000000_0000beef"
-    unknown.mkdir()
+    (unknown / "logs").mkdir(parents=True)
+    (unknown / "logs" / "std_log.txt").write_text("the run's output\n")
+    not_a_link = runs / "exp_1700000000_0000f00d"
+    (not_a_link / "outputs").mkdir(parents=True)
     agent.start()
-    assert not orphan.exists() and unknown.exists()
+    assert not orphan.exists() and not marked.exists()
+    assert unknown.exists() and not_a_link.exists()
     assert not list((agent.state_dir / "submitting").iterdir())
     log = agent.log_path.read_text()
     assert "state.orphans.removed" in log and "state.runs.unknown" in log
