@@ -41,11 +41,15 @@ log = structlog.get_logger("labrun.snapshots")
 # Contents up to this size are kept in the database.
 INLINE_MAX = 8 << 10
 # Pages of log written since the last checkpoint past which SQLite checkpoints on its own (``collect`` does it
-# first, in a worker thread, after each write): a bound for an agent whose ``run`` task is not running.
+# first, in a worker thread, once writes pause): a bound for an agent whose ``run`` task is not running.
 AUTOCHECKPOINT_PAGES = 16384
 PAGE_SIZE = 65536
 # Page cache of each connection, in KiB.
 CACHE_KIB = 512
+# ``collect`` waits for writes to pause this long (but no longer than the second): a submit's contents come in
+# bursts, and a checkpoint among them (two syncs, the pages copied) takes the CPU and the disk from them.
+COLLECT_QUIET_SECONDS = 1.0
+COLLECT_LATEST_SECONDS = 10.0
 # Idle read connections kept for the next reader.
 READERS_KEPT = 2
 # Host parameters per statement: well under SQLite's smallest limit (999).
@@ -72,6 +76,7 @@ class SmallContents:
         self._doomed: set[str] = set()     # forgotten by the state database, still here
         self._deleting: set[str] = set()   # of those, the ones a write or ``collect`` in progress deletes
         self._unchecked = False            # written since the last checkpoint
+        self._written_at = 0.0             # when the last write committed (trio's clock)
         self._wake = trio.Event()
 
     def _open(self) -> sqlite3.Connection:
@@ -125,6 +130,7 @@ class SmallContents:
                 raise
             self._deleting = set()
             self._unchecked = True
+            self._written_at = trio.current_time()
             self._wake.set()
 
     def forget(self, digests: Iterable[str]) -> None:
@@ -153,11 +159,12 @@ class SmallContents:
             self._deleting = set()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """``collect`` whenever there is something to collect, until cancelled."""
+        """``collect`` whenever there is something to collect (once writes pause), until cancelled."""
         task_status.started()
         delay = 1.0
         while True:
             await self._wake.wait()
+            await self._writes_paused()
             self._wake = trio.Event()
             try:
                 await self.collect()
@@ -168,6 +175,11 @@ class SmallContents:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 60.0)
                 self._wake.set()
+
+    async def _writes_paused(self) -> None:
+        latest = trio.current_time() + COLLECT_LATEST_SECONDS
+        while (due := min(self._written_at + COLLECT_QUIET_SECONDS, latest)) > trio.current_time():
+            await trio.sleep_until(due)
 
     def _take_doomed(self) -> list[str]:
         # Taken under the lock: a content pinned after this is written after these deletions.
