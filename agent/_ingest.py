@@ -187,6 +187,18 @@ def read_small(files: list[tuple[int, int, os.stat_result]]) -> list[tuple[str, 
     return read
 
 
+def verify(contents: list[tuple[str, bytes]]) -> None:
+    """Check contents sent as bytes ``(hash, data)`` against their SHA-256. Blocking.
+
+    Raises:
+        BadRequest: one does not match its hash.
+    """
+    for i, (digest, data) in enumerate(contents):
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BadRequest(f"args.contents[{i}]: the data does not match its hash {digest}",
+                             details={"field": "args.contents"})
+
+
 def groups(files: list[tuple[int, int, os.stat_result]]) -> list[list]:
     """Small files in groups of at most ``SMALL_GROUP`` bytes: what is read into memory before it is written."""
     grouped, size = [[]], 0

@@ -28,6 +28,7 @@ from ._limits import LimitsConfig, check_labels, check_text, labels_size
 from ._peers import Peer
 from ._retention import RunFiles
 from ._rundir import RunDir
+from ._small import INLINE_MAX
 from ._snapshot import ContentStore, SnapshotFailed
 from ._supervisor import Owner, Supervisor
 
@@ -37,6 +38,8 @@ LOG_POLL_SECONDS = 0.1
 RECENT_FINISHED = 20
 # Chunks of uploaded content larger than this are written and hashed in a worker thread.
 THREAD_BYTES = 1024 * 1024
+# The most content bytes one submit carries (``contents``): well within a frame (16 MiB), with the manifest.
+SUBMIT_CONTENTS_BYTES = 8 << 20
 # A list reply is one frame: pages keep it well under the frame limit. Clients follow ``before``.
 LIST_PAGE = 1000
 ENV_PAGE = 200   # environments or experiments in one page
@@ -173,7 +176,9 @@ class Service:
                 # How many open files one blob_fds may pass (older agents take contents only as bytes, blob_put).
                 "blob_fds": self.limits.passed_fds_per_request() if self.limits is not None else MAX_FDS_PER_MESSAGE,
                 # The forms of content hash blob_put and blob_fds take (older agents: SHA-256 only).
-                "content_hashes": list(CONTENT_HASHES)}
+                "content_hashes": list(CONTENT_HASHES),
+                # The small contents a submit may carry itself (older agents: none).
+                "submit_contents": {"max_size": INLINE_MAX, "max_bytes": SUBMIT_CONTENTS_BYTES}}
 
     async def blob_put(self, session: Session, args: dict) -> dict:
         """Contents for the store, whole or in chunks; each is checked against its hash before it is kept."""
@@ -230,6 +235,46 @@ class Service:
                     content.record(session.peer.uid, placed)
         return {"files": [{"hash": digests[index], "size": st.st_size} for index, _, st in files]}
 
+    async def _store_contents(self, session: Session, entries: list | None, contents: list[dict]) -> None:
+        """Small contents a submit carries for the files of its manifest ``entries``: each checked against its
+        hash, then stored as ``blob_fds`` stores small files (pinned, committed, recorded as this user's)."""
+        if entries is None:
+            raise BadRequest("args.contents: a submit in place has no snapshot to carry contents for",
+                             details={"field": "args.contents"})
+        sizes = {entry[3]: entry[1] for entry in entries}
+        total = 0
+        for i, item in enumerate(contents):
+            size = len(item["data"])
+            if size > INLINE_MAX:
+                raise TooLarge(f"args.contents[{i}]: {size} bytes, over the {INLINE_MAX} a content sent with a "
+                               "submit may have; upload it first (blob_put)", details={"field": "args.contents"})
+            if sizes.get(item["hash"]) != size:
+                raise BadRequest(f"args.contents[{i}]: not the content of a file of the snapshot (by hash and size)",
+                                 details={"field": "args.contents"})
+            total += size
+        if total > SUBMIT_CONTENTS_BYTES:
+            raise TooLarge(f"args.contents: {total} bytes, over the {SUBMIT_CONTENTS_BYTES} a submit may carry; "
+                           "upload the rest first (blob_put)", details={"field": "args.contents"})
+        content = session.content = self.supervisor.snapshots
+        # Kept (pinned) until the connection closes should the submit fail after all: counted as any upload.
+        if session.unsubmitted_bytes + total > content.max_bytes:
+            raise TooLarge(f"args.contents: more than this agent's snapshot limit of {content.max_bytes} bytes sent "
+                           "on this connection without a submit using them")
+        pairs = [(item["hash"], item["data"]) for item in contents]
+        threads, _ = self.ingest_slots(session.peer.uid)
+        if total > THREAD_BYTES:
+            await trio.to_thread.run_sync(_ingest.verify, pairs, limiter=threads)
+        else:
+            _ingest.verify(pairs)
+        async with session.upload_lock:
+            session.unsubmitted_bytes += total
+            digests = list(dict.fromkeys(digest for digest, _ in pairs))
+            # Pinned until the connection closes, like any upload; the run's own references keep them after that.
+            content.pin(digests)
+            session.uploaded.extend(digests)
+            await content.small.write(pairs)
+            content.record(session.peer.uid, [(digest, sizes[digest]) for digest in digests])
+
     def ingest_slots(self, uid: int) -> tuple[trio.CapacityLimiter, trio.Lock]:
         """The user's worker threads for what touches the files it passes, and its right to hold some in memory."""
         return self._ingest_slots.setdefault(uid, (trio.CapacityLimiter(INGEST_THREADS), trio.Lock()))
@@ -263,6 +308,8 @@ class Service:
         check_labels(self.bounds, "spec.tags", spec["tags"])
         check_labels(self.bounds, "spec.properties", spec["properties"], labels_size(spec["tags"]))
         peer = session.peer
+        if args["contents"]:
+            await self._store_contents(session, spec["snapshot"]["files"], args["contents"])
         owner = Owner(peer.uid, peer.gid, peer.user, list(peer.groups), peer.admin)
         parent = spec.get("parent_run_id")
         if args["array"] is None:

@@ -147,14 +147,19 @@ def build_manifest(root: str | os.PathLike, max_files: int = DEFAULT_MAX_FILES,
     With ``connection`` (to an agent that takes open files), a file whose hash is not cached is not read here:
     it is passed to the agent open, which stores and hashes its content, and the cache learns that hash.
     """
-    manifest, paths, cache = _build_manifest(root, max_files, max_bytes, connection, form)
+    manifest, paths, cache, _ = _build_manifest(root, max_files, max_bytes, connection, form)
     cache.save()
     return manifest, paths
 
 
-def _build_manifest(root, max_files: int, max_bytes: int, connection,
-                    form: str) -> tuple[list[list], dict[str, str], HashCache]:
-    """``build_manifest``, with the hash cache still to be saved."""
+def _build_manifest(root, max_files: int, max_bytes: int, connection, form: str,
+                    carried: dict | None = None) -> tuple[list[list], dict[str, str], HashCache, list[dict]]:
+    """``build_manifest``, with the hash cache still to be saved, and the contents a submit carries itself.
+
+    ``carried``: the agent's ``submit_contents`` limits (``max_size``, ``max_bytes``), where the manifest is for a
+    submit to an agent that takes them: the files whose hash is not cached and that are small enough are read and
+    hashed here, to go with the submit (``contents``), rather than passed open, a request of their own before it.
+    """
     files = collect_files(root, max_files, max_bytes)
     cache = HashCache(os.fspath(root), form)
     # The hash cache itself changes while a tree that holds it (a home directory) is submitted: never part of it.
@@ -169,6 +174,9 @@ def _build_manifest(root, max_files: int, max_bytes: int, connection,
             unknown.append((entry, path, st))
         else:
             paths.setdefault(entry[3], path)
+    contents = []
+    if carried and unknown:
+        contents, unknown = _read_small(unknown, cache, paths, carried["max_size"], carried["max_bytes"])
     if unknown and connection is not None:
         try:
             for i, stored, st in pass_files(connection, [path for _, path, _ in unknown], form):
@@ -187,7 +195,49 @@ def _build_manifest(root, max_files: int, max_bytes: int, connection,
             except OSError as exc:
                 raise SnapshotException(f"cannot read {path}: {exc.strerror or exc}") from None
             paths.setdefault(entry[3], path)
-    return [entry for entry in manifest if entry[3] is not None], paths, cache   # less what could not be read
+    return [entry for entry in manifest if entry[3] is not None], paths, cache, contents   # less what was unreadable
+
+
+def _read_small(unknown: list, cache: HashCache, paths: dict[str, str], max_size: int,
+                max_bytes: int) -> tuple[list[dict], list]:
+    """Read and hash the files of ``unknown`` (``(entry, path, stat)``) up to ``max_size`` bytes each and
+    ``max_bytes`` in all, filling in their entries; their contents, and the files left (larger, or past the total).
+
+    Raises:
+        SnapshotException: a file changed while it was read.
+    """
+    import hashlib
+
+    contents, left, total = [], [], 0
+    for entry, path, st in unknown:
+        if st.st_size > max_size or total + st.st_size > max_bytes:
+            left.append((entry, path, st))
+            continue
+        try:
+            # Non-blocking: should the file have become a FIFO since the walk, opening it does not hang.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        except PermissionError:
+            continue   # unreadable: skipped, as Azure ML does
+        except OSError as exc:
+            raise SnapshotException(f"cannot read {path}: {exc.strerror or exc}") from None
+        try:
+            opened = os.fstat(fd)
+            if not stats.S_ISREG(opened.st_mode):
+                continue
+            data = os.read(fd, opened.st_size + 1) if opened.st_size <= max_size else b""
+        except OSError as exc:
+            raise SnapshotException(f"cannot read {path}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+        if len(data) != opened.st_size or opened.st_size > max_size:
+            raise SnapshotException(f"{path} changed while it was being submitted; submit again")
+        digest = hashlib.sha256(data).hexdigest()
+        entry[1], entry[3] = len(data), digest
+        paths.setdefault(digest, path)
+        cache.learn(entry[0], opened, digest)
+        contents.append({"hash": digest, "data": data})
+        total += len(data)
+    return contents, left
 
 
 class FilesNotPassed(Exception):
@@ -274,8 +324,10 @@ def _submit_once(connection, spec: dict, source_directory, in_place: bool, extra
 
 
 def _submit_manifest(connection, spec: dict, root: str | os.PathLike, extra: dict) -> dict:
-    manifest, paths, cache = _agent_manifest(connection, root)
+    manifest, paths, cache, contents = _agent_manifest(connection, root, connection.agent.get("submit_contents"))
     spec["snapshot"] = {"files": manifest}
+    if contents:
+        extra = {**extra, "contents": contents}
     try:
         return call_uploading(connection, manifest, paths, lambda: connection.call("submit", spec=spec, **extra))
     finally:
@@ -284,16 +336,17 @@ def _submit_manifest(connection, spec: dict, root: str | os.PathLike, extra: dic
 
 def agent_manifest(connection, root: str | os.PathLike) -> tuple[list[list], dict[str, str]]:
     """``build_manifest`` within the limits of the agent at the other end of ``connection``."""
-    manifest, paths, cache = _agent_manifest(connection, root)
+    manifest, paths, cache, _ = _agent_manifest(connection, root)
     cache.save()
     return manifest, paths
 
 
-def _agent_manifest(connection, root: str | os.PathLike) -> tuple[list[list], dict[str, str], HashCache]:
+def _agent_manifest(connection, root: str | os.PathLike,
+                    carried: dict | None = None) -> tuple[list[list], dict[str, str], HashCache, list[dict]]:
     limits = connection.agent.get("snapshot") or {}
     return _build_manifest(root, limits.get("max_files", DEFAULT_MAX_FILES),
                            limits.get("max_bytes", DEFAULT_MAX_BYTES),
-                           connection if connection.agent.get("blob_fds") else None, hash_form(connection))
+                           connection if connection.agent.get("blob_fds") else None, hash_form(connection), carried)
 
 
 def call_uploading(connection, manifest: list[list], paths: dict[str, str], call):

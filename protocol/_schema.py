@@ -233,6 +233,8 @@ BLOB = struct({
     "data": Field(binary),
 })
 
+SUBMIT_CONTENT = struct({"hash": Field(check_hash), "data": Field(binary)})
+
 _ENV_KEY_RE = re.compile(r"^[^=\0]+$")
 # execve takes "KEY=value" strings: a key with '=' or NUL, or a value with NUL, cannot be passed to a run.
 _ENV = map_of(string(max_len=1 << 17, nul=False), max_items=10_000,
@@ -331,6 +333,9 @@ OP_SCHEMAS: dict[str, Validator] = {
         "array": Field(nullable(ARRAY), None),
         # The client's idempotency key: the same key from the same user returns the run it already made.
         "idempotency_key": Field(nullable(string(min_len=1, max_len=128, nul=False)), None),
+        # Small contents of the snapshot's files, sent with the submit that names them (each by its SHA-256), so that
+        # a new tree of small files needs no upload first; agents that take them say so in their hello.
+        "contents": Field(list_of(SUBMIT_CONTENT, max_items=100_000), list),
     }),
     # ``content_hash``: the form of the hashes in the request (``_content_hash``); older clients send none.
     "blob_put": struct({"blobs": Field(list_of(BLOB, min_items=1, max_items=100_000)),

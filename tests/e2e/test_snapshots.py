@@ -46,19 +46,24 @@ def objects(agent) -> set[str]:
 
 
 class CallSpy:
-    """Counts the requests a workspace's connection sends, by op."""
+    """Counts the requests a workspace's connection sends, by op, and what each passes or carries."""
 
     def __init__(self, workspace):
         self.ops: list[str] = []
+        self.carried: list[set[str]] = []   # the hashes of the contents each submit carried
+        self.passed: list[int] = []         # how many open files each blob_fds passed
         connection = workspace.connection
         original, passing = connection.call, connection.call_passing
 
         def call(op, **args):
             self.ops.append(op)
+            if op == "submit":
+                self.carried.append({item["hash"] for item in args.get("contents", [])})
             return original(op, **args)
 
         def call_passing(op, fds, **args):
             self.ops.append(op)
+            self.passed.append(len(fds))
             return passing(op, fds, **args)
 
         connection.call, connection.call_passing = call, call_passing
@@ -71,8 +76,10 @@ def test_only_missing_contents_travel_and_a_resubmit_sends_none(agent, tmp_path)
     spy = CallSpy(workspace)
     experiment = Experiment(workspace, "cas")
     first = experiment.submit(ScriptRunConfig(str(tree), command="cat a.txt sub/b.txt sub/dup.txt; sha256sum big.bin"))
-    # Files the hash cache does not know go to the agent open, all in one request: the client reads none of them.
-    assert spy.ops == ["blob_fds", "submit"]
+    # Files the hash cache does not know: the small ones go with the submit itself, each content once; the others
+    # go to the agent open, all in one request before it, and the client reads none of them.
+    assert spy.ops == ["blob_fds", "submit"] and spy.passed == [1]
+    assert spy.carried == [{sha(b"alpha"), sha(b"beta")}]
     first.wait_for_completion()
     log = first.get_log()
     assert log.startswith("alphabetaalpha") and sha((tree / "big.bin").read_bytes()) in log
@@ -81,14 +88,14 @@ def test_only_missing_contents_travel_and_a_resubmit_sends_none(agent, tmp_path)
 
     spy.ops.clear()
     second = experiment.submit(ScriptRunConfig(str(tree), command="cat a.txt"))
-    assert spy.ops == ["submit"]   # nothing uploaded again
+    assert spy.ops == ["submit"] and spy.carried[-1] == set()   # nothing sent again
     second.wait_for_completion()
     assert second.get_log() == "alpha"
 
     (tree / "a.txt").write_bytes(b"changed")
     spy.ops.clear()
     third = experiment.submit(ScriptRunConfig(str(tree), command="cat a.txt"))
-    assert spy.ops == ["blob_fds", "submit"]
+    assert spy.ops == ["submit"] and spy.carried[-1] == {sha(b"changed")}
     third.wait_for_completion()
     assert third.get_log() == "changed"
 
@@ -107,6 +114,49 @@ def test_a_client_of_an_agent_without_blob_fds_hashes_and_uploads_bytes(agent, t
     spy.ops.clear()
     experiment.submit(ScriptRunConfig(str(tree), command="true"))
     assert spy.ops == ["submit"]
+
+
+def test_a_client_of_an_agent_that_takes_no_contents_with_a_submit_passes_small_files_open(agent, tmp_path):
+    tree = make_tree(tmp_path / "src", {"a.txt": b"alpha", "b.txt": b"beta"})
+    workspace = agent.workspace()
+    del workspace.connection.agent["submit_contents"]   # as an older agent answers hello
+    spy = CallSpy(workspace)
+    run = Experiment(workspace, "cas").submit(ScriptRunConfig(str(tree), command="cat a.txt b.txt"))
+    assert spy.ops == ["blob_fds", "submit"] and spy.passed == [2] and spy.carried == [set()]
+    run.wait_for_completion()
+    assert run.get_log() == "alphabeta"
+
+
+def test_contents_a_submit_carries_are_checked_before_anything_is_kept(agent):
+    hello, large = b"hello\n", os.urandom(8193)
+    files = [["hello.txt", len(hello), 0o644, sha(hello)]]
+    with AgentConnection(agent.socket) as connection:
+        assert connection.agent["submit_contents"] == {"max_size": 8192, "max_bytes": 8 << 20}
+        refused = [
+            ([{"hash": sha(hello), "data": b"HELLO\n"}], files, BadRequest, "does not match its hash"),
+            ([{"hash": sha(b"other"), "data": b"other"}], files, BadRequest, "not the content of a file of the snapshot"),
+            ([{"hash": sha(hello), "data": hello + b"x"}], files, BadRequest, "not the content of a file"),
+            ([{"hash": sha(large), "data": large}], files + [["large", len(large), 0o644, sha(large)]], TooLarge,
+             "over the 8192"),
+        ]
+        for contents, manifest, error, message in refused:
+            with pytest.raises(error, match=message) as info:
+                connection.call("submit", spec=spec(manifest), contents=contents)
+            assert info.value.details["field"] == "args.contents"
+        with pytest.raises(BadRequest, match="in place has no snapshot"):
+            connection.call("submit", spec={"experiment": "cas", "command": ["true"],
+                                            "snapshot": {"in_place": str(agent.root)}},
+                            contents=[{"hash": sha(hello), "data": hello}])
+        assert objects(agent) == set() and connection.call("list", all=True) == []
+        # Carried whole: no upload first, and the run gets it. Once is enough: the next submit names it alone.
+        run = connection.call("submit", spec=spec(files, command=["cat", "hello.txt"]),
+                              contents=[{"hash": sha(hello), "data": hello}])
+        assert connection.call("wait", run_id=run["run_id"])["status"] == "Completed"
+        assert inline(agent.state_dir) == {sha(hello)}
+        again = connection.call("submit", spec=spec(files, command=["cat", "hello.txt"]))
+        assert connection.call("wait", run_id=again["run_id"])["status"] == "Completed"
+    for shown in (run, again):
+        assert (agent.state_dir / "runs" / shown["run_id"] / "logs" / "std_log.txt").read_bytes() == hello
 
 
 def test_a_file_the_client_knows_but_the_agent_lacks_is_passed_open(make_agent, tmp_path):
@@ -328,7 +378,7 @@ def test_snapshots_are_made_as_the_user_and_in_place_is_checked_as_the_user(agen
     assert result.returncode == 0, result.stderr
     header, log = result.stdout.split("\n", 1)
     run_id, ops = header.split()
-    assert ops == "blob_fds,submit"   # passed open by nobody, read by the root agent from nobody's descriptor
+    assert ops == "submit"   # carried by nobody's submit: read by nobody's client, with nobody's rights
     owner = f"{nobody.pw_uid}:{nobody.pw_gid}"
     assert log.split() == [f"{owner}:644", f"{owner}:755"]
     assert not (agent.state_dir / "runs" / run_id / "snapshot" / "secret.txt").exists()
