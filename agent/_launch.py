@@ -241,7 +241,7 @@ class LaunchPlanner:
         # Ready copies are made beside the agent's run directories: a cluster's (run_root) is elsewhere.
         if self.ready is not None and entries and run_dir.parent == runs_root(self.config.state_dir):
             tree = tree_hash(entries)
-            if self.ready.take(creds, tree, run_dir):
+            if await self.ready.take(creds, tree, run_dir):
                 self.ready.want(creds, tree, entries)
                 return False
         work = functools.partial(materialize, self.snapshots, entries, run_dir, creds)

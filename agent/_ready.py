@@ -43,6 +43,9 @@ MAX_BYTES = 32 << 20
 MAX_COPIES = 8
 MAX_TOTAL_BYTES = 128 << 20
 MAX_AGE = 600.0
+# A run whose copy is being made waits this long at most for it: less than making its own would take, and no
+# second copy of the same tree competing with the first for the disk.
+MAKING_WAIT = 2.0
 # Trees materialized lately (per user): a tree seen again is one a user repeats, and worth a copy.
 SEEN = 256
 
@@ -66,6 +69,7 @@ class ReadyCopies:
         self.max_files, self.max_bytes, self.max_copies = max_files, max_bytes, max_copies
         self.max_total_bytes, self.max_age = max_total_bytes, max_age
         self._copies: OrderedDict[tuple, _Copy] = OrderedDict()   # complete ones, oldest first
+        self._making: dict[tuple, trio.Event] = {}                # the one being made, set once it is done
         self._wanted: OrderedDict[tuple, list[tuple]] = OrderedDict()
         self._seen: OrderedDict[tuple, None] = OrderedDict()
         self._names = 0
@@ -88,12 +92,17 @@ class ReadyCopies:
 
     # -- the run's side ---------------------------------------------------------------------
 
-    def take(self, creds: Credentials, tree: str, run_dir: Path) -> bool:
-        """Move a ready copy of ``tree`` made for ``creds`` into ``run_dir`` as its ``snapshot/``.
+    async def take(self, creds: Credentials, tree: str, run_dir: Path) -> bool:
+        """Move a ready copy of ``tree`` made for ``creds`` into ``run_dir`` as its ``snapshot/``; should it be
+        being made now (a run of the same tree came just before), once it is made (``MAKING_WAIT`` at most).
 
         False when there is none (or it could not be moved): the caller materializes the snapshot itself.
-        Blocking, but a few system calls.
+        A few system calls, in the event loop.
         """
+        making = self._making.get((creds, tree))
+        if making is not None:
+            with trio.move_on_after(MAKING_WAIT):
+                await making.wait()
         copy = self._copies.pop((creds, tree), None)
         if copy is None:
             return False
@@ -195,6 +204,7 @@ class ReadyCopies:
             await self._remove(self._copies.popitem(last=False)[1])
         self._names += 1
         copy = _Copy(str(self._names), size)
+        self._making[key] = made = trio.Event()
         try:
             await trio.to_thread.run_sync(functools.partial(self._materialize, copy.name, creds, entries))
         except (OSError, SnapshotFailed) as exc:
@@ -205,6 +215,9 @@ class ReadyCopies:
             with trio.CancelScope(shield=True):
                 await self._remove(copy)
             raise
+        finally:
+            del self._making[key]
+            made.set()
         copy.made = trio.current_time()
         self._copies[key] = copy
 

@@ -79,7 +79,7 @@ async def test_a_repeated_tree_gets_a_copy_made_as_its_user_that_the_next_run_ta
         assert stat.S_IMODE(ready.root.stat().st_mode) == 0o700 and ready.root.stat().st_uid == 0
 
         target = run_dir(tmp_path, "run-1", OTHER)
-        assert ready.take(OTHER, tree, target)
+        assert await ready.take(OTHER, tree, target)
         assert (target / "snapshot" / "a.txt").read_bytes() == b"alpha"
         assert (target / "snapshot" / "sub" / "b.txt").read_bytes() == b"beta"
         assert (target / "snapshot" / "outputs").is_dir()
@@ -88,7 +88,7 @@ async def test_a_repeated_tree_gets_a_copy_made_as_its_user_that_the_next_run_ta
             assert (info.st_uid, info.st_gid) == (OTHER.uid, OTHER.gid), path
         assert stat.S_IMODE((target / "snapshot" / "a.txt").stat().st_mode) == 0o644
         assert (OTHER, tree) not in ready
-        assert not ready.take(OTHER, tree, run_dir(tmp_path, "run-2", OTHER))   # taken: one copy, one run
+        assert not await ready.take(OTHER, tree, run_dir(tmp_path, "run-2", OTHER))   # taken: one copy, one run
         # Its emptied directory is removed once the run has started, off the way to the start.
         assert [os.listdir(ready.root / name) for name in os.listdir(ready.root)] == [[]]
         ready.go()
@@ -102,9 +102,9 @@ async def test_a_copy_is_only_for_its_user_and_its_tree(tmp_path, content):
     ready = ready_copies(tmp_path, content)
     async with running(ready):
         await made(ready, OTHER, tree, entries)
-        assert not ready.take(ME, tree, run_dir(tmp_path, "root-run", ME))
-        assert not ready.take(Credentials(OTHER.uid, OTHER.gid + 1), tree, run_dir(tmp_path, "gid-run", OTHER))
-        assert not ready.take(OTHER, other_tree, run_dir(tmp_path, "other-tree", OTHER))
+        assert not await ready.take(ME, tree, run_dir(tmp_path, "root-run", ME))
+        assert not await ready.take(Credentials(OTHER.uid, OTHER.gid + 1), tree, run_dir(tmp_path, "gid-run", OTHER))
+        assert not await ready.take(OTHER, other_tree, run_dir(tmp_path, "other-tree", OTHER))
         assert (OTHER, tree) in ready
         assert not (tmp_path / "runs" / "root-run" / "snapshot").exists()
 
@@ -115,14 +115,14 @@ async def test_a_run_that_changes_its_snapshot_does_not_change_the_next_copy(tmp
     async with running(ready):
         await made(ready, ME, tree, entries)
         first = run_dir(tmp_path, "run-1", ME)
-        assert ready.take(ME, tree, first)
+        assert await ready.take(ME, tree, first)
         (first / "snapshot" / "a.txt").write_bytes(b"changed by the run")
         (first / "snapshot" / "new.txt").write_bytes(b"new")
         ready.want(ME, tree, entries)
         ready.go()
         await wait_for(lambda: (ME, tree) in ready)
         second = run_dir(tmp_path, "run-2", ME)
-        assert ready.take(ME, tree, second)
+        assert await ready.take(ME, tree, second)
         assert sorted(os.listdir(second / "snapshot")) == ["a.txt", "outputs"]
         assert (second / "snapshot" / "a.txt").read_bytes() == b"alpha"
         assert content.blob_path(sha(b"alpha")).read_bytes() == b"alpha"
@@ -173,7 +173,7 @@ async def test_copies_are_bounded_in_files_bytes_and_number_and_not_made_on_a_fa
         assert (ME, many) not in ready and (ME, large) not in ready
         await made(ready, ME, other, other_entries)   # one copy at most: the older one goes
         assert (ME, small) not in ready and len(os.listdir(ready.root)) == 1
-        assert ready.take(ME, other, run_dir(tmp_path, "run", ME))
+        assert await ready.take(ME, other, run_dir(tmp_path, "run", ME))
         failing = True
         ready.want(ME, small, small_entries)
         ready.go()
@@ -189,7 +189,7 @@ async def test_a_copy_that_cannot_be_moved_is_dropped_and_the_run_makes_its_own(
         target = run_dir(tmp_path, "run", ME)
         (target / "snapshot").mkdir()
         (target / "snapshot" / "left.txt").write_bytes(b"an earlier agent's half-made snapshot")
-        assert not ready.take(ME, tree, target)
+        assert not await ready.take(ME, tree, target)
         assert os.listdir(ready.root) == [] and (ME, tree) not in ready
 
 
@@ -199,3 +199,28 @@ async def test_a_tree_wanted_again_while_its_copy_is_made_gets_one_copy(tmp_path
     await ready._make((ME, tree), entries)
     await ready._make((ME, tree), entries)   # the want of a run that started while the first was made
     assert (ME, tree) in ready and len(os.listdir(ready.root)) == 1
+
+
+async def test_a_run_whose_copy_is_being_made_waits_for_it_rather_than_making_its_own(tmp_path, content,
+                                                                                      monkeypatch):
+    tree, entries = stored(content, {"a.txt": b"alpha"})
+    ready = ready_copies(tmp_path, content)
+    slow = ready._materialize
+
+    def materialize(*args):
+        import time
+        time.sleep(0.3)   # a copy on a slow disk, still being made when the next run comes
+        slow(*args)
+
+    monkeypatch.setattr(ready, "_materialize", materialize)
+    async with running(ready):
+        ready.want(ME, tree, entries)
+        ready.want(ME, tree, entries)
+        ready.go()
+        await wait_for(lambda: ready._making)
+        target = run_dir(tmp_path, "run", ME)
+        began = trio.current_time()
+        assert await ready.take(ME, tree, target)
+        assert trio.current_time() - began < 1.0 and (target / "snapshot" / "a.txt").read_bytes() == b"alpha"
+        # Nothing is being made: no wait.
+        assert not await ready.take(ME, tree, run_dir(tmp_path, "next", ME))
