@@ -38,8 +38,10 @@ LOG_POLL_SECONDS = 0.1
 RECENT_FINISHED = 20
 # Chunks of uploaded content larger than this are written and hashed in a worker thread.
 THREAD_BYTES = 1024 * 1024
-# The most content bytes one submit carries (``contents``): well within a frame (16 MiB), with the manifest.
+# The most content bytes one submit carries (``contents``), and never more than half a frame (``_carried_bytes``).
 SUBMIT_CONTENTS_BYTES = 8 << 20
+# Carried contents are checked in a worker thread past this many, or past THREAD_BYTES.
+THREAD_ITEMS = 1000
 # A list reply is one frame: pages keep it well under the frame limit. Clients follow ``before``.
 LIST_PAGE = 1000
 ENV_PAGE = 200   # environments or experiments in one page
@@ -178,7 +180,11 @@ class Service:
                 # The forms of content hash blob_put and blob_fds take (older agents: SHA-256 only).
                 "content_hashes": list(CONTENT_HASHES),
                 # The small contents a submit may carry itself (older agents: none).
-                "submit_contents": {"max_size": INLINE_MAX, "max_bytes": SUBMIT_CONTENTS_BYTES}}
+                "submit_contents": {"max_size": INLINE_MAX, "max_bytes": self._carried_bytes()}}
+
+    def _carried_bytes(self) -> int:
+        """The most content bytes a submit may carry: half a frame at most, the other half for the rest of it."""
+        return min(SUBMIT_CONTENTS_BYTES, self.config.max_frame_bytes // 2)
 
     async def blob_put(self, session: Session, args: dict) -> dict:
         """Contents for the store, whole or in chunks; each is checked against its hash before it is kept."""
@@ -241,6 +247,8 @@ class Service:
         if entries is None:
             raise BadRequest("args.contents: a submit in place has no snapshot to carry contents for",
                              details={"field": "args.contents"})
+        content = session.content = self.supervisor.snapshots
+        content.check_limits(entries)   # (before anything is kept: the submit would be refused after)
         sizes = {entry[3]: entry[1] for entry in entries}
         total = 0
         for i, item in enumerate(contents):
@@ -252,21 +260,20 @@ class Service:
                 raise BadRequest(f"args.contents[{i}]: not the content of a file of the snapshot (by hash and size)",
                                  details={"field": "args.contents"})
             total += size
-        if total > SUBMIT_CONTENTS_BYTES:
-            raise TooLarge(f"args.contents: {total} bytes, over the {SUBMIT_CONTENTS_BYTES} a submit may carry; "
+        if total > self._carried_bytes():
+            raise TooLarge(f"args.contents: {total} bytes, over the {self._carried_bytes()} a submit may carry; "
                            "upload the rest first (blob_put)", details={"field": "args.contents"})
-        content = session.content = self.supervisor.snapshots
-        # Kept (pinned) until the connection closes should the submit fail after all: counted as any upload.
-        if session.unsubmitted_bytes + total > content.max_bytes:
-            raise TooLarge(f"args.contents: more than this agent's snapshot limit of {content.max_bytes} bytes sent "
-                           "on this connection without a submit using them")
         pairs = [(item["hash"], item["data"]) for item in contents]
         threads, _ = self.ingest_slots(session.peer.uid)
-        if total > THREAD_BYTES:
+        if total > THREAD_BYTES or len(pairs) > THREAD_ITEMS:
             await trio.to_thread.run_sync(_ingest.verify, pairs, limiter=threads)
         else:
             _ingest.verify(pairs)
         async with session.upload_lock:
+            # Kept (pinned) until the connection closes should the submit fail after all: counted as any upload.
+            if session.unsubmitted_bytes + total > content.max_bytes:
+                raise TooLarge(f"args.contents: more than this agent's snapshot limit of {content.max_bytes} bytes "
+                               "sent on this connection without a submit using them")
             session.unsubmitted_bytes += total
             digests = list(dict.fromkeys(digest for digest, _ in pairs))
             # Pinned until the connection closes, like any upload; the run's own references keep them after that.

@@ -50,6 +50,8 @@ CACHE_KIB = 512
 # bursts, and a checkpoint among them (two syncs, the pages copied) takes the CPU and the disk from them.
 COLLECT_QUIET_SECONDS = 1.0
 COLLECT_LATEST_SECONDS = 10.0
+# ... nor once this much has been written since the last checkpoint; and the log is cut back to this size after one.
+COLLECT_AFTER_BYTES = 32 << 20
 # Idle read connections kept for the next reader.
 READERS_KEPT = 2
 # Host parameters per statement: well under SQLite's smallest limit (999).
@@ -77,6 +79,7 @@ class SmallContents:
         self._deleting: set[str] = set()   # of those, the ones a write or ``collect`` in progress deletes
         self._unchecked = False            # written since the last checkpoint
         self._written_at = 0.0             # when the last write committed (trio's clock)
+        self._unchecked_bytes = 0          # written since the last checkpoint began
         self._wake = trio.Event()
 
     def _open(self) -> sqlite3.Connection:
@@ -110,6 +113,8 @@ class SmallContents:
         # As the state database: a commit survives an agent crash; a power cut may lose the last ones (of both).
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+        # A burst's log does not stay on the disk at its largest after its checkpoint.
+        db.execute(f"PRAGMA journal_size_limit={COLLECT_AFTER_BYTES}")
         for suffix in ("-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(f"{self.path}{suffix}", 0o600)
@@ -131,6 +136,7 @@ class SmallContents:
             self._deleting = set()
             self._unchecked = True
             self._written_at = trio.current_time()
+            self._unchecked_bytes += sum(len(data) for _, data in contents)
             self._wake.set()
 
     def forget(self, digests: Iterable[str]) -> None:
@@ -150,6 +156,7 @@ class SmallContents:
         async with self._lock:
             doomed = self._take_doomed()
             checkpoint, self._unchecked = self._unchecked, False
+            self._unchecked_bytes = 0
             try:
                 await trio.to_thread.run_sync(self._collect, doomed, checkpoint)
             except BaseException:
@@ -178,8 +185,12 @@ class SmallContents:
 
     async def _writes_paused(self) -> None:
         latest = trio.current_time() + COLLECT_LATEST_SECONDS
-        while (due := min(self._written_at + COLLECT_QUIET_SECONDS, latest)) > trio.current_time():
-            await trio.sleep_until(due)
+        while (due := min(self._written_at + COLLECT_QUIET_SECONDS, latest)) > trio.current_time() \
+                and self._unchecked_bytes < COLLECT_AFTER_BYTES:
+            # (woken by each write: a burst past the bytes is not waited out)
+            with trio.move_on_at(due):
+                await self._wake.wait()
+                self._wake = trio.Event()
 
     def _take_doomed(self) -> list[str]:
         # Taken under the lock: a content pinned after this is written after these deletions.

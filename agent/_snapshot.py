@@ -93,6 +93,18 @@ class ContentStore:
 
     # -- submit --------------------------------------------------------------------------
 
+    def check_limits(self, entries: list[tuple]) -> None:
+        """Raises ``TooLarge`` if a validated manifest is over the configured number of files or bytes."""
+        if len(entries) > self.max_files:
+            raise TooLarge(f"snapshot has {len(entries)} files; this agent's limit is {self.max_files} "
+                           "([snapshot] max_files); run in place (labrun run --in-place, "
+                           "ScriptRunConfig(snapshot=False)) for big trees")
+        total = sum(e[1] for e in entries)
+        if total > self.max_bytes:
+            raise TooLarge(f"snapshot is {total / 1e6:.1f} MB; this agent's limit is {self.max_bytes / 1e6:.1f} MB "
+                           "([snapshot] max_bytes); run in place (labrun run --in-place, "
+                           "ScriptRunConfig(snapshot=False)) for big trees")
+
     def check(self, uid: int, entries: list[tuple]) -> str:
         """The tree of a validated manifest, if ``uid`` holds all of its contents.
 
@@ -101,15 +113,7 @@ class ContentStore:
             NotFound: with ``details.missing``, the hashes to upload first.
             BadRequest: a declared size differs from the stored content's.
         """
-        total = sum(e[1] for e in entries)
-        if len(entries) > self.max_files:
-            raise TooLarge(f"snapshot has {len(entries)} files; this agent's limit is {self.max_files} "
-                           "([snapshot] max_files); run in place (labrun run --in-place, "
-                           "ScriptRunConfig(snapshot=False)) for big trees")
-        if total > self.max_bytes:
-            raise TooLarge(f"snapshot is {total / 1e6:.1f} MB; this agent's limit is {self.max_bytes / 1e6:.1f} MB "
-                           "([snapshot] max_bytes); run in place (labrun run --in-place, "
-                           "ScriptRunConfig(snapshot=False)) for big trees")
+        self.check_limits(entries)
         tree = tree_hash(entries)
         if self.store.cas_tree_held(uid, tree):
             return tree

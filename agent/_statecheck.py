@@ -139,10 +139,13 @@ def clean_orphans(state_dir: Path, has_run) -> list[str]:
             mark.unlink(missing_ok=True)
     unknown = []
     if runs.is_dir():
-        for entry in runs.iterdir():
-            if not entry.is_dir() or has_run(entry.name):
+        with os.scandir(runs) as entries:
+            listed = list(entries)
+        for entry in listed:
+            # (a cluster run's directory is a link, which may dangle: its run_root unmounted, say)
+            if not (entry.is_symlink() or entry.is_dir(follow_symlinks=False)) or has_run(entry.name):
                 continue
-            if _as_submitted(entry):
+            if _as_submitted(Path(entry.path)):
                 _remove(state_dir, entry.name)
                 removed.append(entry.name)
             else:

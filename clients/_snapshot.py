@@ -38,6 +38,8 @@ MAX_COUNTED_FILES = 100_000
 UPLOAD_CHUNK = 8 * 1024 * 1024
 # Open files one blob_fds passes, at most: a blob_fds frame has a byte for each MAX_FDS_PER_MESSAGE of them.
 PASS_BATCH = 16 * MAX_FDS_PER_MESSAGE
+# A manifest entry's or a carried content's bytes in a frame, beyond its name or data: its hash, size, mode, keys.
+ENTRY_BYTES = 96
 _IN_PLACE_HINT = ("; exclude files with a .labrunignore (or .amlignore/.gitignore) file, or run in the source "
                   "directory itself: `labrun run --in-place`, or ScriptRunConfig(..., snapshot=False)")
 
@@ -176,7 +178,9 @@ def _build_manifest(root, max_files: int, max_bytes: int, connection, form: str,
             paths.setdefault(entry[3], path)
     contents = []
     if carried and unknown:
-        contents, unknown = _read_small(unknown, cache, paths, carried["max_size"], carried["max_bytes"])
+        # They share the submit's frame with the manifest: what it takes is not theirs.
+        room = carried["max_bytes"] - sum(len(entry[0]) + ENTRY_BYTES for entry in manifest)
+        contents, unknown = _read_small(unknown, cache, paths, carried["max_size"], room)
     if unknown and connection is not None:
         try:
             for i, stored, st in pass_files(connection, [path for _, path, _ in unknown], form):
@@ -201,7 +205,8 @@ def _build_manifest(root, max_files: int, max_bytes: int, connection, form: str,
 def _read_small(unknown: list, cache: HashCache, paths: dict[str, str], max_size: int,
                 max_bytes: int) -> tuple[list[dict], list]:
     """Read and hash the files of ``unknown`` (``(entry, path, stat)``) up to ``max_size`` bytes each and
-    ``max_bytes`` in all, filling in their entries; their contents, and the files left (larger, or past the total).
+    ``max_bytes`` in all (with ``ENTRY_BYTES`` each for the rest of an item), filling in their entries; their contents,
+    and the files left (larger, or past the total).
 
     Raises:
         SnapshotException: a file changed while it was read.
@@ -210,7 +215,7 @@ def _read_small(unknown: list, cache: HashCache, paths: dict[str, str], max_size
 
     contents, left, total = [], [], 0
     for entry, path, st in unknown:
-        if st.st_size > max_size or total + st.st_size > max_bytes:
+        if st.st_size > max_size or total + st.st_size + ENTRY_BYTES > max_bytes:
             left.append((entry, path, st))
             continue
         try:
@@ -236,7 +241,7 @@ def _read_small(unknown: list, cache: HashCache, paths: dict[str, str], max_size
         paths.setdefault(digest, path)
         cache.learn(entry[0], opened, digest)
         contents.append({"hash": digest, "data": data})
-        total += len(data)
+        total += len(data) + ENTRY_BYTES
     return contents, left
 
 
@@ -326,10 +331,16 @@ def _submit_once(connection, spec: dict, source_directory, in_place: bool, extra
 def _submit_manifest(connection, spec: dict, root: str | os.PathLike, extra: dict) -> dict:
     manifest, paths, cache, contents = _agent_manifest(connection, root, connection.agent.get("submit_contents"))
     spec["snapshot"] = {"files": manifest}
-    if contents:
-        extra = {**extra, "contents": contents}
+    args = {**extra, "contents": contents} if contents else dict(extra)
+
+    def submit():
+        try:
+            return connection.call("submit", spec=spec, **args)
+        finally:
+            args.pop("contents", None)   # kept on this connection by the first try: a retry need not carry them
+
     try:
-        return call_uploading(connection, manifest, paths, lambda: connection.call("submit", spec=spec, **extra))
+        return call_uploading(connection, manifest, paths, submit)
     finally:
         cache.save()   # after the submit: not on the way to its reply (a 2,000-file cache takes 1-4 ms to write)
 

@@ -143,6 +143,10 @@ def test_contents_a_submit_carries_are_checked_before_anything_is_kept(agent):
             with pytest.raises(error, match=message) as info:
                 connection.call("submit", spec=spec(manifest), contents=contents)
             assert info.value.details["field"] == "args.contents"
+        # Over the snapshot's limits: refused before anything is kept, as it would be after.
+        many = files + [[f"f{i}", 0, 0o644, sha(b"")] for i in range(2000)]
+        with pytest.raises(TooLarge, match="snapshot has 2001 files"):
+            connection.call("submit", spec=spec(many), contents=[{"hash": sha(hello), "data": hello}])
         with pytest.raises(BadRequest, match="in place has no snapshot"):
             connection.call("submit", spec={"experiment": "cas", "command": ["true"],
                                             "snapshot": {"in_place": str(agent.root)}},
@@ -168,6 +172,32 @@ def test_a_file_the_client_knows_but_the_agent_lacks_is_passed_open(make_agent, 
     assert spy.ops == ["submit", "blob_fds", "submit"]
     run.wait_for_completion()
     assert run.get_log() == "alpha"
+
+
+def test_a_retry_after_an_upload_does_not_carry_the_contents_again(make_agent, tmp_path):
+    tree = make_tree(tmp_path / "src", {"a.txt": b"alpha"})
+    Experiment(make_agent().workspace(), "cas").submit(ScriptRunConfig(str(tree), command=["true"]))
+    make_tree(tree, {"b.txt": b"beta"})
+    other = make_agent()   # the client's hash cache knows a.txt, this store does not; b.txt is new to both
+    spy = CallSpy(workspace := other.workspace())
+    run = Experiment(workspace, "cas").submit(ScriptRunConfig(str(tree), command="cat a.txt b.txt"))
+    assert spy.ops == ["submit", "blob_fds", "submit"] and spy.carried == [{sha(b"beta")}, set()]
+    run.wait_for_completion()
+    assert run.get_log() == "alphabeta"
+
+
+def test_carried_contents_leave_room_in_the_frame_for_the_rest(make_agent, tmp_path, monkeypatch):
+    # 6 MiB frames: a submit carries at most half of one; the manifest's share comes off that too.
+    agent = make_agent("[agent]\nmax_frame_bytes = 6291456\n")
+    tree = make_tree(tmp_path / "src", {f"d{i // 100}/f{i}.txt": os.urandom(8192) for i in range(800)})
+    monkeypatch.setenv("XDG_CACHE_HOME", "/dev/null/cache")   # no hash cache to help a retry
+    workspace = agent.workspace()
+    assert workspace.connection.agent["submit_contents"]["max_bytes"] == 3 << 20
+    spy = CallSpy(workspace)
+    run = Experiment(workspace, "cas").submit(ScriptRunConfig(str(tree), command="ls d7 | wc -l"))
+    assert spy.ops == ["blob_fds", "submit"]
+    assert 300 <= len(spy.carried[0]) <= (3 << 20) // 8192 and spy.passed == [800 - len(spy.carried[0])]
+    assert run.wait_for_completion()["status"] == "Completed" and run.get_log().strip() == "100"
 
 
 def test_a_file_that_changes_while_it_is_passed_is_refused_by_name(agent, tmp_path):
