@@ -33,6 +33,9 @@ CGROUP_FS = Path("/sys/fs/cgroup")
 V1_TRACKING = ("pids", "freezer")
 
 
+# The groups of spare shims (``_local``), and of the runs that took them: ``spare-<agent>-<n>``.
+SPARE_PREFIX = "spare-"
+
 def _own_cgroup(controller: str | None) -> str | None:
     """This process's cgroup path for a v1 controller, or for v2 when ``controller`` is None."""
     try:
@@ -159,16 +162,21 @@ class RunCgroups:
         return Path(group).parent == self.tracking and (self.version == 1 or self.memory is None)
 
     def recycle(self, group: str, name: str) -> str:
-        """An ended run's empty tracking group, renamed to be a spare's (one rename instead of rmdir and mkdir)."""
+        """An ended run's empty tracking group, to be a spare's (instead of rmdir and mkdir): a spare's group, as
+        it is; one ``create`` named after its run, renamed ``name``."""
+        if Path(group).name.startswith(SPARE_PREFIX):
+            return group
         spare = self.tracking / name
         os.rename(group, spare)
         return str(spare)
 
     def claim(self, spare: str, run_id: str, limit: int | None) -> list[str]:
-        """The run's groups, as ``create`` makes them, with ``spare`` (and its member) as the tracking group."""
-        group = self.tracking / run_id
-        os.rename(spare, group)
-        return self._limited(group, run_id, limit)
+        """The run's groups, as ``create`` makes them, with ``spare`` (and its member) as the tracking group.
+
+        The group keeps the spare's name: renaming a cgroup waits for the kernel (here up to 17 ms, just after
+        another group's change), which a run's start should not. The run's handle has its groups by path.
+        """
+        return self._limited(Path(spare), run_id, limit)
 
     def _limited(self, group: Path, run_id: str, limit: int | None) -> list[str]:
         groups = [group]

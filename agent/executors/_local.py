@@ -43,7 +43,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from .._cgroups import RunCgroups
+from .._cgroups import SPARE_PREFIX, RunCgroups
 from ._base import (
     Capabilities, Ended, Executor, ExitResult, Handle, LaunchSpec, Live, Lost, Preparation, Recovery, StartFailed,
     refuse,
@@ -252,6 +252,9 @@ class LocalExecutor(Executor):
         # waits for the kernel (an RCU grace period, ~10 ms), so it is done before the run is there.
         self._spares: list[_Waiting] = []
         self._spare_names = 0
+        # Spare groups' names are this agent's own, never an earlier one's (a pid can come again after a restart):
+        # runs live on in them.
+        self._spare_prefix = f"{SPARE_PREFIX}{os.getpid()}{os.urandom(3).hex()}-"
         self._refilling = False
         # Ended runs' empty tracking groups, renamed for the next spares (see RunCgroups.recycle).
         self._free_groups: list[str] = []
@@ -329,7 +332,7 @@ class LocalExecutor(Executor):
 
     def _spare_name(self) -> str:
         self._spare_names += 1
-        return f"spare-{os.getpid()}-{self._spare_names}"
+        return f"{self._spare_prefix}{self._spare_names}"
 
     async def _discard(self, spare: _Waiting) -> None:
         spare.close()   # it ends at once; killed should it not
@@ -501,8 +504,8 @@ class LocalExecutor(Executor):
             return
         keep = {Path(group).name for handle in owned for group in handle.cgroups}
         for groups in self.cgroups.orphans(keep):
-            if Path(groups[0]).name.startswith(f"spare-{os.getpid()}-"):
-                continue   # this agent's own: an ended run's group, recycled meanwhile (see _release)
+            if Path(groups[0]).name.startswith(self._spare_prefix):
+                continue   # this agent's own: a spare's, or an ended run's recycled meanwhile (see _release)
             log.warning("run.orphan.killed", group=groups[0])
             await self._kill_groups(groups)
             self.cgroups.remove(groups)

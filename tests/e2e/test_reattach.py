@@ -5,6 +5,7 @@ Runs that must outlive a restart wait for a ``go`` file in their own working dir
 test creates it), so nothing here depends on how long a restart takes.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -177,8 +178,9 @@ def test_spare_shims_go_with_the_agent_or_with_the_next_one(make_agent, source):
 
 
 def test_an_ended_runs_empty_group_becomes_the_next_spares(make_agent, source):
-    """An ended run's tracking group is renamed for the next spare shim (no rmdir and mkdir per run); a group
-    that carries a limit (a v1 memory group) is removed."""
+    """A run takes a spare shim's tracking group as it is (no rename on its way to start), and the ended run's
+    group goes to the next spare (no rmdir and mkdir per run); a group that carries a limit (a v1 memory group)
+    is removed."""
     from labrun.agent._cgroups import RunCgroups
     from labrun.agent.executors._base import agent_id
 
@@ -187,21 +189,47 @@ def test_an_ended_runs_empty_group_becomes_the_next_spares(make_agent, source):
     if cgroups is None:
         pytest.skip("no cgroup can be made here: spare shims wait only in cgroups")
     assert submit(agent, source, ["true"]).wait_for_completion()["status"] == "Completed"
+    wait_until(lambda: len([g for g in cgroups.tracking.iterdir() if g.name.startswith("spare-")
+                            and (g / "cgroup.procs").read_text().split()]) == 2, what="two spare shims")
     run = submit(agent, source, "sleep 1", resources={"memory": "64M"})
-    wait_until(lambda: (cgroups.tracking / run.id).is_dir(), what="the run's group")
-    inode = (cgroups.tracking / run.id).stat().st_ino
+
+    def group_of_sleep() -> Path | None:
+        for group in cgroups.tracking.iterdir():
+            for pid in (group / "cgroup.procs").read_text().split() if group.is_dir() else ():
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", b"1"]:
+                        return group
+        return None
+
+    wait_until(lambda: group_of_sleep() is not None, what="the run's group")
+    group = group_of_sleep()
+    assert group.name.startswith("spare-") and not (cgroups.tracking / run.id).exists()
+    inode = group.stat().st_ino
     memory = cgroups.memory / run.id if cgroups.version == 1 and cgroups.memory is not None else None
     assert memory is None or memory.is_dir()
     assert run.wait_for_completion()["status"] == "Completed"
 
-    def spare_inodes() -> set[int]:
-        return {g.stat().st_ino for g in cgroups.tracking.iterdir() if g.name.startswith("spare-")}
-
-    if cgroups.reusable(str(cgroups.tracking / run.id)):
-        wait_until(lambda: inode in spare_inodes() and not (cgroups.tracking / run.id).exists(),
-                   what="the run's group recycled as a spare's")
     wait_until(lambda: memory is None or not memory.exists(), what="the run's memory group removed")
     assert submit(agent, source, ["true"]).wait_for_completion()["status"] == "Completed"
+
+    def waits_in_it() -> bool:   # a spare shim forked since, for the run after
+        return group.exists() and group.stat().st_ino == inode and bool((group / "cgroup.procs").read_text().split())
+
+    if cgroups.reusable(str(group)):
+        wait_until(waits_in_it, what="a new spare in the ended run's group")
+
+
+def test_a_run_keeps_its_spares_group_and_an_ended_runs_group_keeps_a_spares_name(tmp_path):
+    from labrun.agent._cgroups import RunCgroups
+
+    cgroups = RunCgroups(version=1, tracking=tmp_path / "pids")
+    cgroups.tracking.mkdir()
+    spare = cgroups.create_spare("spare-1abc-1")
+    assert cgroups.claim(spare, "exp_1_cafe", None) == [spare]   # no rename on the way to a start
+    assert cgroups.recycle(spare, "spare-1abc-2") == spare
+    made = cgroups.create("exp_2_beef", None)[0]   # no spare was waiting: named after its run
+    assert cgroups.recycle(made, "spare-1abc-3") == str(tmp_path / "pids" / "spare-1abc-3")
+    assert sorted(p.name for p in (tmp_path / "pids").iterdir()) == ["spare-1abc-1", "spare-1abc-3"]
 
 
 def test_groups_with_limits_or_counts_are_not_recycled(tmp_path):
