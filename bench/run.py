@@ -310,9 +310,13 @@ def snapshots(root: Path, rounds: int, repeats: int) -> list[tuple]:
                     experiment.submit(ScriptRunConfig(str(tree), command=["true"]))
                     repeated.append(time.perf_counter() - t0)
                     resent += sent.bytes - before
-                # Trees and copies stay until the benchmark ends: on ext4 without a journal, creating a file skips the
-                # inodes deleted in the last 30 s one by one (``creation_time``), so deleting them here would slow
-                # the next round's copies and submits by as much as the disk's state, not labrun.
+                # Trees of many files stay until the benchmark ends: on ext4 without a journal, creating a file skips
+                # the inodes deleted in the last 30 s one by one (``creation_time``), so deleting them here would slow
+                # the next round's copies and submits by the disk's state, not labrun's. A large file goes at once:
+                # one inode, and the blocks the next round's writes would otherwise have to find elsewhere.
+                if count * size >= 64 << 20:
+                    shutil.rmtree(tree)
+                    shutil.rmtree(copy)
             reference = statistics.median(copies)
             med, p95 = median_p95(first)
             rows.append((f"first submit, {label}", f"{ms(med)} (p95 {ms(p95)})", f"`cp -a` {ms(reference)}",
