@@ -31,10 +31,9 @@ log = structlog.get_logger("labrun.cgroups")
 
 CGROUP_FS = Path("/sys/fs/cgroup")
 V1_TRACKING = ("pids", "freezer")
-
-
 # The groups of spare shims (``_local``), and of the runs that took them: ``spare-<agent>-<n>``.
 SPARE_PREFIX = "spare-"
+
 
 def _own_cgroup(controller: str | None) -> str | None:
     """This process's cgroup path for a v1 controller, or for v2 when ``controller`` is None."""

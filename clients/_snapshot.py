@@ -179,7 +179,8 @@ def _build_manifest(root, max_files: int, max_bytes: int, connection, form: str,
     contents = []
     if carried and unknown:
         # They share the submit's frame with the manifest: what it takes is not theirs.
-        room = carried["max_bytes"] - sum(len(entry[0]) + ENTRY_BYTES for entry in manifest)
+        room = carried["max_bytes"] - sum(len(entry[0].encode("utf-8", "surrogateescape")) + ENTRY_BYTES
+                                          for entry in manifest)
         contents, unknown = _read_small(unknown, cache, paths, carried["max_size"], room)
     if unknown and connection is not None:
         try:
@@ -213,7 +214,7 @@ def _read_small(unknown: list, cache: HashCache, paths: dict[str, str], max_size
     """
     import hashlib
 
-    contents, left, total = [], [], 0
+    contents, left, total, carried = [], [], 0, set()
     for entry, path, st in unknown:
         if st.st_size > max_size or total + st.st_size + ENTRY_BYTES > max_bytes:
             left.append((entry, path, st))
@@ -240,8 +241,10 @@ def _read_small(unknown: list, cache: HashCache, paths: dict[str, str], max_size
         entry[1], entry[3] = len(data), digest
         paths.setdefault(digest, path)
         cache.learn(entry[0], opened, digest)
-        contents.append({"hash": digest, "data": data})
-        total += len(data) + ENTRY_BYTES
+        if digest not in carried:   # (two files, one content: carried once)
+            carried.add(digest)
+            contents.append({"hash": digest, "data": data})
+            total += len(data) + ENTRY_BYTES
     return contents, left
 
 

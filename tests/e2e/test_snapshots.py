@@ -51,6 +51,7 @@ class CallSpy:
     def __init__(self, workspace):
         self.ops: list[str] = []
         self.carried: list[set[str]] = []   # the hashes of the contents each submit carried
+        self.carried_items: list[int] = []  # and how many it carried
         self.passed: list[int] = []         # how many open files each blob_fds passed
         connection = workspace.connection
         original, passing = connection.call, connection.call_passing
@@ -59,6 +60,7 @@ class CallSpy:
             self.ops.append(op)
             if op == "submit":
                 self.carried.append({item["hash"] for item in args.get("contents", [])})
+                self.carried_items.append(len(args.get("contents", [])))
             return original(op, **args)
 
         def call_passing(op, fds, **args):
@@ -79,7 +81,7 @@ def test_only_missing_contents_travel_and_a_resubmit_sends_none(agent, tmp_path)
     # Files the hash cache does not know: the small ones go with the submit itself, each content once; the others
     # go to the agent open, all in one request before it, and the client reads none of them.
     assert spy.ops == ["blob_fds", "submit"] and spy.passed == [1]
-    assert spy.carried == [{sha(b"alpha"), sha(b"beta")}]
+    assert spy.carried == [{sha(b"alpha"), sha(b"beta")}] and spy.carried_items == [2]   # "alpha" once
     first.wait_for_completion()
     log = first.get_log()
     assert log.startswith("alphabetaalpha") and sha((tree / "big.bin").read_bytes()) in log
