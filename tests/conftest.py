@@ -129,6 +129,40 @@ def make_agent(tmp_path_factory):
             pass   # an agent a test left unable to answer: nothing to cancel through it
         finally:
             agent.stop()
+            remove_left_cgroups(agent.state_dir)
+
+
+def remove_left_cgroups(state_dir: Path) -> None:
+    """End and remove what an agent a test killed left in its cgroups (v1): its spare shims' groups, and its runs'.
+
+    A production agent's next start removes them. No later agent of a test's temporary state directory comes, and
+    they would pile up on the machine, one root per test, each making the kernel's cgroup work a little slower.
+    """
+    import contextlib
+
+    from labrun.agent._cgroups import CGROUP_FS, _own_cgroup
+    from labrun.agent.executors._base import agent_id
+
+    name = agent_id(state_dir)
+    for controller in ("pids", "freezer", "memory"):
+        own = _own_cgroup(controller)
+        root = CGROUP_FS / controller / (own or "/").lstrip("/") / "labrun" / name
+        if own is None or not root.is_dir():
+            continue
+        for group in [g for g in root.iterdir() if g.is_dir()] + [root]:
+            with contextlib.suppress(OSError):
+                for _ in range(100):
+                    pids = (group / "cgroup.procs").read_text().split()
+                    if not pids:
+                        break
+                    for pid in pids:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
+                    time.sleep(0.01)
+                if group != root:
+                    group.rmdir()
+        with contextlib.suppress(OSError):
+            root.rmdir()
 
 
 @pytest.fixture
