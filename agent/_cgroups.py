@@ -3,10 +3,11 @@ processes) and memory limits.
 
 cgroup v2: when the agent's own cgroup lets it make children (a systemd unit with
 ``Delegate=yes``, say), the agent moves itself into a leaf ``agent/`` and puts each run in
-``runs/<run id>/``, with ``memory.max`` when the run asks for memory (and the memory
+``runs/<group>/``, with ``memory.max`` when the run asks for memory (and the memory
 controller is there). cgroup v1: the run gets a group in a tracking hierarchy (``pids``,
-else ``freezer``), ``labrun/<agent>/<run id>/`` under the agent's own group there, and, when it
-asks for memory, another in the memory hierarchy with ``memory.limit_in_bytes`` (``<agent>``
+else ``freezer``), ``labrun/<agent>/<group>/`` under the agent's own group there, and, when it
+asks for memory, another in the memory hierarchy with ``memory.limit_in_bytes``, named after the run. A run's
+tracking group is the spare shim's it took (``spare-*``, see ``_local``), or one named after it (``<agent>``
 names the agent by its state directory, so agents sharing a hierarchy never touch each other's
 groups). A group no active run owns is an orphan (a run whose agent died before recording it):
 ``orphans`` finds them, and the executor kills and removes them at start.
@@ -150,9 +151,13 @@ class RunCgroups:
         return self._limited(group, run_id, limit)
 
     def create_spare(self, name: str) -> str:
-        """A tracking group for a shim that waits for its run (see ``_local``); ``claim`` gives it to the run."""
+        """A tracking group for a shim that waits for its run (see ``_local``); ``claim`` gives it to the run.
+
+        Raises:
+            FileExistsError: there is one of that name (a group is never shared).
+        """
         group = self.tracking / name
-        group.mkdir(exist_ok=True)
+        group.mkdir()
         return str(group)
 
     def reusable(self, group: str) -> bool:
@@ -211,7 +216,7 @@ class RunCgroups:
         return False
 
     def orphans(self, owned: set[str]) -> list[list[str]]:
-        """The groups of runs not in ``owned`` (run ids), per run (tracking group first)."""
+        """The groups whose names are not in ``owned`` (the names of the groups active runs hold), by name."""
         found: dict[str, list[str]] = {}
         for root in dict.fromkeys(r for r in (self.tracking, self.memory) if r is not None):
             try:

@@ -207,19 +207,19 @@ class ReadyCopies:
         self._making[key] = made = trio.Event()
         try:
             await trio.to_thread.run_sync(functools.partial(self._materialize, copy.name, creds, entries))
-        except (OSError, SnapshotFailed) as exc:
-            log.info("ready.make.failed", error=str(exc))
-            await self._remove(copy)
-            return
-        except BaseException:
+            copy.made = trio.current_time()
+            self._copies[key] = copy   # (listed before a run waiting for it wakes)
+        except BaseException as exc:
+            self._making.pop(key, None)
+            made.set()   # (the run waiting for it makes its own now, not after the removal)
             with trio.CancelScope(shield=True):
                 await self._remove(copy)
+            if isinstance(exc, (OSError, SnapshotFailed)):
+                log.info("ready.make.failed", error=str(exc))
+                return
             raise
-        finally:
-            del self._making[key]
-            made.set()
-        copy.made = trio.current_time()
-        self._copies[key] = copy
+        self._making.pop(key, None)
+        made.set()
 
     def _materialize(self, name: str, creds: Credentials, entries: list[tuple]) -> None:
         make_private_dir(self.root, name, creds)

@@ -241,6 +241,7 @@ class Supervisor:
             self._recovering += 1
             nursery.start_soon(self._recover_one, run, executor, handle, why, name=f"recover {record.run_id}")
         for kind, executor in self.executors.items():
+            executor.recovering(owned.get(kind, []))   # (before any recover task runs)
             self._recovering += 1
             nursery.start_soon(self._reconcile, executor, owned.get(kind, []))
 

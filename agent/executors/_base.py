@@ -245,6 +245,9 @@ class Executor:
         """The runs of ``handles`` (an array canceled as a whole) are about to be stopped, each with ``stop``: a
         kind that stops them all with one command may do so at the first. By default each is stopped alone."""
 
+    def recovering(self, handles: list[Handle]) -> None:
+        """At start, before any ``recover``: the handles of every run of this kind being recovered."""
+
     async def recover(self, handle: Handle) -> Recovery:
         """After an agent restart: reattach (``Live``), report how it ended (``Ended``), or ``Lost``."""
         return Lost("this executor cannot reattach to runs")

@@ -3,10 +3,11 @@
 - The agent makes the run's cgroups (``_cgroups``, where the machine allows) and has its
   forkserver (``_Forkserver``: ``_shim.py --forkserver``, started on first use and again
   should it die) fork the shim into them, in a session of its own. With cgroups, the next
-  run's shim is forked ahead into a spare group, which is renamed to the run's when the run
-  comes: joining a cgroup waits for an RCU grace period of the kernel (about 10 ms), and a run
-  then does not wait for it. An ended run's empty group is renamed to be the next spare's, where it
-  carries nothing that run would inherit (``RunCgroups.reusable``). Given its plan, the shim pins
+  run's shim is forked ahead into a spare group, which the run takes as it is (``spare-*``):
+  joining a cgroup, and renaming one, wait for the kernel (an RCU grace period, up to about 15 ms),
+  and a run then waits for neither. An ended run's empty group is the next spare's, where it
+  carries nothing that run would inherit (``RunCgroups.reusable``); so a group's path names the run in
+  it only while that run lasts (see ``recovering``). Given its plan, the shim pins
   itself to the run's cores (the run inherits them), joins the cgroups it is not in yet, drops to
   the run's user, starts the
   ranks, reports their pids, and from then on owns the run: its logs, its ranks, the memory
@@ -37,6 +38,7 @@ import stat
 import subprocess
 import sys
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,11 +255,13 @@ class LocalExecutor(Executor):
         self._spares: list[_Waiting] = []
         self._spare_names = 0
         # Spare groups' names are this agent's own, never an earlier one's (a pid can come again after a restart):
-        # runs live on in them.
-        self._spare_prefix = f"{SPARE_PREFIX}{os.getpid()}{os.urandom(3).hex()}-"
+        # runs live on in them. (A name that is taken all the same is skipped: ``_new_spare_group``.)
+        self._spare_prefix = f"{SPARE_PREFIX}{os.getpid()}-{os.urandom(6).hex()}-"
         self._refilling = False
-        # Ended runs' empty tracking groups, renamed for the next spares (see RunCgroups.recycle).
+        # Ended runs' empty tracking groups, for the next spares (see RunCgroups.recycle).
         self._free_groups: list[str] = []
+        # At start, how many of the runs being recovered name each group (``recovering``).
+        self._recovered_groups: Counter[str] = Counter()
 
     @property
     def containment(self) -> str:
@@ -296,7 +300,7 @@ class LocalExecutor(Executor):
         return json.dumps(plan).encode() + b"\n"   # one line: the shim reads up to its end (see _shim)
 
     async def _claim_spare(self, launch: LaunchSpec) -> tuple[_Waiting | None, list[str]]:
-        """A spare shim that is in its group, and the run's groups (that group renamed to the run's);
+        """A spare shim that is in its group, and the run's groups (that group as it is, first);
         or (None, []). A spare not in its group long after it was forked is gone: it is replaced."""
         for spare in list(self._spares):
             if cgroup_processes(spare.groups[0]):
@@ -319,7 +323,7 @@ class LocalExecutor(Executor):
         self._refilling = True
         try:
             while len(self._spares) < SPARE_SHIMS:
-                group = self._free_groups.pop() if self._free_groups else self.cgroups.create_spare(self._spare_name())
+                group = self._free_groups.pop() if self._free_groups else self._new_spare_group()
                 try:
                     self._spares.append(await self._forkserver.fork([group]))
                 except BaseException:
@@ -329,6 +333,13 @@ class LocalExecutor(Executor):
             log.warning("shim.spare.failed", error=str(exc))
         finally:
             self._refilling = False
+
+    def _new_spare_group(self) -> str:
+        while True:
+            try:
+                return self.cgroups.create_spare(self._spare_name())
+            except FileExistsError:
+                continue   # (an earlier agent's, against all odds: never shared)
 
     def _spare_name(self) -> str:
         self._spare_names += 1
@@ -468,13 +479,21 @@ class LocalExecutor(Executor):
                     os.close(pidfd)
         await self._kill_left(handle)
 
+    def recovering(self, handles: list[LocalHandle]) -> None:
+        self._recovered_groups = Counter(group for handle in handles for group in handle.cgroups)
+
     async def recover(self, handle: LocalHandle) -> Recovery:
         if _shim_alive(handle):
             return Live(handle)
         result = self._exit_record(handle)
-        # Nothing watches what is left of the run any more (a version 1 run, or a killed shim): end it.
-        await self._kill_left(handle)
-        await self._release(handle)
+        if any(self._recovered_groups[group] > 1 for group in handle.cgroups):
+            # Its ended run's group went to a spare, and another run being recovered took it (the agent stopped
+            # before it recorded how this one ended): it is that run's now, and nothing of this one is in it.
+            log.info("run.recover.group_reused", group=handle.cgroups[0])
+        else:
+            # Nothing watches what is left of the run any more (a version 1 run, or a killed shim): end it.
+            await self._kill_left(handle)
+            await self._release(handle)
         if result is not None:
             return Ended(result)
         return Lost("its shim is gone and left no exit status (the machine restarted, or it was killed)")

@@ -195,8 +195,8 @@ def test_an_ended_runs_empty_group_becomes_the_next_spares(make_agent, source):
 
     def group_of_sleep() -> Path | None:
         for group in cgroups.tracking.iterdir():
-            for pid in (group / "cgroup.procs").read_text().split() if group.is_dir() else ():
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):   # (a group removed meanwhile, a process gone)
+                for pid in (group / "cgroup.procs").read_text().split() if group.is_dir() else ():
                     if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", b"1"]:
                         return group
         return None
@@ -213,7 +213,9 @@ def test_an_ended_runs_empty_group_becomes_the_next_spares(make_agent, source):
     assert submit(agent, source, ["true"]).wait_for_completion()["status"] == "Completed"
 
     def waits_in_it() -> bool:   # a spare shim forked since, for the run after
-        return group.exists() and group.stat().st_ino == inode and bool((group / "cgroup.procs").read_text().split())
+        with contextlib.suppress(OSError):
+            return group.stat().st_ino == inode and bool((group / "cgroup.procs").read_text().split())
+        return False
 
     if cgroups.reusable(str(group)):
         wait_until(waits_in_it, what="a new spare in the ended run's group")
@@ -402,3 +404,30 @@ def test_a_command_that_cannot_start_fails_the_run_and_its_log_says_why(agent, s
     refused = submit_argv(agent, source, ["./plain.txt"])
     assert refused.wait_for_completion(raise_on_error=False)["status"] == "Failed"
     assert refused._details["reason"] == "start_failed" and "Permission denied" in refused.get_log()
+
+
+async def test_a_recovered_run_that_ended_leaves_alone_the_group_another_run_took_since(tmp_path):
+    """An ended run's group goes to the next spare: should the agent have stopped before it recorded how that run
+    ended, the next agent recovers both, and must not end the second run as what is left of the first."""
+    from labrun.agent._cgroups import RunCgroups
+    from labrun.agent.executors._local import LocalExecutor, LocalHandle
+
+    group = tmp_path / "pids" / "spare-1-abc-1"
+    group.mkdir(parents=True)
+    second = subprocess.Popen(["sleep", "300"])
+    try:
+        (group / "cgroup.procs").write_text(f"{second.pid}\n")   # (a stand-in: the file a cgroup would have)
+        executor = LocalExecutor(RunCgroups(version=1, tracking=tmp_path / "pids"))
+        ended = LocalHandle(pids=(2**22 + 1,), daemons=(False,), start_time=1, shim=2**22 + 1,
+                            cgroups=(str(group),), exit_path=str(tmp_path / "exit.json"))
+        taken = LocalHandle(pids=(second.pid,), daemons=(False,), start_time=None, shim=second.pid,
+                            cgroups=(str(group),))
+        executor.recovering([ended, taken])
+        await executor.recover(ended)
+        assert second.poll() is None and group.is_dir()
+        executor.recovering([ended])   # alone, what is in its group is what is left of it
+        await executor.recover(ended)
+        assert second.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        second.kill()
+        second.wait()
