@@ -1,9 +1,9 @@
 """Content-addressed snapshots: the store of file contents, uploads into it, and runs' copies out of it.
 
 ``<state>/cas/objects/<2 hex>/<hash>`` holds each distinct file content once (root's,
-0400, in a 0700 directory), but for small ones passed open (``blob_fds``), which are rows of
-``cas/small.db`` (``_small``: creating a file costs more than storing them there); every reader
-looks in both places. ``cas/tmp/`` holds uploads in progress. A hash is a content's name in either form
+0400, in a 0700 directory), but for the smallest (up to ``_small.INLINE_MAX``) passed open (``blob_fds``) or
+carried by a submit, which are rows of ``cas/small.db`` (``_small``: creating a file costs more than storing them
+there); every reader looks in both places. ``cas/tmp/`` holds uploads in progress. A hash is a content's name in either form
 of ``protocol/_content_hash`` (its SHA-256, or by chunks for a large one): one content may be stored under both
 names, never two contents under one. The database
 (tables ``cas_*`` in the store) knows each blob's size and reference count, which users

@@ -219,17 +219,11 @@ def _read_small(unknown: list, cache: HashCache, paths: dict[str, str], max_size
         if st.st_size > max_size or total + st.st_size + ENTRY_BYTES > max_bytes:
             left.append((entry, path, st))
             continue
+        found = _open_regular(path)
+        if found is None:
+            continue
+        fd, opened = found
         try:
-            # Non-blocking: should the file have become a FIFO since the walk, opening it does not hang.
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-        except PermissionError:
-            continue   # unreadable: skipped, as Azure ML does
-        except OSError as exc:
-            raise SnapshotException(f"cannot read {path}: {exc.strerror or exc}") from None
-        try:
-            opened = os.fstat(fd)
-            if not stats.S_ISREG(opened.st_mode):
-                continue
             data = os.read(fd, opened.st_size + 1) if opened.st_size <= max_size else b""
         except OSError as exc:
             raise SnapshotException(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -246,6 +240,31 @@ def _read_small(unknown: list, cache: HashCache, paths: dict[str, str], max_size
             contents.append({"hash": digest, "data": data})
             total += len(data) + ENTRY_BYTES
     return contents, left
+
+
+def _open_regular(path: str) -> tuple[int, os.stat_result] | None:
+    """An fd on the file at ``path`` and its ``fstat``; None if this user cannot read it or it is no longer a
+    regular file (skipped, as by the walk and as Azure ML does).
+
+    Raises:
+        SnapshotException: it cannot be opened for another reason (gone, say).
+    """
+    try:
+        # Non-blocking: should the file have become a FIFO since the walk, opening it does not hang.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except PermissionError:
+        return None
+    except OSError as exc:
+        raise SnapshotException(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise SnapshotException(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stats.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None
+    return fd, st
 
 
 class FilesNotPassed(Exception):
@@ -271,16 +290,9 @@ def pass_files(connection, paths: list[str], form: str):
         opened: list[tuple[int, int, os.stat_result]] = []
         try:
             for i in range(start, min(start + batch, len(paths))):
-                try:
-                    # Non-blocking: should the file have become a FIFO since the walk, opening it does not hang.
-                    fd = os.open(paths[i], os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-                except PermissionError:
-                    continue   # unreadable: skipped, as Azure ML does
-                except OSError as exc:
-                    raise SnapshotException(f"cannot read {paths[i]}: {exc.strerror or exc}") from None
-                opened.append((i, fd, os.fstat(fd)))
-                if not stats.S_ISREG(opened[-1][2].st_mode):
-                    os.close(opened.pop()[1])
+                found = _open_regular(paths[i])
+                if found is not None:
+                    opened.append((i, *found))
             if not opened:
                 continue
             try:

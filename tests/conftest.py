@@ -140,11 +140,11 @@ def remove_left_cgroups(state_dir: Path) -> None:
     """
     import contextlib
 
-    from labrun.agent._cgroups import CGROUP_FS, _own_cgroup
+    from labrun.agent._cgroups import CGROUP_FS, V1_TRACKING, _own_cgroup
     from labrun.agent.executors._base import agent_id
 
     name = agent_id(state_dir)
-    for controller in ("pids", "freezer", "memory"):
+    for controller in (*V1_TRACKING, "memory"):
         own = _own_cgroup(controller)
         root = CGROUP_FS / controller / (own or "/").lstrip("/") / "labrun" / name
         if own is None or not root.is_dir():
